@@ -1,0 +1,39 @@
+# The two commands of the README:
+#   make run    install everything into .venv, fetch the weights the shipped rules need, run the service
+#   make test   install everything plus the test tools into .venv, run the test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+PIP := $(VENV)/bin/pip
+# A folder or URL laid out like weights/. Defaults to the offline mirror next to the checkout when there is one;
+# empty means "download from the real sources".
+WEIGHTS_MIRROR ?= $(wildcard ../shared/weights)
+# What the shipped settings.toml uses, plus the BRISQUE model for the no-reference metric.
+RUN_WEIGHTS ?= fsrcnn brisque
+PYTEST_ARGS ?=
+
+.PHONY: install install-test run test lint bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(VENV)/bin/python
+	$(PIP) install --quiet -c constraints.txt -e '.[all]'
+
+install-test: $(VENV)/bin/python
+	$(PIP) install --quiet -c constraints.txt -e '.[all,test]'
+
+run: install
+	$(VENV)/bin/upscaled weights fetch $(RUN_WEIGHTS) $(if $(WEIGHTS_MIRROR),--mirror $(WEIGHTS_MIRROR))
+	$(VENV)/bin/upscaled check-config
+	$(VENV)/bin/upscaled run
+
+test: install-test
+	$(VENV)/bin/ruff check daemon models tests benchmarks
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) var inbox outbox archive failed

@@ -1,0 +1,408 @@
+"""The ``upscaled`` command line: a thin layer over the library.
+
+Commands parse options, call :mod:`daemon.service`, :mod:`daemon.history` or :mod:`models.weights`, and turn
+:class:`~models.errors.UpscaledError` into a clean ``click`` error. Every listing command takes
+``--format table|json|csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from daemon import __version__, logs
+from daemon.config import Rule, Settings, load_settings
+from models.errors import UpscaledError
+
+
+# --- output formatting ----------------------------------------------------------------------------------------------
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isinf(v) or math.isnan(v):
+            return str(v)
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    if isinstance(v, dt.datetime):
+        return v.strftime("%Y-%m-%d %H:%M:%S")
+    s = str(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, dt.datetime):
+        return v.isoformat()
+    if isinstance(v, Path):
+        return str(v)
+    return str(v)
+
+
+def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        clean = [{k: (None if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) else v)
+                  for k, v in r.items()} for r in rows]
+        return json.dumps(clean, indent=2, default=_json_default)
+    if not rows:
+        return "" if fmt == "csv" else "(no rows)"
+    cols = list(rows[0].keys())
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _json_default(v) if isinstance(v, dt.datetime) else v for k, v in r.items()})
+        return buf.getvalue().rstrip("\n")
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(out)
+
+
+def output_options(fn: Callable) -> Callable:
+    return click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+                        show_default=True, help="Output format.")(fn)
+
+
+def _settings(ctx: click.Context, check_paths: bool = True) -> Settings:
+    try:
+        return load_settings(ctx.obj.get("config"), check_paths=check_paths)
+    except UpscaledError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UpscaledError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+# --- commands -------------------------------------------------------------------------------------------------------
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", type=click.Path(dir_okay=False), envvar="UPSCALED_CONFIG",
+              help="The settings file (default: $UPSCALED_CONFIG, else ./settings.toml).")
+@click.version_option(__version__, prog_name="upscaled")
+@click.pass_context
+def main(ctx: click.Context, config: str | None) -> None:
+    """upscaled: a watch-folder image upscaling service with a queryable history.
+
+    Example: upscaled run
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+@main.command()
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Run the service in the foreground until SIGTERM or SIGINT.
+
+    Example: UPSCALED_CONFIG=/etc/upscaled/settings.toml upscaled run
+    """
+    from daemon.service import Service
+
+    settings = _settings(ctx)
+    logs.configure(settings.log_level)
+    sys.exit(Service(settings).run())
+
+
+@main.command("check-config")
+@click.pass_context
+def check_config(ctx: click.Context) -> None:
+    """Check the configuration as `run` would, without starting.
+
+    Example: upscaled check-config
+    """
+    from models.catalog import get_entry
+    from models.weights import present
+
+    settings = _settings(ctx)
+    click.echo(f"{settings.config_file}: OK")
+    for rule in settings.all_rules():
+        entry = get_entry(rule.model)
+        weights = "weights present" if present(settings.weights_dir, entry) else \
+            f"WEIGHTS MISSING: run `upscaled weights fetch {rule.model}`"
+        click.echo(f"  {rule.folder or '(default)'}: {rule.model} x{rule.final_scale:g} {rule.mode}"
+                   f" -> {rule.format or 'same format'}; {weights if entry.files else 'no weights needed'}")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", required=True, help="Model id (see `upscaled models`).")
+@click.option("--scale", type=float, default=None, help="The model's native scale (default: its first).")
+@click.option("--outscale", type=float, default=None, help="Final scale, if different from --scale.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Folder for the outputs.")
+@click.option("--mode", type=click.Choice(["upscale", "benchmark"]), default="upscale", show_default=True)
+@click.option("--output-format", type=click.Choice(["png", "jpg", "webp", "tiff"]), default=None,
+              help="Output format (default: the input's).")
+@click.option("--no-metrics", is_flag=True, help="Record stage times only.")
+@click.option("--force", is_flag=True, help="Redo files already processed with the same settings.")
+@output_options
+@click.pass_context
+def process(ctx: click.Context, files: tuple[Path, ...], model: str, scale: float | None, outscale: float | None,
+            out_dir: Path, mode: str, output_format: str | None, no_metrics: bool, force: bool, fmt: str) -> None:
+    """Upscale FILES once, through the service's pipeline, recorded in the same history.
+
+    The inputs are left where they are.
+
+    Example: upscaled process photo.jpg --model fsrcnn --scale 4 --out upscaled/
+    """
+    from daemon.service import process_once
+    from models.catalog import get_entry
+
+    settings = _settings(ctx, check_paths=False)
+    logs.configure(settings.log_level)
+    entry = get_entry(model)
+    if scale is None:
+        scale = entry.scales[0] if isinstance(entry.scales, tuple) and entry.scales else 2.0
+    try:
+        rule = Rule(model=model, scale=scale, outscale=outscale, mode=mode, format=output_format,
+                    metrics=[] if no_metrics else None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).split("\n", 1)[-1]) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reports = process_once(settings, list(files), rule, out_dir, force=force)
+    click.echo(render(reports, fmt))
+    if any(r["state"] == "failed" for r in reports):
+        sys.exit(1)
+
+
+@main.command("history")
+@click.option("--model", default=None, help="Only this model id.")
+@click.option("--folder", default=None, help="Only this rule folder ('' for the default rule).")
+@click.option("--status", type=click.Choice(["pending", "running", "done", "failed"]), default=None)
+@click.option("--since", default=None, help="Only jobs newer than this: 90s, 30m, 2h, 7d or an ISO date.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@output_options
+@click.pass_context
+def history_cmd(ctx: click.Context, model: str | None, folder: str | None, status: str | None, since: str | None,
+                limit: int, fmt: str) -> None:
+    """List jobs, newest first, with their times and main metrics.
+
+    Example: upscaled history --model fsrcnn --since 2h --format json
+    """
+    from daemon.history import history
+
+    engine = _engine(ctx)
+    click.echo(render(history(engine, model, folder, status, since, limit), fmt))
+
+
+def _engine(ctx: click.Context):  # noqa: ANN202
+    from daemon.store import Store
+
+    settings = _settings(ctx, check_paths=False)
+    return Store(settings.database).engine
+
+
+@main.command()
+@click.option("--model", default=None)
+@click.option("--folder", default=None)
+@click.option("--since", default=None, help="90s, 30m, 2h, 7d or an ISO date.")
+@output_options
+@click.pass_context
+def stats(ctx: click.Context, model: str | None, folder: str | None, since: str | None, fmt: str) -> None:
+    """Per model and folder: jobs, failures, mean/p50/p95 seconds and mean metrics.
+
+    Example: upscaled stats --since 7d
+    """
+    from daemon.history import stats as compute
+
+    click.echo(render(compute(_engine(ctx), model, folder, since), fmt))
+
+
+@main.command()
+@click.argument("sql")
+@click.option("-p", "--param", "params", type=(str, str), multiple=True, help="A named parameter: -p name value.")
+@output_options
+@click.pass_context
+def query(ctx: click.Context, sql: str, params: tuple[tuple[str, str], ...], fmt: str) -> None:
+    """Run one read-only SQL statement against the history.
+
+    Tables: jobs, metrics, meta. Views: job_metrics, model_summary, recent_jobs.
+
+    Example: upscaled query "SELECT model_id, AVG(t_total) FROM jobs WHERE folder = :f GROUP BY 1" -p f photos
+    """
+    from daemon.history import query as run_query
+
+    settings = _settings(ctx, check_paths=False)
+    click.echo(render(run_query(settings.database, sql, dict(params)), fmt))
+
+
+@main.command()
+@output_options
+@click.pass_context
+def models(ctx: click.Context, fmt: str) -> None:
+    """List every catalogue model, its scales, licence, and whether its weights are here.
+
+    Example: upscaled models --format json
+    """
+    from models.catalog import ENTRIES
+    from models.weights import present
+
+    settings = _settings(ctx, check_paths=False)
+    rows = []
+    for e in ENTRIES:
+        scales = "any" if isinstance(e.scales, str) else ",".join(f"x{s}" for s in e.scales) or "-"
+        rows.append(dict(id=e.id, backend=e.backend, scales=scales,
+                         weights=("present" if present(settings.weights_dir, e) else "missing") if e.files else "-",
+                         license=e.license, description=e.description))
+    click.echo(render(rows, fmt))
+
+
+@main.group()
+def weights() -> None:
+    """Fetch and verify model weights.
+
+    Example: upscaled weights fetch fsrcnn --mirror /srv/mirror/weights
+    """
+
+
+@weights.command("fetch")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every catalogue model with weight files.")
+@click.option("--mirror", default=None, help="A folder or base URL laid out like weights/ (default: the setting).")
+@click.option("--force", is_flag=True, help="Download again even if a good copy is present.")
+@output_options
+@click.pass_context
+def weights_fetch(ctx: click.Context, ids: tuple[str, ...], all_: bool, mirror: str | None, force: bool,
+                  fmt: str) -> None:
+    """Download weights into weights_dir and check their sha256.
+
+    Exits 1 if any file could not be fetched or verified.
+
+    Example: upscaled weights fetch fsrcnn espcn brisque --mirror ../shared/weights
+    """
+    from models.catalog import ENTRIES
+    from models.weights import fetch
+
+    settings = _settings(ctx, check_paths=False)
+    if not ids and not all_:
+        raise click.UsageError("name model ids, or pass --all")
+    chosen = [e.id for e in ENTRIES if e.files] if all_ else list(ids)
+    if mirror and "://" not in mirror:
+        mirror = str(Path(mirror).resolve())
+    reports = fetch(settings.weights_dir, chosen, mirror or settings.weights_mirror or None, force=force)
+    click.echo(render([r.__dict__ for r in reports], fmt))
+    if any(r.status == "failed" for r in reports):
+        sys.exit(1)
+
+
+@weights.command("verify")
+@click.argument("ids", nargs=-1)
+@output_options
+@click.pass_context
+def weights_verify(ctx: click.Context, ids: tuple[str, ...], fmt: str) -> None:
+    """Check the weight files that are present against their sha256.
+
+    Exits 1 on a mismatch; missing files are listed but are not an error.
+
+    Example: upscaled weights verify
+    """
+    from models.weights import verify
+
+    settings = _settings(ctx, check_paths=False)
+    reports = verify(settings.weights_dir, list(ids) or None)
+    click.echo(render([r.__dict__ for r in reports], fmt))
+    if any(r.status == "mismatch" for r in reports):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="HR images in DIR/HR (or directly in DIR); shipped LR images in DIR/LR_bicubic/X{s}.")
+@click.option("--models", "models_", default="bicubic,fsrcnn,espcn,lapsrn", show_default=True,
+              help="Comma-separated model ids; those that cannot run a scale are skipped, and say why.")
+@click.option("--scales", default="2,3,4", show_default=True, help="Comma-separated integer scales.")
+@click.option("--downscale", type=click.Choice(["auto", "shipped", "matlab-bicubic", "cv2-cubic", "area"]),
+              default="auto", show_default=True,
+              help="How the LR images are made: auto uses the shipped LR_bicubic/X{s} images where the dataset "
+                   "has them all, else matlab-bicubic.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the `device` setting).")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Timed runs per image; the median is kept.")
+@click.option("--no-brisque", is_flag=True, help="Leave out BRISQUE (the slowest metric).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a self-contained HTML report here.")
+@output_options
+@click.pass_context
+def bench(ctx: click.Context, dataset: Path, models_: str, scales: str, downscale: str, device: str | None,
+          repeat: int, no_brisque: bool, report_path: Path | None, fmt: str) -> None:
+    """Compare models on a dataset with the papers' protocol: one row per model and scale.
+
+    Measures psnr_y, ssim_y (BT.601 Y, border shaved by the scale), psnr_rgb, ssim_rgb, mse_rgb, BRISQUE and the
+    warm time per image, the model load timed apart. The run and its rows go into the history (source "bench").
+    Progress goes to stderr: a bar on a terminal, log lines otherwise.
+
+    Example: upscaled bench --dataset ../shared/datasets/Set5 --models bicubic,fsrcnn,espcn --report bench.html
+    """
+    import shlex
+
+    from daemon.bench import BenchSettings, run_bench
+    from daemon.config import check_device
+    from daemon.store import Store
+
+    settings = _settings(ctx, check_paths=False)
+    try:
+        scale_list = tuple(int(v) for v in scales.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 2,3,4, got {scales!r}",
+                                 param_hint="--scales") from None
+    try:
+        device = check_device(device) if device else settings.device
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    model_list = tuple(dict.fromkeys(m.strip() for m in models_.split(",") if m.strip()))
+    bench_settings = BenchSettings(dataset=dataset, models=model_list, scales=tuple(dict.fromkeys(scale_list)),
+                                   weights_dir=settings.weights_dir, downscale=downscale, device=device,
+                                   repeat=repeat, brisque=not no_brisque, max_pixels=settings.max_pixels)
+    store = Store(settings.database)
+    try:
+        result = run_bench(bench_settings, store)
+    finally:
+        store.close()
+    if report_path is not None:
+        from daemon.report import bench_report
+
+        bench_report(result, report_path, command="upscaled " + shlex.join(sys.argv[1:]))
+        click.echo(f"report: {report_path}", err=True)
+    if fmt == "json":
+        click.echo(json.dumps(result.to_json(), indent=2, default=_json_default))
+    else:
+        click.echo(render(result.summary, fmt))
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("upscaled-report.html"),
+              show_default=True, help="Where to write the HTML file.")
+@click.option("--since", default=None, help="Only jobs newer than this: 90s, 30m, 2h, 7d or an ISO date.")
+@click.option("--include-bench", is_flag=True, help="Count `upscaled bench` runs too (left out by default).")
+@click.pass_context
+def report(ctx: click.Context, out: Path, since: str | None, include_bench: bool) -> None:
+    """Write a self-contained HTML report of the service's history.
+
+    Throughput over time, job time per model, failures by reason, and metric distributions per folder and rule.
+
+    Example: upscaled report --since 7d --out report.html
+    """
+    from daemon.report import history_report
+
+    summary = history_report(_engine(ctx), out, since=since, include_bench=include_bench)
+    click.echo(f"{out}: {summary['jobs']} jobs ({summary['done']} done, {summary['failed']} failed), "
+               f"{summary['figures']} figures")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,484 @@
+"""The service: watch the inbox, register complete files as jobs, work the queue, keep the invariants.
+
+A :class:`Service` is ``start() / step(wait) / shutdown()`` so tests can drive it one iteration at a time; ``run()``
+is the loop around them for ``upscaled run``. Signal handlers only set a flag. The order of durable steps for a
+job is: output written and fsynced -> job row committed ``done`` -> input moved to the archive. A crash between
+any two is repaired at the next start, because registering a file whose job exists reconciles instead of redoing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from daemon import logs
+from daemon.config import Rule, Settings, load_settings
+from daemon.fsops import confined, fit_name, move_unique, remove_stale_temps, unique_path, write_error_json
+from daemon.notify import Notifier
+from daemon.pipeline import Pipeline, output_name
+from daemon.store import Registered, Store, utcnow
+from daemon.watcher import Watcher
+from models import progress
+from models.catalog import get_entry
+from models.errors import OutOfMemory, UnreadableFile, UnsupportedImage, UpscaledError
+from models.registry import ModelCache
+from models.weights import fetch_command, present
+
+
+class InternalError(UpscaledError):
+    kind = "internal"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a regular file; a symlink put in its place raises OSError (ELOOP) instead of being followed."""
+    digest = hashlib.sha256()
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Service:
+    """The watch-folder service.
+
+    Tests drive it with ``start() / step(wait) / shutdown()``, one iteration at a time in one thread. ``run()`` is
+    what ``upscaled run`` calls: the main thread watches and admits files, talks to systemd and handles signals;
+    one worker thread claims and runs jobs. Signal handlers only set flags.
+    """
+
+    def __init__(self, settings: Settings, store: Store | None = None, cache: ModelCache | None = None,
+                 clock: Callable[[], float] = time.monotonic, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        os.umask(int(settings.umask, 8))  # before the database file is created
+        self.store = store or Store(settings.database)
+        self.pipeline = Pipeline(settings, cache)
+        self.clock = clock
+        self.log = logs.get()
+        self.notifier = notifier or Notifier()
+        self.watcher = Watcher(settings.inbox, settings.ignore, settings.settle_seconds,
+                               polling=settings.observer == "polling", poll_seconds=settings.poll_seconds)
+        self.stopping = False
+        self.current: dict | None = None
+        self.stage = ""  # what the current job is doing, for STATUS=
+        self.worker_beat = clock()  # the worker's last sign of life; WATCHDOG=1 only while it is recent
+        self._reload = False
+        self._next_rescan = 0.0
+        self._next_status = 0.0
+        self._lock = threading.Lock()
+        self._waiting: dict[int, list[Path]] = defaultdict(list)  # duplicates waiting for a job to end
+        self._wake = threading.Event()
+        self._stop_work = threading.Event()
+        self.pipeline.on_stage = self._on_stage
+
+    def _on_stage(self, name: str) -> None:
+        self.worker_beat = self.clock()
+        self.stage = name
+
+    # --- life cycle ------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.settings
+        for folder in (s.inbox, s.outbox, s.archive, s.failed):
+            folder.mkdir(parents=True, exist_ok=True)
+        recovered = self.store.recover()
+        stale = remove_stale_temps(s.outbox)
+        self.watcher.start()
+        self.watcher.rescan()
+        self._next_rescan = self.clock() + s.rescan_seconds
+        self._warn_missing_weights()
+        self.log.info("service.started", inbox=str(s.inbox), outbox=str(s.outbox), database=s.database,
+                      rules=len(s.all_rules()), observer=s.observer, recovered_jobs=recovered,
+                      stale_temp_files=stale, pid=os.getpid(), systemd_notify=self.notifier.enabled)
+
+    def _warn_missing_weights(self) -> None:
+        for rule in self.settings.all_rules():
+            entry = get_entry(rule.model)
+            if entry.files and not present(self.settings.weights_dir, entry):
+                self.log.warning("weights.missing", model=rule.model, folder=rule.folder or "(default)",
+                                 fix=fetch_command(rule.model))
+
+    def shutdown(self) -> None:
+        self.watcher.stop()
+        counts = self.store.counts()
+        self.store.close()
+        self.notifier.close()
+        self.log.info("service.stopped", **counts)
+
+    def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
+        if not self.stopping:
+            self.log.info("service.stopping", signal=signal.Signals(signum).name if signum else None)
+        self.stopping = True
+        self._stop_work.set()
+        self._wake.set()
+
+    def request_reload(self, _signum: int | None = None, _frame: object = None) -> None:
+        self._reload = True
+
+    def run(self) -> int:
+        """The service, until SIGTERM or SIGINT. Returns the exit code (0 for a requested stop)."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+        self.start()
+        worker = threading.Thread(target=self._work_loop, name="upscaled-worker", daemon=True)
+        worker.start()
+        self.notifier.ready(self.status_line())
+        while not self.stopping:
+            try:
+                self.watch_step(wait=0.25)
+                if self._reload:
+                    self._reload = False
+                    self.reload()
+                self._tell_systemd()
+            except Exception as exc:  # the watcher side must never take the service down
+                self.log.error("loop.error", error=repr(exc), traceback=traceback.format_exc())
+                time.sleep(1.0)
+        # 1. Stop taking files. 2. Let the current job finish until the deadline. 3. Give it back if it did not.
+        self.watcher.stop()
+        job = self.current
+        self.notifier.stopping(f"stopping; finishing {job['rel_path']}" if job else "stopping")
+        worker.join(timeout=self.settings.stop_timeout)
+        if worker.is_alive():
+            job = self.current
+            if job is not None:
+                self.store.release(job["id"])
+            self.log.warning("service.stop_deadline", seconds=self.settings.stop_timeout,
+                             released_job=job["id"] if job else None)
+            self.shutdown()
+            sys.stdout.flush()
+            os._exit(0)  # the worker is inside native code and cannot be interrupted; its job is pending again
+        self.shutdown()
+        return 0
+
+    def _work_loop(self) -> None:
+        while not self._stop_work.is_set():
+            self.worker_beat = self.clock()
+            try:
+                did = self.work_step()
+            except Exception as exc:  # a store error (say, the disk is full): back off, never die
+                self.log.error("worker.error", error=repr(exc), traceback=traceback.format_exc())
+                did = False
+                self._stop_work.wait(2.0)
+            if not did:
+                self._wake.wait(0.5)
+                self._wake.clear()
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again and use its rules for files admitted from now on.
+
+        Queued jobs keep the rule they were registered with. A bad file is logged and the old settings stay.
+        """
+        try:
+            new = load_settings(self.settings.config_file)
+        except UpscaledError as exc:
+            self.log.error("reload.failed", error=str(exc))
+            return
+        fixed = ("inbox", "outbox", "archive", "failed", "database", "observer")
+        changed = [k for k in fixed if getattr(new, k) != getattr(self.settings, k)]
+        if changed:
+            self.log.warning("reload.needs_restart", keys=changed)
+            new = new.model_copy(update={k: getattr(self.settings, k) for k in fixed})
+        self.settings = new
+        self.pipeline.settings = new
+        self.watcher.patterns = new.ignore
+        self.watcher.settle = new.settle_seconds
+        self._warn_missing_weights()
+        self.log.info("reload.done", rules=len(new.all_rules()))
+
+    def status_line(self) -> str:
+        c = self.store.counts()
+        job = self.current
+        doing = f"working on {job['rel_path']} ({job['model_id']} x{job['outscale']:g}, {self.stage})" if job \
+            else "idle"
+        return f"{doing}; queue {c['pending']}; done {c['done']}, failed {c['failed']}"
+
+    def _tell_systemd(self) -> None:
+        now = self.clock()
+        if not self.notifier.enabled or now < self._next_status:
+            return
+        interval = self.notifier.watchdog_seconds or 10.0
+        self._next_status = now + min(2.0, interval / 3)
+        self.notifier.status(self.status_line())
+        # A hung worker stops the pings, and systemd restarts the service after WatchdogSec.
+        if self.notifier.watchdog_seconds and now - self.worker_beat < self.notifier.watchdog_seconds / 2:
+            self.notifier.watchdog()
+
+    def step(self, wait: float = 0.0) -> bool:
+        """One iteration in the calling thread: take in events, admit ready files, run at most one job."""
+        self.watch_step(wait)
+        return False if self.stopping else self.work_step()
+
+    def watch_step(self, wait: float = 0.0) -> None:
+        """Take in watcher events (waiting up to ``wait``), rescan when due, and admit the files that settled."""
+        deadline = self.watcher.next_deadline(self.clock())
+        self.watcher.drain(timeout=min(wait, deadline) if deadline is not None else wait)
+        now = self.clock()
+        if now >= self._next_rescan:
+            found = self.watcher.rescan()
+            if found:
+                self.log.info("rescan.found", files=found)
+            self._next_rescan = now + self.settings.rescan_seconds
+        for path in self.watcher.ready(now):
+            reg = self.admit(path)
+            if reg is not None and reg.created:
+                self._wake.set()
+
+    def work_step(self) -> bool:
+        """Claim and run one job. True if there was one."""
+        job = self.store.claim()
+        if job is None:
+            return False
+        self.execute(job)
+        return True
+
+    # --- admitting files -----------------------------------------------------------------------------------------
+    def admit(self, path: Path) -> Registered | None:
+        """Register a complete file as a job, or reconcile it with the job that already exists."""
+        s = self.settings
+        try:
+            st = os.lstat(path)
+            rel = path.relative_to(s.inbox)
+        except (FileNotFoundError, ValueError):
+            return None
+        rel_posix = PurePosixPath(rel.as_posix())
+        rule = s.rule_for(str(rel_posix.parent))
+        problem: UpscaledError | None = None
+        if stat.S_ISLNK(st.st_mode):
+            problem = UnsupportedImage(f"{rel} is a symbolic link; links are not followed out of the inbox")
+        elif not stat.S_ISREG(st.st_mode):
+            problem = UnsupportedImage(f"{rel} is not a regular file")
+        else:
+            try:
+                sha = file_sha256(path)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                problem = UnreadableFile(f"cannot read {rel}: {exc.strerror or exc}")
+        if problem is not None:  # a job of its own, keyed on the name and time, so it fails exactly once
+            sha = "x" + hashlib.sha256(f"{rel}:{st.st_mtime_ns}:{st.st_ino}".encode()).hexdigest()[1:]
+        fields = dict(source="watch", folder=rule.folder, rel_path=str(rel_posix), input_path=str(path),
+                      input_size=st.st_size, model_id=rule.model, scale=rule.scale, outscale=rule.final_scale,
+                      mode=rule.mode, rule_json=rule.model_dump_json())
+        reg = self.store.register(sha, rule.fingerprint(), fields, state="pending" if problem is None else "running")
+        if reg.created:
+            self.log.debug("job.registered", job=reg.job_id, file=str(rel_posix), rule=rule.folder or "(default)")
+            if problem is not None:  # registered as running: no worker ever sees it
+                self._failed(self.store.get(reg.job_id), problem)
+            return reg
+        self._reconcile(reg, path, rel_posix)
+        return reg
+
+    def _reconcile(self, reg: Registered, path: Path, rel: PurePosixPath) -> None:
+        """A file whose job exists: finish an interrupted move, archive a duplicate, or wait for the job."""
+        job = self.store.get(reg.job_id)
+        assert job is not None
+        same = job["input_path"] == str(path)
+        if job["state"] == "done":
+            dest = self._move_input(path, self.settings.archive, rel)
+            if same and dest is not None:  # None: the worker moved it a moment ago, and recorded where
+                self.store.update(job["id"], input_moved_to=str(dest))
+            self.log.info("job.input_archived" if same else "duplicate.archived", job=job["id"], file=str(rel),
+                          output=job["output_path"], moved_to=str(dest) if dest else None)
+        elif job["state"] == "failed":
+            if same and job["input_moved_to"] is None:  # the crash came between the commit and the move
+                self._move_failed(job, path, rel, job["error_kind"] or "error", job["error"] or "")
+            else:  # dropped in again after failing: the user asks for another try
+                self.store.update(job["id"], state="pending", input_path=str(path), rel_path=str(rel),
+                                  input_moved_to=None, next_attempt_at=None, attempts=0, output_path=None)
+                self.log.info("job.retry_requested", job=job["id"], file=str(rel))
+        elif not same:
+            if Path(job["input_path"]).exists():
+                with self._lock:  # same content, another name: decided when the job ends
+                    self._waiting[job["id"]].append(path)
+            else:  # the file was renamed while it waited
+                self.store.update(job["id"], input_path=str(path), rel_path=str(rel))
+
+    # --- running a job -------------------------------------------------------------------------------------------
+    def _progress(self, done: int, total: int) -> None:
+        self.worker_beat = self.clock()
+        self.stage = f"tile {done}/{total}"
+
+    def execute(self, job: dict) -> None:
+        self.current, self.stage = job, "starting"
+        rule = Rule.model_validate_json(job["rule_json"])
+        src = Path(job["input_path"])
+        queue_s = (job["started_at"] - job["created_at"]).total_seconds()
+        log = self.log.bind(job=job["id"], file=job["rel_path"], model=rule.model, scale=rule.final_scale)
+        try:
+            if src.is_symlink():  # replaced by a link while it waited: never follow it
+                raise UnsupportedImage(f"{job['rel_path']} is a symbolic link; links are not followed")
+            if not src.is_file():
+                self.store.fail(job["id"], "vanished", f"{src} disappeared before it was processed")
+                log.warning("job.vanished")
+                return
+            with progress.reporting(self._progress):
+                result = self.pipeline.run(rule, src, lambda fmt: self._output_path(job, rule, fmt))
+        except UpscaledError as exc:
+            self._handle_error(job, exc, log)
+        except MemoryError:
+            self._handle_error(job, OutOfMemory("out of memory while processing"), log)
+        except Exception as exc:  # a bug or a library's surprise: this job fails, the service goes on
+            log.error("job.crashed", error=repr(exc), traceback=traceback.format_exc())
+            self._handle_error(job, InternalError(f"unexpected {type(exc).__name__}: {exc}"), log)
+        else:
+            fields = dict(result.fields, t_queue=queue_s)
+            # The archive name is chosen now and committed with the result: one transaction fewer per job, and a
+            # crash before the move below is finished by the next start's reconcile.
+            planned = None if self.settings.delete_inputs else \
+                unique_path(confined(self.settings.archive, job["rel_path"]))
+            fields["input_moved_to"] = None if planned is None else str(planned)
+            self.store.finish(job["id"], fields, result.metrics)
+            dest = self._finish_input(src, planned)
+            if dest != planned:
+                self.store.update(job["id"], input_moved_to=None if dest is None else str(dest))
+            metric_values = {m.name: round(m.value, 4) for m in result.metrics}
+            log.info("job.done", device=fields.get("device"), output=job.get("output_path"),
+                     seconds=round(fields["t_total"], 3), queue_s=round(queue_s, 3),
+                     moved_to=str(dest) if dest else None, notes=result.notes or None, **metric_values)
+        finally:
+            self.watcher.finished(src)
+            self.current, self.stage = None, ""
+            with self._lock:
+                waiting = self._waiting.pop(job["id"], [])
+            for path in waiting:
+                self.admit(path)
+
+    def _output_path(self, job: dict, rule: Rule, fmt: str) -> Path:
+        """Pick the output path once and record it before anything is written, so a retry reuses it."""
+        if job.get("output_path"):
+            return Path(job["output_path"])
+        rel_dir = PurePosixPath(job["rel_path"]).parent
+        name = output_name(rule, Path(job["rel_path"]), fmt)
+        target = confined(self.settings.outbox, rel_dir / name)
+        if target.exists() and self.store.owns_output(str(target)) != job["id"]:
+            target = unique_path(target)  # never overwrite someone else's file
+        self.store.update(job["id"], output_path=str(target))
+        job["output_path"] = str(target)
+        return target
+
+    def _finish_input(self, src: Path, planned: Path | None) -> Path | None:
+        """Delete the input (``planned`` is None) or move it to its planned archive path (or a free variant).
+
+        The job is committed already, so a failure here only leaves the input in the inbox, and the next scan
+        archives it (see :meth:`_reconcile`).
+        """
+        try:
+            if planned is None:
+                src.unlink(missing_ok=True)
+                return None
+            return move_unique(src, planned)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self.log.error("archive.failed", file=str(src), error=str(exc), note="kept in the inbox; retried on rescan")
+            return None
+
+    def _move_input(self, src: Path, root: Path, rel: PurePosixPath) -> Path | None:
+        planned = None if root == self.settings.archive and self.settings.delete_inputs else confined(root, rel)
+        return self._finish_input(src, planned)
+
+    def _handle_error(self, job: dict, exc: UpscaledError, log) -> None:  # noqa: ANN001
+        retry_forever = getattr(exc, "retry_forever", False)
+        if exc.retryable and (retry_forever or job["attempts"] < self.settings.max_attempts):
+            delay = min(self.settings.retry_max_seconds, self.settings.retry_seconds * 2 ** (job["attempts"] - 1))
+            self.store.retry_later(job["id"], exc.kind, str(exc), utcnow() + dt.timedelta(seconds=delay))
+            log.warning("job.retry", kind=exc.kind, error=str(exc), attempt=job["attempts"], in_seconds=delay)
+            return
+        self._failed(job, exc)
+
+    def _failed(self, job: dict, exc: UpscaledError) -> None:
+        self.store.fail(job["id"], exc.kind, str(exc))
+        self._move_failed(job, Path(job["input_path"]), PurePosixPath(job["rel_path"]), exc.kind, str(exc))
+        self.log.warning("job.failed", job=job["id"], file=job["rel_path"], kind=exc.kind, error=str(exc))
+
+    def _move_failed(self, job: dict, src: Path, rel: PurePosixPath, kind: str, error: str) -> None:
+        """Put the input in failed/ beside ``<name>.error.json``; the reason is written first.
+
+        If failed/ cannot be written, the input stays in the inbox and the next scan tries again.
+        """
+        if not os.path.lexists(src):
+            return
+        info = dict(file=str(rel), job=job["id"], kind=kind, error=error, model=job["model_id"],
+                    scale=job["outscale"], folder=job["folder"], attempts=job["attempts"],
+                    failed_at=utcnow().isoformat() + "Z")
+        try:
+            dest = unique_path(confined(self.settings.failed, rel))
+            write_error_json(dest.with_name(fit_name(dest.name + ".error.json")), info)
+            moved = move_unique(src, dest)
+        except (OSError, UpscaledError) as exc:
+            self.log.error("quarantine.failed", file=str(rel), error=str(exc), note="kept in the inbox")
+            return
+        self.store.update(job["id"], input_moved_to=str(moved))
+
+
+def process_once(settings: Settings, files: list[Path], rule: Rule, out_dir: Path, force: bool = False,
+                 store: Store | None = None) -> list[dict]:
+    """``upscaled process``: run files through the same pipeline and history, without touching the inputs.
+
+    Returns one report dict per file. A bad file fails its own job; the others go on.
+    """
+    store = store or Store(settings.database)
+    pipeline = Pipeline(settings)
+    fingerprint = hashlib.sha256(f"{rule.fingerprint()}:{out_dir.resolve()}".encode()).hexdigest()[:16]
+    reports = []
+    for path in files:
+        path = path.resolve()  # a link the user names on the command line is theirs to follow
+        report: dict = dict(file=str(path), state="failed", output=None, error=None, job=None)
+        reports.append(report)
+        try:
+            sha = file_sha256(path)
+        except OSError as exc:
+            report["error"] = f"cannot read {path}: {exc.strerror or exc}"
+            continue
+        fields = dict(source="cli", folder="(cli)", rel_path=path.name, input_path=str(path),
+                      input_size=path.stat().st_size, model_id=rule.model, scale=rule.scale,
+                      outscale=rule.final_scale, mode=rule.mode, rule_json=rule.model_dump_json())
+        reg = store.register(sha, fingerprint, fields)
+        report["job"] = reg.job_id
+        if not reg.created:
+            job = store.get(reg.job_id)
+            if job["state"] == "done" and not force and job["output_path"] and Path(job["output_path"]).exists():
+                report.update(state="skipped", output=job["output_path"],
+                              error="already processed with this rule and --out (use --force to redo)")
+                continue
+            store.update(reg.job_id, state="pending", input_path=str(path), next_attempt_at=None)
+        job = store.claim(job_id=reg.job_id)
+        if job is None:
+            report["error"] = "another process is working on this job"
+            continue
+
+        def out_path(fmt: str, job: dict = job, path: Path = path) -> Path:
+            if job.get("output_path") and Path(job["output_path"]).parent == out_dir.resolve():
+                return Path(job["output_path"])
+            target = confined(out_dir, output_name(rule, path, fmt))
+            if target.exists() and store.owns_output(str(target)) != job["id"]:
+                target = unique_path(target)
+            store.update(job["id"], output_path=str(target))
+            return target
+
+        try:
+            result = pipeline.run(rule, path, out_path)
+        except UpscaledError as exc:
+            store.fail(job["id"], exc.kind, str(exc))
+            report["error"] = f"{exc.kind}: {exc}"
+            continue
+        except MemoryError:
+            store.fail(job["id"], OutOfMemory.kind, "out of memory")
+            report["error"] = "out of memory"
+            continue
+        store.finish(job["id"], dict(result.fields, t_queue=0.0), result.metrics)
+        row = store.get(job["id"])
+        report.update(state="done", output=row["output_path"], seconds=result.fields["t_total"],
+                      **{m.name: m.value for m in result.metrics})
+        if result.notes:
+            report["notes"] = "; ".join(result.notes)
+    return reports

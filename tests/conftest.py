@@ -1,0 +1,157 @@
+"""Shared fixtures: real weights fetched from the shared mirror, real folders, real daemon subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("UPSCALED_SHARED", ROOT.parent / "shared"))
+MIRROR = SHARED / "weights"
+SET5 = SHARED / "datasets" / "Set5"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights folder filled through the project's own fetch code, from the shared offline mirror."""
+    from models.weights import fetch
+
+    if not MIRROR.is_dir():
+        pytest.skip(f"no weights mirror at {MIRROR}")
+    d = tmp_path_factory.mktemp("weights")
+    reports = fetch(d, ["fsrcnn", "fsrcnn-small", "espcn", "lapsrn", "brisque"], mirror=str(MIRROR))
+    bad = [r for r in reports if r.status not in ("fetched", "present")]
+    assert not bad, bad
+    return d
+
+
+def write_config(folder: Path, weights: Path | None = None, rules: list[dict] | None = None, **keys) -> Path:
+    """Write a settings.toml in ``folder`` with the four folders and a database under it."""
+    lines = [
+        'inbox = "inbox"', 'outbox = "outbox"', 'archive = "archive"', 'failed = "failed"',
+        'database = "sqlite:///var/upscaled.db"', "settle_seconds = 0.3", "rescan_seconds = 2.0",
+    ]
+    if weights is not None:
+        lines.append(f"weights_dir = {json.dumps(str(weights))}")
+    for k, v in keys.items():
+        lines = [line for line in lines if not line.startswith(f"{k} =")]
+        lines.append(f"{k} = {json.dumps(v)}")
+    for rule in rules or []:
+        lines.append("\n[[rules]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in rule.items()]
+    path = folder / "settings.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def image(path: Path, size: tuple[int, int] = (40, 32), mode: str = "RGB", seed: int = 0, **save) -> Path:
+    """A small real image with texture (a crop of a Set5 picture when it is there)."""
+    rng = np.random.default_rng(seed)
+    src = SET5 / "HR" / "baby.png"
+    if src.exists():
+        big = np.asarray(Image.open(src).convert("RGB"))
+        y, x = rng.integers(0, big.shape[0] - size[1] + 1), rng.integers(0, big.shape[1] - size[0] + 1)
+        arr = big[y : y + size[1], x : x + size[0]]
+    else:
+        arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    im = Image.fromarray(np.ascontiguousarray(arr)).convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, **save)
+    return path
+
+
+class Daemon:
+    """A real `upscaled run` subprocess, with its log captured to a file."""
+
+    def __init__(self, config: Path, env: dict | None = None) -> None:
+        self.config = config
+        self.log_path = config.parent / f"daemon-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w")
+        full_env = dict(os.environ, UPSCALED_CONFIG=str(config), PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=config.parent, env=full_env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        def started() -> bool:
+            return any(e.get("event") == "service.started" for e in self.events()) or self.proc.poll() is not None
+
+        wait_for(started, timeout, what="service.started")
+        assert self.proc.poll() is None, self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def daemon() -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(config: Path, env: dict | None = None) -> Daemon:
+        d = Daemon(config, env)
+        started.append(d)
+        d.wait_started()
+        return d
+
+    yield start
+    for d in started:
+        d.kill()
+
+
+@contextmanager
+def sqlite(path: Path):
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.row_factory = sqlite3.Row
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def rows(db: Path, sql: str, *params) -> list[dict]:
+    with sqlite(db) as con:
+        return [dict(r) for r in con.execute(sql, params)]

@@ -1,0 +1,115 @@
+"""Configuration: the shipped file, env overrides, and errors that name the key and the file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Rule, load_settings
+from models.errors import ConfigError
+from tests.conftest import ROOT, write_config
+
+
+def test_shipped_settings_load_and_resolve_relative_to_the_file(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # not the repo: relative paths must follow the file, not the cwd
+    s = load_settings(ROOT / "settings.toml", check_paths=False)
+    assert s.inbox == ROOT / "inbox"
+    assert s.database == f"sqlite:///{ROOT / 'var' / 'upscaled.db'}"
+    folders = {r.folder for r in s.all_rules()}
+    assert "" in folders and "photos" in folders
+    assert s.rule_for("photos/2024/summer").folder == "photos"
+    assert s.rule_for("unknown/place").folder == ""
+
+
+def test_env_overrides_a_key_and_config_names_the_file(monkeypatch, tmp_path):
+    cfg = write_config(tmp_path)
+    monkeypatch.setenv("UPSCALED_CONFIG", str(cfg))
+    monkeypatch.setenv("UPSCALED_SETTLE_SECONDS", "4.5")
+    monkeypatch.setenv("UPSCALED_DEVICE", "cuda:1")
+    s = load_settings()
+    assert s.settle_seconds == 4.5 and s.device == "cuda:1"
+    assert s.config_file == cfg
+
+
+def test_default_rule_is_added_when_missing(tmp_path):
+    s = load_settings(write_config(tmp_path, rules=[{"folder": "a", "model": "bicubic", "scale": 3}]))
+    assert s.rule_for("").folder == "" and s.rule_for("a/b").scale == 3
+
+
+@pytest.mark.parametrize(
+    ("rules", "keys", "needle"),
+    [
+        ([], {"colour": "red"}, "colour: unknown key"),
+        ([{"folder": "x", "model": "nosuch"}], {}, "rules[0].model"),
+        ([{"folder": "x", "model": "nosuch"}], {}, "unknown model 'nosuch'"),
+        ([{"folder": "x", "model": "fsrcnn", "scale": 8}], {}, "fsrcnn cannot upscale x8; it has x2, x3, x4"),
+        ([{"folder": "x", "model": "lapsrn", "scale": 3}], {}, "lapsrn cannot upscale x3"),
+        ([{"folder": "x", "model": "bicubic", "typo": 1}], {}, "rules[0].typo: unknown key"),
+        ([{"folder": "../up", "model": "bicubic"}], {}, "rules[0].folder"),
+        ([{"folder": "x", "model": "bicubic", "naming": "{stem}/../../x.{ext}"}], {}, "rules[0].naming"),
+        ([{"folder": "x", "model": "bicubic", "naming": "{nope}.{ext}"}], {}, "unknown field"),
+        ([{"folder": "x", "model": "bicubic", "mode": "benchmark", "scale": 2, "outscale": 3}], {}, "benchmark"),
+        ([{"folder": "x", "model": "bicubic", "metrics": ["psnr_y"]}], {}, "not available in upscale mode"),
+        ([], {"device": "gpu"}, "device: must be auto, cpu, cuda or cuda:N"),
+        ([{"folder": "a"}, {"folder": "a"}], {}, "two rules for folder 'a'"),
+    ],
+)
+def test_bad_configuration_names_key_and_file(tmp_path, rules, keys, needle):
+    cfg = write_config(tmp_path, rules=rules, **keys)
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert needle in str(err.value)
+    assert str(cfg) in str(err.value)
+
+
+def test_bad_paths_are_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="inbox: .* exists and is not a folder"):
+        load_settings(write_config(tmp_path, inbox="afile"))
+    with pytest.raises(ConfigError, match="outbox: .* must not be inside the inbox"):
+        load_settings(write_config(tmp_path, outbox="inbox/out"))
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("inbox = [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load_settings(bad)
+
+
+def test_env_value_errors_say_so(monkeypatch, tmp_path):
+    cfg = write_config(tmp_path)
+    monkeypatch.setenv("UPSCALED_SETTLE_SECONDS", "soon")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert "$UPSCALED_SETTLE_SECONDS" in str(err.value) and "settle_seconds" in str(err.value)
+
+
+def test_fingerprint_changes_with_output_affecting_fields_only():
+    a = Rule(folder="a", model="bicubic", scale=2)
+    assert a.fingerprint() == Rule(folder="b", model="bicubic", scale=2, device="cpu").fingerprint()
+    assert a.fingerprint() != Rule(folder="a", model="bicubic", scale=3).fingerprint()
+    assert a.fingerprint() != Rule(folder="a", model="bicubic", scale=2, format="jpg").fingerprint()
+
+
+def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def test_check_config_command_and_run_refuse_a_bad_file(tmp_path):
+    good = write_config(tmp_path)
+    ok = _cli("--config", str(good), "check-config", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout and "(default): bicubic x2" in ok.stdout
+    bad = write_config(tmp_path, rules=[{"folder": "p", "model": "espcn", "scale": 8}])
+    for cmd in (["check-config"], ["run"]):
+        res = _cli("--config", str(bad), *cmd, cwd=tmp_path)
+        assert res.returncode != 0
+        assert "rules[0].scale" in res.stderr and str(bad) in res.stderr and "espcn cannot upscale x8" in res.stderr
+    assert not (tmp_path / "inbox").exists(), "a bad configuration must stop start-up before anything is made"
