@@ -231,7 +231,7 @@ def stats(ctx: click.Context, model: str | None, folder: str | None, since: str 
 def query(ctx: click.Context, sql: str, params: tuple[tuple[str, str], ...], fmt: str) -> None:
     """Run one read-only SQL statement against the history.
 
-    Tables: jobs, metrics, meta. Views: job_metrics, model_summary, recent_jobs.
+    Tables: jobs, metrics, bench_runs, meta. Views: job_metrics, model_summary, recent_jobs.
 
     Example: upscaled query "SELECT model_id, AVG(t_total) FROM jobs WHERE folder = :f GROUP BY 1" -p f photos
     """

@@ -87,7 +87,7 @@ def lr_consistency(sr: np.ndarray, lr: np.ndarray, names: tuple[str, ...]) -> li
     out = []
     if "lr_psnr_y" in names:
         out.append(Metric("lr_psnr_y", psnr(yb, yl), "y-bt601", 0, "lr-input", "PSNR peak 255, " + proto))
-    if "lr_ssim_y" in names and min(lr.shape[:2]) >= 7:
+    if "lr_ssim_y" in names and min(lr.shape[:2]) >= 11:  # SSIM's 11 px Gaussian window must fit
         out.append(Metric("lr_ssim_y", ssim(yb, yl), "y-bt601", 0, "lr-input", "SSIM Wang 11x11 s1.5, " + proto))
     return out
 

@@ -124,8 +124,10 @@ class Pipeline:
         if rule.mode == "benchmark":
             s = int(rule.scale)
             hr = modcrop(img.rgb, s)
-            if min(hr.shape[:2]) < s * 2:
-                raise ImageTooSmall(f"benchmark x{s} needs at least {2 * s} px per side, got {img.width}x{img.height}")
+            # SSIM's 11 px window must fit after the border shave, and the LR image needs a few pixels.
+            need = max(11 + 2 * s, 3 * s)
+            if min(hr.shape[:2]) < need:
+                raise ImageTooSmall(f"benchmark x{s} needs at least {need} px per side, got {img.width}x{img.height}")
             lr_size = (hr.shape[1] // s, hr.shape[0] // s)
             # MATLAB rounds integer images between its two passes; so do we, to make the papers' LR images.
             levels = 65535 if img.bits == 16 else 255

@@ -74,6 +74,7 @@ class Service:
         self._reload = False
         self._next_rescan = 0.0
         self._next_status = 0.0
+        self._next_progress_write = 0.0
         self._lock = threading.Lock()
         self._waiting: dict[int, list[Path]] = defaultdict(list)  # duplicates waiting for a job to end
         self._wake = threading.Event()
@@ -303,9 +304,16 @@ class Service:
                 self.store.update(job["id"], input_path=str(path), rel_path=str(rel))
 
     # --- running a job -------------------------------------------------------------------------------------------
-    def _progress(self, done: int, total: int) -> None:
-        self.worker_beat = self.clock()
-        self.stage = f"tile {done}/{total}"
+    def _progress(self, done: int, total: int, unit: str = "tile") -> None:
+        """From inside a model call: a tile or a denoising step is done. Feeds STATUS=, the job row and the log."""
+        now = self.clock()
+        self.worker_beat = now
+        self.stage = f"{unit} {done}/{total}"
+        job = self.current
+        if job is not None and (now >= self._next_progress_write or done == total):
+            self._next_progress_write = now + 2.0  # at most one row update and log line every 2 s
+            self.store.update(job["id"], progress=self.stage)
+            self.log.info("job.progress", job=job["id"], file=job["rel_path"], progress=self.stage)
 
     def execute(self, job: dict) -> None:
         self.current, self.stage = job, "starting"

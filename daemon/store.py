@@ -94,6 +94,7 @@ jobs = Table(
     Column("precision", String(8)),
     Column("rule_json", Text),
     Column("worker", String(128)),
+    Column("progress", String(64)),  # the running job's last reported progress: "tile 3/12", "step 20/50"
     Column("created_at", DateTime, nullable=False),
     Column("started_at", DateTime),
     Column("finished_at", DateTime),

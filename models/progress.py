@@ -10,7 +10,7 @@ import contextvars
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-Sink = Callable[[int, int], None]  # (done, total)
+Sink = Callable[[int, int, str], None]  # (done, total, unit): unit is "tile", "step", ...
 
 _sink: contextvars.ContextVar[Sink | None] = contextvars.ContextVar("upscaled_progress", default=None)
 
@@ -24,7 +24,8 @@ def reporting(sink: Sink) -> Iterator[None]:
         _sink.reset(token)
 
 
-def report(done: int, total: int) -> None:
+def report(done: int, total: int, unit: str = "tile") -> None:
+    """Tell the caller that ``done`` of ``total`` ``unit``s are finished (a no-op when nobody listens)."""
     sink = _sink.get()
     if sink is not None:
-        sink(done, total)
+        sink(done, total, unit)
