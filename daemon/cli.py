@@ -404,5 +404,67 @@ def report(ctx: click.Context, out: Path, since: str | None, include_bench: bool
                f"{summary['figures']} figures")
 
 
+@main.group()
+def db() -> None:
+    """Manage the database schema (Alembic migrations, SQLite and PostgreSQL alike).
+
+    Example: upscaled db upgrade
+    """
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Migrate the database to the newest schema, keeping every row; a database of before is adopted.
+
+    Safe while daemons run and when several run it at once (one waits for the other). `upscaled run` does the
+    same at start-up.
+
+    Example: UPSCALED_CONFIG=/etc/upscaled/settings.toml upscaled db upgrade
+    """
+    from daemon.store import Store
+
+    settings = _settings(ctx, check_paths=False)
+    store = Store(settings.database, upgrade=False)
+    try:
+        before, after = store.upgrade()
+    finally:
+        store.close()
+    click.echo(f"{_safe_url(settings.database)}: "
+               + (f"at {after} already" if before == after else f"upgraded from {before or 'empty'} to {after}"))
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@main.command()
+@click.option("--all", "all_", is_flag=True, help="Also list stopped nodes and nodes whose heartbeat is stale.")
+@click.option("--window", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="Seconds over which jobs_per_min is counted.")
+@output_options
+@click.pass_context
+def nodes(ctx: click.Context, all_: bool, window: float, fmt: str) -> None:
+    """List the daemons (nodes) on this database: heartbeat age, current jobs and throughput.
+
+    A node is live while its heartbeat is younger than `stale_seconds`; a stale node's running jobs are taken over
+    by the others.
+
+    Example: upscaled nodes --all --format json
+    """
+    from daemon.store import Store
+
+    settings = _settings(ctx, check_paths=False)
+    store = Store(settings.database)
+    try:
+        rows = store.nodes(settings.stale_seconds, window_s=window, include_gone=all_)
+    finally:
+        store.close()
+    click.echo(render(rows, fmt))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import string
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from models.catalog import get_entry
+from models.diffusion_sd import DEFAULT_GUIDANCE, DEFAULT_NOISE_LEVEL, DEFAULT_STEPS, MAX_NOISE_LEVEL, MAX_STEPS
 from models.errors import ConfigError, UpscaledError
 from models.registry import check_scale
 
@@ -29,6 +31,8 @@ FORMATS = ("png", "jpg", "webp", "tiff")
 UPSCALE_METRICS = ("brisque", "lr_psnr_y", "lr_ssim_y")
 BENCHMARK_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "mse_rgb")
 NAME_FIELDS = {"stem", "model", "scale", "ext", "folder", "rule"}
+# Rule options that only diffusion models take; they change the output, so they are part of the fingerprint.
+GENERATION_FIELDS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "noise_level", "seed")
 
 
 class Rule(BaseModel):
@@ -50,8 +54,16 @@ class Rule(BaseModel):
     downscale: Literal["matlab-bicubic", "cv2-cubic", "area"] = "matlab-bicubic"  # benchmark mode's LR kernel
     alpha: Literal["resize", "model"] = "resize"  # how the alpha channel is enlarged
     tile: int | None = Field(default=None, ge=32)  # input tile side; None lets the backend choose
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # spandrel models; auto: fp16 on CUDA, else fp32
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # torch models; auto: fp16 on CUDA, else fp32
     compare: bool = True  # benchmark mode: also write HR | LR | SR side by side
+    # Diffusion models only (sd-x4-upscaler, diffusers:FOLDER). A `<image>.prompt.txt` beside an input overrides
+    # `prompt` for that image. See models/diffusion_sd.py for why 25 steps.
+    prompt: str = Field(default="", max_length=2000)  # the text encoder reads the first 77 tokens
+    negative_prompt: str = Field(default="", max_length=2000)
+    num_inference_steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=50)  # > 1: classifier-free guidance
+    noise_level: int = Field(default=DEFAULT_NOISE_LEVEL, ge=0, le=MAX_NOISE_LEVEL)  # noise added to the input
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)  # same input + same rule = same output
 
     @field_validator("folder")
     @classmethod
@@ -116,6 +128,17 @@ class Rule(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _generation_options(self) -> Rule:
+        if self.takes_generation():
+            return self
+        fields = type(self).model_fields
+        given = [k for k in GENERATION_FIELDS if getattr(self, k) != fields[k].default]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only diffusion models (sd-x4-upscaler, diffusers:FOLDER) take "
+                             f"generation options; {self.model} is a {get_entry(self.model).backend} model")
+        return self
+
+    @model_validator(mode="after")
     def _benchmark(self) -> Rule:
         if self.mode == "benchmark" and (self.final_scale != self.scale or self.scale != int(self.scale)):
             raise ValueError("mode: benchmark mode needs an integer scale and no different outscale")
@@ -131,9 +154,23 @@ class Rule(BaseModel):
             return tuple(self.metrics)
         return BENCHMARK_METRICS if self.mode == "benchmark" else UPSCALE_METRICS
 
+    def takes_generation(self) -> bool:
+        """Whether the model is a diffusion model, which takes the generation options."""
+        try:
+            return get_entry(self.model).backend == "diffusion"
+        except UpscaledError:  # a bad model id, reported by its own validator
+            return False
+
+    def generation(self) -> dict[str, Any] | None:
+        """The generation options for the model call (prompt, seed, ...), or None for a model that takes none."""
+        return {k: getattr(self, k) for k in GENERATION_FIELDS} if self.takes_generation() else None
+
     def fingerprint(self) -> str:
         """A short hash of everything that changes the output. Same file + same fingerprint = same job."""
-        data = self.model_dump(exclude={"folder", "device", "precision"})  # how to compute, like the device
+        exclude = {"folder", "device", "precision"}  # how to compute, like the device
+        if not self.takes_generation():  # always at their defaults there: left out, so older fingerprints hold
+            exclude |= set(GENERATION_FIELDS)
+        data = self.model_dump(exclude=exclude)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -170,6 +207,11 @@ class Settings(BaseSettings):
     umask: str = "027"  # octal; applies to every file the service creates, the database included
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     rules: list[Rule] = Field(default_factory=list)
+    # Several daemons on one inbox and one PostgreSQL database (README, "Scaling out"). Per node:
+    node_name: str = Field(default="", max_length=128)  # unique per daemon; "" means this host's name
+    serve_folders: list[str] | None = None  # rule folders whose jobs this node runs ("" = default rule); None: all
+    heartbeat_seconds: float = Field(default=5.0, gt=0)  # how often the node renews its row and its jobs' leases
+    stale_seconds: float = Field(default=30.0, gt=0)  # a running job whose lease is this old is taken over
 
     config_file: Path | None = Field(default=None, exclude=True)  # set by load_settings, not by users
 
@@ -214,6 +256,29 @@ class Settings(BaseSettings):
                 raise ValueError(f"two rules for folder {r.folder!r}")
             seen.add(r.folder)
         return rules
+
+    @field_validator("serve_folders")
+    @classmethod
+    def _serve_folders(cls, v: list[str] | None) -> list[str] | None:
+        # Spelled as rule folders are: no leading or trailing "/", and "" (or ".") for the default rule.
+        return None if v is None else ["" if f.strip("/") in ("", ".") else str(PurePosixPath(f.strip("/")))
+                                       for f in v]
+
+    @model_validator(mode="after")
+    def _node(self) -> Settings:
+        if self.stale_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(f"stale_seconds ({self.stale_seconds:g}) must be at least twice heartbeat_seconds "
+                             f"({self.heartbeat_seconds:g}), or a live node's jobs would be taken over")
+        if self.serve_folders is not None:
+            known = {r.folder for r in self.all_rules()}
+            unknown = [f for f in self.serve_folders if f not in known]
+            if unknown:
+                raise ValueError(f"serve_folders: {unknown} are not rule folders; rule folders are {sorted(known)}")
+        return self
+
+    def node(self) -> str:
+        """This daemon's node name: ``node_name``, else the host name."""
+        return self.node_name or socket.gethostname()
 
     # --- derived -----------------------------------------------------------------------------------------------
     def all_rules(self) -> list[Rule]:

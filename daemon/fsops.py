@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from models.errors import DiskFull, OutputError, OutputUnavailable
@@ -89,8 +90,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         DiskFull: the disk is full (retryable).
         OutputError: any other write error.
     """
-    tmp = path.with_name(fit_name(f".{path.name}", NAME_MAX - len(f".{os.getpid()}{TMP_SUFFIX}"))
-                         + f".{os.getpid()}{TMP_SUFFIX}")
+    tmp = temp_path(path, os.getpid())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
@@ -104,15 +104,30 @@ def atomic_write(path: Path, data: bytes) -> None:
         _raise_disk(exc, str(path))
 
 
-def remove_stale_temps(root: Path) -> int:
-    """Delete temp files a crash left behind under ``root``. Returns how many."""
+def temp_path(path: Path, pid: int) -> Path:
+    """The hidden temp file that process ``pid`` writes before it renames it to ``path``."""
+    return path.with_name(fit_name(f".{path.name}", NAME_MAX - len(f".{pid}{TMP_SUFFIX}")) + f".{pid}{TMP_SUFFIX}")
+
+
+def remove_stale_temps(root: Path, older_than: float = 0.0) -> int:
+    """Delete temp files a crash left behind under ``root``, if older than ``older_than`` seconds. Returns how many.
+
+    With other daemons writing to the same outbox, ``older_than`` keeps their writes in flight safe.
+    """
     n = 0
     if not root.is_dir():
         return 0
+    cutoff = time.time() - older_than
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             if name.endswith(TMP_SUFFIX):
-                (Path(dirpath) / name).unlink(missing_ok=True)
+                p = Path(dirpath) / name
+                try:
+                    if older_than and p.stat().st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
+                p.unlink(missing_ok=True)
                 n += 1
     return n
 

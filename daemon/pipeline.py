@@ -6,6 +6,10 @@ produce the same pixels and the same metrics. It returns the job's fields and me
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +23,7 @@ from daemon.config import Rule, Settings
 from daemon.fsops import NAME_MAX, atomic_write
 from daemon.metrics import Brisque, Metric, full_reference, lr_consistency
 from models.catalog import get_entry, model_label
-from models.errors import ImageTooSmall, WeightsMissing
+from models.errors import BadSidecar, ImageTooSmall, WeightsMissing
 from models.registry import LoadContext, ModelCache
 from models.resize import finish_resize, resize
 from models.weights import locate
@@ -52,6 +56,47 @@ class _Stage:
 
     def __exit__(self, *exc: object) -> None:
         self.timer.times[self.name] = self.timer.times.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+SIDECAR_SUFFIX = ".prompt.txt"  # `photo.jpg.prompt.txt` beside `photo.jpg` holds that image's prompt
+SIDECAR_MAX_BYTES = 4096  # the text encoder reads 77 tokens; anything this long is a mistake, not a prompt
+
+
+def sidecar_path(input_path: Path) -> Path:
+    return input_path.with_name(input_path.name + SIDECAR_SUFFIX)
+
+
+def with_sidecar_prompt(rule: Rule, input_path: Path) -> Rule:
+    """``rule`` with its prompt replaced by the text of ``<input name>.prompt.txt`` beside the input, if there is
+    one and the rule's model takes a prompt; otherwise ``rule`` itself.
+
+    The text is UTF-8 (a BOM is dropped) with surrounding whitespace stripped; an empty file means an empty prompt.
+    The new prompt is part of the rule, so it is part of the job's fingerprint and its recorded rule.
+
+    Raises:
+        BadSidecar: the sidecar is a link or not a regular file, unreadable, not UTF-8, or over 4 KiB.
+    """
+    if rule.generation() is None:
+        return rule
+    side = sidecar_path(input_path)
+    try:
+        # No following links out of the inbox, and no blocking on a FIFO put there.
+        fd = os.open(side, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return rule
+    except OSError as exc:
+        raise BadSidecar(f"cannot read the prompt file {side.name}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise BadSidecar(f"the prompt file {side.name} is not a regular file")
+        data = fh.read(SIDECAR_MAX_BYTES + 1)
+    if len(data) > SIDECAR_MAX_BYTES:
+        raise BadSidecar(f"the prompt file {side.name} is over {SIDECAR_MAX_BYTES} bytes; a prompt is a line of text")
+    try:
+        text = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise BadSidecar(f"the prompt file {side.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return rule.model_copy(update={"prompt": text})
 
 
 # Output names leave room for a "-NN" de-duplication suffix and for ".compare.png" beside them.
@@ -141,12 +186,17 @@ class Pipeline:
             up, _loaded_now = self.cache.get(rule.model, native, ctx)
         h, w = src.shape[:2]
         size = (round(w * rule.final_scale), round(h * rule.final_scale))
+        # A diffusion model also takes the rule's generation options (prompt, seed, ...); they go with the job.
+        gen = rule.generation()
+        model: Callable[[np.ndarray], np.ndarray] = up if gen is None else functools.partial(up, params=gen)
+        if gen is not None:
+            fields["gen_params"] = json.dumps(gen, sort_keys=True, ensure_ascii=False)
         # 4. Inference, then the finishing resize to outscale, and the alpha channel on its own.
         with timer.stage("infer"):
-            out = finish_resize(up(src), size)
+            out = finish_resize(model(src), size)
             if alpha is not None:
                 if rule.alpha == "model":
-                    a = up(np.repeat(alpha[:, :, None], 3, axis=2)).mean(axis=2)
+                    a = model(np.repeat(alpha[:, :, None], 3, axis=2)).mean(axis=2)
                     alpha_out = np.clip(finish_resize(a[:, :, None], size)[:, :, 0], 0.0, 1.0)
                 else:
                     alpha_out = resize(alpha[:, :, None], size, "bicubic")[:, :, 0]

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -23,16 +25,36 @@ from pathlib import Path, PurePosixPath
 
 from daemon import logs
 from daemon.config import Rule, Settings, load_settings
-from daemon.fsops import confined, fit_name, move_unique, remove_stale_temps, unique_path, write_error_json
+from daemon.fsops import (
+    confined,
+    fit_name,
+    move_unique,
+    remove_stale_temps,
+    temp_path,
+    unique_path,
+    write_error_json,
+)
 from daemon.notify import Notifier
-from daemon.pipeline import Pipeline, output_name
+from daemon.pipeline import SIDECAR_SUFFIX, Pipeline, output_name, with_sidecar_prompt
 from daemon.store import Registered, Store, utcnow
 from daemon.watcher import Watcher
 from models import progress
 from models.catalog import get_entry
-from models.errors import OutOfMemory, UnreadableFile, UnsupportedImage, UpscaledError
+from models.diffusion_sd import cpu_cost_note, runs_on_cpu
+from models.errors import ConfigError, OutOfMemory, UnreadableFile, UnsupportedImage, UpscaledError
 from models.registry import ModelCache
 from models.weights import fetch_command, present
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class InternalError(UpscaledError):
@@ -79,6 +101,8 @@ class Service:
         self._waiting: dict[int, list[Path]] = defaultdict(list)  # duplicates waiting for a job to end
         self._wake = threading.Event()
         self._stop_work = threading.Event()
+        self._stop_beat = threading.Event()
+        self.node = settings.node()
         self.pipeline.on_stage = self._on_stage
 
     def _on_stage(self, name: str) -> None:
@@ -90,12 +114,17 @@ class Service:
         s = self.settings
         for folder in (s.inbox, s.outbox, s.archive, s.failed):
             folder.mkdir(parents=True, exist_ok=True)
-        recovered = self.store.recover()
-        stale = remove_stale_temps(s.outbox)
+        self._register_node()
+        # Before this node claims anything: its own previous life's jobs, unowned ones, and dead nodes' jobs.
+        recovered = len(self._recover(own_node=self.node, unowned=True))
+        # Other live nodes may be writing into a shared outbox right now: leave their young temp files alone.
+        others = [n for n in self.store.nodes(s.stale_seconds) if n["node"] != self.node]
+        stale = remove_stale_temps(s.outbox, older_than=s.stale_seconds if others else 0.0)
         self.watcher.start()
         self.watcher.rescan()
         self._next_rescan = self.clock() + s.rescan_seconds
         self._warn_missing_weights()
+        self._warn_diffusion_on_cpu()
         self.log.info("service.started", inbox=str(s.inbox), outbox=str(s.outbox), database=s.database,
                       rules=len(s.all_rules()), observer=s.observer, recovered_jobs=recovered,
                       stale_temp_files=stale, pid=os.getpid(), systemd_notify=self.notifier.enabled)
@@ -107,8 +136,76 @@ class Service:
                 self.log.warning("weights.missing", model=rule.model, folder=rule.folder or "(default)",
                                  fix=fetch_command(rule.model))
 
+    def _warn_diffusion_on_cpu(self) -> None:
+        """A diffusion rule that would run on the CPU works, but slowly enough that the operator must know."""
+        for rule in self.settings.all_rules():
+            gen = rule.generation()
+            device = rule.device or self.settings.device
+            if gen is not None and runs_on_cpu(device):
+                self.log.warning("diffusion.on_cpu", model=rule.model, folder=rule.folder or "(default)",
+                                 device=device, cost=cpu_cost_note(gen["num_inference_steps"]))
+
+    # --- several nodes on one database ------------------------------------------------------------------------------
+    def _node_info(self) -> dict:
+        s = self.settings
+        rules = hashlib.sha256(",".join(sorted(f"{r.folder}={r.fingerprint()}" for r in s.all_rules())).encode())
+        return dict(host=socket.gethostname(), pid=os.getpid(), device=s.device, workers=1,
+                    folders=None if s.serve_folders is None else json.dumps(s.serve_folders),
+                    rules_fingerprint=rules.hexdigest()[:16])
+
+    def _register_node(self) -> None:
+        """Enter this node in the ``nodes`` table; refuse to start under the name of a node that is alive.
+
+        Raises:
+            ConfigError: another live daemon (fresh heartbeat, not stopped, and on another host or with a running
+                pid here) uses this node name. Two daemons with one name would take over each other's jobs.
+        """
+        info = self._node_info()
+        before = self.store.heartbeat(self.node, info, start=True)
+        if before is not None and before["stopped_at"] is None and before["pid"] != os.getpid():
+            fresh = (utcnow() - before["heartbeat_at"]).total_seconds() < self.settings.stale_seconds
+            here = before["host"] == info["host"]
+            if fresh and (not here or _pid_alive(before["pid"])):
+                self.store.heartbeat(self.node, {k: before[k] for k in info}, start=True)  # give the row back
+                raise ConfigError(f"node name {self.node!r} is in use by pid {before['pid']} on {before['host']}; "
+                                  "give every daemon its own node_name")
+        others = {n["node"]: n for n in self.store.nodes(self.settings.stale_seconds) if n["node"] != self.node}
+        differ = [name for name, n in others.items() if n.get("rules_fingerprint") not in
+                  (None, info["rules_fingerprint"])]
+        if differ:  # same file, other rules: two jobs and two outputs, so say it loudly
+            self.log.warning("nodes.rules_differ", nodes=differ, note="all nodes on one inbox need the same rules")
+
+    def _recover(self, own_node: str | None = None, unowned: bool = False) -> list[dict]:
+        found = self.store.recover_jobs(self.settings.stale_seconds, own_node=own_node, unowned=unowned)
+        for job in found:
+            pid = (job["worker"] or "").rpartition(":")[2]
+            if job["output_path"] and pid.isdigit():  # the dead worker's half-written output, if it left one
+                temp_path(Path(job["output_path"]), int(pid)).unlink(missing_ok=True)
+            self.log.warning("job.recovered", job=job["id"], file=job["rel_path"], from_node=job["node"],
+                             from_worker=job["worker"])
+        if found:
+            self._wake.set()
+        return found
+
+    def heartbeat(self) -> None:
+        """Renew this node's row and its running jobs' leases, then take over the jobs of dead nodes."""
+        self.store.heartbeat(self.node)
+        self._recover()
+
+    def _beat_loop(self) -> None:
+        while not self._stop_beat.wait(self.settings.heartbeat_seconds):
+            try:
+                self.heartbeat()
+            except Exception as exc:  # the database is away: keep trying; the leases lapse only after stale_seconds
+                self.log.error("heartbeat.error", error=repr(exc))
+
     def shutdown(self) -> None:
         self.watcher.stop()
+        self._stop_beat.set()
+        try:
+            self.store.node_stopped(self.node)
+        except Exception as exc:  # shutting down with the database away: the row just goes stale
+            self.log.warning("node.stop_unrecorded", error=repr(exc))
         counts = self.store.counts()
         self.store.close()
         self.notifier.close()
@@ -132,6 +229,8 @@ class Service:
         self.start()
         worker = threading.Thread(target=self._work_loop, name="upscaled-worker", daemon=True)
         worker.start()
+        # Its own thread: a long hash or a slow share in the main loop must not let this node's leases lapse.
+        threading.Thread(target=self._beat_loop, name="upscaled-heartbeat", daemon=True).start()
         self.notifier.ready(self.status_line())
         while not self.stopping:
             try:
@@ -170,7 +269,9 @@ class Service:
                 did = False
                 self._stop_work.wait(2.0)
             if not did:
-                self._wake.wait(0.5)
+                # Idle, the loop itself is the sign of life: wake often enough to stay well inside the watchdog.
+                wd = self.notifier.watchdog_seconds
+                self._wake.wait(min(0.5, wd / 6) if wd else 0.5)
                 self._wake.clear()
 
     def reload(self) -> None:
@@ -183,7 +284,7 @@ class Service:
         except UpscaledError as exc:
             self.log.error("reload.failed", error=str(exc))
             return
-        fixed = ("inbox", "outbox", "archive", "failed", "database", "observer")
+        fixed = ("inbox", "outbox", "archive", "failed", "database", "observer", "node_name")
         changed = [k for k in fixed if getattr(new, k) != getattr(self.settings, k)]
         if changed:
             self.log.warning("reload.needs_restart", keys=changed)
@@ -193,6 +294,7 @@ class Service:
         self.watcher.patterns = new.ignore
         self.watcher.settle = new.settle_seconds
         self._warn_missing_weights()
+        self._warn_diffusion_on_cpu()
         self.log.info("reload.done", rules=len(new.all_rules()))
 
     def status_line(self) -> str:
@@ -235,7 +337,7 @@ class Service:
 
     def work_step(self) -> bool:
         """Claim and run one job. True if there was one."""
-        job = self.store.claim()
+        job = self.store.claim(node=self.node, folders=self.settings.serve_folders)
         if job is None:
             return False
         self.execute(job)
@@ -264,12 +366,18 @@ class Service:
                 return None
             except OSError as exc:
                 problem = UnreadableFile(f"cannot read {rel}: {exc.strerror or exc}")
+        if problem is None:
+            try:  # a `<name>.prompt.txt` beside the input is that image's prompt: part of its rule and fingerprint
+                rule = with_sidecar_prompt(rule, path)
+            except UpscaledError as exc:
+                problem = exc
         if problem is not None:  # a job of its own, keyed on the name and time, so it fails exactly once
             sha = "x" + hashlib.sha256(f"{rel}:{st.st_mtime_ns}:{st.st_ino}".encode()).hexdigest()[1:]
         fields = dict(source="watch", folder=rule.folder, rel_path=str(rel_posix), input_path=str(path),
                       input_size=st.st_size, model_id=rule.model, scale=rule.scale, outscale=rule.final_scale,
                       mode=rule.mode, rule_json=rule.model_dump_json())
-        reg = self.store.register(sha, rule.fingerprint(), fields, state="pending" if problem is None else "running")
+        reg = self.store.register(sha, rule.fingerprint(), fields, state="pending" if problem is None else "running",
+                                  node=self.node)
         if reg.created:
             self.log.debug("job.registered", job=reg.job_id, file=str(rel_posix), rule=rule.folder or "(default)")
             if problem is not None:  # registered as running: no worker ever sees it
@@ -282,9 +390,15 @@ class Service:
         """A file whose job exists: finish an interrupted move, archive a duplicate, or wait for the job."""
         job = self.store.get(reg.job_id)
         assert job is not None
+        if not os.path.lexists(path):  # another node (or our worker) moved it while we hashed it: nothing to do
+            return
         same = job["input_path"] == str(path)
         if job["state"] == "done":
-            dest = self._move_input(path, self.settings.archive, rel)
+            # The archive path the worker planned and committed with `finish`, so that this node and the worker
+            # (perhaps on another host, seeing the same share) aim at one name and only the first move succeeds.
+            planned = job["input_moved_to"] if same and job["input_moved_to"] else None
+            dest = self._finish_input(path, Path(planned)) if planned and not self.settings.delete_inputs \
+                else self._move_input(path, self.settings.archive, rel)
             if same and dest is not None:  # None: the worker moved it a moment ago, and recorded where
                 self.store.update(job["id"], input_moved_to=str(dest))
             self.log.info("job.input_archived" if same else "duplicate.archived", job=job["id"], file=str(rel),
@@ -344,9 +458,14 @@ class Service:
             planned = None if self.settings.delete_inputs else \
                 unique_path(confined(self.settings.archive, job["rel_path"]))
             fields["input_moved_to"] = None if planned is None else str(planned)
-            self.store.finish(job["id"], fields, result.metrics)
+            if not self.store.finish(job["id"], fields, result.metrics, owner=job["worker"]):
+                # Our lease lapsed and another node took the job over: its result and its archive move count.
+                log.warning("job.lease_lost", note="another node owns this job now; its result is kept")
+                return
             dest = self._finish_input(src, planned)
-            if dest != planned:
+            if dest is None and planned is not None and not src.exists():
+                pass  # another node's reconcile moved it first, and recorded where
+            elif dest != planned:
                 self.store.update(job["id"], input_moved_to=None if dest is None else str(dest))
             metric_values = {m.name: round(m.value, 4) for m in result.metrics}
             log.info("job.done", device=fields.get("device"), output=job.get("output_path"),
@@ -382,13 +501,27 @@ class Service:
         try:
             if planned is None:
                 src.unlink(missing_ok=True)
+                self._move_sidecar(src, None)
                 return None
-            return move_unique(src, planned)
+            dest = move_unique(src, planned)
+            self._move_sidecar(src, dest)
+            return dest
         except FileNotFoundError:
             return None
         except OSError as exc:
             self.log.error("archive.failed", file=str(src), error=str(exc), note="kept in the inbox; retried on rescan")
             return None
+
+    @staticmethod
+    def _move_sidecar(src: Path, dest: Path | None) -> None:
+        """A ``<name>.prompt.txt`` beside an input goes where the input went (or is deleted with it)."""
+        side = src.with_name(src.name + SIDECAR_SUFFIX)
+        if not side.is_file() or side.is_symlink():
+            return
+        if dest is None:
+            side.unlink(missing_ok=True)
+        else:
+            move_unique(side, dest.with_name(fit_name(dest.name + SIDECAR_SUFFIX)))
 
     def _move_input(self, src: Path, root: Path, rel: PurePosixPath) -> Path | None:
         planned = None if root == self.settings.archive and self.settings.delete_inputs else confined(root, rel)
@@ -422,6 +555,7 @@ class Service:
             dest = unique_path(confined(self.settings.failed, rel))
             write_error_json(dest.with_name(fit_name(dest.name + ".error.json")), info)
             moved = move_unique(src, dest)
+            self._move_sidecar(src, moved)  # kept with its image, for a retry
         except (OSError, UpscaledError) as exc:
             self.log.error("quarantine.failed", file=str(rel), error=str(exc), note="kept in the inbox")
             return
@@ -436,7 +570,7 @@ def process_once(settings: Settings, files: list[Path], rule: Rule, out_dir: Pat
     """
     store = store or Store(settings.database)
     pipeline = Pipeline(settings)
-    fingerprint = hashlib.sha256(f"{rule.fingerprint()}:{out_dir.resolve()}".encode()).hexdigest()[:16]
+    base_rule = rule
     reports = []
     for path in files:
         path = path.resolve()  # a link the user names on the command line is theirs to follow
@@ -444,9 +578,14 @@ def process_once(settings: Settings, files: list[Path], rule: Rule, out_dir: Pat
         reports.append(report)
         try:
             sha = file_sha256(path)
+            rule = with_sidecar_prompt(base_rule, path)  # the image's own prompt, as in the watch folders
         except OSError as exc:
             report["error"] = f"cannot read {path}: {exc.strerror or exc}"
             continue
+        except UpscaledError as exc:
+            report["error"] = f"{exc.kind}: {exc}"
+            continue
+        fingerprint = hashlib.sha256(f"{rule.fingerprint()}:{out_dir.resolve()}".encode()).hexdigest()[:16]
         fields = dict(source="cli", folder="(cli)", rel_path=path.name, input_path=str(path),
                       input_size=path.stat().st_size, model_id=rule.model, scale=rule.scale,
                       outscale=rule.final_scale, mode=rule.mode, rule_json=rule.model_dump_json())
@@ -464,7 +603,7 @@ def process_once(settings: Settings, files: list[Path], rule: Rule, out_dir: Pat
             report["error"] = "another process is working on this job"
             continue
 
-        def out_path(fmt: str, job: dict = job, path: Path = path) -> Path:
+        def out_path(fmt: str, job: dict = job, path: Path = path, rule: Rule = rule) -> Path:
             if job.get("output_path") and Path(job["output_path"]).parent == out_dir.resolve():
                 return Path(job["output_path"])
             target = confined(out_dir, output_name(rule, path, fmt))

@@ -6,6 +6,12 @@ claim, set the output path, finish or fail. Every state change is one committed 
 
 Times are UTC, stored by SQLAlchemy as ``YYYY-MM-DD HH:MM:SS.ffffff`` text on SQLite, so ``datetime('now')``
 comparisons work in ad-hoc SQL.
+
+Several daemons may share one PostgreSQL database (see README, "Scaling out"). Each daemon is a *node* with a row in
+``nodes`` that it heartbeats; a job it claims records the node and the worker (host:pid) and carries the node's
+heartbeat in ``jobs.heartbeat_at``. A running job whose heartbeat is older than the stale timeout belongs to a dead
+node and goes back to pending (:meth:`Store.recover`). The schema is managed by Alembic (``daemon/migrations``);
+opening a :class:`Store` upgrades it to the newest revision.
 """
 
 from __future__ import annotations
@@ -30,20 +36,21 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    case,
     create_engine,
     event,
     func,
-    inspect,
+    or_,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 
 from daemon.metrics import Metric
 
-SCHEMA_VERSION = 2  # 2: bench_runs, jobs.bench_run_id
+SCHEMA_VERSION = 3  # 2: bench_runs, jobs.bench_run_id; 3: nodes, jobs.node, jobs.heartbeat_at (Alembic 0002)
 STATES = ("pending", "running", "done", "failed")
 STAGES = ("queue", "decode", "load", "infer", "encode", "write", "metrics", "total")
 
@@ -91,20 +98,42 @@ jobs = Table(
     Column("outscale", Float, nullable=False),
     Column("mode", String(16), nullable=False),
     Column("device", String(16)),
-    Column("precision", String(8)),
+    Column("precision", String(16)),  # "fp32", "fp16", or "fp16->fp32" after a NaN fallback
     Column("rule_json", Text),
     Column("worker", String(128)),
     Column("progress", String(64)),  # the running job's last reported progress: "tile 3/12", "step 20/50"
+    Column("gen_params", Text),  # JSON: a diffusion job's prompt, negative_prompt, seed, steps, guidance, noise level
     Column("created_at", DateTime, nullable=False),
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
     Column("updated_at", DateTime, nullable=False),
     *[Column(f"t_{s}", Float) for s in STAGES],
     Column("bench_run_id", Integer, ForeignKey("bench_runs.id")),  # set on source "bench" rows only
+    # The node (daemon) that claimed the job, and that node's last heartbeat while it runs the job. NULL node: the
+    # job was claimed outside the heartbeat protocol (`upscaled process`, `bench`, or a database from before).
+    Column("node", String(128)),
+    Column("heartbeat_at", DateTime),
     UniqueConstraint("content_sha256", "rule_fingerprint", name="uq_jobs_content_rule"),
     Index("ix_jobs_state", "state", "next_attempt_at"),
     Index("ix_jobs_model", "model_id"),
     Index("ix_jobs_created", "created_at"),
+    Index("ix_jobs_node", "node", "state"),
+)
+
+# One row per daemon (node) that ever ran against this database; `upscaled nodes` reads it.
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("name", String(128), primary_key=True),  # `node_name`, by default the host name
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Column("heartbeat_at", DateTime, nullable=False),
+    Column("stopped_at", DateTime),  # set by a clean shutdown; NULL while it runs (or after a crash)
+    Column("device", String(32)),
+    Column("workers", Integer),
+    Column("folders", Text),  # JSON list of the rule folders it serves; NULL: all of them
+    Column("rules_fingerprint", String(32)),  # all nodes on one inbox must agree on the rules
 )
 
 metrics = Table(
@@ -181,7 +210,9 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
             url = f"sqlite:///file:{path}?mode=ro&uri=true"
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    # pool_pre_ping: a PostgreSQL server restart or a dropped NAT entry must not fail the next claim.
+    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {},
+                           pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -208,32 +239,37 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
 class Store:
     """Jobs and metrics. Every method is one transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, upgrade: bool = True) -> None:
+        """Open the database at ``url`` and, unless ``upgrade`` is False, migrate it to the newest schema.
+
+        Raises:
+            sqlalchemy.exc.OperationalError: the database cannot be reached or written.
+        """
         self.url = url
         self.engine = make_engine(url)
-        self.create()
+        if upgrade:
+            self.upgrade()
 
-    def create(self) -> None:
-        metadata.create_all(self.engine)
-        with self.engine.begin() as c:
-            # Schema 1 databases lack jobs.bench_run_id: add it (NULL on old rows) and record the new version.
-            if "bench_run_id" not in {col["name"] for col in inspect(c).get_columns("jobs")}:
-                c.execute(text("ALTER TABLE jobs ADD COLUMN bench_run_id INTEGER REFERENCES bench_runs(id)"))
-                c.execute(update(meta).where(meta.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
-            for name, sql in VIEWS.items():
-                c.execute(text(f"CREATE VIEW IF NOT EXISTS {name} AS {sql}"))
-            if c.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first() is None:
-                c.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+    def upgrade(self) -> tuple[str | None, str]:
+        """Bring the schema to the newest Alembic revision; returns (revision before, revision after).
+
+        Safe to run from several daemons at once: SQLite serialises it with BEGIN IMMEDIATE, PostgreSQL with an
+        advisory lock, and the whole upgrade is one transaction (both databases have transactional DDL).
+        """
+        from daemon.migrations import upgrade
+
+        return upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
 
     # --- the worker's interface ----------------------------------------------------------------------------------
-    def register(self, sha: str, fingerprint: str, fields: Mapping[str, Any], state: str = "pending") -> Registered:
-        """Create the job for (sha, fingerprint), or return the one that exists. Idempotent.
+    def register(self, sha: str, fingerprint: str, fields: Mapping[str, Any], state: str = "pending",
+                 node: str | None = None) -> Registered:
+        """Create the job for (sha, fingerprint), or return the one that exists. Idempotent, across processes too.
 
-        ``state="running"`` creates it already claimed by this process, for a file that must fail without ever
-        being offered to a worker (a symlink, say).
+        ``state="running"`` creates it already claimed by this process (owned by ``node``), for a file that must
+        fail without ever being offered to a worker (a symlink, say).
         """
         now = utcnow()
         key = (jobs.c.content_sha256 == sha) & (jobs.c.rule_fingerprint == fingerprint)
@@ -243,7 +279,8 @@ class Store:
                 return Registered(row.id, row.state, False, row.input_path, row.output_path)
             try:
                 with c.begin_nested():
-                    claimed = dict(attempts=1, started_at=now, worker=worker_id()) if state == "running" else {}
+                    claimed = dict(attempts=1, started_at=now, worker=worker_id(), node=node, heartbeat_at=now) \
+                        if state == "running" else {}
                     res = c.execute(jobs.insert().values(
                         content_sha256=sha, rule_fingerprint=fingerprint, state=state, created_at=now,
                         updated_at=now, **({"attempts": 0} | claimed), **fields))
@@ -253,8 +290,16 @@ class Store:
                 return Registered(row.id, row.state, False, row.input_path, row.output_path)
             return Registered(res.inserted_primary_key[0], state, True, fields["input_path"], None)
 
-    def claim(self, now: dt.datetime | None = None, job_id: int | None = None) -> dict | None:
-        """Move the oldest due pending job (or ``job_id``) to running and return its row, or None."""
+    def claim(self, now: dt.datetime | None = None, job_id: int | None = None, node: str | None = None,
+              folders: Iterable[str] | None = None, worker: str | None = None) -> dict | None:
+        """Move the oldest due pending job (or ``job_id``) to running and return its row, or None.
+
+        ``node`` records the claiming daemon (it must then heartbeat, see :meth:`heartbeat`); ``folders`` limits
+        the claim to jobs of those rule folders (None: any); ``worker`` names the claiming worker (default
+        host:pid). Exactly one caller wins a job: on PostgreSQL the candidate row is locked with
+        ``FOR UPDATE SKIP LOCKED``, so concurrent workers take different jobs without waiting for each other; on
+        SQLite, BEGIN IMMEDIATE serialises the claim. The compare-and-set update is the last guard on both.
+        """
         now = now or utcnow()
         with self.engine.begin() as c:
             q = select(jobs.c.id).where(jobs.c.state == "pending")
@@ -262,13 +307,16 @@ class Store:
                 q = q.where(jobs.c.id == job_id)
             else:
                 q = q.where((jobs.c.next_attempt_at.is_(None)) | (jobs.c.next_attempt_at <= now))
-            row = c.execute(q.order_by(jobs.c.id).limit(1)).first()
+            if folders is not None:
+                q = q.where(jobs.c.folder.in_(list(folders)))
+            # SQLite's compiler renders no FOR UPDATE: there the write lock of BEGIN IMMEDIATE does the same job.
+            row = c.execute(q.order_by(jobs.c.id).limit(1).with_for_update(skip_locked=True)).first()
             if row is None:
                 return None
             done = c.execute(
                 update(jobs).where(jobs.c.id == row.id, jobs.c.state == "pending")
                 .values(state="running", started_at=now, updated_at=now, attempts=jobs.c.attempts + 1,
-                        worker=worker_id())
+                        worker=worker or worker_id(), node=node, heartbeat_at=now if node else None)
             )
             if done.rowcount != 1:  # someone else took it
                 return None
@@ -278,17 +326,29 @@ class Store:
         with self.engine.begin() as c:
             c.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=utcnow(), **fields))
 
-    def finish(self, job_id: int, fields: Mapping[str, Any], results: Iterable[Metric]) -> None:
-        """Mark the job done and store its metrics, atomically."""
+    def finish(self, job_id: int, fields: Mapping[str, Any], results: Iterable[Metric],
+               owner: str | None = None) -> bool:
+        """Mark the job done and store its metrics, atomically. Returns whether it did.
+
+        With ``owner`` (the ``worker`` that claimed it) the job is finished only if it is still running under
+        that owner: a node that lost its lease (its heartbeat went stale and another node took the job over) must
+        not commit a second result nor move the input.
+        """
         now = utcnow()
         with self.engine.begin() as c:
-            c.execute(update(jobs).where(jobs.c.id == job_id).values(
-                state="done", finished_at=now, updated_at=now, error=None, error_kind=None, **fields))
+            q = update(jobs).where(jobs.c.id == job_id)
+            if owner is not None:
+                q = q.where(jobs.c.state == "running", jobs.c.worker == owner)
+            res = c.execute(q.values(state="done", finished_at=now, updated_at=now, error=None, error_kind=None,
+                                     heartbeat_at=None, **fields))
+            if res.rowcount != 1:
+                return False
             c.execute(metrics.delete().where(metrics.c.job_id == job_id))
             rows = [dict(job_id=job_id, name=m.name, value=m.value, space=m.space, shave=m.shave,
                          reference=m.reference, protocol=m.protocol) for m in results]
             if rows:
                 c.execute(metrics.insert(), rows)
+            return True
 
     def fail(self, job_id: int, kind: str, error: str, fields: Mapping[str, Any] | None = None) -> None:
         now = utcnow()
@@ -303,12 +363,106 @@ class Store:
             c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running")
                       .values(state="pending", attempts=jobs.c.attempts - 1, updated_at=utcnow()))
 
-    def recover(self) -> int:
-        """Jobs left ``running`` by a crash become pending again. Returns how many."""
+    def recover(self, stale_after: float | None = None, own_node: str | None = None, unowned: bool = True) -> int:
+        """:meth:`recover_jobs`, returning how many jobs went back to pending."""
+        return len(self.recover_jobs(stale_after, own_node, unowned))
+
+    def recover_jobs(self, stale_after: float | None = None, own_node: str | None = None, unowned: bool = True,
+                     now: dt.datetime | None = None) -> list[dict]:
+        """Running jobs whose owner is gone become pending again. Returns them (id, rel_path, node, worker,
+        output_path).
+
+        A running job is taken back when any of these holds:
+
+        - ``unowned`` and it has no node: it was claimed outside the heartbeat protocol (``upscaled process``, a
+          database from before nodes). The single-daemon behaviour at start-up.
+        - its node is ``own_node``: call this before the node claims anything, so those are its previous life's.
+        - ``stale_after`` is given and its heartbeat is older than that many seconds: its node died.
+        """
+        now = now or utcnow()
+        cond: list[ColumnElement[bool]] = []
+        if unowned:
+            cond.append(jobs.c.node.is_(None))
+        if own_node is not None:
+            cond.append(jobs.c.node == own_node)
+        if stale_after is not None:
+            cutoff = now - dt.timedelta(seconds=stale_after)
+            cond.append(jobs.c.node.is_not(None) & ((jobs.c.heartbeat_at.is_(None)) | (jobs.c.heartbeat_at < cutoff)))
+        if not cond:
+            return []
         with self.engine.begin() as c:
-            res = c.execute(update(jobs).where(jobs.c.state == "running")
-                            .values(state="pending", updated_at=utcnow()))
-            return res.rowcount
+            q = select(jobs.c.id, jobs.c.rel_path, jobs.c.node, jobs.c.worker, jobs.c.output_path).where(
+                jobs.c.state == "running", or_(*cond))
+            found = [dict(r._mapping) for r in c.execute(q.with_for_update(skip_locked=True)).all()]
+            if found:
+                c.execute(update(jobs).where(jobs.c.id.in_([f["id"] for f in found]), jobs.c.state == "running")
+                          .values(state="pending", updated_at=now, heartbeat_at=None, node=None))
+            return found
+
+    # --- nodes ----------------------------------------------------------------------------------------------------
+    def heartbeat(self, node: str, info: Mapping[str, Any] | None = None, start: bool = False) -> dict | None:
+        """Record that ``node`` is alive, and renew the lease of every job it runs. One transaction.
+
+        ``start=True`` (re)registers the node with ``info`` (host, pid, device, workers, folders,
+        rules_fingerprint) and a new ``started_at``. Returns the node's row as it was before (None if new), so a
+        starting daemon can see whether the name is taken by a live one.
+        """
+        now = utcnow()
+        with self.engine.begin() as c:
+            before = c.execute(select(nodes).where(nodes.c.name == node).with_for_update()).first()
+            values: dict[str, Any] = dict(heartbeat_at=now)
+            if start:
+                values |= dict(info or {}, started_at=now, stopped_at=None)
+            if before is None:
+                try:
+                    with c.begin_nested():
+                        c.execute(nodes.insert().values(
+                            dict(name=node, host=socket.gethostname(), pid=os.getpid(), started_at=now) | values))
+                except IntegrityError:  # two daemons with one name started together: the second one updates
+                    c.execute(update(nodes).where(nodes.c.name == node).values(**values))
+            else:
+                c.execute(update(nodes).where(nodes.c.name == node).values(**values))
+            c.execute(update(jobs).where(jobs.c.node == node, jobs.c.state == "running")
+                      .values(heartbeat_at=now))
+            return dict(before._mapping) if before is not None else None
+
+    def node_stopped(self, node: str) -> None:
+        """A clean shutdown: the node is no longer expected to heartbeat."""
+        with self.engine.begin() as c:
+            c.execute(update(nodes).where(nodes.c.name == node).values(stopped_at=utcnow()))
+
+    def nodes(self, stale_after: float, window_s: float = 600.0, include_gone: bool = False) -> list[dict[str, Any]]:
+        """The nodes with their state (live, stale, stopped), heartbeat age, current jobs and throughput.
+
+        ``jobs_per_min`` counts the jobs a node finished in the last ``window_s`` seconds. Stopped and stale nodes
+        are left out unless ``include_gone``.
+        """
+        now = utcnow()
+        since = now - dt.timedelta(seconds=window_s)
+        with self.engine.connect() as c:
+            node_rows = [dict(r._mapping) for r in c.execute(select(nodes).order_by(nodes.c.name)).all()]
+            running: dict[str, list[str]] = {}
+            for r in c.execute(select(jobs.c.node, jobs.c.rel_path)
+                               .where(jobs.c.state == "running", jobs.c.node.is_not(None)).order_by(jobs.c.id)):
+                running.setdefault(r.node, []).append(r.rel_path)
+            done_q = select(jobs.c.node, func.count().label("total"),
+                            func.sum(case((jobs.c.finished_at >= since, 1), else_=0)).label("recent")) \
+                .where(jobs.c.state == "done", jobs.c.node.is_not(None)).group_by(jobs.c.node)
+            done = {r.node: (r.total, int(r.recent or 0)) for r in c.execute(done_q)}
+        out = []
+        for n in node_rows:
+            age = (now - n["heartbeat_at"]).total_seconds()
+            state = "stopped" if n["stopped_at"] is not None else "stale" if age > stale_after else "live"
+            if state != "live" and not include_gone:
+                continue
+            total, recent = done.get(n["name"], (0, 0))
+            cur = running.get(n["name"], [])
+            out.append(dict(node=n["name"], state=state, host=n["host"], pid=n["pid"], heartbeat_age_s=round(age, 1),
+                            started_at=n["started_at"], device=n["device"], workers=n["workers"],
+                            folders=n["folders"] or "(all)", running=len(cur), current=", ".join(cur),
+                            done=total, jobs_per_min=round(recent * 60.0 / window_s, 2),
+                            rules_fingerprint=n["rules_fingerprint"]))
+        return out
 
     # --- reads --------------------------------------------------------------------------------------------------
     def get(self, job_id: int) -> dict | None:

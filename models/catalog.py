@@ -4,7 +4,9 @@ Each entry names its backend, the scales it offers, and for each scale one weigh
 source URL (pinned to a commit where one is known) and its licence. Facts for the files we mirror come from
 ``shared/weights/MANIFEST.tsv``. A ``sha256`` of ``None`` means no hash is published: the first verified download
 records one (see :mod:`models.weights`). A ``file:PATH`` model id is not in the catalogue: :func:`get_entry` builds an
-ad-hoc spandrel entry for a user's own model file.
+ad-hoc spandrel entry for a user's own model file, and a ``diffusers:FOLDER`` id one for a diffusion pipeline saved
+with ``save_pretrained``. Diffusion entries name a Hugging Face hub repository (``hub_repo``) instead of files: their
+weights live in the Hugging Face cache, not in ``weights_dir``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class ModelEntry:
     files: dict[int, WeightFile] = field(default_factory=dict)  # scale -> file (scale 0: a scale-free file)
     arch: str = ""  # backend-specific architecture name (the OpenCV dnn_superres algorithm, for example)
     kind: str = "upscaler"  # "upscaler", or "quality" for metric model files
+    hub_repo: str = ""  # a Hugging Face hub repository whose snapshot (in the HF cache) holds the weights
+    hub_revision: str = "main"  # the branch, tag or commit of hub_repo to load and fetch
 
     def supports(self, scale: float) -> bool:
         return self.scales == ANY_SCALE or scale in self.scales
@@ -193,6 +197,17 @@ ENTRIES: tuple[ModelEntry, ...] = (
     _spandrel_mirrored("ditn-real-gan-x4", "DITN", 4, "DITN_Real_GAN_x4.pth", _DITN, "checkpoints/DITN_Real_GAN_x4.pth",
                        "Apache-2.0 (LICENSE added in a later commit)",
                        "DITN_Real_GAN_x4 (Liu et al. 2023): real-world degradations, GAN-trained"),
+    # --- diffusion (PyTorch + diffusers; pip install 'upscaled[diffusion]'): weights in the Hugging Face cache ------
+    ModelEntry(
+        id="sd-x4-upscaler",
+        backend="diffusion",
+        scales=(4,),
+        description="Stable Diffusion x4 upscaler (text-guided latent diffusion, diffusers "
+                    "StableDiffusionUpscalePipeline): a GPU model, minutes per 128 px tile on a CPU",
+        license="CreativeML Open RAIL++-M",
+        source="https://huggingface.co/stabilityai/stable-diffusion-x4-upscaler",
+        hub_repo="stabilityai/stable-diffusion-x4-upscaler",  # not pinned to a commit: the fetch reports what came
+    ),
 )
 
 CATALOG: dict[str, ModelEntry] = {e.id: e for e in ENTRIES}
@@ -245,22 +260,70 @@ def resolve_model_file(model_id: str, weights_dir: Path | None = None) -> Path:
     raise WeightsMissing(f"model file for {model_id!r} not found; looked at {', '.join(map(str, candidates))}")
 
 
+# --- saved diffusion pipelines: `model = "diffusers:/srv/models/sd-x4-upscaler"` -------------------------------
+DIFFUSERS_PREFIX = "diffusers:"
+DIFFUSERS_INDEX = "model_index.json"  # what save_pretrained writes at the top of a pipeline folder
+
+
+def is_diffusers_model(model_id: str) -> bool:
+    return model_id.startswith(DIFFUSERS_PREFIX)
+
+
+def diffusers_entry(model_id: str) -> ModelEntry:
+    """An ad-hoc diffusion entry for a ``diffusers:FOLDER`` model id. Its scale is whatever the loaded VAE gives.
+
+    Raises:
+        UnknownModel: the id names no folder.
+    """
+    raw = model_id[len(DIFFUSERS_PREFIX):]
+    if not raw.strip():
+        raise UnknownModel(f"{model_id!r} names no folder; write diffusers:PATH to a folder saved with "
+                           f"save_pretrained, e.g. diffusers:/srv/models/sd-x4-upscaler")
+    return ModelEntry(id=model_id, backend="diffusion", scales=ANY_SCALE, source=raw,
+                      description=f"diffusion pipeline saved with save_pretrained in {raw}",
+                      license="unknown: user-supplied pipeline")
+
+
+def resolve_diffusers_folder(model_id: str, weights_dir: Path | None = None) -> Path:
+    """The folder a ``diffusers:PATH`` id names: PATH itself if absolute, else the first of ``./PATH`` and
+    ``weights_dir/PATH`` that holds a ``model_index.json``.
+
+    Raises:
+        UnknownModel: not a usable ``diffusers:`` id (see :func:`diffusers_entry`).
+        WeightsMissing: no such pipeline folder; the message lists the places looked at.
+    """
+    entry = diffusers_entry(model_id)
+    raw = Path(entry.source).expanduser()
+    candidates = [raw] if raw.is_absolute() else [Path.cwd() / raw] + ([weights_dir / raw] if weights_dir else [])
+    for path in candidates:
+        if (path / DIFFUSERS_INDEX).is_file():
+            return path.resolve()
+    raise WeightsMissing(f"pipeline folder for {model_id!r} not found: none of {', '.join(map(str, candidates))} "
+                         f"holds a {DIFFUSERS_INDEX}; point it at a folder written by the pipeline's save_pretrained()")
+
+
 def model_label(model_id: str) -> str:
-    """A short name for ``model_id`` that is safe inside a file name: the file's stem for ``file:`` ids."""
-    if is_file_model(model_id):
-        stem = Path(model_id[len(FILE_PREFIX):]).stem
-        return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "file"
+    """A short name for ``model_id`` that is safe inside a file name: the file's stem for ``file:`` ids, the
+    folder's name for ``diffusers:`` ids."""
+    if is_file_model(model_id) or is_diffusers_model(model_id):
+        file = is_file_model(model_id)
+        raw = Path(model_id[len(FILE_PREFIX if file else DIFFUSERS_PREFIX):].rstrip("/"))
+        stem = raw.stem if file else raw.name
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or ("file" if file else "diffusers")
     return model_id
 
 
 def get_entry(model_id: str) -> ModelEntry:
-    """The catalogue entry for ``model_id``; ``file:PATH`` ids get an ad-hoc spandrel entry (:func:`file_entry`).
+    """The catalogue entry for ``model_id``; ``file:PATH`` ids get an ad-hoc spandrel entry (:func:`file_entry`),
+    ``diffusers:FOLDER`` ids an ad-hoc diffusion entry (:func:`diffusers_entry`).
 
     Raises:
         UnknownModel: no such id; the message lists the known ones.
     """
     if is_file_model(model_id):
         return file_entry(model_id)
+    if is_diffusers_model(model_id):
+        return diffusers_entry(model_id)
     try:
         return CATALOG[model_id]
     except KeyError:

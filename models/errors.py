@@ -117,6 +117,12 @@ class UnreadableFile(ImageError):
     kind = "unreadable"
 
 
+class BadSidecar(ImageError):
+    """The ``<image>.prompt.txt`` beside an input cannot be used: unreadable, not UTF-8 text, too long, a link."""
+
+    kind = "bad-sidecar"
+
+
 # --- resources: retried with backoff -------------------------------------------------------------------------------
 class ResourceError(UpscaledError):
     kind = "resource"

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.catalog import ModelEntry, get_entry, is_file_model, resolve_model_file
+from models.catalog import (
+    ModelEntry,
+    get_entry,
+    is_diffusers_model,
+    is_file_model,
+    resolve_diffusers_folder,
+    resolve_model_file,
+)
 from models.errors import RegistryError, UnsupportedScale
 
 if TYPE_CHECKING:
@@ -25,6 +32,7 @@ BACKEND_MODULES: dict[str, str] = {
     "classical": "models.classical",
     "opencv": "models.opencv_sr",
     "spandrel": "models.spandrel_sr",
+    "diffusion": "models.diffusion_sd",
 }
 
 
@@ -70,16 +78,19 @@ def check_scale(model_id: str, scale: float, weights_dir: Path | None = None) ->
     """The entry for ``model_id`` if it can give ``scale`` natively.
 
     A ``file:PATH`` model must name an existing file (absolute, or relative to the current folder or to
-    ``weights_dir`` when given); its scale is only known once it is loaded, so the backend checks that.
+    ``weights_dir`` when given); its scale is only known once it is loaded, so the backend checks that. A
+    ``diffusers:FOLDER`` model must name a folder holding a ``model_index.json``, found the same way.
 
     Raises:
         UnknownModel: no such model.
         UnsupportedScale: the model has no weights for that scale; the message lists the ones it has.
-        WeightsMissing: a ``file:`` model whose file does not exist.
+        WeightsMissing: a ``file:`` model whose file does not exist, or a ``diffusers:`` model whose folder does not.
     """
     entry = get_entry(model_id)
     if is_file_model(model_id):
         resolve_model_file(model_id, weights_dir)
+    if is_diffusers_model(model_id):
+        resolve_diffusers_folder(model_id, weights_dir)
     if not entry.supports(scale):
         have = ", ".join(f"x{s}" for s in entry.scales) if isinstance(entry.scales, tuple) else "any"
         raise UnsupportedScale(f"{model_id} cannot upscale x{scale:g}; it has {have}")

@@ -7,6 +7,10 @@ sha256, fsynced, and only then renamed into place, so a half download never look
 A mirror is either a folder laid out like ``weights_dir`` or a base URL with the same layout. Where the catalogue
 has no published hash, the first download records the one it saw in ``recorded-sha256.json`` and says so; later
 verifications hold the file to it (trust on first use).
+
+Diffusion entries name a Hugging Face hub repository instead of files (``ModelEntry.hub_repo``): :func:`fetch`
+downloads the snapshot into the Hugging Face cache (``HF_HOME``, where the backend loads it from, offline), only the
+parts the pipeline reads in safetensors form, and checks every large file against the sha256 the hub names it by.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ from models.errors import FetchError, WeightsCorrupt, WeightsMissing
 
 RECORDED = "recorded-sha256.json"
 _CHUNK = 1 << 20
+
+
+# The parts of a diffusers pipeline snapshot that loading reads: the index, every component's config and tokenizer
+# files, and the safetensors weights. Left out: the fp16 variants, pickled .bin/.ckpt copies, and the single-file
+# checkpoint at the top of the repository (several GB that diffusers does not use).
+HUB_ALLOW = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+HUB_IGNORE = ["*.fp16.*", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.onnx*"]
 
 
 @dataclass
@@ -149,13 +160,71 @@ def fetch_file(weights_dir: Path, model_id: str, wf: WeightFile, mirror: str | N
     return FileReport(model_id, wf.path, "fetched", src)
 
 
+def fetch_hub(entry: ModelEntry, force: bool = False, timeout: float = 60.0) -> FileReport:
+    """Download ``entry.hub_repo`` at ``entry.hub_revision`` into the Hugging Face cache and verify it.
+
+    An intact snapshot already in the cache is reported ``present`` without touching the network (unless
+    ``force``). Never raises: a failure is a ``failed`` report that says why.
+    """
+    label = f"hf:{entry.hub_repo}@{entry.hub_revision}"
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return FileReport(entry.id, label, "failed", "huggingface_hub is not installed: pip install "
+                                                     "'upscaled[diffusion]'")
+    kwargs = dict(repo_id=entry.hub_repo, revision=entry.hub_revision, allow_patterns=HUB_ALLOW,
+                  ignore_patterns=HUB_IGNORE)
+    if not force:
+        try:
+            folder = Path(snapshot_download(local_files_only=True, **kwargs))
+            if not verify_snapshot(folder):
+                return FileReport(entry.id, label, "present", str(folder))
+        except Exception:  # noqa: BLE001 - not (or not wholly) in the cache: download below
+            pass
+    try:
+        folder = Path(snapshot_download(force_download=force, etag_timeout=timeout, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises HTTP, OS and value errors of its own
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return FileReport(entry.id, label, "failed", f"could not download {entry.hub_repo}: {first}")
+    bad = verify_snapshot(folder)
+    if bad:
+        return FileReport(entry.id, label, "failed", "sha256 mismatch, delete them and fetch again: " + "; ".join(bad))
+    return FileReport(entry.id, label, "fetched", str(folder))
+
+
+def verify_snapshot(folder: Path) -> list[str]:
+    """Check every large (LFS) file of a hub snapshot against the sha256 the cache names its blob by.
+
+    In the Hugging Face cache a snapshot's files link to ``blobs/<etag>``, and the etag of a file stored in LFS
+    (every weight file) is its sha256. Returns one line per mismatch; an empty list means all good.
+    """
+    bad = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        blob = path.resolve().name
+        if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
+            got = sha256_file(path)
+            if got != blob:
+                bad.append(f"{path.relative_to(folder)}: sha256 {got}, expected {blob}")
+    return bad
+
+
 def fetch(weights_dir: Path, model_ids: Iterable[str], mirror: str | None = None, force: bool = False,
           timeout: float = 60.0) -> list[FileReport]:
-    """Fetch every weight file of ``model_ids``. Never raises for a single failed file: see the reports."""
+    """Fetch every weight file of ``model_ids``. Never raises for a single failed file: see the reports.
+
+    A diffusion entry's hub snapshot goes to the Hugging Face cache instead (:func:`fetch_hub`); ``mirror`` does
+    not apply to it (set ``HF_ENDPOINT`` for a hub mirror).
+    """
     weights_dir.mkdir(parents=True, exist_ok=True)
     reports = []
     for mid in model_ids:
-        for wf in get_entry(mid).weight_files():
+        entry = get_entry(mid)
+        if entry.hub_repo:
+            reports.append(fetch_hub(entry, force, timeout))
+            continue
+        for wf in entry.weight_files():
             reports.append(fetch_file(weights_dir, mid, wf, mirror, timeout, force))
     return reports
 

@@ -223,3 +223,13 @@ def test_benchmark_rule_writes_comparison_and_full_reference_metrics(make_servic
     assert set(m) == {"psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "mse_rgb"}
     assert m["psnr_y"]["shave"] == 2 and m["psnr_y"]["reference"] == "hr" and "BT.601" in m["psnr_y"]["protocol"]
     assert 15 < m["psnr_y"]["value"] < 60
+
+
+def test_a_prompt_sidecar_travels_with_its_image(make_service, tmp_path):
+    svc = make_service()
+    (svc.settings.inbox / "s.png.prompt.txt").write_text("a sharp photo")
+    image(svc.settings.inbox / "s.png", (30, 20))
+    run_until(svc, settled(svc, 1))
+    assert (svc.settings.archive / "s.png").is_file()
+    assert (svc.settings.archive / "s.png.prompt.txt").read_text() == "a sharp photo"
+    assert list(svc.settings.inbox.iterdir()) == []

@@ -1,0 +1,158 @@
+"""Scaling out: throughput with 1, 2 and 3 daemon processes on one inbox, on SQLite and on PostgreSQL.
+
+    python benchmarks/scaleout.py [--images 200] [--size 64] [--model fsrcnn --scale 2] [--workers 1,2,3]
+
+Each run starts N real `upscaled run` processes (node_name w1..wN) on one temp inbox and one database (a SQLite
+file, or a fresh database on a throw-away PostgreSQL server started like the tests start it). Warm-up images go
+first, so every process has loaded the model; then the images are renamed into the inbox at once and the clock
+stops when all their job rows are `done`. Metrics are off: this measures the service and the database, not BRISQUE.
+
+It also times the store calls a worker makes per job (claim, record the output path, finish), in one process
+against each database: the claim-and-commit overhead per job in milliseconds. Results go to
+benchmarks/results/scaleout.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.throughput import SHARED, make_images  # noqa: E402
+
+
+def _count(url: str, sql: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(url)
+    try:
+        with eng.connect() as c:
+            return int(c.execute(text(sql)).scalar() or 0)
+    except Exception:  # noqa: BLE001 - not created yet
+        return 0
+    finally:
+        eng.dispose()
+
+
+def _wait(pred, timeout: float, what: str) -> None:  # noqa: ANN001
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def service_run(paths: list[Path], work: Path, url: str, weights: Path, model: str, scale: int, n: int) -> float:
+    """Seconds for ``n`` daemon processes to finish ``paths`` dropped into their shared inbox at once."""
+    for d in ("inbox", "outbox", "archive", "failed", "staging"):
+        (work / d).mkdir(parents=True)
+    procs = []
+    try:
+        for i in range(1, n + 1):
+            cfg = work / f"w{i}.toml"
+            cfg.write_text(
+                f'inbox = "inbox"\noutbox = "outbox"\narchive = "archive"\nfailed = "failed"\n'
+                f'database = "{url}"\nweights_dir = "{weights}"\nnode_name = "w{i}"\nsettle_seconds = 0.2\n'
+                f'rescan_seconds = 600\nlog_level = "warning"\nheartbeat_seconds = 1\nstale_seconds = 10\n'
+                f'device = "cpu"\n[[rules]]\nfolder = ""\nmodel = "{model}"\nscale = {scale}\nformat = "png"\n'
+                f'metrics = []\ncompression = 1\n')
+            env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
+            procs.append(subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=work, env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait(lambda: _count(url, "SELECT COUNT(*) FROM nodes WHERE stopped_at IS NULL") == n, 120, "the nodes")
+        from PIL import Image
+
+        warm = 3 * n  # enough that every process gets at least one and has its model loaded
+        for i in range(warm):
+            Image.open(paths[i % len(paths)]).rotate(90 * (1 + i % 3)).resize((40 + i, 40)).save(
+                work / "staging" / f"warm{i}.png")
+            os.rename(work / "staging" / f"warm{i}.png", work / "inbox" / f"warm{i}.png")
+        _wait(lambda: _count(url, "SELECT COUNT(*) FROM jobs WHERE state = 'done'") == warm, 300, "warm-up")
+        for p in paths:
+            shutil.copy(p, work / "staging" / p.name)
+        t0 = time.perf_counter()
+        for p in paths:
+            os.rename(work / "staging" / p.name, work / "inbox" / p.name)
+        _wait(lambda: _count(url, "SELECT COUNT(*) FROM jobs WHERE state = 'done'") == warm + len(paths), 1800,
+              "the images")
+        return time.perf_counter() - t0
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(60)
+
+
+def store_overhead(url: str, jobs: int = 200) -> dict[str, float]:
+    """Milliseconds per job for the worker's store calls: claim, record the output path, finish (median, p95)."""
+    from daemon.store import Store
+
+    store = Store(url)
+    try:
+        for i in range(jobs):
+            store.register(f"{i:064x}", "bench-overhead", dict(
+                source="cli", folder="(overhead)", rel_path=f"{i}.png", input_path=f"/x/{i}.png",
+                model_id="fsrcnn", scale=2.0, outscale=2.0, mode="upscale", rule_json="{}"))
+        times = []
+        for _ in range(jobs):
+            t0 = time.perf_counter()
+            job = store.claim(node="overhead", folders=["(overhead)"])
+            store.update(job["id"], output_path=f"/out/{job['id']}.png")
+            store.finish(job["id"], {"t_total": 0.01}, [], owner=job["worker"])
+            times.append((time.perf_counter() - t0) * 1000)
+    finally:
+        store.close()
+    return dict(median_ms=round(statistics.median(times), 2),
+                p95_ms=round(statistics.quantiles(times, n=20)[-1], 2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--model", default="fsrcnn")
+    ap.add_argument("--scale", type=int, default=2)
+    ap.add_argument("--workers", default="1,2,3")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scaleout.json")
+    args = ap.parse_args()
+    counts = [int(v) for v in args.workers.split(",")]
+
+    from models.weights import fetch
+    from tests.postgres import create_database, running_server
+
+    results: dict = dict(images=args.images, size=args.size, model=args.model, scale=args.scale,
+                         cpus=os.cpu_count(), runs=[], overhead={})
+    with tempfile.TemporaryDirectory() as tmp, running_server() as pg:
+        tmp = Path(tmp)
+        weights = tmp / "weights"
+        fetch(weights, [args.model], mirror=str(SHARED / "weights"))
+        paths = make_images(tmp / "src", args.images, args.size)
+        for backend in ("sqlite", "postgresql"):
+            url = f"sqlite:///{tmp / backend / 'overhead.db'}" if backend == "sqlite" else create_database(pg)
+            results["overhead"][backend] = store_overhead(url)
+            for n in counts:
+                work = tmp / backend / f"n{n}"
+                url = f"sqlite:///{work / 'var' / 'u.db'}" if backend == "sqlite" else create_database(pg)
+                secs = service_run(paths, work, url, weights, args.model, args.scale, n)
+                results["runs"].append(dict(backend=backend, processes=n, seconds=round(secs, 2),
+                                            images_per_s=round(args.images / secs, 1)))
+                print(f"{backend:10s} {n} process(es): {secs:6.2f} s  {args.images / secs:6.1f} img/s", flush=True)
+            o = results["overhead"][backend]
+            print(f"{backend:10s} claim+output+finish: median {o['median_ms']} ms, p95 {o['p95_ms']} ms", flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Alembic migrations for the store, on SQLite and PostgreSQL alike, run from code (no alembic.ini).
+
+:func:`upgrade` is what ``Store()``, ``upscaled run`` and ``upscaled db upgrade`` call. A database made before
+Alembic (schema 1 or 2, recognised by a ``jobs`` table without ``alembic_version``) is first *adopted*: the old
+ad-hoc step that added ``jobs.bench_run_id`` is replayed, tables and views of revision 0001 that it lacks are made,
+and it is stamped 0001; the normal revisions follow. Rows are never rewritten.
+
+A new revision: ``alembic -c daemon/migrations/alembic.ini revision -m "what"`` writes a file from
+``script.py.mako`` into ``versions/``; name it ``NNNN_what.py`` with ``revision = "NNNN"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, inspect, text
+from sqlalchemy.engine import Engine
+
+HERE = Path(__file__).resolve().parent
+BASELINE = "0001"
+# Any constant: the advisory lock that serialises concurrent upgrades of one PostgreSQL database.
+_PG_LOCK = 0x75707363616C6564 & 0x7FFFFFFFFFFFFFFF  # "upscaled"
+
+# The views of revision 0001, frozen here: later revisions that change a view replace it themselves. Portable SQL:
+# PostgreSQL accepts `GROUP BY j.id` with other j columns because j.id is the primary key.
+_PIVOT = ",\n  ".join(f"MAX(CASE WHEN m.name = '{n}' THEN m.value END) AS {n}" for n in (
+    "psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "mse_rgb", "brisque", "lr_psnr_y", "lr_ssim_y"))
+VIEWS_0001 = {
+    "job_metrics": f"""
+SELECT j.id, j.state, j.folder, j.rel_path, j.model_id, j.scale, j.outscale, j.mode, j.device,
+  j.input_width, j.input_height, j.output_width, j.output_height, j.t_total, j.t_infer, j.created_at,
+  j.finished_at,
+  {_PIVOT}
+FROM jobs j LEFT JOIN metrics m ON m.job_id = j.id
+GROUP BY j.id""",
+    "model_summary": """
+SELECT model_id, scale, mode, COUNT(*) AS jobs,
+  SUM(CASE WHEN state = 'done' THEN 1 ELSE 0 END) AS done,
+  SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed,
+  AVG(CASE WHEN state = 'done' THEN t_total END) AS mean_total_s,
+  AVG(CASE WHEN state = 'done' THEN t_infer END) AS mean_infer_s,
+  AVG(psnr_y) AS mean_psnr_y, AVG(ssim_y) AS mean_ssim_y, AVG(brisque) AS mean_brisque,
+  AVG(lr_psnr_y) AS mean_lr_psnr_y
+FROM job_metrics GROUP BY model_id, scale, mode""",
+    "recent_jobs": """
+SELECT id, state, folder, rel_path, model_id, scale, device, t_total, error_kind, error, output_path,
+  created_at, finished_at
+FROM jobs ORDER BY id DESC""",
+}
+
+
+def create_views(conn: Connection, views: dict[str, str]) -> None:
+    """(Re)create ``views`` in order; dependants are dropped first (model_summary reads job_metrics)."""
+    for name in reversed(list(views)):
+        conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
+    for name, sql in views.items():
+        conn.execute(text(f"CREATE VIEW {name} AS {sql}"))
+
+
+def config(conn: Connection | None = None) -> Config:
+    """An Alembic config for ``versions/``, bound to ``conn`` (used by env.py) when given."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(HERE))
+    cfg.set_main_option("version_locations", str(HERE / "versions"))
+    cfg.set_main_option("path_separator", "os")
+    if conn is not None:
+        cfg.attributes["connection"] = conn
+    return cfg
+
+
+def head() -> str:
+    """The newest revision."""
+    rev = ScriptDirectory.from_config(config()).get_current_head()
+    assert rev is not None
+    return rev
+
+
+def current(conn: Connection) -> str | None:
+    """The database's revision; None for an empty database or one made before Alembic."""
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def _adopt(conn: Connection) -> None:
+    """Bring a pre-Alembic database (schema 1 or 2) to exactly revision 0001 and stamp it."""
+    from daemon.store import bench_runs, meta, metrics
+
+    cols = {c["name"] for c in inspect(conn).get_columns("jobs")}
+    if "bench_run_id" not in cols:  # schema 1: the ad-hoc migration of before, kept as it was
+        bench_runs.create(conn, checkfirst=True)
+        conn.execute(text("ALTER TABLE jobs ADD COLUMN bench_run_id INTEGER REFERENCES bench_runs(id)"))
+    for table in (bench_runs, metrics, meta):  # their shape has not changed since schema 1
+        table.create(conn, checkfirst=True)
+    create_views(conn, VIEWS_0001)
+    conn.execute(text("DELETE FROM meta WHERE key = 'schema_version'"))
+    conn.execute(text("INSERT INTO meta (key, value) VALUES ('schema_version', '2')"))
+    command.stamp(config(conn), BASELINE)
+
+
+def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str]:
+    """Migrate the database behind ``engine`` to ``target``; returns (revision before, revision after).
+
+    One transaction, so a failed migration leaves the database as it was. Concurrent callers wait for each
+    other: BEGIN IMMEDIATE on SQLite, ``pg_advisory_xact_lock`` on PostgreSQL.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the database refused a step (it is rolled back).
+    """
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
+        before = current(conn)
+        if before is None and inspect(conn).has_table("jobs"):
+            _adopt(conn)
+            before = "legacy"
+        command.upgrade(config(conn), target)
+        after = current(conn)
+    assert after is not None
+    return before, after
