@@ -31,14 +31,14 @@ SHARED = Path(os.environ.get("UPSCALED_SHARED", ROOT.parent / "shared"))
 
 
 def make_images(folder: Path, n: int, size: int) -> list[Path]:
-    """``n`` different crops of the Set5 pictures, enlarged to ``size`` where a picture is smaller."""
+    """``n`` different crops of the Set5 pictures (each enlarged to twice ``size`` first where it is smaller)."""
     rng = np.random.default_rng(0)
     sources = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((SHARED / "datasets/Set5/HR").glob("*.png"))]
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
         src = sources[i % len(sources)]
-        if min(src.shape[:2]) < size:
+        if min(src.shape[:2]) < size * 2:  # room for many different crops: equal bytes would be one job
             src = np.asarray(Image.fromarray(src).resize((size * 2, size * 2), Image.Resampling.BICUBIC))
         y, x = rng.integers(0, src.shape[0] - size + 1), rng.integers(0, src.shape[1] - size + 1)
         p = folder / f"img{i:04d}.png"
