@@ -49,6 +49,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from daemon.metrics import Metric
+from daemon.migrations import VIEWS_0001
 
 SCHEMA_VERSION = 3  # 2: bench_runs, jobs.bench_run_id; 3: nodes, jobs.node, jobs.heartbeat_at (Alembic 0002)
 STATES = ("pending", "running", "done", "failed")
@@ -153,34 +154,8 @@ metrics = Table(
 
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
 
-_METRIC_COLS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "mse_rgb", "brisque", "lr_psnr_y", "lr_ssim_y")
-_PIVOT = ",\n  ".join(f"MAX(CASE WHEN m.name = '{n}' THEN m.value END) AS {n}" for n in _METRIC_COLS)
-
-VIEWS = {
-    # One row per job with its metrics as columns: the easiest table to query by hand.
-    "job_metrics": f"""
-SELECT j.id, j.state, j.folder, j.rel_path, j.model_id, j.scale, j.outscale, j.mode, j.device,
-  j.input_width, j.input_height, j.output_width, j.output_height, j.t_total, j.t_infer, j.created_at,
-  j.finished_at,
-  {_PIVOT}
-FROM jobs j LEFT JOIN metrics m ON m.job_id = j.id
-GROUP BY j.id""",
-    # Per model, scale and mode: how many, how fast, how good.
-    "model_summary": """
-SELECT model_id, scale, mode, COUNT(*) AS jobs,
-  SUM(CASE WHEN state = 'done' THEN 1 ELSE 0 END) AS done,
-  SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed,
-  AVG(CASE WHEN state = 'done' THEN t_total END) AS mean_total_s,
-  AVG(CASE WHEN state = 'done' THEN t_infer END) AS mean_infer_s,
-  AVG(psnr_y) AS mean_psnr_y, AVG(ssim_y) AS mean_ssim_y, AVG(brisque) AS mean_brisque,
-  AVG(lr_psnr_y) AS mean_lr_psnr_y
-FROM job_metrics GROUP BY model_id, scale, mode""",
-    # The last jobs first, with the fields a person looks at.
-    "recent_jobs": """
-SELECT id, state, folder, rel_path, model_id, scale, device, t_total, error_kind, error, output_path,
-  created_at, finished_at
-FROM jobs ORDER BY id DESC""",
-}
+# The views as the migrations create them (revision 0001; a later revision that changes a view updates this too).
+VIEWS = VIEWS_0001
 
 
 def utcnow() -> dt.datetime:

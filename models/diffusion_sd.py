@@ -59,7 +59,7 @@ from models.progress import report
 from models.registry import LoadContext
 from models.spandrel_sr import _configure_threads as configure_threads
 from models.spandrel_sr import resolve_device
-from models.tiling import plan_axis, run_blended, smallest_tile, split_on_oom
+from models.tiling import is_torch_oom, plan_axis, run_blended, smallest_tile, split_on_oom
 
 INSTALL_HINT = "pip install 'upscaled[diffusion]'"
 PIPELINE_CLASS = "StableDiffusionUpscalePipeline"
@@ -287,12 +287,7 @@ class DiffusionUpscaler(Upscaler):
 
     # --- out of memory -------------------------------------------------------------------------------------------
     def _is_oom(self, exc: BaseException) -> bool:
-        torch = self._torch
-        if isinstance(exc, MemoryError | torch.cuda.OutOfMemoryError):
-            return True
-        text = str(exc)
-        # CUDA says "out of memory"; the CPU allocator says "can't allocate memory".
-        return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+        return is_torch_oom(exc, self._torch)
 
     def _on_split(self, _old: int, new: int) -> None:
         self.splits += 1

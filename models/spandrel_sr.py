@@ -46,7 +46,7 @@ from models.errors import (
     WeightsCorrupt,
 )
 from models.registry import LoadContext
-from models.tiling import run_blended, smallest_tile, split_on_oom
+from models.tiling import is_torch_oom, run_blended, smallest_tile, split_on_oom
 from models.weights import check, locate
 
 INSTALL_HINT = "pip install 'upscaled[gan]'"
@@ -231,14 +231,9 @@ class SpandrelUpscaler(Upscaler):
 
     # --- out of memory -------------------------------------------------------------------------------------------
     def _is_oom(self, exc: BaseException) -> bool:
-        torch = self._torch
-        if isinstance(exc, MemoryError | torch.cuda.OutOfMemoryError):
-            return True
-        text = str(exc)
-        # CUDA says "out of memory"; the CPU allocator says "can't allocate memory".
-        return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+        return is_torch_oom(exc, self._torch)
 
-    def _on_split(self, old: int, new: int) -> None:
+    def _on_split(self, _old: int, new: int) -> None:
         self.splits += 1
         self._tile_cap = new if self._tile_cap is None else min(self._tile_cap, new)
         if self.device.startswith("cuda"):

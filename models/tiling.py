@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -133,6 +134,15 @@ def run_blended(run: RunFn, img: np.ndarray, scale: float, tile: int, overlap: i
             report(i * len(cols) + j + 1, total)
     assert out is not None
     return out
+
+
+def is_torch_oom(exc: BaseException, torch: Any) -> bool:
+    """True when ``exc`` is an out-of-memory error from torch, on CUDA or the CPU."""
+    if isinstance(exc, MemoryError | torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    # CUDA says "out of memory"; the CPU allocator says "can't allocate memory".
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def split_on_oom(run: RunFn, scale: float, overlap: int, margin: int, min_tile: int,
