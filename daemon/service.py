@@ -531,13 +531,19 @@ class Service:
         retry_forever = getattr(exc, "retry_forever", False)
         if exc.retryable and (retry_forever or job["attempts"] < self.settings.max_attempts):
             delay = min(self.settings.retry_max_seconds, self.settings.retry_seconds * 2 ** (job["attempts"] - 1))
-            self.store.retry_later(job["id"], exc.kind, str(exc), utcnow() + dt.timedelta(seconds=delay))
-            log.warning("job.retry", kind=exc.kind, error=str(exc), attempt=job["attempts"], in_seconds=delay)
+            if self.store.retry_later(job["id"], exc.kind, str(exc), utcnow() + dt.timedelta(seconds=delay),
+                                      owner=job.get("worker")):
+                log.warning("job.retry", kind=exc.kind, error=str(exc), attempt=job["attempts"], in_seconds=delay)
+            else:
+                log.warning("job.lease_lost", note="another node took this job over; its outcome is theirs")
             return
         self._failed(job, exc)
 
     def _failed(self, job: dict, exc: UpscaledError) -> None:
-        self.store.fail(job["id"], exc.kind, str(exc))
+        if not self.store.fail(job["id"], exc.kind, str(exc), owner=job.get("worker")):
+            # Our lease went stale and another node owns the job now: its input is theirs to move.
+            self.log.warning("job.lease_lost", job=job["id"], file=job["rel_path"], kind=exc.kind)
+            return
         self._move_failed(job, Path(job["input_path"]), PurePosixPath(job["rel_path"]), exc.kind, str(exc))
         self.log.warning("job.failed", job=job["id"], file=job["rel_path"], kind=exc.kind, error=str(exc))
 

@@ -325,12 +325,24 @@ class Store:
                 c.execute(metrics.insert(), rows)
             return True
 
-    def fail(self, job_id: int, kind: str, error: str, fields: Mapping[str, Any] | None = None) -> None:
-        now = utcnow()
-        self.update(job_id, state="failed", error_kind=kind, error=error, finished_at=now, **(fields or {}))
+    def _owned_update(self, job_id: int, owner: str | None, **values: Any) -> bool:
+        """Update the job; with ``owner``, only while it is still running under that owner. Returns whether it did."""
+        with self.engine.begin() as c:
+            q = update(jobs).where(jobs.c.id == job_id)
+            if owner is not None:
+                q = q.where(jobs.c.state == "running", jobs.c.worker == owner)
+            return c.execute(q.values(updated_at=utcnow(), **values)).rowcount == 1
 
-    def retry_later(self, job_id: int, kind: str, error: str, at: dt.datetime) -> None:
-        self.update(job_id, state="pending", error_kind=kind, error=error, next_attempt_at=at)
+    def fail(self, job_id: int, kind: str, error: str, fields: Mapping[str, Any] | None = None,
+             owner: str | None = None) -> bool:
+        """Mark the job failed. With ``owner``, only if that worker still holds it (see :meth:`finish`)."""
+        return self._owned_update(job_id, owner, state="failed", error_kind=kind, error=error, finished_at=utcnow(),
+                                  heartbeat_at=None, **(fields or {}))
+
+    def retry_later(self, job_id: int, kind: str, error: str, at: dt.datetime, owner: str | None = None) -> bool:
+        """Put the job back to pending until ``at``. With ``owner``, only if that worker still holds it."""
+        return self._owned_update(job_id, owner, state="pending", error_kind=kind, error=error, next_attempt_at=at,
+                                  heartbeat_at=None)
 
     def release(self, job_id: int) -> None:
         """Give a running job back to the queue untouched (shutdown deadline): its attempt does not count."""

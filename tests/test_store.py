@@ -95,3 +95,15 @@ def test_two_processes_never_duplicate_or_double_claim(tmp_path):
     assert sum(r[0] for r in results) == 40  # each key created exactly once
     claimed = results[0][1] + results[1][1]
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 40  # each job claimed exactly once
+
+
+def test_a_worker_that_lost_its_lease_cannot_fail_retry_or_finish_the_job(store):
+    j = store.register("5" * 64, "f", _fields()).job_id
+    mine = store.claim()["worker"]
+    store.update(j, worker="other-host:99")  # the job was taken over after our heartbeat went stale
+    assert not store.fail(j, "decode", "x", owner=mine)
+    assert not store.retry_later(j, "disk-full", "x", store.get(j)["updated_at"], owner=mine)
+    assert not store.finish(j, {"t_total": 1.0}, [], owner=mine)
+    assert store.get(j)["state"] == "running" and store.get(j)["worker"] == "other-host:99"
+    assert store.fail(j, "decode", "bad", owner="other-host:99")  # the owner can
+    assert store.get(j)["state"] == "failed" and store.get(j)["heartbeat_at"] is None
