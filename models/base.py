@@ -48,8 +48,8 @@ class Upscaler:
     tile: int | None = None  # input tile side; None runs the whole image at once
     tile_pad: int = 16  # context carried around each tile, in input pixels
 
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        """Upscale ``rgb`` (float32, (H, W, 3), [0, 1]).
+    def check_input(self, rgb: np.ndarray) -> tuple[int, int]:
+        """The contract every backend's call starts with. Returns (H, W).
 
         Raises:
             UnsupportedImage: the array is not float32 RGB.
@@ -59,9 +59,17 @@ class Upscaler:
             raise UnsupportedImage(f"expected float32 RGB of shape (H, W, 3), got {rgb.dtype} {rgb.shape}")
         h, w = rgb.shape[:2]
         if min(h, w) < self.size.minimum:
-            raise ImageTooSmall(
-                f"{self.model_id} needs at least {self.size.minimum} px per side, the image is {w}x{h}"
-            )
+            raise ImageTooSmall(f"{self.model_id} needs at least {self.size.minimum} px per side, the image is {w}x{h}")
+        return h, w
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """Upscale ``rgb`` (float32, (H, W, 3), [0, 1]).
+
+        Raises:
+            UnsupportedImage: the array is not float32 RGB.
+            ImageTooSmall: a side is below the model's minimum.
+        """
+        h, w = self.check_input(rgb)
         out_h, out_w = round(h * self.scale), round(w * self.scale)
         padded = pad_to_multiple(rgb, self.size.multiple_of)
         if self.tile and self.tiling is Tiling.SUPPORTED and max(padded.shape[:2]) > self.tile:

@@ -46,9 +46,7 @@ from models.catalog import DIFFUSERS_INDEX, ModelEntry, is_diffusers_model, reso
 from models.errors import (
     BackendUnavailable,
     ConfigError,
-    ImageTooSmall,
     NonFiniteOutput,
-    UnsupportedImage,
     UnsupportedModel,
     UnsupportedPrecision,
     UnsupportedScale,
@@ -161,11 +159,7 @@ class DiffusionUpscaler(Upscaler):
             OutOfMemory: even the smallest window ran out of memory (retryable).
             NonFiniteOutput: the pipeline gave NaN or Inf in fp32.
         """
-        if rgb.dtype != np.float32 or rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise UnsupportedImage(f"expected float32 RGB of shape (H, W, 3), got {rgb.dtype} {rgb.shape}")
-        h, w = rgb.shape[:2]
-        if min(h, w) < self.size.minimum:
-            raise ImageTooSmall(f"{self.model_id} needs at least {self.size.minimum} px per side, got {w}x{h}")
+        h, w = self.check_input(rgb)
         gp = GenerationParams.from_mapping(params)
         if gp.noise_level > self.max_noise_level:
             raise ConfigError(f"noise_level {gp.noise_level} is above {self.model_id}'s max_noise_level "

@@ -35,11 +35,9 @@ from models.catalog import MODEL_FILE_SUFFIXES, ModelEntry, is_file_model, resol
 from models.errors import (
     BackendUnavailable,
     DeviceUnavailable,
-    ImageTooSmall,
     NonFiniteOutput,
     OutOfMemory,
     UnsafeWeights,
-    UnsupportedImage,
     UnsupportedModel,
     UnsupportedPrecision,
     UnsupportedScale,
@@ -116,11 +114,7 @@ class SpandrelUpscaler(Upscaler):
             OutOfMemory: even the smallest window ran out of memory (retryable).
             NonFiniteOutput: the model gave NaN or Inf in fp32.
         """
-        if rgb.dtype != np.float32 or rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise UnsupportedImage(f"expected float32 RGB of shape (H, W, 3), got {rgb.dtype} {rgb.shape}")
-        h, w = rgb.shape[:2]
-        if min(h, w) < self.size.minimum:
-            raise ImageTooSmall(f"{self.model_id} needs at least {self.size.minimum} px per side, got {w}x{h}")
+        h, w = self.check_input(rgb)
         m = self.size.multiple_of
         # A tiny image is all border: the network's zero padding would show it a black frame and darken or tint
         # it. Repeat its edge pixels around it instead, up to SMALL_SIDE, and cut the result back out.
