@@ -57,7 +57,7 @@ from models.progress import report
 from models.registry import LoadContext
 from models.spandrel_sr import _configure_threads as configure_threads
 from models.spandrel_sr import resolve_device
-from models.tiling import is_torch_oom, plan_axis, run_blended, smallest_tile, split_on_oom
+from models.tiling import OomSplitting, plan_axis, run_blended, smallest_tile, split_on_oom
 
 INSTALL_HINT = "pip install 'upscaled[diffusion]'"
 PIPELINE_CLASS = "StableDiffusionUpscalePipeline"
@@ -119,7 +119,7 @@ class GenerationParams:
 
 
 @dataclass(eq=False)
-class DiffusionUpscaler(Upscaler):
+class DiffusionUpscaler(OomSplitting, Upscaler):
     """An :class:`Upscaler` over a ``StableDiffusionUpscalePipeline``. Call it with an image and, optionally, the
     generation parameters (see :meth:`__call__`).
 
@@ -278,16 +278,6 @@ class DiffusionUpscaler(Upscaler):
         if y is None:
             raise NonFiniteOutput(f"{self.model_id} gave NaN, Inf or a black image even in fp32 on {self.device}")
         return y
-
-    # --- out of memory -------------------------------------------------------------------------------------------
-    def _is_oom(self, exc: BaseException) -> bool:
-        return is_torch_oom(exc, self._torch)
-
-    def _on_split(self, _old: int, new: int) -> None:
-        self.splits += 1
-        self._tile_cap = new if self._tile_cap is None else min(self._tile_cap, new)
-        if self.device.startswith("cuda"):
-            self._torch.cuda.empty_cache()  # hand the failed window's blocks back before the halves allocate
 
 
 class _NonFinite(Exception):

@@ -44,7 +44,7 @@ from models.errors import (
     WeightsCorrupt,
 )
 from models.registry import LoadContext
-from models.tiling import is_torch_oom, run_blended, smallest_tile, split_on_oom
+from models.tiling import OomSplitting, run_blended, smallest_tile, split_on_oom
 from models.weights import check, locate
 
 INSTALL_HINT = "pip install 'upscaled[gan]'"
@@ -74,7 +74,7 @@ _threads_set = False
 
 
 @dataclass(eq=False)
-class SpandrelUpscaler(Upscaler):
+class SpandrelUpscaler(OomSplitting, Upscaler):
     """An :class:`Upscaler` over a spandrel descriptor. Call it like any upscaler.
 
     ``tile`` is the rule's tile side, or None to size windows from memory at each call. ``precision`` reads
@@ -223,15 +223,6 @@ class SpandrelUpscaler(Upscaler):
         if self._torch.is_tensor(output) and not bool(self._torch.isfinite(output).all()):
             self._nonfinite[0] = True
 
-    # --- out of memory -------------------------------------------------------------------------------------------
-    def _is_oom(self, exc: BaseException) -> bool:
-        return is_torch_oom(exc, self._torch)
-
-    def _on_split(self, _old: int, new: int) -> None:
-        self.splits += 1
-        self._tile_cap = new if self._tile_cap is None else min(self._tile_cap, new)
-        if self.device.startswith("cuda"):
-            self._torch.cuda.empty_cache()  # hand the failed window's blocks back before the halves allocate
 
     def _unsplittable(self, img: np.ndarray) -> np.ndarray:
         """A model that tiles internally runs whole; running out of memory is the worker's to handle."""

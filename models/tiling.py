@@ -145,6 +145,28 @@ def is_torch_oom(exc: BaseException, torch: Any) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+class OomSplitting:
+    """For a torch upscaler that runs :func:`split_on_oom`: recognise out-of-memory errors, and on a split count it,
+    remember the smaller window for later calls, and free CUDA's cache before the halves allocate.
+
+    The class using it provides ``splits``, ``_tile_cap``, ``_torch`` and ``device``.
+    """
+
+    splits: int
+    _tile_cap: int | None
+    _torch: Any
+    device: str
+
+    def _is_oom(self, exc: BaseException) -> bool:
+        return is_torch_oom(exc, self._torch)
+
+    def _on_split(self, _old: int, new: int) -> None:
+        self.splits += 1
+        self._tile_cap = new if self._tile_cap is None else min(self._tile_cap, new)
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+
 def split_on_oom(run: RunFn, scale: float, overlap: int, margin: int, min_tile: int,
                  is_oom: Callable[[BaseException], bool], multiple_of: int = 1,
                  on_split: Callable[[int, int], None] | None = None) -> RunFn:
