@@ -1,9 +1,13 @@
-"""Scaling out: throughput with 1, 2 and 3 daemon processes on one inbox, on SQLite and on PostgreSQL.
+"""Scaling out: throughput with 1, 2 and 3 daemon processes on one inbox, on SQLite and on PostgreSQL, and with
+one daemon running 1, 2 and 3 worker threads (the `workers` setting).
 
     python benchmarks/scaleout.py [--images 200] [--size 64] [--model fsrcnn --scale 2] [--workers 1,2,3]
+                                  [--threads 1,2,3]
 
 Each run starts N real `upscaled run` processes (node_name w1..wN) on one temp inbox and one database (a SQLite
-file, or a fresh database on a throw-away PostgreSQL server started like the tests start it). Warm-up images go
+file, or a fresh database on a throw-away PostgreSQL server started like the tests start it); the thread runs
+start one process with `workers = T`. Every figure is also given as a ratio to one process with one worker, run
+against the same database in the same invocation. Warm-up images go
 first, so every process has loaded the model; then the images are renamed into the inbox at once and the clock
 stops when all their job rows are `done`. Metrics are off: this measures the service and the database, not BRISQUE.
 
@@ -53,8 +57,10 @@ def _wait(pred, timeout: float, what: str) -> None:  # noqa: ANN001
         time.sleep(0.05)
 
 
-def service_run(paths: list[Path], work: Path, url: str, weights: Path, model: str, scale: int, n: int) -> float:
-    """Seconds for ``n`` daemon processes to finish ``paths`` dropped into their shared inbox at once."""
+def service_run(paths: list[Path], work: Path, url: str, weights: Path, model: str, scale: int, n: int,
+                threads: int = 1) -> float:
+    """Seconds for ``n`` daemon processes of ``threads`` workers each to finish ``paths`` dropped into their shared
+    inbox at once."""
     for d in ("inbox", "outbox", "archive", "failed", "staging"):
         (work / d).mkdir(parents=True)
     procs = []
@@ -65,7 +71,8 @@ def service_run(paths: list[Path], work: Path, url: str, weights: Path, model: s
                 f'inbox = "inbox"\noutbox = "outbox"\narchive = "archive"\nfailed = "failed"\n'
                 f'database = "{url}"\nweights_dir = "{weights}"\nnode_name = "w{i}"\nsettle_seconds = 0.2\n'
                 f'rescan_seconds = 600\nlog_level = "warning"\nheartbeat_seconds = 1\nstale_seconds = 10\n'
-                f'device = "cpu"\n[[rules]]\nfolder = ""\nmodel = "{model}"\nscale = {scale}\nformat = "png"\n'
+                f'device = "cpu"\nworkers = {threads}\n'
+                f'[[rules]]\nfolder = ""\nmodel = "{model}"\nscale = {scale}\nformat = "png"\n'
                 f'metrics = []\ncompression = 1\n')
             env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
             procs.append(subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=work, env=env,
@@ -73,7 +80,7 @@ def service_run(paths: list[Path], work: Path, url: str, weights: Path, model: s
         _wait(lambda: _count(url, "SELECT COUNT(*) FROM nodes WHERE stopped_at IS NULL") == n, 120, "the nodes")
         from PIL import Image
 
-        warm = 3 * n  # enough that every process gets at least one and has its model loaded
+        warm = 3 * n * threads  # enough that every process gets at least one and has its model loaded
         for i in range(warm):
             Image.open(paths[i % len(paths)]).rotate(90 * (1 + i % 3)).resize((40 + i, 40)).save(
                 work / "staging" / f"warm{i}.png")
@@ -123,10 +130,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--model", default="fsrcnn")
     ap.add_argument("--scale", type=int, default=2)
-    ap.add_argument("--workers", default="1,2,3")
+    ap.add_argument("--workers", default="1,2,3", help="daemon processes, one worker thread each")
+    ap.add_argument("--threads", default="1,2,3", help="worker threads in one daemon process")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scaleout.json")
     args = ap.parse_args()
     counts = [int(v) for v in args.workers.split(",")]
+    thread_counts = [int(v) for v in args.threads.split(",") if int(v) > 1]
 
     from models.weights import fetch
     from tests.postgres import create_database, running_server
@@ -141,13 +150,18 @@ def main() -> None:
         for backend in ("sqlite", "postgresql"):
             url = f"sqlite:///{tmp / backend / 'overhead.db'}" if backend == "sqlite" else create_database(pg)
             results["overhead"][backend] = store_overhead(url)
-            for n in counts:
-                work = tmp / backend / f"n{n}"
+            plan = [(1, 1)] + [(n, 1) for n in counts if n != 1] + [(1, t) for t in thread_counts]
+            base = None
+            for n, t in plan:
+                work = tmp / backend / f"n{n}t{t}"
                 url = f"sqlite:///{work / 'var' / 'u.db'}" if backend == "sqlite" else create_database(pg)
-                secs = service_run(paths, work, url, weights, args.model, args.scale, n)
-                results["runs"].append(dict(backend=backend, processes=n, seconds=round(secs, 2),
-                                            images_per_s=round(args.images / secs, 1)))
-                print(f"{backend:10s} {n} process(es): {secs:6.2f} s  {args.images / secs:6.1f} img/s", flush=True)
+                secs = service_run(paths, work, url, weights, args.model, args.scale, n, t)
+                base = base or secs
+                results["runs"].append(dict(backend=backend, processes=n, threads=t, seconds=round(secs, 2),
+                                            images_per_s=round(args.images / secs, 1),
+                                            ratio_to_1x1=round(base / secs, 2)))
+                print(f"{backend:10s} {n} process(es) x {t} worker(s): {secs:6.2f} s  {args.images / secs:6.1f} img/s"
+                      f"  ratio {base / secs:.2f}", flush=True)
             o = results["overhead"][backend]
             print(f"{backend:10s} claim+output+finish: median {o['median_ms']} ms, p95 {o['p95_ms']} ms", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -125,11 +125,17 @@ def check_config(ctx: click.Context) -> None:
 
     Example: upscaled check-config
     """
+    from daemon.service import check_devices
     from models.catalog import get_entry
     from models.weights import present
 
     settings = _settings(ctx)
+    check_devices(settings)  # a GPU that is not there stops `run` too
     click.echo(f"{settings.config_file}: OK")
+    folders = "all rule folders" if settings.serve_folders is None else \
+        ", ".join(f or "(default)" for f in settings.serve_folders)
+    click.echo(f"  node {settings.node()}: {settings.workers} worker(s) on each of {', '.join(settings.devices())};"
+               f" serves {folders}")
     for rule in settings.all_rules():
         entry = get_entry(rule.model)
         weights = "weights present" if present(settings.weights_dir, entry) else \
@@ -361,7 +367,7 @@ def bench(ctx: click.Context, dataset: Path, models_: str, scales: str, downscal
         raise click.BadParameter(f"expected comma-separated integers such as 2,3,4, got {scales!r}",
                                  param_hint="--scales") from None
     try:
-        device = check_device(device) if device else settings.device
+        device = check_device(device) if device else settings.default_device
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from None
     model_list = tuple(dict.fromkeys(m.strip() for m in models_.split(",") if m.strip()))

@@ -193,7 +193,8 @@ class Settings(BaseSettings):
     database: str = "sqlite:///var/upscaled.db"
     weights_dir: Path = Path("weights")
     weights_mirror: str = ""
-    device: str = "auto"
+    device: str | list[str] = "auto"  # a list: one set of `workers` worker threads per device
+    workers: int = Field(default=1, ge=1, le=64)  # worker threads per device
     settle_seconds: float = Field(default=1.0, ge=0)
     rescan_seconds: float = Field(default=60.0, gt=0)
     observer: Literal["inotify", "polling"] = "inotify"
@@ -233,8 +234,14 @@ class Settings(BaseSettings):
 
     @field_validator("device")
     @classmethod
-    def _device(cls, v: str) -> str:
-        return check_device(v)
+    def _device(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str):
+            return check_device(v)
+        if not v:
+            raise ValueError("must name at least one device")
+        if len(set(v)) != len(v):
+            raise ValueError(f"names a device twice: {v}")
+        return [check_device(d) for d in v]
 
     @field_validator("umask")
     @classmethod
@@ -275,6 +282,15 @@ class Settings(BaseSettings):
             if unknown:
                 raise ValueError(f"serve_folders: {unknown} are not rule folders; rule folders are {sorted(known)}")
         return self
+
+    def devices(self) -> list[str]:
+        """The devices this node's workers run on, each with ``workers`` worker threads."""
+        return [self.device] if isinstance(self.device, str) else list(self.device)
+
+    @property
+    def default_device(self) -> str:
+        """The device of one-off runs (``upscaled process``, ``bench``): the first of ``device``."""
+        return self.devices()[0]
 
     def node(self) -> str:
         """This daemon's node name: ``node_name``, else the host name."""

@@ -9,9 +9,12 @@
 from __future__ import annotations
 
 import errno
+import filecmp
+import glob
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -90,7 +93,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         DiskFull: the disk is full (retryable).
         OutputError: any other write error.
     """
-    tmp = temp_path(path, os.getpid())
+    tmp = temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
@@ -104,9 +107,25 @@ def atomic_write(path: Path, data: bytes) -> None:
         _raise_disk(exc, str(path))
 
 
-def temp_path(path: Path, pid: int) -> Path:
-    """The hidden temp file that process ``pid`` writes before it renames it to ``path``."""
-    return path.with_name(fit_name(f".{path.name}", NAME_MAX - len(f".{pid}{TMP_SUFFIX}")) + f".{pid}{TMP_SUFFIX}")
+_TAG_ROOM = 32  # bytes kept for ".<pid>-<thread id>" in a temp file's name
+
+
+def _temp_head(path: Path) -> str:
+    return fit_name(f".{path.name}", NAME_MAX - _TAG_ROOM - len(TMP_SUFFIX))
+
+
+def temp_path(path: Path) -> Path:
+    """The hidden temp file this thread writes before it renames it to ``path``.
+
+    Named by process and thread, so two threads writing one name (the worker and a reconcile in one daemon) or
+    two nodes writing into one share never share a temp file.
+    """
+    return path.with_name(f"{_temp_head(path)}.{os.getpid()}-{threading.get_native_id()}{TMP_SUFFIX}")
+
+
+def temp_files(path: Path, pid: int) -> list[Path]:
+    """The temp files that process ``pid`` (any of its threads) left for ``path``."""
+    return list(path.parent.glob(f"{glob.escape(_temp_head(path))}.{pid}-*{TMP_SUFFIX}"))
 
 
 def remove_stale_temps(root: Path, older_than: float = 0.0) -> int:
@@ -132,28 +151,99 @@ def remove_stale_temps(root: Path, older_than: float = 0.0) -> int:
     return n
 
 
-def move_unique(src: Path, dest: Path) -> Path:
-    """Move ``src`` to ``dest`` (or a free variant of it) durably. Returns where it went.
+# Filesystems that have no hard links (FAT, some SMB mounts) answer link() with one of these.
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 
-    A rename when both are on one filesystem; otherwise a copy that is fsynced before the source is removed.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest = unique_path(dest)
+
+def _same_file(a: Path, b: Path, copy: bool) -> bool:
+    """Whether ``a`` and ``b`` are one file (two links), or, with ``copy``, ``b`` is a copy of ``a`` as
+    :func:`_place` makes them: the same bytes and the same mtime (copied with it; to within 1 ms, for a
+    filesystem with a coarser clock)."""
     try:
-        os.rename(src, dest)
+        if os.path.samefile(a, b):
+            return True
+        if not copy:
+            return False
+        sa, sb = os.stat(a), os.stat(b)
+        return abs(sa.st_mtime_ns - sb.st_mtime_ns) <= 1_000_000 and filecmp.cmp(a, b, shallow=False)
+    except FileNotFoundError:
+        return False
+
+
+def _place(src: Path, dest: Path) -> None:
+    """Give ``src``'s bytes the name ``dest``, which must not exist yet; ``src`` stays where it is.
+
+    Exclusive: ``os.link`` fails with FileExistsError where ``os.rename`` would silently overwrite, so of two
+    movers aiming at one name (two nodes archiving one file, or two files with one name) exactly one wins. Across
+    filesystems the bytes are copied to a hidden temp file beside ``dest`` and fsynced, and the temp file is
+    linked to ``dest`` the same way. Where hard links do not exist, a check-then-rename is the fallback.
+
+    Raises:
+        FileExistsError: ``dest`` exists.
+        FileNotFoundError: ``src`` is gone (another mover took it).
+    """
+    try:
+        os.link(src, dest, follow_symlinks=False)
+        return
     except OSError as exc:
-        if exc.errno != errno.EXDEV:
+        if exc.errno not in _NO_LINKS | {errno.EXDEV}:
             raise
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}{TMP_SUFFIX}")
-        shutil.copy2(src, tmp)
+        cross = exc.errno == errno.EXDEV
+    if not cross:  # no hard links here
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, "exists", str(dest))
+        os.rename(src, dest)
+        return
+    tmp = temp_path(dest)
+    try:
+        shutil.copy2(src, tmp, follow_symlinks=False)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        try:
+            os.link(tmp, dest)
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            if os.path.lexists(dest):
+                raise FileExistsError(errno.EEXIST, "exists", str(dest)) from None
+            os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def move_unique(src: Path, dest: Path, reserved: bool = False) -> Path:
+    """Move ``src`` to ``dest``, or to ``dest-1``, ``dest-2``, ... if that name holds another file. Returns where
+    it went, durably.
+
+    Never overwrites, and safe against a concurrent mover of the same ``src`` (another node archiving the same
+    file): the name is taken exclusively (see :func:`_place`), and a name that is already a link to ``src`` (the
+    other mover's, or our own interrupted earlier try) counts as done. ``reserved`` says ``dest`` was chosen for
+    this very file and recorded (the archive path committed with the job), so a copy of ``src`` there (same bytes,
+    same mtime) is this file, copied by another mover across filesystems; the same content dropped again later
+    has its own mtime, and the move takes the next free name for it. ``src`` is removed last.
+
+    Raises:
+        FileNotFoundError: ``src`` is gone: another mover took it (and records where).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = dest, 0
+    stem, suffix = _split(dest.name)
+    while True:
+        try:
+            _place(src, candidate)
+            break
+        except FileExistsError:
+            if _same_file(src, candidate, copy=reserved and candidate == dest):
+                break
+        n += 1
+        candidate = dest.with_name(fit_name(f"{stem}-{n}{suffix}"))
+    fsync_dir(candidate.parent)
+    try:
         os.unlink(src)
-    fsync_dir(dest.parent)
+    except FileNotFoundError:
+        pass  # the other mover removed it; its bytes are at `candidate`
     fsync_dir(src.parent)
-    return dest
+    return candidate
 
 
 def write_error_json(path: Path, info: dict) -> None:

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,27 +136,31 @@ class Pipeline:
         self.settings = settings
         self.cache = cache or ModelCache()
         self._brisque: Brisque | None = None
-        self.on_stage: Callable[[str], None] | None = None  # told the name of each stage as it starts
+        self._brisque_lock = threading.Lock()
 
     def brisque(self) -> Brisque:
-        if self._brisque is None:
-            entry = get_entry("brisque")
-            self._brisque = Brisque(locate(self.settings.weights_dir, entry, 0),
-                                    locate(self.settings.weights_dir, entry, 1))
-        return self._brisque
+        with self._brisque_lock:  # several workers may ask at once: load it once
+            if self._brisque is None:
+                entry = get_entry("brisque")
+                self._brisque = Brisque(locate(self.settings.weights_dir, entry, 0),
+                                        locate(self.settings.weights_dir, entry, 1))
+            return self._brisque
 
     def run(self, rule: Rule, input_path: Path, output: Path | Callable[[str], Path],
-            decoded: imageio.Decoded | None = None) -> Result:
+            decoded: imageio.Decoded | None = None, device: str | None = None,
+            on_stage: Callable[[str], None] | None = None) -> Result:
         """Upscale ``input_path`` by ``rule`` into ``output`` (written atomically).
 
         ``output`` is a path, or a function from the output format to a path: the service uses it to choose and
-        record the path only once the format is known, before anything is written.
+        record the path only once the format is known, before anything is written. The model runs on the rule's
+        ``device`` if it names one, else on ``device`` (the calling worker's), else on the settings' first device.
+        ``on_stage`` is told the name of each stage as it starts. Safe to call from several threads at once.
 
         Raises:
             ImageError subclasses for bad input, ModelError subclasses for missing or bad weights,
             ResourceError subclasses (retryable) for memory and disk, OutputError for unwritable outputs.
         """
-        timer = Timer(self.on_stage)
+        timer = Timer(on_stage)
         notes: list[str] = []
         # 1. Decode: orientation applied, ICC/alpha/depth/grey remembered.
         with timer.stage("decode"):
@@ -181,7 +186,8 @@ class Pipeline:
                                                          img.bits)
         # 3. Model: loaded once per process, then cached.
         native = rule.final_scale if get_entry(rule.model).backend == "classical" else rule.scale
-        ctx = LoadContext(self.settings.weights_dir, rule.device or self.settings.device, rule.tile, rule.precision)
+        ctx = LoadContext(self.settings.weights_dir, rule.device or device or self.settings.default_device, rule.tile,
+                          rule.precision)
         with timer.stage("load"):
             up, _loaded_now = self.cache.get(rule.model, native, ctx)
         h, w = src.shape[:2]

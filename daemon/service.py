@@ -21,6 +21,8 @@ import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 from daemon import logs
@@ -30,13 +32,13 @@ from daemon.fsops import (
     fit_name,
     move_unique,
     remove_stale_temps,
-    temp_path,
+    temp_files,
     unique_path,
     write_error_json,
 )
 from daemon.notify import Notifier
 from daemon.pipeline import SIDECAR_SUFFIX, Pipeline, output_name, with_sidecar_prompt
-from daemon.store import Registered, Store, utcnow
+from daemon.store import Registered, Store, utcnow, worker_id, worker_pid
 from daemon.watcher import Watcher
 from models import progress
 from models.catalog import get_entry
@@ -70,12 +72,70 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class Worker:
+    """One worker thread: the device its models run on, and what it is doing right now.
+
+    ``job``, ``stage`` and ``beat`` feed STATUS=, the job row's progress and the watchdog; only the worker's own
+    thread writes them.
+    """
+
+    name: str  # "cuda1.0": the device without its colon, and the worker's number on that device
+    device: str
+    beat: float  # the last sign of life; WATCHDOG=1 goes out only while every worker's is recent
+    job: dict | None = None
+    stage: str = ""
+    next_progress_write: float = 0.0
+
+    @property
+    def claim_id(self) -> str:
+        """What this worker writes into ``jobs.worker``: ``host:pid/name``, distinct for every worker thread."""
+        return worker_id(self.name)
+
+
+def check_devices(settings: Settings) -> list[str]:
+    """The GPUs this node is told to use (``device``, and the ``device`` of each rule it serves), checked.
+
+    Returns them resolved (``cuda`` -> ``cuda:0``). Without torch installed there is nothing to check: the
+    classical and OpenCV backends run on the CPU whatever is asked.
+
+    Raises:
+        ConfigError: a GPU that PyTorch does not see. A worker on it would fail every job it claimed, jobs that a
+            worker on another device could have done, so the node refuses to start instead.
+    """
+    served = [r for r in settings.all_rules() if settings.serve_folders is None or r.folder in settings.serve_folders]
+    wanted = dict.fromkeys([*settings.devices(), *(r.device for r in served if r.device)])
+    gpus = [d for d in wanted if d.startswith("cuda")]
+    if not gpus:
+        return []
+    try:
+        import torch
+    except ImportError:
+        return []
+    from models.spandrel_sr import resolve_device
+
+    try:
+        return [resolve_device(d, torch) for d in gpus]
+    except UpscaledError as exc:
+        raise ConfigError(f"device: {exc}") from None
+
+
+def make_workers(settings: Settings, now: float) -> list[Worker]:
+    """``workers`` workers for each device of the ``device`` setting."""
+    return [Worker(f"{dev.replace(':', '')}.{i}", dev, now) for dev in settings.devices()
+            for i in range(settings.workers)]
+
+
 class Service:
     """The watch-folder service.
 
-    Tests drive it with ``start() / step(wait) / shutdown()``, one iteration at a time in one thread. ``run()`` is
-    what ``upscaled run`` calls: the main thread watches and admits files, talks to systemd and handles signals;
-    one worker thread claims and runs jobs. Signal handlers only set flags.
+    Tests drive it with ``start() / step(wait) / shutdown()``, one iteration at a time in one thread, with the first
+    worker. ``run()`` is what ``upscaled run`` calls: the main thread watches and admits files, talks to systemd
+    and handles signals; each :class:`Worker` is a thread that claims and runs jobs on its device. Signal handlers
+    only set flags.
+
+    Workers on one device share the loaded model (one copy in memory); a model call holds the model's lock, so
+    what overlaps is everything around it: decoding, encoding, writing, metrics, the database, and other models.
     """
 
     def __init__(self, settings: Settings, store: Store | None = None, cache: ModelCache | None = None,
@@ -90,30 +150,27 @@ class Service:
         self.watcher = Watcher(settings.inbox, settings.ignore, settings.settle_seconds,
                                polling=settings.observer == "polling", poll_seconds=settings.poll_seconds)
         self.stopping = False
-        self.current: dict | None = None
-        self.stage = ""  # what the current job is doing, for STATUS=
-        self.worker_beat = clock()  # the worker's last sign of life; WATCHDOG=1 only while it is recent
+        self.workers = make_workers(settings, clock())
         self._reload = False
         self._next_rescan = 0.0
         self._next_status = 0.0
-        self._next_progress_write = 0.0
         self._lock = threading.Lock()
         self._waiting: dict[int, list[Path]] = defaultdict(list)  # duplicates waiting for a job to end
         self._wake = threading.Event()
         self._stop_work = threading.Event()
         self._stop_beat = threading.Event()
         self.node = settings.node()
-        self.pipeline.on_stage = self._on_stage
 
-    def _on_stage(self, name: str) -> None:
-        self.worker_beat = self.clock()
-        self.stage = name
+    def _on_stage(self, worker: Worker, name: str) -> None:
+        worker.beat = self.clock()
+        worker.stage = name
 
     # --- life cycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
         s = self.settings
         for folder in (s.inbox, s.outbox, s.archive, s.failed):
             folder.mkdir(parents=True, exist_ok=True)
+        check_devices(s)
         self._register_node()
         # Before this node claims anything: its own previous life's jobs, unowned ones, and dead nodes' jobs.
         recovered = len(self._recover(own_node=self.node, unowned=True))
@@ -140,16 +197,16 @@ class Service:
         """A diffusion rule that would run on the CPU works, but slowly enough that the operator must know."""
         for rule in self.settings.all_rules():
             gen = rule.generation()
-            device = rule.device or self.settings.device
-            if gen is not None and runs_on_cpu(device):
+            on_cpu = [d for d in ([rule.device] if rule.device else self.settings.devices()) if runs_on_cpu(d)]
+            if gen is not None and on_cpu:
                 self.log.warning("diffusion.on_cpu", model=rule.model, folder=rule.folder or "(default)",
-                                 device=device, cost=cpu_cost_note(gen["num_inference_steps"]))
+                                 device=",".join(on_cpu), cost=cpu_cost_note(gen["num_inference_steps"]))
 
     # --- several nodes on one database ------------------------------------------------------------------------------
     def _node_info(self) -> dict:
         s = self.settings
         rules = hashlib.sha256(",".join(sorted(f"{r.folder}={r.fingerprint()}" for r in s.all_rules())).encode())
-        return dict(host=socket.gethostname(), pid=os.getpid(), device=s.device, workers=1,
+        return dict(host=socket.gethostname(), pid=os.getpid(), device=",".join(s.devices()), workers=len(self.workers),
                     folders=None if s.serve_folders is None else json.dumps(s.serve_folders),
                     rules_fingerprint=rules.hexdigest()[:16])
 
@@ -175,12 +232,27 @@ class Service:
         if differ:  # same file, other rules: two jobs and two outputs, so say it loudly
             self.log.warning("nodes.rules_differ", nodes=differ, note="all nodes on one inbox need the same rules")
 
+    @staticmethod
+    def _spare(job: dict) -> bool:
+        """A running job with no node that an ``upscaled process`` or ``bench`` may still be working on.
+
+        Those runs hold no lease. One on this host whose process is gone is recovered (it goes back to pending,
+        and the command's next run of the file takes it); one on another host cannot be checked and is left alone.
+        """
+        if job["node"] is not None or job["source"] == "watch":
+            return False
+        host, _, _ = (job["worker"] or "").partition(":")
+        pid = worker_pid(job["worker"])
+        return host != socket.gethostname() or (pid is not None and _pid_alive(pid))
+
     def _recover(self, own_node: str | None = None, unowned: bool = False) -> list[dict]:
-        found = self.store.recover_jobs(self.settings.stale_seconds, own_node=own_node, unowned=unowned)
+        found = self.store.recover_jobs(self.settings.stale_seconds, own_node=own_node, unowned=unowned,
+                                        spare=self._spare)
         for job in found:
-            pid = (job["worker"] or "").rpartition(":")[2]
-            if job["output_path"] and pid.isdigit():  # the dead worker's half-written output, if it left one
-                temp_path(Path(job["output_path"]), int(pid)).unlink(missing_ok=True)
+            pid = worker_pid(job["worker"])
+            if job["output_path"] and pid is not None:  # the dead worker's half-written output, if it left one
+                for tmp in temp_files(Path(job["output_path"]), pid):
+                    tmp.unlink(missing_ok=True)
             self.log.warning("job.recovered", job=job["id"], file=job["rel_path"], from_node=job["node"],
                              from_worker=job["worker"])
         if found:
@@ -227,8 +299,10 @@ class Service:
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGHUP, self.request_reload)
         self.start()
-        worker = threading.Thread(target=self._work_loop, name="upscaled-worker", daemon=True)
-        worker.start()
+        threads = [threading.Thread(target=self._work_loop, args=(w,), name=f"upscaled-worker-{w.name}", daemon=True)
+                   for w in self.workers]
+        for t in threads:
+            t.start()
         # Its own thread: a long hash or a slow share in the main loop must not let this node's leases lapse.
         threading.Thread(target=self._beat_loop, name="upscaled-heartbeat", daemon=True).start()
         self.notifier.ready(self.status_line())
@@ -242,28 +316,32 @@ class Service:
             except Exception as exc:  # the watcher side must never take the service down
                 self.log.error("loop.error", error=repr(exc), traceback=traceback.format_exc())
                 time.sleep(1.0)
-        # 1. Stop taking files. 2. Let the current job finish until the deadline. 3. Give it back if it did not.
+        # 1. Stop taking files. 2. Let the current jobs finish until the deadline. 3. Give back those that did not.
         self.watcher.stop()
-        job = self.current
-        self.notifier.stopping(f"stopping; finishing {job['rel_path']}" if job else "stopping")
-        worker.join(timeout=self.settings.stop_timeout)
-        if worker.is_alive():
-            job = self.current
-            if job is not None:
-                self.store.release(job["id"])
-            self.log.warning("service.stop_deadline", seconds=self.settings.stop_timeout,
-                             released_job=job["id"] if job else None)
+        busy = [w.job["rel_path"] for w in self.workers if w.job is not None]
+        self.notifier.stopping(f"stopping; finishing {', '.join(busy)}" if busy else "stopping")
+        deadline = time.monotonic() + self.settings.stop_timeout
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in threads):
+            released = []
+            for w, t in zip(self.workers, threads, strict=True):
+                job = w.job
+                if t.is_alive() and job is not None:
+                    self.store.release(job["id"], owner=w.claim_id)
+                    released.append(job["id"])
+            self.log.warning("service.stop_deadline", seconds=self.settings.stop_timeout, released_jobs=released)
             self.shutdown()
             sys.stdout.flush()
-            os._exit(0)  # the worker is inside native code and cannot be interrupted; its job is pending again
+            os._exit(0)  # a worker is inside native code and cannot be interrupted; its job is pending again
         self.shutdown()
         return 0
 
-    def _work_loop(self) -> None:
+    def _work_loop(self, worker: Worker) -> None:
         while not self._stop_work.is_set():
-            self.worker_beat = self.clock()
+            worker.beat = self.clock()
             try:
-                did = self.work_step()
+                did = self.work_step(worker)
             except Exception as exc:  # a store error (say, the disk is full): back off, never die
                 self.log.error("worker.error", error=repr(exc), traceback=traceback.format_exc())
                 did = False
@@ -284,7 +362,7 @@ class Service:
         except UpscaledError as exc:
             self.log.error("reload.failed", error=str(exc))
             return
-        fixed = ("inbox", "outbox", "archive", "failed", "database", "observer", "node_name")
+        fixed = ("inbox", "outbox", "archive", "failed", "database", "observer", "node_name", "device", "workers")
         changed = [k for k in fixed if getattr(new, k) != getattr(self.settings, k)]
         if changed:
             self.log.warning("reload.needs_restart", keys=changed)
@@ -299,9 +377,9 @@ class Service:
 
     def status_line(self) -> str:
         c = self.store.counts()
-        job = self.current
-        doing = f"working on {job['rel_path']} ({job['model_id']} x{job['outscale']:g}, {self.stage})" if job \
-            else "idle"
+        busy = [(w.job, w.stage) for w in self.workers if w.job is not None]
+        doing = "working on " + ", ".join(f"{job['rel_path']} ({job['model_id']} x{job['outscale']:g}, {stage})"
+                                          for job, stage in busy) if busy else "idle"
         return f"{doing}; queue {c['pending']}; done {c['done']}, failed {c['failed']}"
 
     def _tell_systemd(self) -> None:
@@ -311,12 +389,14 @@ class Service:
         interval = self.notifier.watchdog_seconds or 10.0
         self._next_status = now + min(2.0, interval / 3)
         self.notifier.status(self.status_line())
-        # A hung worker stops the pings, and systemd restarts the service after WatchdogSec.
-        if self.notifier.watchdog_seconds and now - self.worker_beat < self.notifier.watchdog_seconds / 2:
+        # A hung worker, any one of them, stops the pings, and systemd restarts the service after WatchdogSec.
+        if self.notifier.watchdog_seconds and all(now - w.beat < self.notifier.watchdog_seconds / 2
+                                                  for w in self.workers):
             self.notifier.watchdog()
 
     def step(self, wait: float = 0.0) -> bool:
-        """One iteration in the calling thread: take in events, admit ready files, run at most one job."""
+        """One iteration in the calling thread: take in events, admit ready files, run at most one job (as the
+        first worker)."""
         self.watch_step(wait)
         return False if self.stopping else self.work_step()
 
@@ -335,12 +415,14 @@ class Service:
             if reg is not None and reg.created:
                 self._wake.set()
 
-    def work_step(self) -> bool:
-        """Claim and run one job. True if there was one."""
-        job = self.store.claim(node=self.node, folders=self.settings.serve_folders)
+    def work_step(self, worker: Worker | None = None) -> bool:
+        """Claim and run one job as ``worker`` (default: the first). True if there was one."""
+        worker = worker or self.workers[0]
+        job = self.store.claim(node=self.node, folders=self.settings.serve_folders, worker=worker.claim_id,
+                               source="watch")
         if job is None:
             return False
-        self.execute(job)
+        self.execute(job, worker)
         return True
 
     # --- admitting files -----------------------------------------------------------------------------------------
@@ -404,7 +486,9 @@ class Service:
             self.log.info("job.input_archived" if same else "duplicate.archived", job=job["id"], file=str(rel),
                           output=job["output_path"], moved_to=str(dest) if dest else None)
         elif job["state"] == "failed":
-            if same and job["input_moved_to"] is None:  # the crash came between the commit and the move
+            if same and job["input_moved_to"] is None and self._owner_may_still_move(job):
+                self.watcher.forget(path)  # its owner moves it in a moment; if it died instead, a rescan sees it
+            elif same and job["input_moved_to"] is None:  # the crash came between the commit and the move
                 self._move_failed(job, path, rel, job["error_kind"] or "error", job["error"] or "")
             else:  # dropped in again after failing: the user asks for another try
                 self.store.update(job["id"], state="pending", input_path=str(path), rel_path=str(rel),
@@ -417,24 +501,41 @@ class Service:
             else:  # the file was renamed while it waited
                 self.store.update(job["id"], input_path=str(path), rel_path=str(rel))
 
+    def _owner_may_still_move(self, job: dict) -> bool:
+        """Whether the worker that failed ``job`` a moment ago may be about to move its input to failed/.
+
+        It moves it right after its commit: a worker of a live process on this host (this one included), or one on
+        another host within ``stale_seconds`` of the commit, is left to do so, rather than two movers racing.
+        """
+        if job["finished_at"] is None or (utcnow() - job["finished_at"]).total_seconds() > self.settings.stale_seconds:
+            return False
+        host = (job["worker"] or "").partition(":")[0]
+        if host != socket.gethostname():
+            return True
+        pid = worker_pid(job["worker"])
+        return pid is not None and _pid_alive(pid)
+
     # --- running a job -------------------------------------------------------------------------------------------
-    def _progress(self, done: int, total: int, unit: str = "tile") -> None:
+    def _progress(self, worker: Worker, done: int, total: int, unit: str = "tile") -> None:
         """From inside a model call: a tile or a denoising step is done. Feeds STATUS=, the job row and the log."""
         now = self.clock()
-        self.worker_beat = now
-        self.stage = f"{unit} {done}/{total}"
-        job = self.current
-        if job is not None and (now >= self._next_progress_write or done == total):
-            self._next_progress_write = now + 2.0  # at most one row update and log line every 2 s
-            self.store.update(job["id"], progress=self.stage)
-            self.log.info("job.progress", job=job["id"], file=job["rel_path"], progress=self.stage)
+        worker.beat = now
+        worker.stage = f"{unit} {done}/{total}"
+        job = worker.job
+        if job is not None and (now >= worker.next_progress_write or done == total):
+            worker.next_progress_write = now + 2.0  # at most one row update and log line every 2 s
+            self.store.update(job["id"], progress=worker.stage)
+            self.log.info("job.progress", job=job["id"], file=job["rel_path"], progress=worker.stage)
 
-    def execute(self, job: dict) -> None:
-        self.current, self.stage = job, "starting"
+    def execute(self, job: dict, worker: Worker | None = None) -> None:
+        worker = worker or self.workers[0]
+        worker.job, worker.stage = job, "starting"
         rule = Rule.model_validate_json(job["rule_json"])
         src = Path(job["input_path"])
         queue_s = (job["started_at"] - job["created_at"]).total_seconds()
         log = self.log.bind(job=job["id"], file=job["rel_path"], model=rule.model, scale=rule.final_scale)
+        if len(self.workers) > 1:
+            log = log.bind(worker=worker.name)
         try:
             if src.is_symlink():  # replaced by a link while it waited: never follow it
                 raise UnsupportedImage(f"{job['rel_path']} is a symbolic link; links are not followed")
@@ -442,8 +543,9 @@ class Service:
                 self.store.fail(job["id"], "vanished", f"{src} disappeared before it was processed")
                 log.warning("job.vanished")
                 return
-            with progress.reporting(self._progress):
-                result = self.pipeline.run(rule, src, lambda fmt: self._output_path(job, rule, fmt))
+            with progress.reporting(partial(self._progress, worker)):
+                result = self.pipeline.run(rule, src, lambda fmt: self._output_path(job, rule, fmt),
+                                           device=worker.device, on_stage=partial(self._on_stage, worker))
         except UpscaledError as exc:
             self._handle_error(job, exc, log)
         except MemoryError:
@@ -473,7 +575,7 @@ class Service:
                      moved_to=str(dest) if dest else None, notes=result.notes or None, **metric_values)
         finally:
             self.watcher.finished(src)
-            self.current, self.stage = None, ""
+            worker.job, worker.stage = None, ""
             with self._lock:
                 waiting = self._waiting.pop(job["id"], [])
             for path in waiting:
@@ -492,8 +594,9 @@ class Service:
         job["output_path"] = str(target)
         return target
 
-    def _finish_input(self, src: Path, planned: Path | None) -> Path | None:
+    def _finish_input(self, src: Path, planned: Path | None, reserved: bool = True) -> Path | None:
         """Delete the input (``planned`` is None) or move it to its planned archive path (or a free variant).
+        ``reserved``: ``planned`` was committed with the job for this file (see :func:`move_unique`).
 
         The job is committed already, so a failure here only leaves the input in the inbox, and the next scan
         archives it (see :meth:`_reconcile`).
@@ -503,7 +606,7 @@ class Service:
                 src.unlink(missing_ok=True)
                 self._move_sidecar(src, None)
                 return None
-            dest = move_unique(src, planned)
+            dest = move_unique(src, planned, reserved=reserved)
             self._move_sidecar(src, dest)
             return dest
         except FileNotFoundError:
@@ -525,7 +628,7 @@ class Service:
 
     def _move_input(self, src: Path, root: Path, rel: PurePosixPath) -> Path | None:
         planned = None if root == self.settings.archive and self.settings.delete_inputs else confined(root, rel)
-        return self._finish_input(src, planned)
+        return self._finish_input(src, planned, reserved=False)
 
     def _handle_error(self, job: dict, exc: UpscaledError, log) -> None:  # noqa: ANN001
         retry_forever = getattr(exc, "retry_forever", False)
@@ -559,8 +662,16 @@ class Service:
                     failed_at=utcnow().isoformat() + "Z")
         try:
             dest = unique_path(confined(self.settings.failed, rel))
-            write_error_json(dest.with_name(fit_name(dest.name + ".error.json")), info)
-            moved = move_unique(src, dest)
+            reason = dest.with_name(fit_name(dest.name + ".error.json"))
+            write_error_json(reason, info)
+            try:
+                moved = move_unique(src, dest)
+            except FileNotFoundError:  # another node's reconcile moved it a moment ago, and records where
+                if not dest.exists():  # it went elsewhere: this reason file belongs to no image
+                    reason.unlink(missing_ok=True)
+                return
+            if moved != dest:  # the name was taken meanwhile: the reason goes with the image
+                os.replace(reason, moved.with_name(fit_name(moved.name + ".error.json")))
             self._move_sidecar(src, moved)  # kept with its image, for a retry
         except (OSError, UpscaledError) as exc:
             self.log.error("quarantine.failed", file=str(rel), error=str(exc), note="kept in the inbox")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,8 +162,16 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_id(name: str | None = None) -> str:
+    """The ``jobs.worker`` value of a claim: ``host:pid``, and ``/name`` for one of a daemon's worker threads."""
+    base = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{base}/{name}" if name else base
+
+
+def worker_pid(worker: str | None) -> int | None:
+    """The pid in a ``jobs.worker`` value (``host:pid`` or ``host:pid/name``), if it has one."""
+    pid = (worker or "").rpartition(":")[2].partition("/")[0]
+    return int(pid) if pid.isdigit() else None
 
 
 @dataclass
@@ -266,14 +274,16 @@ class Store:
             return Registered(res.inserted_primary_key[0], state, True, fields["input_path"], None)
 
     def claim(self, now: dt.datetime | None = None, job_id: int | None = None, node: str | None = None,
-              folders: Iterable[str] | None = None, worker: str | None = None) -> dict | None:
+              folders: Iterable[str] | None = None, worker: str | None = None,
+              source: str | None = None) -> dict | None:
         """Move the oldest due pending job (or ``job_id``) to running and return its row, or None.
 
         ``node`` records the claiming daemon (it must then heartbeat, see :meth:`heartbeat`); ``folders`` limits
-        the claim to jobs of those rule folders (None: any); ``worker`` names the claiming worker (default
-        host:pid). Exactly one caller wins a job: on PostgreSQL the candidate row is locked with
-        ``FOR UPDATE SKIP LOCKED``, so concurrent workers take different jobs without waiting for each other; on
-        SQLite, BEGIN IMMEDIATE serialises the claim. The compare-and-set update is the last guard on both.
+        the claim to jobs of those rule folders (None: any); ``source`` to jobs of that source (a daemon takes
+        ``watch`` jobs only: a ``cli`` or ``bench`` job's input is not the daemon's to move); ``worker`` names the
+        claiming worker (default host:pid). Exactly one caller wins a job: on PostgreSQL the candidate row is
+        locked with ``FOR UPDATE SKIP LOCKED``, so concurrent workers take different jobs without waiting for each
+        other; on SQLite, BEGIN IMMEDIATE serialises the claim. The compare-and-set update is the last guard on both.
         """
         now = now or utcnow()
         with self.engine.begin() as c:
@@ -284,6 +294,8 @@ class Store:
                 q = q.where((jobs.c.next_attempt_at.is_(None)) | (jobs.c.next_attempt_at <= now))
             if folders is not None:
                 q = q.where(jobs.c.folder.in_(list(folders)))
+            if source is not None:
+                q = q.where(jobs.c.source == source)
             # SQLite's compiler renders no FOR UPDATE: there the write lock of BEGIN IMMEDIATE does the same job.
             row = c.execute(q.order_by(jobs.c.id).limit(1).with_for_update(skip_locked=True)).first()
             if row is None:
@@ -344,18 +356,23 @@ class Store:
         return self._owned_update(job_id, owner, state="pending", error_kind=kind, error=error, next_attempt_at=at,
                                   heartbeat_at=None)
 
-    def release(self, job_id: int) -> None:
-        """Give a running job back to the queue untouched (shutdown deadline): its attempt does not count."""
+    def release(self, job_id: int, owner: str | None = None) -> None:
+        """Give a running job back to the queue untouched (shutdown deadline): its attempt does not count.
+
+        With ``owner``, only while that worker still holds it."""
         with self.engine.begin() as c:
-            c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running")
-                      .values(state="pending", attempts=jobs.c.attempts - 1, updated_at=utcnow()))
+            q = update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running")
+            if owner is not None:
+                q = q.where(jobs.c.worker == owner)
+            c.execute(q.values(state="pending", attempts=jobs.c.attempts - 1, updated_at=utcnow(), heartbeat_at=None,
+                               node=None))
 
     def recover(self, stale_after: float | None = None, own_node: str | None = None, unowned: bool = True) -> int:
         """:meth:`recover_jobs`, returning how many jobs went back to pending."""
         return len(self.recover_jobs(stale_after, own_node, unowned))
 
     def recover_jobs(self, stale_after: float | None = None, own_node: str | None = None, unowned: bool = True,
-                     now: dt.datetime | None = None) -> list[dict]:
+                     now: dt.datetime | None = None, spare: Callable[[dict], bool] | None = None) -> list[dict]:
         """Running jobs whose owner is gone become pending again. Returns them (id, rel_path, node, worker,
         output_path).
 
@@ -365,6 +382,8 @@ class Store:
           database from before nodes). The single-daemon behaviour at start-up.
         - its node is ``own_node``: call this before the node claims anything, so those are its previous life's.
         - ``stale_after`` is given and its heartbeat is older than that many seconds: its node died.
+
+        A job for which ``spare(row)`` is true (row: id, rel_path, node, worker, output_path, source) stays.
         """
         now = now or utcnow()
         cond: list[ColumnElement[bool]] = []
@@ -378,9 +397,10 @@ class Store:
         if not cond:
             return []
         with self.engine.begin() as c:
-            q = select(jobs.c.id, jobs.c.rel_path, jobs.c.node, jobs.c.worker, jobs.c.output_path).where(
-                jobs.c.state == "running", or_(*cond))
+            q = select(jobs.c.id, jobs.c.rel_path, jobs.c.node, jobs.c.worker, jobs.c.output_path, jobs.c.source) \
+                .where(jobs.c.state == "running", or_(*cond))
             found = [dict(r._mapping) for r in c.execute(q.with_for_update(skip_locked=True)).all()]
+            found = [f for f in found if spare is None or not spare(f)]
             if found:
                 c.execute(update(jobs).where(jobs.c.id.in_([f["id"] for f in found]), jobs.c.state == "running")
                           .values(state="pending", updated_at=now, heartbeat_at=None, node=None))

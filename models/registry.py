@@ -98,12 +98,17 @@ def check_scale(model_id: str, scale: float, weights_dir: Path | None = None) ->
 
 
 class ModelCache:
-    """Loads each (model, scale, device, tile) once per process and hands out the same :class:`Upscaler`."""
+    """Loads each (model, scale, device, tile) once per process and hands out the same :class:`Upscaler`.
+
+    Safe for several worker threads: a model is loaded once even when two workers ask for it together, and a
+    long load (a diffusion pipeline) holds up only the workers that wait for that model, not the others.
+    """
 
     def __init__(self, registry: Registry = REGISTRY) -> None:
         self._registry = registry
         self._loaded: dict[tuple, Upscaler] = {}
-        self._lock = threading.Lock()
+        self._loading: dict[tuple, threading.Lock] = {}
+        self._lock = threading.Lock()  # guards the two dicts, never held while loading
 
     def get(self, model_id: str, scale: float, ctx: LoadContext) -> tuple[Upscaler, bool]:
         """Return (upscaler, loaded_now)."""
@@ -111,9 +116,16 @@ class ModelCache:
         with self._lock:
             if key in self._loaded:
                 return self._loaded[key], False
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._loaded:  # another worker loaded it while we waited
+                    return self._loaded[key], False
             entry = check_scale(model_id, scale, ctx.weights_dir)
             up = self._registry.loader(entry.backend)(entry, float(scale), ctx)
-            self._loaded[key] = up
+            with self._lock:
+                self._loaded[key] = up
+                self._loading.pop(key, None)
             return up, True
 
     def clear(self) -> None:

@@ -233,3 +233,33 @@ def test_a_prompt_sidecar_travels_with_its_image(make_service, tmp_path):
     assert (svc.settings.archive / "s.png").is_file()
     assert (svc.settings.archive / "s.png.prompt.txt").read_text() == "a sharp photo"
     assert list(svc.settings.inbox.iterdir()) == []
+
+
+def test_the_daemon_neither_runs_nor_steals_the_jobs_of_process_and_bench(make_service, tmp_path, weights_dir):
+    """`upscaled process` promises not to touch its inputs, and holds no lease: a daemon must not claim its jobs
+    (that would archive the user's file), and must not take back one that a live process is running."""
+    from daemon.store import Store, worker_id
+
+    cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.1)
+    store = Store(load_settings(cfg).database)
+    own = tmp_path / "mine"
+    own.mkdir()
+    made = {}
+    for name, state, worker in (("waiting", "pending", None), ("live", "running", worker_id()),
+                                ("dead", "running", f"{os.uname().nodename}:999999999"),
+                                ("remote", "running", "other-host:12")):
+        src = image(own / f"{name}.png", seed=len(name))
+        reg = store.register(name.ljust(64, "0"), "cli-fp", dict(
+            source="cli", folder="(cli)", rel_path=src.name, input_path=str(src), input_size=1, model_id="bicubic",
+            scale=2.0, outscale=2.0, mode="upscale", rule_json=Rule(model="bicubic").model_dump_json()))
+        if state == "running":
+            store.update(reg.job_id, state="running", worker=worker, attempts=1)
+        made[name] = reg.job_id
+    store.close()
+    svc = make_service()
+    for _ in range(10):
+        svc.step(wait=0.05)
+    states = {name: svc.store.get(j)["state"] for name, j in made.items()}
+    assert states == {"waiting": "pending", "live": "running", "dead": "pending", "remote": "running"}
+    assert sorted(p.name for p in own.iterdir()) == ["dead.png", "live.png", "remote.png", "waiting.png"]
+    assert not list(svc.settings.archive.iterdir()) and not list(svc.settings.outbox.iterdir())

@@ -123,7 +123,8 @@ def test_a_hung_worker_stops_the_watchdog_pings(tmp_path, weights_dir):
     notifier = Notifier({"NOTIFY_SOCKET": listener.env, "WATCHDOG_USEC": "4000000"})
     svc = Service(load_settings(write_config(tmp_path, weights=weights_dir)), clock=lambda: now[0],
                   notifier=notifier)
-    svc.worker_beat = now[0]
+    for w in svc.workers:
+        w.beat = now[0]
     svc._tell_systemd()
     assert "WATCHDOG=1" in listener.collect(0.2)
     now[0] += 10.0  # the worker has not moved for 10 s, over half of WatchdogSec

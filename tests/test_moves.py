@@ -1,0 +1,193 @@
+"""Moving inputs to the archive and to failed/: never an overwrite, never two copies, even with two movers racing
+(two nodes on one share), on one filesystem and across two."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Rule, load_settings
+from daemon.fsops import TMP_SUFFIX, move_unique
+from daemon.service import Service, file_sha256
+from models.errors import DecodeError
+from tests.conftest import write_config
+
+
+def _other_filesystem(tmp_path: Path) -> Path:
+    """A folder on another filesystem than ``tmp_path`` (/dev/shm is a tmpfs on Linux)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to move across")
+    d = Path(tempfile.mkdtemp(dir=shm, prefix="upscaled-test-"))
+    return d
+
+
+def _race(movers: list[tuple[Path, Path, bool]]) -> list[object]:
+    """Run move_unique for each (src, dest, reserved) in its own thread, all released at once. Returns results or
+    errors."""
+    barrier = threading.Barrier(len(movers))
+    out: list[object] = [None] * len(movers)
+
+    def go(i: int, src: Path, dest: Path, reserved: bool) -> None:
+        barrier.wait()
+        try:
+            out[i] = move_unique(src, dest, reserved)
+        except OSError as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=go, args=(i, *m)) for i, m in enumerate(movers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+@pytest.mark.parametrize("across", [False, True], ids=["one-filesystem", "two-filesystems"])
+def test_two_movers_of_one_file_leave_exactly_one_copy(tmp_path, across):
+    """Two nodes archiving one input to the archive path committed with its job."""
+    dest_root = _other_filesystem(tmp_path) if across else tmp_path / "archive"
+    try:
+        data = os.urandom(1 << 20)  # big enough that a copy takes a while, so the movers do overlap
+        for i in range(60):
+            src = tmp_path / "inbox" / f"f{i}.png"
+            src.parent.mkdir(exist_ok=True)
+            src.write_bytes(data[:-1] + bytes([i]))
+            dest = dest_root / f"f{i}.png"
+            results = _race([(src, dest, True)] * 3)
+            placed = [r for r in results if isinstance(r, Path)]
+            assert placed and all(r == dest for r in placed), results
+            assert all(isinstance(r, FileNotFoundError) for r in results if not isinstance(r, Path)), results
+            assert not src.exists()
+            assert dest.read_bytes() == data[:-1] + bytes([i])
+        left = sorted(p.name for p in dest_root.iterdir())
+        assert left == sorted(f"f{i}.png" for i in range(60)), [n for n in left if TMP_SUFFIX in n or "-" in n]
+    finally:
+        if across:
+            subprocess.run(["rm", "-rf", str(dest_root)], check=False)
+
+
+@pytest.mark.parametrize("across", [False, True], ids=["one-filesystem", "two-filesystems"])
+def test_two_files_racing_for_one_name_both_survive(tmp_path, across):
+    dest_root = _other_filesystem(tmp_path) if across else tmp_path / "archive"
+    try:
+        for i in range(40):
+            a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"
+            for p, tag in ((a, b"A"), (b, b"B")):
+                p.parent.mkdir(exist_ok=True)
+                p.write_bytes(tag * 100_000 + bytes([i]))
+            dest = dest_root / f"r{i}" / "x.png"
+            results = _race([(a, dest, False), (b, dest, False)])
+            assert sorted(map(str, results)) == sorted([str(dest), str(dest.with_name("x-1.png"))]), results
+            got = sorted(p.read_bytes()[:1] for p in dest.parent.iterdir())
+            assert got == [b"A", b"B"]  # neither overwrote the other
+    finally:
+        if across:
+            subprocess.run(["rm", "-rf", str(dest_root)], check=False)
+
+
+def test_an_interrupted_move_is_finished_not_doubled(tmp_path):
+    src = tmp_path / "inbox" / "a.png"
+    src.parent.mkdir()
+    src.write_bytes(b"x" * 1000)
+    dest = tmp_path / "archive" / "a.png"
+    dest.parent.mkdir()
+    os.link(src, dest)  # a crash between the link and the unlink leaves both names
+    assert move_unique(src, dest) == dest
+    assert not src.exists() and [p.name for p in dest.parent.iterdir()] == ["a.png"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_file_the_service_user_may_not_link_is_still_moved(request):
+    """fs.protected_hardlinks refuses links to a file the caller does not own and cannot write: the usual case
+    for an image dropped by another user. The move falls back to a rename."""
+    shared = Path(tempfile.mkdtemp(prefix="upscaled-share-"))  # pytest's own folders are closed to others
+    request.addfinalizer(lambda: subprocess.run(["rm", "-rf", str(shared)], check=False))
+    (shared / "inbox").mkdir()
+    (shared / "archive").mkdir()
+    for p in (shared, shared / "inbox", shared / "archive"):
+        os.chmod(p, 0o777)
+    src = shared / "inbox" / "theirs.png"
+    src.write_bytes(b"p" * 500)
+    os.chmod(src, 0o644)  # root's file, read-only for the service user
+    dest = shared / "archive" / "theirs.png"
+    pid = os.fork()
+    if pid == 0:  # the child acts as the service user
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            code = 0 if move_unique(src, dest) == dest else 3
+        except BaseException:  # noqa: BLE001 - any failure is the child's exit status
+            code = 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not src.exists() and (shared / "archive" / "theirs.png").read_bytes() == b"p" * 500
+
+
+def test_two_nodes_failing_one_file_leave_one_image_and_one_reason(tmp_path, weights_dir):
+    """The owner quarantines the file while another node's reconcile (it saw the failed row first) does too."""
+    cfg = write_config(tmp_path, weights=weights_dir)
+    a, b = (Service(load_settings(cfg)) for _ in range(2))
+    try:
+        for i in range(30):
+            src = tmp_path / "inbox" / f"bad{i}.png"
+            src.parent.mkdir(exist_ok=True)
+            src.write_bytes(b"not a png" + bytes([i]))
+            job = dict(id=i, input_path=str(src), rel_path=src.name, model_id="bicubic", outscale=2.0, folder="",
+                       attempts=1)
+            err = DecodeError("cannot decode")
+            barrier = threading.Barrier(2)
+
+            def move(svc: Service, job: dict = job, src: Path = src, err: DecodeError = err,
+                     barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                svc._move_failed(job, src, Path(src.name), err.kind, str(err))
+
+            threads = [threading.Thread(target=move, args=(svc,)) for svc in (a, b)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+        names = sorted(p.name for p in (tmp_path / "failed").iterdir())
+        expected = sorted([f"bad{i}.png" for i in range(30)] + [f"bad{i}.png.error.json" for i in range(30)])
+        assert names == expected
+        assert not list((tmp_path / "inbox").iterdir())
+    finally:
+        a.store.close()
+        b.store.close()
+
+
+def test_a_failed_file_is_left_to_its_owner_for_a_moment_then_quarantined_by_any_node(tmp_path, weights_dir):
+    """Node B sees a file whose job node A failed a moment ago: A is moving it, B must not race it. If A died
+    between its commit and its move, a later look (past stale_seconds) finishes the move."""
+    import datetime as dt
+
+    from daemon.store import utcnow
+
+    svc = Service(load_settings(write_config(tmp_path, weights=weights_dir, stale_seconds=30)))
+    svc.start()
+    try:
+        src = tmp_path / "inbox" / "broken.png"
+        src.write_bytes(b"not an image")
+        reg = svc.store.register(file_sha256(src), svc.settings.rule_for("").fingerprint(), dict(
+            source="watch", folder="", rel_path="broken.png", input_path=str(src), input_size=12,
+            model_id="bicubic", scale=2.0, outscale=2.0, mode="upscale", rule_json=Rule().model_dump_json()))
+        svc.store.update(reg.job_id, state="failed", error_kind="decode", error="cannot decode", attempts=1,
+                         worker="node-a-host:4242", node="node-a", finished_at=utcnow())
+        svc.admit(src)
+        assert src.exists() and not list((tmp_path / "failed").iterdir())
+        svc.store.update(reg.job_id, finished_at=utcnow() - dt.timedelta(seconds=31))
+        svc.admit(src)
+        assert not src.exists()
+        assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == ["broken.png", "broken.png.error.json"]
+        assert svc.store.get(reg.job_id)["input_moved_to"] == str(tmp_path / "failed" / "broken.png")
+    finally:
+        svc.shutdown()
