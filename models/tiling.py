@@ -94,6 +94,8 @@ def _ramp(pos: np.ndarray, ov0: int, ov1: int, margin: int) -> np.ndarray:
     """0 before the band, linear 0 -> 1 across it, 1 after; the band is the overlap less ``margin`` at each end."""
     m = min(margin, max(0, (ov1 - ov0 - 1) // 2))
     b0, b1 = ov0 + m, ov1 - m
+    if b1 <= b0:  # no band to fade across (a one-pixel overlap): a step at b0
+        return (pos >= b0).astype(np.float64)
     return np.clip((pos - b0) / (b1 - b0), 0.0, 1.0)
 
 
