@@ -235,6 +235,7 @@ def test_three_daemons_share_an_inbox_and_finish_a_killed_ones_jobs(tmp_path, pg
         for n in ("n1", "n2", "n3"):
             (root / n).mkdir()
             cfg = write_config(root / n, database=pg_url, node_name=n, heartbeat_seconds=heartbeat,
+                               workers=2 if n == "n3" else 1,  # n3's two threads claim against the others too
                                stale_seconds=stale, settle_seconds=0.2, rescan_seconds=1.0,
                                inbox=str(root / "inbox"), outbox=str(root / "outbox"),
                                archive=str(root / "archive"), failed=str(root / "failed"),
@@ -290,6 +291,8 @@ def test_three_daemons_share_an_inbox_and_finish_a_killed_ones_jobs(tmp_path, pg
             # Taken over only once the lease ran out: n1's last renewal was at most one heartbeat before the kill.
             assert (j["started_at"] - killed_at).total_seconds() >= stale - heartbeat - 0.2
         assert {j["node"] for j in jobs} == {"n1", "n2", "n3"}
+        n3_workers = {j["worker"].rpartition("/")[2] for j in jobs if j["node"] == "n3"}
+        assert n3_workers == {"auto.0", "auto.1"}, n3_workers
 
         res = subprocess.run([sys.executable, "-m", "daemon", "nodes", "--all", "--format", "json"],
                              capture_output=True, text=True, cwd=root / "n2",
@@ -298,6 +301,7 @@ def test_three_daemons_share_an_inbox_and_finish_a_killed_ones_jobs(tmp_path, pg
         listed = {n["node"]: n for n in json.loads(res.stdout)}
         assert listed["n1"]["state"] == "stale" and listed["n2"]["state"] == "live" == listed["n3"]["state"]
         assert sum(n["done"] for n in listed.values()) == total and listed["n1"]["running"] == 0
+        assert (listed["n2"]["workers"], listed["n3"]["workers"]) == (1, 2)
         for d in daemons[1:]:
             assert d.stop() == 0
         stopped = _query(pg_url, "SELECT name FROM nodes WHERE stopped_at IS NOT NULL ORDER BY name")
