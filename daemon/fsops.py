@@ -176,7 +176,8 @@ def _place(src: Path, dest: Path) -> None:
     Exclusive: ``os.link`` fails with FileExistsError where ``os.rename`` would silently overwrite, so of two
     movers aiming at one name (two nodes archiving one file, or two files with one name) exactly one wins. Across
     filesystems the bytes are copied to a hidden temp file beside ``dest`` and fsynced, and the temp file is
-    linked to ``dest`` the same way. Where hard links do not exist, a check-then-rename is the fallback.
+    linked to ``dest`` the same way. Where hard links are refused, an empty placeholder created with O_EXCL takes
+    the name instead, and ``src`` (or the temp file) is renamed over it.
 
     Raises:
         FileExistsError: ``dest`` exists.
@@ -189,10 +190,8 @@ def _place(src: Path, dest: Path) -> None:
         if exc.errno not in _NO_LINKS | {errno.EXDEV}:
             raise
         cross = exc.errno == errno.EXDEV
-    if not cross:  # no hard links here
-        if os.path.lexists(dest):
-            raise FileExistsError(errno.EEXIST, "exists", str(dest))
-        os.rename(src, dest)
+    if not cross:  # no hard links here (or not to this file: fs.protected_hardlinks)
+        _rename_exclusive(src, dest)
         return
     tmp = temp_path(dest)
     try:
@@ -204,11 +203,19 @@ def _place(src: Path, dest: Path) -> None:
         except OSError as exc:
             if exc.errno not in _NO_LINKS:
                 raise
-            if os.path.lexists(dest):
-                raise FileExistsError(errno.EEXIST, "exists", str(dest)) from None
-            os.replace(tmp, dest)
+            _rename_exclusive(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _rename_exclusive(src: Path, dest: Path) -> None:
+    """Rename ``src`` to ``dest`` only if no one else has the name: claim it with an O_EXCL placeholder first."""
+    os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))  # FileExistsError if taken
+    try:
+        os.rename(src, dest)
+    except BaseException:
+        os.unlink(dest)  # give the name back
+        raise
 
 
 def move_unique(src: Path, dest: Path, reserved: bool = False) -> Path:

@@ -102,34 +102,63 @@ def test_an_interrupted_move_is_finished_not_doubled(tmp_path):
     assert not src.exists() and [p.name for p in dest.parent.iterdir()] == ["a.png"]
 
 
+def _as_nobody(moves: list[tuple[Path, Path]], go: Path) -> list[int]:
+    """Each (src, dest) moved by its own forked child running as nobody, all starting when ``go`` appears.
+    Returns the children's exit codes: 0 moved, 4 the source was gone (another mover took it), else a failure."""
+    pids = []
+    for src, dest in moves:
+        pid = os.fork()
+        if pid == 0:  # the child acts as the service user
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                while not go.exists():
+                    pass
+                move_unique(src, dest)
+                code = 0
+            except FileNotFoundError:
+                code = 4
+            except BaseException:  # noqa: BLE001 - any failure is the child's exit status
+                code = 2
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    go.touch()
+    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_a_file_the_service_user_may_not_link_is_still_moved(request):
+def test_files_the_service_user_may_not_link_are_still_moved_and_never_overwritten(request):
     """fs.protected_hardlinks refuses links to a file the caller does not own and cannot write: the usual case
-    for an image dropped by another user. The move falls back to a rename."""
+    for an image dropped by another user. The move falls back to a rename over an O_EXCL placeholder, which is
+    still exclusive: four files racing for one name all survive."""
     shared = Path(tempfile.mkdtemp(prefix="upscaled-share-"))  # pytest's own folders are closed to others
     request.addfinalizer(lambda: subprocess.run(["rm", "-rf", str(shared)], check=False))
-    (shared / "inbox").mkdir()
-    (shared / "archive").mkdir()
-    for p in (shared, shared / "inbox", shared / "archive"):
+    letters = b"ABCD"
+    for d in ["archive", *(f"inbox/m{k}" for k in range(len(letters)))]:
+        (shared / d).mkdir(parents=True, exist_ok=True)
+    for p in [shared, shared / "inbox", *shared.glob("*/*"), shared / "archive"]:
         os.chmod(p, 0o777)
-    src = shared / "inbox" / "theirs.png"
+    src = shared / "inbox" / "m0" / "theirs.png"
     src.write_bytes(b"p" * 500)
-    os.chmod(src, 0o644)  # root's file, read-only for the service user
+    os.chmod(src, 0o644)  # root's file, read-only for the service user: link() is refused
     dest = shared / "archive" / "theirs.png"
-    pid = os.fork()
-    if pid == 0:  # the child acts as the service user
-        code = 1
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            code = 0 if move_unique(src, dest) == dest else 3
-        except BaseException:  # noqa: BLE001 - any failure is the child's exit status
-            code = 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert not src.exists() and (shared / "archive" / "theirs.png").read_bytes() == b"p" * 500
+    assert _as_nobody([(src, dest)], shared / "go0") == [0]
+    assert not src.exists() and dest.read_bytes() == b"p" * 500
+    for i in range(40):
+        srcs = []
+        for k, letter in enumerate(letters):
+            p = shared / "inbox" / f"m{k}" / f"x{i}.png"
+            p.write_bytes(bytes([letter]) * 50_000)
+            os.chmod(p, 0o644)
+            srcs.append(p)
+        target = shared / "archive" / f"r{i}" / "x.png"
+        target.parent.mkdir()
+        os.chmod(target.parent, 0o777)
+        assert _as_nobody([(p, target) for p in srcs], shared / f"go{i + 1}") == [0] * len(letters)
+        got = sorted(p.read_bytes()[:1] for p in target.parent.iterdir())
+        assert got == [bytes([c]) for c in letters], sorted(p.name for p in target.parent.iterdir())
 
 
 def test_two_nodes_failing_one_file_leave_one_image_and_one_reason(tmp_path, weights_dir):
