@@ -118,9 +118,10 @@ def test_a_slow_writer_is_processed_once_after_its_last_chunk(tmp_path, weights_
     assert jobs["slow.png"]["state"] == "done" and jobs["slow.png"]["input_size"] == len(data)
 
 
-def test_ten_sigkills_at_random_moments_lose_and_repeat_nothing(tmp_path, weights_dir, daemon):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_ten_sigkills_at_random_moments_lose_and_repeat_nothing(tmp_path, weights_dir, daemon, workers):
     rules = [{"folder": "", "model": "fsrcnn", "scale": 2, "metrics": ["lr_psnr_y"]}]
-    cfg = write_config(tmp_path, weights=weights_dir, rules=rules, settle_seconds=0.1)
+    cfg = write_config(tmp_path, weights=weights_dir, rules=rules, settle_seconds=0.1, workers=workers)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     names = set()
