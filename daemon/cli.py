@@ -127,7 +127,7 @@ def check_config(ctx: click.Context) -> None:
     """
     from daemon.service import check_devices
     from models.catalog import get_entry
-    from models.weights import present
+    from models.weights import needs_weights, present
 
     settings = _settings(ctx)
     check_devices(settings)  # a GPU that is not there stops `run` too
@@ -141,7 +141,7 @@ def check_config(ctx: click.Context) -> None:
         weights = "weights present" if present(settings.weights_dir, entry) else \
             f"WEIGHTS MISSING: run `upscaled weights fetch {rule.model}`"
         click.echo(f"  {rule.folder or '(default)'}: {rule.model} x{rule.final_scale:g} {rule.mode}"
-                   f" -> {rule.format or 'same format'}; {weights if entry.files else 'no weights needed'}")
+                   f" -> {rule.format or 'same format'}; {weights if needs_weights(entry) else 'no weights needed'}")
 
 
 @main.command()
@@ -256,14 +256,14 @@ def models(ctx: click.Context, fmt: str) -> None:
     Example: upscaled models --format json
     """
     from models.catalog import ENTRIES
-    from models.weights import present
+    from models.weights import needs_weights, present
 
     settings = _settings(ctx, check_paths=False)
     rows = []
     for e in ENTRIES:
         scales = "any" if isinstance(e.scales, str) else ",".join(f"x{s}" for s in e.scales) or "-"
-        rows.append(dict(id=e.id, backend=e.backend, scales=scales,
-                         weights=("present" if present(settings.weights_dir, e) else "missing") if e.files else "-",
+        weights = ("present" if present(settings.weights_dir, e) else "missing") if needs_weights(e) else "-"
+        rows.append(dict(id=e.id, backend=e.backend, scales=scales, weights=weights,
                          license=e.license, description=e.description))
     click.echo(render(rows, fmt))
 

@@ -45,7 +45,7 @@ from models.catalog import get_entry
 from models.diffusion_sd import cpu_cost_note, runs_on_cpu
 from models.errors import ConfigError, OutOfMemory, UnreadableFile, UnsupportedImage, UpscaledError
 from models.registry import ModelCache
-from models.weights import fetch_command, present
+from models.weights import fetch_command, needs_weights, present
 
 
 def _pid_alive(pid: int) -> bool:
@@ -189,7 +189,7 @@ class Service:
     def _warn_missing_weights(self) -> None:
         for rule in self.settings.all_rules():
             entry = get_entry(rule.model)
-            if entry.files and not present(self.settings.weights_dir, entry):
+            if needs_weights(entry) and not present(self.settings.weights_dir, entry):
                 self.log.warning("weights.missing", model=rule.model, folder=rule.folder or "(default)",
                                  fix=fetch_command(rule.model))
 

@@ -250,7 +250,20 @@ def verify(weights_dir: Path, model_ids: Iterable[str] | None = None) -> list[Fi
 
 
 def present(weights_dir: Path, entry: ModelEntry) -> bool:
-    """True when every weight file of ``entry`` exists (no hashing: for listings)."""
+    """True when every weight file of ``entry`` exists (no hashing: for listings). For a hub entry: when its
+    snapshot's ``model_index.json`` is in the Hugging Face cache (no network)."""
+    if entry.hub_repo:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return False
+        found = try_to_load_from_cache(entry.hub_repo, "model_index.json", revision=entry.hub_revision)
+        return isinstance(found, str)
     return all((weights_dir / wf.path).is_file() for wf in entry.weight_files())
+
+
+def needs_weights(entry: ModelEntry) -> bool:
+    """Whether ``entry`` loads anything: weight files, or a hub snapshot."""
+    return bool(entry.files or entry.hub_repo)
 
 

@@ -52,7 +52,7 @@ from models.errors import (  # noqa: E402
 from models.progress import reporting  # noqa: E402
 from models.registry import LoadContext, ModelCache  # noqa: E402
 from models.tiling import plan_axis  # noqa: E402
-from models.weights import fetch, fetch_hub  # noqa: E402
+from models.weights import fetch, fetch_hub, present  # noqa: E402
 
 FAST = {"num_inference_steps": 3}
 HUB_REPO = "upscaled-tests/tiny-sd-x4"
@@ -171,6 +171,7 @@ def test_the_hub_id_loads_from_the_hugging_face_cache_and_fetch_verifies_it(tmp_
     up = diffusion_sd.load(entry, 4, LoadContext(tmp_path, "cpu", tile=32))
     assert (up.model_id, up.source, up.revision) == ("sd-x4-upscaler", HUB_REPO, "main")
     assert up(scene(16, 16), FAST).shape == (64, 64, 3)
+    assert present(tmp_path, entry)  # what `upscaled models` and `check-config` show
     # `upscaled weights fetch` finds an intact snapshot without the network...
     report = fetch_hub(entry)
     assert (report.status, report.detail) == ("present", str(snapshot)), report
@@ -187,6 +188,7 @@ def test_missing_weights_fail_with_how_to_fetch_them(tmp_path, tiny, monkeypatch
     with pytest.raises(WeightsMissing) as err:
         ModelCache().get("sd-x4-upscaler", 4, LoadContext(tmp_path, "cpu"))
     text = str(err.value)
+    assert not present(tmp_path, CATALOG["sd-x4-upscaler"])
     for part in ("not in the Hugging Face cache", str(tmp_path / "empty-hub"), "upscaled weights fetch sd-x4-upscaler",
                  "huggingface-cli download stabilityai/stable-diffusion-x4-upscaler", 'model = "diffusers:'):
         assert part in text, text
