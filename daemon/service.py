@@ -59,6 +59,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _may_live(host: str | None, pid: int | None) -> bool:
+    """Whether process ``pid`` on ``host`` may still run: on another host it cannot be checked, so it may."""
+    if host != socket.gethostname():
+        return True
+    return pid is not None and _pid_alive(pid)
+
+
+def _worker_may_live(worker: str | None) -> bool:
+    """:func:`_may_live` for a ``jobs.worker`` value (``host:pid`` or ``host:pid/name``)."""
+    return _may_live((worker or "").partition(":")[0], worker_pid(worker))
+
+
 class InternalError(UpscaledError):
     kind = "internal"
 
@@ -221,8 +233,7 @@ class Service:
         before = self.store.heartbeat(self.node, info, start=True)
         if before is not None and before["stopped_at"] is None and before["pid"] != os.getpid():
             fresh = (utcnow() - before["heartbeat_at"]).total_seconds() < self.settings.stale_seconds
-            here = before["host"] == info["host"]
-            if fresh and (not here or _pid_alive(before["pid"])):
+            if fresh and _may_live(before["host"], before["pid"]):
                 self.store.heartbeat(self.node, {k: before[k] for k in info}, start=True)  # give the row back
                 raise ConfigError(f"node name {self.node!r} is in use by pid {before['pid']} on {before['host']}; "
                                   "give every daemon its own node_name")
@@ -239,11 +250,7 @@ class Service:
         Those runs hold no lease. One on this host whose process is gone is recovered (it goes back to pending,
         and the command's next run of the file takes it); one on another host cannot be checked and is left alone.
         """
-        if job["node"] is not None or job["source"] == "watch":
-            return False
-        host, _, _ = (job["worker"] or "").partition(":")
-        pid = worker_pid(job["worker"])
-        return host != socket.gethostname() or (pid is not None and _pid_alive(pid))
+        return job["node"] is None and job["source"] != "watch" and _worker_may_live(job["worker"])
 
     def _recover(self, own_node: str | None = None, unowned: bool = False) -> list[dict]:
         found = self.store.recover_jobs(self.settings.stale_seconds, own_node=own_node, unowned=unowned,
@@ -486,10 +493,11 @@ class Service:
             self.log.info("job.input_archived" if same else "duplicate.archived", job=job["id"], file=str(rel),
                           output=job["output_path"], moved_to=str(dest) if dest else None)
         elif job["state"] == "failed":
-            if same and job["input_moved_to"] is None and self._owner_may_still_move(job):
-                self.watcher.forget(path)  # its owner moves it in a moment; if it died instead, a rescan sees it
-            elif same and job["input_moved_to"] is None:  # the crash came between the commit and the move
-                self._move_failed(job, path, rel, job["error_kind"] or "error", job["error"] or "")
+            if same and job["input_moved_to"] is None:  # committed, not yet moved
+                if self._owner_may_still_move(job):
+                    self.watcher.forget(path)  # its owner moves it in a moment; if it died instead, a rescan sees it
+                else:  # the crash came between the commit and the move
+                    self._move_failed(job, path, rel, job["error_kind"] or "error", job["error"] or "")
             else:  # dropped in again after failing: the user asks for another try
                 self.store.update(job["id"], state="pending", input_path=str(path), rel_path=str(rel),
                                   input_moved_to=None, next_attempt_at=None, attempts=0, output_path=None)
@@ -509,11 +517,7 @@ class Service:
         """
         if job["finished_at"] is None or (utcnow() - job["finished_at"]).total_seconds() > self.settings.stale_seconds:
             return False
-        host = (job["worker"] or "").partition(":")[0]
-        if host != socket.gethostname():
-            return True
-        pid = worker_pid(job["worker"])
-        return pid is not None and _pid_alive(pid)
+        return _worker_may_live(job["worker"])
 
     # --- running a job -------------------------------------------------------------------------------------------
     def _progress(self, worker: Worker, done: int, total: int, unit: str = "tile") -> None:
