@@ -517,12 +517,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _unavailable(exc: ImportError, default: str) -> BackendUnavailable:
+    return BackendUnavailable(f"the diffusion backend needs PyTorch, diffusers and transformers, and "
+                              f"{exc.name or default} is not installed: {INSTALL_HINT}")
+
+
 def _import_torch() -> Any:
     try:
         import torch
     except ImportError as exc:
-        raise BackendUnavailable(f"the diffusion backend needs PyTorch, diffusers and transformers, and "
-                                 f"{exc.name or 'torch'} is not installed: {INSTALL_HINT}") from exc
+        raise _unavailable(exc, "torch") from exc
     return torch
 
 
@@ -532,6 +536,5 @@ def _import_diffusers() -> Any:
         import diffusers.utils.logging
         import transformers  # noqa: F401 - the pipeline's text encoder and tokenizer
     except ImportError as exc:
-        raise BackendUnavailable(f"the diffusion backend needs PyTorch, diffusers and transformers, and "
-                                 f"{exc.name or 'one'} is not installed: {INSTALL_HINT}") from exc
+        raise _unavailable(exc, "one") from exc
     return diffusers
