@@ -42,7 +42,14 @@ from daemon.metrics import Brisque, Metric, full_reference, y_bt601
 from daemon.pipeline import modcrop, quantise
 from daemon.store import Store, bench_runs, utcnow
 from models.catalog import get_entry
-from models.errors import ImageError, ImageTooSmall, ModelError, OutOfMemory, UpscaledError, WeightsMissing
+from models.errors import (
+    ImageError,
+    ImageTooSmallError,
+    ModelError,
+    OutOfMemoryError,
+    UpscaledError,
+    WeightsMissingError,
+)
 from models.registry import LoadContext, ModelCache, check_scale
 from models.resize import resize
 from models.weights import locate
@@ -301,7 +308,7 @@ def _parse_error(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, UpscaledError):
         return exc.kind, str(exc)
     if isinstance(exc, MemoryError):
-        return OutOfMemory.kind, "out of memory"
+        return OutOfMemoryError.kind, "out of memory"
     return "error", f"{type(exc).__name__}: {exc}"
 
 
@@ -467,7 +474,7 @@ def _brisque(settings: BenchSettings, progress: Progress) -> Brisque | None:
     try:
         entry = get_entry("brisque")
         return Brisque(locate(settings.weights_dir, entry, 0), locate(settings.weights_dir, entry, 1))
-    except WeightsMissing as exc:
+    except WeightsMissingError as exc:
         progress.note(f"BRISQUE left out: {exc}")
         return None
 
@@ -504,7 +511,7 @@ def _run_model(settings: BenchSettings, model: str, scale: int, source: str, pre
         job_id = _register(store, run_id, p, model, scale, source, settings, fingerprint_base)
         try:
             if p.too_small:
-                raise ImageTooSmall(p.too_small)
+                raise ImageTooSmallError(p.too_small)
             times = []
             for _ in range(settings.repeat):
                 t1 = time.perf_counter()

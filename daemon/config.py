@@ -18,9 +18,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from daemon.errors import ConfigError
 from models.catalog import get_entry
 from models.diffusion_sd import DEFAULT_GUIDANCE, DEFAULT_NOISE_LEVEL, DEFAULT_STEPS, MAX_NOISE_LEVEL, MAX_STEPS
-from models.errors import ConfigError, UpscaledError
+from models.errors import UpscaledError
 from models.registry import check_scale
 
 ENV_PREFIX = "UPSCALED_"

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from models.errors import DiskFull, OutputError, OutputUnavailable
+from daemon.errors import DiskFullError, OutputError, OutputUnavailableError
 
 NAME_MAX = 255  # bytes, on every Linux filesystem we write to
 
@@ -80,9 +80,9 @@ def _split(name: str) -> tuple[str, str]:
 
 def _raise_disk(exc: OSError, what: str) -> None:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise DiskFull(f"no space left while writing {what}") from exc
+        raise DiskFullError(f"no space left while writing {what}") from exc
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
-        raise OutputUnavailable(f"cannot write {what}: {exc.strerror or exc}") from exc
+        raise OutputUnavailableError(f"cannot write {what}: {exc.strerror or exc}") from exc
     raise OutputError(f"cannot write {what}: {exc.strerror or exc}") from exc
 
 
@@ -90,7 +90,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that no reader ever sees a partial file, and make it durable.
 
     Raises:
-        DiskFull: the disk is full (retryable).
+        DiskFullError: the disk is full (retryable).
         OutputError: any other write error.
     """
     tmp = temp_path(path)

@@ -15,15 +15,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from daemon.errors import QueryError
 from daemon.store import make_engine, utcnow
-from models.errors import UpscaledError
 
 SUMMARY_METRICS = ("psnr_y", "ssim_y", "brisque", "lr_psnr_y")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-class QueryError(UpscaledError):
-    kind = "query"
 
 
 def parse_since(value: str) -> dt.datetime:

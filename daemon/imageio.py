@@ -20,14 +20,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from models.errors import (
-    DecodeError,
-    EmptyFile,
-    ImageTooLarge,
-    UnreadableFile,
-    UnsupportedImage,
-    UpscaledError,
-)
+from daemon.errors import DecodeError, EmptyFileError, ImageTooLargeError, UnreadableFileError
+from models.errors import UnsupportedImageError, UpscaledError
 
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding, with a configurable limit
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -72,7 +66,7 @@ def _to_float(a: np.ndarray) -> np.ndarray:
         return a.astype(np.float32) / 255.0
     if a.dtype == np.uint16:
         return a.astype(np.float32) / 65535.0
-    raise UnsupportedImage(f"expected 8- or 16-bit samples, got {a.dtype}")
+    raise UnsupportedImageError(f"expected 8- or 16-bit samples, got {a.dtype}")
 
 
 def read_no_follow(path: Path) -> bytes:
@@ -86,18 +80,18 @@ def decode(path: Path, max_pixels: int) -> Decoded:
     """Read ``path`` into a :class:`Decoded`.
 
     Raises:
-        EmptyFile, UnreadableFile, DecodeError, ImageTooLarge, UnsupportedImage.
+        EmptyFileError, UnreadableFileError, DecodeError, ImageTooLargeError, UnsupportedImageError.
     """
     try:
         data = read_no_follow(Path(path))
     except PermissionError as exc:
-        raise UnreadableFile(f"cannot read {path}: permission denied") from exc
+        raise UnreadableFileError(f"cannot read {path}: permission denied") from exc
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnsupportedImage(f"{path} is a symbolic link; links are not followed") from None
-        raise UnreadableFile(f"cannot read {path}: {exc.strerror or exc}") from exc
+            raise UnsupportedImageError(f"{path} is a symbolic link; links are not followed") from None
+        raise UnreadableFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if not data:
-        raise EmptyFile(f"{path} is empty (0 bytes)")
+        raise EmptyFileError(f"{path} is empty (0 bytes)")
     return decode_bytes(data, max_pixels, name=str(path))
 
 
@@ -112,12 +106,12 @@ def decode_bytes(data: bytes, max_pixels: int, name: str = "<bytes>") -> Decoded
         raise DecodeError(f"{name}: bad image header: {exc}") from None
     w, h = im.size
     if w * h > max_pixels:
-        raise ImageTooLarge(f"{name} is {w}x{h} = {w * h} pixels, over the max_pixels limit of {max_pixels}")
+        raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h} pixels, over the max_pixels limit of {max_pixels}")
     if w == 0 or h == 0:
         raise DecodeError(f"{name} has no pixels ({w}x{h})")
     fmt = EXTENSIONS.get((im.format or "").lower())
     if fmt is None:
-        raise UnsupportedImage(f"{name}: format {im.format} is not supported (png, jpeg, webp, tiff, bmp, gif)")
+        raise UnsupportedImageError(f"{name}: format {im.format} is not supported (png, jpeg, webp, tiff, bmp, gif)")
     # Read the raw mode before anything (getexif on a PNG, for one) loads the pixels and clears the tiles.
     rawmode = im.tile[0].args if im.tile else ""
     rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
@@ -179,10 +173,10 @@ def _pil_to_array(im: Image.Image) -> tuple[np.ndarray, str]:
     if mode == "I":  # 32-bit integer: some decoders give 16-bit grey this way
         a = np.asarray(im)
         if a.min() < 0 or a.max() > 65535:
-            raise UnsupportedImage(f"32-bit integer samples outside 0..65535 are not supported (mode {mode})")
+            raise UnsupportedImageError(f"32-bit integer samples outside 0..65535 are not supported (mode {mode})")
         return a.astype(np.uint16)[:, :, None], mode
     if mode == "F":
-        raise UnsupportedImage("floating-point images (mode F) are not supported; convert to 16-bit first")
+        raise UnsupportedImageError("floating-point images (mode F) are not supported; convert to 16-bit first")
     if mode in ("1", "L"):
         return np.asarray(im.convert("L"))[:, :, None].copy(), mode
     if mode == "LA" or mode == "La":
@@ -194,7 +188,7 @@ def _pil_to_array(im: Image.Image) -> tuple[np.ndarray, str]:
         return np.asarray(im).copy(), mode
     if mode in ("RGBa", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
         return np.asarray(im.convert("RGBA" if mode == "RGBa" else "RGB")).copy(), mode
-    raise UnsupportedImage(f"image mode {mode!r} is not supported")
+    raise UnsupportedImageError(f"image mode {mode!r} is not supported")
 
 
 def to_output_array(rgb: np.ndarray, alpha: np.ndarray | None, bits: int, grey: bool) -> np.ndarray:

@@ -21,10 +21,11 @@ import numpy as np
 
 from daemon import imageio
 from daemon.config import Rule, Settings
+from daemon.errors import BadSidecarError
 from daemon.fsops import NAME_MAX, atomic_write
 from daemon.metrics import Brisque, Metric, full_reference, lr_consistency
 from models.catalog import get_entry, model_label
-from models.errors import BadSidecar, ImageTooSmall, WeightsMissing
+from models.errors import ImageTooSmallError, WeightsMissingError
 from models.registry import LoadContext, ModelCache
 from models.resize import finish_resize, resize
 from models.weights import locate
@@ -75,7 +76,7 @@ def with_sidecar_prompt(rule: Rule, input_path: Path) -> Rule:
     The new prompt is part of the rule, so it is part of the job's fingerprint and its recorded rule.
 
     Raises:
-        BadSidecar: the sidecar is a link or not a regular file, unreadable, not UTF-8, or over 4 KiB.
+        BadSidecarError: the sidecar is a link or not a regular file, unreadable, not UTF-8, or over 4 KiB.
     """
     if rule.generation() is None:
         return rule
@@ -86,17 +87,19 @@ def with_sidecar_prompt(rule: Rule, input_path: Path) -> Rule:
     except FileNotFoundError:
         return rule
     except OSError as exc:
-        raise BadSidecar(f"cannot read the prompt file {side.name}: {exc.strerror or exc}") from None
+        raise BadSidecarError(f"cannot read the prompt file {side.name}: {exc.strerror or exc}") from None
     with os.fdopen(fd, "rb") as fh:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise BadSidecar(f"the prompt file {side.name} is not a regular file")
+            raise BadSidecarError(f"the prompt file {side.name} is not a regular file")
         data = fh.read(SIDECAR_MAX_BYTES + 1)
     if len(data) > SIDECAR_MAX_BYTES:
-        raise BadSidecar(f"the prompt file {side.name} is over {SIDECAR_MAX_BYTES} bytes; a prompt is a line of text")
+        raise BadSidecarError(f"the prompt file {side.name} is over {SIDECAR_MAX_BYTES} bytes; "
+                              "a prompt is a line of text")
     try:
         text = data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as exc:
-        raise BadSidecar(f"the prompt file {side.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise BadSidecarError(f"the prompt file {side.name} is not UTF-8 text "
+                              f"({exc.reason} at byte {exc.start})") from None
     return rule.model_copy(update={"prompt": text})
 
 
@@ -177,7 +180,8 @@ class Pipeline:
             # SSIM's 11 px window must fit after the border shave, and the LR image needs a few pixels.
             need = max(11 + 2 * s, 3 * s)
             if min(hr.shape[:2]) < need:
-                raise ImageTooSmall(f"benchmark x{s} needs at least {need} px per side, got {img.width}x{img.height}")
+                raise ImageTooSmallError(f"benchmark x{s} needs at least {need} px per side, "
+                                         f"got {img.width}x{img.height}")
             lr_size = (hr.shape[1] // s, hr.shape[0] // s)
             # MATLAB rounds integer images between its two passes; so do we, to make the papers' LR images.
             levels = 65535 if img.bits == 16 else 255
@@ -249,7 +253,7 @@ class Pipeline:
         if "brisque" in names:
             try:
                 results.append(self.brisque()(sr))
-            except WeightsMissing as exc:
+            except WeightsMissingError as exc:
                 notes.append(f"brisque skipped: {exc}")
         return results, notes
 

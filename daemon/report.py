@@ -194,7 +194,7 @@ def bench_report(result: BenchResult, path: Path, command: str | None = None) ->
     """Write the HTML report of ``result`` to ``path`` (atomically) and return the path.
 
     Raises:
-        ReportError, OutputError, DiskFull: the file cannot be written.
+        ReportError, OutputError, DiskFullError: the file cannot be written.
     """
     s = result.settings
     body = [f"<h1>upscaled bench: {_esc(s.get('dataset_name', ''))}</h1>",
@@ -386,7 +386,7 @@ def history_report(engine: Engine, path: Path, since: str | None = None, include
 
     Raises:
         QueryError: a bad ``since``.
-        ReportError, OutputError, DiskFull: the file cannot be written.
+        ReportError, OutputError, DiskFullError: the file cannot be written.
     """
     jobs = load_jobs(engine, since, include_bench)
     states = Counter(j["state"] for j in jobs)

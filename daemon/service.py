@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from daemon import logs
 from daemon.config import Rule, Settings, load_settings
+from daemon.errors import ConfigError, InternalError, UnreadableFileError
 from daemon.fsops import (
     confined,
     fit_name,
@@ -43,7 +44,7 @@ from daemon.watcher import Watcher
 from models import progress
 from models.catalog import get_entry
 from models.diffusion_sd import cpu_cost_note, runs_on_cpu
-from models.errors import ConfigError, OutOfMemory, UnreadableFile, UnsupportedImage, UpscaledError
+from models.errors import OutOfMemoryError, Retry, UnsupportedImageError, UpscaledError
 from models.registry import ModelCache
 from models.weights import fetch_command, needs_weights, present
 
@@ -69,10 +70,6 @@ def _may_live(host: str | None, pid: int | None) -> bool:
 def _worker_may_live(worker: str | None) -> bool:
     """:func:`_may_live` for a ``jobs.worker`` value (``host:pid`` or ``host:pid/name``)."""
     return _may_live((worker or "").partition(":")[0], worker_pid(worker))
-
-
-class InternalError(UpscaledError):
-    kind = "internal"
 
 
 def file_sha256(path: Path) -> str:
@@ -445,16 +442,16 @@ class Service:
         rule = s.rule_for(str(rel_posix.parent))
         problem: UpscaledError | None = None
         if stat.S_ISLNK(st.st_mode):
-            problem = UnsupportedImage(f"{rel} is a symbolic link; links are not followed out of the inbox")
+            problem = UnsupportedImageError(f"{rel} is a symbolic link; links are not followed out of the inbox")
         elif not stat.S_ISREG(st.st_mode):
-            problem = UnsupportedImage(f"{rel} is not a regular file")
+            problem = UnsupportedImageError(f"{rel} is not a regular file")
         else:
             try:
                 sha = file_sha256(path)
             except FileNotFoundError:
                 return None
             except OSError as exc:
-                problem = UnreadableFile(f"cannot read {rel}: {exc.strerror or exc}")
+                problem = UnreadableFileError(f"cannot read {rel}: {exc.strerror or exc}")
         if problem is None:
             try:  # a `<name>.prompt.txt` beside the input is that image's prompt: part of its rule and fingerprint
                 rule = with_sidecar_prompt(rule, path)
@@ -542,7 +539,7 @@ class Service:
             log = log.bind(worker=worker.name)
         try:
             if src.is_symlink():  # replaced by a link while it waited: never follow it
-                raise UnsupportedImage(f"{job['rel_path']} is a symbolic link; links are not followed")
+                raise UnsupportedImageError(f"{job['rel_path']} is a symbolic link; links are not followed")
             if not src.is_file():
                 self.store.fail(job["id"], "vanished", f"{src} disappeared before it was processed")
                 log.warning("job.vanished")
@@ -553,7 +550,7 @@ class Service:
         except UpscaledError as exc:
             self._handle_error(job, exc, log)
         except MemoryError:
-            self._handle_error(job, OutOfMemory("out of memory while processing"), log)
+            self._handle_error(job, OutOfMemoryError("out of memory while processing"), log)
         except Exception as exc:  # a bug or a library's surprise: this job fails, the service goes on
             log.error("job.crashed", error=repr(exc), traceback=traceback.format_exc())
             self._handle_error(job, InternalError(f"unexpected {type(exc).__name__}: {exc}"), log)
@@ -635,8 +632,8 @@ class Service:
         return self._finish_input(src, planned, reserved=False)
 
     def _handle_error(self, job: dict, exc: UpscaledError, log) -> None:  # noqa: ANN001
-        retry_forever = getattr(exc, "retry_forever", False)
-        if exc.retryable and (retry_forever or job["attempts"] < self.settings.max_attempts):
+        backoff = exc.retry is Retry.BACKOFF and job["attempts"] < self.settings.max_attempts
+        if exc.retry is Retry.UNTIL_FIXED or backoff:
             delay = min(self.settings.retry_max_seconds, self.settings.retry_seconds * 2 ** (job["attempts"] - 1))
             if self.store.retry_later(job["id"], exc.kind, str(exc), utcnow() + dt.timedelta(seconds=delay),
                                       owner=job.get("worker")):
@@ -740,7 +737,7 @@ def process_once(settings: Settings, files: list[Path], rule: Rule, out_dir: Pat
             report["error"] = f"{exc.kind}: {exc}"
             continue
         except MemoryError:
-            store.fail(job["id"], OutOfMemory.kind, "out of memory")
+            store.fail(job["id"], OutOfMemoryError.kind, "out of memory")
             report["error"] = "out of memory"
             continue
         store.finish(job["id"], dict(result.fields, t_queue=0.0), result.metrics)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.errors import ImageTooSmall, UnsupportedImage
+from models.errors import ImageTooSmallError, UnsupportedImageError
 from models.progress import report
 
 RunFn = Callable[[np.ndarray], np.ndarray]
@@ -52,22 +52,23 @@ class Upscaler:
         """The contract every backend's call starts with. Returns (H, W).
 
         Raises:
-            UnsupportedImage: the array is not float32 RGB.
-            ImageTooSmall: a side is below the model's minimum.
+            UnsupportedImageError: the array is not float32 RGB.
+            ImageTooSmallError: a side is below the model's minimum.
         """
         if rgb.dtype != np.float32 or rgb.ndim != 3 or rgb.shape[2] != 3:
-            raise UnsupportedImage(f"expected float32 RGB of shape (H, W, 3), got {rgb.dtype} {rgb.shape}")
+            raise UnsupportedImageError(f"expected float32 RGB of shape (H, W, 3), got {rgb.dtype} {rgb.shape}")
         h, w = rgb.shape[:2]
         if min(h, w) < self.size.minimum:
-            raise ImageTooSmall(f"{self.model_id} needs at least {self.size.minimum} px per side, the image is {w}x{h}")
+            raise ImageTooSmallError(f"{self.model_id} needs at least {self.size.minimum} px per side, "
+                                     f"the image is {w}x{h}")
         return h, w
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """Upscale ``rgb`` (float32, (H, W, 3), [0, 1]).
 
         Raises:
-            UnsupportedImage: the array is not float32 RGB.
-            ImageTooSmall: a side is below the model's minimum.
+            UnsupportedImageError: the array is not float32 RGB.
+            ImageTooSmallError: a side is below the model's minimum.
         """
         h, w = self.check_input(rgb)
         out_h, out_w = round(h * self.scale), round(w * self.scale)

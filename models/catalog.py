@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.errors import UnknownModel, WeightsMissing
+from models.errors import UnknownModelError, WeightsMissingError
 
 ANY_SCALE = "any"
 
@@ -230,13 +230,13 @@ def file_entry(model_id: str) -> ModelEntry:
     :func:`resolve_model_file` when it loads.
 
     Raises:
-        UnknownModel: the id names no file, or a file type spandrel cannot read.
+        UnknownModelError: the id names no file, or a file type spandrel cannot read.
     """
     raw = model_id[len(FILE_PREFIX):]
     if not raw.strip():
-        raise UnknownModel(f"{model_id!r} names no file; write file:PATH, e.g. file:weights/4x-Something.pth")
+        raise UnknownModelError(f"{model_id!r} names no file; write file:PATH, e.g. file:weights/4x-Something.pth")
     if Path(raw).suffix.lower() not in MODEL_FILE_SUFFIXES:
-        raise UnknownModel(f"{model_id!r}: expected a model file ending in {', '.join(MODEL_FILE_SUFFIXES)}, "
+        raise UnknownModelError(f"{model_id!r}: expected a model file ending in {', '.join(MODEL_FILE_SUFFIXES)}, "
                            f"got {Path(raw).suffix or 'no extension'!r}")
     return ModelEntry(id=model_id, backend="spandrel", arch="", scales=ANY_SCALE, source=raw,
                       description=f"user-supplied model file {raw}, loaded with spandrel",
@@ -248,8 +248,8 @@ def resolve_model_file(model_id: str, weights_dir: Path | None = None) -> Path:
     ``weights_dir/PATH`` that exists.
 
     Raises:
-        UnknownModel: not a usable ``file:`` id (see :func:`file_entry`).
-        WeightsMissing: no such file; the message lists the places looked at.
+        UnknownModelError: not a usable ``file:`` id (see :func:`file_entry`).
+        WeightsMissingError: no such file; the message lists the places looked at.
     """
     entry = file_entry(model_id)
     raw = Path(entry.source).expanduser()
@@ -257,7 +257,7 @@ def resolve_model_file(model_id: str, weights_dir: Path | None = None) -> Path:
     for path in candidates:
         if path.is_file():
             return path.resolve()
-    raise WeightsMissing(f"model file for {model_id!r} not found; looked at {', '.join(map(str, candidates))}")
+    raise WeightsMissingError(f"model file for {model_id!r} not found; looked at {', '.join(map(str, candidates))}")
 
 
 # --- saved diffusion pipelines: `model = "diffusers:/srv/models/sd-x4-upscaler"` -------------------------------
@@ -273,11 +273,11 @@ def diffusers_entry(model_id: str) -> ModelEntry:
     """An ad-hoc diffusion entry for a ``diffusers:FOLDER`` model id. Its scale is whatever the loaded VAE gives.
 
     Raises:
-        UnknownModel: the id names no folder.
+        UnknownModelError: the id names no folder.
     """
     raw = model_id[len(DIFFUSERS_PREFIX):]
     if not raw.strip():
-        raise UnknownModel(f"{model_id!r} names no folder; write diffusers:PATH to a folder saved with "
+        raise UnknownModelError(f"{model_id!r} names no folder; write diffusers:PATH to a folder saved with "
                            f"save_pretrained, e.g. diffusers:/srv/models/sd-x4-upscaler")
     return ModelEntry(id=model_id, backend="diffusion", scales=ANY_SCALE, source=raw,
                       description=f"diffusion pipeline saved with save_pretrained in {raw}",
@@ -289,8 +289,8 @@ def resolve_diffusers_folder(model_id: str, weights_dir: Path | None = None) -> 
     ``weights_dir/PATH`` that holds a ``model_index.json``.
 
     Raises:
-        UnknownModel: not a usable ``diffusers:`` id (see :func:`diffusers_entry`).
-        WeightsMissing: no such pipeline folder; the message lists the places looked at.
+        UnknownModelError: not a usable ``diffusers:`` id (see :func:`diffusers_entry`).
+        WeightsMissingError: no such pipeline folder; the message lists the places looked at.
     """
     entry = diffusers_entry(model_id)
     raw = Path(entry.source).expanduser()
@@ -298,7 +298,7 @@ def resolve_diffusers_folder(model_id: str, weights_dir: Path | None = None) -> 
     for path in candidates:
         if (path / DIFFUSERS_INDEX).is_file():
             return path.resolve()
-    raise WeightsMissing(f"pipeline folder for {model_id!r} not found: none of {', '.join(map(str, candidates))} "
+    raise WeightsMissingError(f"pipeline folder for {model_id!r} not found: none of {', '.join(map(str, candidates))} "
                          f"holds a {DIFFUSERS_INDEX}; point it at a folder written by the pipeline's save_pretrained()")
 
 
@@ -318,7 +318,7 @@ def get_entry(model_id: str) -> ModelEntry:
     ``diffusers:FOLDER`` ids an ad-hoc diffusion entry (:func:`diffusers_entry`).
 
     Raises:
-        UnknownModel: no such id; the message lists the known ones.
+        UnknownModelError: no such id; the message lists the known ones.
     """
     if is_file_model(model_id):
         return file_entry(model_id)
@@ -328,4 +328,4 @@ def get_entry(model_id: str) -> ModelEntry:
         return CATALOG[model_id]
     except KeyError:
         known = ", ".join(e.id for e in ENTRIES if e.kind == "upscaler")
-        raise UnknownModel(f"unknown model {model_id!r}; known models: {known}") from None
+        raise UnknownModelError(f"unknown model {model_id!r}; known models: {known}") from None

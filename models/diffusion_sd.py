@@ -26,7 +26,7 @@ so 75 steps (the pipeline's default) take about 20 minutes. Diffusion is a GPU r
 when a rule would run it on the CPU (:func:`runs_on_cpu`, :data:`CPU_SECONDS_PER_STEP_128PX`).
 
 torch and diffusers are imported inside :func:`load`; without them the load raises
-:class:`~models.errors.BackendUnavailable` naming ``upscaled[diffusion]``.
+:class:`~models.errors.BackendUnavailableError` naming ``upscaled[diffusion]``.
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ import numpy as np
 from models.base import SizeRequirements, Tiling, Upscaler, pad_to_multiple
 from models.catalog import DIFFUSERS_INDEX, ModelEntry, is_diffusers_model, resolve_diffusers_folder
 from models.errors import (
-    BackendUnavailable,
-    ConfigError,
-    NonFiniteOutput,
-    UnsupportedModel,
-    UnsupportedPrecision,
-    UnsupportedScale,
-    WeightsCorrupt,
-    WeightsMissing,
+    BackendUnavailableError,
+    InvalidParamsError,
+    NonFiniteOutputError,
+    UnsupportedModelError,
+    UnsupportedPrecisionError,
+    UnsupportedScaleError,
+    WeightsCorruptError,
+    WeightsMissingError,
 )
 from models.progress import report
 from models.registry import LoadContext
@@ -103,18 +103,18 @@ class GenerationParams:
         """Build from a rule's options; missing keys take the defaults.
 
         Raises:
-            ConfigError: an unknown key, or a value out of range.
+            InvalidParamsError: an unknown key, or a value out of range.
         """
         params = dict(params or {})
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - names)
         if unknown:
-            raise ConfigError(f"unknown generation parameter(s) {unknown}; expected some of {sorted(names)}")
+            raise InvalidParamsError(f"unknown generation parameter(s) {unknown}; expected some of {sorted(names)}")
         gp = cls(**params)
         if not 1 <= gp.num_inference_steps <= MAX_STEPS:
-            raise ConfigError(f"num_inference_steps must be 1 to {MAX_STEPS}, got {gp.num_inference_steps}")
+            raise InvalidParamsError(f"num_inference_steps must be 1 to {MAX_STEPS}, got {gp.num_inference_steps}")
         if gp.noise_level < 0 or gp.seed < 0 or gp.guidance_scale < 0:
-            raise ConfigError(f"noise_level, seed and guidance_scale must not be negative, got {gp}")
+            raise InvalidParamsError(f"noise_level, seed and guidance_scale must not be negative, got {gp}")
         return gp
 
 
@@ -153,16 +153,16 @@ class DiffusionUpscaler(OomSplitting, Upscaler):
         side give the same bytes on the same device and precision.
 
         Raises:
-            UnsupportedImage: the array is not float32 RGB.
-            ImageTooSmall: a side is 0.
-            ConfigError: an unknown or out-of-range parameter (``noise_level`` above the pipeline's maximum).
-            OutOfMemory: even the smallest window ran out of memory (retryable).
-            NonFiniteOutput: the pipeline gave NaN or Inf in fp32.
+            UnsupportedImageError: the array is not float32 RGB.
+            ImageTooSmallError: a side is 0.
+            InvalidParamsError: an unknown or out-of-range parameter (``noise_level`` above the pipeline's maximum).
+            OutOfMemoryError: even the smallest window ran out of memory (retryable).
+            NonFiniteOutputError: the pipeline gave NaN or Inf in fp32.
         """
         h, w = self.check_input(rgb)
         gp = GenerationParams.from_mapping(params)
         if gp.noise_level > self.max_noise_level:
-            raise ConfigError(f"noise_level {gp.noise_level} is above {self.model_id}'s max_noise_level "
+            raise InvalidParamsError(f"noise_level {gp.noise_level} is above {self.model_id}'s max_noise_level "
                               f"{self.max_noise_level}")
         m = self.size.multiple_of
         # 1. Pad once for the whole image (never resize), and carry each pixel's coordinates in two extra channels:
@@ -261,11 +261,11 @@ class DiffusionUpscaler(OomSplitting, Upscaler):
         The fp32 weights come from the source again: casting the fp16 ones up would keep their rounding.
 
         Raises:
-            NonFiniteOutput: already fp32, or fp32 fails too.
+            NonFiniteOutputError: already fp32, or fp32 fails too.
         """
         torch = self._torch
         if self._dtype == torch.float32:
-            raise NonFiniteOutput(f"{self.model_id} gave NaN, Inf or a black image in fp32 on {self.device}; its "
+            raise NonFiniteOutputError(f"{self.model_id} gave NaN, Inf or a black image in fp32 on {self.device}; its "
                                   f"weights are broken")
         self.pipe = None  # drop the reduced-precision copy before the fp32 one is read
         if self.device.startswith("cuda"):
@@ -276,7 +276,7 @@ class DiffusionUpscaler(OomSplitting, Upscaler):
         self.fallbacks += 1
         y = self._generate(x, latents, gp, y0, x0, steps)
         if y is None:
-            raise NonFiniteOutput(f"{self.model_id} gave NaN, Inf or a black image even in fp32 on {self.device}")
+            raise NonFiniteOutputError(f"{self.model_id} gave NaN, Inf or a black image even in fp32 on {self.device}")
         return y
 
 
@@ -383,14 +383,15 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> DiffusionUpscaler
     """Load ``entry`` (``sd-x4-upscaler`` or a ``diffusers:`` folder) at ``scale`` on ``ctx.device``.
 
     Raises:
-        BackendUnavailable: torch, diffusers or transformers is not installed.
-        WeightsMissing: the hub snapshot is not in the Hugging Face cache (the message says how to fetch it or
+        BackendUnavailableError: torch, diffusers or transformers is not installed.
+        WeightsMissingError: the hub snapshot is not in the Hugging Face cache (the message says how to fetch it or
             where to point a folder), or a ``diffusers:`` folder does not exist.
-        WeightsCorrupt: the folder or snapshot is incomplete or unreadable (a component or its safetensors missing).
-        UnsupportedModel: the folder holds another pipeline than ``StableDiffusionUpscalePipeline``.
-        UnsupportedScale: the pipeline's VAE does not upscale by ``scale``.
-        DeviceUnavailable: ``ctx.device`` names a GPU that is not there.
-        UnsupportedPrecision: ``ctx.precision`` is unknown, or the device cannot run it.
+        WeightsCorruptError: the folder or snapshot is incomplete or unreadable (a component or its safetensors
+            missing).
+        UnsupportedModelError: the folder holds another pipeline than ``StableDiffusionUpscalePipeline``.
+        UnsupportedScaleError: the pipeline's VAE does not upscale by ``scale``.
+        DeviceUnavailableError: ``ctx.device`` names a GPU that is not there.
+        UnsupportedPrecisionError: ``ctx.precision`` is unknown, or the device cannot run it.
     """
     torch = _import_torch()
     threads = configure_threads(torch)
@@ -408,7 +409,8 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> DiffusionUpscaler
     #    the size requirement.
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if vae_factor != scale:
-        raise UnsupportedScale(f"{entry.id} is a x{vae_factor} pipeline and cannot upscale x{scale:g} natively; set "
+        raise UnsupportedScaleError(f"{entry.id} is a x{vae_factor} pipeline and cannot upscale x{scale:g} natively; "
+                                    "set "
                                f"scale = {vae_factor} (and outscale for another final size)")
     multiple = math.lcm(vae_factor, 2 ** int(pipe.unet.num_upsamplers))
     return DiffusionUpscaler(
@@ -435,18 +437,18 @@ def choose_precision(requested: str, device: str, torch: Any) -> str:
     """``auto`` -> fp16 on CUDA, fp32 on the CPU; explicit choices are checked.
 
     Raises:
-        UnsupportedPrecision: an unknown name, fp16 on the CPU, or bf16 on a GPU without it.
+        UnsupportedPrecisionError: an unknown name, fp16 on the CPU, or bf16 on a GPU without it.
     """
     if requested not in PRECISIONS:
-        raise UnsupportedPrecision(f"unknown precision {requested!r}; expected one of {', '.join(PRECISIONS)}")
+        raise UnsupportedPrecisionError(f"unknown precision {requested!r}; expected one of {', '.join(PRECISIONS)}")
     cuda = device.startswith("cuda")
     if requested == "auto":
         return "fp16" if cuda else "fp32"
     if requested == "fp16" and not cuda:
-        raise UnsupportedPrecision("fp16 diffusion on the CPU is not supported (many CPU kernels lack half "
+        raise UnsupportedPrecisionError("fp16 diffusion on the CPU is not supported (many CPU kernels lack half "
                                    "precision); use fp32 or bf16")
     if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise UnsupportedPrecision(f"{device} ({torch.cuda.get_device_name(device)}) has no bf16; use fp16")
+        raise UnsupportedPrecisionError(f"{device} ({torch.cuda.get_device_name(device)}) has no bf16; use fp16")
     return requested
 
 
@@ -470,7 +472,7 @@ def _load_pipeline(model_id: str, source: str, revision: str | None, dtype: Any,
     """Read the pipeline offline from safetensors, move it to ``device`` and set it up for bounded memory.
 
     Raises:
-        WeightsMissing, WeightsCorrupt, UnsupportedModel: as for :func:`load`.
+        WeightsMissingError, WeightsCorruptError, UnsupportedModelError: as for :func:`load`.
     """
     diffusers = _import_diffusers()
     folder = revision is None
@@ -479,9 +481,9 @@ def _load_pipeline(model_id: str, source: str, revision: str | None, dtype: Any,
         try:
             cls = json.loads(index.read_text()).get("_class_name")
         except (OSError, ValueError, AttributeError) as exc:
-            raise WeightsCorrupt(f"cannot read {index}: {exc}") from None
+            raise WeightsCorruptError(f"cannot read {index}: {exc}") from None
         if cls != PIPELINE_CLASS:
-            raise UnsupportedModel(f"{source} holds a {cls} pipeline; this backend runs {PIPELINE_CLASS} only")
+            raise UnsupportedModelError(f"{source} holds a {cls} pipeline; this backend runs {PIPELINE_CLASS} only")
     with _load_lock:  # diffusers' logging switches are process-wide
         diffusers.utils.logging.disable_progress_bar()
         try:
@@ -489,12 +491,12 @@ def _load_pipeline(model_id: str, source: str, revision: str | None, dtype: Any,
                 source, revision=revision, dtype=dtype, local_files_only=True, use_safetensors=True)
         except OSError as exc:  # huggingface_hub's LocalEntryNotFoundError is an OSError too
             if not folder:
-                raise WeightsMissing(missing_weights_message(model_id, source, revision)) from None
-            raise WeightsCorrupt(f"{source} is not a complete save_pretrained folder of a {PIPELINE_CLASS} in "
+                raise WeightsMissingError(missing_weights_message(model_id, source, revision)) from None
+            raise WeightsCorruptError(f"{source} is not a complete save_pretrained folder of a {PIPELINE_CLASS} in "
                                  f"safetensors: {_first_line(exc)}") from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             where = source if folder else f"the cached snapshot of {source}"
-            raise WeightsCorrupt(f"cannot build a {PIPELINE_CLASS} from {where}: {type(exc).__name__}: "
+            raise WeightsCorruptError(f"cannot build a {PIPELINE_CLASS} from {where}: {type(exc).__name__}: "
                                  f"{_first_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)
     # The VAE overflows in fp16 on this model. Where its config asks for an fp32 decode (force_upcast), keep it in
@@ -517,8 +519,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _unavailable(exc: ImportError, default: str) -> BackendUnavailable:
-    return BackendUnavailable(f"the diffusion backend needs PyTorch, diffusers and transformers, and "
+def _unavailable(exc: ImportError, default: str) -> BackendUnavailableError:
+    return BackendUnavailableError(f"the diffusion backend needs PyTorch, diffusers and transformers, and "
                               f"{exc.name or default} is not installed: {INSTALL_HINT}")
 
 

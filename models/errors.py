@@ -1,154 +1,145 @@
-"""One family of errors for the whole project.
+"""The errors of the pixel side: models, weights, devices, and the arrays handed to a model.
 
-Every error the service can meet derives from :class:`UpscaledError`. Each class says whether a retry can help
-(``retryable``) and carries a short machine-readable ``kind`` that ends up in the job row and in the
-``<name>.error.json`` file beside a failed input. Messages say what was expected and what was given.
+Every error raised on purpose by upscaled derives from :class:`UpscaledError`. Each class carries a short
+machine-readable ``kind`` (it ends up in the job row and in the ``<name>.error.json`` beside a failed input) and a
+:class:`Retry` policy that tells the worker what a second try can do. Messages say what was expected and what was
+given. The file, queue and configuration errors of the service live in :mod:`daemon.errors`.
 """
 
 from __future__ import annotations
+
+import enum
+
+
+class Retry(enum.Enum):
+    """What the worker does when a job fails with an error of this class."""
+
+    NEVER = "never"  # the input or the configuration is at fault: a second try gives the same answer
+    BACKOFF = "backoff"  # transient (out of memory): retried with a doubling delay, at most `max_attempts` times
+    UNTIL_FIXED = "until-fixed"  # the environment is at fault (disk full): retried with capped backoff, forever
 
 
 class UpscaledError(Exception):
     """Base of every error raised on purpose by upscaled."""
 
     kind = "error"
-    retryable = False
-
-
-# --- configuration -------------------------------------------------------------------------------------------------
-class ConfigError(UpscaledError):
-    kind = "config"
+    retry = Retry.NEVER
 
 
 # --- models and weights --------------------------------------------------------------------------------------------
 class ModelError(UpscaledError):
+    """A model cannot be found, loaded or run."""
+
     kind = "model"
 
 
-class UnknownModel(ModelError):
+class UnknownModelError(ModelError):
+    """No catalogue entry, ``file:`` or ``diffusers:`` model by that id."""
+
     kind = "unknown-model"
 
 
-class UnsupportedScale(ModelError):
+class UnsupportedScaleError(ModelError):
+    """The model has no weights for the scale asked for."""
+
     kind = "unsupported-scale"
 
 
-class WeightsMissing(ModelError):
+class WeightsMissingError(ModelError):
+    """The weight file (or hub snapshot) is not there; the message names the fetch command."""
+
     kind = "weights-missing"
 
 
-class WeightsCorrupt(ModelError):
+class WeightsCorruptError(ModelError):
+    """The weight file fails its sha256, cannot be read, or holds another architecture than catalogued."""
+
     kind = "weights-corrupt"
 
 
-class BackendUnavailable(ModelError):
+class BackendUnavailableError(ModelError):
     """A backend's optional dependencies are not installed (``pip install 'upscaled[gan]'`` and so on)."""
 
     kind = "backend-unavailable"
 
 
 class RegistryError(ModelError):
+    """An unknown or duplicate backend name in the registry."""
+
     kind = "registry"
 
 
-class UnsupportedModel(ModelError):
+class UnsupportedModelError(ModelError):
     """The weights load, but not as a model this service can run (an inpainting or face-restoration model, an
     architecture spandrel does not know, an input layout other than RGB or grey)."""
 
     kind = "unsupported-model"
 
 
-class UnsafeWeights(ModelError):
+class UnsafeWeightsError(ModelError):
     """A weight file that would run code when loaded (a pickle with foreign globals, a TorchScript program)."""
 
     kind = "unsafe-weights"
 
 
-class DeviceUnavailable(ModelError):
+class DeviceUnavailableError(ModelError):
     """The configured device does not exist here (``cuda`` without a GPU, ``cuda:3`` on a two-GPU machine)."""
 
     kind = "device-unavailable"
 
 
-class UnsupportedPrecision(ModelError):
+class UnsupportedPrecisionError(ModelError):
     """The configured precision is not one the model or the device supports."""
 
     kind = "unsupported-precision"
 
 
-class NonFiniteOutput(ModelError):
+class InvalidParamsError(ModelError):
+    """A backend parameter is unknown or out of range (a ``noise_level`` above the pipeline's maximum)."""
+
+    kind = "invalid-params"
+
+
+class NonFiniteOutputError(ModelError):
     """The model gave NaN or Inf even in fp32: the weights are broken, retrying cannot help."""
 
     kind = "non-finite-output"
 
 
 class FetchError(ModelError):
+    """A weight file could not be downloaded or copied from a mirror."""
+
     kind = "fetch"
 
 
-# --- input images --------------------------------------------------------------------------------------------------
+# --- the pixels handed to a model ----------------------------------------------------------------------------------
 class ImageError(UpscaledError):
-    """The input itself is bad. Retrying cannot help."""
+    """The input itself is bad. Retrying cannot help. The file-level cases are in :mod:`daemon.errors`."""
 
     kind = "bad-image"
 
 
-class EmptyFile(ImageError):
-    kind = "empty-file"
+class ImageTooSmallError(ImageError):
+    """A side is below what the model (or the benchmark protocol) needs."""
 
-
-class DecodeError(ImageError):
-    kind = "decode"
-
-
-class ImageTooLarge(ImageError):
-    kind = "too-large"
-
-
-class ImageTooSmall(ImageError):
     kind = "too-small"
 
 
-class UnsupportedImage(ImageError):
+class UnsupportedImageError(ImageError):
+    """Pixels or a file of a kind the service does not handle (float samples, a symlink, a FIFO)."""
+
     kind = "unsupported-image"
 
 
-class UnreadableFile(ImageError):
-    kind = "unreadable"
-
-
-class BadSidecar(ImageError):
-    """The ``<image>.prompt.txt`` beside an input cannot be used: unreadable, not UTF-8 text, too long, a link."""
-
-    kind = "bad-sidecar"
-
-
-# --- resources: retried with backoff -------------------------------------------------------------------------------
+# --- resources: retried ----------------------------------------------------------------------------------------------
 class ResourceError(UpscaledError):
+    """The input is fine; the machine ran short of something. Retried."""
+
     kind = "resource"
-    retryable = True
-    # The input is fine and the environment will be fixed (space freed, permissions repaired): retry with capped
-    # backoff for as long as it takes, instead of giving up after max_attempts.
-    retry_forever = False
+    retry = Retry.BACKOFF
 
 
-class OutOfMemory(ResourceError):
+class OutOfMemoryError(ResourceError):
+    """Host or device memory ran out, even on the smallest tile."""
+
     kind = "out-of-memory"
-
-
-class DiskFull(ResourceError):
-    kind = "disk-full"
-    retry_forever = True
-
-
-class OutputUnavailable(ResourceError):
-    """The outbox (or the archive) cannot be written: permissions, a read-only or missing mount."""
-
-    kind = "output-unavailable"
-    retry_forever = True
-
-
-class OutputError(UpscaledError):
-    """The output could not be written for a reason that is not transient (a bad template, a confined path)."""
-
-    kind = "output"

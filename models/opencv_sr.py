@@ -14,7 +14,7 @@ import numpy as np
 
 from models.base import SizeRequirements, Tiling, Upscaler
 from models.catalog import ModelEntry
-from models.errors import BackendUnavailable
+from models.errors import BackendUnavailableError
 from models.registry import LoadContext
 from models.weights import check, locate
 
@@ -29,7 +29,7 @@ def _cv2():
     try:
         import cv2
     except ImportError as exc:  # pragma: no cover - cv2 is a core dependency
-        raise BackendUnavailable("OpenCV is missing: pip install 'opencv-contrib-python>=4.8,<5'") from exc
+        raise BackendUnavailableError("OpenCV is missing: pip install 'opencv-contrib-python>=4.8,<5'") from exc
     return cv2
 
 

@@ -22,7 +22,7 @@ from models.catalog import (
     resolve_diffusers_folder,
     resolve_model_file,
 )
-from models.errors import RegistryError, UnsupportedScale
+from models.errors import RegistryError, UnsupportedScaleError
 
 if TYPE_CHECKING:
     from models.base import Upscaler
@@ -82,9 +82,10 @@ def check_scale(model_id: str, scale: float, weights_dir: Path | None = None) ->
     ``diffusers:FOLDER`` model must name a folder holding a ``model_index.json``, found the same way.
 
     Raises:
-        UnknownModel: no such model.
-        UnsupportedScale: the model has no weights for that scale; the message lists the ones it has.
-        WeightsMissing: a ``file:`` model whose file does not exist, or a ``diffusers:`` model whose folder does not.
+        UnknownModelError: no such model.
+        UnsupportedScaleError: the model has no weights for that scale; the message lists the ones it has.
+        WeightsMissingError: a ``file:`` model whose file does not exist, or a ``diffusers:`` model whose folder
+            does not.
     """
     entry = get_entry(model_id)
     if is_file_model(model_id):
@@ -93,7 +94,7 @@ def check_scale(model_id: str, scale: float, weights_dir: Path | None = None) ->
         resolve_diffusers_folder(model_id, weights_dir)
     if not entry.supports(scale):
         have = ", ".join(f"x{s}" for s in entry.scales) if isinstance(entry.scales, tuple) else "any"
-        raise UnsupportedScale(f"{model_id} cannot upscale x{scale:g}; it has {have}")
+        raise UnsupportedScaleError(f"{model_id} cannot upscale x{scale:g}; it has {have}")
     return entry
 
 

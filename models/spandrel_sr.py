@@ -13,7 +13,7 @@ a :class:`SpandrelUpscaler` that
 3. keeps ``channels_last`` only where a timed probe at load shows that it is faster.
 
 torch and spandrel are imported inside :func:`load`, so the service starts, lists models and checks configurations
-without them; a missing install is a :class:`~models.errors.BackendUnavailable` naming ``upscaled[gan]``.
+without them; a missing install is a :class:`~models.errors.BackendUnavailableError` naming ``upscaled[gan]``.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ import numpy as np
 from models.base import RunFn, SizeRequirements, Tiling, Upscaler, pad_to_multiple
 from models.catalog import MODEL_FILE_SUFFIXES, ModelEntry, is_file_model, resolve_model_file
 from models.errors import (
-    BackendUnavailable,
-    DeviceUnavailable,
-    NonFiniteOutput,
-    OutOfMemory,
-    UnsafeWeights,
-    UnsupportedModel,
-    UnsupportedPrecision,
-    UnsupportedScale,
-    WeightsCorrupt,
+    BackendUnavailableError,
+    DeviceUnavailableError,
+    NonFiniteOutputError,
+    OutOfMemoryError,
+    UnsafeWeightsError,
+    UnsupportedModelError,
+    UnsupportedPrecisionError,
+    UnsupportedScaleError,
+    WeightsCorruptError,
 )
 from models.registry import LoadContext
 from models.tiling import OomSplitting, run_blended, smallest_tile, split_on_oom
@@ -109,10 +109,10 @@ class SpandrelUpscaler(OomSplitting, Upscaler):
         """Upscale ``rgb`` (float32, (H, W, 3), [0, 1]) to (round(H * scale), round(W * scale), 3).
 
         Raises:
-            UnsupportedImage: the array is not float32 RGB.
-            ImageTooSmall: a side is 0.
-            OutOfMemory: even the smallest window ran out of memory (retryable).
-            NonFiniteOutput: the model gave NaN or Inf in fp32.
+            UnsupportedImageError: the array is not float32 RGB.
+            ImageTooSmallError: a side is 0.
+            OutOfMemoryError: even the smallest window ran out of memory (retryable).
+            NonFiniteOutputError: the model gave NaN or Inf in fp32.
         """
         h, w = self.check_input(rgb)
         m = self.size.multiple_of
@@ -194,7 +194,8 @@ class SpandrelUpscaler(OomSplitting, Upscaler):
         if y is not None:
             return y
         if self._dtype == torch.float32:
-            raise NonFiniteOutput(f"{self.model_id} gave NaN or Inf in fp32 on {self.device}; its weights are broken")
+            raise NonFiniteOutputError(f"{self.model_id} gave NaN or Inf in fp32 on {self.device}; "
+                                       "its weights are broken")
         # Reduced precision overflowed. Switch this model to fp32 for good (the same inputs would overflow again)
         # and redo the window; the job row records the fallback through `precision`. The weights come back from
         # the fp32 copy taken at load: casting the fp16 ones up would keep their rounding.
@@ -207,7 +208,7 @@ class SpandrelUpscaler(OomSplitting, Upscaler):
         self.fallbacks += 1
         y = self._forward(x_dev.float())
         if y is None:
-            raise NonFiniteOutput(f"{self.model_id} gave NaN or Inf even in fp32 on {self.device}")
+            raise NonFiniteOutputError(f"{self.model_id} gave NaN or Inf even in fp32 on {self.device}")
         return y
 
     def _forward(self, x: Any) -> Any | None:
@@ -234,7 +235,7 @@ class SpandrelUpscaler(OomSplitting, Upscaler):
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
-        raise OutOfMemory(f"{self.model_id} ran out of memory on a {img.shape[1]}x{img.shape[0]} image on "
+        raise OutOfMemoryError(f"{self.model_id} ran out of memory on a {img.shape[1]}x{img.shape[0]} image on "
                           f"{self.device}, and it cannot be tiled from outside: {message}")
 
 
@@ -243,15 +244,15 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> SpandrelUpscaler:
     """Load ``entry`` at ``scale`` on ``ctx.device`` in ``ctx.precision``.
 
     Raises:
-        BackendUnavailable: torch or spandrel is not installed.
-        WeightsMissing: the weight file is absent (the message names the fetch command), or a ``file:`` model's
+        BackendUnavailableError: torch or spandrel is not installed.
+        WeightsMissingError: the weight file is absent (the message names the fetch command), or a ``file:`` model's
             file does not exist.
-        WeightsCorrupt: the file fails its sha256, cannot be read, or holds another architecture than catalogued.
-        UnsafeWeights: the file would run code when unpickled, or is a TorchScript program.
-        UnsupportedModel: spandrel does not know the architecture, or it is not a super-resolution model.
-        UnsupportedScale: the model's scale is not ``scale``.
-        DeviceUnavailable: ``ctx.device`` names a GPU that is not there.
-        UnsupportedPrecision: ``ctx.precision`` is unknown, or the model or device cannot run it.
+        WeightsCorruptError: the file fails its sha256, cannot be read, or holds another architecture than catalogued.
+        UnsafeWeightsError: the file would run code when unpickled, or is a TorchScript program.
+        UnsupportedModelError: spandrel does not know the architecture, or it is not a super-resolution model.
+        UnsupportedScaleError: the model's scale is not ``scale``.
+        DeviceUnavailableError: ``ctx.device`` names a GPU that is not there.
+        UnsupportedPrecisionError: ``ctx.precision`` is unknown, or the model or device cannot run it.
     """
     torch, spandrel = _import_torch()
     threads = _configure_threads(torch)
@@ -265,9 +266,10 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> SpandrelUpscaler:
     descriptor = load_descriptor(path, torch, spandrel)
     arch = descriptor.architecture.id
     if entry.arch and arch != entry.arch:
-        raise WeightsCorrupt(f"{path} should hold a {entry.arch} model for {entry.id}, but spandrel finds {arch}")
+        raise WeightsCorruptError(f"{path} should hold a {entry.arch} model for {entry.id}, but spandrel finds {arch}")
     if descriptor.scale != scale:
-        raise UnsupportedScale(f"{entry.id} is a x{descriptor.scale} model and cannot upscale x{scale:g} natively; "
+        raise UnsupportedScaleError(f"{entry.id} is a x{descriptor.scale} model and cannot upscale x{scale:g} "
+                                    "natively; "
                                f"set scale = {descriptor.scale} (and outscale for another final size)")
     # 2. Device and precision.
     device = resolve_device(ctx.device, torch)
@@ -313,7 +315,8 @@ def _import_torch() -> tuple[Any, Any]:
         import spandrel
         import torch
     except ImportError as exc:
-        raise BackendUnavailable(f"the spandrel backend needs PyTorch and spandrel, and {exc.name or 'one'} is not "
+        raise BackendUnavailableError(f"the spandrel backend needs PyTorch and spandrel, and {exc.name or 'one'} "
+                                      "is not "
                                  f"installed: {INSTALL_HINT}") from exc
     return torch, spandrel
 
@@ -327,11 +330,11 @@ def load_descriptor(path: Path, torch: Any, spandrel: Any) -> Any:
     (``params_ema``, ``state_dict``, ``module.`` prefixes) and detects the architecture.
 
     Raises:
-        UnsafeWeights, WeightsCorrupt, UnsupportedModel: as for :func:`load`.
+        UnsafeWeightsError, WeightsCorruptError, UnsupportedModelError: as for :func:`load`.
     """
     suffix = path.suffix.lower()
     if suffix not in MODEL_FILE_SUFFIXES:
-        raise UnsupportedModel(f"{path.name}: expected a {', '.join(MODEL_FILE_SUFFIXES)} file, got {suffix!r}")
+        raise UnsupportedModelError(f"{path.name}: expected a {', '.join(MODEL_FILE_SUFFIXES)} file, got {suffix!r}")
     try:
         if suffix == ".safetensors":
             state = spandrel.ModelLoader().load_state_dict_from_file(path)
@@ -339,34 +342,35 @@ def load_descriptor(path: Path, torch: Any, spandrel: Any) -> Any:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "forbidden content"
-        raise UnsafeWeights(f"{path} was refused by the weights-only unpickler, so nothing in it ran; it is not a "
+        raise UnsafeWeightsError(f"{path} was refused by the weights-only unpickler, so nothing in it ran; it is not a "
                             f"plain state dict ({first})") from None
     except RuntimeError as exc:
         if "TorchScript" in str(exc):
-            raise UnsafeWeights(f"{path} is a TorchScript archive, which is code, not weights; export its "
+            raise UnsafeWeightsError(f"{path} is a TorchScript archive, which is code, not weights; export its "
                                 f"state_dict() to .safetensors or .pth") from None
-        raise WeightsCorrupt(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise WeightsCorruptError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        raise WeightsCorrupt(f"cannot read {path}: {exc}") from None
+        raise WeightsCorruptError(f"cannot read {path}: {exc}") from None
     except Exception as exc:  # safetensors raises its own SafetensorError for a damaged header
         if type(exc).__name__ == "SafetensorError":
-            raise WeightsCorrupt(f"cannot read {path}: {exc}") from None
+            raise WeightsCorruptError(f"cannot read {path}: {exc}") from None
         raise
     if not isinstance(state, dict) or not state:
-        raise UnsupportedModel(f"{path.name} holds a {type(state).__name__}, not a state dict of tensors")
+        raise UnsupportedModelError(f"{path.name} holds a {type(state).__name__}, not a state dict of tensors")
     try:
         descriptor = spandrel.ModelLoader().load_from_state_dict(state)
     except spandrel.UnsupportedModelError:
-        raise UnsupportedModel(f"{path.name}: spandrel {spandrel.__version__} does not recognise this architecture "
+        raise UnsupportedModelError(f"{path.name}: spandrel {spandrel.__version__} does not recognise this "
+                                    "architecture "
                                f"({len(state)} tensors, first key {next(iter(state))!r})") from None
     except (KeyError, RuntimeError, ValueError, TypeError, AssertionError, AttributeError) as exc:
-        raise UnsupportedModel(f"{path.name}: spandrel recognised the keys but could not build the model: "
+        raise UnsupportedModelError(f"{path.name}: spandrel recognised the keys but could not build the model: "
                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose != "SR":
-        raise UnsupportedModel(f"{path.name} is a {descriptor.architecture.name} model for {descriptor.purpose} "
+        raise UnsupportedModelError(f"{path.name} is a {descriptor.architecture.name} model for {descriptor.purpose} "
                                f"({type(descriptor).__name__}); this backend runs super-resolution (SR) models only")
     if descriptor.input_channels not in (1, 3) or descriptor.output_channels not in (1, 3):
-        raise UnsupportedModel(f"{path.name}: {descriptor.input_channels} input and {descriptor.output_channels} "
+        raise UnsupportedModelError(f"{path.name}: {descriptor.input_channels} input and {descriptor.output_channels} "
                                f"output channels; expected RGB (3) or grey (1)")
     return descriptor
 
@@ -375,7 +379,7 @@ def resolve_device(requested: str, torch: Any) -> str:
     """``auto`` -> ``cuda:<current>`` if CUDA is there, else ``cpu``; ``cuda`` -> ``cuda:<current>``.
 
     Raises:
-        DeviceUnavailable: a CUDA device that is not there, or a device name that is none of these.
+        DeviceUnavailableError: a CUDA device that is not there, or a device name that is none of these.
     """
     if requested == "cpu":
         return "cpu"
@@ -383,35 +387,36 @@ def resolve_device(requested: str, torch: Any) -> str:
         return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" or (requested.startswith("cuda:") and requested[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise DeviceUnavailable(f"device {requested!r} was asked for, but PyTorch sees no CUDA GPU (torch "
+            raise DeviceUnavailableError(f"device {requested!r} was asked for, but PyTorch sees no CUDA GPU (torch "
                                     f"{torch.__version__}, CUDA {torch.version.cuda or 'not built'}); use cpu or auto")
         index = torch.cuda.current_device() if requested == "cuda" else int(requested[5:])
         count = torch.cuda.device_count()
         if index >= count:
-            raise DeviceUnavailable(f"device {requested!r} does not exist; this machine has {count} CUDA GPU(s), "
+            raise DeviceUnavailableError(f"device {requested!r} does not exist; this machine has {count} CUDA GPU(s), "
                                     f"cuda:0 to cuda:{count - 1}")
         return f"cuda:{index}"
-    raise DeviceUnavailable(f"unknown device {requested!r}; expected auto, cpu, cuda or cuda:N")
+    raise DeviceUnavailableError(f"unknown device {requested!r}; expected auto, cpu, cuda or cuda:N")
 
 
 def choose_precision(requested: str, device: str, descriptor: Any, model_id: str, torch: Any) -> str:
     """``auto`` -> fp16 on CUDA where the model supports half, else fp32; explicit choices are checked.
 
     Raises:
-        UnsupportedPrecision: an unknown name, or fp16/bf16 that the model or the GPU cannot run.
+        UnsupportedPrecisionError: an unknown name, or fp16/bf16 that the model or the GPU cannot run.
     """
     if requested not in PRECISIONS:
-        raise UnsupportedPrecision(f"unknown precision {requested!r}; expected one of {', '.join(PRECISIONS)}")
+        raise UnsupportedPrecisionError(f"unknown precision {requested!r}; expected one of {', '.join(PRECISIONS)}")
     cuda = device.startswith("cuda")
     if requested == "auto":
         return "fp16" if cuda and descriptor.supports_half else "fp32"
     if requested == "fp16" and not descriptor.supports_half:
-        raise UnsupportedPrecision(f"{model_id} ({descriptor.architecture.name}) does not support fp16; use fp32")
+        raise UnsupportedPrecisionError(f"{model_id} ({descriptor.architecture.name}) does not support fp16; use fp32")
     if requested == "bf16":
         if not descriptor.supports_bfloat16:
-            raise UnsupportedPrecision(f"{model_id} ({descriptor.architecture.name}) does not support bf16; use fp32")
+            raise UnsupportedPrecisionError(f"{model_id} ({descriptor.architecture.name}) does not support bf16; "
+                                            "use fp32")
         if cuda and not torch.cuda.is_bf16_supported():
-            raise UnsupportedPrecision(f"{device} ({torch.cuda.get_device_name(device)}) has no bf16; use fp16")
+            raise UnsupportedPrecisionError(f"{device} ({torch.cuda.get_device_name(device)}) has no bf16; use fp16")
     return requested
 
 

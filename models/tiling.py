@@ -14,7 +14,7 @@ At the image's own edges a window keeps weight one, as a single pass would see t
 
 Only one window is in flight at a time, so memory is bounded by the output array plus one window's activations.
 :func:`split_on_oom` wraps a window runner so that a window that runs out of memory is itself tiled with windows half
-the size, recursively, down to a floor below which :class:`~models.errors.OutOfMemory` is raised for the worker.
+the size, recursively, down to a floor below which :class:`~models.errors.OutOfMemoryError` is raised for the worker.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import OutOfMemory
+from models.errors import OutOfMemoryError
 from models.progress import report
 
 RunFn = Callable[[np.ndarray], np.ndarray]
@@ -179,7 +179,7 @@ def split_on_oom(run: RunFn, scale: float, overlap: int, margin: int, min_tile: 
     first, which is where a backend frees its allocator cache and remembers the smaller size.
 
     Raises:
-        OutOfMemory: a window no larger than ``min_tile`` still ran out of memory.
+        OutOfMemoryError: a window no larger than ``min_tile`` still ran out of memory.
         Whatever else ``run`` raises.
     """
 
@@ -195,7 +195,7 @@ def split_on_oom(run: RunFn, scale: float, overlap: int, margin: int, min_tile: 
         side = max(window.shape[:2])
         half = -(-side // 2)
         if side <= min_tile or half >= side or half < smallest_tile(overlap, multiple_of):
-            raise OutOfMemory(f"out of memory on a {window.shape[1]}x{window.shape[0]} tile, the smallest allowed "
+            raise OutOfMemoryError(f"out of memory on a {window.shape[1]}x{window.shape[0]} tile, the smallest allowed "
                               f"(min {min_tile} px): {message}")
         if on_split is not None:
             on_split(side, half)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.catalog import CATALOG, ModelEntry, WeightFile, get_entry
-from models.errors import FetchError, WeightsCorrupt, WeightsMissing
+from models.errors import FetchError, WeightsCorruptError, WeightsMissingError
 
 RECORDED = "recorded-sha256.json"
 _CHUNK = 1 << 20
@@ -81,12 +81,12 @@ def locate(weights_dir: Path, entry: ModelEntry, key: int) -> Path:
     """Path of a present weight file.
 
     Raises:
-        WeightsMissing: the file is absent; the message names the fetch command.
+        WeightsMissingError: the file is absent; the message names the fetch command.
     """
     wf = entry.files[key]
     path = weights_dir / wf.path
     if not path.is_file():
-        raise WeightsMissing(
+        raise WeightsMissingError(
             f"weights for {entry.id} are missing: {path} does not exist; run `{fetch_command(entry.id)}` "
             f"(add --mirror DIR_OR_URL on a machine without internet access)"
         )
@@ -97,14 +97,14 @@ def check(weights_dir: Path, wf: WeightFile) -> None:
     """Hash a present file against the catalogue (or the recorded hash).
 
     Raises:
-        WeightsCorrupt: the hash differs.
+        WeightsCorruptError: the hash differs.
     """
     want = expected_sha(weights_dir, wf)
     if want is None:
         return
     got = sha256_file(weights_dir / wf.path)
     if got != want:
-        raise WeightsCorrupt(
+        raise WeightsCorruptError(
             f"{weights_dir / wf.path} has sha256 {got}, expected {want}; delete it and run `upscaled weights fetch`"
         )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Rule, load_settings
-from models.errors import ConfigError
+from daemon.errors import ConfigError
 from tests.conftest import ROOT, write_config
 
 

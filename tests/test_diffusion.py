@@ -35,6 +35,7 @@ from structlog.testing import capture_logs  # noqa: E402
 
 from daemon import imageio  # noqa: E402
 from daemon.config import Rule, load_settings  # noqa: E402
+from daemon.errors import BadSidecarError, ConfigError  # noqa: E402
 from daemon.pipeline import with_sidecar_prompt  # noqa: E402
 from daemon.service import Service  # noqa: E402
 from models import diffusion_sd  # noqa: E402
@@ -42,12 +43,10 @@ from models.base import Tiling, pad_to_multiple, run_tiled  # noqa: E402
 from models.catalog import CATALOG, model_label  # noqa: E402
 from models.diffusion_sd import DiffusionUpscaler, GenerationParams, window_geometry  # noqa: E402
 from models.errors import (  # noqa: E402
-    BadSidecar,
-    ConfigError,
-    NonFiniteOutput,
-    UnsupportedModel,
-    UnsupportedScale,
-    WeightsMissing,
+    NonFiniteOutputError,
+    UnsupportedModelError,
+    UnsupportedScaleError,
+    WeightsMissingError,
 )
 from models.progress import reporting  # noqa: E402
 from models.registry import LoadContext, ModelCache  # noqa: E402
@@ -158,7 +157,7 @@ def test_a_saved_pipeline_loads_as_a_x4_upscaler(cache, tiny):
     # The 2-block UNet halves once and the 3-block VAE scales by 4: inputs go in on a 4 px grid.
     assert up.size.multiple_of == 4
     assert up.pipe.vae.use_tiling  # bounded decode memory for large windows
-    with pytest.raises(UnsupportedScale, match="x4 pipeline"):
+    with pytest.raises(UnsupportedScaleError, match="x4 pipeline"):
         load(ModelCache(), tiny, scale=2)
     assert model_label(f"diffusers:{tiny}/") == "pipe"
 
@@ -185,7 +184,7 @@ def test_the_hub_id_loads_from_the_hugging_face_cache_and_fetch_verifies_it(tmp_
 def test_missing_weights_fail_with_how_to_fetch_them(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(WeightsMissing) as err:
+    with pytest.raises(WeightsMissingError) as err:
         ModelCache().get("sd-x4-upscaler", 4, LoadContext(tmp_path, "cpu"))
     text = str(err.value)
     assert not present(tmp_path, CATALOG["sd-x4-upscaler"])
@@ -196,13 +195,13 @@ def test_missing_weights_fail_with_how_to_fetch_them(tmp_path, tiny, monkeypatch
     (report,) = fetch(tmp_path / "weights", ["sd-x4-upscaler"])
     assert report.status == "failed" and report.path == "hf:stabilityai/stable-diffusion-x4-upscaler@main", report
     # A folder that is not there, or holds another pipeline, is said so.
-    with pytest.raises(WeightsMissing, match="holds a model_index.json"):
+    with pytest.raises(WeightsMissingError, match="holds a model_index.json"):
         ModelCache().get(f"diffusers:{tmp_path}/nothing-here", 4, LoadContext(tmp_path, "cpu"))
     other = tmp_path / "other"
     shutil.copytree(tiny, other)
     index = json.loads((other / "model_index.json").read_text())
     (other / "model_index.json").write_text(json.dumps(dict(index, _class_name="StableDiffusionPipeline")))
-    with pytest.raises(UnsupportedModel, match="StableDiffusionPipeline pipeline"):
+    with pytest.raises(UnsupportedModelError, match="StableDiffusionPipeline pipeline"):
         ModelCache().get(f"diffusers:{other}", 4, LoadContext(tmp_path, "cpu"))
 
 
@@ -329,7 +328,7 @@ def test_a_bad_window_in_reduced_precision_is_redone_in_fp32(tiny, failure):
 def test_nan_in_fp32_is_an_error(tiny):
     up = load(ModelCache(), tiny, precision="fp32")
     up.pipe.unet.register_forward_hook(lambda _m, _a, out: (torch.full_like(out[0], float("nan")),))
-    with pytest.raises(NonFiniteOutput, match="in fp32"):
+    with pytest.raises(NonFiniteOutputError, match="in fp32"):
         up(scene(16, 16), FAST)
 
 
@@ -364,14 +363,14 @@ def test_a_sidecar_file_overrides_the_prompt(tmp_path, tiny):
     assert with_sidecar_prompt(rule, img).prompt == "a red barn"
     assert with_sidecar_prompt(Rule(model="bicubic"), img).model == "bicubic"  # no prompt to override
     side.write_bytes(b"\xff\xfe bad")
-    with pytest.raises(BadSidecar, match="not UTF-8"):
+    with pytest.raises(BadSidecarError, match="not UTF-8"):
         with_sidecar_prompt(rule, img)
     side.write_text("x" * 5000)
-    with pytest.raises(BadSidecar, match="over 4096 bytes"):
+    with pytest.raises(BadSidecarError, match="over 4096 bytes"):
         with_sidecar_prompt(rule, img)
     side.unlink()
     side.symlink_to(tmp_path / "elsewhere.txt")
-    with pytest.raises(BadSidecar, match="cannot read"):
+    with pytest.raises(BadSidecarError, match="cannot read"):
         with_sidecar_prompt(rule, img)
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
+from daemon.errors import DecodeError, EmptyFileError, ImageTooLargeError
 from daemon.imageio import decode, decode_bytes, encode, to_output_array
-from models.errors import DecodeError, EmptyFile, ImageTooLarge, UnsupportedImage
+from models.errors import UnsupportedImageError
 
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 rng = np.random.default_rng(7)
@@ -80,7 +81,7 @@ def test_jpeg_output_flattens_alpha_and_16bit_with_notes():
 
 def test_bad_inputs_raise_clear_typed_errors(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
-    with pytest.raises(EmptyFile, match="0 bytes"):
+    with pytest.raises(EmptyFileError, match="0 bytes"):
         decode(tmp_path / "empty.png", 10**8)
     with pytest.raises(DecodeError, match="not an image"):
         decode_bytes(b"hello, I am text\n" * 10, 10**8, "t.png")
@@ -90,11 +91,11 @@ def test_bad_inputs_raise_clear_typed_errors(tmp_path):
     jpg, _ = encode(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "jpg")
     with pytest.raises(DecodeError):
         decode_bytes(jpg[: len(jpg) // 3], 10**8)
-    with pytest.raises(ImageTooLarge, match="max_pixels"):
+    with pytest.raises(ImageTooLargeError, match="max_pixels"):
         decode_bytes(good, 64 * 64 - 1)
     buf = io.BytesIO()
     Image.new("F", (4, 4)).save(buf, "TIFF")
-    with pytest.raises(UnsupportedImage, match="mode F"):
+    with pytest.raises(UnsupportedImageError, match="mode F"):
         decode_bytes(buf.getvalue(), 10**8)
 
 
@@ -108,5 +109,5 @@ def test_decompression_bomb_is_refused_before_decoding():
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
     body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
     png = b"\x89PNG\r\n\x1a\n" + body
-    with pytest.raises(ImageTooLarge, match="900000000 pixels"):
+    with pytest.raises(ImageTooLargeError, match="900000000 pixels"):
         decode_bytes(png, 100_000_000)

@@ -11,7 +11,13 @@ from PIL import Image
 
 from models.base import Tiling, Upscaler, plan_tiles, run_tiled
 from models.catalog import CATALOG
-from models.errors import ImageTooSmall, RegistryError, UnknownModel, UnsupportedScale, WeightsMissing
+from models.errors import (
+    ImageTooSmallError,
+    RegistryError,
+    UnknownModelError,
+    UnsupportedScaleError,
+    WeightsMissingError,
+)
 from models.registry import LoadContext, ModelCache, Registry, check_scale
 from models.resize import imresize
 from tests.conftest import SET5
@@ -105,14 +111,14 @@ def test_classical_filters_give_any_scale():
 
 
 def test_errors_are_typed_and_say_what_to_do(tmp_path, weights_dir):
-    with pytest.raises(UnknownModel, match="known models: .*fsrcnn"):
+    with pytest.raises(UnknownModelError, match="known models: .*fsrcnn"):
         check_scale("superduper", 2)
-    with pytest.raises(UnsupportedScale, match="it has x2, x4, x8"):
+    with pytest.raises(UnsupportedScaleError, match="it has x2, x4, x8"):
         check_scale("lapsrn", 3)
-    with pytest.raises(WeightsMissing, match="upscaled weights fetch edsr"):
+    with pytest.raises(WeightsMissingError, match="upscaled weights fetch edsr"):
         ModelCache().get("edsr", 2, LoadContext(tmp_path))
     up, _ = ModelCache().get("fsrcnn", 2, LoadContext(weights_dir))
-    with pytest.raises(ImageTooSmall, match="at least 3 px"):
+    with pytest.raises(ImageTooSmallError, match="at least 3 px"):
         up(np.zeros((2, 9, 3), np.float32))
     reg = Registry({"a": "models.classical"})
     with pytest.raises(RegistryError, match="already registered"):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Rule, load_settings
+from daemon.errors import DecodeError
 from daemon.fsops import TMP_SUFFIX, move_unique
 from daemon.service import Service, file_sha256
-from models.errors import DecodeError
 from tests.conftest import write_config
 
 

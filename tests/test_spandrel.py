@@ -25,16 +25,17 @@ spandrel = pytest.importorskip("spandrel")
 
 from daemon import imageio  # noqa: E402
 from daemon.config import Rule, load_settings  # noqa: E402
+from daemon.errors import ConfigError  # noqa: E402
 from daemon.service import Service, process_once  # noqa: E402
 from models.catalog import CATALOG, get_entry, model_label  # noqa: E402
 from models.errors import (  # noqa: E402
-    ConfigError,
-    DeviceUnavailable,
-    OutOfMemory,
-    UnsafeWeights,
-    UnsupportedModel,
-    UnsupportedScale,
-    WeightsMissing,
+    DeviceUnavailableError,
+    OutOfMemoryError,
+    Retry,
+    UnsafeWeightsError,
+    UnsupportedModelError,
+    UnsupportedScaleError,
+    WeightsMissingError,
 )
 from models.registry import BACKEND_MODULES, REGISTRY, LoadContext, ModelCache, check_scale  # noqa: E402
 from models.resize import resize  # noqa: E402
@@ -218,9 +219,9 @@ def test_out_of_memory_splits_the_tile_and_retries(cache, weights):
         assert all(max(s) <= 200 for s in seen[1:])
         assert np.abs(out - reference)[8:-8, 8:-8].max() < 1 / 255
         up.run = lambda w: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
-        with pytest.raises(OutOfMemory) as err:
+        with pytest.raises(OutOfMemoryError) as err:
             up(img)
-        assert err.value.retryable
+        assert err.value.retry is Retry.BACKOFF
     finally:
         up.run, up._tile_cap = real_run, None
 
@@ -277,7 +278,7 @@ def test_file_models_in_every_format_through_a_rule(tmp_path, monkeypatch, suffi
     monkeypatch.chdir(weights.parent.parent)
     ctx = LoadContext(weights, "cpu")
     assert ModelCache().get(f"file:{name}", 2, ctx)[0].scale == 2
-    with pytest.raises(UnsupportedScale, match="x2 model"):
+    with pytest.raises(UnsupportedScaleError, match="x2 model"):
         ModelCache().get(f"file:{name}", 4, ctx)
 
 
@@ -286,7 +287,7 @@ def test_file_model_rules_need_an_existing_file(tmp_path):
         settings_in(tmp_path, tmp_path, [{"folder": "", "model": "file:/nonexistent/4x-Foo.pth", "scale": 4}])
     with pytest.raises(ConfigError, match="expected a model file"):
         settings_in(tmp_path, tmp_path, [{"folder": "", "model": f"file:{write_config(tmp_path)}", "scale": 4}])
-    with pytest.raises(WeightsMissing):
+    with pytest.raises(WeightsMissingError):
         check_scale("file:4x-Foo.pth", 4, tmp_path)
     assert model_label("file:weights/4x Foo.pth") == "4x_Foo"
 
@@ -311,7 +312,7 @@ def test_code_in_a_weight_file_is_refused_and_never_runs(tmp_path, how):
         path.write_bytes(pickle.dumps(Payload(marker)))
     else:
         torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 3, 3)), path)
-    with pytest.raises(UnsafeWeights, match=str(path)):
+    with pytest.raises(UnsafeWeightsError, match=str(path)):
         ModelCache().get(f"file:{path}", 4, LoadContext(tmp_path, "cpu"))
     assert not marker.exists()
 
@@ -321,13 +322,13 @@ def test_models_that_are_not_super_resolution_are_refused(tmp_path):
 
     denoiser = tmp_path / "1x-Denoise.pth"  # same family, scale 1: spandrel calls it Restoration
     torch.save(Compact(num_feat=8, num_conv=2, upscale=1).state_dict(), denoiser)
-    with pytest.raises(UnsupportedModel, match="Restoration"):
+    with pytest.raises(UnsupportedModelError, match="Restoration"):
         ModelCache().get(f"file:{denoiser}", 1, LoadContext(tmp_path, "cpu"))
     unknown = tmp_path / "4x-Unknown.safetensors"
     from safetensors.torch import save_file
 
     save_file({"encoder.weight": torch.zeros(4, 4)}, unknown)
-    with pytest.raises(UnsupportedModel, match="does not recognise"):
+    with pytest.raises(UnsupportedModelError, match="does not recognise"):
         ModelCache().get(f"file:{unknown}", 4, LoadContext(tmp_path, "cpu"))
 
 
@@ -337,7 +338,7 @@ def test_devices_and_the_fp16_overflow_fallback(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("these device checks assume a machine without CUDA")
     for name in ("cuda", "cuda:1"):
-        with pytest.raises(DeviceUnavailable):
+        with pytest.raises(DeviceUnavailableError):
             resolve_device(name, torch)
     assert resolve_device("auto", torch) == "cpu"
     # A model whose second layer overflows fp16 (65504) while fp32 is fine: fp16 gives Inf/NaN, the window is
@@ -367,10 +368,10 @@ def test_missing_torch_is_a_clear_error_and_the_daemon_never_imports_it():
         "from pathlib import Path\n"
         "from models.catalog import get_entry\n"
         "from models.registry import LoadContext\n"
-        "from models.errors import BackendUnavailable\n"
+        "from models.errors import BackendUnavailableError\n"
         "try:\n"
         "    models.spandrel_sr.load(get_entry('ditn-real-x4'), 4.0, LoadContext(Path('.')))\n"
-        "except BackendUnavailable as exc:\n"
+        "except BackendUnavailableError as exc:\n"
         "    print(exc)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from models.catalog import CATALOG, WeightFile
-from models.errors import WeightsCorrupt
+from models.errors import WeightsCorruptError
 from models.registry import LoadContext, ModelCache
 from models.weights import RECORDED, fetch, fetch_file, sha256_file, verify
 from tests.conftest import MIRROR, ROOT
@@ -79,7 +79,7 @@ def test_verify_and_load_refuse_corrupted_weights(tmp_path):
     assert status["opencv/FSRCNN_x2.pb"] == "present"
     assert status["opencv/FSRCNN_x3.pb"] == "mismatch"
     assert status["opencv/ESPCN_x2.pb"] == "missing"
-    with pytest.raises(WeightsCorrupt, match="expected efd38655"):
+    with pytest.raises(WeightsCorruptError, match="expected efd38655"):
         ModelCache().get("fsrcnn", 3, LoadContext(tmp_path))
 
 

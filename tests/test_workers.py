@@ -15,9 +15,9 @@ import time
 import pytest
 
 from daemon.config import load_settings
+from daemon.errors import ConfigError
 from daemon.notify import Notifier
 from daemon.service import Service, make_workers
-from models.errors import ConfigError
 from models.registry import LoadContext, ModelCache
 from models.weights import fetch
 from tests.conftest import MIRROR, image, rows, wait_for, write_config

@@ -1,0 +1,80 @@
+"""The errors of the service side: configuration, input files, outputs and the queue.
+
+They share the base, the ``kind`` and the :class:`~models.errors.Retry` policy of :mod:`models.errors`.
+"""
+
+from __future__ import annotations
+
+from models.errors import ImageError, ResourceError, Retry, UpscaledError
+
+
+class ConfigError(UpscaledError):
+    """The configuration is unusable; the message names the key and the file (and the overriding variable)."""
+
+    kind = "config"
+
+
+# --- input files ---------------------------------------------------------------------------------------------------
+class EmptyFileError(ImageError):
+    """The input has 0 bytes."""
+
+    kind = "empty-file"
+
+
+class DecodeError(ImageError):
+    """The input is not an image, or is damaged or truncated."""
+
+    kind = "decode"
+
+
+class ImageTooLargeError(ImageError):
+    """The input (or the output it would make) is over the pixel or frame limits."""
+
+    kind = "too-large"
+
+
+class UnreadableFileError(ImageError):
+    """The input cannot be opened or read (permissions, I/O error)."""
+
+    kind = "unreadable"
+
+
+class BadSidecarError(ImageError):
+    """The ``<image>.prompt.txt`` beside an input cannot be used: unreadable, not UTF-8 text, too long, a link."""
+
+    kind = "bad-sidecar"
+
+
+# --- outputs -------------------------------------------------------------------------------------------------------
+class DiskFullError(ResourceError):
+    """No space left (or the quota is reached) while writing an output, a reason file or a move."""
+
+    kind = "disk-full"
+    retry = Retry.UNTIL_FIXED
+
+
+class OutputUnavailableError(ResourceError):
+    """The outbox (or the archive) cannot be written: permissions, a read-only or missing mount."""
+
+    kind = "output-unavailable"
+    retry = Retry.UNTIL_FIXED
+
+
+class OutputError(UpscaledError):
+    """The output cannot be written for a reason that is not transient (a name that would leave the outbox, an
+    image over the encoder's limits)."""
+
+    kind = "output"
+
+
+# --- the queue -----------------------------------------------------------------------------------------------------
+class InternalError(UpscaledError):
+    """A bug, or a library's surprise, while running a job: that job fails, the service goes on."""
+
+    kind = "internal"
+
+
+class QueryError(UpscaledError):
+    """A read-only query was refused or failed."""
+
+    kind = "query"
