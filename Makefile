@@ -11,7 +11,7 @@ WEIGHTS_MIRROR ?= $(wildcard ../shared/weights)
 RUN_WEIGHTS ?= fsrcnn brisque
 PYTEST_ARGS ?=
 
-.PHONY: install install-test run test lint bench clean
+.PHONY: install install-test run test test-fast lint bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ run: install
 test: install-test
 	$(VENV)/bin/ruff check daemon models tests benchmarks
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The unit layer only (tests/unit): no subprocesses, no inotify, no sleeps.
+test-fast: install-test
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
 
 bench: install
 	$(VENV)/bin/python benchmarks/throughput.py

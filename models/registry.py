@@ -1,19 +1,20 @@
 """The backend registry and the per-process model cache.
 
-Backends register in one visible list (:data:`BACKEND_MODULES`). A backend is a module with a
-``load(entry, scale, ctx) -> Upscaler`` function; its heavy imports happen inside ``load``, so that listing models
-or checking a configuration never imports torch. Loaded upscalers are cached per (model, scale, device, tile).
+The backends are :class:`~models.backends.Backend` objects in one visible list (:data:`models.backends.BACKENDS`);
+:data:`REGISTRY` is that list behind a strict name -> backend map. A backend's heavy imports happen inside its
+``load``, so that listing models or checking a configuration never imports torch. Loaded upscalers are cached per
+(model, scale, device, tile, precision).
 """
 
 from __future__ import annotations
 
-import importlib
 import threading
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models.backends import BACKENDS, Backend
 from models.catalog import (
     ModelEntry,
     get_entry,
@@ -27,14 +28,6 @@ from models.errors import RegistryError, UnsupportedScaleError
 if TYPE_CHECKING:
     from models.base import Upscaler
 
-# name -> module implementing load(). The one list of what is registered.
-BACKEND_MODULES: dict[str, str] = {
-    "classical": "models.classical",
-    "opencv": "models.opencv_sr",
-    "spandrel": "models.spandrel_sr",
-    "diffusion": "models.diffusion_sd",
-}
-
 
 @dataclass(frozen=True)
 class LoadContext:
@@ -44,34 +37,31 @@ class LoadContext:
     precision: str = "auto"  # "auto", "fp32", "fp16" or "bf16"; backends without a choice run their own
 
 
-LoadFn = Callable[[ModelEntry, float, LoadContext], "Upscaler"]
-
-
 class Registry:
-    """A strict name -> backend map: unknown and duplicate names raise, a failed add changes nothing."""
+    """A strict name -> :class:`Backend` map: unknown and duplicate names raise, a failed add changes nothing."""
 
-    def __init__(self, modules: dict[str, str]) -> None:
-        self._modules: dict[str, str] = {}
-        for name, module in modules.items():
-            self.add(name, module)
+    def __init__(self, backends: Iterable[Backend]) -> None:
+        self._backends: dict[str, Backend] = {}
+        for backend in backends:
+            self.add(backend)
 
-    def add(self, name: str, module: str) -> None:
-        if name in self._modules:
-            raise RegistryError(f"backend {name!r} is already registered (by {self._modules[name]})")
-        self._modules[name] = module
+    def add(self, backend: Backend) -> None:
+        if backend.id in self._backends:
+            taken = self._backends[backend.id]
+            raise RegistryError(f"backend {backend.id!r} is already registered (by {taken.module})")
+        self._backends[backend.id] = backend
 
     def names(self) -> list[str]:
-        return list(self._modules)
+        return list(self._backends)
 
-    def loader(self, name: str) -> LoadFn:
+    def get(self, name: str) -> Backend:
         try:
-            module = self._modules[name]
+            return self._backends[name]
         except KeyError:
-            raise RegistryError(f"no backend named {name!r}; registered: {', '.join(self._modules)}") from None
-        return importlib.import_module(module).load
+            raise RegistryError(f"no backend named {name!r}; registered: {', '.join(self._backends)}") from None
 
 
-REGISTRY = Registry(BACKEND_MODULES)
+REGISTRY = Registry(BACKENDS)
 
 
 def check_scale(model_id: str, scale: float, weights_dir: Path | None = None) -> ModelEntry:
@@ -123,7 +113,7 @@ class ModelCache:
                 if key in self._loaded:  # another worker loaded it while we waited
                     return self._loaded[key], False
             entry = check_scale(model_id, scale, ctx.weights_dir)
-            up = self._registry.loader(entry.backend)(entry, float(scale), ctx)
+            up = self._registry.get(entry.backend).load(entry, float(scale), ctx)
             with self._lock:
                 self._loaded[key] = up
                 self._loading.pop(key, None)

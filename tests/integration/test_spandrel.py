@@ -37,7 +37,7 @@ from models.errors import (  # noqa: E402
     UnsupportedScaleError,
     WeightsMissingError,
 )
-from models.registry import BACKEND_MODULES, REGISTRY, LoadContext, ModelCache, check_scale  # noqa: E402
+from models.registry import REGISTRY, LoadContext, ModelCache, check_scale  # noqa: E402
 from models.resize import resize  # noqa: E402
 from models.spandrel_sr import OVERLAP, load_descriptor, resolve_device  # noqa: E402
 from models.tiling import blend_profile, plan_axis, run_blended, smallest_tile, split_on_oom  # noqa: E402
@@ -125,7 +125,7 @@ def direct(sd: dict, rgb: np.ndarray) -> np.ndarray:
 
 # --- the catalogue -------------------------------------------------------------------------------------------------
 def test_catalogue_and_registry_list_the_spandrel_models():
-    assert BACKEND_MODULES["spandrel"] == "models.spandrel_sr" and "spandrel" in REGISTRY.names()
+    assert REGISTRY.get("spandrel").module == "models.spandrel_sr" and REGISTRY.get("spandrel").extra == "gan"
     with open(MIRROR / "MANIFEST.tsv", newline="") as fh:
         manifest = {r["path"]: r for r in csv.DictReader(fh, delimiter="\t")}
     mirrored = {XSX4: 4, "realesrgan-animevideo-xsx2": 2, DITN: 4, "ditn-real-gan-x4": 4}

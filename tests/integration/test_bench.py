@@ -230,7 +230,7 @@ def test_a_schema_1_database_gets_the_bench_column(tmp_path):
     import sqlite3
 
     # The jobs table as schema 2 made it (frozen: the live `jobs` Table has grown since), less bench_run_id.
-    frozen = (Path(__file__).parent / "data" / "schema_v2_sqlite.sql").read_text()
+    frozen = (Path(__file__).parents[1] / "data" / "schema_v2_sqlite.sql").read_text()
     ddl = re.search(r"CREATE TABLE jobs \(.*?\n\);", frozen, re.S).group(0).rstrip(";")
     old = re.sub(r",\s*FOREIGN KEY\(bench_run_id\) REFERENCES bench_runs \(id\)", "",
                  re.sub(r"\n\s*bench_run_id INTEGER,", "", ddl))

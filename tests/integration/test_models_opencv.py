@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.backends import Backend
 from models.base import Tiling, Upscaler, plan_tiles, run_tiled
 from models.catalog import CATALOG
 from models.errors import (
@@ -120,12 +121,12 @@ def test_errors_are_typed_and_say_what_to_do(tmp_path, weights_dir):
     up, _ = ModelCache().get("fsrcnn", 2, LoadContext(weights_dir))
     with pytest.raises(ImageTooSmallError, match="at least 3 px"):
         up(np.zeros((2, 9, 3), np.float32))
-    reg = Registry({"a": "models.classical"})
+    reg = Registry([Backend("a", "models.classical", None)])
     with pytest.raises(RegistryError, match="already registered"):
-        reg.add("a", "models.opencv_sr")
-    assert reg.names() == ["a"]  # a failed add changes nothing
+        reg.add(Backend("a", "models.opencv_sr", None))
+    assert reg.names() == ["a"] and reg.get("a").module == "models.classical"  # a failed add changes nothing
     with pytest.raises(RegistryError, match="no backend named 'b'"):
-        reg.loader("b")
+        reg.get("b")
 
 
 def test_size_requirements_pad_and_crop():

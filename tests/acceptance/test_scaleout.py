@@ -27,7 +27,7 @@ from daemon.store import Store, utcnow
 from tests.conftest import Daemon, wait_for, write_config
 from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
 
-FROZEN_V2 = Path(__file__).parent / "data" / "schema_v2_sqlite.sql"
+FROZEN_V2 = Path(__file__).parents[1] / "data" / "schema_v2_sqlite.sql"
 
 
 def _fields(name: str = "a.png", folder: str = "") -> dict:
