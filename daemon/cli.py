@@ -114,7 +114,7 @@ def run(ctx: click.Context) -> None:
     from daemon.service import Service
 
     settings = _settings(ctx)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     sys.exit(Service(settings).run())
 
 
@@ -166,11 +166,11 @@ def process(ctx: click.Context, files: tuple[Path, ...], model: str, scale: floa
 
     Example: upscaled process photo.jpg --model fsrcnn --scale 4 --out upscaled/
     """
-    from daemon.service import process_once
+    from daemon.oneshot import process as process_files
     from models.catalog import get_entry
 
     settings = _settings(ctx, check_paths=False)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     entry = get_entry(model)
     if scale is None:
         scale = entry.scales[0] if isinstance(entry.scales, tuple) and entry.scales else 2.0
@@ -180,7 +180,7 @@ def process(ctx: click.Context, files: tuple[Path, ...], model: str, scale: floa
     except ValueError as exc:
         raise click.BadParameter(str(exc).split("\n", 1)[-1]) from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    reports = process_once(settings, list(files), rule, out_dir, force=force)
+    reports = process_files(settings, list(files), rule, out_dir, force=force)
     click.echo(render(reports, fmt))
     if any(r["state"] == "failed" for r in reports):
         sys.exit(1)
@@ -207,10 +207,14 @@ def history_cmd(ctx: click.Context, model: str | None, folder: str | None, statu
 
 
 def _engine(ctx: click.Context):  # noqa: ANN202
-    from daemon.store import Store
+    """A read-only engine on the history: readers never create, migrate or change the database."""
+    from daemon.store import make_engine
 
     settings = _settings(ctx, check_paths=False)
-    return Store(settings.database).engine
+    try:
+        return make_engine(settings.database, readonly=True)
+    except FileNotFoundError as exc:
+        raise click.ClickException(f"{exc}: the service has not run with this configuration yet") from None
 
 
 @main.command()
@@ -358,7 +362,7 @@ def bench(ctx: click.Context, dataset: Path, models_: str, scales: str, downscal
 
     from daemon.bench import BenchSettings, run_bench
     from daemon.config import check_device
-    from daemon.store import Store
+    from daemon.store import SqlStore
 
     settings = _settings(ctx, check_paths=False)
     try:
@@ -374,7 +378,7 @@ def bench(ctx: click.Context, dataset: Path, models_: str, scales: str, downscal
     bench_settings = BenchSettings(dataset=dataset, models=model_list, scales=tuple(dict.fromkeys(scale_list)),
                                    weights_dir=settings.weights_dir, downscale=downscale, device=device,
                                    repeat=repeat, brisque=not no_brisque, max_pixels=settings.max_pixels)
-    store = Store(settings.database)
+    store = SqlStore(settings.database)
     try:
         result = run_bench(bench_settings, store)
     finally:
@@ -428,23 +432,16 @@ def db_upgrade(ctx: click.Context) -> None:
 
     Example: UPSCALED_CONFIG=/etc/upscaled/settings.toml upscaled db upgrade
     """
-    from daemon.store import Store
+    from daemon.store import SqlStore, safe_url
 
     settings = _settings(ctx, check_paths=False)
-    store = Store(settings.database, upgrade=False)
+    store = SqlStore(settings.database, upgrade=False)
     try:
         before, after = store.upgrade()
     finally:
         store.close()
-    click.echo(f"{_safe_url(settings.database)}: "
+    click.echo(f"{safe_url(settings.database)}: "
                + (f"at {after} already" if before == after else f"upgraded from {before or 'empty'} to {after}"))
-
-
-def _safe_url(url: str) -> str:
-    """The database URL without its password, for messages."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 @main.command()
@@ -461,10 +458,13 @@ def nodes(ctx: click.Context, all_: bool, window: float, fmt: str) -> None:
 
     Example: upscaled nodes --all --format json
     """
-    from daemon.store import Store
+    from daemon.store import SqlStore
 
     settings = _settings(ctx, check_paths=False)
-    store = Store(settings.database)
+    try:
+        store = SqlStore(settings.database, readonly=True)
+    except FileNotFoundError as exc:
+        raise click.ClickException(f"{exc}: the service has not run with this configuration yet") from None
     try:
         rows = store.nodes(settings.stale_seconds, window_s=window, include_gone=all_)
     finally:

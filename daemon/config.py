@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from daemon.errors import ConfigError
+from models.backends import Backend, backend_of
 from models.catalog import get_entry
-from models.diffusion_sd import DEFAULT_GUIDANCE, DEFAULT_NOISE_LEVEL, DEFAULT_STEPS, MAX_NOISE_LEVEL, MAX_STEPS
 from models.errors import UpscaledError
 from models.registry import check_scale
 
@@ -32,8 +32,11 @@ FORMATS = ("png", "jpg", "webp", "tiff")
 UPSCALE_METRICS = ("brisque", "lr_psnr_y", "lr_ssim_y")
 BENCHMARK_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "mse_rgb")
 NAME_FIELDS = {"stem", "model", "scale", "ext", "folder", "rule"}
-# Rule options that only diffusion models take; they change the output, so they are part of the fingerprint.
-GENERATION_FIELDS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "noise_level", "seed")
+# Rule keys of older versions that are a backend's parameters now: read from the rule's top level into `params`.
+LEGACY_PARAM_KEYS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "noise_level", "seed")
+# Rule keys added after fingerprints were first recorded: left out of the fingerprint while at their defaults, so a
+# rule that does not use them keeps the fingerprint (and the finished jobs) it had.
+_LATER_KEYS: tuple[str, ...] = ()
 
 
 class Rule(BaseModel):
@@ -57,14 +60,23 @@ class Rule(BaseModel):
     tile: int | None = Field(default=None, ge=32)  # input tile side; None lets the backend choose
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # torch models; auto: fp16 on CUDA, else fp32
     compare: bool = True  # benchmark mode: also write HR | LR | SR side by side
-    # Diffusion models only (sd-x4-upscaler, diffusers:FOLDER). A `<image>.prompt.txt` beside an input overrides
-    # `prompt` for that image. See models/diffusion_sd.py for why 25 steps.
-    prompt: str = Field(default="", max_length=2000)  # the text encoder reads the first 77 tokens
-    negative_prompt: str = Field(default="", max_length=2000)
-    num_inference_steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=50)  # > 1: classifier-free guidance
-    noise_level: int = Field(default=DEFAULT_NOISE_LEVEL, ge=0, le=MAX_NOISE_LEVEL)  # noise added to the input
-    seed: int = Field(default=0, ge=0, le=2**63 - 1)  # same input + same rule = same output
+    # The backend's own options, checked against its schema (models/backends.py): for diffusion models the
+    # prompt, negative_prompt, num_inference_steps, guidance_scale, noise_level and seed. A `<image>.prompt.txt`
+    # beside an input overrides the prompt for that image.
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_params(cls, data: Any) -> Any:
+        """Generation options at the rule's top level (before ``[rules.params]``) still work."""
+        if isinstance(data, dict) and any(k in data for k in LEGACY_PARAM_KEYS):
+            data = dict(data)
+            params = dict(data.get("params") or {})
+            for k in LEGACY_PARAM_KEYS:
+                if k in data:
+                    params.setdefault(k, data.pop(k))
+            data["params"] = params
+        return data
 
     @field_validator("folder")
     @classmethod
@@ -129,14 +141,21 @@ class Rule(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _generation_options(self) -> Rule:
-        if self.takes_generation():
+    def _params(self) -> Rule:
+        """Check ``params`` against the backend's schema and store it complete (defaults filled in)."""
+        try:
+            backend = self.backend()
+        except UpscaledError:  # a bad model id, reported by its own validator
             return self
-        fields = type(self).model_fields
-        given = [k for k in GENERATION_FIELDS if getattr(self, k) != fields[k].default]
-        if given:
-            raise ValueError(f"{', '.join(given)}: only diffusion models (sd-x4-upscaler, diffusers:FOLDER) take "
-                             f"generation options; {self.model} is a {get_entry(self.model).backend} model")
+        try:
+            parsed = backend.parse_params(self.params)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            if backend.params.model_fields:
+                raise ValueError(f"params: {problems}") from None
+            raise ValueError(f"params: {self.model} (backend {backend.id}) takes no parameters, got "
+                             f"{', '.join(sorted(self.params))}") from None
+        object.__setattr__(self, "params", parsed.model_dump())
         return self
 
     @model_validator(mode="after")
@@ -155,23 +174,33 @@ class Rule(BaseModel):
             return tuple(self.metrics)
         return BENCHMARK_METRICS if self.mode == "benchmark" else UPSCALE_METRICS
 
-    def takes_generation(self) -> bool:
-        """Whether the model is a diffusion model, which takes the generation options."""
-        try:
-            return get_entry(self.model).backend == "diffusion"
-        except UpscaledError:  # a bad model id, reported by its own validator
-            return False
+    def backend(self) -> Backend:
+        """The backend of this rule's model.
 
-    def generation(self) -> dict[str, Any] | None:
-        """The generation options for the model call (prompt, seed, ...), or None for a model that takes none."""
-        return {k: getattr(self, k) for k in GENERATION_FIELDS} if self.takes_generation() else None
+        Raises:
+            UnknownModelError: the model id is unknown.
+        """
+        return backend_of(self.model)
+
+    def model_params(self) -> Any:
+        """``params`` as the backend's schema object, ready for the model call."""
+        return self.backend().parse_params(self.params)
+
+    def native_scale(self) -> float:
+        """The scale the model runs at (a resampling filter goes straight to the final scale)."""
+        return self.backend().native_scale(self.scale, self.final_scale)
+
+    def with_prompt(self, prompt: str) -> Rule:
+        """This rule with ``params.prompt`` replaced (a ``<image>.prompt.txt`` sidecar)."""
+        return self.model_copy(update={"params": {**self.params, "prompt": prompt}})
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes the output. Same file + same fingerprint = same job."""
-        exclude = {"folder", "device", "precision"}  # how to compute, like the device
-        if not self.takes_generation():  # always at their defaults there: left out, so older fingerprints hold
-            exclude |= set(GENERATION_FIELDS)
+        exclude = {"folder", "device", "precision", "params"}  # how to compute, like the device
+        defaults = type(self).model_fields
+        exclude |= {k for k in _LATER_KEYS if getattr(self, k) == defaults[k].get_default(call_default_factory=True)}
         data = self.model_dump(exclude=exclude)
+        data.update(self.params)  # flat, as the generation options were before they moved into params
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -201,13 +230,18 @@ class Settings(BaseSettings):
     observer: Literal["inotify", "polling"] = "inotify"
     poll_seconds: float = Field(default=2.0, gt=0)
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
-    max_pixels: int = Field(default=100_000_000, gt=0)  # decoded input pixels; larger is a decompression bomb
+    max_pixels: int = Field(default=100_000_000, gt=0)  # decoded input pixels, all frames: a decompression bomb
+    max_output_pixels: int = Field(default=400_000_000, gt=0)  # checked before inference: x4 of 100 MP needs ~70 GB
+    max_file_bytes: int = Field(default=2 << 30, gt=0)  # an input larger than this is refused before it is read
+    max_frames: int = Field(default=1000, ge=1)  # frames of an animated input
     max_attempts: int = Field(default=3, ge=1)  # for out-of-memory failures
     retry_seconds: float = Field(default=30.0, ge=0)  # first backoff; doubles per attempt
     retry_max_seconds: float = Field(default=600.0, ge=0)  # backoff cap; disk-full and unwritable outbox retry forever
     stop_timeout: float = Field(default=120.0, ge=0)  # SIGTERM: how long the current job may take to finish
     umask: str = "027"  # octal; applies to every file the service creates, the database included
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"  # auto: readable on a terminal, JSON lines otherwise
+    http_listen: str = ""  # host:port for /metrics, /livez and /readyz; "" = off
     rules: list[Rule] = Field(default_factory=list)
     # Several daemons on one inbox and one PostgreSQL database (README, "Scaling out"). Per node:
     node_name: str = Field(default="", max_length=128)  # unique per daemon; "" means this host's name
@@ -387,9 +421,15 @@ def _check_paths(s: Settings, file: Path) -> None:
             anchor = anchor.parent
         if not os.access(anchor, os.W_OK | os.X_OK):
             raise ConfigError(f"bad configuration:\n  {file}: {key}: {p} is not writable")
-    for key in ("outbox", "archive", "failed"):
-        p = folders[key]
-        if p == s.inbox or s.inbox in p.parents:
-            raise ConfigError(f"bad configuration:\n  {file}: {key}: {p} must not be inside the inbox {s.inbox}")
     if len(set(folders.values())) != len(folders):
         raise ConfigError(f"bad configuration:\n  {file}: inbox, outbox, archive and failed must be four folders")
+    # No folder inside another, either way: an inbox inside the outbox feeds every output back in as a new job, and
+    # an outbox inside the inbox does the same. The database and the weights are not the inbox writers' to touch.
+    for key, p in folders.items():
+        for other, q in folders.items():
+            if key != other and q in p.parents:
+                raise ConfigError(f"bad configuration:\n  {file}: {key}: {p} must not be inside the {other} {q}")
+    db = s.sqlite_path()
+    for key, p in (("database", db), ("weights_dir", s.weights_dir)):
+        if p is not None and (p == s.inbox or s.inbox in p.resolve().parents):
+            raise ConfigError(f"bad configuration:\n  {file}: {key}: {p} must not be inside the inbox {s.inbox}")

@@ -45,6 +45,20 @@ class BadSidecarError(ImageError):
     kind = "bad-sidecar"
 
 
+class UnsafePathError(UpscaledError):
+    """A path the service would read, write or move through leaves its folder: a symbolic link (or a folder swapped
+    for one after the file was registered), a name with ``..``, or something that is not a regular file."""
+
+    kind = "unsafe-path"
+
+
+class InputChangedError(ImageError):
+    """The input was replaced (another file under its name) or rewritten after it was registered: it is not the
+    job's input any more. The new file is a job of its own."""
+
+    kind = "input-changed"
+
+
 # --- outputs -------------------------------------------------------------------------------------------------------
 class DiskFullError(ResourceError):
     """No space left (or the quota is reached) while writing an output, a reason file or a move."""

@@ -1,257 +1,478 @@
-"""File operations that keep the invariants: atomic, durable, confined, never overwriting.
+"""File operations that keep the invariants, reached through directory handles: confined, atomic, exclusive.
 
-- An output is written to a hidden temp file in its final folder, fsynced, then ``os.replace``d into place, and
-  the folder is fsynced, so the outbox shows either nothing or the whole file.
-- Moves never overwrite: a taken name gets ``-1``, ``-2``, ... before its suffix.
-- Paths built from file names are checked to stay inside their root.
+Every folder the service works in (inbox, outbox, archive, failed, the ``--out`` of ``process``) is a :class:`Root`:
+a directory handle opened once. A path under it is reached **one component at a time** from that handle, each
+folder opened with ``O_NOFOLLOW | O_DIRECTORY``. So a folder swapped for a symbolic link after a file was registered
+(``inbox/photos`` -> ``/etc``) cannot redirect a read, a write or a move out of the root: the walk stops with
+:class:`~daemon.errors.UnsafePathError` instead. The last component is opened with ``O_NOFOLLOW`` (and
+``O_NONBLOCK``, so a FIFO put in a file's place cannot block the open) and checked with ``fstat``.
+
+- An output is written to a temp file with a random name created exclusively (``O_CREAT | O_EXCL | O_NOFOLLOW``:
+  a planted symlink or file under a predictable name cannot be written through), fsynced, renamed into place, and
+  its folder fsynced: the outbox shows either nothing or the whole file.
+- Moves never overwrite: the name is taken with ``link()``, which fails where ``rename()`` would silently replace,
+  and a taken name gets ``-1``, ``-2``, ... before its suffix. Before a move the file's device and inode are checked
+  against the ones recorded when it was registered: a file replaced meanwhile is not the job's input.
+- Names are ``PurePosixPath``s of ``str`` components; a component that is not valid UTF-8 is carried with Python's
+  surrogate escapes, so the exact bytes reach the kernel.
 """
 
 from __future__ import annotations
 
 import errno
-import filecmp
-import glob
+import fcntl
 import json
 import os
-import shutil
-import threading
+import secrets
+import stat
 import time
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
-from daemon.errors import DiskFullError, OutputError, OutputUnavailableError
+from daemon.errors import DiskFullError, InputChangedError, OutputError, OutputUnavailableError, UnsafePathError
 
 NAME_MAX = 255  # bytes, on every Linux filesystem we write to
-
 TMP_SUFFIX = ".upscaled-tmp"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class FileId:
+    """Which file a name pointed at: device and inode, as ``fstat`` saw them when the file was registered."""
+
+    dev: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileId:
+        return cls(st.st_dev, st.st_ino)
 
 
-def confined(root: Path, rel: str | os.PathLike) -> Path:
-    """``root / rel``, refusing anything that would land outside ``root``.
+def parts(rel: str | os.PathLike) -> list[str]:
+    """The components of a relative path, checked: no empty, ``.`` or ``..`` component, not absolute.
 
     Raises:
-        OutputError: ``rel`` climbs out of ``root`` (``..``, an absolute path, a symlinked folder).
+        UnsafePathError: the path is absolute or would climb out of its root.
     """
-    root = root.resolve()
-    target = (root / rel).resolve()
-    if target != root and root not in target.parents:
-        raise OutputError(f"{rel} would leave {root}; refusing to write outside it")
-    return target
+    p = PurePosixPath(rel)
+    if p.is_absolute() or any(c in ("", ".", "..") for c in p.parts):
+        raise UnsafePathError(f"{display(str(rel))} would leave its folder")
+    return list(p.parts)
 
 
-def fit_name(name: str, max_bytes: int = NAME_MAX) -> str:
-    """Shorten ``name`` to at most ``max_bytes`` UTF-8 bytes by trimming its stem, keeping the suffix."""
-    if len(name.encode()) <= max_bytes:
-        return name
-    stem, suffix = _split(name)
-    room = max(1, max_bytes - len(suffix.encode()))
-    short = stem.encode()[:room].decode(errors="ignore")
-    return short + suffix
+def display(name: str) -> str:
+    """A printable form of a name that may hold undecodable bytes (surrogate escapes) or control characters."""
+    raw = os.fsencode(name)
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
-def unique_path(path: Path) -> Path:
-    """``path`` if free, else ``stem-1.ext``, ``stem-2.ext``, ..."""
-    if not path.exists():
-        return path
-    stem, suffix = _split(path.name)
-    n = 1
+def _raise_write(exc: OSError, what: str) -> None:
+    """Turn a write error into the error the worker reacts to: retry until fixed, or fail."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(f"no space left while writing {what}") from exc
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+        raise OutputUnavailableError(f"cannot write {what}: {exc.strerror or exc}") from exc
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        raise UnsafePathError(f"cannot write {what}: a folder on its path is a symbolic link or not a folder") \
+            from exc
+    raise OutputError(f"cannot write {what}: {exc.strerror or exc}") from exc
+
+
+class Root:
+    """A folder held open as a directory handle; every path below it is reached from the handle.
+
+    The folder itself is created (with its parents) if missing. Close it with :meth:`close` (or use it as a context
+    manager); a service keeps its roots open for its whole life.
+    """
+
+    def __init__(self, path: Path, create: bool = True) -> None:
+        self.path = Path(path)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(self.fd)
+        self.dev = st.st_dev
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Root:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Root({str(self.path)!r})"
+
+    def abs(self, rel: str | os.PathLike) -> Path:
+        """The absolute path of ``rel`` under this root, for messages and the job row (never for opening)."""
+        return self.path.joinpath(*parts(rel))
+
+    def contains(self, path: Path) -> PurePosixPath | None:
+        """``path`` relative to this root if it lies lexically below it, else None."""
+        try:
+            return PurePosixPath(Path(path).relative_to(self.path).as_posix())
+        except ValueError:
+            return None
+
+    # --- walking ---------------------------------------------------------------------------------------------------
+    @contextmanager
+    def folder(self, rel_dir: str | os.PathLike, create: bool = False) -> Iterator[int]:
+        """A handle on the folder ``rel_dir`` below the root, reached one component at a time without following
+        links (created, mode 0777 & ~umask, where ``create`` and missing). Closed on exit.
+
+        Raises:
+            UnsafePathError: a component is a symbolic link or not a folder.
+            FileNotFoundError: a component is missing and ``create`` is False.
+        """
+        fd = os.dup(self.fd)
+        try:
+            for name in parts(rel_dir) if str(rel_dir) not in ("", ".") else []:
+                if create:
+                    try:
+                        os.mkdir(name, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                try:
+                    nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise UnsafePathError(f"{display(str(rel_dir))}: {display(name)} under {self.path} is a "
+                                              f"symbolic link or not a folder; links are not followed") from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            yield fd
+        finally:
+            os.close(fd)
+
+    def open_file(self, rel: str | os.PathLike) -> tuple[int, os.stat_result]:
+        """Open the regular file ``rel`` for reading; returns (fd, its stat). The caller closes the fd.
+
+        Raises:
+            UnsafePathError: the file or a folder on its path is a symbolic link, or the file is not a regular file
+                (a FIFO, a device, a folder).
+            FileNotFoundError: it is gone.
+            PermissionError, OSError: it cannot be opened.
+        """
+        p = parts(rel)
+        with self.folder(PurePosixPath(*p[:-1]) if len(p) > 1 else "") as d:
+            try:
+                fd = os.open(p[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=d)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise UnsafePathError(f"{display(str(rel))} is a symbolic link; links are not followed") from None
+                raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafePathError(f"{display(str(rel))} is not a regular file")
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def lstat(self, rel: str | os.PathLike) -> os.stat_result | None:
+        """The ``lstat`` of ``rel`` reached through the handle, or None if it (or a folder on its way) is missing.
+
+        Raises:
+            UnsafePathError: a folder on the way is a symbolic link.
+        """
+        p = parts(rel)
+        try:
+            with self.folder(PurePosixPath(*p[:-1]) if len(p) > 1 else "") as d:
+                return os.stat(p[-1], dir_fd=d, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def exists(self, rel: str | os.PathLike) -> bool:
+        try:
+            return self.lstat(rel) is not None
+        except UnsafePathError:
+            return True  # something is there, and it is not ours to write over
+
+    def read_bytes(self, rel: str | os.PathLike, limit: int | None = None) -> bytes:
+        """The bytes of the regular file ``rel`` (at most ``limit`` + 1, so a caller can tell it was longer)."""
+        fd, st = self.open_file(rel)
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read() if limit is None else fh.read(limit + 1)
+
+    # --- writing ---------------------------------------------------------------------------------------------------
+    def write_atomic(self, rel: str | os.PathLike, data: bytes | memoryview, *, sync: bool = True) -> None:
+        """Write ``data`` to ``rel`` so that no reader ever sees a partial file, and make it durable.
+
+        The bytes go to an exclusively created temp file with a random name beside the target, are fsynced, and the
+        temp file is renamed over ``rel`` (the caller reserved that name). With ``sync`` the folder is fsynced too.
+
+        Raises:
+            DiskFullError: the disk is full or the quota reached (retried until fixed).
+            OutputUnavailableError: the folder cannot be written (retried until fixed).
+            UnsafePathError: a folder on the way is a symbolic link.
+            OutputError: any other write error.
+        """
+        p = parts(rel)
+        what = str(self.abs(rel))
+        try:
+            with self.folder(PurePosixPath(*p[:-1]) if len(p) > 1 else "", create=True) as d:
+                tmp = _create_temp(d, p[-1])
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+                    with os.fdopen(fd, "wb") as fh:
+                        fh.write(data)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    os.replace(tmp, p[-1], src_dir_fd=d, dst_dir_fd=d)
+                except BaseException:
+                    _unlink_quiet(tmp, d)
+                    raise
+                if sync:
+                    os.fsync(d)
+        except OSError as exc:
+            _raise_write(exc, what)
+
+    def write_json(self, rel: str | os.PathLike, info: dict) -> None:
+        self.write_atomic(rel, (json.dumps(info, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def unlink(self, rel: str | os.PathLike, expect: FileId | None = None) -> bool:
+        """Remove ``rel`` if it is still the file ``expect`` names (any file without ``expect``). Returns whether it
+        removed something."""
+        p = parts(rel)
+        try:
+            with self.folder(PurePosixPath(*p[:-1]) if len(p) > 1 else "") as d:
+                if expect is not None:
+                    st = os.stat(p[-1], dir_fd=d, follow_symlinks=False)
+                    if FileId.of(st) != expect:
+                        return False
+                os.unlink(p[-1], dir_fd=d)
+                os.fsync(d)
+                return True
+        except FileNotFoundError:
+            return False
+
+    def free_name(self, rel: str | os.PathLike) -> PurePosixPath:
+        """``rel`` if nothing is there, else ``stem-1.ext``, ``stem-2.ext``, ... (the first free one)."""
+        p = PurePosixPath(*parts(rel))
+        stem, suffix = split_name(p.name)
+        candidate, n = p, 0
+        while self.exists(candidate):
+            n += 1
+            candidate = p.with_name(fit_name(f"{stem}-{n}{suffix}"))
+        return candidate
+
+    def remove_stale_temps(self, older_than: float = 0.0) -> int:
+        """Delete the temp files a crash left anywhere below the root, if older than ``older_than`` seconds (other
+        daemons sharing the folder may be writing theirs right now). Returns how many. Never follows links."""
+        n = 0
+        cutoff = time.time() - older_than
+        for _dirpath, _dirs, files, dfd in os.fwalk(".", dir_fd=self.fd, follow_symlinks=False):
+            for name in files:
+                if not name.endswith(TMP_SUFFIX):
+                    continue
+                try:
+                    if older_than and os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mtime > cutoff:
+                        continue
+                    os.unlink(name, dir_fd=dfd)
+                    n += 1
+                except FileNotFoundError:
+                    continue
+        return n
+
+
+def _create_temp(dir_fd: int, name: str) -> str:
+    """Create an empty temp file beside ``name`` with a random name, exclusively, and return its name."""
+    head = fit_name(f".{name}", NAME_MAX - 18 - len(TMP_SUFFIX))
     while True:
-        candidate = path.with_name(fit_name(f"{stem}-{n}{suffix}"))
-        if not candidate.exists():
-            return candidate
-        n += 1
+        tmp = f"{head}.{secrets.token_hex(8)}{TMP_SUFFIX}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                             dir_fd=dir_fd))
+            return tmp
+        except FileExistsError:  # 64 random bits: only a planted name gets here
+            continue
 
 
-def _split(name: str) -> tuple[str, str]:
-    """Split at the last dot, but keep compound suffixes we write together (``.error.json``)."""
-    for compound in (".error.json",):
-        if name.endswith(compound):
+def _unlink_quiet(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+# --- names ---------------------------------------------------------------------------------------------------------
+def fit_name(name: str, max_bytes: int = NAME_MAX) -> str:
+    """Shorten ``name`` to at most ``max_bytes`` bytes (as the kernel counts them) by trimming its stem, keeping
+    the suffix."""
+    if len(os.fsencode(name)) <= max_bytes:
+        return name
+    stem, suffix = split_name(name)
+    room = max(1, max_bytes - len(os.fsencode(suffix)))
+    raw = os.fsencode(stem)[:room]
+    for cut in range(4):  # never end inside a UTF-8 sequence of a name that was valid UTF-8
+        try:
+            return raw[: len(raw) - cut].decode("utf-8") + suffix
+        except UnicodeDecodeError:
+            continue
+    return os.fsdecode(raw) + suffix  # not UTF-8 to begin with: keep its bytes
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """Split at the last dot, keeping the compound suffixes we write together (``.error.json``, ``.prompt.txt``)."""
+    for compound in (".error.json", ".prompt.txt"):
+        if name.endswith(compound) and len(name) > len(compound):
             return name[: -len(compound)], compound
     stem, dot, ext = name.rpartition(".")
     return (stem, "." + ext) if dot and stem else (name, "")
 
 
-def _raise_disk(exc: OSError, what: str) -> None:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise DiskFullError(f"no space left while writing {what}") from exc
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
-        raise OutputUnavailableError(f"cannot write {what}: {exc.strerror or exc}") from exc
-    raise OutputError(f"cannot write {what}: {exc.strerror or exc}") from exc
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that no reader ever sees a partial file, and make it durable.
-
-    Raises:
-        DiskFullError: the disk is full (retryable).
-        OutputError: any other write error.
-    """
-    tmp = temp_path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        _raise_disk(exc, str(path))
-
-
-_TAG_ROOM = 32  # bytes kept for ".<pid>-<thread id>" in a temp file's name
-
-
-def _temp_head(path: Path) -> str:
-    return fit_name(f".{path.name}", NAME_MAX - _TAG_ROOM - len(TMP_SUFFIX))
-
-
-def temp_path(path: Path) -> Path:
-    """The hidden temp file this thread writes before it renames it to ``path``.
-
-    Named by process and thread, so two threads writing one name (the worker and a reconcile in one daemon) or
-    two nodes writing into one share never share a temp file.
-    """
-    return path.with_name(f"{_temp_head(path)}.{os.getpid()}-{threading.get_native_id()}{TMP_SUFFIX}")
-
-
-def temp_files(path: Path, pid: int) -> list[Path]:
-    """The temp files that process ``pid`` (any of its threads) left for ``path``."""
-    return list(path.parent.glob(f"{glob.escape(_temp_head(path))}.{pid}-*{TMP_SUFFIX}"))
-
-
-def remove_stale_temps(root: Path, older_than: float = 0.0) -> int:
-    """Delete temp files a crash left behind under ``root``, if older than ``older_than`` seconds. Returns how many.
-
-    With other daemons writing to the same outbox, ``older_than`` keeps their writes in flight safe.
-    """
-    n = 0
-    if not root.is_dir():
-        return 0
-    cutoff = time.time() - older_than
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            if name.endswith(TMP_SUFFIX):
-                p = Path(dirpath) / name
-                try:
-                    if older_than and p.stat().st_mtime > cutoff:
-                        continue
-                except FileNotFoundError:
-                    continue
-                p.unlink(missing_ok=True)
-                n += 1
-    return n
-
-
-# Filesystems that have no hard links (FAT, some SMB mounts) answer link() with one of these.
+# --- moves ---------------------------------------------------------------------------------------------------------
+# Filesystems that have no hard links (FAT, some SMB mounts) answer link() with one of these; EPERM is also what
+# fs.protected_hardlinks gives a service that does not own the file.
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 
 
-def _same_file(a: Path, b: Path, copy: bool) -> bool:
-    """Whether ``a`` and ``b`` are one file (two links), or, with ``copy``, ``b`` is a copy of ``a`` as
-    :func:`_place` makes them: the same bytes and the same mtime (copied with it; to within 1 ms, for a
-    filesystem with a coarser clock)."""
-    try:
-        if os.path.samefile(a, b):
-            return True
-        if not copy:
-            return False
-        sa, sb = os.stat(a), os.stat(b)
-        return abs(sa.st_mtime_ns - sb.st_mtime_ns) <= 1_000_000 and filecmp.cmp(a, b, shallow=False)
-    except FileNotFoundError:
-        return False
+def move(src: Root, src_rel: str | os.PathLike, dst: Root, dst_rel: str | os.PathLike, *,
+         expect: FileId | None = None, reserved: bool = False, special: bool = False) -> PurePosixPath:
+    """Move ``src_rel`` under ``src`` to ``dst_rel`` under ``dst`` (or ``-1``, ``-2``, ... if that name holds another
+    file), durably. Returns the name it got under ``dst``.
+
+    Never overwrites, and safe against a concurrent mover of the same file (another node archiving it): the name is
+    taken exclusively with ``link()`` (or an ``O_EXCL`` placeholder where links are refused), and a name that is
+    already a link to the file (the other mover's, or our own interrupted try) counts as done. ``reserved``: ``dst_rel``
+    was chosen for this very file and recorded (the archive path committed with the job), so a *copy* there with
+    the same bytes and mtime is this file, copied by another mover across filesystems. ``special``: the source may
+    be a symbolic link or a FIFO (moved as itself, never followed or opened: a bad entry quarantined). The source
+    is removed last.
+
+    Raises:
+        FileNotFoundError: the source is gone (another mover took it, and records where).
+        InputChangedError: the source is not the file ``expect`` names any more (it was replaced after it was
+            registered); nothing is moved.
+        UnsafePathError: a folder on either path is a symbolic link.
+        OSError: anything else (the caller keeps the input where it is and tries again later).
+    """
+    sp, dp = parts(src_rel), parts(dst_rel)
+    with src.folder(PurePosixPath(*sp[:-1]) if len(sp) > 1 else "") as sd, \
+            dst.folder(PurePosixPath(*dp[:-1]) if len(dp) > 1 else "", create=True) as dd:
+        name = sp[-1]
+        st = os.stat(name, dir_fd=sd, follow_symlinks=False)
+        if expect is not None and FileId.of(st) != expect:
+            raise InputChangedError(f"{display(str(src_rel))} was replaced after it was registered; it is not this "
+                                    "job's input and stays where it is")
+        odd = stat.S_ISLNK(st.st_mode) or stat.S_ISFIFO(st.st_mode)
+        if not stat.S_ISREG(st.st_mode) and not (special and odd):
+            raise UnsafePathError(f"{display(str(src_rel))} is not a regular file")
+        stem, suffix = split_name(dp[-1])
+        candidate, n = dp[-1], 0
+        while True:
+            try:
+                _place(sd, name, dd, candidate)
+                break
+            except FileExistsError:
+                if _same_file(sd, name, dd, candidate, copy=reserved and n == 0):
+                    break
+            n += 1
+            candidate = fit_name(f"{stem}-{n}{suffix}")
+        os.fsync(dd)
+        try:
+            os.unlink(name, dir_fd=sd)
+        except FileNotFoundError:
+            pass  # the other mover removed it; its bytes are at `candidate`
+        os.fsync(sd)
+    return PurePosixPath(*dp[:-1], candidate)
 
 
-def _place(src: Path, dest: Path) -> None:
-    """Give ``src``'s bytes the name ``dest``, which must not exist yet; ``src`` stays where it is.
+def _place(sd: int, name: str, dd: int, dest: str) -> None:
+    """Give the bytes of ``name`` (in folder ``sd``) the name ``dest`` (in folder ``dd``), which must not exist yet;
+    the source stays.
 
-    Exclusive: ``os.link`` fails with FileExistsError where ``os.rename`` would silently overwrite, so of two
-    movers aiming at one name (two nodes archiving one file, or two files with one name) exactly one wins. Across
-    filesystems the bytes are copied to a hidden temp file beside ``dest`` and fsynced, and the temp file is
-    linked to ``dest`` the same way. Where hard links are refused, an empty placeholder created with O_EXCL takes
-    the name instead, and ``src`` (or the temp file) is renamed over it.
+    Exclusive: ``link`` fails with FileExistsError where ``rename`` would silently overwrite, so of two movers aiming
+    at one name exactly one wins. Across filesystems the bytes are copied to an exclusive temp file beside ``dest``,
+    fsynced, and linked the same way. Where hard links are refused, an empty placeholder created with ``O_EXCL``
+    takes the name and the file is renamed over it.
 
     Raises:
         FileExistsError: ``dest`` exists.
-        FileNotFoundError: ``src`` is gone (another mover took it).
+        FileNotFoundError: the source is gone.
     """
     try:
-        os.link(src, dest, follow_symlinks=False)
+        os.link(name, dest, src_dir_fd=sd, dst_dir_fd=dd, follow_symlinks=False)
         return
     except OSError as exc:
         if exc.errno not in _NO_LINKS | {errno.EXDEV}:
             raise
         cross = exc.errno == errno.EXDEV
-    if not cross:  # no hard links here (or not to this file: fs.protected_hardlinks)
-        _rename_exclusive(src, dest)
+    if not cross:
+        _rename_exclusive(sd, name, dd, dest)
         return
-    tmp = temp_path(dest)
+    tmp = _create_temp(dd, dest)
     try:
-        shutil.copy2(src, tmp, follow_symlinks=False)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fd_in = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sd)
         try:
-            os.link(tmp, dest)
+            st = os.fstat(fd_in)
+            fd_out = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dd)
+            try:
+                while os.sendfile(fd_out, fd_in, None, 1 << 24):
+                    pass
+                os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))  # a copy keeps the mtime (see _same_file)
+                os.fsync(fd_out)
+            finally:
+                os.close(fd_out)
+        finally:
+            os.close(fd_in)
+        try:
+            os.link(tmp, dest, src_dir_fd=dd, dst_dir_fd=dd)
         except OSError as exc:
             if exc.errno not in _NO_LINKS:
                 raise
-            _rename_exclusive(tmp, dest)
+            _rename_exclusive(dd, tmp, dd, dest)
     finally:
-        tmp.unlink(missing_ok=True)
+        _unlink_quiet(tmp, dd)
 
 
-def _rename_exclusive(src: Path, dest: Path) -> None:
-    """Rename ``src`` to ``dest`` only if no one else has the name: claim it with an O_EXCL placeholder first."""
-    os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))  # FileExistsError if taken
+def _rename_exclusive(sd: int, name: str, dd: int, dest: str) -> None:
+    """Rename only if no one else has the name: claim it with an ``O_EXCL`` placeholder first."""
+    os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dd))
     try:
-        os.rename(src, dest)
+        os.rename(name, dest, src_dir_fd=sd, dst_dir_fd=dd)
     except BaseException:
-        os.unlink(dest)  # give the name back
+        os.unlink(dest, dir_fd=dd)  # give the name back
         raise
 
 
-def move_unique(src: Path, dest: Path, reserved: bool = False) -> Path:
-    """Move ``src`` to ``dest``, or to ``dest-1``, ``dest-2``, ... if that name holds another file. Returns where
-    it went, durably.
-
-    Never overwrites, and safe against a concurrent mover of the same ``src`` (another node archiving the same
-    file): the name is taken exclusively (see :func:`_place`), and a name that is already a link to ``src`` (the
-    other mover's, or our own interrupted earlier try) counts as done. ``reserved`` says ``dest`` was chosen for
-    this very file and recorded (the archive path committed with the job), so a copy of ``src`` there (same bytes,
-    same mtime) is this file, copied by another mover across filesystems; the same content dropped again later
-    has its own mtime, and the move takes the next free name for it. ``src`` is removed last.
-
-    Raises:
-        FileNotFoundError: ``src`` is gone: another mover took it (and records where).
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    candidate, n = dest, 0
-    stem, suffix = _split(dest.name)
-    while True:
-        try:
-            _place(src, candidate)
-            break
-        except FileExistsError:
-            if _same_file(src, candidate, copy=reserved and candidate == dest):
-                break
-        n += 1
-        candidate = dest.with_name(fit_name(f"{stem}-{n}{suffix}"))
-    fsync_dir(candidate.parent)
+def _same_file(sd: int, name: str, dd: int, dest: str, copy: bool) -> bool:
+    """Whether ``dest`` is ``name`` (two links), or, with ``copy``, a copy of it as :func:`_place` makes them: the
+    same bytes and the same mtime (to within 1 ms, for a filesystem with a coarser clock)."""
     try:
-        os.unlink(src)
+        a = os.stat(name, dir_fd=sd, follow_symlinks=False)
+        b = os.stat(dest, dir_fd=dd, follow_symlinks=False)
     except FileNotFoundError:
-        pass  # the other mover removed it; its bytes are at `candidate`
-    fsync_dir(src.parent)
-    return candidate
+        return False
+    if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+        return True
+    if not copy or not stat.S_ISREG(b.st_mode) or abs(a.st_mtime_ns - b.st_mtime_ns) > 1_000_000:
+        return False
+    try:
+        fa = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sd)
+        fb = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dd)
+    except FileNotFoundError:
+        return False
+    with os.fdopen(fa, "rb") as ha, os.fdopen(fb, "rb") as hb:
+        return _same_bytes(ha, hb)
 
 
-def write_error_json(path: Path, info: dict) -> None:
-    atomic_write(path, (json.dumps(info, indent=2, sort_keys=True, default=str) + "\n").encode())
+def _same_bytes(a, b) -> bool:  # noqa: ANN001 - two binary files
+    while True:
+        x, y = a.read(1 << 20), b.read(1 << 20)
+        if x != y:
+            return False
+        if not x:
+            return True
+
+

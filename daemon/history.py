@@ -16,7 +16,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.errors import QueryError
-from daemon.store import make_engine, utcnow
+from daemon.jobs import utcnow
+from daemon.store import make_engine
 
 SUMMARY_METRICS = ("psnr_y", "ssim_y", "brisque", "lr_psnr_y")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -98,7 +99,16 @@ FROM jobs j JOIN job_metrics jm ON jm.id = j.id{where}"""
 
 
 def query(url: str, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Run one read-only statement. Writes are refused by the database itself (read-only connection)."""
+    """Run exactly one read-only statement with named parameters (``:name``).
+
+    The connection itself is read-only (SQLite ``mode=ro`` and ``query_only``; PostgreSQL sessions with
+    ``default_transaction_read_only = on``), and the statement goes as *one* statement: SQLite's driver refuses a
+    second one, and on PostgreSQL it is sent as a server-side prepared statement, which cannot hold two (so
+    ``COMMIT; DELETE ...`` is refused before anything runs). Give the role it connects as SELECT rights only, too.
+
+    Raises:
+        QueryError: the database is missing, the SQL is refused, or it failed.
+    """
     try:
         engine = make_engine(url, readonly=True)
     except FileNotFoundError as exc:
@@ -106,11 +116,22 @@ def query(url: str, sql: str, params: dict[str, Any] | None = None) -> list[dict
     try:
         with engine.connect() as c:
             if engine.dialect.name == "postgresql":
-                c.execute(text("SET TRANSACTION READ ONLY"))
+                compiled = text(sql).compile(dialect=engine.dialect)
+                raw = c.connection.driver_connection
+                with raw.cursor() as cur:
+                    cur.execute(str(compiled), compiled.construct_params(params or {}), prepare=True)
+                    if cur.description is None:
+                        return []
+                    names = [d.name for d in cur.description]
+                    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
             res = c.execute(text(sql), params or {})
             return [dict(r._mapping) for r in res] if res.returns_rows else []
     except SQLAlchemyError as exc:
         msg = str(getattr(exc, "orig", exc)) or str(exc)
         raise QueryError(f"query failed: {msg}") from None
+    except Exception as exc:  # the driver's own errors on the PostgreSQL path (psycopg.Error)
+        if type(exc).__module__.split(".")[0] not in ("psycopg", "sqlite3"):
+            raise
+        raise QueryError(f"query failed: {exc}") from None
     finally:
         engine.dispose()

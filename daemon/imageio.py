@@ -281,3 +281,103 @@ def _png_insert_icc(png: bytes, icc: bytes) -> bytes:
     chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
     ihdr_end = 8 + 8 + 13 + 4
     return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+@dataclass(frozen=True)
+class Probe:
+    format: str
+    width: int
+    height: int
+    frames: int = 1
+    animated: bool = False
+
+
+def probe(fh, max_pixels: int, max_frames: int, name: str = "") -> Probe:  # noqa: ANN001 - a binary file
+    """What the header says, without decoding pixels.
+
+    Raises:
+        DecodeError: not an image. UnsupportedImageError: a format we do not read. ImageTooLargeError: over
+        ``max_pixels`` (all frames) or ``max_frames``.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fh)
+    except UnidentifiedImageError:
+        raise DecodeError(f"{name} is not an image (no known image format)") from None
+    except Exception as exc:  # Pillow raises many types on bad headers
+        raise DecodeError(f"{name}: bad image header: {exc}") from None
+    fmt = EXTENSIONS.get((im.format or "").lower())
+    if fmt is None:
+        raise UnsupportedImageError(f"{name}: format {im.format} is not supported")
+    w, h = im.size
+    frames = getattr(im, "n_frames", 1)
+    if frames > max_frames:
+        raise ImageTooLargeError(f"{name} has {frames} frames, over the max_frames limit of {max_frames}")
+    if w * h * frames > max_pixels:
+        raise ImageTooLargeError(f"{name} is {w}x{h} x {frames} frame(s) = {w * h * frames} pixels, over the "
+                                 f"max_pixels limit of {max_pixels}")
+    if w == 0 or h == 0:
+        raise DecodeError(f"{name} has no pixels ({w}x{h})")
+    return Probe(fmt, w, h, frames, frames > 1)
+
+
+# --- interim adapter: the API of the media layer (replaced by the media branch) ------------------------------------
+@dataclass
+class Metadata:
+    icc: bytes | None = None
+    exif: bytes | None = None
+    xmp: bytes | None = None
+    iptc: bytes | None = None
+    captured: str | None = None
+
+
+@dataclass
+class Frame:
+    pixels: np.ndarray
+    duration_ms: int = 0
+    disposal: int = 0
+
+
+def _native(d: Decoded) -> np.ndarray:
+    peak = 65535.0 if d.bits == 16 else 255.0
+    dtype = np.uint16 if d.bits == 16 else np.uint8
+    colour = d.rgb[:, :, :1] if d.grey else d.rgb
+    planes = [colour] + ([] if d.alpha is None else [d.alpha[:, :, None]])
+    return np.rint(np.concatenate(planes, axis=2) * peak).astype(dtype)
+
+
+Decoded.first = property(lambda self: Frame(_native(self)))  # type: ignore[attr-defined]
+Decoded.meta = property(lambda self: Metadata(self.icc, self.exif))  # type: ignore[attr-defined]
+Decoded.frames = 1  # type: ignore[attr-defined]
+Decoded.loop = None  # type: ignore[attr-defined]
+Decoded.rest = lambda self: iter(())  # type: ignore[attr-defined]
+
+
+def assemble(colour: np.ndarray, alpha: np.ndarray | None, bits: int, grey: bool) -> np.ndarray:
+    if colour.dtype == np.uint8:
+        c = colour.astype(np.float32) / 255.0
+        a = None if alpha is None else alpha.astype(np.float32) / 255.0
+    else:
+        c, a = colour, alpha
+    return to_output_array(c, a, bits, grey)
+
+
+_old_encode = encode
+
+
+def encode(arr, fmt, quality=95, icc=None, exif=None, compression=6, *, meta=None, policy="keep"):  # type: ignore[no-redef]  # noqa: ANN001, ANN201
+    if meta is not None:
+        icc, exif = meta.icc, meta.exif
+    return _old_encode(arr, fmt, quality, icc, exif, compression)
+
+
+def encode_animation(frames, fmt, **kw):  # noqa: ANN001, ANN003, ANN201
+    raise NotImplementedError("animations come with the media branch")
+
+
+_old_decode_bytes = decode_bytes
+
+
+def decode_bytes(data: bytes, max_pixels: int, max_frames: int = 1000, name: str = "<bytes>") -> Decoded:  # type: ignore[no-redef]  # noqa: E501
+    return _old_decode_bytes(data, max_pixels, name=name)

@@ -1,4 +1,5 @@
-"""structlog set-up: JSON lines when stdout is not a terminal (systemd, pipes), readable text when it is."""
+"""structlog set-up: JSON lines when stdout is not a terminal (systemd, pipes), readable text when it is, unless
+``log_format`` says which."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import sys
 import structlog
 
 
-def configure(level: str = "info", json: bool | None = None) -> None:
-    if json is None:
-        json = not sys.stdout.isatty()
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    """Log at ``level``; ``fmt`` is ``json`` (journald, pipes), ``console`` (a person), or ``auto`` (console on a
+    terminal, JSON otherwise)."""
+    json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[

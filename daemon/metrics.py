@@ -13,6 +13,7 @@ input on Y, with no shave.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,12 +94,22 @@ def lr_consistency(sr: np.ndarray, lr: np.ndarray, names: tuple[str, ...]) -> li
 
 
 class Brisque:
-    """BRISQUE through ``cv2.quality`` with the LIVE model files from the weights folder."""
+    """BRISQUE through ``cv2.quality`` with the LIVE model files from the weights folder.
+
+    The model is read once (not on every call, as ``QualityBRISQUE_compute`` does). Safe for several threads.
+    """
 
     def __init__(self, model_file: Path, range_file: Path) -> None:
         self._model, self._range = str(model_file), str(range_file)
+        self._local = threading.local()  # one scorer per thread: a cv2 algorithm object is not shared safely
 
     def __call__(self, rgb: np.ndarray) -> Metric:
-        bgr = np.ascontiguousarray(np.rint(rgb[:, :, ::-1] * 255.0).astype(np.uint8))
-        score = cv2.quality.QualityBRISQUE_compute(bgr, self._model, self._range)[0]
+        """The score of RGB pixels: uint8, or float in [0, 1] (rounded to 8 bits, as BRISQUE's model expects)."""
+        if rgb.dtype != np.uint8:
+            rgb = np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        scorer = getattr(self._local, "scorer", None)
+        if scorer is None:
+            scorer = self._local.scorer = cv2.quality.QualityBRISQUE_create(self._model, self._range)
+        score = scorer.compute(bgr)[0]
         return Metric("brisque", float(score), "-", 0, "none", "BRISQUE (LIVE model, cv2.quality), lower is better")

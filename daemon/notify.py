@@ -11,6 +11,17 @@ import os
 import socket
 
 
+def clean(text: str) -> str:
+    """``text`` as one printable line for a ``STATUS=`` value.
+
+    A file name is written by whoever drops it: a newline in it would start a second notify command
+    (``WATCHDOG=trigger``, ``STOPPING=1``), so control characters are escaped (``\\n``), and bytes that are not
+    UTF-8 are shown as ``\\xNN``.
+    """
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 class Notifier:
     def __init__(self, environ: dict[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
@@ -46,16 +57,16 @@ class Notifier:
             return False
 
     def ready(self, status: str = "") -> bool:
-        return self.send("READY=1", *([f"STATUS={status}"] if status else []), f"MAINPID={os.getpid()}")
+        return self.send("READY=1", *([f"STATUS={clean(status)}"] if status else []), f"MAINPID={os.getpid()}")
 
     def status(self, text: str) -> bool:
-        return self.send(f"STATUS={text}")
+        return self.send(f"STATUS={clean(text)}")
 
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")
 
     def stopping(self, status: str = "") -> bool:
-        return self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
+        return self.send("STOPPING=1", *([f"STATUS={clean(status)}"] if status else []))
 
     def close(self) -> None:
         if self._sock is not None:

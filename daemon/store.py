@@ -1,17 +1,19 @@
-"""The durable job store: SQLAlchemy 2 Core over SQLite (WAL, busy timeout) or any SQLAlchemy URL.
+"""The durable job store: :class:`SqlStore`, the :class:`~daemon.jobs.JobStore` on SQLAlchemy 2 Core.
 
-A job is unique on (content sha256, rule fingerprint): duplicate events, rescans and restarts find the existing row
-instead of making a second one. The worker's whole life with a job goes through this small interface: register,
-claim, set the output path, finish or fail. Every state change is one committed transaction.
+SQLite (WAL, a busy timeout, full sync) by default, or PostgreSQL for several daemons on one inbox (see
+docs/scaling.md). Every method is one committed transaction; the transitions and their meaning are documented in
+:mod:`daemon.jobs`. Claims are exclusive: on PostgreSQL the candidate rows are locked with ``FOR UPDATE SKIP
+LOCKED``, so concurrent workers take different jobs without waiting for each other; on SQLite, ``BEGIN IMMEDIATE``
+serialises writers. A compare-and-set on the state is the last guard on both.
 
-Times are UTC, stored by SQLAlchemy as ``YYYY-MM-DD HH:MM:SS.ffffff`` text on SQLite, so ``datetime('now')``
-comparisons work in ad-hoc SQL.
+Times are naive UTC from the injected clock, stored as ``YYYY-MM-DD HH:MM:SS.ffffff`` text on SQLite, so
+``datetime('now')`` comparisons work in ad-hoc SQL. The schema is managed by Alembic (``daemon/migrations``); opening
+a store for writing upgrades it to the newest revision; readers (``history``, ``query``, ``web``) open it read-only
+with :func:`make_engine` and never migrate it.
 
-Several daemons may share one PostgreSQL database (see README, "Scaling out"). Each daemon is a *node* with a row in
-``nodes`` that it heartbeats; a job it claims records the node and the worker (host:pid) and carries the node's
-heartbeat in ``jobs.heartbeat_at``. A running job whose heartbeat is older than the stale timeout belongs to a dead
-node and goes back to pending (:meth:`Store.recover`). The schema is managed by Alembic (``daemon/migrations``);
-opening a :class:`Store` upgrades it to the newest revision.
+Each daemon is a *node* with a row in ``nodes`` that it heartbeats; a job it claims records the node and the worker
+(host:pid/thread) and carries the node's heartbeat in ``jobs.heartbeat_at``. A running job whose heartbeat is older
+than the stale timeout belongs to a dead node and goes back to pending (:meth:`SqlStore.recover`).
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
+    Boolean,
     Column,
     DateTime,
     Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -40,20 +45,33 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     or_,
     select,
+    text,
     update,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
+from daemon.config import Rule
+from daemon.fsops import FileId, display
+from daemon.jobs import (
+    STAGES,
+    STATES,
+    Clock,
+    Finished,
+    Job,
+    JobSpec,
+    OutputPlanner,
+    Registered,
+    name_columns,
+    rel_from_columns,
+    utcnow,
+    worker_id,
+)
 from daemon.metrics import Metric
 from daemon.migrations import VIEWS_0001
-
-SCHEMA_VERSION = 3  # 2: bench_runs, jobs.bench_run_id; 3: nodes, jobs.node, jobs.heartbeat_at (Alembic 0002)
-STATES = ("pending", "running", "done", "failed")
-STAGES = ("queue", "decode", "load", "infer", "encode", "write", "metrics", "total")
 
 metadata = MetaData()
 
@@ -64,6 +82,7 @@ bench_runs = Table(
     Column("id", Integer, primary_key=True),
     Column("started_at", DateTime, nullable=False),
     Column("settings", Text, nullable=False),  # JSON: dataset, models, scales, downscale, device, ...
+    Column("report_path", Text),  # the HTML report `--report` wrote, if any
 )
 
 jobs = Table(
@@ -80,8 +99,12 @@ jobs = Table(
     Column("source", String(16), nullable=False, default="watch"),  # watch, cli, bench
     Column("folder", Text, nullable=False, default=""),  # the rule folder, relative to the inbox
     Column("rel_path", Text, nullable=False),  # the input, relative to the inbox (or as given to `process`)
+    Column("rel_path_raw", LargeBinary),  # the exact bytes of a name that is not UTF-8 (rel_path: printable form)
     Column("input_path", Text, nullable=False),
     Column("input_size", Integer),
+    Column("input_dev", BigInteger),  # device and inode when registered: a file replaced later is not this input
+    Column("input_ino", BigInteger),
+    Column("frames", Integer),  # frames of an animated input
     Column("input_width", Integer),
     Column("input_height", Integer),
     Column("input_format", String(16)),
@@ -114,11 +137,13 @@ jobs = Table(
     # job was claimed outside the heartbeat protocol (`upscaled process`, `bench`, or a database from before).
     Column("node", String(128)),
     Column("heartbeat_at", DateTime),
+    Column("metrics_state", String(16)),  # pending between the done commit and the metrics commit; done; lost
     UniqueConstraint("content_sha256", "rule_fingerprint", name="uq_jobs_content_rule"),
     Index("ix_jobs_state", "state", "next_attempt_at"),
     Index("ix_jobs_model", "model_id"),
     Index("ix_jobs_created", "created_at"),
     Index("ix_jobs_node", "node", "state"),
+    Index("ix_jobs_output", "output_path"),
 )
 
 # One row per daemon (node) that ever ran against this database; `upscaled nodes` reads it.
@@ -152,39 +177,37 @@ metrics = Table(
     Index("ix_metrics_name", "name"),
 )
 
+# One row per run of an on_done / on_failed hook.
+hook_runs = Table(
+    "hook_runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("event", String(16), nullable=False),
+    Column("ok", Boolean, nullable=False),
+    Column("detail", Text),
+    Column("at", DateTime, nullable=False),
+    Index("ix_hook_runs_job", "job_id"),
+)
+
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
 
 # The views as the migrations create them (revision 0001; a later revision that changes a view updates this too).
 VIEWS = VIEWS_0001
 
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-
-def worker_id(name: str | None = None) -> str:
-    """The ``jobs.worker`` value of a claim: ``host:pid``, and ``/name`` for one of a daemon's worker threads."""
-    base = f"{socket.gethostname()}:{os.getpid()}"
-    return f"{base}/{name}" if name else base
-
-
-def worker_pid(worker: str | None) -> int | None:
-    """The pid in a ``jobs.worker`` value (``host:pid`` or ``host:pid/name``), if it has one."""
-    pid = (worker or "").rpartition(":")[2].partition("/")[0]
-    return int(pid) if pid.isdigit() else None
-
-
-@dataclass
-class Registered:
-    job_id: int
-    state: str
-    created: bool
-    input_path: str
-    output_path: str | None
-
-
 def make_engine(url: str, readonly: bool = False) -> Engine:
-    """An engine with the SQLite settings the service relies on (WAL, busy timeout, full sync, FKs)."""
+    """An engine with the settings the service relies on.
+
+    SQLite: WAL, a 30 s busy timeout, full sync (a committed job survives a power cut), foreign keys, and
+    ``BEGIN IMMEDIATE`` for writers. ``readonly``: SQLite opens the file with ``mode=ro`` and ``query_only``;
+    PostgreSQL sessions start with ``default_transaction_read_only = on`` (a reader's own ``COMMIT`` cannot turn it
+    off), so a reader (``query``, ``web``) can change nothing whatever SQL it is handed. A deployment gives readers
+    a role with SELECT only as well (see docs/operations.md).
+
+    Raises:
+        FileNotFoundError: ``readonly`` on a SQLite file that does not exist yet.
+    """
+    connect_args: dict[str, Any] = {}
     if url.startswith("sqlite:///") and ":memory:" not in url:
         path = Path(url[len("sqlite:///"):])
         if readonly:
@@ -193,9 +216,12 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
             url = f"sqlite:///file:{path}?mode=ro&uri=true"
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("sqlite"):
+        connect_args["timeout"] = 30
+    elif readonly:
+        connect_args["options"] = "-c default_transaction_read_only=on"
     # pool_pre_ping: a PostgreSQL server restart or a dropped NAT entry must not fail the next claim.
-    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {},
-                           pool_pre_ping=not url.startswith("sqlite"))
+    engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -219,17 +245,44 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
     return engine
 
 
-class Store:
-    """Jobs and metrics. Every method is one transaction."""
+def safe_url(url: str) -> str:
+    """The database URL with its password masked, for logs and messages (never log the password)."""
+    from sqlalchemy.engine import make_url
 
-    def __init__(self, url: str, upgrade: bool = True) -> None:
-        """Open the database at ``url`` and, unless ``upgrade`` is False, migrate it to the newest schema.
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: say nothing of what it holds
+        return "<unparsable database URL>"
+
+
+def _insert(dialect: str):  # noqa: ANN202 - the dialect's INSERT with ON CONFLICT
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert
+    return insert
+
+
+class SqlStore:
+    """Jobs, metrics and nodes in a SQL database. Implements :class:`daemon.jobs.JobStore`."""
+
+    def __init__(self, url: str, upgrade: bool = True, clock: Clock = utcnow, readonly: bool = False) -> None:
+        """Open the database at ``url`` and, unless ``upgrade`` is False (or ``readonly``), migrate it to the newest
+        schema. A ``readonly`` store reads (``nodes``, ``get``, ``counts``) and can change nothing.
 
         Raises:
             sqlalchemy.exc.OperationalError: the database cannot be reached or written.
+            FileNotFoundError: ``readonly`` on a SQLite file that does not exist yet.
         """
         self.url = url
-        self.engine = make_engine(url)
+        self.clock = clock
+        self.engine = make_engine(url, readonly=readonly)
+        upgrade = upgrade and not readonly
+        self._rules: dict[str, Rule] = {}  # rule_json -> Rule: a queue holds few distinct rules
         if upgrade:
             self.upgrade()
 
@@ -246,46 +299,79 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
-    # --- the worker's interface ----------------------------------------------------------------------------------
-    def register(self, sha: str, fingerprint: str, fields: Mapping[str, Any], state: str = "pending",
-                 node: str | None = None) -> Registered:
-        """Create the job for (sha, fingerprint), or return the one that exists. Idempotent, across processes too.
+    # --- rows <-> jobs -----------------------------------------------------------------------------------------------
+    def _rule(self, rule_json: str) -> Rule:
+        rule = self._rules.get(rule_json)
+        if rule is None:
+            rule = self._rules[rule_json] = Rule.model_validate_json(rule_json)
+        return rule
 
-        ``state="running"`` creates it already claimed by this process (owned by ``node``), for a file that must
-        fail without ever being offered to a worker (a symlink, say).
+    def _job(self, r: Any) -> Job:
+        m = r._mapping
+        return Job(id=m["id"], sha=m["content_sha256"], fingerprint=m["rule_fingerprint"], state=m["state"],
+                   rule=self._rule(m["rule_json"]), rel=rel_from_columns(m["rel_path"], m["rel_path_raw"]),
+                   input_path=m["input_path"], source=m["source"], folder=m["folder"], attempts=m["attempts"],
+                   worker=m["worker"], node=m["node"], input_size=m["input_size"],
+                   input_id=None if m["input_dev"] is None else FileId(m["input_dev"], m["input_ino"]),
+                   input_format=m["input_format"], output_path=m["output_path"],
+                   input_moved_to=m["input_moved_to"], error_kind=m["error_kind"], error=m["error"],
+                   metrics_state=m["metrics_state"], created_at=m["created_at"], started_at=m["started_at"],
+                   finished_at=m["finished_at"], next_attempt_at=m["next_attempt_at"],
+                   bench_run_id=m["bench_run_id"])
+
+    @staticmethod
+    def _columns(spec: JobSpec) -> dict[str, Any]:
+        rel_path, raw = name_columns(spec.rel)
+        rule = spec.rule
+        return dict(source=spec.source, folder=rule.folder if spec.folder is None else spec.folder,
+                    rel_path=rel_path, rel_path_raw=raw, input_path=spec.input_path, input_size=spec.input_size,
+                    input_dev=None if spec.input_id is None else spec.input_id.dev,
+                    input_ino=None if spec.input_id is None else spec.input_id.ino,
+                    input_format=spec.input_format, model_id=rule.model, scale=rule.scale,
+                    outscale=rule.final_scale, mode=rule.mode, rule_json=rule.model_dump_json())
+
+    # --- transitions -------------------------------------------------------------------------------------------------
+    def register(self, specs: Sequence[JobSpec], node: str | None = None, **extra: Any) -> list[Registered]:
+        """Create the job for each spec, or find the one that exists. Idempotent, across processes too.
+
+        A spec with a ``failure`` is created already *running* (claimed by this process, owned by ``node``), so no
+        worker ever sees it: the caller fails it right away. ``extra`` columns go into new rows (``bench_run_id``).
         """
-        now = utcnow()
-        key = (jobs.c.content_sha256 == sha) & (jobs.c.rule_fingerprint == fingerprint)
+        now = self.clock()
+        out = []
         with self.engine.begin() as c:
-            row = c.execute(select(jobs.c.id, jobs.c.state, jobs.c.input_path, jobs.c.output_path).where(key)).first()
-            if row is not None:
-                return Registered(row.id, row.state, False, row.input_path, row.output_path)
-            try:
-                with c.begin_nested():
-                    claimed = dict(attempts=1, started_at=now, worker=worker_id(), node=node, heartbeat_at=now) \
-                        if state == "running" else {}
-                    res = c.execute(jobs.insert().values(
-                        content_sha256=sha, rule_fingerprint=fingerprint, state=state, created_at=now,
-                        updated_at=now, **({"attempts": 0} | claimed), **fields))
-            except IntegrityError:  # another process registered it between our select and insert
-                row = c.execute(select(jobs.c.id, jobs.c.state, jobs.c.input_path, jobs.c.output_path)
-                                .where(key)).one()
-                return Registered(row.id, row.state, False, row.input_path, row.output_path)
-            return Registered(res.inserted_primary_key[0], state, True, fields["input_path"], None)
+            ins = _insert(self.engine.dialect.name)
+            for spec in specs:
+                sha, fp = spec.key()
+                failing = spec.failure is not None
+                values = dict(self._columns(spec), **extra, content_sha256=sha, rule_fingerprint=fp,
+                              state="running" if failing else "pending", attempts=1 if failing else 0,
+                              created_at=now, updated_at=now)
+                if failing:
+                    values |= dict(started_at=now, worker=worker_id(), node=node, heartbeat_at=now if node else None)
+                stmt = ins(jobs).values(**values)
+                if hasattr(stmt, "on_conflict_do_nothing"):
+                    stmt = stmt.on_conflict_do_nothing(index_elements=["content_sha256", "rule_fingerprint"])
+                row = c.execute(stmt.returning(*jobs.c)).first()
+                if row is not None:
+                    out.append(Registered(self._job(row), True))
+                    continue
+                row = c.execute(select(jobs).where(jobs.c.content_sha256 == sha,
+                                                   jobs.c.rule_fingerprint == fp)).one()
+                out.append(Registered(self._job(row), False))
+        return out
 
-    def claim(self, now: dt.datetime | None = None, job_id: int | None = None, node: str | None = None,
-              folders: Iterable[str] | None = None, worker: str | None = None,
-              source: str | None = None) -> dict | None:
-        """Move the oldest due pending job (or ``job_id``) to running and return its row, or None.
+    def claim(self, worker: str, *, node: str | None = None, limit: int = 1, folders: Iterable[str] | None = None,
+              source: str | None = None, job_id: int | None = None,
+              plan: OutputPlanner | None = None) -> list[Job]:
+        """Move up to ``limit`` due pending jobs (oldest first, or just ``job_id``) to running under ``worker``,
+        and reserve each one's output path with ``plan`` (see :data:`daemon.jobs.OutputPlanner`). Returns them.
 
-        ``node`` records the claiming daemon (it must then heartbeat, see :meth:`heartbeat`); ``folders`` limits
-        the claim to jobs of those rule folders (None: any); ``source`` to jobs of that source (a daemon takes
-        ``watch`` jobs only: a ``cli`` or ``bench`` job's input is not the daemon's to move); ``worker`` names the
-        claiming worker (default host:pid). Exactly one caller wins a job: on PostgreSQL the candidate row is
-        locked with ``FOR UPDATE SKIP LOCKED``, so concurrent workers take different jobs without waiting for each
-        other; on SQLite, BEGIN IMMEDIATE serialises the claim. The compare-and-set update is the last guard on both.
+        ``node`` records the claiming daemon (it must then heartbeat); ``folders`` limits the claim to jobs of
+        those rule folders; ``source`` to jobs of that source (a daemon takes ``watch`` jobs only: a ``cli`` or
+        ``bench`` job's input is not the daemon's to move).
         """
-        now = now or utcnow()
+        now = self.clock()
         with self.engine.begin() as c:
             q = select(jobs.c.id).where(jobs.c.state == "pending")
             if job_id is not None:
@@ -297,95 +383,132 @@ class Store:
             if source is not None:
                 q = q.where(jobs.c.source == source)
             # SQLite's compiler renders no FOR UPDATE: there the write lock of BEGIN IMMEDIATE does the same job.
-            row = c.execute(q.order_by(jobs.c.id).limit(1).with_for_update(skip_locked=True)).first()
-            if row is None:
-                return None
-            done = c.execute(
-                update(jobs).where(jobs.c.id == row.id, jobs.c.state == "pending")
-                .values(state="running", started_at=now, updated_at=now, attempts=jobs.c.attempts + 1,
-                        worker=worker or worker_id(), node=node, heartbeat_at=now if node else None)
-            )
-            if done.rowcount != 1:  # someone else took it
-                return None
-            return dict(c.execute(select(jobs).where(jobs.c.id == row.id)).one()._mapping)
+            ids = [r.id for r in c.execute(q.order_by(jobs.c.id).limit(limit).with_for_update(skip_locked=True))]
+            out = []
+            for jid in ids:
+                row = c.execute(
+                    update(jobs).where(jobs.c.id == jid, jobs.c.state == "pending")
+                    .values(state="running", started_at=now, updated_at=now, attempts=jobs.c.attempts + 1,
+                            worker=worker, node=node, heartbeat_at=now if node else None)
+                    .returning(*jobs.c)).first()
+                if row is None:  # someone else took it
+                    continue
+                job = self._job(row)
+                if plan is not None and job.output_path is None:
+                    path = plan(job, lambda p, me=job.id: self._taken(c, p, me))
+                    c.execute(update(jobs).where(jobs.c.id == jid).values(output_path=path))
+                    job = replace(job, output_path=path)
+                out.append(job)
+            return out
 
-    def update(self, job_id: int, **fields: Any) -> None:
+    def _taken(self, c: Connection, path: str, me: int) -> bool:
+        """Whether a job other than ``me`` owns output ``path``. On PostgreSQL a transaction-scoped advisory lock
+        on the path makes check-then-reserve atomic across nodes (SQLite's write lock already does)."""
+        if self.engine.dialect.name == "postgresql":
+            c.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:p, 0))"), {"p": path})
+        owner = c.execute(select(jobs.c.id).where(jobs.c.output_path == path, jobs.c.id != me).limit(1)).scalar()
+        return owner is not None
+
+    def _owned(self, q: Any, owner: str | None) -> Any:
+        return q if owner is None else q.where(jobs.c.state == "running", jobs.c.worker == owner)
+
+    def finish(self, results: Sequence[Finished]) -> list[bool]:
+        """Mark jobs done with their fields, metrics and planned archive path: one transaction for all of them
+        (a group commit while the queue is deep). Returns, per job, whether it was still owned and is now done."""
+        now = self.clock()
+        out = []
         with self.engine.begin() as c:
-            c.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=utcnow(), **fields))
+            for r in results:
+                q = self._owned(update(jobs).where(jobs.c.id == r.job_id), r.owner)
+                moved = None if r.archive_path is None else display(r.archive_path)
+                res = c.execute(q.values(state="done", finished_at=now, updated_at=now, error=None, error_kind=None,
+                                         heartbeat_at=None, input_moved_to=moved,
+                                         metrics_state="pending" if r.metrics_pending else None, **r.fields))
+                ok = res.rowcount == 1
+                out.append(ok)
+                if ok:
+                    c.execute(metrics.delete().where(metrics.c.job_id == r.job_id))
+                    self._insert_metrics(c, r.job_id, r.metrics)
+        return out
 
-    def finish(self, job_id: int, fields: Mapping[str, Any], results: Iterable[Metric],
-               owner: str | None = None) -> bool:
-        """Mark the job done and store its metrics, atomically. Returns whether it did.
+    @staticmethod
+    def _insert_metrics(c: Connection, job_id: int, results: Sequence[Metric]) -> None:
+        rows = [dict(job_id=job_id, name=m.name, value=m.value, space=m.space, shave=m.shave,
+                     reference=m.reference, protocol=m.protocol) for m in results]
+        if rows:
+            c.execute(metrics.insert(), rows)
 
-        With ``owner`` (the ``worker`` that claimed it) the job is finished only if it is still running under
-        that owner: a node that lost its lease (its heartbeat went stale and another node took the job over) must
-        not commit a second result nor move the input.
-        """
-        now = utcnow()
+    def record_metrics(self, job_id: int, results: Sequence[Metric], state: str = "done") -> None:
+        """The metrics of a done job, computed after its commit; ``state`` ``lost`` when they cannot be."""
         with self.engine.begin() as c:
-            q = update(jobs).where(jobs.c.id == job_id)
-            if owner is not None:
-                q = q.where(jobs.c.state == "running", jobs.c.worker == owner)
-            res = c.execute(q.values(state="done", finished_at=now, updated_at=now, error=None, error_kind=None,
-                                     heartbeat_at=None, **fields))
-            if res.rowcount != 1:
-                return False
             c.execute(metrics.delete().where(metrics.c.job_id == job_id))
-            rows = [dict(job_id=job_id, name=m.name, value=m.value, space=m.space, shave=m.shave,
-                         reference=m.reference, protocol=m.protocol) for m in results]
-            if rows:
-                c.execute(metrics.insert(), rows)
-            return True
+            self._insert_metrics(c, job_id, results)
+            c.execute(update(jobs).where(jobs.c.id == job_id).values(metrics_state=state, updated_at=self.clock()))
 
-    def _owned_update(self, job_id: int, owner: str | None, **values: Any) -> bool:
-        """Update the job; with ``owner``, only while it is still running under that owner. Returns whether it did."""
+    def _update(self, job_id: int, owner: str | None, **values: Any) -> bool:
         with self.engine.begin() as c:
-            q = update(jobs).where(jobs.c.id == job_id)
-            if owner is not None:
-                q = q.where(jobs.c.state == "running", jobs.c.worker == owner)
-            return c.execute(q.values(updated_at=utcnow(), **values)).rowcount == 1
+            q = self._owned(update(jobs).where(jobs.c.id == job_id), owner)
+            return c.execute(q.values(updated_at=self.clock(), **values)).rowcount == 1
 
-    def fail(self, job_id: int, kind: str, error: str, fields: Mapping[str, Any] | None = None,
-             owner: str | None = None) -> bool:
-        """Mark the job failed. With ``owner``, only if that worker still holds it (see :meth:`finish`)."""
-        return self._owned_update(job_id, owner, state="failed", error_kind=kind, error=error, finished_at=utcnow(),
-                                  heartbeat_at=None, **(fields or {}))
+    def fail(self, job_id: int, kind: str, error: str, owner: str | None = None,
+             fields: Mapping[str, Any] | None = None) -> bool:
+        """Mark the job failed. With ``owner``, only if that worker still holds it."""
+        return self._update(job_id, owner, state="failed", error_kind=kind, error=error, finished_at=self.clock(),
+                            heartbeat_at=None, **(fields or {}))
 
     def retry_later(self, job_id: int, kind: str, error: str, at: dt.datetime, owner: str | None = None) -> bool:
         """Put the job back to pending until ``at``. With ``owner``, only if that worker still holds it."""
-        return self._owned_update(job_id, owner, state="pending", error_kind=kind, error=error, next_attempt_at=at,
-                                  heartbeat_at=None)
+        return self._update(job_id, owner, state="pending", error_kind=kind, error=error, next_attempt_at=at,
+                            heartbeat_at=None)
 
-    def release(self, job_id: int, owner: str | None = None) -> None:
-        """Give a running job back to the queue untouched (shutdown deadline): its attempt does not count.
-
-        With ``owner``, only while that worker still holds it."""
+    def release(self, job_id: int, owner: str | None = None) -> bool:
+        """Give a running job back to the queue untouched (the shutdown deadline): its attempt does not count."""
         with self.engine.begin() as c:
             q = update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running")
             if owner is not None:
                 q = q.where(jobs.c.worker == owner)
-            c.execute(q.values(state="pending", attempts=jobs.c.attempts - 1, updated_at=utcnow(), heartbeat_at=None,
-                               node=None))
+            return c.execute(q.values(state="pending", attempts=jobs.c.attempts - 1, updated_at=self.clock(),
+                                      heartbeat_at=None, node=None)).rowcount == 1
 
-    def recover(self, stale_after: float | None = None, own_node: str | None = None, unowned: bool = True) -> int:
-        """:meth:`recover_jobs`, returning how many jobs went back to pending."""
-        return len(self.recover_jobs(stale_after, own_node, unowned))
+    def record_move(self, job_id: int, dest: str | None) -> None:
+        """Where the input went (archive/ or failed/), or None: deleted, or left where it was. A path that is not
+        UTF-8 is recorded in its printable form."""
+        self._update(job_id, None, input_moved_to=None if dest is None else display(dest))
 
-    def recover_jobs(self, stale_after: float | None = None, own_node: str | None = None, unowned: bool = True,
-                     now: dt.datetime | None = None, spare: Callable[[dict], bool] | None = None) -> list[dict]:
-        """Running jobs whose owner is gone become pending again. Returns them (id, rel_path, node, worker,
-        output_path).
+    def requeue(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None:
+        """A failed input dropped again: the user asks for another try, from scratch."""
+        rel_path, raw = name_columns(rel)
+        self._update(job_id, None, state="pending", rel_path=rel_path, rel_path_raw=raw, input_path=input_path,
+                     input_dev=None if input_id is None else input_id.dev,
+                     input_ino=None if input_id is None else input_id.ino, input_moved_to=None,
+                     next_attempt_at=None, attempts=0, output_path=None, error=None, error_kind=None)
+
+    def rename(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None:
+        """A queued input was renamed while it waited: follow it."""
+        rel_path, raw = name_columns(rel)
+        self._update(job_id, None, rel_path=rel_path, rel_path_raw=raw, input_path=input_path,
+                     input_dev=None if input_id is None else input_id.dev,
+                     input_ino=None if input_id is None else input_id.ino)
+
+    def progress(self, job_id: int, text_: str) -> None:
+        """The running job's last progress (``tile 3/12``), for ``history`` and the web view."""
+        with self.engine.begin() as c:
+            c.execute(update(jobs).where(jobs.c.id == job_id).values(progress=text_))
+
+    def recover(self, stale_after: float | None = None, own_node: str | None = None, unowned: bool = False,
+                spare: Callable[[Job], bool] | None = None) -> list[Job]:
+        """Running jobs whose owner is gone become pending again. Returns them (as they were).
 
         A running job is taken back when any of these holds:
 
         - ``unowned`` and it has no node: it was claimed outside the heartbeat protocol (``upscaled process``, a
-          database from before nodes). The single-daemon behaviour at start-up.
-        - its node is ``own_node``: call this before the node claims anything, so those are its previous life's.
+          database from before nodes);
+        - its node is ``own_node``: call this before the node claims anything, so those are its previous life's;
         - ``stale_after`` is given and its heartbeat is older than that many seconds: its node died.
 
-        A job for which ``spare(row)`` is true (row: id, rel_path, node, worker, output_path, source) stays.
+        A job for which ``spare(job)`` is true stays.
         """
-        now = now or utcnow()
+        now = self.clock()
         cond: list[ColumnElement[bool]] = []
         if unowned:
             cond.append(jobs.c.node.is_(None))
@@ -397,16 +520,31 @@ class Store:
         if not cond:
             return []
         with self.engine.begin() as c:
-            q = select(jobs.c.id, jobs.c.rel_path, jobs.c.node, jobs.c.worker, jobs.c.output_path, jobs.c.source) \
-                .where(jobs.c.state == "running", or_(*cond))
-            found = [dict(r._mapping) for r in c.execute(q.with_for_update(skip_locked=True)).all()]
-            found = [f for f in found if spare is None or not spare(f)]
+            q = select(jobs).where(jobs.c.state == "running", or_(*cond))
+            found = [self._job(r) for r in c.execute(q.with_for_update(skip_locked=True)).all()]
+            found = [j for j in found if spare is None or not spare(j)]
             if found:
-                c.execute(update(jobs).where(jobs.c.id.in_([f["id"] for f in found]), jobs.c.state == "running")
+                c.execute(update(jobs).where(jobs.c.id.in_([j.id for j in found]), jobs.c.state == "running")
                           .values(state="pending", updated_at=now, heartbeat_at=None, node=None))
             return found
 
-    # --- nodes ----------------------------------------------------------------------------------------------------
+    def metrics_pending(self, node: str | None, stale_after: float) -> list[Job]:
+        """Done jobs whose metrics were never recorded (a crash between the two commits) that ``node`` should
+        compute: its own, and those of nodes that are gone (no heartbeat for ``stale_after`` seconds)."""
+        cutoff = self.clock() - dt.timedelta(seconds=stale_after)
+        with self.engine.connect() as c:
+            gone = select(nodes.c.name).where(or_(nodes.c.heartbeat_at < cutoff, nodes.c.stopped_at.is_not(None)))
+            q = select(jobs).where(jobs.c.metrics_state == "pending", jobs.c.state == "done")
+            if node is not None:
+                q = q.where(or_(jobs.c.node == node, jobs.c.node.is_(None), jobs.c.node.in_(gone)))
+            return [self._job(r) for r in c.execute(q.order_by(jobs.c.id))]
+
+    def record_hook(self, job_id: int, event_: str, ok: bool, detail: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(hook_runs.insert().values(job_id=job_id, event=event_, ok=ok, detail=detail[:4000],
+                                                at=self.clock()))
+
+    # --- nodes -------------------------------------------------------------------------------------------------------
     def heartbeat(self, node: str, info: Mapping[str, Any] | None = None, start: bool = False) -> dict | None:
         """Record that ``node`` is alive, and renew the lease of every job it runs. One transaction.
 
@@ -414,29 +552,27 @@ class Store:
         rules_fingerprint) and a new ``started_at``. Returns the node's row as it was before (None if new), so a
         starting daemon can see whether the name is taken by a live one.
         """
-        now = utcnow()
+        now = self.clock()
         with self.engine.begin() as c:
             before = c.execute(select(nodes).where(nodes.c.name == node).with_for_update()).first()
             values: dict[str, Any] = dict(heartbeat_at=now)
             if start:
                 values |= dict(info or {}, started_at=now, stopped_at=None)
             if before is None:
-                try:
-                    with c.begin_nested():
-                        c.execute(nodes.insert().values(
-                            dict(name=node, host=socket.gethostname(), pid=os.getpid(), started_at=now) | values))
-                except IntegrityError:  # two daemons with one name started together: the second one updates
-                    c.execute(update(nodes).where(nodes.c.name == node).values(**values))
+                stmt = _insert(self.engine.dialect.name)(nodes).values(
+                    dict(name=node, host=socket.gethostname(), pid=os.getpid(), started_at=now) | values)
+                if hasattr(stmt, "on_conflict_do_update"):  # two daemons with one name started together
+                    stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=values)
+                c.execute(stmt)
             else:
                 c.execute(update(nodes).where(nodes.c.name == node).values(**values))
-            c.execute(update(jobs).where(jobs.c.node == node, jobs.c.state == "running")
-                      .values(heartbeat_at=now))
+            c.execute(update(jobs).where(jobs.c.node == node, jobs.c.state == "running").values(heartbeat_at=now))
             return dict(before._mapping) if before is not None else None
 
     def node_stopped(self, node: str) -> None:
         """A clean shutdown: the node is no longer expected to heartbeat."""
         with self.engine.begin() as c:
-            c.execute(update(nodes).where(nodes.c.name == node).values(stopped_at=utcnow()))
+            c.execute(update(nodes).where(nodes.c.name == node).values(stopped_at=self.clock()))
 
     def nodes(self, stale_after: float, window_s: float = 600.0, include_gone: bool = False) -> list[dict[str, Any]]:
         """The nodes with their state (live, stale, stopped), heartbeat age, current jobs and throughput.
@@ -444,7 +580,7 @@ class Store:
         ``jobs_per_min`` counts the jobs a node finished in the last ``window_s`` seconds. Stopped and stale nodes
         are left out unless ``include_gone``.
         """
-        now = utcnow()
+        now = self.clock()
         since = now - dt.timedelta(seconds=window_s)
         with self.engine.connect() as c:
             node_rows = [dict(r._mapping) for r in c.execute(select(nodes).order_by(nodes.c.name)).all()]
@@ -471,29 +607,44 @@ class Store:
                             rules_fingerprint=n["rules_fingerprint"]))
         return out
 
-    # --- reads --------------------------------------------------------------------------------------------------
-    def get(self, job_id: int) -> dict | None:
+    # --- reads -------------------------------------------------------------------------------------------------------
+    def get(self, job_id: int) -> Job | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            return self._job(row) if row else None
+
+    def row(self, job_id: int) -> dict[str, Any] | None:
+        """The job's whole row, every column (for tests and the CLI)."""
         with self.engine.connect() as c:
             row = c.execute(select(jobs).where(jobs.c.id == job_id)).first()
             return dict(row._mapping) if row else None
 
-    def by_key(self, sha: str, fingerprint: str) -> dict | None:
-        with self.engine.connect() as c:
-            row = c.execute(select(jobs).where(jobs.c.content_sha256 == sha,
-                                               jobs.c.rule_fingerprint == fingerprint)).first()
-            return dict(row._mapping) if row else None
-
-    def owns_output(self, path: str) -> int | None:
+    def owner_of_output(self, path: str) -> int | None:
         """The id of the job whose output is ``path``, if any."""
         with self.engine.connect() as c:
-            return c.execute(select(jobs.c.id).where(jobs.c.output_path == path)).scalar()
+            return c.execute(select(jobs.c.id).where(jobs.c.output_path == path).limit(1)).scalar()
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, node: str | None = None) -> dict[str, int]:
+        """Jobs per state; with ``node``, running jobs are this node's only."""
         with self.engine.connect() as c:
-            rows = c.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
-        return {s: 0 for s in STATES} | {r[0]: r[1] for r in rows}
+            q = select(jobs.c.state, func.count()).group_by(jobs.c.state)
+            rows = c.execute(q).all()
+            result = dict.fromkeys(STATES, 0) | {r[0]: r[1] for r in rows}
+            if node is not None:
+                result["running"] = c.execute(select(func.count()).where(
+                    jobs.c.state == "running", jobs.c.node == node)).scalar() or 0
+        return result
 
     def metrics_of(self, job_id: int) -> dict[str, float]:
         with self.engine.connect() as c:
             rows = c.execute(select(metrics.c.name, metrics.c.value).where(metrics.c.job_id == job_id)).all()
         return {r.name: r.value for r in rows}
+
+    def add_bench_run(self, settings_json: str, report_path: str | None = None) -> int:
+        with self.engine.begin() as c:
+            return c.execute(bench_runs.insert().values(started_at=self.clock(), settings=settings_json,
+                                                        report_path=report_path)).inserted_primary_key[0]
+
+    def set_bench_report(self, run_id: int, report_path: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(update(bench_runs).where(bench_runs.c.id == run_id).values(report_path=report_path))

@@ -1,0 +1,221 @@
+"""What happens to an input: a pure decision (:func:`after_run`, :func:`for_existing`), then the moves (:class:`Mover`).
+
+The decisions are plain functions of the job, what happened and the policy, with the time passed in: they are
+unit-tested without files, threads or a database. The :class:`Mover` carries them out through the folders'
+directory handles (:mod:`daemon.fsops`), always *after* the commit that decided them, so a crash between the two
+leaves the input in the inbox and the next scan finishes the move (see the crash table in docs/reliability.md).
+
+    success ──► Archive (planned name, committed with `done`) or Delete (delete_inputs)
+    error   ──► RetryAt  (Retry.UNTIL_FIXED: always; Retry.BACKOFF: while attempts < max_attempts)
+            └─► Quarantine (failed/<rule folder>/<name> beside <name>.error.json)
+    a `cli` or `bench` job never moves its input: Keep
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import stat
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from daemon import logs
+from daemon.config import Settings
+from daemon.fsops import FileId, Root, display, fit_name, move
+from daemon.intake import sidecar_name
+from daemon.jobs import Job, JobStore
+from models.errors import Retry, UpscaledError
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The settings the decisions depend on."""
+
+    max_attempts: int = 3
+    retry_seconds: float = 30.0
+    retry_max_seconds: float = 600.0
+    delete_inputs: bool = False
+    stale_seconds: float = 30.0
+
+    @classmethod
+    def of(cls, s: Settings) -> Policy:
+        return cls(s.max_attempts, s.retry_seconds, s.retry_max_seconds, s.delete_inputs, s.stale_seconds)
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before attempt ``attempts + 1``: ``retry_seconds`` doubling per attempt, capped."""
+        return min(self.retry_max_seconds, self.retry_seconds * 2 ** max(0, attempts - 1))
+
+
+# --- actions -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Archive:
+    """Move the input to the archive (``rel`` under it; ``reserved``: that name was committed with the job), or
+    delete it when ``rel`` is None (``delete_inputs``)."""
+
+    rel: PurePosixPath | None
+    reserved: bool = False
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Leave the input where it is."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """Fail the job (if not committed yet) and move the input to failed/ beside its reason."""
+
+    kind: str
+    error: str
+
+
+@dataclass(frozen=True)
+class RetryAt:
+    """Put the job back to pending until ``at``; the input stays in the inbox."""
+
+    at: dt.datetime
+    kind: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    """The file's job is queued or running: nothing to do now (a duplicate is decided when the job ends)."""
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """A file whose content failed before was dropped again: the user asks for another try."""
+
+
+@dataclass(frozen=True)
+class Follow:
+    """The queued job's input was renamed (or rewritten with the same bytes): the job follows the file."""
+
+
+@dataclass(frozen=True)
+class LeaveToOwner:
+    """The job failed a moment ago; its worker, alive, moves the input itself. Look again later."""
+
+
+Action = Archive | Keep | Quarantine | RetryAt | Wait | Requeue | Follow | LeaveToOwner
+
+
+def after_run(job: Job, error: UpscaledError | None, policy: Policy, now: dt.datetime,
+              archive_rel: PurePosixPath | None = None) -> Action:
+    """What happens to ``job``'s input once its run ended (``error`` None: it succeeded).
+
+    ``archive_rel`` is the free archive name for a success (the caller looks it up). A job that did not come from
+    the watch folders (``upscaled process``, ``bench``) never moves its input.
+    """
+    if error is None:
+        if job.source != "watch":
+            return Keep("the input of a one-off run stays where it is")
+        return Archive(None if policy.delete_inputs else archive_rel)
+    if error.retry is Retry.UNTIL_FIXED or (error.retry is Retry.BACKOFF and job.attempts < policy.max_attempts):
+        return RetryAt(now + dt.timedelta(seconds=policy.backoff(job.attempts)), error.kind, str(error))
+    if job.source != "watch":
+        return Keep(f"{error.kind}: {error}")
+    return Quarantine(error.kind, str(error))
+
+
+def for_existing(job: Job, rel: PurePosixPath, file_id: FileId | None, policy: Policy, now: dt.datetime,
+                 owner_may_live: bool, job_input_present: bool) -> Action:
+    """What to do with the inbox file ``rel`` whose content already has ``job`` under its rule.
+
+    ``owner_may_live``: the worker that failed the job may still be running (and about to move the input);
+    ``job_input_present``: the job's own input is still at its name (for a queued job seen under another name).
+    """
+    same = job.rel == rel
+    if job.state == "done":
+        if same and job.input_moved_to and not policy.delete_inputs:
+            return Archive(None, reserved=True)  # to the name committed with `done` (see Mover.finish_archive)
+        return Archive(None if policy.delete_inputs else rel)  # finished, or a duplicate: archive it
+    if job.state == "failed":
+        if same and job.input_moved_to is None:  # committed, not yet moved
+            recent = job.finished_at is not None and (now - job.finished_at).total_seconds() <= policy.stale_seconds
+            if recent and owner_may_live:
+                return LeaveToOwner()
+            return Quarantine(job.error_kind or "error", job.error or "")
+        return Requeue()  # dropped in again after failing
+    if same:
+        return Follow() if file_id is not None and job.input_id is not None and file_id != job.input_id else Wait()
+    return Wait() if job_input_present else Follow()
+
+
+# --- carrying them out -----------------------------------------------------------------------------------------------
+class Mover:
+    """Moves inputs (and their prompt sidecars) out of the inbox, through the folders' handles, never overwriting."""
+
+    def __init__(self, store: JobStore, inbox: Root, archive: Root, failed: Root) -> None:
+        self.store = store
+        self.inbox, self.archive_root, self.failed_root = inbox, archive, failed
+        self.log = logs.get()
+
+    def archive_name(self, rel: PurePosixPath) -> PurePosixPath:
+        """A free name for ``rel`` in the archive, to commit with the job."""
+        return self.archive_root.free_name(rel)
+
+    def archive(self, job: Job, rel: PurePosixPath, dest: PurePosixPath | None, *, reserved: bool = False,
+                expect: FileId | None = None) -> str | None:
+        """Move the inbox file ``rel`` to ``dest`` in the archive (or delete it when ``dest`` is None); returns the
+        absolute path it went to, or None (deleted, gone, replaced, or the move failed: it is retried on a rescan).
+        """
+        try:
+            if dest is None:
+                if self.inbox.unlink(rel, expect):
+                    self._sidecar(rel, None)
+                return None
+            moved = move(self.inbox, rel, self.archive_root, dest, expect=expect, reserved=reserved)
+            self._sidecar(rel, moved, self.archive_root)
+            return str(self.archive_root.abs(moved))
+        except FileNotFoundError:
+            return None
+        except (OSError, UpscaledError) as exc:
+            self.log.error("archive.failed", job=job.id, file=display(str(rel)), error=str(exc),
+                           note="kept in the inbox; retried on a rescan")
+            return None
+
+    def quarantine(self, job: Job, rel: PurePosixPath, kind: str, error: str,
+                   expect: FileId | None = None) -> str | None:
+        """Put the inbox file ``rel`` in failed/ beside ``<name>.error.json``; the reason is written first. Returns
+        the absolute path it went to, or None (gone, replaced, or failed/ not writable: the input stays in the
+        inbox and the next scan tries again)."""
+        info = dict(file=job.name, job=job.id, kind=kind, error=error, model=job.rule.model,
+                    scale=job.rule.final_scale, folder=job.folder, attempts=job.attempts,
+                    failed_at=self.store.clock().isoformat() + "Z")
+        try:
+            dest = self.failed_root.free_name(rel)
+            reason = dest.with_name(fit_name(dest.name + ".error.json"))
+            self.failed_root.write_json(reason, info)
+            try:
+                moved = move(self.inbox, rel, self.failed_root, dest, expect=expect, special=True)
+            except (FileNotFoundError, UpscaledError):
+                # Another node's reconcile moved it a moment ago (and records where), or it is not this job's
+                # input any more: this reason file belongs to no image.
+                if not self.failed_root.exists(dest):
+                    self.failed_root.unlink(reason)
+                return None
+            if moved != dest:  # the name was taken meanwhile: the reason goes with the image
+                self.failed_root.write_json(moved.with_name(fit_name(moved.name + ".error.json")), info)
+                self.failed_root.unlink(reason)
+            self._sidecar(rel, moved, self.failed_root)  # kept with its image, for a retry
+        except (OSError, UpscaledError) as exc:
+            self.log.error("quarantine.failed", job=job.id, file=job.name, error=str(exc), note="kept in the inbox")
+            return None
+        return str(self.failed_root.abs(moved))
+
+    def _sidecar(self, rel: PurePosixPath, dest: PurePosixPath | None, root: Root | None = None) -> None:
+        """A ``<name>.prompt.txt`` beside an input goes where the input went (or is deleted with it)."""
+        side = sidecar_name(rel)
+        try:
+            st = self.inbox.lstat(side)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                return
+            if dest is None or root is None:
+                self.inbox.unlink(side)
+            else:
+                move(self.inbox, side, root, dest.with_name(fit_name(dest.name + ".prompt.txt")))
+        except (OSError, UpscaledError) as exc:
+            self.log.warning("sidecar.move_failed", file=display(str(side)), error=str(exc))

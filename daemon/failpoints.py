@@ -1,0 +1,73 @@
+"""Failpoints: named places in the job path where a test makes the process stop dead, or wait until released.
+
+The idea of FoundationDB's and TiKV's failpoints. Each crash window of the job path has a name (:data:`POINTS`), and
+the code calls :func:`hit` there. A test runs the real daemon with::
+
+    UPSCALED_FAILPOINTS_TEST=1 UPSCALED_FAILPOINTS="after-commit=exit"
+
+and the daemon dies with ``os._exit`` (no cleanup, no flush: as a SIGKILL would leave it) the first time it gets
+there, or (``=pause``) writes ``<name>.hit`` into ``$UPSCALED_FAILPOINT_DIR`` and waits until a ``<name>.release``
+file appears. Without the explicit test switch nothing is armed whatever else the environment holds, so a stray
+variable cannot crash a deployment, and production pays one ``if`` per point.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+POINTS = {
+    "after-register": "the job is registered (pending); nothing claimed",
+    "after-claim": "the job is claimed and its output path reserved (one commit); nothing written",
+    "mid-write": "the output's temp file is written and fsynced; not yet renamed into place",
+    "after-write": "the output is in place and durable; the job is still running",
+    "after-commit": "the job is committed done; the input is still in the inbox",
+    "after-archive": "the input is in the archive; the metrics are not recorded yet",
+    "on-fail": "the job is committed failed; the input is still in the inbox",
+}
+ACTIONS = ("exit", "pause")
+EXIT_CODE = 86
+
+_armed: dict[str, str] = {}
+_done: set[str] = set()
+
+
+def arm(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Arm the failpoints named in ``UPSCALED_FAILPOINTS`` (``name=action,...``), only under the test switch
+    ``UPSCALED_FAILPOINTS_TEST=1``. Returns what is armed.
+
+    Raises:
+        ValueError: an unknown point or action (a typo in a test must not pass silently).
+    """
+    _armed.clear()
+    _done.clear()
+    if environ.get("UPSCALED_FAILPOINTS_TEST") != "1":
+        return {}
+    for item in filter(None, (s.strip() for s in environ.get("UPSCALED_FAILPOINTS", "").split(","))):
+        name, _, action = item.partition("=")
+        if name not in POINTS or action not in ACTIONS:
+            raise ValueError(f"failpoint {item!r}: expected one of {sorted(POINTS)} = one of {list(ACTIONS)}")
+        _armed[name] = action
+    return dict(_armed)
+
+
+def hit(name: str) -> None:
+    """The job path passes failpoint ``name``: nothing happens unless a test armed it (once per process)."""
+    if not _armed:
+        return
+    action = _armed.get(name)
+    if action is None or name in _done:
+        return
+    _done.add(name)
+    folder = Path(os.environ.get("UPSCALED_FAILPOINT_DIR", "."))
+    if action == "exit":
+        sys.stderr.write(f"failpoint {name}: exit\n")
+        sys.stderr.flush()
+        os._exit(EXIT_CODE)
+    (folder / f"{name}.hit").touch()
+    release = folder / f"{name}.release"
+    while not release.exists():
+        time.sleep(0.01)

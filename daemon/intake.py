@@ -1,0 +1,152 @@
+"""Intake: a complete file in the inbox -> a :class:`~daemon.jobs.JobSpec`, ready to register.
+
+Nothing is trusted about an inbox file but what is read through the inbox's directory handle (:class:`Root`):
+
+1. ``lstat`` through the handle, one folder at a time without following links: a symlink, a FIFO or a folder swapped
+   for a link fails as a job of its own (keyed on its name and time, so it fails exactly once) and is never opened;
+2. open with ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat``: the size is checked against ``max_file_bytes`` *before* any
+   byte is read, then the header (format, width, height, frames) against ``max_pixels`` and ``max_frames``;
+3. the content sha256 is streamed from that same descriptor, 1 MiB at a time (a large file never sits in memory);
+4. a ``<name>.prompt.txt`` beside it becomes the rule's prompt, for a backend that takes one.
+
+The spec records the file's device and inode: a file replaced under the same name later is not this job's input.
+The worker reads the file again through the handle and checks the bytes it decodes against this sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable
+from pathlib import PurePosixPath
+
+from daemon import imageio
+from daemon.config import Rule, Settings
+from daemon.errors import BadSidecarError, EmptyFileError, ImageTooLargeError, UnreadableFileError, UnsafePathError
+from daemon.fsops import FileId, Root, display
+from daemon.jobs import JobSpec
+from models.errors import UpscaledError
+
+SIDECAR_SUFFIX = ".prompt.txt"  # `photo.jpg.prompt.txt` beside `photo.jpg` holds that image's prompt
+SIDECAR_MAX_BYTES = 4096  # the text encoder reads 77 tokens; anything this long is a mistake, not a prompt
+CHUNK = 1 << 20
+
+
+def sidecar_name(rel: PurePosixPath) -> PurePosixPath:
+    return rel.with_name(rel.name + SIDECAR_SUFFIX)
+
+
+def read_prompt(root: Root, rel: PurePosixPath) -> str | None:
+    """The text of ``<rel>.prompt.txt`` under ``root``, or None if there is none.
+
+    The text is UTF-8 (a BOM is dropped) with surrounding whitespace stripped; an empty file means an empty prompt.
+
+    Raises:
+        BadSidecarError: the sidecar is a link or not a regular file, unreadable, not UTF-8, or over 4 KiB.
+    """
+    side = sidecar_name(rel)
+    try:
+        data = root.read_bytes(side, limit=SIDECAR_MAX_BYTES)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnsafePathError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise BadSidecarError(f"cannot read the prompt file {display(side.name)}: {why}") from None
+    if len(data) > SIDECAR_MAX_BYTES:
+        raise BadSidecarError(f"the prompt file {display(side.name)} is over {SIDECAR_MAX_BYTES} bytes; a prompt "
+                              "is a line of text")
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise BadSidecarError(f"the prompt file {display(side.name)} is not UTF-8 text ({exc.reason} at byte "
+                              f"{exc.start})") from None
+
+
+def with_sidecar_prompt(rule: Rule, root: Root, rel: PurePosixPath) -> Rule:
+    """``rule`` with its prompt replaced by the sidecar's text, for a backend that takes a prompt; else ``rule``."""
+    if not rule.backend().takes_prompt:
+        return rule
+    prompt = read_prompt(root, rel)
+    return rule if prompt is None else rule.with_prompt(prompt)
+
+
+def failure_key(rel: PurePosixPath, st: os.stat_result | None) -> str:
+    """The key of a job for a file that fails before it is hashed: its name and time, so it fails once."""
+    stamp = f"{os.fsencode(str(rel))!r}:{st.st_mtime_ns if st else 0}:{st.st_ino if st else 0}"
+    return "x" + hashlib.sha256(stamp.encode()).hexdigest()[1:]
+
+
+def inspect(root: Root, rel: PurePosixPath, settings: Settings,
+            beat: Callable[[], None] = lambda: None) -> tuple[str, imageio.Probe, os.stat_result]:
+    """Open ``rel`` under ``root`` once, check its size and header, and stream its sha256 from the same descriptor.
+    Returns (sha256, probe, fstat).
+
+    Raises:
+        FileNotFoundError: it went away.
+        UnsafePathError: it (or a folder on its path) is a symbolic link, or not a regular file.
+        UnreadableFileError, EmptyFileError, ImageTooLargeError, DecodeError, UnsupportedImageError.
+    """
+    name = display(str(root.abs(rel)))
+    try:
+        fd, st = root.open_file(rel)
+    except PermissionError:
+        raise UnreadableFileError(f"cannot read {name}: permission denied") from None
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UnreadableFileError(f"cannot read {name}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if st.st_size > settings.max_file_bytes:
+            raise ImageTooLargeError(f"{name} is {st.st_size} bytes, over the max_file_bytes limit of "
+                                     f"{settings.max_file_bytes}")
+        if st.st_size == 0:
+            raise EmptyFileError(f"{name} is empty (0 bytes)")
+        try:
+            probe = imageio.probe(fh, settings.max_pixels, settings.max_frames, name=name)
+            fh.seek(0)
+            digest = hashlib.sha256()
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+                beat()
+        except OSError as exc:
+            raise UnreadableFileError(f"cannot read {name}: {exc.strerror or exc}") from None
+    return digest.hexdigest(), probe, st
+
+
+class Intake:
+    """Turns inbox files into job specs, reading them only through the inbox's directory handle."""
+
+    def __init__(self, settings: Settings, inbox: Root, beat: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.inbox = inbox
+        self.beat = beat or (lambda: None)  # a sign of life while a large file is hashed
+
+    def spec(self, rel: PurePosixPath) -> JobSpec | None:
+        """The job spec for the inbox file ``rel``, or None if it is gone.
+
+        Never raises for a bad file: a file that must fail (a link, not an image, too large, unreadable, a bad
+        sidecar) gets a spec with ``failure`` set, and its job fails with that reason.
+        """
+        rule = self.settings.rule_for(str(rel.parent))
+        base = dict(rule=rule, rel=rel, input_path=display(str(self.inbox.abs(rel))), source="watch")
+        try:
+            st = self.inbox.lstat(rel)
+        except UnsafePathError as exc:
+            return JobSpec(sha=failure_key(rel, None), failure=exc, **base)
+        if st is None:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            what = "a symbolic link; links are not followed out of the inbox" if stat.S_ISLNK(st.st_mode) else \
+                "not a regular file"
+            return JobSpec(sha=failure_key(rel, st), failure=UnsafePathError(f"{display(str(rel))} is {what}"),
+                           input_size=st.st_size, **base)
+        try:
+            sha, probe, st = inspect(self.inbox, rel, self.settings, self.beat)
+            rule = with_sidecar_prompt(rule, self.inbox, rel)
+        except FileNotFoundError:
+            return None
+        except UpscaledError as exc:
+            return JobSpec(sha=failure_key(rel, st), failure=exc, input_size=st.st_size, **base)
+        return JobSpec(sha=sha, input_size=st.st_size, input_id=FileId.of(st), input_format=probe.format,
+                       **(base | {"rule": rule}))

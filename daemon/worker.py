@@ -1,0 +1,615 @@
+"""The worker: claim -> read -> infer -> write -> settle -> measure, one job or many at once.
+
+Each job is a :class:`Task` that moves through the stages of :class:`Stages`:
+
+1. **claim**: the job is moved to running under this worker and its output path reserved, in one commit (a claim
+   takes several jobs at once while the queue is deep: one commit for all of them);
+2. **read**: the input is read through the inbox's directory handle, its bytes checked against the sha256 it was
+   registered with (the bytes decoded are the bytes hashed), decoded, and prepared for the model;
+3. **infer**: the model, on the task's device (a thread per device and worker), then the finishing resize;
+4. **write**: encoded and written atomically to the reserved path (temp file, fsync, rename, fsync the folder);
+5. **settle**: the outcome is committed (``done``, several jobs in one commit while they queue up; or failed, or
+   retried later), and only then is the input moved (archive/ or failed/, see :mod:`daemon.dispositions`);
+6. **measure**: the metrics, computed after the output is durable and the job recorded, in a later commit.
+
+:meth:`Stages.step` runs one job through all of them in the calling thread: the unit tests step it over the
+in-memory store with a fake clock and an identity upscaler, and ``upscaled process`` runs each file that way.
+:class:`Runner` runs them on threads joined by bounded queues, so that the next file is decoded and the last one
+encoded and written while the model runs: on a GPU that is what keeps the GPU busy, and on a CPU the encoder and the
+database overlap the model. The queues are bounded by a task count and by the bytes of pixels in flight, so memory
+stays bounded whatever arrives. The failpoints of :mod:`daemon.failpoints` mark each crash window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from daemon import failpoints, imageio, logs, pipeline
+from daemon.config import Settings
+from daemon.dispositions import Archive, Keep, Mover, Policy, Quarantine, RetryAt, after_run
+from daemon.errors import InputChangedError, InternalError, UnreadableFileError
+from daemon.fsops import Root, display, fit_name
+from daemon.jobs import Finished, Job, JobStore
+from daemon.metrics import Brisque, Metric
+from models import progress
+from models.catalog import get_entry
+from models.errors import OutOfMemoryError, UpscaledError, WeightsMissingError
+from models.registry import LoadContext, ModelCache
+from models.weights import locate
+
+
+@dataclass
+class Beat:
+    """A thread's sign of life, for the watchdog, STATUS= and /livez. Only its own thread writes it."""
+
+    name: str
+    at: float
+    task: Task | None = None
+    stage: str = ""
+    busy: bool = False
+    next_progress_write: float = 0.0
+
+
+@dataclass
+class Task:
+    """One job on its way through the stages."""
+
+    job: Job
+    root: Root  # where the input is read from
+    rel: PurePosixPath  # the input under ``root``
+    out_root: Root | None = None  # where the output goes (None: a job that fails before it has one)
+    out_rel: PurePosixPath | None = None
+    timer: pipeline.Timer = field(default_factory=pipeline.Timer)
+    work: pipeline.Work | None = None
+    data: bytes | None = None
+    fmt: str = ""
+    device: str = ""
+    error: UpscaledError | None = None
+    metrics: list[Metric] = field(default_factory=list)
+    weight: int = 0  # bytes of pixels it holds while in flight
+    moved_to: str | None = None
+    own_root: bool = False  # `root` was opened for this task alone (a one-off run's folder)
+
+    @property
+    def name(self) -> str:
+        return self.job.name
+
+    def close(self) -> None:
+        """Let go of a folder handle opened for this task."""
+        if self.own_root:
+            self.root.close()
+
+
+Outcome = Callable[[Task, str], None]  # (task, status) after its commit: done, failed, retried, lost
+
+
+class Stages:
+    """The stage functions, with everything they touch injected. Thread-safe: each task is in one stage at a time.
+
+    ``inbox`` is where watch jobs are read from; ``outbox`` where outputs go (``upscaled process`` passes its
+    ``--out`` folder). ``mover`` is None for one-off runs, whose inputs never move. ``on_outcome`` hears every
+    committed outcome (telemetry, hooks, the service's bookkeeping).
+    """
+
+    def __init__(self, settings: Settings, store: JobStore, cache: ModelCache, inbox: Root | None, outbox: Root,
+                 mover: Mover | None, node: str | None = None, on_outcome: Outcome | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.store = store
+        self.cache = cache
+        self.inbox, self.outbox = inbox, outbox
+        self.mover = mover
+        self.node = node
+        self.on_outcome = on_outcome or (lambda task, status: None)
+        self.clock = clock
+        self.log = logs.get()
+        self._brisque: Brisque | None | bool = False  # False: not looked up yet
+        self._brisque_lock = threading.Lock()
+
+    @property
+    def policy(self) -> Policy:
+        return Policy.of(self.settings)
+
+    # --- 1. claim --------------------------------------------------------------------------------------------------
+    def plan_output(self, job: Job, taken: Callable[[str], bool]) -> str:
+        """The output path of ``job``: the rule's name in the input's folder of the outbox, or ``-1``, ``-2``, ...
+        where that name holds a file or belongs to another job (an output is never overwritten)."""
+        fmt = pipeline.output_format(job.rule, job.input_format)
+        # Output names are printable UTF-8 whatever the input's name holds (\xNN for other bytes, \n for a
+        # newline): the path goes into the database, the logs and STATUS=, and other programs read the outbox.
+        rel = PurePosixPath(display(str(job.rel)))
+        rel_dir = rel.parent if job.source == "watch" else PurePosixPath()
+        target = rel_dir / pipeline.output_name(job.rule, rel, fmt)
+        stem, suffix = target.stem, target.suffix
+        candidate, n = target, 0
+        while self.outbox.exists(candidate) or taken(str(self.outbox.abs(candidate))):
+            n += 1
+            candidate = target.with_name(fit_name(f"{stem}-{n}{suffix}"))
+        return str(self.outbox.abs(candidate))
+
+    def claim(self, worker: str, limit: int = 1, job_id: int | None = None) -> list[Task]:
+        """Claim up to ``limit`` jobs (their outputs reserved in the same commit) and make them tasks."""
+        s = self.settings
+        jobs = self.store.claim(worker, node=self.node, limit=limit, job_id=job_id,
+                                folders=s.serve_folders if self.node else None,
+                                source="watch" if self.mover is not None else None, plan=self.plan_output)
+        if jobs:
+            failpoints.hit("after-claim")
+        return [self.task(j) for j in jobs]
+
+    def task(self, job: Job) -> Task:
+        if job.source == "watch":
+            assert self.inbox is not None
+            root, rel = self.inbox, job.rel
+        else:  # `upscaled process`: the file the user named, in its own folder
+            root, rel = Root(Path(job.input_path).parent, create=False), job.rel
+        out = self.outbox.contains(Path(job.output_path)) if job.output_path else None
+        if out is None:
+            raise InternalError(f"job {job.id}: its output {job.output_path} is not under {self.outbox.path}")
+        return Task(job=job, root=root, rel=rel, out_root=self.outbox, out_rel=out, own_root=root is not self.inbox)
+
+    # --- 2. read ---------------------------------------------------------------------------------------------------
+    def read(self, task: Task) -> None:
+        """Read the input through its folder's handle, check it is the registered content, decode and prepare it.
+
+        Raises:
+            InputChangedError: its bytes are not the ones registered (replaced or rewritten since).
+            UnsafePathError: it (or a folder on its path) is a symbolic link now, or not a regular file.
+            UnreadableFileError, DecodeError, ImageTooLargeError, ImageTooSmallError, ...
+        """
+        job = task.job
+        with task.timer.stage("decode"):
+            try:
+                data = task.root.read_bytes(task.rel)
+            except FileNotFoundError:
+                raise InputChangedError(f"{job.name} disappeared before it was processed") from None
+            except PermissionError:
+                raise UnreadableFileError(f"cannot read {job.name}: permission denied") from None
+            except OSError as exc:
+                raise UnreadableFileError(f"cannot read {job.name}: {exc.strerror or exc}") from None
+            if hashlib.sha256(data).hexdigest() != job.sha:
+                raise InputChangedError(f"{job.name} changed after it was registered; the new content is a job of "
+                                        "its own")
+            decoded = imageio.decode_bytes(data, self.settings.max_pixels, self.settings.max_frames, name=job.name)
+            del data
+            task.work = pipeline.prepare(job.rule, decoded, self.settings)
+        w = task.work
+        task.weight = w.src.nbytes + w.pixels_out * 3 * (2 if w.bits == 16 else 1) * 2
+
+    # --- 3. infer --------------------------------------------------------------------------------------------------
+    def infer(self, task: Task, device: str, beat: Beat | None = None) -> None:
+        """Run the model on the task's pixels on ``device`` (a rule's own ``device`` wins).
+
+        Raises:
+            ModelError subclasses (weights, backend), OutOfMemoryError, and what the model raises.
+        """
+        rule, work = task.job.rule, task.work
+        assert work is not None
+        ctx = LoadContext(self.settings.weights_dir, rule.device or device, rule.tile, rule.precision)
+        with task.timer.stage("load"):
+            up, _ = self.cache.get(rule.model, rule.native_scale(), ctx)
+        task.device = up.device
+        sink = (lambda done, total, unit="tile": self._progress(task, beat, done, total, unit)) if beat else None
+        with task.timer.stage("infer"):
+            if sink is None:
+                pipeline.run(rule, work, up, rule.model_params())
+            else:
+                with progress.reporting(sink):
+                    pipeline.run(rule, work, up, rule.model_params())
+
+    def _progress(self, task: Task, beat: Beat, done: int, total: int, unit: str) -> None:
+        """From inside a model call: a tile or a denoising step is done. Feeds STATUS=, the job row and the log."""
+        now = self.clock()
+        beat.at, beat.stage = now, f"{unit} {done}/{total}"
+        if now >= beat.next_progress_write or done == total:
+            beat.next_progress_write = now + 2.0  # at most one row update and log line every 2 s
+            self.store.progress(task.job.id, beat.stage)
+            self.log.info("job.progress", job=task.job.id, file=task.name, progress=beat.stage)
+
+    # --- 4. write --------------------------------------------------------------------------------------------------
+    def write(self, task: Task) -> None:
+        """Encode and write the output atomically to its reserved path (and the benchmark comparison beside it).
+
+        Raises:
+            DiskFullError, OutputUnavailableError (retried until fixed), OutputError, UnsafePathError.
+        """
+        job, work = task.job, task.work
+        assert work is not None
+        task.fmt = pipeline.output_format(job.rule, job.input_format or work.decoded.format)
+        with task.timer.stage("encode"):
+            task.data = pipeline.encode(job.rule, work, task.fmt)
+        assert task.out_root is not None and task.out_rel is not None
+        with task.timer.stage("write"):
+            task.out_root.write_atomic(task.out_rel, task.data)
+            if job.rule.mode == "benchmark" and job.rule.compare and work.hr is not None:
+                cmp_rel = task.out_rel.with_name(fit_name(task.out_rel.stem + ".compare.png"))
+                task.out_root.write_atomic(cmp_rel, imageio.encode(pipeline.comparison_image(work), "png")[0])
+        failpoints.hit("after-write")
+
+    # --- 5. settle -------------------------------------------------------------------------------------------------
+    def settle(self, tasks: list[Task]) -> list[Task]:
+        """Commit the outcomes of ``tasks`` (the successes in one transaction), then move their inputs. Returns the
+        tasks whose metrics are still to be measured."""
+        ok = [t for t in tasks if t.error is None]
+        measure = []
+        if ok:
+            plans = {t.job.id: self._archive_plan(t) for t in ok}
+            results = []
+            for t in ok:
+                times = dict(t.timer.times)
+                times["queue"] = t.job.queue_seconds()
+                times["total"] = sum(v for k, v in times.items() if k != "queue")
+                fields = dict(t.work.fields if t.work else {}, **{f"t_{k}": v for k, v in times.items()})
+                plan = plans[t.job.id]
+                results.append(Finished(t.job.id, t.job.worker, fields, archive_path=plan[1],
+                                        metrics_pending=bool(t.job.rule.metric_names)))
+            committed = self.store.finish(results)
+            failpoints.hit("after-commit")
+            for t, done in zip(ok, committed, strict=True):
+                if not done:
+                    self.log.warning("job.lease_lost", job=t.job.id, file=t.name,
+                                     note="another node owns this job now; its result is kept")
+                    self.on_outcome(t, "lost")
+                    continue
+                self._archive(t, plans[t.job.id][0])
+                if t.job.rule.metric_names:
+                    measure.append(t)
+                else:
+                    self._log_done(t)
+                self.on_outcome(t, "done")
+            if ok and any(c for c in committed):
+                failpoints.hit("after-archive")
+        for t in tasks:
+            if t.error is not None:
+                self._settle_error(t)
+        return measure
+
+    def _archive_plan(self, t: Task) -> tuple[PurePosixPath | None, str | None]:
+        """(archive name, its absolute path) to commit with ``done``; (None, None): deleted, or a one-off run."""
+        if self.mover is None or self.settings.delete_inputs:
+            return None, None
+        rel = self.mover.archive_name(t.rel)
+        return rel, str(self.mover.archive_root.abs(rel))
+
+    def _archive(self, t: Task, planned: PurePosixPath | None) -> None:
+        if self.mover is None:
+            return
+        action = after_run(t.job, None, self.policy, self.store.clock(), planned)
+        if isinstance(action, Archive):
+            t.moved_to = self.mover.archive(t.job, t.rel, action.rel, reserved=True, expect=t.job.input_id)
+            # Another name than planned (the planned one was taken meanwhile): record where it went. None (gone:
+            # another node's reconcile moved it and records where; or kept after an error: the rescan moves it to
+            # the planned name) leaves the committed path as it is.
+            if t.moved_to is not None and t.moved_to != str(self.mover.archive_root.abs(action.rel or planned)):
+                self.store.record_move(t.job.id, t.moved_to)
+
+    def _settle_error(self, t: Task) -> None:
+        job, exc = t.job, t.error
+        assert exc is not None
+        action = after_run(job, exc, self.policy, self.store.clock())
+        if isinstance(action, RetryAt):
+            if self.store.retry_later(job.id, action.kind, action.error, action.at, owner=job.worker):
+                seconds = round((action.at - self.store.clock()).total_seconds(), 1)
+                self.log.warning("job.retry", job=job.id, file=t.name, kind=exc.kind, error=str(exc),
+                                 attempt=job.attempts, in_seconds=seconds)
+                self.on_outcome(t, "retried")
+            else:
+                self.log.warning("job.lease_lost", job=job.id, file=t.name,
+                                 note="another node took this job over; its outcome is theirs")
+            return
+        if not self.store.fail(job.id, exc.kind, str(exc), owner=job.worker,
+                               fields=t.work.fields if t.work else None):
+            self.log.warning("job.lease_lost", job=job.id, file=t.name, kind=exc.kind)
+            return
+        failpoints.hit("on-fail")
+        self.log.warning("job.failed", job=job.id, file=t.name, kind=exc.kind, error=str(exc))
+        if isinstance(action, Quarantine) and self.mover is not None and not isinstance(exc, InputChangedError):
+            # An input that changed is not this job's to move: the new file is a job of its own. (An input whose
+            # folder became a link cannot be reached, and stays.)
+            t.moved_to = self.mover.quarantine(job, t.rel, action.kind, action.error, expect=job.input_id)
+            if t.moved_to is not None:
+                self.store.record_move(job.id, t.moved_to)
+        elif isinstance(action, Keep):
+            pass
+        self.on_outcome(t, "failed")
+
+    # --- 6. measure ------------------------------------------------------------------------------------------------
+    def brisque(self) -> Brisque | None:
+        with self._brisque_lock:  # several threads may ask at once: load it once
+            if self._brisque is False:
+                entry = get_entry("brisque")
+                try:
+                    self._brisque = Brisque(locate(self.settings.weights_dir, entry, 0),
+                                            locate(self.settings.weights_dir, entry, 1))
+                except WeightsMissingError:
+                    self._brisque = None
+            return self._brisque  # type: ignore[return-value]
+
+    def measure(self, task: Task) -> None:
+        """Compute the task's metrics on the pixels as written and record them (a later commit than ``done``).
+
+        Never fails the job: a metric that cannot be computed is left out, and the log says why.
+        """
+        work = task.work
+        assert work is not None and task.data is not None
+        with task.timer.stage("metrics"):
+            try:
+                task.metrics = pipeline.measure(task.job.rule, work, task.data, task.fmt, self.brisque)
+            except Exception as exc:  # noqa: BLE001 - a metric must never take a finished job down
+                work.notes.append(f"metrics failed: {type(exc).__name__}: {exc}")
+                task.metrics = []
+        self.store.record_metrics(task.job.id, task.metrics)
+        self._log_done(task)
+
+    def remeasure(self, job: Job, archive: Root) -> None:
+        """The metrics of a done job that a crash left unrecorded (between the two commits), computed again from its
+        output and its input (archived, or still in the inbox); ``lost`` when either is gone."""
+        try:
+            out_rel = self.outbox.contains(Path(job.output_path or ""))
+            moved = archive.contains(Path(job.input_moved_to)) if job.input_moved_to else None
+            if out_rel is None or (moved is None and self.inbox is None):
+                raise FileNotFoundError(job.output_path)
+            data = self.outbox.read_bytes(out_rel)
+            src = archive.read_bytes(moved) if moved is not None else self.inbox.read_bytes(job.rel)  # type: ignore
+            work = pipeline.prepare(job.rule, imageio.decode_bytes(src, self.settings.max_pixels,
+                                                                   self.settings.max_frames, name=job.name),
+                                    self.settings)
+            written = imageio.decode_bytes(data, work.size[0] * work.size[1], name="the output")
+            work.colour = pipeline.to_model(pipeline.colour_of(written.first.pixels))
+            fmt = pipeline.output_format(job.rule, job.input_format)
+            results = pipeline.measure(job.rule, work, data, fmt, self.brisque)
+        except (OSError, UpscaledError) as exc:
+            self.store.record_metrics(job.id, [], state="lost")
+            self.log.warning("metrics.lost", job=job.id, file=job.name, error=str(exc),
+                             note="the output or the input is gone; the job itself is done")
+            return
+        self.store.record_metrics(job.id, results)
+        self.log.info("metrics.recovered", job=job.id, file=job.name, **{m.name: round(m.value, 4) for m in results})
+
+    def _log_done(self, t: Task) -> None:
+        times = t.timer.times
+        self.log.info("job.done", job=t.job.id, file=t.name, model=t.job.rule.model, device=t.device or None,
+                      output=t.job.output_path, seconds=round(sum(times.values()), 3),
+                      queue_s=round(t.job.queue_seconds(), 3), moved_to=t.moved_to,
+                      notes=(t.work.notes if t.work else None) or None,
+                      **{m.name: round(m.value, 4) for m in t.metrics})
+        t.data = None  # the encoded bytes are no longer needed
+
+    # --- all of it, in the calling thread --------------------------------------------------------------------------
+    def run_task(self, task: Task, device: str, beat: Beat | None = None) -> None:
+        """read -> infer -> write for one task, any error kept on the task for :meth:`settle`."""
+        guard(task, lambda: self.read(task), self.log)
+        if task.error is None:
+            guard(task, lambda: self.infer(task, device, beat), self.log)
+        if task.error is None:
+            guard(task, lambda: self.write(task), self.log)
+
+    def step(self, worker: str, device: str, job_id: int | None = None, beat: Beat | None = None) -> Task | None:
+        """Claim one job and run it through every stage, here. Returns its task, or None if there was none."""
+        tasks = self.claim(worker, 1, job_id=job_id)
+        if not tasks:
+            return None
+        task = tasks[0]
+        self.run_task(task, device, beat)
+        for t in self.settle([task]):
+            self.measure(t)
+        task.close()
+        return task
+
+
+def guard(task: Task, fn: Callable[[], Any], log: Any) -> None:
+    """Run one stage of ``task``; a failure is kept on the task (a bad file fails its own job, never a thread)."""
+    try:
+        fn()
+    except UpscaledError as exc:
+        task.error = exc
+    except MemoryError:
+        task.error = OutOfMemoryError("out of memory while processing")
+    except Exception as exc:  # a bug or a library's surprise: this job fails, the service goes on
+        log.error("job.crashed", job=task.job.id, file=task.name, error=repr(exc), traceback=traceback.format_exc())
+        task.error = InternalError(f"unexpected {type(exc).__name__}: {exc}")
+
+
+# --- the stages on threads ----------------------------------------------------------------------------------------
+class Runner:
+    """The stages on threads joined by bounded queues: a feeder (claim + read), ``workers`` inference threads per
+    device, a writer (encode + write), a settler (commit + moves) and a measurer (metrics).
+
+    At most ``depth`` tasks are in flight (claimed and not yet measured), and a new one is read only while the
+    pixels in flight stay under ``memory_bytes`` (a single task larger than that still runs, alone).
+    """
+
+    def __init__(self, stages: Stages, devices: Iterable[str], workers: int, worker_id: Callable[[str], str],
+                 depth: int | None = None, memory_bytes: int = 2 << 30,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stages = stages
+        self.clock = clock
+        self.devices = list(devices)
+        self.worker_id = worker_id
+        self.depth = depth or len(self.devices) * workers + 2
+        self.memory_bytes = memory_bytes
+        self.log = logs.get()
+        now = clock()
+        self.beats: dict[str, Beat] = {"feed": Beat("feed", now), "write": Beat("write", now),
+                                       "settle": Beat("settle", now), "measure": Beat("measure", now)}
+        self._infer_q: dict[str, queue.Queue[Task]] = {d: queue.Queue(maxsize=workers) for d in self.devices}
+        self._write_q: queue.Queue[Task] = queue.Queue(maxsize=2)
+        self._settle_q: queue.Queue[Task] = queue.Queue()
+        self._measure_q: queue.Queue[Task] = queue.Queue()
+        self._inflight: set[int] = set()
+        self._tasks: dict[int, Task] = {}
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._stop_claiming = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._infer_names = [f"{d.replace(':', '')}.{i}" for d in self.devices for i in range(workers)]
+        for name in self._infer_names:
+            self.beats[name] = Beat(name, now)
+
+    # --- control ---------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        specs: list[tuple[str, Callable[[], None]]] = [("feed", self._feed), ("write", self._write),
+                                                       ("settle", self._settle), ("measure", self._measure)]
+        for name, dev in zip(self._infer_names, [n.rsplit(".", 1)[0] for n in self._infer_names], strict=True):
+            device = next(d for d in self.devices if d.replace(":", "") == dev)
+            specs.append((name, lambda n=name, d=device: self._infer(n, d)))
+        for name, target in specs:
+            t = threading.Thread(target=self._loop, args=(name, target), name=f"upscaled-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def wake(self) -> None:
+        """New jobs may be waiting: the feeder looks now instead of at its next poll."""
+        self._wake.set()
+
+    def busy(self) -> list[Task]:
+        with self._cond:
+            return [self._tasks[i] for i in sorted(self._inflight)]
+
+    def stop(self, timeout: float) -> list[Task]:
+        """Claim nothing more, let the tasks in flight finish for up to ``timeout`` seconds; returns the ones that
+        did not (the caller releases them)."""
+        self._stop_claiming.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._inflight and time.monotonic() < deadline:
+                self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            return [self._tasks[i] for i in sorted(self._inflight)]
+
+    # --- threads ---------------------------------------------------------------------------------------------------
+    def _loop(self, name: str, body: Callable[[], None]) -> None:
+        beat = self.beats[name]
+        while True:
+            beat.at = self.clock()
+            try:
+                if body() is False:
+                    return
+            except Exception as exc:  # a store error (say, the disk is full): back off, never die
+                self.log.error("worker.error", thread=name, error=repr(exc), traceback=traceback.format_exc())
+                time.sleep(1.0)
+
+    def _done(self, task: Task) -> None:
+        task.close()
+        task.work, task.data = None, None  # its pixels go now, not when the task object does
+        with self._cond:
+            self._inflight.discard(task.job.id)
+            self._tasks.pop(task.job.id, None)
+            self._bytes -= task.weight
+            self._cond.notify_all()
+
+    def _feed(self) -> bool:
+        beat = self.beats["feed"]
+        if self._stop_claiming.is_set():
+            return False
+        with self._cond:
+            free = self.depth - len(self._inflight)
+            full = free <= 0 or (self._inflight and self._bytes >= self.memory_bytes)
+        if full:
+            with self._cond:
+                self._cond.wait(0.5)
+            return True
+        tasks = self.stages.claim(self.worker_id("feed"), limit=free)
+        if not tasks:
+            self._wake.wait(0.5)
+            self._wake.clear()
+            return True
+        with self._cond:
+            for t in tasks:
+                self._inflight.add(t.job.id)
+                self._tasks[t.job.id] = t
+        for t in tasks:
+            beat.task, beat.busy, beat.stage = t, True, "decode"
+            guard(t, lambda t=t: self.stages.read(t), self.log)
+            beat.task, beat.busy, beat.at = None, False, self.clock()
+            if t.error is not None:
+                self._settle_q.put(t)
+                continue
+            with self._cond:  # the pixels are counted from now on; wait while memory is full (unless alone)
+                self._bytes += t.weight
+            self._route(t).put(t)
+        return True
+
+    def _route(self, t: Task) -> queue.Queue[Task]:
+        """The inference queue of the task's device: the rule's own device if this node runs it, else the
+        emptiest one."""
+        want = t.job.rule.device
+        if want in self._infer_q:
+            return self._infer_q[want]
+        return min(self._infer_q.values(), key=lambda q: q.qsize())
+
+    def _infer(self, name: str, device: str) -> bool:
+        beat = self.beats[name]
+        try:
+            t = self._infer_q[device].get(timeout=0.5)
+        except queue.Empty:
+            return not (self._stop_claiming.is_set() and not self._inflight)
+        beat.task, beat.busy, beat.stage = t, True, "infer"
+        guard(t, lambda: self.stages.infer(t, device, beat), self.log)
+        beat.task, beat.busy, beat.stage = None, False, ""
+        (self._settle_q if t.error is not None else self._write_q).put(t)
+        return True
+
+    def _write(self) -> bool:
+        beat = self.beats["write"]
+        try:
+            t = self._write_q.get(timeout=0.5)
+        except queue.Empty:
+            return not (self._stop_claiming.is_set() and not self._inflight)
+        beat.task, beat.busy, beat.stage = t, True, "write"
+        guard(t, lambda: self.stages.write(t), self.log)
+        beat.task, beat.busy, beat.stage = None, False, ""
+        self._settle_q.put(t)
+        return True
+
+    def _settle(self) -> bool:
+        beat = self.beats["settle"]
+        try:
+            first = self._settle_q.get(timeout=0.5)
+        except queue.Empty:
+            return not (self._stop_claiming.is_set() and not self._inflight)
+        batch = [first]
+        while True:  # everything that is ready: one commit for all (a group commit while the queue is deep)
+            try:
+                batch.append(self._settle_q.get_nowait())
+            except queue.Empty:
+                break
+        beat.busy, beat.stage = True, "settle"
+        measure = self.stages.settle(batch)
+        beat.busy, beat.stage = False, ""
+        later = {t.job.id for t in measure}
+        for t in measure:
+            self._measure_q.put(t)
+        for t in batch:
+            if t.job.id not in later:
+                self._done(t)
+        return True
+
+    def _measure(self) -> bool:
+        beat = self.beats["measure"]
+        try:
+            t = self._measure_q.get(timeout=0.5)
+        except queue.Empty:
+            return not (self._stop_claiming.is_set() and not self._inflight)
+        beat.task, beat.busy, beat.stage = t, True, "metrics"
+        try:
+            self.stages.measure(t)
+        finally:
+            beat.task, beat.busy, beat.stage = None, False, ""
+            self._done(t)
+        return True
+
+
+def describe(task: Task, stage: str) -> str:
+    """``photos/a.png (fsrcnn x4, infer)``: a task for STATUS= and the logs, printable whatever its name holds."""
+    rule = task.job.rule
+    return f"{display(task.name)} ({rule.model} x{rule.final_scale:g}, {stage})"
