@@ -324,8 +324,8 @@ class SqlStore:
         rel_path, raw = name_columns(spec.rel)
         rule = spec.rule
         return dict(source=spec.source, folder=rule.folder if spec.folder is None else spec.folder,
-                    rel_path=rel_path, rel_path_raw=raw, input_path=spec.input_path, input_size=spec.input_size,
-                    input_dev=None if spec.input_id is None else spec.input_id.dev,
+                    rel_path=rel_path, rel_path_raw=raw, input_path=display(spec.input_path),
+                    input_size=spec.input_size, input_dev=None if spec.input_id is None else spec.input_id.dev,
                     input_ino=None if spec.input_id is None else spec.input_id.ino,
                     input_format=spec.input_format, model_id=rule.model, scale=rule.scale,
                     outscale=rule.final_scale, mode=rule.mode, rule_json=rule.model_dump_json())
@@ -478,7 +478,8 @@ class SqlStore:
     def requeue(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None:
         """A failed input dropped again: the user asks for another try, from scratch."""
         rel_path, raw = name_columns(rel)
-        self._update(job_id, None, state="pending", rel_path=rel_path, rel_path_raw=raw, input_path=input_path,
+        self._update(job_id, None, state="pending", rel_path=rel_path, rel_path_raw=raw,
+                     input_path=display(input_path),
                      input_dev=None if input_id is None else input_id.dev,
                      input_ino=None if input_id is None else input_id.ino, input_moved_to=None,
                      next_attempt_at=None, attempts=0, output_path=None, error=None, error_kind=None)
@@ -486,7 +487,7 @@ class SqlStore:
     def rename(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None:
         """A queued input was renamed while it waited: follow it."""
         rel_path, raw = name_columns(rel)
-        self._update(job_id, None, rel_path=rel_path, rel_path_raw=raw, input_path=input_path,
+        self._update(job_id, None, rel_path=rel_path, rel_path_raw=raw, input_path=display(input_path),
                      input_dev=None if input_id is None else input_id.dev,
                      input_ino=None if input_id is None else input_id.ino)
 

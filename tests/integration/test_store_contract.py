@@ -1,0 +1,295 @@
+"""One contract for every JobStore: the in-memory store, SQLite and PostgreSQL pass the same tests.
+
+The clock is injected (a fake one here), so leases, retries and recovery are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing as mp
+import os
+import sqlite3
+from pathlib import PurePosixPath
+
+import pytest
+
+from daemon.config import Rule
+from daemon.fsops import FileId
+from daemon.jobs import Finished, JobSpec, MemoryStore, worker_id
+from daemon.metrics import Metric
+from daemon.store import VIEWS, SqlStore
+from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
+
+RULE = Rule(model="bicubic", scale=2)
+T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+def spec(i: int, name: str | None = None, folder: str = "", source: str = "watch", **kw) -> JobSpec:
+    rel = PurePosixPath(folder, name or f"f{i}.png")
+    rule = RULE if not folder else RULE.model_copy(update={"folder": folder})
+    return JobSpec(sha=f"{i:064x}", rule=rule, rel=rel, input_path=f"/in/{rel}", source=source, input_size=10,
+                   input_id=FileId(1, 1000 + i), input_format="png", **kw)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def store(request, tmp_path):
+    clock = FakeClock()
+    if request.param == "memory":
+        s = MemoryStore(clock)
+    elif request.param == "sqlite":
+        s = SqlStore(f"sqlite:///{tmp_path / 'db' / 'u.db'}", clock=clock)
+    else:
+        s = SqlStore(request.getfixturevalue("pg_url"), clock=clock)
+    s.fake = clock
+    yield s
+    s.close()
+
+
+def _plan(prefix: str = "/out"):
+    def plan(job, taken):
+        path = f"{prefix}/{job.rel.stem}.x2.png"
+        n = 0
+        while taken(path):
+            n += 1
+            path = f"{prefix}/{job.rel.stem}.x2-{n}.png"
+        return path
+    return plan
+
+
+def test_register_is_idempotent_on_content_and_rule(store):
+    a, = store.register([spec(1)])
+    b, = store.register([spec(1, "renamed.png")])
+    c, = store.register([JobSpec(**{**spec(1).__dict__, "fingerprint": "other"})])
+    assert a.created and not b.created and c.created
+    assert a.job.id == b.job.id != c.job.id
+    assert b.job.rel == PurePosixPath("f1.png")  # the row as registered first
+    assert store.counts()["pending"] == 2
+    many = store.register([spec(i) for i in range(2, 7)] + [spec(2)])
+    assert [r.created for r in many] == [True] * 5 + [False] and many[0].job.id == many[-1].job.id
+
+
+def test_a_spec_that_fails_at_the_door_is_created_running_and_owned(store):
+    reg, = store.register([spec(1, failure=ValueError("a link"))], node="n1")
+    assert reg.created and reg.job.state == "running" and reg.job.worker == worker_id() and reg.job.attempts == 1
+    assert store.claim("w") == []  # no worker ever sees it
+    assert store.fail(reg.job.id, "unsafe-path", "a link", owner=reg.job.worker)
+
+
+def test_claim_is_exclusive_reserves_the_output_and_takes_many_at_once(store):
+    store.register([spec(i) for i in range(1, 5)])
+    first = store.claim("w1", plan=_plan())
+    assert [j.id for j in first] == [1] and first[0].state == "running" and first[0].attempts == 1
+    assert first[0].worker == "w1" and first[0].output_path == "/out/f1.x2.png"
+    assert store.get(1).output_path == "/out/f1.x2.png" and store.get(1).started_at == T0
+    more = store.claim("w2", limit=10, plan=_plan())
+    assert [j.id for j in more] == [2, 3, 4] and {j.worker for j in more} == {"w2"}
+    assert store.claim("w3") == [] and store.claim("w3", job_id=1) == []
+
+
+def test_an_output_another_job_owns_is_never_reserved_again(store):
+    # Two inputs with the same stem map to one output name: the second gets -1, even though nothing is written yet.
+    store.register([spec(1, "a.png"), spec(2, "a.jpg")])
+    a, b = store.claim("w", limit=2, plan=_plan())
+    assert a.output_path == "/out/a.x2.png" and b.output_path == "/out/a.x2-1.png"
+    assert store.owner_of_output("/out/a.x2-1.png") == b.id
+
+
+def test_claim_respects_folders_source_and_due_time(store):
+    store.register([spec(1, folder="photos"), spec(2, folder="scans"), spec(3, source="cli")])
+    assert [j.id for j in store.claim("w", folders=["scans"], source="watch")] == [2]
+    assert store.claim("w", source="watch", folders=["photos", "scans"])[0].id == 1
+    assert store.claim("w", source="watch") == []
+    job = store.claim("w", job_id=3)[0]
+    later = T0 + dt.timedelta(seconds=60)
+    assert store.retry_later(job.id, "out-of-memory", "oom", later, owner="w")
+    assert store.claim("w") == []  # not due yet
+    store.fake.advance(61)
+    assert store.claim("w")[0].attempts == 2
+
+
+def test_finish_is_one_commit_for_many_and_checks_the_owner(store):
+    store.register([spec(i) for i in range(1, 4)])
+    a, b, c = store.claim("w", limit=3)
+    m = [Metric("psnr_y", 31.5, "y-bt601", 2, "hr", "p"), Metric("ssim_y", 0.9, "y-bt601", 2, "hr", "p")]
+    done = store.finish([Finished(a.id, "w", {"t_total": 1.5}, m, archive_path="/archive/f1.png"),
+                         Finished(b.id, "someone-else", {"t_total": 1.0}),
+                         Finished(c.id, "w", {"t_total": 2.0}, metrics_pending=True)])
+    assert done == [True, False, True]
+    assert store.get(a.id).state == "done" and store.get(a.id).input_moved_to == "/archive/f1.png"
+    assert store.metrics_of(a.id) == {"psnr_y": 31.5, "ssim_y": 0.9}
+    assert store.get(b.id).state == "running"  # not ours to finish
+    assert store.get(c.id).metrics_state == "pending"
+    assert [j.id for j in store.metrics_pending(None, 30)] == [c.id]
+    store.record_metrics(c.id, [Metric("brisque", 40.0, "-", 0, "none", "b")])
+    assert store.get(c.id).metrics_state == "done" and store.metrics_of(c.id) == {"brisque": 40.0}
+    assert store.metrics_pending(None, 30) == []
+
+
+def test_a_worker_that_lost_its_lease_can_commit_nothing(store):
+    store.register([spec(1)], node="n")
+    job = store.claim("mine", node="n")[0]
+    assert store.release(job.id, owner="mine")  # given back (shutdown deadline): the attempt does not count
+    assert store.get(job.id).state == "pending" and store.get(job.id).attempts == 0
+    store.claim("theirs", node="m")
+    assert not store.fail(job.id, "decode", "x", owner="mine")
+    assert not store.retry_later(job.id, "disk-full", "x", T0, owner="mine")
+    assert store.finish([Finished(job.id, "mine", {})]) == [False]
+    assert not store.release(job.id, owner="mine")
+    assert store.get(job.id).state == "running" and store.get(job.id).worker == "theirs"
+    assert store.fail(job.id, "decode", "bad", owner="theirs")
+    assert store.get(job.id).state == "failed" and store.get(job.id).error_kind == "decode"
+
+
+def test_recover_takes_back_stale_own_and_unowned_jobs_and_spares_what_it_is_told(store):
+    store.register([spec(i) for i in range(1, 5)])
+    store.claim("w", node="dead")
+    store.claim("w", node="me")
+    store.claim("cli-worker")  # no node: a one-off run
+    store.claim("w", node="alive")
+    store.fake.advance(10)
+    assert store.recover(stale_after=30) == []  # every lease is fresh
+    store.fake.advance(25)
+    store_heartbeat(store, "alive")
+    found = store.recover(stale_after=30, spare=lambda j: j.node == "me")
+    assert [j.id for j in found] == [1]  # dead's lease is 35 s old; me is spared; alive renewed its lease
+    assert store.get(1).state == "pending" and store.get(1).node is None
+    assert [j.id for j in store.recover(own_node="me")] == [2]
+    assert [j.id for j in store.recover(unowned=True, spare=lambda j: False)] == [3]
+    assert store.get(4).state == "running"
+
+
+def store_heartbeat(store, node: str) -> None:
+    if isinstance(store, MemoryStore):
+        store.heartbeat_jobs(node)
+    else:
+        store.heartbeat(node, dict(host="h", pid=1), start=True)
+
+
+def test_requeue_rename_and_moves(store):
+    store.register([spec(1), spec(2)])
+    job = store.claim("w", plan=_plan())[0]
+    assert store.fail(job.id, "decode", "bad", owner="w")
+    store.record_move(job.id, "/failed/f1.png")
+    assert store.get(job.id).input_moved_to == "/failed/f1.png"
+    store.requeue(job.id, PurePosixPath("again.png"), "/in/again.png", FileId(1, 5))
+    again = store.get(job.id)
+    assert again.state == "pending" and again.attempts == 0 and again.output_path is None
+    assert again.input_moved_to is None and again.rel == PurePosixPath("again.png") and again.input_id == FileId(1, 5)
+    store.rename(2, PurePosixPath("sub/moved.png"), "/in/sub/moved.png", FileId(1, 6))
+    assert store.get(2).rel == PurePosixPath("sub/moved.png") and store.get(2).state == "pending"
+
+
+def test_a_name_that_is_not_utf8_is_stored_losslessly(store):
+    odd = os.fsdecode(b"bad\xff\xfe\nname.png")
+    reg, = store.register([spec(1, odd)])
+    back = store.get(reg.job.id)
+    assert os.fsencode(str(back.rel)) == b"bad\xff\xfe\nname.png"
+    assert back.name == "bad\\xff\\xfe\\nname.png"  # printable, for logs and STATUS=
+    store.record_move(reg.job.id, "/archive/" + odd)
+    assert store.get(reg.job.id).input_moved_to == "/archive/bad\\xff\\xfe\\nname.png"
+
+
+def test_counts_per_node(store):
+    store.register([spec(i) for i in range(1, 5)])
+    store.claim("w", node="a")
+    store.claim("w", node="b")
+    assert store.counts() == {"pending": 2, "running": 2, "done": 0, "failed": 0}
+    assert store.counts(node="a")["running"] == 1 and store.counts(node="a")["pending"] == 2
+
+
+# --- SQLite itself ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def sqlite_store(tmp_path):
+    s = SqlStore(f"sqlite:///{tmp_path / 'db' / 'u.db'}")
+    yield s
+    s.close()
+
+
+def test_sqlite_is_wal_with_busy_timeout_and_full_sync(sqlite_store):
+    with sqlite_store.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_the_schema_itself_refuses_a_second_job_for_one_content_and_rule(tmp_path):
+    """The unique key is in the schema (the first migration), not only in the code: a raw duplicate INSERT on a fresh
+    SQLite file is refused by the database."""
+    SqlStore(f"sqlite:///{tmp_path / 'u.db'}").close()
+    con = sqlite3.connect(tmp_path / "u.db")
+    row = ("a" * 64, "fp", "pending", 0, "watch", "", "x.png", "/in/x.png", "bicubic", 2.0, 2.0, "upscale",
+           "2026-01-01", "2026-01-01")
+    sql = ("INSERT INTO jobs (content_sha256, rule_fingerprint, state, attempts, source, folder, rel_path, "
+           "input_path, model_id, scale, outscale, mode, created_at, updated_at) VALUES "
+           "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    con.execute(sql, row)
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        con.execute(sql, row)
+    con.close()
+
+
+def test_finish_stores_metrics_and_the_views_pivot_them(sqlite_store, tmp_path):
+    sqlite_store.register([spec(1)])
+    j = sqlite_store.claim("w")[0].id
+    sqlite_store.finish([Finished(j, "w", {"t_total": 1.5, "t_infer": 1.0, "device": "cpu"},
+                                  [Metric("psnr_y", 31.5, "y-bt601", 2, "hr", "p"),
+                                   Metric("ssim_y", 0.9, "y-bt601", 2, "hr", "p")])])
+    con = sqlite3.connect(tmp_path / "db" / "u.db")
+    assert set(VIEWS) <= {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'view'")}
+    row = con.execute("SELECT psnr_y, ssim_y, brisque, state FROM job_metrics WHERE id = ?", (j,)).fetchone()
+    assert row == (31.5, 0.9, None, "done")
+    summary = con.execute("SELECT jobs, done, failed, mean_total_s, mean_psnr_y FROM model_summary").fetchone()
+    assert summary == (1, 1, 0, 1.5, 31.5)
+    with pytest.raises(sqlite3.IntegrityError):  # one value per metric and job
+        con.execute("INSERT INTO metrics (job_id, name, value, space, shave, reference, protocol) "
+                    "VALUES (?, 'psnr_y', 1, 'y', 0, 'hr', 'p')", (j,))
+
+
+def test_a_readonly_store_reads_and_cannot_write(sqlite_store, tmp_path):
+    sqlite_store.register([spec(1)])
+    ro = SqlStore(f"sqlite:///{tmp_path / 'db' / 'u.db'}", readonly=True)
+    try:
+        assert ro.get(1).rel == PurePosixPath("f1.png") and ro.counts()["pending"] == 1
+        with pytest.raises(Exception, match="readonly|read-only|attempt to write"):
+            ro.register([spec(2)])
+    finally:
+        ro.close()
+    with pytest.raises(FileNotFoundError):
+        SqlStore(f"sqlite:///{tmp_path / 'nowhere.db'}", readonly=True)
+    assert not (tmp_path / "nowhere.db").exists()  # a reader never creates the database
+
+
+def _register_many(url: str, n: int, q: mp.Queue) -> None:
+    s = SqlStore(url)
+    created = sum(r.created for r in s.register([spec(i) for i in range(n)]))
+    claimed = []
+    while jobs := s.claim(worker_id(), limit=3):
+        claimed += [j.id for j in jobs]
+    q.put((created, claimed))
+
+
+def test_two_processes_never_duplicate_or_double_claim(tmp_path):
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    SqlStore(url).close()
+    ctx = mp.get_context("spawn")
+    q: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_register_many, args=(url, 40, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert sum(r[0] for r in results) == 40  # each key created exactly once
+    claimed = results[0][1] + results[1][1]
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 40  # each job claimed exactly once
