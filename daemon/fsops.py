@@ -193,10 +193,12 @@ class Root:
             return None
 
     def exists(self, rel: str | os.PathLike) -> bool:
-        try:
-            return self.lstat(rel) is not None
-        except UnsafePathError:
-            return True  # something is there, and it is not ours to write over
+        """Whether something is at ``rel`` (reached without following links).
+
+        Raises:
+            UnsafePathError: a folder on the way is a symbolic link.
+        """
+        return self.lstat(rel) is not None
 
     def read_bytes(self, rel: str | os.PathLike, limit: int | None = None) -> bytes:
         """The bytes of the regular file ``rel`` (at most ``limit`` + 1, so a caller can tell it was longer)."""
@@ -257,7 +259,11 @@ class Root:
             return False
 
     def free_name(self, rel: str | os.PathLike) -> PurePosixPath:
-        """``rel`` if nothing is there, else ``stem-1.ext``, ``stem-2.ext``, ... (the first free one)."""
+        """``rel`` if nothing is there, else ``stem-1.ext``, ``stem-2.ext``, ... (the first free one).
+
+        Raises:
+            UnsafePathError: a folder on the way is a symbolic link.
+        """
         p = PurePosixPath(*parts(rel))
         stem, suffix = split_name(p.name)
         candidate, n = p, 0

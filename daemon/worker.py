@@ -35,7 +35,7 @@ from typing import Any
 from daemon import failpoints, imageio, logs, pipeline
 from daemon.config import Settings
 from daemon.dispositions import Archive, Keep, Mover, Policy, Quarantine, RetryAt, after_run
-from daemon.errors import InputChangedError, InternalError, UnreadableFileError
+from daemon.errors import InputChangedError, InternalError, UnreadableFileError, UnsafePathError
 from daemon.fsops import Root, display, fit_name
 from daemon.jobs import Finished, Job, JobStore
 from daemon.metrics import Brisque, Metric
@@ -130,9 +130,12 @@ class Stages:
         target = rel_dir / pipeline.output_name(job.rule, rel, fmt)
         stem, suffix = target.stem, target.suffix
         candidate, n = target, 0
-        while self.outbox.exists(candidate) or taken(str(self.outbox.abs(candidate))):
-            n += 1
-            candidate = target.with_name(fit_name(f"{stem}-{n}{suffix}"))
+        try:
+            while self.outbox.exists(candidate) or taken(str(self.outbox.abs(candidate))):
+                n += 1
+                candidate = target.with_name(fit_name(f"{stem}-{n}{suffix}"))
+        except UnsafePathError:
+            pass  # a folder on the way is a link: the write says so, and the job fails with that reason
         return str(self.outbox.abs(candidate))
 
     def claim(self, worker: str, limit: int = 1, job_id: int | None = None) -> list[Task]:

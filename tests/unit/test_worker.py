@@ -1,0 +1,210 @@
+"""The worker stepped in one thread over the in-memory store, with a fake clock: every stage, every disposition.
+
+Real files in temp folders and a real model (nearest-neighbour resampling: exact and instant); no threads, no
+inotify, no subprocess, no sleeps.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daemon.config import load_settings
+from daemon.dispositions import Mover
+from daemon.fsops import Root
+from daemon.intake import Intake
+from daemon.jobs import MemoryStore, worker_id
+from daemon.worker import Stages
+from models.registry import ModelCache
+from tests.conftest import write_config
+
+T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+class Rig:
+    """A worker over a memory store, with the four folders of a real settings file."""
+
+    def __init__(self, tmp: Path, **keys) -> None:
+        rules = keys.pop("rules", [{"folder": "", "model": "nearest", "scale": 2, "format": "png"}])
+        self.settings = load_settings(write_config(tmp, rules=rules, **keys))
+        s = self.settings
+        self.clock = FakeClock()
+        self.store = MemoryStore(self.clock)
+        self.inbox, self.outbox = Root(s.inbox), Root(s.outbox)
+        self.archive, self.failed = Root(s.archive), Root(s.failed)
+        self.mover = Mover(self.store, self.inbox, self.archive, self.failed)
+        self.intake = Intake(s, self.inbox)
+        self.outcomes: list[tuple[int, str]] = []
+        self.stages = Stages(s, self.store, ModelCache(), self.inbox, self.outbox, self.mover, node="n",
+                             on_outcome=lambda t, status: self.outcomes.append((t.job.id, status)))
+
+    def drop(self, name: str, size=(24, 16), seed: int = 0, **save) -> PurePosixPath:
+        rng = np.random.default_rng(seed)
+        path = self.settings.inbox / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, **save)
+        return PurePosixPath(name)
+
+    def admit(self, rel: PurePosixPath):
+        spec = self.intake.spec(rel)
+        return self.store.register([spec], node="n")[0], spec
+
+    def step(self):
+        return self.stages.step(worker_id(), "cpu")
+
+
+@pytest.fixture
+def rig(tmp_path):
+    return Rig(tmp_path)
+
+
+def test_a_file_goes_through_every_stage_once(rig):
+    rel = rig.drop("a.png", seed=1)
+    reg, _ = rig.admit(rel)
+    task = rig.step()
+    assert task is not None and task.error is None
+    job = rig.store.get(reg.job.id)
+    out = rig.settings.outbox / "a.nearest.x2.png"
+    assert job.state == "done" and job.output_path == str(out)
+    got = np.asarray(Image.open(out))
+    src = np.asarray(Image.open(rig.settings.archive / "a.png"))
+    assert got.shape == (32, 48, 3) and np.array_equal(got[::2, ::2], src)  # nearest x2: every pixel twice
+    assert job.input_moved_to == str(rig.settings.archive / "a.png") and not (rig.settings.inbox / "a.png").exists()
+    assert set(rig.store.metrics_of(job.id)) == {"lr_psnr_y", "lr_ssim_y"}  # brisque: no model files here
+    assert job.metrics_state == "done" and rig.outcomes == [(job.id, "done")]
+    assert rig.step() is None  # nothing left
+
+
+def test_a_bad_file_fails_its_own_job_with_its_reason_beside_it(rig):
+    (rig.settings.inbox / "bad.png").write_text("not an image")
+    reg, spec = rig.admit(PurePosixPath("bad.png"))
+    assert spec.failure is not None and reg.job.state == "running"  # failed at the door, never offered
+    from daemon.worker import Task
+
+    rig.stages.settle([Task(job=reg.job, root=rig.inbox, rel=spec.rel, error=spec.failure)])
+    job = rig.store.get(reg.job.id)
+    assert job.state == "failed" and job.error_kind == "decode"
+    reason = json.loads((rig.settings.failed / "bad.png.error.json").read_text())
+    assert reason["kind"] == "decode" and "not an image" in reason["error"]
+    assert (rig.settings.failed / "bad.png").read_text() == "not an image"
+    assert job.input_moved_to == str(rig.settings.failed / "bad.png")
+
+
+def test_the_output_path_is_reserved_at_claim_and_reused_by_a_retry(rig):
+    (rig.settings.outbox / "a.nearest.x2.png").write_bytes(b"someone else's file")
+    reg, _ = rig.admit(rig.drop("a.png"))
+    task = rig.stages.claim(worker_id(), 1)[0]
+    reserved = rig.settings.outbox / "a.nearest.x2-1.png"  # never over a file that is not ours
+    assert rig.store.get(reg.job.id).output_path == str(reserved)
+    rig.store.release(reg.job.id)  # a crash after the claim: the job goes back to the queue with its path
+    task = rig.step()
+    assert task.job.output_path == str(reserved) and reserved.exists()
+    assert (rig.settings.outbox / "a.nearest.x2.png").read_bytes() == b"someone else's file"
+
+
+def test_an_input_replaced_after_registration_is_not_processed_nor_moved(rig):
+    rel = rig.drop("a.png", seed=1)
+    reg, _ = rig.admit(rel)
+    rig.drop("a.png", seed=2)  # other bytes under the same name, after it was registered
+    task = rig.step()
+    assert task.error is not None and task.error.kind == "input-changed"
+    assert rig.store.get(reg.job.id).state == "failed"
+    assert (rig.settings.inbox / "a.png").exists() and not any(rig.settings.failed.iterdir())
+    assert not any(rig.settings.outbox.iterdir())
+
+
+def test_a_folder_swapped_for_a_link_after_registration_reads_nothing_outside(rig, tmp_path):
+    rel = rig.drop("sub/a.png", seed=1)
+    reg, _ = rig.admit(rel)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (rig.settings.inbox / "sub" / "a.png").rename(outside / "a.png")
+    (rig.settings.inbox / "sub").rmdir()
+    os.symlink(outside, rig.settings.inbox / "sub")  # the attacker's swap
+    task = rig.step()
+    assert task.error is not None and task.error.kind == "unsafe-path"
+    assert (outside / "a.png").exists()  # not read, not archived, not quarantined
+    assert not any(rig.settings.archive.iterdir()) and not list(rig.settings.outbox.rglob("*.png"))
+
+
+def test_a_symlinked_outbox_folder_is_never_written_through(tmp_path):
+    rig = Rig(tmp_path, rules=[{"folder": "photos", "model": "nearest", "scale": 2, "format": "png"}])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, rig.settings.outbox / "photos")
+    reg, _ = rig.admit(rig.drop("photos/a.png"))
+    task = rig.step()
+    assert task.error is not None and task.error.kind == "unsafe-path"
+    assert list(elsewhere.iterdir()) == []
+    assert rig.store.get(reg.job.id).state == "failed" and (rig.settings.failed / "photos" / "a.png").exists()
+
+
+def test_a_one_off_job_never_moves_its_input(tmp_path):
+    rig = Rig(tmp_path)
+    out = Root(tmp_path / "out")
+    stages = Stages(rig.settings, rig.store, ModelCache(), None, out, None)
+    src = tmp_path / "mine.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
+    from daemon.intake import inspect
+    from daemon.jobs import JobSpec
+
+    with Root(tmp_path, create=False) as folder:
+        sha, probe, st = inspect(folder, PurePosixPath("mine.png"), rig.settings)
+    reg, = rig.store.register([JobSpec(sha=sha, rule=rig.settings.rules[0], rel=PurePosixPath("mine.png"),
+                                       input_path=str(src), source="cli", input_format=probe.format)])
+    task = stages.step(worker_id(), "cpu", job_id=reg.job.id)
+    assert task.error is None and src.exists() and (tmp_path / "out" / "mine.nearest.x2.png").exists()
+    assert rig.store.get(reg.job.id).input_moved_to is None
+
+
+def test_out_of_memory_is_retried_with_doubling_backoff_then_quarantined(tmp_path):
+    from daemon.dispositions import Policy, Quarantine, RetryAt, after_run
+    from daemon.errors import DiskFullError
+    from models.errors import OutOfMemoryError
+
+    rig = Rig(tmp_path, max_attempts=3, retry_seconds=30.0, retry_max_seconds=50.0)
+    reg, _ = rig.admit(rig.drop("a.png"))
+    policy = Policy.of(rig.settings)
+    job = rig.store.claim("w")[0]
+    first = after_run(job, OutOfMemoryError("oom"), policy, T0)
+    assert isinstance(first, RetryAt) and first.at == T0 + dt.timedelta(seconds=30)
+    rig.store.retry_later(job.id, first.kind, first.error, first.at, owner="w")
+    rig.clock.now = first.at
+    job = rig.store.claim("w")[0]
+    second = after_run(job, OutOfMemoryError("oom"), policy, first.at)
+    assert isinstance(second, RetryAt) and second.at == first.at + dt.timedelta(seconds=50)  # 60, capped at 50
+    rig.store.retry_later(job.id, second.kind, second.error, second.at, owner="w")
+    rig.clock.now = second.at
+    job = rig.store.claim("w")[0]
+    assert job.attempts == 3
+    assert isinstance(after_run(job, OutOfMemoryError("oom"), policy, second.at), Quarantine)
+    forever = after_run(job, DiskFullError("full"), policy, second.at)  # the environment's fault: until fixed
+    assert isinstance(forever, RetryAt)
+
+
+def test_a_failed_input_in_the_inbox_after_a_crash_is_quarantined_by_the_next_scan(rig):
+    from daemon.dispositions import LeaveToOwner, Policy, Quarantine, for_existing
+
+    reg, spec = rig.admit(rig.drop("a.png"))
+    job = rig.store.claim("host:1/w")[0]
+    rig.store.fail(job.id, "decode", "bad", owner="host:1/w")  # committed; the crash came before the move
+    job = rig.store.get(job.id)
+    policy = Policy.of(rig.settings)
+    assert isinstance(for_existing(job, spec.rel, spec.input_id, policy, T0, True, True), LeaveToOwner)
+    later = T0 + dt.timedelta(seconds=policy.stale_seconds + 1)
+    assert isinstance(for_existing(job, spec.rel, spec.input_id, policy, later, True, True), Quarantine)
+    assert isinstance(for_existing(job, spec.rel, spec.input_id, policy, T0, False, True), Quarantine)
