@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
 from daemon.config import Rule, load_settings
+from daemon.jobs import worker_id
 from daemon.service import Service
 from tests.conftest import image, rows, write_config
 
@@ -121,10 +122,11 @@ def test_interrupted_jobs_resume_into_the_same_output(make_service, tmp_path, we
     cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.1)
     first = Service(load_settings(cfg))
     first.start()
-    first.admit(image(first.settings.inbox / "c.png", (30, 20)))
-    job = first.store.claim()  # a worker took it ...
-    out = first._output_path(job, Rule.model_validate_json(job["rule_json"]), "png")
-    out.write_bytes(b"half")  # ... picked its output, wrote something, and died
+    image(first.settings.inbox / "c.png", (30, 20))
+    first.admit([PurePosixPath("c.png")])
+    (task,) = first.stages.claim(worker_id(), 1)  # a worker took it, its output reserved in the same commit ...
+    out = Path(task.job.output_path)
+    out.write_bytes(b"half")  # ... wrote something, and died
     first.shutdown()
     second = make_service()
     run_until(second, settled(second, 1))
@@ -238,10 +240,11 @@ def test_a_prompt_sidecar_travels_with_its_image(make_service, tmp_path):
 def test_the_daemon_neither_runs_nor_steals_the_jobs_of_process_and_bench(make_service, tmp_path, weights_dir):
     """`upscaled process` promises not to touch its inputs, and holds no lease: a daemon must not claim its jobs
     (that would archive the user's file), and must not take back one that a live process is running."""
-    from daemon.store import Store, worker_id
+    from daemon.jobs import JobSpec
+    from daemon.store import SqlStore
 
     cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.1)
-    store = Store(load_settings(cfg).database)
+    store = SqlStore(load_settings(cfg).database)
     own = tmp_path / "mine"
     own.mkdir()
     made = {}
@@ -249,17 +252,17 @@ def test_the_daemon_neither_runs_nor_steals_the_jobs_of_process_and_bench(make_s
                                 ("dead", "running", f"{os.uname().nodename}:999999999"),
                                 ("remote", "running", "other-host:12")):
         src = image(own / f"{name}.png", seed=len(name))
-        reg = store.register(name.ljust(64, "0"), "cli-fp", dict(
-            source="cli", folder="(cli)", rel_path=src.name, input_path=str(src), input_size=1, model_id="bicubic",
-            scale=2.0, outscale=2.0, mode="upscale", rule_json=Rule(model="bicubic").model_dump_json()))
+        (reg,) = store.register([JobSpec(sha=name.ljust(64, "0"), rule=Rule(model="bicubic"),
+                                         rel=PurePosixPath(src.name), input_path=str(src), source="cli",
+                                         folder="(cli)", fingerprint="cli-fp")])
         if state == "running":
-            store.update(reg.job_id, state="running", worker=worker, attempts=1)
-        made[name] = reg.job_id
+            assert store.claim(worker, job_id=reg.job.id)
+        made[name] = reg.job.id
     store.close()
     svc = make_service()
     for _ in range(10):
         svc.step(wait=0.05)
-    states = {name: svc.store.get(j)["state"] for name, j in made.items()}
+    states = {name: svc.store.get(j).state for name, j in made.items()}
     assert states == {"waiting": "pending", "live": "running", "dead": "pending", "remote": "running"}
     assert sorted(p.name for p in own.iterdir()) == ["dead.png", "live.png", "remote.png", "waiting.png"]
     assert not list(svc.settings.archive.iterdir()) and not list(svc.settings.outbox.iterdir())
