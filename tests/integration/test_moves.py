@@ -7,15 +7,23 @@ import os
 import subprocess
 import tempfile
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
 from daemon.config import Rule, load_settings
-from daemon.errors import DecodeError
-from daemon.fsops import TMP_SUFFIX, move_unique
-from daemon.service import Service, file_sha256
+from daemon.fsops import TMP_SUFFIX, Root, move
+from daemon.jobs import Job, JobSpec
+from daemon.service import Service
+from daemon.store import SqlStore
 from tests.conftest import write_config
+
+
+def move_unique(src: Path, dest: Path, reserved: bool = False) -> Path:
+    """fsops.move between the two files' own folders, as paths."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with Root(src.parent, create=False) as a, Root(dest.parent, create=False) as b:
+        return dest.parent / move(a, src.name, b, dest.name, reserved=reserved)
 
 
 def _other_filesystem(tmp_path: Path) -> Path:
@@ -170,17 +178,15 @@ def test_two_nodes_failing_one_file_leave_one_image_and_one_reason(tmp_path, wei
             src = tmp_path / "inbox" / f"bad{i}.png"
             src.parent.mkdir(exist_ok=True)
             src.write_bytes(b"not a png" + bytes([i]))
-            job = dict(id=i, input_path=str(src), rel_path=src.name, model_id="bicubic", outscale=2.0, folder="",
-                       attempts=1)
-            err = DecodeError("cannot decode")
+            job = Job(id=i, sha="0" * 64, fingerprint="f", state="failed", rule=Rule(), rel=PurePosixPath(src.name),
+                      input_path=str(src), attempts=1)
             barrier = threading.Barrier(2)
 
-            def move(svc: Service, job: dict = job, src: Path = src, err: DecodeError = err,
-                     barrier: threading.Barrier = barrier) -> None:
+            def quarantine(svc: Service, job: Job = job, barrier: threading.Barrier = barrier) -> None:
                 barrier.wait()
-                svc._move_failed(job, src, Path(src.name), err.kind, str(err))
+                svc.mover.quarantine(job, job.rel, "decode", "cannot decode")
 
-            threads = [threading.Thread(target=move, args=(svc,)) for svc in (a, b)]
+            threads = [threading.Thread(target=quarantine, args=(svc,)) for svc in (a, b)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -190,8 +196,18 @@ def test_two_nodes_failing_one_file_leave_one_image_and_one_reason(tmp_path, wei
         assert names == expected
         assert not list((tmp_path / "inbox").iterdir())
     finally:
-        a.store.close()
-        b.store.close()
+        a.shutdown()
+        b.shutdown()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        import datetime as dt
+
+        self.now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+    def __call__(self):  # noqa: ANN204
+        return self.now
 
 
 def test_a_failed_file_is_left_to_its_owner_for_a_moment_then_quarantined_by_any_node(tmp_path, weights_dir):
@@ -199,24 +215,25 @@ def test_a_failed_file_is_left_to_its_owner_for_a_moment_then_quarantined_by_any
     between its commit and its move, a later look (past stale_seconds) finishes the move."""
     import datetime as dt
 
-    from daemon.store import utcnow
-
-    svc = Service(load_settings(write_config(tmp_path, weights=weights_dir, stale_seconds=30)))
+    settings = load_settings(write_config(tmp_path, weights=weights_dir, stale_seconds=30))
+    clock = FakeClock()
+    svc = Service(settings, store=SqlStore(settings.database, clock=clock))
     svc.start()
     try:
         src = tmp_path / "inbox" / "broken.png"
         src.write_bytes(b"not an image")
-        reg = svc.store.register(file_sha256(src), svc.settings.rule_for("").fingerprint(), dict(
-            source="watch", folder="", rel_path="broken.png", input_path=str(src), input_size=12,
-            model_id="bicubic", scale=2.0, outscale=2.0, mode="upscale", rule_json=Rule().model_dump_json()))
-        svc.store.update(reg.job_id, state="failed", error_kind="decode", error="cannot decode", attempts=1,
-                         worker="node-a-host:4242", node="node-a", finished_at=utcnow())
-        svc.admit(src)
+        # Node A registered it as a good image (same key the intake would give it) and failed it just now.
+        spec = svc.intake.spec(PurePosixPath("broken.png"))
+        (reg,) = svc.store.register([JobSpec(sha=spec.sha, rule=spec.rule, rel=spec.rel, input_path=spec.input_path,
+                                             input_id=spec.input_id)])
+        svc.store.claim("node-a-host:4242", node="node-a", job_id=reg.job.id)
+        assert svc.store.fail(reg.job.id, "decode", "cannot decode", owner="node-a-host:4242")
+        svc.admit([PurePosixPath("broken.png")])
         assert src.exists() and not list((tmp_path / "failed").iterdir())
-        svc.store.update(reg.job_id, finished_at=utcnow() - dt.timedelta(seconds=31))
-        svc.admit(src)
+        clock.now += dt.timedelta(seconds=31)
+        svc.admit([PurePosixPath("broken.png")])
         assert not src.exists()
         assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == ["broken.png", "broken.png.error.json"]
-        assert svc.store.get(reg.job_id)["input_moved_to"] == str(tmp_path / "failed" / "broken.png")
+        assert svc.store.get(reg.job.id).input_moved_to == str(tmp_path / "failed" / "broken.png")
     finally:
         svc.shutdown()
