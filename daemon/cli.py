@@ -170,7 +170,7 @@ def process(ctx: click.Context, files: tuple[Path, ...], model: str, scale: floa
     from models.catalog import get_entry
 
     settings = _settings(ctx, check_paths=False)
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, stream=sys.stderr)  # stdout is the report
     entry = get_entry(model)
     if scale is None:
         scale = entry.scales[0] if isinstance(entry.scales, tuple) and entry.scales else 2.0

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
 
-def configure(level: str = "info", fmt: str = "auto") -> None:
-    """Log at ``level``; ``fmt`` is ``json`` (journald, pipes), ``console`` (a person), or ``auto`` (console on a
-    terminal, JSON otherwise)."""
-    json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Log at ``level`` to ``stream`` (default stdout: the service's journal); ``fmt`` is ``json`` (journald,
+    pipes), ``console`` (a person), or ``auto`` (console on a terminal, JSON otherwise). Commands whose stdout is
+    their result (``process``) log to stderr."""
+    stream = stream or sys.stdout
+    json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
@@ -23,7 +26,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
 

@@ -17,7 +17,7 @@ from daemon import logs
 from daemon.config import Rule, Settings
 from daemon.errors import InternalError
 from daemon.fsops import FileId, Root, display
-from daemon.intake import inspect, with_sidecar_prompt
+from daemon.intake import failure_key, inspect, with_sidecar_prompt
 from daemon.jobs import JobSpec, worker_id
 from daemon.store import SqlStore
 from daemon.worker import Stages
@@ -58,17 +58,25 @@ def _one(stages: Stages, settings: Settings, path: Path, rule: Rule, out: Root, 
          report: dict[str, Any]) -> None:
     store = stages.store
     rel = PurePosixPath(path.name)
+    # The output folder is part of what the run means: the same file into another folder is another job.
+    base = dict(rel=rel, input_path=display(str(path)), source="cli", folder="(cli)")
     with Root(path.parent, create=False) as folder:
         try:
             sha, probe, st = inspect(folder, rel, settings)
+            rule = with_sidecar_prompt(rule, folder, rel)  # the image's own prompt, as in the watch folders
         except FileNotFoundError:
             report["error"] = f"{display(str(path))} does not exist"
             return
-        rule = with_sidecar_prompt(rule, folder, rel)  # the image's own prompt, as in the watch folders
-    # The output folder is part of what the run means: the same file into another folder is another job.
+        except UpscaledError as exc:  # a bad file: a failed job of its own, in the history like any other
+            fp = hashlib.sha256(f"{rule.fingerprint()}:{out.path}".encode()).hexdigest()[:16]
+            failing = JobSpec(sha=failure_key(rel, folder.lstat(rel)), rule=rule, fingerprint=fp, failure=exc, **base)
+            job = store.register([failing])[0].job
+            store.fail(job.id, exc.kind, str(exc), owner=job.worker)
+            report.update(job=job.id, error=f"{exc.kind}: {exc}")
+            return
     fingerprint = hashlib.sha256(f"{rule.fingerprint()}:{out.path}".encode()).hexdigest()[:16]
-    spec = JobSpec(sha=sha, rule=rule, rel=rel, input_path=display(str(path)), source="cli", folder="(cli)",
-                   input_size=st.st_size, input_id=FileId.of(st), input_format=probe.format, fingerprint=fingerprint)
+    spec = JobSpec(sha=sha, rule=rule, input_size=st.st_size, input_id=FileId.of(st), input_format=probe.format,
+                   fingerprint=fingerprint, **base)
     reg = store.register([spec])[0]
     job = reg.job
     report["job"] = job.id

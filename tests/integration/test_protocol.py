@@ -9,7 +9,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from daemon.config import Rule, load_settings
 from daemon.metrics import full_reference, lr_consistency, y_bt601
-from daemon.service import process_once
+from daemon.oneshot import process as process_once
 from models.resize import imresize, resize
 from tests.conftest import SET5, rows, write_config
 
