@@ -62,6 +62,12 @@ def parts(rel: str | os.PathLike) -> list[str]:
     return list(p.parts)
 
 
+def text_form(name: str) -> str:
+    """``name`` as valid UTF-8 text, for the database: itself when it is UTF-8, else with ``\\xNN`` for the bytes
+    that are not (the exact bytes of an input's name are kept beside it, see :func:`daemon.jobs.name_columns`)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def display(name: str) -> str:
     """A printable form of a name that may hold undecodable bytes (surrogate escapes) or control characters."""
     raw = os.fsencode(name)

@@ -35,7 +35,7 @@ from pathlib import PurePosixPath
 from typing import Any, Protocol
 
 from daemon.config import Rule
-from daemon.fsops import FileId, display
+from daemon.fsops import FileId, display, text_form
 from daemon.metrics import Metric
 
 STATES = ("pending", "running", "done", "failed")
@@ -72,7 +72,7 @@ def name_columns(rel: PurePosixPath) -> tuple[str, bytes | None]:
         raw.decode("utf-8")
         return str(rel), None
     except UnicodeDecodeError:
-        return display(str(rel)), raw
+        return text_form(str(rel)), raw
 
 
 def rel_from_columns(rel_path: str, raw: bytes | None) -> PurePosixPath:
@@ -294,7 +294,7 @@ class MemoryStore:
                     done.append(False)
                     continue
                 self._set(r.job_id, state="done", finished_at=now, error=None, error_kind=None,
-                          input_moved_to=None if r.archive_path is None else display(r.archive_path),
+                          input_moved_to=None if r.archive_path is None else text_form(r.archive_path),
                           metrics_state="pending" if r.metrics_pending else None)
                 row = self._rows[r.job_id]
                 row.fields.update(r.fields)
@@ -343,7 +343,7 @@ class MemoryStore:
 
     def record_move(self, job_id: int, dest: str | None) -> None:
         with self._lock:
-            self._set(job_id, input_moved_to=None if dest is None else display(dest))
+            self._set(job_id, input_moved_to=None if dest is None else text_form(dest))
             self.commits += 1
 
     def requeue(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None:

@@ -55,7 +55,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 from daemon.config import Rule
-from daemon.fsops import FileId, display
+from daemon.fsops import FileId, text_form
 from daemon.jobs import (
     STAGES,
     STATES,
@@ -324,7 +324,7 @@ class SqlStore:
         rel_path, raw = name_columns(spec.rel)
         rule = spec.rule
         return dict(source=spec.source, folder=rule.folder if spec.folder is None else spec.folder,
-                    rel_path=rel_path, rel_path_raw=raw, input_path=display(spec.input_path),
+                    rel_path=rel_path, rel_path_raw=raw, input_path=text_form(spec.input_path),
                     input_size=spec.input_size, input_dev=None if spec.input_id is None else spec.input_id.dev,
                     input_ino=None if spec.input_id is None else spec.input_id.ino,
                     input_format=spec.input_format, model_id=rule.model, scale=rule.scale,
@@ -420,7 +420,7 @@ class SqlStore:
         with self.engine.begin() as c:
             for r in results:
                 q = self._owned(update(jobs).where(jobs.c.id == r.job_id), r.owner)
-                moved = None if r.archive_path is None else display(r.archive_path)
+                moved = None if r.archive_path is None else text_form(r.archive_path)
                 res = c.execute(q.values(state="done", finished_at=now, updated_at=now, error=None, error_kind=None,
                                          heartbeat_at=None, input_moved_to=moved,
                                          metrics_state="pending" if r.metrics_pending else None, **r.fields))
@@ -473,13 +473,13 @@ class SqlStore:
     def record_move(self, job_id: int, dest: str | None) -> None:
         """Where the input went (archive/ or failed/), or None: deleted, or left where it was. A path that is not
         UTF-8 is recorded in its printable form."""
-        self._update(job_id, None, input_moved_to=None if dest is None else display(dest))
+        self._update(job_id, None, input_moved_to=None if dest is None else text_form(dest))
 
     def requeue(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None:
         """A failed input dropped again: the user asks for another try, from scratch."""
         rel_path, raw = name_columns(rel)
         self._update(job_id, None, state="pending", rel_path=rel_path, rel_path_raw=raw,
-                     input_path=display(input_path),
+                     input_path=text_form(input_path),
                      input_dev=None if input_id is None else input_id.dev,
                      input_ino=None if input_id is None else input_id.ino, input_moved_to=None,
                      next_attempt_at=None, attempts=0, output_path=None, error=None, error_kind=None)
@@ -487,7 +487,7 @@ class SqlStore:
     def rename(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None:
         """A queued input was renamed while it waited: follow it."""
         rel_path, raw = name_columns(rel)
-        self._update(job_id, None, rel_path=rel_path, rel_path_raw=raw, input_path=display(input_path),
+        self._update(job_id, None, rel_path=rel_path, rel_path_raw=raw, input_path=text_form(input_path),
                      input_dev=None if input_id is None else input_id.dev,
                      input_ino=None if input_id is None else input_id.ino)
 

@@ -36,7 +36,7 @@ from daemon import failpoints, imageio, logs, pipeline
 from daemon.config import Settings
 from daemon.dispositions import Archive, Keep, Mover, Policy, Quarantine, RetryAt, after_run
 from daemon.errors import InputChangedError, InternalError, UnreadableFileError, UnsafePathError
-from daemon.fsops import Root, display, fit_name
+from daemon.fsops import Root, display, fit_name, text_form
 from daemon.jobs import Finished, Job, JobStore
 from daemon.metrics import Brisque, Metric
 from models import progress
@@ -123,9 +123,9 @@ class Stages:
         """The output path of ``job``: the rule's name in the input's folder of the outbox, or ``-1``, ``-2``, ...
         where that name holds a file or belongs to another job (an output is never overwritten)."""
         fmt = pipeline.output_format(job.rule, job.input_format)
-        # Output names are printable UTF-8 whatever the input's name holds (\xNN for other bytes, \n for a
-        # newline): the path goes into the database, the logs and STATUS=, and other programs read the outbox.
-        rel = PurePosixPath(display(str(job.rel)))
+        # Output names are UTF-8 whatever the input's name holds (\xNN for other bytes): the path goes into the
+        # database, and other programs read the outbox.
+        rel = PurePosixPath(text_form(str(job.rel)))
         rel_dir = rel.parent if job.source == "watch" else PurePosixPath()
         target = rel_dir / pipeline.output_name(job.rule, rel, fmt)
         stem, suffix = target.stem, target.suffix
@@ -354,14 +354,14 @@ class Stages:
 
     def remeasure(self, job: Job, archive: Root) -> None:
         """The metrics of a done job that a crash left unrecorded (between the two commits), computed again from its
-        output and its input (archived, or still in the inbox); ``lost`` when either is gone."""
+        output and its input: archived, or still in the inbox when the crash came before the move too. ``lost``
+        when either is gone (say, ``delete_inputs``)."""
         try:
             out_rel = self.outbox.contains(Path(job.output_path or ""))
-            moved = archive.contains(Path(job.input_moved_to)) if job.input_moved_to else None
-            if out_rel is None or (moved is None and self.inbox is None):
+            if out_rel is None:
                 raise FileNotFoundError(job.output_path)
             data = self.outbox.read_bytes(out_rel)
-            src = archive.read_bytes(moved) if moved is not None else self.inbox.read_bytes(job.rel)  # type: ignore
+            src = self._input_bytes(job, archive)
             work = pipeline.prepare(job.rule, imageio.decode_bytes(src, self.settings.max_pixels,
                                                                    self.settings.max_frames, name=job.name),
                                     self.settings)
@@ -376,6 +376,24 @@ class Stages:
             return
         self.store.record_metrics(job.id, results)
         self.log.info("metrics.recovered", job=job.id, file=job.name, **{m.name: round(m.value, 4) for m in results})
+
+    def _input_bytes(self, job: Job, archive: Root) -> bytes:
+        """The bytes of a done job's input, wherever it is now, checked against its sha256.
+
+        Raises:
+            FileNotFoundError: neither in the archive nor in the inbox (or not its content any more).
+        """
+        moved = archive.contains(Path(job.input_moved_to)) if job.input_moved_to else None
+        for root, rel in ((archive, moved), (self.inbox, job.rel)):
+            if root is None or rel is None:
+                continue
+            try:
+                data = root.read_bytes(rel)
+            except (FileNotFoundError, UnsafePathError):
+                continue
+            if hashlib.sha256(data).hexdigest() == job.sha:
+                return data
+        raise FileNotFoundError(f"the input of {job.name} is neither in the archive nor in the inbox")
 
     def _log_done(self, t: Task) -> None:
         times = t.timer.times

@@ -155,3 +155,17 @@ def sqlite(path: Path):
 def rows(db: Path, sql: str, *params) -> list[dict]:
     with sqlite(db) as con:
         return [dict(r) for r in con.execute(sql, params)]
+
+
+def ready_rows(db: Path, sql: str, *params) -> list[dict]:
+    """:func:`rows` for a poll that may start before the daemon has created the database and its tables: [] then."""
+    import sqlite3
+
+    if not db.exists():
+        return []
+    try:
+        return rows(db, sql, *params)
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise

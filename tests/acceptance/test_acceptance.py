@@ -12,7 +12,7 @@ import sys
 import pytest
 from PIL import Image
 
-from tests.conftest import image, rows, wait_for, write_config
+from tests.conftest import image, ready_rows, rows, wait_for, write_config
 
 RULES = [
     {"folder": "photos", "model": "fsrcnn", "scale": 2},
@@ -21,7 +21,7 @@ RULES = [
 
 
 def _done(db, n: int):
-    return lambda: db.exists() and len(rows(db, "SELECT id FROM jobs WHERE state IN ('done', 'failed')")) >= n
+    return lambda: len(ready_rows(db, "SELECT id FROM jobs WHERE state IN ('done', 'failed')")) >= n
 
 
 def test_service_end_to_end_with_two_rule_folders(tmp_path, weights_dir, daemon):
@@ -59,7 +59,7 @@ def test_sigterm_lets_the_current_job_finish(tmp_path, weights_dir, daemon):
     d = daemon(cfg)
     image(tmp_path / "inbox" / "big.png", (128, 128))
     db = tmp_path / "var" / "upscaled.db"
-    wait_for(lambda: db.exists() and rows(db, "SELECT id FROM jobs WHERE state = 'running'"), 30, interval=0.01)
+    wait_for(lambda: ready_rows(db, "SELECT id FROM jobs WHERE state = 'running'"), 30, interval=0.01)
     assert d.stop(signal.SIGTERM, timeout=150) == 0
     (job,) = rows(db, "SELECT * FROM jobs")
     assert job["state"] == "done" and Image.open(job["output_path"]).size == (1024, 1024)
@@ -75,7 +75,7 @@ def test_restart_after_sigkill_loses_nothing_and_repeats_nothing(tmp_path, weigh
     db = tmp_path / "var" / "upscaled.db"
     for _ in range(3):  # kill it mid-work, three times
         d = daemon(cfg)
-        wait_for(lambda: db.exists() and rows(db, "SELECT id FROM jobs WHERE state = 'running'"), 30, interval=0.005)
+        wait_for(lambda: ready_rows(db, "SELECT id FROM jobs WHERE state = 'running'"), 30, interval=0.005)
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
     d = daemon(cfg)

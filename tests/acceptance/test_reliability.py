@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from tests.conftest import image, rows, wait_for, write_config
+from tests.conftest import image, ready_rows, rows, wait_for, write_config
 
 
 def check_invariants(root: Path, inputs: set[str]) -> dict:
@@ -248,7 +248,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[bytes | None, str]]:
 
 
 def test_more_than_30_kinds_of_bad_and_odd_input(tmp_path, weights_dir):
-    from tests.test_acceptance import _without_read_override
+    from tests.acceptance.test_acceptance import _without_read_override
 
     cfg = write_config(tmp_path, weights=weights_dir, max_pixels=1_000_000, settle_seconds=0.2,
                        rules=[{"folder": "", "model": "bicubic", "scale": 2, "metrics": ["lr_psnr_y"]},
@@ -272,9 +272,9 @@ def test_more_than_30_kinds_of_bad_and_odd_input(tmp_path, weights_dir):
     secret = tmp_path / "secret.png"
     secret.write_bytes(_png(99))
     os.symlink(secret, inbox / "link-outside.png")
-    expected["link-outside.png"] = "unsupported-image"
+    expected["link-outside.png"] = "unsafe-path"
     os.mkfifo(inbox / "pipe.png")
-    expected["pipe.png"] = "unsupported-image"
+    expected["pipe.png"] = "unsafe-path"
     (inbox / "folder.png").mkdir()  # a directory with an image name is just a folder
     (inbox / "locked.png").write_bytes(_png(77))
     os.chmod(inbox / "locked.png", 0)
@@ -286,7 +286,7 @@ def test_more_than_30_kinds_of_bad_and_odd_input(tmp_path, weights_dir):
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     db = tmp_path / "var" / "upscaled.db"
     try:
-        wait_for(lambda: db.exists() and len(rows(db, "SELECT id FROM jobs WHERE state IN ('done', 'failed')"))
+        wait_for(lambda: len(ready_rows(db, "SELECT id FROM jobs WHERE state IN ('done', 'failed')"))
                  >= len(expected), 120, interval=0.3, what="every input handled")
         image(inbox / "after.png", (20, 20), seed=123)  # the service is still up and working
         wait_for(lambda: (tmp_path / "outbox" / "after.bicubic.x2.png").exists(), 30)
@@ -329,7 +329,7 @@ def test_write_faults_keep_the_input_and_retry_until_space_returns(tmp_path, wei
         d = daemon(cfg)
         image(tmp_path / "inbox" / "big.png", (120, 120))
         db = tmp_path / "var" / "upscaled.db"
-        wait_for(lambda: db.exists() and rows(db, "SELECT attempts FROM jobs WHERE error_kind = 'disk-full' "
+        wait_for(lambda: ready_rows(db, "SELECT attempts FROM jobs WHERE error_kind = 'disk-full' "
                                                   "AND attempts >= 3"), 60, what="retries on a full disk")
         assert (tmp_path / "inbox" / "big.png").exists()  # the input is kept
         assert not [p for p in outbox.iterdir() if p.name != "filler.bin"]  # no partial output
@@ -343,7 +343,7 @@ def test_write_faults_keep_the_input_and_retry_until_space_returns(tmp_path, wei
 
 
 def test_an_unwritable_outbox_is_retried_not_failed(tmp_path, weights_dir):
-    from tests.test_acceptance import _without_read_override
+    from tests.acceptance.test_acceptance import _without_read_override
 
     cfg = write_config(tmp_path, weights=weights_dir, retry_seconds=0.2, retry_max_seconds=0.5)
     env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
@@ -354,7 +354,7 @@ def test_an_unwritable_outbox_is_retried_not_failed(tmp_path, weights_dir):
         wait_for(lambda: db.exists() and (tmp_path / "outbox").is_dir(), 30)
         os.chmod(tmp_path / "outbox", 0o555)  # someone breaks the mount's permissions while it runs
         image(tmp_path / "inbox" / "w.png", (30, 20))
-        wait_for(lambda: db.exists() and rows(db, "SELECT id FROM jobs WHERE error_kind = 'output-unavailable' "
+        wait_for(lambda: ready_rows(db, "SELECT id FROM jobs WHERE error_kind = 'output-unavailable' "
                                                   "AND attempts >= 3"), 60)
         assert (tmp_path / "inbox" / "w.png").exists() and not list((tmp_path / "failed").iterdir())
         os.chmod(tmp_path / "outbox", 0o755)

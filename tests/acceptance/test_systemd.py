@@ -17,7 +17,7 @@ import pytest
 from daemon.config import load_settings
 from daemon.notify import Notifier
 from daemon.service import Service
-from tests.conftest import ROOT, image, rows, wait_for, write_config
+from tests.conftest import ROOT, image, ready_rows, rows, wait_for, write_config
 
 UNIT = ROOT / "systemd" / "upscaled.service"
 needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
@@ -123,8 +123,8 @@ def test_a_hung_worker_stops_the_watchdog_pings(tmp_path, weights_dir):
     notifier = Notifier({"NOTIFY_SOCKET": listener.env, "WATCHDOG_USEC": "4000000"})
     svc = Service(load_settings(write_config(tmp_path, weights=weights_dir)), clock=lambda: now[0],
                   notifier=notifier)
-    for w in svc.workers:
-        w.beat = now[0]
+    for b in svc.runner.beats.values():
+        b.at = now[0]
     svc._tell_systemd()
     assert "WATCHDOG=1" in listener.collect(0.2)
     now[0] += 10.0  # the worker has not moved for 10 s, over half of WatchdogSec
@@ -132,7 +132,7 @@ def test_a_hung_worker_stops_the_watchdog_pings(tmp_path, weights_dir):
     svc._tell_systemd()
     got = listener.collect(0.2)
     assert any(m.startswith("STATUS=") for m in got) and "WATCHDOG=1" not in got
-    svc.store.close()
+    svc.shutdown()
 
 
 def test_sighup_reloads_rules_and_a_bad_file_keeps_the_old_ones(tmp_path, weights_dir, daemon):
@@ -158,7 +158,7 @@ def test_sigterm_past_the_deadline_gives_the_job_back_and_exits_0(tmp_path, weig
     d = daemon(cfg)
     image(tmp_path / "inbox" / "long.png", (160, 160))
     db = tmp_path / "var" / "upscaled.db"
-    wait_for(lambda: db.exists() and rows(db, "SELECT id FROM jobs WHERE state = 'running'"), 30, interval=0.01)
+    wait_for(lambda: ready_rows(db, "SELECT id FROM jobs WHERE state = 'running'"), 30, interval=0.01)
     t0 = time.monotonic()
     assert d.stop() == 0
     assert time.monotonic() - t0 < 5

@@ -197,7 +197,7 @@ def test_a_name_that_is_not_utf8_is_stored_losslessly(store):
     assert os.fsencode(str(back.rel)) == b"bad\xff\xfe\nname.png"
     assert back.name == "bad\\xff\\xfe\\nname.png"  # printable, for logs and STATUS=
     store.record_move(reg.job.id, "/archive/" + odd)
-    assert store.get(reg.job.id).input_moved_to == "/archive/bad\\xff\\xfe\\nname.png"
+    assert store.get(reg.job.id).input_moved_to == "/archive/bad\\xff\\xfe\nname.png"  # UTF-8 text for the DB
 
 
 def test_counts_per_node(store):
