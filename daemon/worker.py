@@ -472,15 +472,15 @@ class Runner:
         self._wake = threading.Event()
         self._stop_claiming = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._infer_names = [f"{d.replace(':', '')}.{i}" for d in self.devices for i in range(workers)]
-        for name in self._infer_names:
+        self.infer_names = [f"{d.replace(':', '')}.{i}" for d in self.devices for i in range(workers)]
+        for name in self.infer_names:
             self.beats[name] = Beat(name, now)
 
     # --- control ---------------------------------------------------------------------------------------------------
     def start(self) -> None:
         specs: list[tuple[str, Callable[[], None]]] = [("feed", self._feed), ("write", self._write),
                                                        ("settle", self._settle), ("measure", self._measure)]
-        for name, dev in zip(self._infer_names, [n.rsplit(".", 1)[0] for n in self._infer_names], strict=True):
+        for name, dev in zip(self.infer_names, [n.rsplit(".", 1)[0] for n in self.infer_names], strict=True):
             device = next(d for d in self.devices if d.replace(":", "") == dev)
             specs.append((name, lambda n=name, d=device: self._infer(n, d)))
         for name, target in specs:

@@ -17,20 +17,22 @@ import pytest
 from daemon.config import load_settings
 from daemon.errors import ConfigError
 from daemon.notify import Notifier
-from daemon.service import Service, make_workers
+from daemon.service import Service
 from models.registry import LoadContext, ModelCache
 from models.weights import fetch
 from tests.acceptance.test_systemd import Listener
 from tests.conftest import MIRROR, image, rows, wait_for, write_config
 
 
-def test_device_list_and_workers_make_one_worker_per_device_and_slot(tmp_path):
+def test_device_list_and_workers_make_one_inference_thread_per_device_and_slot(tmp_path):
     s = load_settings(write_config(tmp_path, device=["cpu", "cuda:1"], workers=2))
-    workers = make_workers(s, 0.0)
-    assert [(w.name, w.device) for w in workers] == [("cpu.0", "cpu"), ("cpu.1", "cpu"), ("cuda1.0", "cuda:1"),
-                                                     ("cuda1.1", "cuda:1")]
-    ids = {w.claim_id for w in workers}
-    assert len(ids) == 4 and all(i.startswith(f"{os.uname().nodename}:{os.getpid()}/") for i in ids)
+    svc = Service(s)
+    try:
+        assert svc.runner.infer_names == ["cpu.0", "cpu.1", "cuda1.0", "cuda1.1"]
+        assert set(svc.runner.infer_names) <= set(svc.runner.beats)  # each one's heartbeat counts for the watchdog
+        assert svc.runner.depth == 4 + 2  # a job in flight per inference thread, one being read, one written
+    finally:
+        svc.shutdown()
     assert s.default_device == "cpu"
     assert load_settings(write_config(tmp_path)).devices() == ["auto"]
 
@@ -51,7 +53,7 @@ def test_device_list_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("UPSCALED_DEVICE", '["cpu", "cuda:0"]')
     monkeypatch.setenv("UPSCALED_WORKERS", "3")
     s = load_settings(write_config(tmp_path))
-    assert s.devices() == ["cpu", "cuda:0"] and len(make_workers(s, 0.0)) == 6
+    assert s.devices() == ["cpu", "cuda:0"] and s.workers == 3
 
 
 def test_a_gpu_this_machine_lacks_stops_the_node_before_it_claims_anything(tmp_path, weights_dir):
@@ -100,6 +102,9 @@ def test_three_workers_share_the_queue_and_each_file_is_done_once(tmp_path, weig
     wait_for(lambda: len(rows(db, "SELECT id FROM jobs WHERE state = 'done'")) == total, 120, interval=0.2,
              what=f"{total} done jobs")
     wait_for(lambda: not list((tmp_path / "inbox").glob("*.png")), 20, what="the inbox to empty")
+    # The metrics are measured after the done commit, in a commit of their own.
+    wait_for(lambda: len(rows(db, "SELECT id FROM jobs WHERE metrics_state = 'done'")) == total, 60, interval=0.2,
+             what="every job's metrics")
     jobs = rows(db, "SELECT * FROM jobs")
     assert len(jobs) == total and {j["state"] for j in jobs} == {"done"} and {j["attempts"] for j in jobs} == {1}
     outputs = sorted(p.name for p in (tmp_path / "outbox").iterdir())
@@ -107,9 +112,7 @@ def test_three_workers_share_the_queue_and_each_file_is_done_once(tmp_path, weig
     assert sorted(p.name for p in (tmp_path / "archive").iterdir()) == sorted(f"f{i:02d}.png" for i in range(total))
     metric_rows = rows(db, "SELECT job_id, name FROM metrics")
     assert len(metric_rows) == len({(r["job_id"], r["name"]) for r in metric_rows}) == 3 * total
-    workers = {j["worker"] for j in jobs}
-    pid = d.proc.pid
-    assert workers <= {f"{os.uname().nodename}:{pid}/cpu.{i}" for i in range(3)} and len(workers) >= 2, workers
+    assert {j["worker"] for j in jobs} == {f"{os.uname().nodename}:{d.proc.pid}"}  # the daemon's claims
     assert _overlaps(jobs) >= 1, "the workers never ran two jobs at once"
     (node,) = rows(db, "SELECT device, workers FROM nodes")
     assert node == {"device": "cpu", "workers": 3}
@@ -145,19 +148,22 @@ def test_one_hung_worker_of_two_stops_the_watchdog_pings(tmp_path, weights_dir):
     svc = Service(load_settings(write_config(tmp_path, weights=weights_dir, workers=2)), clock=lambda: now[0],
                   notifier=notifier)
     try:
-        assert len(svc.workers) == 2
-        for w in svc.workers:
-            w.beat = now[0]
+        beats = svc.runner.beats
+        assert [n for n in beats if n.startswith("cpu")] or [n for n in beats if n.startswith("auto")]
+        for b in beats.values():
+            b.at = now[0]
         svc._tell_systemd()
         assert "WATCHDOG=1" in listener.collect(0.2)
         now[0] += 10.0
-        svc.workers[0].beat = now[0]  # the first goes on; the second has not moved for 10 s
+        for b in beats.values():
+            b.at = now[0]
+        beats[svc.runner.infer_names[1]].at = now[0] - 10.0  # the second inference thread has not moved for 10 s
         listener.messages.clear()
         svc._tell_systemd()
         got = listener.collect(0.2)
         assert any(m.startswith("STATUS=") for m in got) and "WATCHDOG=1" not in got
     finally:
-        svc.store.close()
+        svc.shutdown()
         listener.sock.close()
 
 
