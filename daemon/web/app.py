@@ -184,7 +184,7 @@ class WebView:
         if job is None:
             raise HTTPException(404, f"there is no job {job_id}")
         paths = dict(input=job.get("input_moved_to") or job.get("input_path"), output=job.get("output_path"))
-        inp = self.images.probe(paths["input"], "input not kept")
+        inp = self.images.probe(paths["input"], "input not kept", verify=job["state"] == "failed")
         out = self.images.probe(paths["output"], "no output" if job["state"] != "done" else "output no longer there")
         stages = [(s, job.get(f"t_{s}")) for s in STAGES]
         return self.render(request, "job.html", job=job, inp=inp, out=out, stages=stages,

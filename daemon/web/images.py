@@ -257,16 +257,24 @@ class Images:
         self.cache = cache
         self._slots = threading.BoundedSemaphore(workers or min(4, os.cpu_count() or 1))
 
-    def probe(self, path: str | None, missing_reason: str = "not kept") -> Probe:
-        """Whether ``path`` (from a job row) can be shown, and its size and format; never raises."""
+    def probe(self, path: str | None, missing_reason: str = "not kept", verify: bool = False) -> Probe:
+        """Whether ``path`` (from a job row) can be shown, and its size and format; never raises.
+
+        The header is enough for what the service wrote or decoded. ``verify`` decodes the pixels too: for the
+        input of a failed job, which may well be truncated, and would otherwise be a broken image in the page.
+        """
         if not path:
             return Probe(False, missing_reason, missing=True)
         try:
             with _File(path) as f:
-                head = os.pread(f.fd, 1 << 16, 0)  # the header (and a JPEG's EXIF) is all Pillow reads to open it
-            im = _open_header(head, Path(path).name)
+                # The header (and a JPEG's EXIF) is all Pillow reads to open a file.
+                data = f.read() if verify else os.pread(f.fd, 1 << 16, 0)
+            im = _open_header(data, Path(path).name)
             w, h = self._upright_size(im)  # browsers and our decoder both apply the EXIF orientation
-            return Probe(True, width=w, height=h, format=im.format or "", converted=not _shown_as_is(im, head))
+            if verify:
+                with self._slots:
+                    _to_8bit_image(data, Path(path).name, THUMB_SIDE)
+            return Probe(True, width=w, height=h, format=im.format or "", converted=not _shown_as_is(im, data))
         except FileNotFoundError:
             return Probe(False, missing_reason, missing=True)
         except UpscaledError as exc:
