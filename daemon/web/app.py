@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
@@ -43,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon import __version__, logs
 from daemon.errors import QueryError
+from daemon.history import parse_since
 from daemon.store import STAGES, make_engine
 from daemon.web import charts
 from daemon.web.data import DEFAULT_FOLDER, MAIN_METRICS, PAGE_SIZE, Filters, History
@@ -198,11 +200,9 @@ class WebView:
         folder = None if not raw_folder else ("" if raw_folder == DEFAULT_FOLDER else raw_folder)
         since = (q.get("since") or "").strip() or None
         rows = self.history.stats(model, folder, since)
-        from daemon.history import parse_since
-
-        start = parse_since(since) if since else dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(
-            days=STATS_DAYS - 1)
-        start = max(start, dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=366))  # a bounded chart
+        today = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        start = parse_since(since) if since else today - dt.timedelta(days=STATS_DAYS - 1)
+        start = max(start, today - dt.timedelta(days=366))  # one bar a day: a year at most
         start = dt.datetime.combine(start.date(), dt.time())
         days = self.history.per_day(model, folder, start)
         return self.render(request, "stats.html", rows=rows, model=model or "", folder=raw_folder,
@@ -355,6 +355,8 @@ def create_app(database_url: str, cache_dir: Path | None = None, allowed_hosts: 
         engine = make_engine(database_url, readonly=True)
     except FileNotFoundError as exc:
         raise QueryError(f"{exc}; start the service once (or run `upscaled db upgrade`) to make it") from None
+    if engine.dialect.name == "postgresql":
+        _read_only_sessions(engine)
     try:
         view = WebView(engine, Images(DiskCache(cache_dir or default_cache_dir(), cache_bytes)), page_size)
     except SQLAlchemyError as exc:
@@ -400,6 +402,18 @@ def create_app(database_url: str, cache_dir: Path | None = None, allowed_hosts: 
                                         SQLAlchemyError: database_error, 500: server_error})
     app.state.view = view
     return app
+
+
+def _read_only_sessions(engine: Engine) -> None:
+    """Every PostgreSQL session of ``engine`` is read-only, whatever the engine was made with: the web view never
+    writes, and the server itself refuses it if a bug tried."""
+
+    @event.listens_for(engine, "connect")
+    def _set(dbapi_conn, _record):  # noqa: ANN001 - SQLAlchemy's event signature
+        cur = dbapi_conn.cursor()
+        cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        cur.close()
+        dbapi_conn.commit()  # a SET inside a transaction that is rolled back would be undone with it
 
 
 def allowed_hosts_for(host: str, extra: list[str] | tuple[str, ...] = ()) -> list[str] | None:

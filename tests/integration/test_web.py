@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import numpy as np
 import pytest
@@ -35,6 +35,7 @@ from daemon.metrics import Metric
 from daemon.service import process_once
 from daemon.store import Store, bench_runs, make_engine
 from tests.conftest import ROOT, image, wait_for, write_config
+from tests.postgres import pg_server, pg_url  # noqa: F401 - fixtures
 
 HOSTILE_FOLDER = '"><img src=x onerror=alert(1)>'
 SCRIPT_DIR = "<script>alert(1)<"  # with the file name below, rel_path reads <script>alert(1)</script>.png
@@ -525,3 +526,76 @@ def test_a_missing_database_or_a_bad_listen_address_is_a_clear_error(tmp_path):
     res = run_web(cfg, "--listen", "8080")
     assert res.returncode == 1 and "--listen expects host:port such as 127.0.0.1:8080" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_on_postgresql_it_serves_the_history_and_its_sessions_cannot_write(tmp_path, pg_url):  # noqa: F811
+    from sqlalchemy import text
+
+    from daemon.web.app import create_app
+
+    cfg = write_config(tmp_path, database=pg_url)
+    settings = load_settings(cfg)
+    store = Store(pg_url)
+    try:
+        files = [image(tmp_path / "in" / f"p{i}.png", (48, 40), seed=i) for i in range(2)]
+        reports = process_once(settings, files, Rule(model="bicubic", scale=2), tmp_path / "out", store=store)
+    finally:
+        store.close()
+    web = WebServer(cfg)
+    try:
+        page = web.page("/")
+        assert job_ids(page) == sorted((r["job"] for r in reports), reverse=True)
+        status, _, body = web.get(f"/jobs/{reports[0]['job']}/output")
+        assert status == 200 and body == Path(reports[0]["output"]).read_bytes()
+        assert "bicubic" in web.page("/stats")
+    finally:
+        web.stop()
+    engine = create_app(pg_url, cache_dir=tmp_path / "cache").state.view.engine
+    try:
+        with pytest.raises(Exception, match="read-only transaction"), engine.begin() as c:
+            c.execute(text("UPDATE jobs SET state = 'failed'"))
+    finally:
+        engine.dispose()
+
+
+# --- the parts, in process -----------------------------------------------------------------------------------------
+def test_the_cache_stays_under_its_bound_and_drops_the_least_recently_used(tmp_path):
+    from daemon.web.images import DiskCache
+
+    cache = DiskCache(tmp_path / "c", max_bytes=10_000)
+    for i in range(30):
+        cache.put(f"{i:064x}", bytes([i]) * 1000)
+        if i == 5:
+            assert cache.get(f"{0:064x}") is not None  # used again: now among the most recent
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "c").glob("*/*"))
+    assert on_disk <= 10_000
+    assert cache.get(f"{29:064x}") == bytes([29]) * 1000 and cache.get(f"{1:064x}") is None
+    assert DiskCache(tmp_path / "c", max_bytes=10_000)._size == on_disk  # a restart finds what is there
+
+
+def test_a_replaced_file_gets_a_new_thumbnail_and_a_deleted_one_none(tmp_path):
+    from daemon.web.images import DiskCache, Images
+
+    images = Images(DiskCache(tmp_path / "cache"))
+    path = image(tmp_path / "out.png", (200, 100), seed=1)
+    first = images.thumbnail(str(path))
+    assert images.thumbnail(str(path)) == first  # from the cache
+    image(tmp_path / "new.png", (100, 200), seed=2).replace(path)
+    second = images.thumbnail(str(path))
+    assert second.etag != first.etag
+    with Image.open(io.BytesIO(second.data)) as im:
+        assert im.size == (80, 160)
+    path.unlink()
+    with pytest.raises(FileNotFoundError):
+        images.thumbnail(str(path))
+
+
+def test_filters_round_trip_through_the_query_string():
+    from daemon.web.data import Filters
+
+    f = Filters.parse({"folder": "/", "model": "fsrcnn", "state": "done", "from": "2026-01-02", "to": "",
+                       "q": "a&b", "run": "3"})
+    assert f.folder == "" and f.since is not None and f.until is None and f.run == 3
+    assert Filters.parse(dict(parse_qsl(f.query(page=2)[1:]))) == f
+    assert f.query(page=2).endswith("&page=2") and "q=a%26b" in f.query()
+    assert Filters.parse({}).query() == "" and not Filters.parse({"folder": " "}).active
