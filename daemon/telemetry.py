@@ -468,6 +468,8 @@ class HttpServer:
         self.listen = listen
         self.telemetry = telemetry
         self.health = health
+        if telemetry.health is None:  # the same service: its queue also goes into the gauge and the JSON
+            telemetry.health = health
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 

@@ -9,7 +9,6 @@ answer of 400 or more. Screenshots go to test-artifacts/web-*.png for a person t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,6 +58,12 @@ def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
         server.stop()
 
 
+def shot(page: Page, name: str, full_page: bool = True) -> None:
+    """A screenshot kept in test-artifacts/ for a person to look at; it must hold a real picture."""
+    path = page.screenshot(ARTIFACTS / f"web-{name}.png", full_page=full_page)
+    assert path.stat().st_size > 5_000, path
+
+
 def open_page(browser: Browser, site: dict[str, Any], path: str) -> Page:
     page = browser.new_page()
     page.navigate(site["base"] + path)
@@ -91,7 +96,7 @@ def test_list_page(browser, site):
         failed_src = page.evaluate(f"document.querySelector('a[href=\"/jobs/{site['failed']}\"] img').currentSrc")
         assert failed_src.endswith(f"/jobs/{site['failed']}/thumb")
         assert page.evaluate("document.querySelector('tr.state-failed .reason').textContent").startswith("decode")
-        page.screenshot(ARTIFACTS / "web-list.png")
+        shot(page, "list")
         assert_clean(page, site)
     finally:
         page.close()
@@ -101,7 +106,7 @@ def test_job_page_slider_dragged_with_the_mouse(browser, site):
     page = open_page(browser, site, f"/jobs/{site['job']}")
     try:
         viewer_ready(page)
-        page.screenshot(ARTIFACTS / "web-job.png")
+        shot(page, "job")
         rect = page.evaluate("(() => { const r = document.querySelector('.stage').getBoundingClientRect();"
                              " return {x: r.left, y: r.top, w: r.width, h: r.height}; })()")
         assert rect["w"] > 300 and rect["h"] > 200
@@ -125,7 +130,7 @@ def test_job_page_slider_dragged_with_the_mouse(browser, site):
         page.drag(rect["x"] + rect["w"] * 0.25, y, rect["x"] + rect["w"] * 0.8, y)
         assert state()["split"] == pytest.approx(0.8, abs=0.01)
         assert page.evaluate(hit.format(x=rect["x"] + rect["w"] * 0.6, y=y)) == "before"
-        page.screenshot(ARTIFACTS / "web-job-dragged.png", full_page=False)
+        shot(page, "job-dragged", full_page=False)
         # 1:1 shows one output pixel per screen pixel.
         page.click("button[data-zoom='1']")
         width = page.evaluate("document.querySelector('.stage').getBoundingClientRect().width")
@@ -136,7 +141,7 @@ def test_job_page_slider_dragged_with_the_mouse(browser, site):
             pytest.approx(4 * natural, abs=0.5)
         assert page.evaluate("document.querySelector('.viewport').scrollWidth") > \
             page.evaluate("document.querySelector('.viewport').clientWidth")  # it scrolls, the page does not
-        page.screenshot(ARTIFACTS / "web-job-zoom.png", full_page=False)
+        shot(page, "job-zoom", full_page=False)
         assert_clean(page, site)
     finally:
         page.close()
@@ -154,7 +159,7 @@ def test_benchmark_job_shows_hr_lr_and_output(browser, site):
         assert [f["alt"] for f in figures] == ["HR", "LR", "output"]
         assert all(f["decoded"] for f in figures), figures
         assert figures[1]["naturalWidth"] * 3 == figures[2]["naturalWidth"]  # the LR is a third of the output
-        page.screenshot(ARTIFACTS / "web-benchmark.png")
+        shot(page, "benchmark")
         page.click("button[data-view='slider']")
         page.evaluate("""(() => { const s = document.querySelector('select[data-role=before]');
             s.value = s.options[1].value; s.dispatchEvent(new Event('change')); })()""")
@@ -172,7 +177,7 @@ def test_failed_job_page(browser, site):
         reason = page.evaluate("document.querySelector('.failure').textContent")
         assert reason.startswith("decode:") and "truncated.png" in reason
         assert page.evaluate("document.querySelectorAll('.viewer').length") == 0  # nothing to show, no broken image
-        page.screenshot(ARTIFACTS / "web-failed.png")
+        shot(page, "failed")
         assert_clean(page, site)
     finally:
         page.close()
@@ -195,7 +200,7 @@ def test_other_pages_load_cleanly(browser, site, path):
     try:
         if path == "/stats":
             assert page.evaluate("document.querySelectorAll('svg.chart rect.bar').length") > 0
-            page.screenshot(ARTIFACTS / "web-stats.png")
+            shot(page, "stats")
         if path == "/jobs/999999":
             assert page.evaluate("document.querySelector('.message').textContent") == "there is no job 999999"
             page.dt.events = [e for e in page.dt.events if e["method"] != "Log.entryAdded"]  # the 404 itself
@@ -206,10 +211,14 @@ def test_other_pages_load_cleanly(browser, site, path):
         page.close()
 
 
-def test_artifacts_were_written():
-    shots = [ARTIFACTS / f"web-{n}.png" for n in ("list", "job", "job-dragged", "job-zoom", "benchmark", "failed")]
-    missing = [p.name for p in shots if not p.exists()]
-    if missing and not Path(require_chromium()).exists():
-        pytest.skip("no browser ran")
-    assert not missing, missing
-    assert all(p.stat().st_size > 5_000 for p in shots)
+def test_without_chromium_a_test_skips_or_fails_under_require_all(monkeypatch):
+    """A stand-in for a host without Chromium (this one has it): chromium_binary() is made to find nothing."""
+    import tests.chromium
+
+    monkeypatch.setattr(tests.chromium, "chromium_binary", lambda: None)
+    monkeypatch.delenv("UPSCALED_REQUIRE_ALL", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no chromium binary"):
+        tests.chromium.require_chromium()
+    monkeypatch.setenv("UPSCALED_REQUIRE_ALL", "1")
+    with pytest.raises(pytest.fail.Exception, match="UPSCALED_REQUIRE_ALL=1 and no chromium binary"):
+        tests.chromium.require_chromium()

@@ -457,6 +457,17 @@ def test_it_writes_nothing(site):
         engine.dispose()
 
 
+def test_behind_a_proxy_under_a_path_prefix_every_link_carries_it(site):
+    web = WebServer(site["cfg"], "--root-path", "/upscaled")
+    try:
+        page = web.page(f"/jobs/{site['ids']['done'][0]}")  # the proxy strips the prefix before passing it on
+        links = re.findall(r'(?:href|src)="([^"]+)"', page)
+        assert links and all(link.startswith("/upscaled/") for link in links), links
+        assert web.get(f"/jobs/{site['ids']['done'][0]}/thumb")[0] == 200
+    finally:
+        web.stop()
+
+
 # --- stats and bench -----------------------------------------------------------------------------------------------
 def test_stats_page_shows_the_figures_of_upscaled_stats_and_a_chart(site):
     page = site["server"].page("/stats")

@@ -433,3 +433,15 @@ def test_parse_listen_refuses_with_the_expected_form(value, message):
 def test_http_server_refuses_a_bad_listen_string_as_a_config_error(telemetry, health):
     with pytest.raises(ConfigError, match="http_listen expects host:port"):
         HttpServer("localhost", telemetry, health)
+
+
+def test_the_servers_health_feeds_the_queue_gauge_of_a_telemetry_made_without_one(health):
+    t = Telemetry("node-b", "0.1.0", {})
+    srv = HttpServer("127.0.0.1:0", t, health)
+    srv.start()
+    try:
+        _, _, body = get(srv, "/metrics")
+        assert b'upscaled_queue_jobs{node="node-b",state="pending"} 3.0' in body
+        assert json.loads(get(srv, "/readyz")[2])["queue"] == {"pending": 3, "running": 1}
+    finally:
+        srv.close()
