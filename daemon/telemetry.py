@@ -44,7 +44,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
 from daemon import logs
@@ -248,8 +248,12 @@ class Telemetry:
 
     # --- reading -----------------------------------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
-        """The text exposition of every metric, and its content type: the body and header of ``GET /metrics``."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The text exposition of every metric, and its content type: the body and header of ``GET /metrics``.
+
+        Text format 0.0.4, which every Prometheus (and every agent that scrapes like one) reads; all our names are
+        plain ASCII, so the newer 1.0.0 format would add nothing.
+        """
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
     def queue(self) -> dict[str, int] | None:
         """``health.queue()`` checked (states of :data:`QUEUE_STATES`, counts >= 0), or None when there is no

@@ -24,6 +24,7 @@ import os
 import stat
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +40,15 @@ DISPLAY_MAX_SIDE = 8192  # converted images (TIFF, 16-bit) are reduced to this l
 PREVIEW_MAX_PIXELS = 150_000_000  # 8-bit decode for a thumbnail: ~600 MB at most; larger is "too large to preview"
 FLOAT_MAX_PIXELS = 40_000_000  # decodes through float32 (16-bit, benchmark LR): ~0.5 GB at most
 MAX_FILE_BYTES = 2 << 30
+HEAD_BYTES = 1 << 16  # enough for Pillow to open a PNG, JPEG (with its EXIF), WebP or most TIFFs
 CACHE_VERSION = "1"  # part of every cache key: bump it when a variant's pixels change
 BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
                    "BMP": "image/bmp"}
 _BROWSER_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA"}
+# Pillow warns of "corrupt EXIF data" on TIFFs that libtiff wrote (the service's own compressed TIFF outputs): the
+# web view only reads the orientation tag, and the warning would be noise in its log. (A filter, not
+# catch_warnings: that one is not thread-safe, and the image routes run in threads.)
+warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning, module="PIL.TiffImagePlugin")
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,23 @@ class _File:
         with os.fdopen(os.dup(self.fd), "rb") as fh:
             fh.seek(0)
             return fh.read()
+
+    def header(self) -> tuple[Image.Image, bytes]:
+        """The file opened by Pillow (size, format, mode; no pixels) and the bytes that took: the first 64 KiB,
+        or the whole file where the header is not there (a TIFF may keep its directory at the end).
+
+        Raises:
+            DecodeError: not an image. ImageTooLargeError: over :data:`PREVIEW_MAX_PIXELS`.
+        """
+        name = Path(self.path).name
+        head = os.pread(self.fd, HEAD_BYTES, 0)
+        if len(head) < self.stat.st_size:
+            try:
+                return _open_header(head, name), head
+            except DecodeError:
+                pass
+        data = head if len(head) >= self.stat.st_size else self.read()
+        return _open_header(data, name), data
 
     def close(self) -> None:
         os.close(self.fd)
@@ -267,9 +290,9 @@ class Images:
             return Probe(False, missing_reason, missing=True)
         try:
             with _File(path) as f:
-                # The header (and a JPEG's EXIF) is all Pillow reads to open a file.
-                data = f.read() if verify else os.pread(f.fd, 1 << 16, 0)
-            im = _open_header(data, Path(path).name)
+                im, data = f.header()
+                if verify and len(data) < f.stat.st_size:
+                    data = f.read()
             w, h = self._upright_size(im)  # browsers and our decoder both apply the EXIF orientation
             if verify:
                 with self._slots:
@@ -301,9 +324,9 @@ class Images:
             cached = self.cache.get(key)
             if cached is not None:
                 return Served(cached, "image/png", key[:32])
-            data = f.read()
+            im, head = f.header()  # a file that is not an image, or too large, is refused before it is read
+            data = f.read() if len(head) < f.stat.st_size else head
         name = Path(path).name
-        im = _open_header(data, name)
         if _shown_as_is(im, data):
             return Served(data, BROWSER_FORMATS[im.format or ""], key[:32])
         with self._slots:
@@ -322,7 +345,8 @@ class Images:
             cached = self.cache.get(key)
             if cached is not None:
                 return Served(cached, "image/webp", key[:32])
-            data = f.read()
+            _, head = f.header()
+            data = f.read() if len(head) < f.stat.st_size else head
         with self._slots:
             webp = _encode(_to_8bit_image(data, Path(path).name, THUMB_SIDE), "webp")
         self.cache.put(key, webp)
@@ -346,7 +370,8 @@ class Images:
             cached = self.cache.get(key)
             if cached is not None:
                 return Served(cached, "image/png", key[:32])
-            data = f.read()
+            _, head = f.header()
+            data = f.read() if len(head) < f.stat.st_size else head
         with self._slots:
             dec = imageio.decode_bytes(data, FLOAT_MAX_PIXELS, name=Path(hr_path).name)
             hr = modcrop(dec.rgb, s)

@@ -610,3 +610,20 @@ def test_filters_round_trip_through_the_query_string():
     assert Filters.parse(dict(parse_qsl(f.query(page=2)[1:]))) == f
     assert f.query(page=2).endswith("&page=2") and "q=a%26b" in f.query()
     assert Filters.parse({}).query() == "" and not Filters.parse({"folder": " "}).active
+
+
+def test_a_tiff_whose_directory_is_at_its_end_is_shown(tmp_path):
+    """libtiff writes a compressed TIFF's directory after the pixels: past the 64 KiB read to probe a file."""
+    from daemon.web.images import HEAD_BYTES, DiskCache, Images
+
+    arr = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    data = imageio.encode(arr, "tiff")[0]
+    assert int.from_bytes(data[4:8], "little") > HEAD_BYTES  # the first directory's offset
+    path = tmp_path / "late.tiff"
+    path.write_bytes(data)
+    images = Images(DiskCache(tmp_path / "cache"))
+    probe = images.probe(str(path))
+    assert probe.ok and (probe.width, probe.height, probe.format, probe.converted) == (300, 300, "TIFF", True)
+    shown = images.display(str(path))
+    with Image.open(io.BytesIO(shown.data)) as im:
+        assert shown.media_type == "image/png" and np.array_equal(np.asarray(im), arr)

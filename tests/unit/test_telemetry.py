@@ -276,7 +276,7 @@ def test_metrics_over_http_parse(server, telemetry):
     telemetry.job_outcome(rule="photos", model="fsrcnn", status="duplicate")
     status, headers, body = get(server, "/metrics")
     assert status == 200
-    assert headers["Content-Type"].startswith("text/plain; version=")
+    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert headers["Cache-Control"] == "no-store"
     fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
     assert samples(fams, "upscaled_jobs")[("upscaled_jobs_total",
