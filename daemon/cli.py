@@ -472,5 +472,36 @@ def nodes(ctx: click.Context, all_: bool, window: float, fmt: str) -> None:
     click.echo(render(rows, fmt))
 
 
+@main.command()
+@click.option("--listen", default="127.0.0.1:8080", show_default=True,
+              help="host:port to serve on ([::1]:8080 for IPv6; port 0 picks a free one). Keep it on localhost and "
+                   "put a reverse proxy with authentication in front to reach it from elsewhere.")
+@click.option("--database", default=None, help="A SQLAlchemy URL (default: the `database` setting).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Thumbnails and converted images (default: $XDG_CACHE_HOME/upscaled/web).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="A Host name to answer besides localhost (the name a reverse proxy passes); repeatable.")
+@click.option("--root-path", default="", help="The path prefix a reverse proxy serves it under, e.g. /upscaled.")
+@click.option("--access-log", is_flag=True, help="Log every request.")
+@click.pass_context
+def web(ctx: click.Context, listen: str, database: str | None, cache_dir: Path | None,
+        allowed_hosts: tuple[str, ...], root_path: str, access_log: bool) -> None:
+    """Serve a read-only web view of the history: jobs with a before/after slider, stats, bench runs.
+
+    The database is opened read-only; only files named by job rows are served.
+
+    Example: upscaled web --listen 127.0.0.1:8080
+    """
+    from daemon.web.serve import serve
+
+    if database is None:
+        settings = _settings(ctx, check_paths=False)
+        database, level = settings.database, settings.log_level
+    else:
+        level = "info"
+    serve(database, listen, cache_dir=cache_dir, allowed_hosts=allowed_hosts, root_path=root_path,
+          log_level="warning" if level == "info" and not access_log else level, access_log=access_log)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
