@@ -102,6 +102,12 @@ def main(ctx: click.Context, config: str | None) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
+    from daemon import failpoints
+
+    try:
+        failpoints.arm()  # only under the test switch UPSCALED_FAILPOINTS_TEST=1; nothing otherwise
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()

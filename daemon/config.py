@@ -242,6 +242,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"  # auto: readable on a terminal, JSON lines otherwise
     http_listen: str = ""  # host:port for /metrics, /livez and /readyz; "" = off
+    hung_seconds: float = Field(default=300.0, gt=0)  # a busy thread silent this long is hung: /livez answers 503
     rules: list[Rule] = Field(default_factory=list)
     # Several daemons on one inbox and one PostgreSQL database (README, "Scaling out"). Per node:
     node_name: str = Field(default="", max_length=128)  # unique per daemon; "" means this host's name
@@ -277,6 +278,15 @@ class Settings(BaseSettings):
         if len(set(v)) != len(v):
             raise ValueError(f"names a device twice: {v}")
         return [check_device(d) for d in v]
+
+    @field_validator("http_listen")
+    @classmethod
+    def _http_listen(cls, v: str) -> str:
+        if v:
+            from daemon.telemetry import parse_listen
+
+            parse_listen(v)  # ValueError names the key
+        return v
 
     @field_validator("umask")
     @classmethod

@@ -22,6 +22,7 @@ from pathlib import Path
 POINTS = {
     "after-register": "the job is registered (pending); nothing claimed",
     "after-claim": "the job is claimed and its output path reserved (one commit); nothing written",
+    "in-infer": "the model is about to run (a paused worker here is a hung one: no heartbeat)",
     "mid-write": "the output's temp file is written and fsynced; not yet renamed into place",
     "after-write": "the output is in place and durable; the job is still running",
     "after-commit": "the job is committed done; the input is still in the inbox",

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from daemon import failpoints
 from daemon.errors import DiskFullError, InputChangedError, OutputError, OutputUnavailableError, UnsafePathError
 
 NAME_MAX = 255  # bytes, on every Linux filesystem we write to
@@ -236,6 +237,7 @@ class Root:
                         fh.write(data)
                         fh.flush()
                         os.fsync(fh.fileno())
+                    failpoints.hit("mid-write")
                     os.replace(tmp, p[-1], src_dir_fd=d, dst_dir_fd=d)
                 except BaseException:
                     _unlink_quiet(tmp, d)

@@ -37,6 +37,7 @@ from daemon.intake import Intake
 from daemon.jobs import Job, JobSpec, worker_id
 from daemon.notify import Notifier
 from daemon.store import SqlStore, safe_url
+from daemon.telemetry import HttpServer, Telemetry
 from daemon.watcher import Watcher
 from daemon.worker import Beat, Runner, Stages, Task, describe
 from models import devices
@@ -80,8 +81,11 @@ class Service:
         self.archive, self.failed = Root(s.archive), Root(s.failed)
         self.mover = Mover(self.store, self.inbox, self.archive, self.failed)
         self.intake = Intake(s, self.inbox, beat=self._main_beat)
+        self.telemetry = Telemetry(self.node, __version__, devices.build_info(), memory=devices.memory_used,
+                                   health=self)
+        self.http = HttpServer(s.http_listen, self.telemetry, self) if s.http_listen else None
         self.stages = Stages(s, self.store, cache or ModelCache(), self.inbox, self.outbox, self.mover,
-                             node=self.node, on_outcome=self._on_outcome, clock=clock)
+                             node=self.node, on_outcome=self._on_outcome, clock=clock, telemetry=self.telemetry)
         self.runner = Runner(self.stages, s.devices(), s.workers, lambda _name: worker_id(), clock=clock)
         self.cluster = Cluster(s, self.store, s.workers * len(s.devices()), on_recovered=self._on_recovered)
         self.watcher = Watcher(s.inbox, s.ignore, s.settle_seconds, polling=s.observer == "polling",
@@ -91,6 +95,7 @@ class Service:
         self._reload = False
         self._next_rescan = 0.0
         self._next_status = 0.0
+        self._reload_problem: str | None = None
         self._lock = threading.Lock()
         self._waiting: dict[int, list[PurePosixPath]] = defaultdict(list)  # duplicates waiting for a job to end
         self._again: queue.SimpleQueue[PurePosixPath] = queue.SimpleQueue()  # re-admitted by the main thread
@@ -112,6 +117,9 @@ class Service:
         self.watcher.rescan()
         self._next_rescan = self.clock() + s.rescan_seconds
         self._warn()
+        self.telemetry.declare([(r.folder, r.model) for r in s.all_rules()], s.devices())
+        if self.http is not None:
+            self.http.start()
         remeasured = self.remeasure()
         self.log.info("service.started", inbox=str(s.inbox), outbox=str(s.outbox), database=safe_url(s.database),
                       rules=len(s.all_rules()), observer=s.observer, recovered_jobs=recovered, node=self.node,
@@ -144,6 +152,8 @@ class Service:
 
     def shutdown(self) -> None:
         self.watcher.stop()
+        if self.http is not None:
+            self.http.close()
         self.cluster.leave()
         counts = self.store.counts()
         self.store.close()
@@ -203,7 +213,9 @@ class Service:
             new = load_settings(self.settings.config_file)
         except UpscaledError as exc:
             self.log.error("reload.failed", error=str(exc))
+            self._reload_problem = f"the last reload failed (the old settings stay): {exc}"
             return
+        self._reload_problem = None
         changed = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.settings, k)]
         if changed:
             self.log.warning("reload.needs_restart", keys=changed)
@@ -212,6 +224,7 @@ class Service:
         self.watcher.patterns = new.ignore
         self.watcher.settle = new.settle_seconds
         self._warn()
+        self.telemetry.declare([(r.folder, r.model) for r in new.all_rules()], new.devices())
         self.log.info("reload.done", rules=len(new.all_rules()))
 
     # --- systemd ---------------------------------------------------------------------------------------------------
@@ -237,6 +250,51 @@ class Service:
         # A hung thread, any one of them, stops the pings, and systemd restarts the service after WatchdogSec.
         if self.notifier.watchdog_seconds and not self.stale_beats(self.notifier.watchdog_seconds / 2):
             self.notifier.watchdog()
+
+    # --- health: /livez and /readyz (daemon/telemetry.py) -------------------------------------------------------------
+    def liveness(self) -> dict[str, str | None]:
+        """The main loop and every worker thread: alive while its last sign of life is younger than
+        ``hung_seconds`` (a busy thread beats at each stage, tile and denoising step; an idle one twice a second)."""
+        now = self.clock()
+        limit = self.settings.hung_seconds
+        out: dict[str, str | None] = {}
+        for b in [self.main, *self.runner.beats.values()]:
+            age = now - b.at
+            out[f"thread {b.name}"] = None if age < limit else \
+                f"no sign of life for {age:.0f} s{f' (on {describe(b.task, b.stage)})' if b.task else ''}"
+        return out
+
+    def readiness(self) -> dict[str, str | None]:
+        """Can this node do its work: configuration, database, folders, weights of the rules it serves, devices."""
+        s = self.settings
+        checks: dict[str, str | None] = {"config": self._reload_problem}
+        try:
+            self.store.counts()
+            checks["database"] = None
+        except Exception as exc:  # noqa: BLE001 - any database error is the answer
+            checks["database"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        for key in ("inbox", "outbox", "archive", "failed"):
+            path = getattr(s, key)
+            checks[key] = None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+        missing = [r.model for r in self._served() if needs_weights(get_entry(r.model))
+                   and not present(s.weights_dir, get_entry(r.model))]
+        checks["weights"] = None if not missing else \
+            "missing for " + ", ".join(f"{m} ({fetch_command(m)})" for m in dict.fromkeys(missing))
+        try:
+            check_devices(s)
+            checks["devices"] = None
+        except ConfigError as exc:
+            checks["devices"] = str(exc)
+        return checks
+
+    def queue(self) -> dict[str, int]:
+        """``running``: this node's jobs; ``pending``: the jobs waiting (the same on every node: take the max)."""
+        c = self.store.counts(node=self.node)
+        return {"pending": c["pending"], "running": c["running"]}
+
+    def _served(self) -> list:
+        s = self.settings
+        return [r for r in s.all_rules() if s.serve_folders is None or r.folder in s.serve_folders]
 
     # --- one iteration ---------------------------------------------------------------------------------------------
     def step(self, wait: float = 0.0) -> bool:
@@ -328,6 +386,8 @@ class Service:
                 self.store.record_move(job.id, dest)
             self.log.info("job.input_archived" if same else "duplicate.archived", job=job.id, file=display(str(rel)),
                           output=job.output_path, moved_to=dest)
+            if not same:
+                self.telemetry.job_outcome(rule=job.folder, model=job.rule.model, status="duplicate")
         elif isinstance(action, Quarantine):
             dest = self.mover.quarantine(job, rel, action.kind, action.error, expect=spec.input_id)
             if dest is not None:

@@ -34,11 +34,13 @@ from typing import Any
 
 from daemon import failpoints, imageio, logs, pipeline
 from daemon.config import Settings
-from daemon.dispositions import Archive, Keep, Mover, Policy, Quarantine, RetryAt, after_run
+from daemon.dispositions import Archive, Mover, Policy, Quarantine, RetryAt, after_run
 from daemon.errors import InputChangedError, InternalError, UnreadableFileError, UnsafePathError
 from daemon.fsops import Root, display, fit_name, text_form
 from daemon.jobs import Finished, Job, JobStore
 from daemon.metrics import Brisque, Metric
+from daemon.telemetry import STAGES as TELEMETRY_STAGES
+from daemon.telemetry import Telemetry
 from models import progress
 from models.catalog import get_entry
 from models.errors import OutOfMemoryError, UpscaledError, WeightsMissingError
@@ -101,7 +103,7 @@ class Stages:
 
     def __init__(self, settings: Settings, store: JobStore, cache: ModelCache, inbox: Root | None, outbox: Root,
                  mover: Mover | None, node: str | None = None, on_outcome: Outcome | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
         self.store = store
         self.cache = cache
@@ -110,6 +112,7 @@ class Stages:
         self.node = node
         self.on_outcome = on_outcome or (lambda task, status: None)
         self.clock = clock
+        self.telemetry = telemetry
         self.log = logs.get()
         self._brisque: Brisque | None | bool = False  # False: not looked up yet
         self._brisque_lock = threading.Lock()
@@ -201,12 +204,19 @@ class Stages:
             up, _ = self.cache.get(rule.model, rule.native_scale(), ctx)
         task.device = up.device
         sink = (lambda done, total, unit="tile": self._progress(task, beat, done, total, unit)) if beat else None
-        with task.timer.stage("infer"):
-            if sink is None:
-                pipeline.run(rule, work, up, rule.model_params())
-            else:
-                with progress.reporting(sink):
+        if self.telemetry is not None:
+            self.telemetry.job_started(up.device)
+        try:
+            failpoints.hit("in-infer")
+            with task.timer.stage("infer"):
+                if sink is None:
                     pipeline.run(rule, work, up, rule.model_params())
+                else:
+                    with progress.reporting(sink):
+                        pipeline.run(rule, work, up, rule.model_params())
+        finally:
+            if self.telemetry is not None:
+                self.telemetry.job_ended(up.device)
 
     def _progress(self, task: Task, beat: Beat, done: int, total: int, unit: str) -> None:
         """From inside a model call: a tile or a denoising step is done. Feeds STATUS=, the job row and the log."""
@@ -267,6 +277,7 @@ class Stages:
                     measure.append(t)
                 else:
                     self._log_done(t)
+                    self.report(t, "done")
                 self.on_outcome(t, "done")
             if ok and any(c for c in committed):
                 failpoints.hit("after-archive")
@@ -303,6 +314,7 @@ class Stages:
                 seconds = round((action.at - self.store.clock()).total_seconds(), 1)
                 self.log.warning("job.retry", job=job.id, file=t.name, kind=exc.kind, error=str(exc),
                                  attempt=job.attempts, in_seconds=seconds)
+                self.report(t, "retried")
                 self.on_outcome(t, "retried")
             else:
                 self.log.warning("job.lease_lost", job=job.id, file=t.name,
@@ -320,8 +332,7 @@ class Stages:
             t.moved_to = self.mover.quarantine(job, t.rel, action.kind, action.error, expect=job.input_id)
             if t.moved_to is not None:
                 self.store.record_move(job.id, t.moved_to)
-        elif isinstance(action, Keep):
-            pass
+        self.report(t, "failed")
         self.on_outcome(t, "failed")
 
     # --- 6. measure ------------------------------------------------------------------------------------------------
@@ -351,6 +362,19 @@ class Stages:
                 task.metrics = []
         self.store.record_metrics(task.job.id, task.metrics)
         self._log_done(task)
+        self.report(task, "done")
+
+    def report(self, t: Task, status: str) -> None:
+        """The job's outcome, stage times and pixels, for the Prometheus metrics."""
+        if self.telemetry is None:
+            return
+        times = {k: v for k, v in t.timer.times.items() if k in TELEMETRY_STAGES}
+        times["queue"] = t.job.queue_seconds()
+        times["total"] = sum(v for k, v in t.timer.times.items() if k != "queue")
+        work = t.work
+        self.telemetry.job_outcome(rule=t.job.folder, model=t.job.rule.model, status=status, stages=times,
+                                   pixels_in=work.pixels_in if work and status == "done" else 0,
+                                   pixels_out=work.pixels_out if work and status == "done" else 0)
 
     def remeasure(self, job: Job, archive: Root) -> None:
         """The metrics of a done job that a crash left unrecorded (between the two commits), computed again from its

@@ -7,6 +7,7 @@ the CPU, and a GPU named in the configuration is not checked (the classical and 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Iterable
 
 from models.errors import DeviceUnavailableError
@@ -59,3 +60,30 @@ def runs_on_cpu(device: str) -> bool:
 
 
 __all__ = ["DeviceUnavailableError", "check", "resolve", "runs_on_cpu", "torch_installed"]
+
+
+def build_info() -> dict[str, str]:
+    """Versions for ``upscaled_build_info``: torch and its CUDA ("" where not installed), and OpenCV. Reads package
+    metadata: torch is not imported for it."""
+    import importlib.metadata as md
+
+    def version(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return ""
+
+    torch = version("torch")
+    cuda = ""
+    if "torch" in sys.modules:  # already imported by a backend: ask it, for free
+        cuda = sys.modules["torch"].version.cuda or ""
+    return {"torch": torch, "cuda": cuda, "opencv": version("opencv-contrib-python")}
+
+
+def memory_used() -> dict[str, int]:
+    """Bytes allocated by torch on each visible CUDA device; {} when torch is not imported or sees no GPU. Never
+    imports torch."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    return {f"cuda:{i}": int(torch.cuda.memory_allocated(i)) for i in range(torch.cuda.device_count())}
