@@ -280,6 +280,27 @@ class Root:
             candidate = p.with_name(fit_name(f"{stem}-{n}{suffix}"))
         return candidate
 
+    def remove_temps_of(self, rel: str | os.PathLike, older_than: float = 0.0) -> int:
+        """Delete the temp files a writer of ``rel`` left beside it (a dead worker's half-written output), if older
+        than ``older_than`` seconds. Returns how many."""
+        p = parts(rel)
+        head = fit_name(f".{p[-1]}", NAME_MAX - 18 - len(TMP_SUFFIX)) + "."
+        cutoff = time.time() - older_than
+        n = 0
+        try:
+            with self.folder(PurePosixPath(*p[:-1]) if len(p) > 1 else "") as d:
+                for name in os.listdir(d):
+                    if name.startswith(head) and name.endswith(TMP_SUFFIX):
+                        try:
+                            if os.stat(name, dir_fd=d, follow_symlinks=False).st_mtime <= cutoff:
+                                os.unlink(name, dir_fd=d)
+                                n += 1
+                        except FileNotFoundError:
+                            continue
+        except (FileNotFoundError, UnsafePathError):
+            return 0
+        return n
+
     def remove_stale_temps(self, older_than: float = 0.0) -> int:
         """Delete the temp files a crash left anywhere below the root, if older than ``older_than`` seconds (other
         daemons sharing the folder may be writing theirs right now). Returns how many. Never follows links."""

@@ -98,6 +98,9 @@ class Service:
         self._reload_problem: str | None = None
         self._lock = threading.Lock()
         self._waiting: dict[int, list[PurePosixPath]] = defaultdict(list)  # duplicates waiting for a job to end
+        # Inbox files whose job runs elsewhere (another node, or a job queued before a restart): looked at again when
+        # the store says the job ended, so an input that node could not move (it died) is finished here.
+        self._watching: dict[PurePosixPath, int] = {}
         self._again: queue.SimpleQueue[PurePosixPath] = queue.SimpleQueue()  # re-admitted by the main thread
 
     def _main_beat(self) -> None:
@@ -315,6 +318,7 @@ class Service:
             if found:
                 self.log.info("rescan.found", files=found)
             self._next_rescan = now + self.settings.rescan_seconds
+            self._look_again()
         ready = [p for p in (self._rel(p) for p in self.watcher.ready(now)) if p is not None]
         while True:
             try:
@@ -403,16 +407,41 @@ class Service:
         elif isinstance(action, Wait) and job.rel != rel:
             with self._lock:  # same content, another name: decided when the job ends
                 self._waiting[job.id].append(rel)
+        elif isinstance(action, Wait):
+            with self._lock:
+                self._watching[rel] = job.id
+
+    def _look_again(self) -> None:
+        """Files whose job ran elsewhere and has ended: admit them again (archive, quarantine or retry)."""
+        with self._lock:
+            watching = dict(self._watching)
+        if not watching:
+            return
+        states = self.store.states(set(watching.values()))
+        for rel, job_id in watching.items():
+            if states.get(job_id) in ("done", "failed", None):
+                with self._lock:
+                    self._watching.pop(rel, None)
+                self.watcher.finished(self.inbox.abs(rel))
 
     def _on_outcome(self, task: Task, status: str) -> None:
         """A job's outcome is committed (from a runner thread): let the watcher look at its file again later, and
         decide the duplicates that waited for it."""
         self.watcher.finished(self.inbox.abs(task.rel))
         with self._lock:
+            self._watching.pop(task.rel, None)
             waiting = self._waiting.pop(task.job.id, [])
         for rel in waiting:
             self._again.put(rel)
 
     def _on_recovered(self, jobs: list[Job]) -> None:
+        """Jobs taken back from a dead worker: remove the half-written output it may have left, then get to work.
+
+        Its owner has been silent for ``stale_seconds``, so its temp files are at least half that old; a live writer's
+        are younger (the job is claimed again only after this)."""
+        for job in jobs:
+            rel = self.outbox.contains(Path(job.output_path)) if job.output_path else None
+            if rel is not None:
+                self.outbox.remove_temps_of(rel, older_than=self.settings.stale_seconds / 2)
         self.runner.wake()
 

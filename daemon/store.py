@@ -300,16 +300,23 @@ class SqlStore:
         self.engine.dispose()
 
     # --- rows <-> jobs -----------------------------------------------------------------------------------------------
-    def _rule(self, rule_json: str) -> Rule:
-        rule = self._rules.get(rule_json)
+    def _rule(self, rule_json: str | None, m: Mapping[str, Any]) -> Rule:
+        rule = self._rules.get(rule_json or "")
         if rule is None:
-            rule = self._rules[rule_json] = Rule.model_validate_json(rule_json)
+            try:
+                rule = Rule.model_validate_json(rule_json or "{}")
+                if rule.model != m["model_id"]:  # "{}": a row from before rules were recorded
+                    raise ValueError(rule_json)
+            except ValueError:  # a row written by an older version (or a bench row): what its columns say
+                rule = Rule.model_construct(model=m["model_id"], scale=m["scale"], outscale=m["outscale"],
+                                            mode=m["mode"], folder=m["folder"])
+            self._rules[rule_json or ""] = rule
         return rule
 
     def _job(self, r: Any) -> Job:
         m = r._mapping
         return Job(id=m["id"], sha=m["content_sha256"], fingerprint=m["rule_fingerprint"], state=m["state"],
-                   rule=self._rule(m["rule_json"]), rel=rel_from_columns(m["rel_path"], m["rel_path_raw"]),
+                   rule=self._rule(m["rule_json"], m), rel=rel_from_columns(m["rel_path"], m["rel_path_raw"]),
                    input_path=m["input_path"], source=m["source"], folder=m["folder"], attempts=m["attempts"],
                    worker=m["worker"], node=m["node"], input_size=m["input_size"],
                    input_id=None if m["input_dev"] is None else FileId(m["input_dev"], m["input_ino"]),
@@ -619,6 +626,14 @@ class SqlStore:
         with self.engine.connect() as c:
             row = c.execute(select(jobs).where(jobs.c.id == job_id)).first()
             return dict(row._mapping) if row else None
+
+    def states(self, job_ids: Iterable[int]) -> dict[int, str]:
+        """The state of each of ``job_ids`` (one query)."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        with self.engine.connect() as c:
+            return {r.id: r.state for r in c.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(ids)))}
 
     def owner_of_output(self, path: str) -> int | None:
         """The id of the job whose output is ``path``, if any."""

@@ -6,33 +6,37 @@ Everything here runs the real thing: a PostgreSQL 15 server started by the ``pg_
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
 import re
 import signal
 import sqlite3
+import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 from sqlalchemy import create_engine, inspect, text
 
 from daemon import migrations
-from daemon.store import Store, utcnow
+from daemon.config import Rule
+from daemon.jobs import Finished, JobSpec, utcnow
+from daemon.store import SqlStore
 from tests.conftest import Daemon, wait_for, write_config
 from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
 
 FROZEN_V2 = Path(__file__).parents[1] / "data" / "schema_v2_sqlite.sql"
 
 
-def _fields(name: str = "a.png", folder: str = "") -> dict:
-    return dict(source="watch", folder=folder, rel_path=name, input_path=f"/in/{name}", model_id="bicubic",
-                scale=2.0, outscale=2.0, mode="upscale", rule_json="{}")
+def _spec(i: int, name: str = "a.png", folder: str = "") -> JobSpec:
+    return JobSpec(sha=f"{i:064x}", rule=Rule(model="bicubic", folder=folder), rel=PurePosixPath(folder, name),
+                   input_path=f"/in/{name}", fingerprint="f")
 
 
 def _old_rows(c) -> None:  # noqa: ANN001
@@ -64,7 +68,7 @@ def _check_old_rows(url: str) -> None:
             assert tuple(pivot) == (31.5, 20.0)
             summary = c.execute(text("SELECT jobs, done, failed FROM model_summary")).one()
             assert tuple(summary) == (3, 2, 1)
-            assert c.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "3"
+            assert c.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "5"
             assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == migrations.head()
             assert "nodes" in inspect(c).get_table_names()
     finally:
@@ -120,10 +124,11 @@ def test_a_revision_0001_postgres_database_is_upgraded_with_its_rows(pg_url):  #
         _old_rows(c)
         c.execute(text("SELECT setval('jobs_id_seq', 3)"))
     eng.dispose()
-    store = Store(pg_url)  # what `upscaled run` does at start
+    store = SqlStore(pg_url)  # what `upscaled run` does at start
     try:
         _check_old_rows(pg_url)
-        assert store.register("9" * 64, "f", _fields("new.png")).job_id == 4  # the old rows' ids stay taken
+        assert store.register([_spec(9, "new.png")])[0].job.id == 4  # the old rows' ids stay taken
+        assert store.get(3).rule.model == "fsrcnn"  # an old row without a rule of today's shape still reads
     finally:
         store.close()
     _no_drift(pg_url)
@@ -152,18 +157,18 @@ def test_concurrent_upgrades_of_one_postgres_database_wait_for_each_other(pg_url
 
 # --- the store on PostgreSQL ----------------------------------------------------------------------------------------
 def test_postgres_claims_are_exclusive_under_concurrency(pg_url):  # noqa: F811
-    store = Store(pg_url)
-    ids = [store.register(f"{i:064x}", "f", _fields(f"{i}.png")).job_id for i in range(120)]
+    store = SqlStore(pg_url)
+    ids = [r.job.id for r in store.register([_spec(i, f"{i}.png") for i in range(120)])]
     claimed: list[int] = []
     lock = threading.Lock()
 
     def worker(n: int) -> None:
-        s = Store(pg_url, upgrade=False)
+        s = SqlStore(pg_url, upgrade=False)
         try:
-            while (job := s.claim(node=f"n{n}", worker=f"w{n}")) is not None:
+            while jobs := s.claim(f"w{n}", node=f"n{n}", limit=n % 3 + 1):
                 with lock:
-                    claimed.append(job["id"])
-                assert s.finish(job["id"], {}, [], owner=f"w{n}")
+                    claimed.extend(j.id for j in jobs)
+                assert s.finish([Finished(j.id, f"w{n}", {}) for j in jobs]) == [True] * len(jobs)
         finally:
             s.close()
 
@@ -180,22 +185,22 @@ def test_postgres_claims_are_exclusive_under_concurrency(pg_url):  # noqa: F811
 
 
 def test_a_stale_lease_returns_the_job_and_the_old_owner_cannot_finish_it(pg_url):  # noqa: F811
-    store = Store(pg_url)
+    now = [utcnow()]
+    store = SqlStore(pg_url, clock=lambda: now[0])
     try:
-        j = store.register("a" * 64, "f", _fields()).job_id
-        other = store.register("b" * 64, "f", _fields("b.png", folder="gpu")).job_id
-        assert store.claim(node="cpu-node", folders=[""], worker="dead:1")["id"] == j  # "gpu" is not served
-        assert store.claim(node="cpu-node", folders=[""]) is None
+        j, other = (r.job.id for r in store.register([_spec(10, "a.png"), _spec(11, "b.png", folder="gpu")]))
+        assert [x.id for x in store.claim("dead:1", node="cpu-node", folders=[""])] == [j]  # "gpu" is not served
+        assert store.claim("w", node="cpu-node", folders=[""]) == []
         store.heartbeat("dead-node")  # an unrelated node's heartbeat renews nothing of cpu-node's
-        assert store.recover_jobs(stale_after=30) == []  # fresh lease
-        later = utcnow() + __import__("datetime").timedelta(seconds=31)
-        (found,) = store.recover_jobs(stale_after=30, unowned=False, now=later)
-        assert (found["id"], found["node"], found["worker"]) == (j, "cpu-node", "dead:1")
-        taken = store.claim(node="n2", worker="alive:2")
-        assert taken["id"] == j and taken["attempts"] == 2
-        assert not store.finish(j, {}, [], owner="dead:1")  # the old owner lost its lease
-        assert store.finish(j, {}, [], owner="alive:2")
-        assert store.get(other)["state"] == "pending"
+        assert store.recover(stale_after=30) == []  # fresh lease
+        now[0] += dt.timedelta(seconds=31)
+        (found,) = store.recover(stale_after=30)
+        assert (found.id, found.node, found.worker) == (j, "cpu-node", "dead:1")
+        (taken,) = store.claim("alive:2", node="n2")
+        assert taken.id == j and taken.attempts == 2
+        assert store.finish([Finished(j, "dead:1", {})]) == [False]  # the old owner lost its lease
+        assert store.finish([Finished(j, "alive:2", {})]) == [True]
+        assert store.get(other).state == "pending"
     finally:
         store.close()
 
@@ -291,8 +296,8 @@ def test_three_daemons_share_an_inbox_and_finish_a_killed_ones_jobs(tmp_path, pg
             # Taken over only once the lease ran out: n1's last renewal was at most one heartbeat before the kill.
             assert (j["started_at"] - killed_at).total_seconds() >= stale - heartbeat - 0.2
         assert {j["node"] for j in jobs} == {"n1", "n2", "n3"}
-        n3_workers = {j["worker"].rpartition("/")[2] for j in jobs if j["node"] == "n3"}
-        assert n3_workers == {"auto.0", "auto.1"}, n3_workers
+        n3 = [j for j in jobs if j["node"] == "n3"]
+        assert n3 and {j["worker"] for j in n3} == {f"{socket.gethostname()}:{daemons[2].proc.pid}"}
 
         res = subprocess.run([sys.executable, "-m", "daemon", "nodes", "--all", "--format", "json"],
                              capture_output=True, text=True, cwd=root / "n2",
