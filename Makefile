@@ -29,7 +29,7 @@ run: install
 	$(VENV)/bin/upscaled run
 
 test: install-test
-	$(VENV)/bin/ruff check daemon models tests benchmarks
+	$(VENV)/bin/ruff check bench daemon models tests benchmarks
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The unit layer only (tests/unit): no subprocesses, no inotify, no sleeps.

@@ -366,7 +366,7 @@ def bench(ctx: click.Context, dataset: Path, models_: str, scales: str, downscal
     """
     import shlex
 
-    from daemon.bench import BenchSettings, run_bench
+    from bench.run import BenchSettings, run_bench
     from daemon.config import check_device
     from daemon.store import SqlStore
 
@@ -390,9 +390,15 @@ def bench(ctx: click.Context, dataset: Path, models_: str, scales: str, downscal
     finally:
         store.close()
     if report_path is not None:
-        from daemon.report import bench_report
+        from bench.report import bench_report
 
         bench_report(result, report_path, command="upscaled " + shlex.join(sys.argv[1:]))
+        if result.run_id is not None:  # the web view's /bench links each run to its report
+            store = SqlStore(settings.database, upgrade=False)
+            try:
+                store.set_bench_report(result.run_id, str(report_path.resolve()))
+            finally:
+                store.close()
         click.echo(f"report: {report_path}", err=True)
     if fmt == "json":
         click.echo(json.dumps(result.to_json(), indent=2, default=_json_default))
@@ -413,7 +419,7 @@ def report(ctx: click.Context, out: Path, since: str | None, include_bench: bool
 
     Example: upscaled report --since 7d --out report.html
     """
-    from daemon.report import history_report
+    from bench.report import history_report
 
     summary = history_report(_engine(ctx), out, since=since, include_bench=include_bench)
     click.echo(f"{out}: {summary['jobs']} jobs ({summary['done']} done, {summary['failed']} failed), "

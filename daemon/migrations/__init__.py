@@ -17,7 +17,22 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    inspect,
+    text,
+)
 from sqlalchemy.engine import Engine
 
 HERE = Path(__file__).resolve().parent
@@ -84,9 +99,27 @@ def current(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
+def _tables_0001() -> tuple[Table, Table, Table]:
+    """bench_runs, metrics and meta as revision 0001 made them, frozen here: the store's tables have grown since
+    (bench_runs.report_path in 0005), and a database adopted at 0001 must be exactly 0001 before the revisions run."""
+    md = MetaData()
+    bench_runs = Table("bench_runs", md, Column("id", Integer, primary_key=True),
+                       Column("started_at", DateTime, nullable=False), Column("settings", Text, nullable=False))
+    metrics = Table("metrics", md, Column("id", Integer, primary_key=True),
+                    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+                    Column("name", String(32), nullable=False), Column("value", Float),
+                    Column("space", String(16), nullable=False), Column("shave", Integer, nullable=False),
+                    Column("reference", String(16), nullable=False), Column("protocol", Text, nullable=False),
+                    UniqueConstraint("job_id", "name", name="uq_metrics_job_name"),
+                    Index("ix_metrics_name", "name"))
+    meta = Table("meta", md, Column("key", String(64), primary_key=True), Column("value", Text))
+    Table("jobs", md, Column("id", Integer, primary_key=True))  # the foreign key's target, never created here
+    return bench_runs, metrics, meta
+
+
 def _adopt(conn: Connection) -> None:
     """Bring a pre-Alembic database (schema 1 or 2) to exactly revision 0001 and stamp it."""
-    from daemon.store import bench_runs, meta, metrics
+    bench_runs, metrics, meta = _tables_0001()
 
     cols = {c["name"] for c in inspect(conn).get_columns("jobs")}
     if "bench_run_id" not in cols:  # schema 1: the ad-hoc migration of before, kept as it was

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from daemon.bench import BenchSettings, Progress, detail_box, read_dataset, run_bench
+from bench.report import best_rows, history_report
+from bench.run import BenchSettings, Progress, detail_box, read_dataset, run_bench
 from daemon.config import Rule, load_settings
-from daemon.report import best_rows, history_report
-from daemon.service import process_once
-from daemon.store import Store
+from daemon.oneshot import process as process_once
+from daemon.store import SqlStore
 from tests.conftest import ROOT, SET5, image, write_config
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -246,7 +246,7 @@ def history_db(tmp_path_factory, weights_dir) -> Path:
     settings = load_settings(cfg)
     files = [image(tmp / "in" / f"p{i}.png", (48, 40), seed=i) for i in range(3)]
     (tmp / "in" / "broken.png").write_bytes(b"\x89PNG not really")
-    store = Store(settings.database)
+    store = SqlStore(settings.database)
     try:
         process_once(settings, files, Rule(model="fsrcnn", scale=2), tmp / "out", store=store)
         process_once(settings, files[:2], Rule(model="bicubic", scale=3), tmp / "out", store=store)
@@ -272,7 +272,7 @@ def test_history_report_has_every_chart_and_opens_in_chromium(browser, history_d
 
 
 def test_history_report_on_an_empty_database_says_so(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'empty.db'}")
+    store = SqlStore(f"sqlite:///{tmp_path / 'empty.db'}")
     try:
         summary = history_report(store.engine, tmp_path / "r.html")
     finally:
@@ -288,7 +288,7 @@ def test_history_report_leaves_bench_runs_out_unless_asked(tmp_path, weights_dir
     data = tmp_path / "one"
     data.mkdir()
     shutil.copy(SET5 / "HR" / "head.png", data / "head.png")
-    store = Store(f"sqlite:///{tmp_path / 'h.db'}")
+    store = SqlStore(f"sqlite:///{tmp_path / 'h.db'}")
     try:
         run_bench(BenchSettings(dataset=data, models=("bicubic",), scales=(2,), weights_dir=weights_dir,
                                 brisque=False), store, Progress(1, stream=io.StringIO()))

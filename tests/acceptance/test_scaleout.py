@@ -12,8 +12,8 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading

@@ -8,15 +8,17 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.bench import BenchError, BenchSettings, Progress, downscale, read_dataset, run_bench
+from bench.run import BenchError, BenchSettings, Progress, downscale, read_dataset, run_bench
+from daemon.config import Rule
 from daemon.history import history, stats
-from daemon.store import Store
+from daemon.jobs import JobSpec
+from daemon.store import SqlStore
 from tests.conftest import ROOT, SET5, rows, write_config
 
 SCHEMA = ROOT / "docs" / "bench-json-schema.json"
@@ -41,7 +43,7 @@ def quiet() -> Progress:
 def shipped(tmp_path_factory, weights_dir):
     """Set5 with its shipped LR_bicubic images, recorded in a real store, with two pairs that cannot run."""
     db = tmp_path_factory.mktemp("bench") / "h.db"
-    store = Store(f"sqlite:///{db}")
+    store = SqlStore(f"sqlite:///{db}")
     try:
         result = run_bench(BenchSettings(dataset=SET5, models=(*MODELS, "edsr", "no-such-model"), scales=(2, 3, 4),
                                          weights_dir=weights_dir, downscale="shipped"), store, quiet())
@@ -109,7 +111,7 @@ def test_the_run_is_in_the_history(shipped):
     assert all(r["shave"] == 2 and r["space"] == "y-bt601" for r in fsrcnn2)
     assert np.mean([r["value"] for r in fsrcnn2]) == pytest.approx(by_pair(result)[("fsrcnn", 2)]["psnr_y"])
     # what `upscaled history` and `upscaled stats` read
-    store = Store(f"sqlite:///{db}")
+    store = SqlStore(f"sqlite:///{db}")
     try:
         assert len(history(store.engine, model="espcn", limit=100)) == 15
         st = {(r["model"], r["scale"]): r for r in stats(store.engine)}
@@ -242,15 +244,15 @@ def test_a_schema_1_database_gets_the_bench_column(tmp_path):
     con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     con.commit()
     con.close()
-    store = Store(f"sqlite:///{db}")
+    store = SqlStore(f"sqlite:///{db}")
     try:
-        reg = store.register("a" * 64, "f" * 16, dict(source="bench", folder="(bench)", rel_path="x.png",
-                                                      input_path="/x.png", model_id="bicubic", scale=2.0,
-                                                      outscale=2.0, mode="benchmark", bench_run_id=None))
-        assert store.get(reg.job_id)["bench_run_id"] is None
+        (reg,) = store.register([JobSpec(sha="a" * 64, rule=Rule(model="bicubic", mode="benchmark"),
+                                         rel=PurePosixPath("x.png"), input_path="/x.png", source="bench",
+                                         folder="(bench)", fingerprint="f" * 16)])
+        assert store.get(reg.job.id).bench_run_id is None
     finally:
         store.close()
-    assert rows(db, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "3"}]
+    assert rows(db, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": "5"}]
     assert rows(db, "SELECT COUNT(*) AS n FROM bench_runs") == [{"n": 0}]
 
 
@@ -312,7 +314,7 @@ def test_an_image_too_small_to_measure_fails_its_own_jobs_only(tmp_path, weights
     40x16 image fails its jobs with the reason, the other image runs, and the run goes on."""
     _png(tmp_path / "data" / "a.png", 64, 48)
     _png(tmp_path / "data" / "b.png", 40, 16, 1)
-    store = Store(f"sqlite:///{tmp_path / 'h.db'}")
+    store = SqlStore(f"sqlite:///{tmp_path / 'h.db'}")
     try:
         result = run_bench(BenchSettings(dataset=tmp_path / "data", models=("bicubic", "fsrcnn"), scales=(4,),
                                          weights_dir=weights_dir, brisque=False), store, quiet())

@@ -29,8 +29,8 @@ from PIL import Image
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from daemon.bench import HIGHER_IS_BETTER, PROTOCOL, QUALITY_METRICS, BenchResult
-from daemon.fsops import atomic_write
+from bench.run import HIGHER_IS_BETTER, PROTOCOL, QUALITY_METRICS, BenchResult
+from daemon.fsops import Root
 from daemon.history import parse_since, stats
 from models.errors import UpscaledError
 
@@ -122,7 +122,11 @@ def _write(path: Path, page: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReportError(f"cannot make the folder of the report {path}: {exc.strerror or exc}") from exc
-    atomic_write(path, page.encode("utf-8"))
+    try:
+        with Root(path.parent) as folder:
+            folder.write_atomic(path.name, page.encode("utf-8"))
+    except UpscaledError as exc:
+        raise ReportError(f"cannot write the report {path}: {exc}") from exc
     return path
 
 

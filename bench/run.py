@@ -31,16 +31,17 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 import numpy as np
 
 from daemon import imageio
-from daemon.config import BENCHMARK_METRICS
+from daemon.config import Rule
+from daemon.jobs import Finished, JobSpec, utcnow, worker_id
 from daemon.metrics import Brisque, Metric, full_reference, y_bt601
-from daemon.pipeline import modcrop, quantise
-from daemon.store import Store, bench_runs, utcnow
+from daemon.protocol import BENCHMARK_METRICS, DOWNSCALES, METRICS, SSIM_WINDOW, make_lr, min_side, modcrop, quantise
+from daemon.store import SqlStore
 from models.catalog import get_entry
 from models.errors import (
     ImageError,
@@ -51,20 +52,16 @@ from models.errors import (
     WeightsMissingError,
 )
 from models.registry import LoadContext, ModelCache, check_scale
-from models.resize import resize
 from models.weights import locate
 
-DOWNSCALES = ("matlab-bicubic", "cv2-cubic", "area")  # kernels that make an LR image from an HR one
 LR_CHOICES = ("auto", "shipped", *DOWNSCALES)  # auto: shipped LR_bicubic where complete, else matlab-bicubic
 QUALITY_METRICS = BENCHMARK_METRICS  # psnr_y, ssim_y, psnr_rgb, ssim_rgb, mse_rgb
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Which way is better, per summary column: the report marks the best value of each.
-HIGHER_IS_BETTER = {"psnr_y": True, "ssim_y": True, "psnr_rgb": True, "ssim_rgb": True, "mse_rgb": False,
-                    "brisque": False, "load_s": False, "s_per_image": False, "s_per_mp": False,
-                    "lr_psnr_y": True, "lr_ssim_y": True}  # the last two: upscale-mode jobs in `upscaled report`
+HIGHER_IS_BETTER = {name: m.higher_is_better for name, m in METRICS.items()} | {
+    "load_s": False, "s_per_image": False, "s_per_mp": False}
 CROP_SIDE = 96  # HR pixels per side of the zoomed comparison crops (rounded to a multiple of every scale)
 _WARMUP_SIDE = 48  # LR pixels per side of the warm-up crop
-_SSIM_WINDOW = 11  # skimage's Gaussian SSIM window side (sigma 1.5, truncated at 3.5 sigma)
 
 
 class BenchError(UpscaledError):
@@ -255,19 +252,15 @@ def cpu_name() -> str:
 
 
 def downscale(hr: np.ndarray, scale: int, method: str, bits: int) -> np.ndarray:
-    """The LR image of ``hr`` (already cropped to a multiple of ``scale``) with kernel ``method``.
-
-    The result is rounded to the ``bits``-deep grid, between passes as MATLAB does for integer images, so that
-    ``matlab-bicubic`` on an 8-bit file gives the published ``LR_bicubic`` images.
+    """The LR image of ``hr`` (already cropped to a multiple of ``scale``) with kernel ``method``, on the file's
+    sample grid: :func:`daemon.protocol.make_lr`, the same as the service's benchmark mode.
 
     Raises:
         BenchError: an unknown kernel.
     """
     if method not in DOWNSCALES:
         raise BenchError(f"downscale kernel must be one of {', '.join(DOWNSCALES)}, got {method!r}")
-    size = (hr.shape[1] // scale, hr.shape[0] // scale)
-    levels = 65535 if bits == 16 else 255
-    return quantise(resize(hr, size, method, levels=levels), bits)
+    return make_lr(hr, scale, method, bits)
 
 
 def detail_box(hr: np.ndarray, side: int, align: int) -> tuple[int, int, int, int]:
@@ -370,10 +363,10 @@ def _prepare(dataset: Dataset, scale: int, source: str, max_pixels: int) -> list
         dec = imageio.decode(im.hr_path, max_pixels)
         decode_s = time.perf_counter() - t0
         hr = modcrop(dec.rgb, scale)
-        need = 2 * scale + _SSIM_WINDOW
+        need = min_side(scale)
         if min(hr.shape[:2]) < need:
             why = (f"{im.name} is {dec.width}x{dec.height}: at x{scale} the metrics need at least {need} px per side "
-                   f"({scale} px shaved from each border, then SSIM's {_SSIM_WINDOW}x{_SSIM_WINDOW} window)")
+                   f"({scale} px shaved from each border, then SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window)")
             out.append(_Prepared(im, hr, np.zeros((0, 0, 3), np.float32), dec.bits, dec.width, dec.height,
                                  dec.format, dec.mode, _sha256(im.hr_path), decode_s, too_small=why))
             continue
@@ -391,7 +384,7 @@ def _prepare(dataset: Dataset, scale: int, source: str, max_pixels: int) -> list
     return out
 
 
-def run_bench(settings: BenchSettings, store: Store | None = None, progress: Progress | None = None,
+def run_bench(settings: BenchSettings, store: SqlStore | None = None, progress: Progress | None = None,
               cache: ModelCache | None = None) -> BenchResult:
     """Run the benchmark described by ``settings``; record it in ``store`` when given.
 
@@ -429,11 +422,7 @@ def run_bench(settings: BenchSettings, store: Store | None = None, progress: Pro
     started = utcnow()
     run_settings = settings.to_json() | dict(dataset_name=dataset.name, images=[im.name for im in dataset.images],
                                              lr_sources={str(s): v for s, v in sources.items()}, cpu=cpu_name())
-    run_id = None
-    if store is not None:
-        with store.engine.begin() as c:
-            run_id = c.execute(bench_runs.insert().values(started_at=started, settings=json.dumps(run_settings))
-                               ).inserted_primary_key[0]
+    run_id = store.add_bench_run(json.dumps(run_settings)) if store is not None else None
 
     # 3. Per scale: the LR images once, then every model that runs at that scale.
     summary: dict[tuple[str, int], dict[str, Any]] = {(r["model"], r["scale"]): r for r in skipped}
@@ -480,7 +469,7 @@ def _brisque(settings: BenchSettings, progress: Progress) -> Brisque | None:
 
 
 def _run_model(settings: BenchSettings, model: str, scale: int, source: str, prepared: Sequence[_Prepared],
-               sets: Sequence[CropSet | None], cache: ModelCache, brisque: Brisque | None, store: Store | None,
+               sets: Sequence[CropSet | None], cache: ModelCache, brisque: Brisque | None, store: SqlStore | None,
                run_id: int | None, progress: Progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     # 1. Load, timed apart; a model that cannot load here is skipped with its reason.
     ctx = LoadContext(Path(settings.weights_dir), settings.device)
@@ -546,7 +535,7 @@ def _run_model(settings: BenchSettings, model: str, scale: int, source: str, pre
                           precision=up.precision, t_queue=0.0, t_decode=p.decode_s,
                           t_load=load_left, t_infer=infer_s, t_metrics=metrics_s,
                           t_total=p.decode_s + load_left + infer_s + metrics_s)
-            store.finish(job_id, fields, results)
+            store.finish([Finished(job_id, None, fields, results)])
         load_left = 0.0
         progress.step(f"{model} x{scale} {p.image.name} psnr_y={values['psnr_y']:.2f} {infer_s:.3f}s")
     # 3. The summary row: means over the images that ran.
@@ -564,18 +553,18 @@ def _run_model(settings: BenchSettings, model: str, scale: int, source: str, pre
     return summary, rows
 
 
-def _register(store: Store | None, run_id: int | None, p: _Prepared, model: str, scale: int, source: str,
+def _register(store: SqlStore | None, run_id: int | None, p: _Prepared, model: str, scale: int, source: str,
               settings: BenchSettings, fingerprint_base: str) -> int | None:
     """A running job row for one image of one pair, or None without a store."""
     if store is None:
         return None
     fingerprint = hashlib.sha256(f"{fingerprint_base}:{p.image.name}".encode()).hexdigest()[:16]
-    rule = dict(model=model, scale=scale, mode="benchmark", downscale=source, device=settings.device,
-                dataset=str(Path(settings.dataset).resolve()))
-    fields = dict(source="bench", bench_run_id=run_id, folder="(bench)", rel_path=p.image.name,
-                  input_path=str(p.image.hr_path.resolve()), input_size=p.image.hr_path.stat().st_size,
-                  model_id=model, scale=float(scale), outscale=float(scale), mode="benchmark",
-                  rule_json=json.dumps(rule, sort_keys=True))
-    reg = store.register(p.sha, fingerprint, fields)
-    job = store.claim(job_id=reg.job_id)
-    return job["id"] if job else None
+    # The rule as far as a Rule can say it; the LR source of each scale (a shipped file, say) is in the run's row.
+    rule = Rule(model=model, scale=scale, mode="benchmark", downscale=source if source in DOWNSCALES else
+                "matlab-bicubic", device=settings.device, metrics=list(QUALITY_METRICS))
+    spec = JobSpec(sha=p.sha, rule=rule, rel=PurePosixPath(p.image.name), input_path=str(p.image.hr_path.resolve()),
+                   source="bench", folder="(bench)", input_size=p.image.hr_path.stat().st_size,
+                   fingerprint=fingerprint)
+    (reg,) = store.register([spec], bench_run_id=run_id)
+    jobs = store.claim(worker_id(), job_id=reg.job.id)
+    return jobs[0].id if jobs else None
