@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from daemon.errors import ConfigError
+from daemon.protocol import BENCHMARK_METRICS, DOWNSCALES, UPSCALE_METRICS
 from models.backends import Backend, backend_of
 from models.catalog import get_entry
 from models.errors import UpscaledError
@@ -29,8 +30,6 @@ DEFAULT_CONFIG = "settings.toml"
 DEFAULT_IGNORE = [".*", "*.part", "*.tmp", "*.crdownload", "Thumbs.db", "desktop.ini", "*.error.json",
                   "*.prompt.txt"]
 FORMATS = ("png", "jpg", "webp", "tiff")
-UPSCALE_METRICS = ("brisque", "lr_psnr_y", "lr_ssim_y")
-BENCHMARK_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "mse_rgb")
 NAME_FIELDS = {"stem", "model", "scale", "ext", "folder", "rule"}
 # Rule keys of older versions that are a backend's parameters now: read from the rule's top level into `params`.
 LEGACY_PARAM_KEYS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "noise_level", "seed")
@@ -55,7 +54,7 @@ class Rule(BaseModel):
     naming: str = "{stem}.{model}.x{scale}.{ext}"
     device: str | None = None  # overrides the service's device
     metrics: list[str] | None = None  # None: every metric of the mode; []: none
-    downscale: Literal["matlab-bicubic", "cv2-cubic", "area"] = "matlab-bicubic"  # benchmark mode's LR kernel
+    downscale: Literal[DOWNSCALES] = "matlab-bicubic"  # benchmark mode's LR kernel (daemon/protocol.py)
     alpha: Literal["resize", "model"] = "resize"  # how the alpha channel is enlarged
     tile: int | None = Field(default=None, ge=32)  # input tile side; None lets the backend choose
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # torch models; auto: fp16 on CUDA, else fp32
