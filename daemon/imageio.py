@@ -698,7 +698,9 @@ def _enc_jxl(arr, quality, compression, prep, notes):
     if prep.exif:
         params["exif"] = prep.exif_tiff  # the plugin's EXIF box takes the TIFF data without its header
     buf = io.BytesIO()
-    _pil_image(arr).save(buf, "JXL", quality=quality, lossless=quality >= 100, **params)
+    # use_original_profile: keep the input's ICC profile as it is (lossy JXL would otherwise encode in XYB and
+    # write a synthesised profile in its place).
+    _pil_image(arr).save(buf, "JXL", quality=quality, lossless=quality >= 100, use_original_profile=True, **params)
     return buf.getvalue(), _Later()
 
 

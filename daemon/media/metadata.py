@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -101,7 +102,10 @@ def read(im: Image.Image, fmt: str, data: bytes) -> tuple[Metadata, int]:
     meta.icc = bytes(icc) if icc else None
     orientation = 1
     try:
-        exif = im.getexif()
+        with warnings.catch_warnings(record=True) as caught:  # Pillow warns on a corrupt block: that is a note
+            warnings.simplefilter("always")
+            exif = im.getexif()
+        meta.notes += [f"the EXIF block is damaged ({w.message}); what could be read was kept" for w in caught]
         orientation = int(exif.get(ORIENTATION, 1) or 1)
         meta.captured = _text(exif.get_ifd(EXIF_IFD).get(DATE_TIME_ORIGINAL))
         meta.exif = clean_exif(exif)
@@ -253,6 +257,10 @@ def _fit_exif(exif_bytes: bytes, size: tuple[int, int], notes: list[str]) -> byt
         return None
 
 
+# exiv2 opens a bare packet as an XMP sidecar, which mirrors the tiff: and exif: properties into EXIF on reading
+# and back over them on writing: those are set through their EXIF names, the rest through their XMP names.
+_SIDECAR_EXIF_KEYS = (("Exif.Image.ImageWidth", 0), ("Exif.Image.ImageLength", 1), ("Exif.Photo.PixelXDimension", 0),
+                      ("Exif.Photo.PixelYDimension", 1))
 _XMP_SIZE_KEYS = (("Xmp.tiff.ImageWidth", 0), ("Xmp.tiff.ImageLength", 1), ("Xmp.exif.PixelXDimension", 0),
                   ("Xmp.exif.PixelYDimension", 1))
 
@@ -261,15 +269,21 @@ def _fit_xmp(xmp: bytes, size: tuple[int, int], notes: list[str]) -> bytes | Non
     """The packet with the sizes and orientation it states set to the output's, through exiv2's XMP toolkit."""
     try:
         with _exiv2_lock:
-            packet = _exiv2().ImageData(xmp)  # exiv2 opens a bare XMP packet as an XMP sidecar
+            packet = _exiv2().ImageData(xmp)
             try:
-                have = packet.read_xmp()
-                changes = {k: str(size[i]) for k, i in _XMP_SIZE_KEYS if k in have}
-                if "Xmp.tiff.Orientation" in have:
-                    changes["Xmp.tiff.Orientation"] = "1"
-                if not changes:
+                have_xmp, have_exif = packet.read_xmp(), packet.read_exif()
+                exif_changes = {k: str(size[i]) for k, i in _SIDECAR_EXIF_KEYS if k in have_exif}
+                xmp_changes = {k: str(size[i]) for k, i in _XMP_SIZE_KEYS if k in have_xmp}
+                if "Exif.Image.Orientation" in have_exif:
+                    exif_changes["Exif.Image.Orientation"] = "1"
+                if "Xmp.tiff.Orientation" in have_xmp:
+                    xmp_changes["Xmp.tiff.Orientation"] = "1"
+                if not (exif_changes or xmp_changes):
                     return xmp
-                packet.modify_xmp(changes)
+                if exif_changes:
+                    packet.modify_exif(exif_changes)
+                if xmp_changes:
+                    packet.modify_xmp(xmp_changes)
                 return packet.get_bytes()
             finally:
                 packet.close()
