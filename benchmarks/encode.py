@@ -186,7 +186,7 @@ def service(level: int | None, with_meta: bool = False) -> Callable[[np.ndarray]
     return enc
 
 
-def encoders(service_only: bool) -> dict[str, Callable[[np.ndarray], bytes]]:
+def encoders(service_only: bool, levels: tuple[int, ...] = (0, 2, 3, 6)) -> dict[str, Callable[[np.ndarray], bytes]]:
     rle = cv2.IMWRITE_PNG_STRATEGY_RLE
     out: dict[str, Callable[[np.ndarray], bytes]] = {"cv2 defaults (baseline)": cv2_default}
     if service_only:
@@ -194,7 +194,7 @@ def encoders(service_only: bool) -> dict[str, Callable[[np.ndarray], bytes]]:
 
         out[f"upscaled encode, default ({DEFAULT_PNG_COMPRESSION})"] = service(None)
         out["upscaled encode, default, ICC+EXIF"] = service(None, with_meta=True)
-        for level in (0, 2, 3, 6):
+        for level in levels:
             out[f"upscaled encode, compression={level}"] = service(level)
         return out
     for level in (0, 1, 2, 3, 4, 6, 9):
@@ -230,13 +230,13 @@ def check(a: np.ndarray, png: bytes) -> None:
         raise AssertionError("the PNG does not decode to the encoded pixels")
 
 
-def run(names: list[str], repeat: int, service_only: bool) -> list[dict]:
+def run(names: list[str], repeat: int, service_only: bool, levels: tuple[int, ...] = (0, 2, 3, 6)) -> list[dict]:
     """Time every encoder on every image. The encoders take turns, round after round (in a shuffled order each
     round), so that a slow moment of this shared machine lands on all of them alike; each figure is a median."""
     rows = []
     rng = random.Random(0)
     for img_name, arr in images(names).items():
-        encs = encoders(service_only)
+        encs = encoders(service_only, levels)
         sizes: dict[str, int] = {}
         for enc_name, enc in list(encs.items()):
             try:
@@ -272,11 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", default="upscaled,tiled,rgba,rgb16")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--service", action="store_true", help="time daemon.imageio.encode instead of the encoders")
+    p.add_argument("--levels", default="0,2,3,6", help="with --service: the other levels to time (comma-separated)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
     print(f"PNG encode of {SIZE[0]}x{SIZE[1]} images, median of {args.repeat}; ratios against cv2.imencode('.png') "
           f"with OpenCV {cv2.__version__}'s defaults, same run")
-    rows = run(args.images.split(","), args.repeat, args.service)
+    levels = tuple(int(v) for v in args.levels.split(",") if v != "")
+    rows = run(args.images.split(","), args.repeat, args.service, levels)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -268,8 +268,8 @@ def _probe_open(im: Image.Image, max_pixels: int, max_frames: int, name: str) ->
 def probe(fh: BinaryIO, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES, name: str = "") -> Probe:
     """The format, size and frame count of the image in ``fh``, from its header (no pixel is decoded).
 
-    ``fh`` is read from its current position; it is left open. Safe on a huge sparse file: only the header (and,
-    for a GIF, the frame headers) is read.
+    ``fh`` holds the whole file (Pillow reads it from its start); it is left open. Safe on a huge sparse file:
+    only the header (and, for a GIF, the frame headers) is read.
 
     Raises:
         DecodeError: not an image, or a damaged header.

@@ -6,9 +6,9 @@
 level  zlib level  strategy  filter    why
 ====  ==========  ========  ========  ================================================================
 0      0           default   none      no compression: the fastest, about 3x the size
-1      1           RLE       UP        the default: faster than ``cv2.imwrite`` with OpenCV's defaults
-                                       (level 1, RLE, SUB) and 5-11 % smaller on photos and model output
-2      1           RLE       PAETH     about 15 % slower than 1, 10-23 % smaller (smooth images gain most)
+1      1           RLE       UP        the default: 1.07-1.35x as fast as ``cv2.imwrite`` with OpenCV's
+                                       defaults (level 1, RLE, SUB) and 1-13 % smaller
+2      1           RLE       PAETH     15-40 % slower than 1, 3-18 % smaller (smooth images gain most)
 3-9    3-9         default   adaptive  zlib's and libpng's own meaning of the level, as Pillow and
                                        ``cv2.imwrite(..., [IMWRITE_PNG_COMPRESSION, n])`` give it
 ====  ==========  ========  ========  ================================================================
