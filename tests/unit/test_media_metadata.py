@@ -184,3 +184,14 @@ def test_prepare_rejects_an_unknown_policy():
 def test_date_of_a_bad_capture_string_is_none():
     assert Metadata(captured="not a date").date() is None
     assert Metadata(captured="2020:01:02 03:04:05").date("%Y%m%d") == "20200102"
+
+
+@pytest.mark.parametrize("fmt", ALL)
+def test_every_format_reads_back_what_it_carries_as_an_input(fmt):
+    """An output dropped into another rule: its metadata is read again, whatever the container."""
+    d = decode_bytes(tagged_jpeg(), 10**8)
+    data, _ = encode(d.first.pixels, fmt, meta=d.meta)
+    again = decode_bytes(data, 10**8).meta
+    assert again.captured == DATE and again.exif is not None and same_profile(again.icc, fmt)
+    assert TITLE.encode() in again.xmp
+    assert (again.iptc is not None) == ("iptc" in metadata.CARRIES[fmt])
