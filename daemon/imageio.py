@@ -140,9 +140,16 @@ class Decoded:
         """The first frame's colour as (H, W, 3) RGB in its native dtype (a grey image repeated to three channels)."""
         return colour_of(self.first.pixels)
 
-    def alpha(self) -> np.ndarray | None:
+    def alpha_native(self) -> np.ndarray | None:
         """The first frame's alpha as (H, W) in its native dtype, or None."""
         return alpha_of(self.first.pixels)
+
+    @functools.cached_property
+    def alpha(self) -> np.ndarray | None:
+        """The first frame's alpha as float32 (H, W) in [0, 1], or None: the float companion of :attr:`rgb`, an
+        attribute as it always was (the web view and older tests read ``dec.alpha`` this way)."""
+        a = self.alpha_native()
+        return None if a is None else to_float(a)
 
     @functools.cached_property
     def rgb(self) -> np.ndarray:

@@ -65,7 +65,9 @@ def test_colour_alpha_and_rgb_views():
     _, d = _roundtrip(a, "png")
     assert d.colour().shape == (5, 6, 3) and d.colour().dtype == np.uint8
     np.testing.assert_array_equal(d.colour()[:, :, 2], a[:, :, 0])  # grey repeated
-    np.testing.assert_array_equal(d.alpha(), a[:, :, 1])
+    np.testing.assert_array_equal(d.alpha_native(), a[:, :, 1])
+    np.testing.assert_allclose(d.alpha, a[:, :, 1] / 255.0, atol=1e-7)
+    assert d.alpha.dtype == np.float32
     np.testing.assert_allclose(d.rgb, a[:, :, :1].repeat(3, axis=2) / 255.0, atol=1e-7)
     assert d.rgb.dtype == np.float32 and d.width == 6 and d.height == 5 and d.frames == 1
     assert list(d.rest()) == []
