@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from daemon import imageio  # noqa: E402
 from daemon.media import formats  # noqa: E402
+from tests.conftest import SET5  # noqa: E402
 
-SET5 = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "Set5" / "HR" / "baby.png"
+BABY = SET5 / "HR" / "baby.png"
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 W, H = 60, 40  # the size in the bug report
 OUTPUTS = ["png", "jpg", "webp", "tiff", "avif", "heic", "jxl"]
@@ -65,8 +66,8 @@ INPUTS = [Case(f, layout) for f, layouts in {
 
 def photo(layout: str) -> np.ndarray:
     """A W x H crop of a real photograph in ``layout`` (smooth alpha gradient where there is alpha)."""
-    if SET5.exists():
-        rgb = np.asarray(Image.open(SET5).convert("RGB"))[200 : 200 + H, 220 : 220 + W]
+    if BABY.exists():
+        rgb = np.asarray(Image.open(BABY).convert("RGB"))[200 : 200 + H, 220 : 220 + W]
     else:  # a smooth synthetic picture, so lossy bounds still hold
         y, x = np.mgrid[0:H, 0:W]
         rgb = np.dstack([x * 4, y * 6, (x + y) * 2]).astype(np.uint8)
