@@ -1,34 +1,53 @@
 """Decoding and encoding images without losing what the user cares about.
 
-Decode applies the EXIF orientation, keeps the ICC profile, keeps alpha, keeps 16-bit depth (known from the
-decoder's raw mode or dtype, never guessed from pixel values) and keeps greyscale. Pixels come out as float32 in
-[0, 1]; :class:`Decoded` remembers how to put them back.
+Decode applies the EXIF orientation, keeps the colour profile and the other metadata (:class:`Metadata`), alpha,
+16-bit depth (known from the decoder's raw mode or dtype, never guessed from pixel values) and greyscale. Pixels
+stay in their native integer type (uint8 or uint16): the worker keeps 8-bit images as uint8 end to end, and floats
+only for 16-bit. An animated GIF, WebP or APNG is one :class:`Frame` at a time: :attr:`Decoded.first`, then
+:meth:`Decoded.rest`, decoded one by one.
+
+Encode writes any of png, jpg, webp, tiff, avif, heic, jxl (and gif for animations), checks the encoder's size
+limits first, and writes the metadata the ``policy`` keeps and the format can hold (see
+:mod:`daemon.media.metadata`). Formats that need a package (``heif``, ``jxl``) say which extra to install.
+
+Readers: Pillow for everything, plus OpenCV for 16-bit colour PNG and TIFF (Pillow reads those as 8 bits) and
+pillow-heif's own reader for 10/12-bit HEIC (kept as 16 bits).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
-import struct
+import stat
 import warnings
-import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from daemon.errors import DecodeError, EmptyFileError, ImageTooLargeError, UnreadableFileError
+from daemon.errors import DecodeError, EmptyFileError, ImageTooLargeError, OutputError, UnreadableFileError
+from daemon.media import formats
+from daemon.media import metadata as md
+from daemon.media.metadata import Metadata, Policy
+from daemon.media.png import DEFAULT_PNG_COMPRESSION, encode_png
 from models.errors import UnsupportedImageError, UpscaledError
+
+__all__ = ["DEFAULT_MAX_FRAMES", "DEFAULT_PNG_COMPRESSION", "Decoded", "Frame", "Metadata", "Policy", "Probe",
+           "assemble", "decode", "decode_bytes", "encode", "encode_animation", "probe", "to_output_array"]
 
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding, with a configurable limit
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+DEFAULT_MAX_FRAMES = 1000  # an animation with more frames is refused (issue 15: a 3000-frame GIF)
+ANIMATED_FORMATS = ("gif", "webp", "png")  # the animations we upscale frame by frame; others keep their first frame
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp", "tiff": "tiff", "tif": "tiff",
-              "bmp": "png", "gif": "png"}
-_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}
+              "bmp": "png", "gif": "gif", "avif": "avif", "heic": "heic", "heif": "heic", "jxl": "jxl"}
 _ORIENT = {  # EXIF orientation -> numpy transform of (H, W, C) that makes the image upright
     2: lambda a: a[:, ::-1],
     3: lambda a: a[::-1, ::-1],
@@ -38,46 +57,157 @@ _ORIENT = {  # EXIF orientation -> numpy transform of (H, W, C) that makes the i
     7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
     8: lambda a: np.swapaxes(a, 0, 1)[::-1],
 }
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601, as the grey path has always used
+
+
+@dataclass
+class Frame:
+    """One picture of an image: a still image has one, an animation several.
+
+    ``pixels`` is (H, W, C) uint8 or uint16, upright, C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA. Decoded frames are
+    whole canvases, already composed the way a viewer shows them (Pillow composes GIF, APNG and WebP frames over
+    the previous ones), so no offsets are needed. ``disposal`` and ``blend`` are the input's values as its format
+    numbers them (GIF: 0-3 in the graphic control extension; APNG: dispose_op 0-2, blend_op 0-1; WebP: 0, since
+    libwebp's encoder chooses its own), kept for the output (see :func:`encode_animation`).
+    """
+
+    pixels: np.ndarray
+    duration_ms: int = 0
+    disposal: int = 0
+    blend: int = 0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the header says: enough to refuse a file before decoding a pixel."""
+
+    format: str  # png, jpg, webp, tiff, gif, heic, avif, jxl (bmp -> png)
+    width: int
+    height: int
+    frames: int  # frames that will be decoded (1 for a still, a multi-page TIFF or an animated AVIF)
+    animated: bool
 
 
 @dataclass
 class Decoded:
-    rgb: np.ndarray  # float32 (H, W, 3) in [0, 1], upright
-    alpha: np.ndarray | None  # float32 (H, W) in [0, 1], or None
-    bits: int  # 8 or 16
-    grey: bool  # the source had one colour channel
-    format: str  # png, jpg, webp, tiff: the format we would write back by default
-    icc: bytes | None = None
-    exif: bytes | None = None  # with the orientation reset to 1
-    mode: str = ""  # the decoder's mode, for the job row
-    notes: list[str] = field(default_factory=list)  # what a person should know (first frame of an animation, ...)
+    """A decoded image: the first frame, the metadata, and the rest of the frames on demand."""
+
+    first: Frame
+    format: str  # the format we would write back by default: png, jpg, webp, tiff, gif, heic, avif, jxl
+    meta: Metadata
+    mode: str  # the decoder's mode, for the job row
+    frames: int = 1
+    loop: int | None = None  # animation loop count (0 = forever), None when the input does not say
+    notes: list[str] = field(default_factory=list)  # what a person should know
+    _source: _FrameSource | None = field(default=None, repr=False)
+
+    def rest(self) -> Iterator[Frame]:
+        """Frames 2..n, decoded one at a time as the iterator is advanced (never all at once). Empty for a still.
+
+        Raises:
+            DecodeError: a later frame is damaged or truncated.
+        """
+        if self._source is None or self.frames < 2:
+            return iter(())
+        return self._source.frames(1, self.frames)
+
+    # --- convenience, for the bench, the metrics and the tests ---------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return 16 if self.first.pixels.dtype == np.uint16 else 8
+
+    @property
+    def grey(self) -> bool:
+        return self.first.pixels.shape[2] in (1, 2)
+
+    @property
+    def has_alpha(self) -> bool:
+        return self.first.pixels.shape[2] in (2, 4)
 
     @property
     def width(self) -> int:
-        return self.rgb.shape[1]
+        return self.first.pixels.shape[1]
 
     @property
     def height(self) -> int:
-        return self.rgb.shape[0]
+        return self.first.pixels.shape[0]
+
+    @property
+    def animated(self) -> bool:
+        return self.frames > 1
+
+    def colour(self) -> np.ndarray:
+        """The first frame's colour as (H, W, 3) RGB in its native dtype (a grey image repeated to three channels)."""
+        return colour_of(self.first.pixels)
+
+    def alpha_native(self) -> np.ndarray | None:
+        """The first frame's alpha as (H, W) in its native dtype, or None."""
+        return alpha_of(self.first.pixels)
+
+    @functools.cached_property
+    def alpha(self) -> np.ndarray | None:
+        """The first frame's alpha as float32 (H, W) in [0, 1], or None: the float companion of :attr:`rgb`, an
+        attribute as it always was (the web view and older tests read ``dec.alpha`` this way)."""
+        a = self.alpha_native()
+        return None if a is None else to_float(a)
+
+    @functools.cached_property
+    def rgb(self) -> np.ndarray:
+        """The first frame's colour as float32 (H, W, 3) in [0, 1] (the float path: 16-bit, metrics, the bench)."""
+        return to_float(self.colour())
+
+    @property
+    def icc(self) -> bytes | None:
+        return self.meta.icc
+
+    @property
+    def exif(self) -> bytes | None:
+        return self.meta.exif
 
 
-def _to_float(a: np.ndarray) -> np.ndarray:
+def colour_of(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB of ``pixels`` (C = 1..4) in their dtype; grey is repeated to three channels."""
+    if pixels.shape[2] in (1, 2):
+        return np.repeat(pixels[:, :, :1], 3, axis=2)
+    return pixels[:, :, :3] if pixels.shape[2] == 4 else pixels
+
+
+def alpha_of(pixels: np.ndarray) -> np.ndarray | None:
+    """(H, W) alpha of ``pixels`` in their dtype, or None when C is 1 or 3."""
+    return pixels[:, :, -1] if pixels.shape[2] in (2, 4) else None
+
+
+def to_float(a: np.ndarray) -> np.ndarray:
+    """uint8 or uint16 samples as float32 in [0, 1].
+
+    Raises:
+        UnsupportedImageError: another dtype.
+    """
     if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
+        return a.astype(np.float32) / np.float32(255.0)
     if a.dtype == np.uint16:
-        return a.astype(np.float32) / 65535.0
+        return a.astype(np.float32) / np.float32(65535.0)
     raise UnsupportedImageError(f"expected 8- or 16-bit samples, got {a.dtype}")
 
 
+# --- reading ----------------------------------------------------------------------------------------------------------
 def read_no_follow(path: Path) -> bytes:
-    """The file's bytes, refusing (ELOOP) to follow a symlink that replaced it."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """The file's bytes, refusing (ELOOP) to follow a symlink that replaced it, and anything but a regular file.
+
+    ``O_NONBLOCK`` keeps a FIFO swapped in after a check from blocking the open; ``fstat`` then refuses it.
+
+    Raises:
+        OSError: as ``os.open`` raises it; ``EINVAL`` for something that is not a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         return fh.read()
 
 
-def decode(path: Path, max_pixels: int) -> Decoded:
-    """Read ``path`` into a :class:`Decoded`.
+def decode(path: Path | str, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES) -> Decoded:
+    """Read ``path`` (never through a symlink) into a :class:`Decoded`.
 
     Raises:
         EmptyFileError, UnreadableFileError, DecodeError, ImageTooLargeError, UnsupportedImageError.
@@ -89,47 +219,112 @@ def decode(path: Path, max_pixels: int) -> Decoded:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsupportedImageError(f"{path} is a symbolic link; links are not followed") from None
+        if exc.errno == errno.EINVAL:
+            raise UnsupportedImageError(f"{path} is not a regular file") from None
         raise UnreadableFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if not data:
-        raise EmptyFileError(f"{path} is empty (0 bytes)")
-    return decode_bytes(data, max_pixels, name=str(path))
+    return decode_bytes(data, max_pixels, max_frames, name=str(path))
 
 
-def decode_bytes(data: bytes, max_pixels: int, name: str = "<bytes>") -> Decoded:
+def _open(fh: BinaryIO, name: str) -> Image.Image:
+    formats.register_plugins()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            return Image.open(fh)
     except UnidentifiedImageError:
-        raise DecodeError(f"{name} is not an image (no known image format: {data[:8]!r}...)") from None
+        fh.seek(0)
+        head = fh.read(32)
+        extra = formats.missing_input_codec(head)
+        if extra is not None:
+            raise UnsupportedImageError(f"{name} is a {'HEIC/HEIF' if extra == 'heif' else 'JPEG XL'} image; "
+                                        f"reading it needs {formats.install_hint(extra)}") from None
+        raise DecodeError(f"{name} is not an image (no known image format: {head[:8]!r}...)") from None
     except Exception as exc:  # Pillow raises many types on bad headers
         raise DecodeError(f"{name}: bad image header: {exc}") from None
+
+
+def _probe_open(im: Image.Image, max_pixels: int, max_frames: int, name: str) -> Probe:
+    """Check an open image's header against the limits."""
     w, h = im.size
-    if w * h > max_pixels:
-        raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h} pixels, over the max_pixels limit of {max_pixels}")
     if w == 0 or h == 0:
         raise DecodeError(f"{name} has no pixels ({w}x{h})")
-    fmt = EXTENSIONS.get((im.format or "").lower())
-    if fmt is None:
-        raise UnsupportedImageError(f"{name}: format {im.format} is not supported (png, jpeg, webp, tiff, bmp, gif)")
+    pil = (im.format or "").upper()
+    ours = formats.PIL_TO_OURS.get(pil)
+    if ours is None:
+        raise UnsupportedImageError(f"{name}: format {im.format} is not supported "
+                                    "(png, jpeg, webp, tiff, bmp, gif, heic, avif, jxl)")
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h} pixels, over the max_pixels limit of {max_pixels}")
+    animated = ours in ANIMATED_FORMATS and bool(getattr(im, "is_animated", False))
+    frames = 1
+    if animated:
+        try:
+            frames = int(im.n_frames)  # header walk: GIF frames are skipped, not decoded
+        except Exception as exc:
+            raise DecodeError(f"{name} is damaged or truncated: {exc}") from None
+        if frames > max_frames:
+            raise ImageTooLargeError(f"{name} is an animation of {frames} frames, over the max_frames limit of "
+                                     f"{max_frames}")
+        if w * h * frames > max_pixels:
+            raise ImageTooLargeError(f"{name} is {frames} frames of {w}x{h} = {w * h * frames} pixels, over the "
+                                     f"max_pixels limit of {max_pixels} (all frames count)")
+    fmt = "png" if ours == "bmp" or (ours == "gif" and not animated) else ours
+    return Probe(format=fmt, width=w, height=h, frames=frames, animated=animated)
+
+
+def probe(fh: BinaryIO, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES, name: str = "") -> Probe:
+    """The format, size and frame count of the image in ``fh``, from its header (no pixel is decoded).
+
+    ``fh`` holds the whole file (Pillow reads it from its start); it is left open. Safe on a huge sparse file:
+    only the header (and, for a GIF, the frame headers) is read.
+
+    Raises:
+        DecodeError: not an image, or a damaged header.
+        UnsupportedImageError: an image format we do not read (or whose extra is not installed: the message says
+            which to install).
+        ImageTooLargeError: over ``max_pixels`` (all frames count) or ``max_frames``.
+    """
+    name = name or getattr(fh, "name", "<stream>")
+    im = _open(fh, str(name))
+    return _probe_open(im, max_pixels, max_frames, str(name))
+
+
+def decode_bytes(data: bytes, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES,
+                 name: str = "<bytes>") -> Decoded:
+    """Decode an image file's bytes: its first frame now, the other frames on demand (:meth:`Decoded.rest`).
+
+    Raises:
+        EmptyFileError: no bytes.
+        DecodeError: not an image, or damaged or truncated.
+        UnsupportedImageError: a format, mode or sample type we do not read.
+        ImageTooLargeError: over ``max_pixels`` (all frames count) or ``max_frames``.
+    """
+    if not data:
+        raise EmptyFileError(f"{name} is empty (0 bytes)")
+    im = _open(io.BytesIO(data), name)
+    p = _probe_open(im, max_pixels, max_frames, name)
     # Read the raw mode before anything (getexif on a PNG, for one) loads the pixels and clears the tiles.
     rawmode = im.tile[0].args if im.tile else ""
     rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
-    icc = im.info.get("icc_profile") or None
-    orientation = 1
-    exif_bytes = None
+    meta, orientation = md.read(im, p.format, data)
+    notes = list(meta.notes)
+    meta.notes = []
+    mode = im.mode
+    if p.animated:
+        source = _FrameSource(im, name, orientation, alpha=_animation_has_alpha(im))
+        first = source.frame(0)
+        if isinstance(rawmode, str) and ";16" in rawmode:
+            notes.append("the 16-bit animated PNG is decoded at 8 bits (Pillow's APNG reader)")
+        loop = im.info.get("loop")
+        return Decoded(first=first, format=p.format, meta=meta, mode=mode, frames=p.frames,
+                       loop=None if loop is None else int(loop), notes=notes, _source=source)
     try:
-        exif = im.getexif()
-        orientation = int(exif.get(0x0112, 1) or 1)
-        if exif:
-            exif[0x0112] = 1
-            exif_bytes = exif.tobytes()
-    except Exception:  # a broken EXIF block must not fail the image
-        orientation, exif_bytes = 1, None
-    try:
-        if im.mode in ("RGB", "RGBA") and isinstance(rawmode, str) and ";16" in rawmode:
+        if p.format in ("png", "tiff") and im.mode in ("RGB", "RGBA") and isinstance(rawmode, str) \
+                and ";16" in rawmode:
             arr = _decode_16bit_colour(data, name)
             mode = im.mode + ";16"
+        elif p.format == "heic" and int(im.info.get("bit_depth", 8) or 8) > 8:
+            arr, mode = _decode_deep_heif(data)
         else:
             im.load()
             arr, mode = _pil_to_array(im)
@@ -139,20 +334,11 @@ def decode_bytes(data: bytes, max_pixels: int, name: str = "<bytes>") -> Decoded
         raise DecodeError(f"{name} is damaged or truncated: {exc}") from None
     if orientation in _ORIENT:
         arr = np.ascontiguousarray(_ORIENT[orientation](arr))
-    grey = arr.shape[2] in (1, 2)
-    has_alpha = arr.shape[2] in (2, 4)
-    bits = 16 if arr.dtype == np.uint16 else 8
-    f = _to_float(arr)
-    colour = f[:, :, :1] if grey else f[:, :, :3]
-    rgb = np.repeat(colour, 3, axis=2) if grey else colour
-    alpha = f[:, :, -1] if has_alpha else None
-    notes = []
-    frames = getattr(im, "n_frames", 1)
-    if frames > 1:
-        what = "page" if fmt == "tiff" else "frame"
-        notes.append(f"the input has {frames} {what}s; only the first {what} was upscaled")
-    return Decoded(rgb=np.ascontiguousarray(rgb), alpha=alpha, bits=bits, grey=grey, format=fmt, icc=icc,
-                   exif=exif_bytes, mode=mode, notes=notes)
+    n = getattr(im, "n_frames", 1)
+    if n > 1:
+        what = "page" if p.format == "tiff" else "frame"
+        notes.append(f"the input has {n} {what}s; only the first {what} was upscaled")
+    return Decoded(first=Frame(arr), format=p.format, meta=meta, mode=mode, frames=1, notes=notes)
 
 
 def _decode_16bit_colour(data: bytes, name: str) -> np.ndarray:
@@ -162,8 +348,19 @@ def _decode_16bit_colour(data: bytes, name: str) -> np.ndarray:
         raise DecodeError(f"{name} is damaged or truncated (16-bit decode failed)")
     if arr.ndim == 2:
         return arr[:, :, None]
-    order = [2, 1, 0, 3][: arr.shape[2]]
-    return np.ascontiguousarray(arr[:, :, order])
+    code = cv2.COLOR_BGR2RGB if arr.shape[2] == 3 else cv2.COLOR_BGRA2RGBA
+    return cv2.cvtColor(arr, code)
+
+
+def _decode_deep_heif(data: bytes) -> tuple[np.ndarray, str]:
+    """A 10/12-bit HEIC as 16-bit samples (Pillow's plugin would reduce it to 8 bits)."""
+    import pillow_heif
+
+    heif = pillow_heif.open_heif(io.BytesIO(data), convert_hdr_to_8bit=False)
+    arr = np.asarray(heif)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return np.ascontiguousarray(arr), heif.mode
 
 
 def _pil_to_array(im: Image.Image) -> tuple[np.ndarray, str]:
@@ -179,7 +376,7 @@ def _pil_to_array(im: Image.Image) -> tuple[np.ndarray, str]:
         raise UnsupportedImageError("floating-point images (mode F) are not supported; convert to 16-bit first")
     if mode in ("1", "L"):
         return np.asarray(im.convert("L"))[:, :, None].copy(), mode
-    if mode == "LA" or mode == "La":
+    if mode in ("LA", "La"):
         return np.asarray(im.convert("LA")).copy(), mode
     if mode in ("P", "PA"):
         has_alpha = "transparency" in im.info or mode == "PA"
@@ -191,193 +388,440 @@ def _pil_to_array(im: Image.Image) -> tuple[np.ndarray, str]:
     raise UnsupportedImageError(f"image mode {mode!r} is not supported")
 
 
-def to_output_array(rgb: np.ndarray, alpha: np.ndarray | None, bits: int, grey: bool) -> np.ndarray:
-    """Quantise float pixels to the output's integer type: (H, W, C) with C in 1, 2, 3, 4."""
-    if grey:
-        # The model ran on three equal channels; its output channels may drift apart slightly. BT.601 luma
-        # brings them back to one.
-        colour = (rgb @ np.array([0.299, 0.587, 0.114], np.float32))[:, :, None]
-    else:
-        colour = rgb
-    peak = 65535.0 if bits == 16 else 255.0
-    planes = [colour[:, :, c] for c in range(colour.shape[2])] + ([] if alpha is None else [alpha])
-    out = np.empty(colour.shape[:2] + (len(planes),), np.uint16 if bits == 16 else np.uint8)
-    for c, plane in enumerate(planes):  # one plane at a time: a full float copy of a large output is GBs
-        scaled = plane * np.float32(peak)
-        np.rint(scaled, out=scaled)
-        np.clip(scaled, 0, peak, out=scaled)
-        out[:, :, c] = scaled
-    return out
+def _animation_has_alpha(im: Image.Image) -> bool:
+    """Whether the animation's frames carry alpha; decided on the first frame so that every frame has the same
+    layout (a GIF's later frames come back RGBA only when they use transparency)."""
+    return im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
 
 
-def encode(arr: np.ndarray, fmt: str, quality: int = 95, icc: bytes | None = None,
-           exif: bytes | None = None, compression: int = 6) -> tuple[bytes, list[str]]:
-    """Encode an integer array from :func:`to_output_array` as ``fmt``. Returns (bytes, warnings)."""
-    notes: list[str] = []
-    chans = arr.shape[2]
-    if fmt in ("jpg", "webp") and arr.dtype == np.uint16:
-        notes.append(f"{fmt} holds 8 bits per sample; the 16-bit result was reduced to 8 bits")
-        arr = np.rint(arr.astype(np.float32) / 257.0).astype(np.uint8)
-    if fmt == "jpg" and chans in (2, 4):
-        notes.append("jpg has no alpha channel; the image was flattened onto white")
-        a = arr[:, :, -1:].astype(np.float32) / 255.0
-        arr = np.rint(arr[:, :, :-1] * a + 255.0 * (1 - a)).astype(np.uint8)
-        chans -= 1
-    if arr.dtype == np.uint16 and chans >= 3:
-        return _encode_16bit_colour(arr, fmt, icc, compression), notes
-    if arr.dtype == np.uint16:  # 16-bit grey (alpha, if any, is dropped: Pillow has no 16-bit LA)
-        if chans == 2:
-            notes.append("16-bit grey with alpha is written without its alpha channel")
-        im = Image.fromarray(np.ascontiguousarray(arr[:, :, 0]))  # uint16 -> mode I;16
-    else:
-        im = Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if chans == 1 else arr))  # L, LA, RGB or RGBA
-    params: dict = {}
-    if icc:
-        params["icc_profile"] = icc
-    if exif and fmt in ("jpg", "webp", "png", "tiff"):
-        params["exif"] = exif
-    if fmt in ("jpg", "webp"):
-        params["quality"] = quality
-    if fmt == "webp" and quality >= 100:
-        params["lossless"] = True  # quality 100 means "keep every pixel" for webp
-    if fmt == "png":
-        params["compress_level"] = compression
-    if fmt == "tiff":
-        params["compression"] = "tiff_deflate"
-    buf = io.BytesIO()
-    try:
-        im.save(buf, format=_PIL_FORMAT[fmt], **params)
-    except (OSError, ValueError):
-        if "exif" not in params:
+class _FrameSource:
+    """The open animation; decodes frame ``i`` when asked (Pillow composes each over the previous ones)."""
+
+    def __init__(self, im: Image.Image, name: str, orientation: int, alpha: bool) -> None:
+        self.im, self.name, self.orientation, self.alpha = im, name, orientation, alpha
+
+    def frame(self, index: int) -> Frame:
+        im = self.im
+        try:
+            im.seek(index)
+            im.load()
+            info = dict(im.info)
+            # GIF: graphic control disposal; APNG: dispose_op (Pillow's info "disposal") and blend_op.
+            disposal = int(getattr(im, "disposal_method", info.get("disposal", 0)) or 0)
+            blend = int(info.get("blend", 0) or 0)
+            arr = np.asarray(im.convert("RGBA" if self.alpha else "RGB"))
+        except EOFError:
+            raise DecodeError(f"{self.name}: frame {index + 1} is missing (the file is truncated)") from None
+        except UpscaledError:
             raise
-        params.pop("exif")  # an EXIF block the encoder rejects is dropped rather than failing the job
-        notes.append("the EXIF block could not be written and was dropped")
-        buf = io.BytesIO()
-        im.save(buf, format=_PIL_FORMAT[fmt], **params)
-    return buf.getvalue(), notes
+        except Exception as exc:
+            raise DecodeError(f"{self.name}: frame {index + 1} is damaged or truncated: {exc}") from None
+        if self.orientation in _ORIENT:
+            arr = _ORIENT[self.orientation](arr)
+        return Frame(np.ascontiguousarray(arr), duration_ms=int(round(float(info.get("duration", 0) or 0))),
+                     disposal=disposal, blend=blend)
+
+    def frames(self, start: int, stop: int) -> Iterator[Frame]:
+        for i in range(start, stop):
+            yield self.frame(i)
 
 
-def _encode_16bit_colour(arr: np.ndarray, fmt: str, icc: bytes | None, compression: int = 6) -> bytes:
-    order = [2, 1, 0, 3][: arr.shape[2]]
-    bgr = np.ascontiguousarray(arr[:, :, order])
-    if fmt == "tiff":
-        import tifffile
-
-        buf = io.BytesIO()
-        extratags = [(34675, "B", len(icc), icc, True)] if icc else []
-        tifffile.imwrite(buf, arr, photometric="rgb", compression="zlib", compressionargs={"level": compression},
-                         extratags=extratags)
-        return buf.getvalue()
-    ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, compression])
-    if not ok:  # pragma: no cover - OpenCV's PNG encoder does not fail on valid arrays
-        raise DecodeError("OpenCV could not encode the 16-bit PNG")
-    data = png.tobytes()
-    return _png_insert_icc(data, icc) if icc else data
-
-
-def _png_insert_icc(png: bytes, icc: bytes) -> bytes:
-    """Insert an iCCP chunk right after IHDR (OpenCV cannot write colour profiles)."""
-    body = b"icc\x00\x00" + zlib.compress(icc)
-    chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
-    ihdr_end = 8 + 8 + 13 + 4
-    return png[:ihdr_end] + chunk + png[ihdr_end:]
-
-
-@dataclass(frozen=True)
-class Probe:
-    format: str
-    width: int
-    height: int
-    frames: int = 1
-    animated: bool = False
-
-
-def probe(fh, max_pixels: int, max_frames: int, name: str = "") -> Probe:  # noqa: ANN001 - a binary file
-    """What the header says, without decoding pixels.
-
-    Raises:
-        DecodeError: not an image. UnsupportedImageError: a format we do not read. ImageTooLargeError: over
-        ``max_pixels`` (all frames) or ``max_frames``.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(fh)
-    except UnidentifiedImageError:
-        raise DecodeError(f"{name} is not an image (no known image format)") from None
-    except Exception as exc:  # Pillow raises many types on bad headers
-        raise DecodeError(f"{name}: bad image header: {exc}") from None
-    fmt = EXTENSIONS.get((im.format or "").lower())
-    if fmt is None:
-        raise UnsupportedImageError(f"{name}: format {im.format} is not supported")
-    w, h = im.size
-    frames = getattr(im, "n_frames", 1)
-    if frames > max_frames:
-        raise ImageTooLargeError(f"{name} has {frames} frames, over the max_frames limit of {max_frames}")
-    if w * h * frames > max_pixels:
-        raise ImageTooLargeError(f"{name} is {w}x{h} x {frames} frame(s) = {w * h * frames} pixels, over the "
-                                 f"max_pixels limit of {max_pixels}")
-    if w == 0 or h == 0:
-        raise DecodeError(f"{name} has no pixels ({w}x{h})")
-    return Probe(fmt, w, h, frames, frames > 1)
-
-
-# --- interim adapter: the API of the media layer (replaced by the media branch) ------------------------------------
-@dataclass
-class Metadata:
-    icc: bytes | None = None
-    exif: bytes | None = None
-    xmp: bytes | None = None
-    iptc: bytes | None = None
-    captured: str | None = None
-
-
-@dataclass
-class Frame:
-    pixels: np.ndarray
-    duration_ms: int = 0
-    disposal: int = 0
-
-
-def _native(d: Decoded) -> np.ndarray:
-    peak = 65535.0 if d.bits == 16 else 255.0
-    dtype = np.uint16 if d.bits == 16 else np.uint8
-    colour = d.rgb[:, :, :1] if d.grey else d.rgb
-    planes = [colour] + ([] if d.alpha is None else [d.alpha[:, :, None]])
-    return np.rint(np.concatenate(planes, axis=2) * peak).astype(dtype)
-
-
-Decoded.first = property(lambda self: Frame(_native(self)))  # type: ignore[attr-defined]
-Decoded.meta = property(lambda self: Metadata(self.icc, self.exif))  # type: ignore[attr-defined]
-Decoded.frames = 1  # type: ignore[attr-defined]
-Decoded.loop = None  # type: ignore[attr-defined]
-Decoded.rest = lambda self: iter(())  # type: ignore[attr-defined]
+# --- model output -> integer pixels ---------------------------------------------------------------------------------
+def _quantise_into(out: np.ndarray, c: int, plane: np.ndarray, peak: float) -> None:
+    if plane.dtype == out.dtype:
+        out[:, :, c] = plane
+        return
+    if plane.dtype == np.uint8 and out.dtype == np.uint16:
+        out[:, :, c] = plane.astype(np.uint16) * 257
+        return
+    if plane.dtype == np.uint16 and out.dtype == np.uint8:
+        out[:, :, c] = ((plane.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return
+    if not np.issubdtype(plane.dtype, np.floating):
+        raise UnsupportedImageError(f"expected uint8, uint16 or float samples, got {plane.dtype}")
+    scaled = plane.astype(np.float32) * np.float32(peak)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, peak, out=scaled)
+    out[:, :, c] = scaled
 
 
 def assemble(colour: np.ndarray, alpha: np.ndarray | None, bits: int, grey: bool) -> np.ndarray:
-    if colour.dtype == np.uint8:
-        c = colour.astype(np.float32) / 255.0
-        a = None if alpha is None else alpha.astype(np.float32) / 255.0
+    """The integer array to encode, from a model's output and the (resized) alpha.
+
+    ``colour`` is (H, W, 3) uint8 (8-bit models' native path), uint16, or float in [0, 1]; ``alpha`` is (H, W) in
+    any of those types, or None. ``bits`` (8 or 16) picks the output dtype; ``grey`` brings the three channels back
+    to one with BT.601 luma (the model ran on three equal channels, whose outputs may drift apart slightly).
+    Returns (H, W, C) uint8 or uint16, C = 1 + grey..4. Works one plane at a time: a full float copy of a large
+    output is GBs.
+
+    Raises:
+        UnsupportedImageError: a shape or dtype other than the above, or an alpha of another size.
+    """
+    if colour.ndim != 3 or colour.shape[2] not in (1, 3):
+        raise UnsupportedImageError(f"expected colour of shape (H, W, 3), got {colour.shape}")
+    if alpha is not None and alpha.shape[:2] != colour.shape[:2]:
+        raise UnsupportedImageError(f"alpha is {alpha.shape[1]}x{alpha.shape[0]}, colour is "
+                                    f"{colour.shape[1]}x{colour.shape[0]}; expected the same size")
+    if bits not in (8, 16):
+        raise UnsupportedImageError(f"expected 8 or 16 bits, got {bits}")
+    dtype = np.uint16 if bits == 16 else np.uint8
+    peak = 65535.0 if bits == 16 else 255.0
+    h, w = colour.shape[:2]
+    n_colour = 1 if grey else 3
+    out = np.empty((h, w, n_colour + (alpha is not None)), dtype)
+    if grey and colour.shape[2] == 3:
+        scale = 1.0
+        if colour.dtype == np.uint8:
+            scale = 1 / 255.0
+        elif colour.dtype == np.uint16:
+            scale = 1 / 65535.0
+        luma = colour.reshape(-1, 3) @ (_LUMA * np.float32(scale))
+        _quantise_into(out, 0, luma.reshape(h, w), peak)
     else:
-        c, a = colour, alpha
-    return to_output_array(c, a, bits, grey)
+        for c in range(n_colour):
+            _quantise_into(out, c, colour[:, :, c], peak)
+    if alpha is not None:
+        _quantise_into(out, n_colour, alpha, peak)
+    return out
 
 
-_old_encode = encode
+def to_output_array(rgb: np.ndarray, alpha: np.ndarray | None, bits: int, grey: bool) -> np.ndarray:
+    """Float pixels to the output's integer type (the float path's name for :func:`assemble`)."""
+    return assemble(rgb, alpha, bits, grey)
 
 
-def encode(arr, fmt, quality=95, icc=None, exif=None, compression=6, *, meta=None, policy="keep"):  # type: ignore[no-redef]  # noqa: ANN001, ANN201
-    if meta is not None:
-        icc, exif = meta.icc, meta.exif
-    return _old_encode(arr, fmt, quality, icc, exif, compression)
+# --- writing ----------------------------------------------------------------------------------------------------------
+def _check_array(arr: np.ndarray) -> None:
+    if not isinstance(arr, np.ndarray) or arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) \
+            or arr.dtype not in (np.uint8, np.uint16):
+        got = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise OutputError(f"expected an (H, W, C) uint8 or uint16 array with C in 1..4 to encode, got {got}")
 
 
-def encode_animation(frames, fmt, **kw):  # noqa: ANN001, ANN003, ANN201
-    raise NotImplementedError("animations come with the media branch")
+def _to_8bit(arr: np.ndarray) -> np.ndarray:
+    return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
-_old_decode_bytes = decode_bytes
+def _fit_to_format(arr: np.ndarray, fmt: str, info: formats.FormatInfo, notes: list[str]) -> np.ndarray:
+    """The array in a layout ``fmt`` can hold, with a note for each thing lost."""
+    chans = arr.shape[2]
+    if arr.dtype == np.uint16 and not info.deep:
+        notes.append(f"{fmt} holds 8 bits per sample; the 16-bit result was reduced to 8 bits")
+        arr = _to_8bit(arr)
+    if not info.alpha and chans in (2, 4):
+        notes.append(f"{fmt} has no alpha channel; the image was flattened onto white")
+        peak = 65535.0 if arr.dtype == np.uint16 else 255.0
+        a = arr[:, :, -1:].astype(np.float32) / np.float32(peak)
+        arr = np.rint(arr[:, :, :-1] * a + np.float32(peak) * (1 - a)).astype(arr.dtype)
+    return arr
 
 
-def decode_bytes(data: bytes, max_pixels: int, max_frames: int = 1000, name: str = "<bytes>") -> Decoded:  # type: ignore[no-redef]  # noqa: E501
-    return _old_decode_bytes(data, max_pixels, name=name)
+def encode(arr: np.ndarray, fmt: str, *, quality: int = 95, compression: int = DEFAULT_PNG_COMPRESSION,
+           meta: Metadata | None = None, policy: str = "keep") -> tuple[bytes, list[str]]:
+    """Encode ``arr`` ((H, W, C) uint8 or uint16, from :func:`assemble`) as ``fmt``. Returns (bytes, notes).
+
+    ``quality`` (1-100) applies to jpg, webp, avif, heic and jxl; 100 means lossless for webp, heic and jxl.
+    ``compression`` (0-9) applies to png (see :mod:`daemon.media.png`) and tiff (zlib level). ``policy``:
+    ``keep`` writes all of ``meta`` the format can carry (EXIF with orientation 1 and its pixel size updated, ICC,
+    XMP, IPTC), ``strip`` only the ICC profile, ``basic`` the ICC profile and the capture date. 16-bit and alpha
+    are kept where the format holds them; a note says what was reduced or dropped.
+
+    Raises:
+        OutputError: an unknown format or one whose extra is missing (the message names it), a size over the
+            encoder's limit (checked before encoding), a bad array, or an encoder failure.
+    """
+    _check_array(arr)
+    info = formats.require_output(fmt)
+    h, w = arr.shape[:2]
+    formats.check_limits(fmt, w, h)
+    if fmt == "gif":
+        return encode_animation([Frame(arr)], "gif", loop=None, quality=quality, compression=compression,
+                                meta=meta, policy=policy)
+    if not 1 <= quality <= 100:
+        raise OutputError(f"quality must be 1-100, got {quality}")
+    try:
+        prep, notes = md.prepare(meta, policy, fmt, (w, h))
+    except ValueError as exc:
+        raise OutputError(str(exc)) from None
+    arr = _fit_to_format(arr, fmt, info, notes)
+    if prep.icc:
+        _match_profile(prep, arr, fmt, notes)
+    try:
+        data, later = _ENCODERS[fmt](arr, quality, compression, prep, notes)
+    except UpscaledError:
+        raise
+    except Exception as exc:  # a codec's own error: say which, never a traceback in the job row
+        raise OutputError(f"the {fmt} encoder failed on a {w}x{h} {arr.dtype} image with {arr.shape[2]} "
+                          f"channel(s): {exc}") from None
+    if later.exif or later.xmp or later.iptc:
+        try:
+            data = md.exiv2_write(data, exif=later.exif, xmp=later.xmp, iptc=later.iptc)
+        except Exception as exc:  # metadata never fails a job: the pixels are written without it
+            notes.append(f"exiv2 could not write the {fmt} metadata; it was dropped ({exc})")
+    return data, notes
+
+
+def _match_profile(prep: md.Prepared, arr: np.ndarray, fmt: str, notes: list[str]) -> None:
+    """Drop a profile whose colour space is not the output's (an RGB profile on a grey PNG is invalid, and libpng
+    drops it with a warning on stderr): a grey output keeps only a GRAY profile, a colour one only an RGB one."""
+    chans = arr.shape[2]
+    grey_out = (chans == 1 and fmt != "webp") or (chans == 2 and fmt in ("png", "tiff", "jxl") and arr.itemsize == 1)
+    space = md.icc_colour_space(prep.icc or b"")
+    if space in ("RGB", "GRAY") and (space == "GRAY") != grey_out:
+        notes.append(f"the {space} colour profile cannot describe a {'grey' if grey_out else 'colour'} {fmt}; "
+                     "it was dropped")
+        prep.icc = None
+
+
+_Later = md.Prepared  # the blocks left for exiv2 to write after the encoder
+
+
+def _pil_image(arr: np.ndarray) -> Image.Image:
+    if arr.shape[2] == 1:
+        return Image.fromarray(np.ascontiguousarray(arr[:, :, 0]))  # L, or I;16 for uint16
+    return Image.fromarray(np.ascontiguousarray(arr))  # LA, RGB, RGBA
+
+
+def _meta_params(prep: md.Prepared) -> dict:
+    params: dict = {}
+    if prep.icc:
+        params["icc_profile"] = prep.icc
+    if prep.exif:
+        params["exif"] = prep.exif
+    if prep.xmp:
+        params["xmp"] = prep.xmp
+    return params
+
+
+def _enc_png(arr, quality, compression, prep, notes):
+    data, more = encode_png(arr, compression, prep.icc, prep.exif_tiff)
+    notes += more
+    return data, _Later(xmp=prep.xmp, iptc=prep.iptc)
+
+
+def _enc_jpg(arr, quality, compression, prep, notes):
+    buf = io.BytesIO()
+    _pil_image(arr).save(buf, "JPEG", quality=quality, **_meta_params(prep))
+    return buf.getvalue(), _Later(iptc=prep.iptc)
+
+
+def _enc_webp(arr, quality, compression, prep, notes):
+    im = _pil_image(arr)
+    if im.mode in ("L", "LA"):  # WebP has no grey layout: the same grey in three channels
+        im = im.convert("RGBA" if im.mode == "LA" else "RGB")
+    params = _meta_params(prep)
+    if quality >= 100:  # quality 100 means "keep every pixel" for webp; exact keeps colour under alpha 0
+        params.update(lossless=True, exact=True)
+    buf = io.BytesIO()
+    im.save(buf, "WEBP", quality=quality, **params)
+    return buf.getvalue(), _Later()
+
+
+def _enc_tiff(arr, quality, compression, prep, notes):
+    """tifffile for every TIFF: 8 and 16 bits, grey, alpha as an unassociated extra sample, zlib at the rule's
+    level, ICC as its tag. EXIF, XMP and IPTC are written by exiv2 afterwards."""
+    import tifffile
+
+    chans = arr.shape[2]
+    if chans == 2 and arr.dtype == np.uint16:  # Pillow (and so our reader, and many others) cannot read it
+        notes.append("16-bit grey with alpha was written as 16-bit RGBA (equal colour channels)")
+        arr = np.dstack([arr[:, :, :1]] * 3 + [arr[:, :, 1:]])
+        chans = 4
+    photometric = "minisblack" if chans in (1, 2) else "rgb"
+    extrasamples = ("unassalpha",) if chans in (2, 4) else None
+    buf = io.BytesIO()
+    data = arr[:, :, 0] if chans == 1 else arr
+    tifffile.imwrite(buf, data, photometric=photometric, extrasamples=extrasamples, compression="zlib",
+                     compressionargs={"level": max(1, compression)} if compression else None,
+                     predictor=True if compression else None, iccprofile=prep.icc, metadata=None, software=None,
+                     bigtiff=arr.nbytes > 2**32 - 2**25)
+    return buf.getvalue(), _Later(exif=prep.exif, xmp=prep.xmp, iptc=prep.iptc)
+
+
+def _enc_avif(arr, quality, compression, prep, notes):
+    if arr.dtype == np.uint16:  # Pillow's AVIF writer is 8-bit; OpenCV's writes 10 and 12 bits
+        return _enc_avif_deep(arr, quality, prep, notes), _Later()
+    im = _pil_image(arr)
+    if im.mode == "LA":
+        im = im.convert("RGBA")
+    buf = io.BytesIO()
+    im.save(buf, "AVIF", quality=quality, **_meta_params(prep))
+    return buf.getvalue(), _Later()
+
+
+def _enc_avif_deep(arr, quality, prep, notes):
+    notes.append("avif holds up to 12 bits per sample; the 16-bit result was written at 12 bits")
+    chans = arr.shape[2]
+    if chans == 2:
+        arr = np.dstack([arr[:, :, :1]] * 3 + [arr[:, :, 1:]])
+        chans = 4
+    deep = ((arr.astype(np.uint32) * 4095 + 32767) // 65535).astype(np.uint16)  # 16 -> 12 bits, rounded
+    if chans == 3:
+        deep = cv2.cvtColor(deep, cv2.COLOR_RGB2BGR)
+    elif chans == 4:
+        deep = cv2.cvtColor(deep, cv2.COLOR_RGBA2BGRA)
+    kinds, blocks = [], []
+    for kind, block in ((cv2.IMAGE_METADATA_ICCP, prep.icc), (cv2.IMAGE_METADATA_EXIF, prep.exif_tiff),
+                        (cv2.IMAGE_METADATA_XMP, prep.xmp)):
+        if block:
+            kinds.append(kind)
+            blocks.append(np.frombuffer(block, np.uint8))
+    ok, buf = cv2.imencodeWithMetadata(".avif", deep, kinds, blocks,
+                                       [cv2.IMWRITE_AVIF_DEPTH, 12, cv2.IMWRITE_AVIF_QUALITY, quality])
+    if not ok:
+        raise OutputError("OpenCV could not encode the 12-bit AVIF")
+    return buf.tobytes()
+
+
+def _enc_heic(arr, quality, compression, prep, notes):
+    import pillow_heif
+
+    q = -1 if quality >= 100 else quality  # pillow-heif: -1 is lossless
+    params = _meta_params(prep)
+    buf = io.BytesIO()
+    if arr.dtype == np.uint16:  # HEIC holds 10 bits here (x265); pillow-heif scales 16 -> 10
+        if arr.shape[2] == 2:  # no grey+alpha layout in pillow-heif: grey repeated into RGBA
+            arr = np.dstack([arr[:, :, :1]] * 3 + [arr[:, :, 1:]])
+        mode = {1: "L;16", 3: "RGB;16", 4: "RGBA;16"}[arr.shape[2]]
+        if arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        heif = pillow_heif.from_bytes(mode=mode, size=(arr.shape[1], arr.shape[0]),
+                                      data=np.ascontiguousarray(arr).tobytes())
+        heif.save(buf, quality=q, **params)
+        notes.append("heic holds 10 bits per sample here; the 16-bit result was written at 10 bits")
+        return buf.getvalue(), _Later()
+    im = _pil_image(arr)
+    if im.mode == "LA":
+        im = im.convert("RGBA")
+    im.save(buf, "HEIF", quality=q, **params)
+    return buf.getvalue(), _Later()
+
+
+def _enc_jxl(arr, quality, compression, prep, notes):
+    if arr.dtype == np.uint16 and arr.shape[2] != 1:  # the JXL plugin writes 16 bits for grey only
+        notes.append("the jxl writer holds 16 bits for grey only; the colour result was reduced to 8 bits")
+        arr = _to_8bit(arr)
+    params = _meta_params(prep)
+    if prep.exif:
+        params["exif"] = prep.exif_tiff  # the plugin's EXIF box takes the TIFF data without its header
+    buf = io.BytesIO()
+    # use_original_profile: keep the input's ICC profile as it is (lossy JXL would otherwise encode in XYB and
+    # write a synthesised profile in its place).
+    _pil_image(arr).save(buf, "JXL", quality=quality, lossless=quality >= 100, use_original_profile=True, **params)
+    return buf.getvalue(), _Later()
+
+
+_ENCODERS = {"png": _enc_png, "jpg": _enc_jpg, "webp": _enc_webp, "tiff": _enc_tiff, "avif": _enc_avif,
+             "heic": _enc_heic, "jxl": _enc_jxl}
+
+
+# --- animations -------------------------------------------------------------------------------------------------------
+_APNG_BLEND_SOURCE = 0
+_GIF_RESTORE_PREVIOUS, _GIF_RESTORE_BACKGROUND = 3, 2
+
+
+def _gif_palette(im: Image.Image) -> Image.Image:
+    """The frame in 256 colours, done as each frame arrives so that the waiting frames take a third of the memory;
+    a fully transparent colour becomes the transparent index.
+
+    Fast octree, not Pillow's default median cut: on a 640x480 photo frame it took 3-13 ms instead of 340-500 ms,
+    for 36.7 instead of 37.6 dB (benchmarks/animation.py; docs/formats.md).
+    """
+    if im.mode in ("L", "P"):
+        return im
+    p = im.quantize(256, method=Image.Quantize.FASTOCTREE)
+    if p.palette is not None and p.palette.mode == "RGBA":
+        for rgba, index in p.palette.colors.items():
+            if rgba[3] == 0:
+                p.info["transparency"] = index
+                break
+    return p
+
+
+def encode_animation(frames: Iterable[Frame], fmt: str, *, loop: int | None = 0, quality: int = 95,
+                     compression: int = DEFAULT_PNG_COMPRESSION, meta: Metadata | None = None,
+                     policy: str = "keep") -> tuple[bytes, list[str]]:
+    """Encode whole-canvas frames (at output size) as an animated ``fmt``: gif, webp, or png (APNG).
+
+    Each frame's duration is kept (GIF rounds to 10 ms), the loop count is kept (``None``: play once), and so is
+    the disposal, with two exceptions that keep the output identical to the input as shown: a GIF "restore to
+    previous" (3) becomes "restore to background" (2), since Pillow's GIF writer diffs each frame against the last
+    one only; and APNG frames are blended with OP_SOURCE, since each frame already is the composed canvas and
+    OP_OVER would lay semi-transparent edges over themselves. WebP's disposal and blending are chosen by libwebp's
+    animation encoder. Frames are consumed one at a time; each is held once, at output size, until the file is
+    written (Pillow's writers need them all to diff and merge), so the animation is never held twice.
+    Identical consecutive frames are merged by the writers, their durations added.
+
+    Raises:
+        OutputError: ``fmt`` cannot hold an animation, its extra is missing, a frame is over the encoder's limits,
+            frames differ in size or layout, or no frame was given.
+    """
+    if fmt not in ("gif", "webp", "png"):
+        raise OutputError(f"{fmt} output cannot hold an animation; expected gif, webp or png (APNG)")
+    formats.require_output(fmt)
+    notes: list[str] = []
+    images: list[Image.Image] = []
+    durations: list[int] = []
+    disposals: list[int] = []
+    shape = None
+    for i, frame in enumerate(frames):
+        arr = frame.pixels
+        _check_array(arr)
+        if shape is None:
+            shape = arr.shape
+            formats.check_limits(fmt, arr.shape[1], arr.shape[0])
+            if arr.dtype == np.uint16:
+                notes.append(f"animated {fmt} is written at 8 bits per sample; the 16-bit result was reduced")
+        elif arr.shape != shape:
+            raise OutputError(f"frame {i + 1} is {arr.shape}, frame 1 is {shape}: all frames of an animation "
+                              "must have the same size and channels")
+        if arr.dtype == np.uint16:
+            arr = _to_8bit(arr)
+        im = _pil_image(arr)
+        if im.mode == "LA":
+            im = im.convert("RGBA")
+        if fmt == "gif":
+            im = _gif_palette(im)  # 1 byte a pixel while the frames wait, instead of 3 or 4
+        images.append(im)
+        durations.append(max(0, int(frame.duration_ms)))
+        disposals.append(frame.disposal)
+    if not images:
+        raise OutputError("an animation needs at least one frame, got none")
+    prep, meta_notes = md.prepare(meta, policy, fmt, images[0].size)
+    notes += meta_notes
+    buf = io.BytesIO()
+    single = len(images) == 1  # the writers take per-frame lists only for several frames
+    params: dict = {"save_all": not single, "append_images": images[1:],
+                    "duration": durations[0] if single else durations}
+    if loop is not None:
+        params["loop"] = int(loop)
+    elif fmt in ("webp", "png"):
+        params["loop"] = 1  # "play once": these formats' writers default to forever
+    try:
+        if fmt == "gif":
+            gif_disposal = [_GIF_RESTORE_BACKGROUND if d == _GIF_RESTORE_PREVIOUS else d for d in disposals]
+            params["disposal"] = gif_disposal[0] if single else gif_disposal
+            images[0].save(buf, "GIF", **params)
+        elif fmt == "png":
+            apng_disposal = [d if d in (0, 1, 2) else 0 for d in disposals]
+            params.update(disposal=apng_disposal[0] if single else apng_disposal, blend=_APNG_BLEND_SOURCE,
+                          compress_level=max(1, min(compression, 9)), default_image=False)
+            params.update(_meta_params(md.Prepared(icc=prep.icc, exif=prep.exif)))
+            images[0].save(buf, "PNG", **params)
+        else:
+            params.update(_meta_params(prep))
+            if quality >= 100:
+                params.update(lossless=True, exact=True)
+            images[0].save(buf, "WEBP", quality=quality, **params)
+    except UpscaledError:
+        raise
+    except Exception as exc:
+        raise OutputError(f"the animated {fmt} encoder failed on {len(images)} frames of "
+                          f"{images[0].size[0]}x{images[0].size[1]}: {exc}") from None
+    data = buf.getvalue()
+    if fmt == "png" and (prep.xmp or prep.iptc):
+        try:
+            data = md.exiv2_write(data, xmp=prep.xmp, iptc=prep.iptc)
+        except Exception as exc:
+            notes.append(f"exiv2 could not write the png metadata; it was dropped ({exc})")
+    return data, notes
