@@ -19,7 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from daemon.errors import ConfigError
+from daemon.hooks import Hooks
+from daemon.imageio import DEFAULT_PNG_COMPRESSION
+from daemon.media.formats import OUTPUT_FORMATS
 from daemon.protocol import BENCHMARK_METRICS, DOWNSCALES, UPSCALE_METRICS
+from daemon.sizing import TargetSize, check_rule
 from models.backends import Backend, backend_of
 from models.catalog import get_entry
 from models.errors import UpscaledError
@@ -30,16 +34,23 @@ DEFAULT_CONFIG = "settings.toml"
 DEFAULT_IGNORE = [".*", "*.part", "*.tmp", "*.crdownload", "Thumbs.db", "desktop.ini", "*.error.json",
                   "*.prompt.txt"]
 FORMATS = ("png", "jpg", "webp", "tiff")
-NAME_FIELDS = {"stem", "model", "scale", "ext", "folder", "rule"}
+NAME_FIELDS = {"stem", "model", "scale", "ext", "folder", "rule", "width", "height", "date"}
 # Rule keys of older versions that are a backend's parameters now: read from the rule's top level into `params`.
 LEGACY_PARAM_KEYS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "noise_level", "seed")
 # Rule keys added after fingerprints were first recorded: left out of the fingerprint while at their defaults, so a
 # rule that does not use them keeps the fingerprint (and the finished jobs) it had.
-_LATER_KEYS: tuple[str, ...] = ()
+_LATER_KEYS: tuple[str, ...] = ("width", "height", "max_side", "fit", "max_passes", "metadata")
+# Rule keys that never change the pixels written: not in the fingerprint (the same content under a rule that differs
+# only in these is the same job). compression changes the file's size, never a pixel.
+_NOT_OUTPUT = ("folder", "device", "precision", "params", "on_done", "on_failed", "compression")
 
 
-class Rule(BaseModel):
-    """What to do with the images of one inbox folder (and the folders below it)."""
+class Rule(TargetSize, Hooks, BaseModel):
+    """What to do with the images of one inbox folder (and the folders below it).
+
+    The target-size keys (``width``, ``height``, ``max_side``, ``fit``, ``max_passes``) come from
+    :class:`daemon.sizing.TargetSize`, the hooks (``on_done``, ``on_failed``) from :class:`daemon.hooks.Hooks`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,9 +59,10 @@ class Rule(BaseModel):
     scale: float = 2  # the model's native scale (picks its weights)
     outscale: float | None = None  # final scale; a Lanczos/area resize finishes where it differs from `scale`
     mode: Literal["upscale", "benchmark"] = "upscale"
-    format: Literal["png", "jpg", "webp", "tiff"] | None = None  # None keeps the input's format where it can
-    quality: int = Field(default=95, ge=1, le=100)  # jpg and webp (webp 100 = lossless)
-    compression: int = Field(default=6, ge=0, le=9)  # png and tiff zlib level: 1 is fast, 9 is small
+    format: Literal[OUTPUT_FORMATS] | None = None  # None keeps the input's format where it can
+    quality: int = Field(default=95, ge=1, le=100)  # jpg, webp, avif, heic, jxl (webp and jxl 100 = lossless)
+    compression: int = Field(default=DEFAULT_PNG_COMPRESSION, ge=0, le=9)  # png/tiff: 1 is fast, 9 is small
+    metadata: Literal["keep", "strip", "basic"] = "keep"  # EXIF/XMP/IPTC kept; strip: ICC only; basic: ICC + date
     naming: str = "{stem}.{model}.x{scale}.{ext}"
     device: str | None = None  # overrides the service's device
     metrics: list[str] | None = None  # None: every metric of the mode; []: none
@@ -97,7 +109,8 @@ class Rule(BaseModel):
         unknown = fields - NAME_FIELDS
         if unknown:
             raise ValueError(f"unknown field(s) {sorted(unknown)} in {v!r}; use {sorted(NAME_FIELDS)}")
-        sample = v.format(stem="a", model="m", scale="2", ext="png", folder="f", rule="r")
+        sample = v.format(stem="a", model="m", scale="2", ext="png", folder="f", rule="r", width=1, height=1,
+                          date="2026-01-01")
         if "/" in sample or "\\" in sample or sample in ("", ".", ".."):
             raise ValueError(f"must give a plain file name without folders, got {v!r}")
         return v
@@ -158,9 +171,26 @@ class Rule(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _size(self) -> Rule:
+        """A size the model cannot reach the way the rule asks (x16 from a x4 model that cannot take its own
+        output) is refused at start, not quietly served by a Lanczos enlargement."""
+        try:
+            backend = self.backend()
+        except UpscaledError:
+            return self
+        if backend.any_scale or self.mode == "benchmark":
+            return self
+        check = check_rule(self.scale, target=self if self.has_target else None, outscale=self.outscale,
+                           chainable=backend.chainable, model=self.model)
+        if not check.ok:
+            raise ValueError(check.message)
+        return self
+
+    @model_validator(mode="after")
     def _benchmark(self) -> Rule:
-        if self.mode == "benchmark" and (self.final_scale != self.scale or self.scale != int(self.scale)):
-            raise ValueError("mode: benchmark mode needs an integer scale and no different outscale")
+        if self.mode == "benchmark" and (self.final_scale != self.scale or self.scale != int(self.scale)
+                                         or self.has_target):
+            raise ValueError("mode: benchmark mode needs an integer scale and no outscale or target size")
         return self
 
     @property
@@ -195,7 +225,7 @@ class Rule(BaseModel):
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes the output. Same file + same fingerprint = same job."""
-        exclude = {"folder", "device", "precision", "params"}  # how to compute, like the device
+        exclude = set(_NOT_OUTPUT)
         defaults = type(self).model_fields
         exclude |= {k for k in _LATER_KEYS if getattr(self, k) == defaults[k].get_default(call_default_factory=True)}
         data = self.model_dump(exclude=exclude)
@@ -209,8 +239,9 @@ def check_device(v: str) -> str:
     raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
 
 
-class Settings(BaseSettings):
-    """The service's settings. See the README's configuration reference for every key."""
+class Settings(Hooks, BaseSettings):
+    """The service's settings. See docs/configuration.md for every key (``on_done``/``on_failed`` here run for
+    every rule, beside a rule's own)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 

@@ -149,4 +149,5 @@ class Intake:
         except UpscaledError as exc:
             return JobSpec(sha=failure_key(rel, st), failure=exc, input_size=st.st_size, **base)
         return JobSpec(sha=sha, input_size=st.st_size, input_id=FileId.of(st), input_format=probe.format,
+                       input_width=probe.width, input_height=probe.height, frames=probe.frames,
                        **(base | {"rule": rule}))

@@ -92,6 +92,9 @@ class JobSpec:
     input_size: int | None = None
     input_id: FileId | None = None
     input_format: str | None = None
+    input_width: int | None = None  # from the header, for the output's name and size before it is decoded
+    input_height: int | None = None
+    frames: int = 1
     fingerprint: str | None = None  # default: the rule's
     failure: Exception | None = None  # set when the file must fail without ever being offered to a worker
 
@@ -118,6 +121,9 @@ class Job:
     input_size: int | None = None
     input_id: FileId | None = None
     input_format: str | None = None
+    input_width: int | None = None
+    input_height: int | None = None
+    frames: int = 1
     output_path: str | None = None
     input_moved_to: str | None = None
     error_kind: str | None = None
@@ -244,7 +250,9 @@ class MemoryStore:
                           folder=spec.rule.folder if spec.folder is None else spec.folder,
                           attempts=1 if failing else 0, worker=worker_id() if failing else None,
                           node=node if failing else None, input_size=spec.input_size, input_id=spec.input_id,
-                          input_format=spec.input_format, created_at=now, started_at=now if failing else None)
+                          input_format=spec.input_format, input_width=spec.input_width,
+                          input_height=spec.input_height, frames=spec.frames, created_at=now,
+                          started_at=now if failing else None)
                 self._rows[job_id] = _Row(job, heartbeat_at=now if failing and node else None)
                 self._keys[key] = job_id
                 out.append(Registered(job, True))

@@ -76,7 +76,8 @@ def _one(stages: Stages, settings: Settings, path: Path, rule: Rule, out: Root, 
             return
     fingerprint = hashlib.sha256(f"{rule.fingerprint()}:{out.path}".encode()).hexdigest()[:16]
     spec = JobSpec(sha=sha, rule=rule, input_size=st.st_size, input_id=FileId.of(st), input_format=probe.format,
-                   fingerprint=fingerprint, **base)
+                   input_width=probe.width, input_height=probe.height, frames=probe.frames, fingerprint=fingerprint,
+                   **base)
     reg = store.register([spec])[0]
     job = reg.job
     report["job"] = job.id

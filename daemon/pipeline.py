@@ -24,27 +24,35 @@ from typing import Any
 import cv2
 import numpy as np
 
-from daemon import imageio
+from daemon import imageio, sizing
 from daemon.config import Rule, Settings
 from daemon.errors import ImageTooLargeError
 from daemon.fsops import NAME_MAX
 from daemon.metrics import Brisque, Metric, full_reference, lr_consistency
 from daemon.protocol import check_size, make_lr, modcrop, quantise
+from daemon.sizing import SizePlan
 from models.base import Upscaler
 from models.catalog import model_label
-from models.resize import finish_resize, resize
+from models.resize import resize
 
 # Output names leave room for a "-NN" de-duplication suffix and for ".compare.png" beside them.
 _OUTPUT_NAME_MAX = NAME_MAX - 16
 LOSSY = ("jpg", "webp", "avif", "heic", "jxl")
 
 
-def output_name(rule: Rule, rel: PurePosixPath, fmt: str) -> str:
-    """The rule's naming template filled in, with the input's stem shortened if the name would be too long."""
+def output_name(rule: Rule, rel: PurePosixPath, fmt: str, plan: SizePlan | None = None,
+                date: str = "") -> str:
+    """The rule's naming template filled in, with the input's stem shortened if the name would be too long.
+
+    ``plan`` gives ``{width}``, ``{height}`` (and ``{scale}`` for a target size: the factor reached); ``date`` is
+    ``{date}``."""
     stem = rel.stem
+    scale = f"{plan.factor:.3g}" if plan is not None and rule.has_target else f"{rule.final_scale:g}"
+    width, height = plan.output if plan is not None else (0, 0)
     while True:
-        name = rule.naming.format(stem=stem, model=model_label(rule.model), scale=f"{rule.final_scale:g}",
-                                  ext=fmt, folder=rule.folder.replace("/", "_") or "root", rule=rule.fingerprint())
+        name = rule.naming.format(stem=stem, model=model_label(rule.model), scale=scale, ext=fmt,
+                                  folder=rule.folder.replace("/", "_") or "root", rule=rule.fingerprint(),
+                                  width=width, height=height, date=date)
         excess = len(name.encode("utf-8", "surrogateescape")) - _OUTPUT_NAME_MAX
         if excess <= 0 or not stem:
             return name
@@ -53,8 +61,30 @@ def output_name(rule: Rule, rel: PurePosixPath, fmt: str) -> str:
 
 
 def output_format(rule: Rule, input_format: str | None) -> str:
-    """The rule's format, else the input's (a BMP or GIF still becomes PNG, as :mod:`daemon.imageio` decodes)."""
+    """The rule's format, else the input's (a BMP becomes PNG, as :mod:`daemon.imageio` decodes it)."""
     return rule.format or input_format or "png"
+
+
+def size_plan(rule: Rule, width: int, height: int) -> tuple[SizePlan, float]:
+    """How an input of ``width`` x ``height`` reaches the rule's output size: the model's native passes (two for
+    x16 with a x4 model, up to ``max_passes``), then a final resize (and a crop for ``fit = "cover"``).
+
+    In benchmark mode the size is the LR image's (the HR image cropped to the scale, divided by it). A resampling
+    filter (classical) goes to the exact size in one pass; a model that cannot take its own output runs once.
+    Returns the plan and the native scale the model is loaded at."""
+    backend = rule.backend()
+    if rule.mode == "benchmark":
+        s = int(rule.scale)
+        return sizing.plan((width // s, height // s), rule.scale), rule.scale
+    target = rule if rule.has_target else None
+    if backend.any_scale:
+        factor = rule.final_scale
+        if target is not None:
+            scaled, _ = sizing.target_size((width, height), target)
+            factor = max(scaled[0] / width, scaled[1] / height)
+        return sizing.plan((width, height), factor, target=target, max_passes=1), factor
+    return sizing.plan((width, height), rule.scale, target=target, outscale=rule.outscale,
+                       max_passes=rule.max_passes if backend.chainable else 1), rule.scale
 
 
 def colour_of(pixels: np.ndarray) -> np.ndarray:
@@ -82,18 +112,6 @@ def to_float(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def fit(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The finishing resize to ``size`` = (w, h): Lanczos when enlarging, area when reducing; any dtype."""
-    h, w = img.shape[:2]
-    if (w, h) == tuple(size):
-        return img
-    if img.dtype == np.uint8:
-        flag = cv2.INTER_LANCZOS4 if size[0] * size[1] > w * h else cv2.INTER_AREA
-        out = cv2.resize(img, size, interpolation=flag)
-        return out[:, :, None] if img.ndim == 3 and out.ndim == 2 else out
-    return finish_resize(img, size)
-
-
 @dataclass
 class Work:
     """The pixels of one job between stages, and what is recorded about them."""
@@ -101,7 +119,8 @@ class Work:
     decoded: imageio.Decoded
     src: np.ndarray  # the model's input: uint8, or float32 for 16-bit; the LR image in benchmark mode
     alpha: np.ndarray | None
-    size: tuple[int, int]  # output (width, height)
+    plan: SizePlan
+    native: float  # the scale the model is loaded at
     bits: int
     grey: bool
     hr: np.ndarray | None = None  # benchmark mode: the float ground truth
@@ -110,6 +129,16 @@ class Work:
     colour: np.ndarray | None = None  # the model's output at the final size (src's dtype)
     out: np.ndarray | None = None  # the integer array that was encoded
     frames_out: list[imageio.Frame] = field(default_factory=list)  # an animation's output frames
+    frame_metrics: list[list[Metric]] = field(default_factory=list)  # an animation's metrics, frame by frame
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The output (width, height)."""
+        return self.plan.output
+
+    @property
+    def animated(self) -> bool:
+        return bool(self.frames_out)
 
     @property
     def pixels_in(self) -> int:
@@ -145,15 +174,26 @@ def prepare(rule: Rule, decoded: imageio.Decoded, settings: Settings) -> Work:
             a = resize(to_float(modcrop(alpha[:, :, None], s)), lr_size, "area")[:, :, 0]
             alpha = np.rint(a * peak).astype(src.dtype)
         colour = src
-    h, w = colour.shape[:2]
-    size = (round(w * rule.final_scale), round(h * rule.final_scale))
-    total = size[0] * size[1] * max(1, decoded.frames)
+    plan, native = size_plan(rule, decoded.width, decoded.height)
+    size = plan.output
+    frames = decoded.frames if animates(rule, decoded) else 1
+    total = size[0] * size[1] * frames
     if total > settings.max_output_pixels:
         raise ImageTooLargeError(f"the output would be {size[0]}x{size[1]}"
-                                 f"{f' x {decoded.frames} frames' if decoded.frames > 1 else ''} = {total} pixels, "
+                                 f"{f' x {frames} frames' if frames > 1 else ''} = {total} pixels, "
                                  f"over the max_output_pixels limit of {settings.max_output_pixels}")
-    return Work(decoded=decoded, src=to_model(colour), alpha=alpha, size=size, bits=decoded.bits,
-                grey=decoded.grey, hr=hr, fields=fields, notes=list(decoded.notes))
+    notes = list(decoded.notes) + plan.notes
+    if decoded.frames > 1 and frames == 1 and rule.mode != "benchmark":
+        notes.append(f"the input has {decoded.frames} frames and {output_format(rule, decoded.format)} holds one; "
+                     "only the first frame was upscaled")
+    return Work(decoded=decoded, src=to_model(colour), alpha=alpha, plan=plan, native=native, bits=decoded.bits,
+                grey=decoded.grey, hr=hr, fields=fields, notes=notes)
+
+
+def animates(rule: Rule, decoded: imageio.Decoded) -> bool:
+    """Whether every frame is upscaled: an animated input, and an output format that holds an animation."""
+    return decoded.frames > 1 and rule.mode != "benchmark" and \
+        output_format(rule, decoded.format) in imageio.ANIMATED_FORMATS
 
 
 def _interim_call(up: Upscaler, pixels: np.ndarray, params: Any) -> np.ndarray:  # until the models branch lands
@@ -162,41 +202,67 @@ def _interim_call(up: Upscaler, pixels: np.ndarray, params: Any) -> np.ndarray: 
     return np.rint(np.clip(y, 0, 1) * 255.0).astype(np.uint8) if pixels.dtype == np.uint8 else y
 
 
+def _model(up: Upscaler, params: Any, img: np.ndarray, plan: SizePlan) -> np.ndarray:
+    """The model's passes, then the final resize (and crop) of the plan."""
+    for _ in range(plan.passes):
+        img = _interim_call(up, img, params)
+    return sizing.apply_final(img, plan)
+
+
 def _enlarge(rule: Rule, up: Upscaler, params: Any, colour: np.ndarray, alpha: np.ndarray | None,
-             size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
-    """One frame: the model, the finishing resize, and the alpha channel."""
-    out = fit(_interim_call(up, colour, params), size)
+             plan: SizePlan) -> tuple[np.ndarray, np.ndarray | None]:
+    """One frame: the model, the finishing resize, and the alpha channel (by the model, or resized)."""
+    out = _model(up, params, colour, plan)
     alpha_out = None
     if alpha is not None:
         if rule.alpha == "model":
-            a = _interim_call(up, to_model(np.repeat(alpha[:, :, None], 3, axis=2)), params)
-            alpha_out = fit(a, size).mean(axis=2).astype(a.dtype) if a.dtype != np.uint8 else \
-                np.rint(fit(a, size).mean(axis=2)).astype(np.uint8)
-        else:
-            a = resize(to_float(alpha)[:, :, None], size, "bicubic")[:, :, 0]
+            a = _model(up, params, to_model(np.repeat(alpha[:, :, None], 3, axis=2)), plan)
+            mean = a.astype(np.float32).mean(axis=2)
+            alpha_out = np.rint(mean).astype(np.uint8) if a.dtype == np.uint8 else mean
+        else:  # a plain resize to the plan's size (then the same crop)
+            direct = sizing.SizePlan(plan.source, 1, plan.source, plan.scaled, plan.output, plan.crop,
+                                     sizing.final_filter(plan.source, plan.scaled))
+            a = sizing.apply_final(to_float(alpha), direct)
             alpha_out = a if alpha.dtype != np.uint8 else np.rint(a * 255.0).astype(np.uint8)
     return out, alpha_out
 
 
-def run(rule: Rule, work: Work, up: Upscaler, params: Any = None) -> None:
+def run(rule: Rule, work: Work, up: Upscaler, params: Any = None,
+        brisque: Callable[[], Brisque | None] | None = None) -> None:
     """Run the model on ``work`` (every frame of an animation), leaving the result in ``work``.
+
+    An animation's frames are decoded, upscaled and assembled one at a time (the input never held whole), and their
+    metrics are measured as each frame goes by (``brisque`` gives the no-reference scorer).
 
     Raises:
         Whatever the model raises (OutOfMemoryError, NonFiniteOutputError, ImageTooSmallError, ...).
     """
-    colour, alpha = _enlarge(rule, up, params, work.src, work.alpha, work.size)
+    colour, alpha = _enlarge(rule, up, params, work.src, work.alpha, work.plan)
     work.colour = colour
-    if work.decoded.frames > 1 and rule.mode != "benchmark":
+    if animates(rule, work.decoded):
         first = work.decoded.first
-        work.frames_out = [imageio.Frame(imageio.assemble(colour, alpha, work.bits, work.grey),
-                                         first.duration_ms, first.disposal)]
+        frames = [(first, colour, alpha, work.src)]
         for frame in work.decoded.rest():
-            c, a = _enlarge(rule, up, params, to_model(colour_of(frame.pixels)), alpha_of(frame.pixels), work.size)
-            work.frames_out.append(imageio.Frame(imageio.assemble(c, a, work.bits, work.grey), frame.duration_ms,
-                                                 frame.disposal))
+            src = to_model(colour_of(frame.pixels))
+            c, a = _enlarge(rule, up, params, src, alpha_of(frame.pixels), work.plan)
+            frames.append((frame, c, a, src))
+            if len(frames) > 1:
+                _keep_frame(rule, work, *frames.pop(0), brisque)
+        for f in frames:
+            _keep_frame(rule, work, *f, brisque)
     else:
         work.out = imageio.assemble(colour, alpha, work.bits, work.grey)
     work.fields.update(backend=up.backend, device=up.device, precision=up.precision)
+
+
+def _keep_frame(rule: Rule, work: Work, frame: imageio.Frame, colour: np.ndarray, alpha: np.ndarray | None,
+                src: np.ndarray, brisque: Callable[[], Brisque | None] | None) -> None:
+    """One output frame of an animation: assembled at output size (the only copy kept), and measured now."""
+    work.frames_out.append(imageio.Frame(imageio.assemble(colour, alpha, work.bits, work.grey), frame.duration_ms,
+                                         frame.disposal, frame.blend))
+    if rule.metric_names and brisque is not None:
+        work.frame_metrics.append(_upscale_metrics(rule.metric_names, _written(colour, work.bits), to_float(src),
+                                                   brisque, work.notes))
 
 
 def encode(rule: Rule, work: Work, fmt: str) -> bytes:
@@ -208,10 +274,11 @@ def encode(rule: Rule, work: Work, fmt: str) -> bytes:
     meta = work.decoded.meta
     if work.frames_out:
         data, notes = imageio.encode_animation(work.frames_out, fmt, loop=work.decoded.loop, quality=rule.quality,
-                                               compression=rule.compression, meta=meta)
+                                               compression=rule.compression, meta=meta, policy=rule.metadata)
     else:
         assert work.out is not None
-        data, notes = imageio.encode(work.out, fmt, quality=rule.quality, compression=rule.compression, meta=meta)
+        data, notes = imageio.encode(work.out, fmt, quality=rule.quality, compression=rule.compression, meta=meta,
+                                     policy=rule.metadata)
     work.notes += notes
     work.fields.update(output_width=work.size[0], output_height=work.size[1], output_format=fmt,
                        output_size=len(data))
@@ -219,31 +286,52 @@ def encode(rule: Rule, work: Work, fmt: str) -> bytes:
 
 
 def measure(rule: Rule, work: Work, data: bytes, fmt: str, brisque: Callable[[], Brisque | None]) -> list[Metric]:
-    """The rule's metrics on the pixels as written. Never raises for a metric that cannot be computed: it is left
-    out and a note says why."""
+    """The rule's metrics on the pixels as written (a lossy output decoded again, under exactly its own size; it is
+    our output, not an untrusted input). An animation's metrics were measured frame by frame in :func:`run`: their
+    means. Never raises for a metric that cannot be computed: it is left out and a note says why."""
     names = rule.metric_names
     if not names or work.colour is None:
         return []
-    if fmt in LOSSY:  # our own output: its size is known, so decode it under exactly that limit
-        written8 = colour_of(imageio.decode_bytes(data, work.size[0] * work.size[1], name="the output").first.pixels)
-        written = to_float(written8)
-    elif work.colour.dtype == np.uint8:
-        written8, written = work.colour, to_float(work.colour)
-    else:  # 16-bit: the float output on the grid of the file
-        written = quantise(work.colour, work.bits)
-        written8 = np.rint(written * 255.0).astype(np.uint8)
+    if work.animated:
+        return _summarise(work.frame_metrics, len(work.frames_out))
+    if fmt in LOSSY:
+        written = to_float(colour_of(imageio.decode_bytes(data, work.size[0] * work.size[1],
+                                                          name="the output").first.pixels))
+    else:
+        written = _written(work.colour, work.bits)
     if rule.mode == "benchmark":
         assert work.hr is not None
         return full_reference(written, work.hr, int(rule.scale), names)
-    results = lr_consistency(written, to_float(work.src), names)
+    return _upscale_metrics(names, written, to_float(work.src), brisque, work.notes)
+
+
+def _written(colour: np.ndarray, bits: int) -> np.ndarray:
+    """The model's output as the file holds it (float in [0, 1] on the file's sample grid)."""
+    return to_float(colour) if colour.dtype != np.float32 else quantise(colour, bits)
+
+
+def _upscale_metrics(names: tuple[str, ...], written: np.ndarray, src: np.ndarray,
+                     brisque: Callable[[], Brisque | None], notes: list[str]) -> list[Metric]:
+    results = lr_consistency(written, src, names)
     if "brisque" in names:
         scorer = brisque()
         if scorer is None:
-            work.notes.append("brisque skipped: its model files are not in weights_dir (upscaled weights fetch "
-                              "brisque)")
+            if not any(n.startswith("brisque skipped") for n in notes):
+                notes.append("brisque skipped: its model files are not in weights_dir (upscaled weights fetch "
+                             "brisque)")
         else:
-            results.append(scorer(written8))
+            results.append(scorer(written))
     return results
+
+
+def _summarise(per_frame: list[list[Metric]], frames: int) -> list[Metric]:
+    """One row per metric over an animation's frames: the mean, with the frame count in its protocol."""
+    by_name: dict[str, list[Metric]] = {}
+    for metrics in per_frame:
+        for m in metrics:
+            by_name.setdefault(m.name, []).append(m)
+    return [Metric(name, float(np.mean([m.value for m in ms])), ms[0].space, ms[0].shave, ms[0].reference,
+                   f"mean over {len(ms)} of {frames} frames; " + ms[0].protocol) for name, ms in by_name.items()]
 
 
 def comparison_image(work: Work) -> np.ndarray:

@@ -33,6 +33,7 @@ from daemon.config import Settings, load_settings
 from daemon.dispositions import Archive, Follow, LeaveToOwner, Mover, Policy, Quarantine, Requeue, Wait, for_existing
 from daemon.errors import ConfigError
 from daemon.fsops import Root, display
+from daemon.hooks import HookRunner
 from daemon.intake import Intake
 from daemon.jobs import Job, JobSpec, worker_id
 from daemon.notify import Notifier
@@ -84,8 +85,10 @@ class Service:
         self.telemetry = Telemetry(self.node, __version__, devices.build_info(), memory=devices.memory_used,
                                    health=self)
         self.http = HttpServer(s.http_listen, self.telemetry, self) if s.http_listen else None
+        self.hooks = HookRunner(self.store.record_hook)
         self.stages = Stages(s, self.store, cache or ModelCache(), self.inbox, self.outbox, self.mover,
-                             node=self.node, on_outcome=self._on_outcome, clock=clock, telemetry=self.telemetry)
+                             node=self.node, on_outcome=self._on_outcome, clock=clock, telemetry=self.telemetry,
+                             hooks=self.hooks)
         self.runner = Runner(self.stages, s.devices(), s.workers, lambda _name: worker_id(), clock=clock)
         self.cluster = Cluster(s, self.store, s.workers * len(s.devices()), on_recovered=self._on_recovered)
         self.watcher = Watcher(s.inbox, s.ignore, s.settle_seconds, polling=s.observer == "polling",
@@ -155,6 +158,7 @@ class Service:
 
     def shutdown(self) -> None:
         self.watcher.stop()
+        self.hooks.close(timeout=5.0)  # what is queued gets a few seconds; the rest is recorded as not run
         if self.http is not None:
             self.http.close()
         self.cluster.leave()

@@ -320,7 +320,8 @@ class SqlStore:
                    input_path=m["input_path"], source=m["source"], folder=m["folder"], attempts=m["attempts"],
                    worker=m["worker"], node=m["node"], input_size=m["input_size"],
                    input_id=None if m["input_dev"] is None else FileId(m["input_dev"], m["input_ino"]),
-                   input_format=m["input_format"], output_path=m["output_path"],
+                   input_format=m["input_format"], input_width=m["input_width"], input_height=m["input_height"],
+                   frames=m["frames"] or 1, output_path=m["output_path"],
                    input_moved_to=m["input_moved_to"], error_kind=m["error_kind"], error=m["error"],
                    metrics_state=m["metrics_state"], created_at=m["created_at"], started_at=m["started_at"],
                    finished_at=m["finished_at"], next_attempt_at=m["next_attempt_at"],
@@ -334,7 +335,8 @@ class SqlStore:
                     rel_path=rel_path, rel_path_raw=raw, input_path=text_form(spec.input_path),
                     input_size=spec.input_size, input_dev=None if spec.input_id is None else spec.input_id.dev,
                     input_ino=None if spec.input_id is None else spec.input_id.ino,
-                    input_format=spec.input_format, model_id=rule.model, scale=rule.scale,
+                    input_format=spec.input_format, input_width=spec.input_width, input_height=spec.input_height,
+                    frames=spec.frames, model_id=rule.model, scale=rule.scale,
                     outscale=rule.final_scale, mode=rule.mode, rule_json=rule.model_dump_json())
 
     # --- transitions -------------------------------------------------------------------------------------------------

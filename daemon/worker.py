@@ -37,6 +37,7 @@ from daemon.config import Settings
 from daemon.dispositions import Archive, Mover, Policy, Quarantine, RetryAt, after_run
 from daemon.errors import InputChangedError, InternalError, UnreadableFileError, UnsafePathError
 from daemon.fsops import Root, display, fit_name, text_form
+from daemon.hooks import HookEvent, HookRunner
 from daemon.jobs import Finished, Job, JobStore
 from daemon.metrics import Brisque, Metric
 from daemon.telemetry import STAGES as TELEMETRY_STAGES
@@ -103,7 +104,8 @@ class Stages:
 
     def __init__(self, settings: Settings, store: JobStore, cache: ModelCache, inbox: Root | None, outbox: Root,
                  mover: Mover | None, node: str | None = None, on_outcome: Outcome | None = None,
-                 clock: Callable[[], float] = time.monotonic, telemetry: Telemetry | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, telemetry: Telemetry | None = None,
+                 hooks: HookRunner | None = None) -> None:
         self.settings = settings
         self.store = store
         self.cache = cache
@@ -113,6 +115,7 @@ class Stages:
         self.on_outcome = on_outcome or (lambda task, status: None)
         self.clock = clock
         self.telemetry = telemetry
+        self.hooks = hooks
         self.log = logs.get()
         self._brisque: Brisque | None | bool = False  # False: not looked up yet
         self._brisque_lock = threading.Lock()
@@ -130,7 +133,10 @@ class Stages:
         # database, and other programs read the outbox.
         rel = PurePosixPath(text_form(str(job.rel)))
         rel_dir = rel.parent if job.source == "watch" else PurePosixPath()
-        target = rel_dir / pipeline.output_name(job.rule, rel, fmt)
+        plan = pipeline.size_plan(job.rule, job.input_width, job.input_height)[0] \
+            if job.input_width and job.input_height else None
+        date = (job.created_at or self.store.clock()).date().isoformat()
+        target = rel_dir / pipeline.output_name(job.rule, rel, fmt, plan, date)
         stem, suffix = target.stem, target.suffix
         candidate, n = target, 0
         try:
@@ -201,7 +207,11 @@ class Stages:
         assert work is not None
         ctx = LoadContext(self.settings.weights_dir, rule.device or device, rule.tile, rule.precision)
         with task.timer.stage("load"):
-            up, _ = self.cache.get(rule.model, rule.native_scale(), ctx)
+            backend = rule.backend()
+            if backend.any_scale:  # a resampling filter at this image's own factor: nothing to load or cache
+                up = backend.load(get_entry(rule.model), work.native, ctx)
+            else:
+                up, _ = self.cache.get(rule.model, work.native, ctx)
         task.device = up.device
         sink = (lambda done, total, unit="tile": self._progress(task, beat, done, total, unit)) if beat else None
         if self.telemetry is not None:
@@ -210,10 +220,10 @@ class Stages:
             failpoints.hit("in-infer")
             with task.timer.stage("infer"):
                 if sink is None:
-                    pipeline.run(rule, work, up, rule.model_params())
+                    pipeline.run(rule, work, up, rule.model_params(), self.brisque)
                 else:
                     with progress.reporting(sink):
-                        pipeline.run(rule, work, up, rule.model_params())
+                        pipeline.run(rule, work, up, rule.model_params(), self.brisque)
         finally:
             if self.telemetry is not None:
                 self.telemetry.job_ended(up.device)
@@ -365,7 +375,9 @@ class Stages:
         self.report(task, "done")
 
     def report(self, t: Task, status: str) -> None:
-        """The job's outcome, stage times and pixels, for the Prometheus metrics."""
+        """The job's outcome, for the Prometheus metrics and the rule's (and the service's) hooks."""
+        if status in ("done", "failed"):
+            self._hook(t, status)
         if self.telemetry is None:
             return
         times = {k: v for k, v in t.timer.times.items() if k in TELEMETRY_STAGES}
@@ -427,6 +439,22 @@ class Stages:
                       notes=(t.work.notes if t.work else None) or None,
                       **{m.name: round(m.value, 4) for m in t.metrics})
         t.data = None  # the encoded bytes are no longer needed
+
+    def _hook(self, t: Task, status: str) -> None:
+        """Run the ``on_done`` / ``on_failed`` hooks of the job's rule and of the service, after the commit; they
+        run on the hook runner's threads and never hold up the worker nor change the job's outcome."""
+        if self.hooks is None:
+            return
+        rule, job = t.job.rule, t.job
+        hooks = [*getattr(rule, f"on_{status}"), *getattr(self.settings, f"on_{status}")]
+        if not hooks:
+            return
+        times = {f"t_{k}": round(v, 4) for k, v in t.timer.times.items()}
+        self.hooks.submit(hooks, HookEvent(
+            event=status, job_id=job.id, input=t.moved_to or job.input_path, output=job.output_path if status ==
+            "done" else None, model=rule.model, rule=job.folder, times=times,
+            metrics={m.name: m.value for m in t.metrics}, error=None if t.error is None else str(t.error),
+            error_kind=None if t.error is None else t.error.kind))
 
     # --- all of it, in the calling thread --------------------------------------------------------------------------
     def run_task(self, task: Task, device: str, beat: Beat | None = None) -> None:

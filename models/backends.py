@@ -79,6 +79,7 @@ class Backend:
     params: type[BaseModel] = NoParams
     any_scale: bool = False  # resampling filters: the native scale is the rule's final scale
     takes_prompt: bool = False  # reads a `<image>.prompt.txt` sidecar into params.prompt
+    chainable: bool = True  # can take its own output as input (a x16 target with a x4 model: two passes)
 
     def available(self) -> str | None:
         """None when the backend's packages are installed, else what is missing and how to install it.
@@ -140,7 +141,7 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("opencv", "models.opencv_sr", None, requires=("cv2",)),
     Backend("spandrel", "models.spandrel_sr", "gan", requires=("torch", "spandrel")),
     Backend("diffusion", "models.diffusion_sd", "diffusion", requires=("torch", "diffusers", "transformers"),
-            params=DiffusionParams, takes_prompt=True),
+            params=DiffusionParams, takes_prompt=True, chainable=False),
 )
 
 
