@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from daemon.config import Rule, load_settings
-from daemon.service import process_once
-from daemon.store import Store
+from daemon.oneshot import process as process_once
+from daemon.store import SqlStore
 from tests.chromium import Browser, Page, require_chromium
 from tests.conftest import ROOT, image, write_config
 from tests.integration.test_web import WebServer, add_job
@@ -35,7 +35,7 @@ def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("web-chromium")
     cfg = write_config(tmp)
     settings = load_settings(cfg)
-    store = Store(settings.database)
+    store = SqlStore(settings.database)
     try:
         photos = [image(tmp / "in" / f"photo-{i}.png", (160, 120), seed=i) for i in range(4)]
         done = process_once(settings, photos, Rule(model="bicubic", scale=2), tmp / "out", store=store)
