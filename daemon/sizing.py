@@ -62,8 +62,7 @@ class TargetSize(BaseModel):
                                  f"width = {self.width}, height = {self.height}")
             if self.max_side is not None:
                 raise ValueError(f'max_side only works with fit = "inside", got fit = "{self.fit}"')
-        elif "fit" in self.model_fields_set and not given:
-            raise ValueError(f'fit = "{self.fit}" needs a width, a height or a max_side')
+        # (fit = "inside" with no size is the default, as a rule written back to JSON holds it: nothing to check)
         return self
 
     @property

@@ -54,6 +54,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
+from daemon import logs
 from daemon.config import Rule
 from daemon.fsops import FileId, text_form
 from daemon.jobs import (
@@ -307,7 +308,9 @@ class SqlStore:
                 rule = Rule.model_validate_json(rule_json or "{}")
                 if rule.model != m["model_id"]:  # "{}": a row from before rules were recorded
                     raise ValueError(rule_json)
-            except ValueError:  # a row written by an older version (or a bench row): what its columns say
+            except ValueError as exc:  # a row written by an older version: what its columns say
+                logs.get().warning("job.rule_unreadable", job=m["id"], error=str(exc).splitlines()[0],
+                                   note="read from the job's columns: model, scale, outscale, mode, folder")
                 rule = Rule.model_construct(model=m["model_id"], scale=m["scale"], outscale=m["outscale"],
                                             mode=m["mode"], folder=m["folder"])
             self._rules[rule_json or ""] = rule

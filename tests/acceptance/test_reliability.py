@@ -301,7 +301,9 @@ def test_more_than_30_kinds_of_bad_and_odd_input(tmp_path, weights_dir):
     assert got == expected
     assert secret.read_bytes() == _png(99)  # the link's target was never touched
     notes = (tmp_path / "daemon.log").read_text()
-    assert "only the first frame was upscaled" in notes and "only the first page was upscaled" in notes
+    assert "only the first page was upscaled" in notes  # a multi-page TIFF: pages are not an animation
+    with Image.open(jobs["animated.gif"]["output_path"]) as gif:  # every frame of an animation is upscaled
+        assert getattr(gif, "n_frames", 1) == jobs["animated.gif"]["frames"] > 1
     assert Image.open(jobs["rotated.jpg"]["output_path"]).size == (48, 64)  # EXIF rotation applied
     assert len(list((tmp_path / "failed").rglob("*.error.json"))) == sum(v != "done" for v in expected.values())
 
