@@ -1,0 +1,296 @@
+"""The mutation guard: break each invariant on purpose, one line at a time, and check that a test notices.
+
+``make test-mutations`` runs this. For every mutation of ``tests/mutations.toml`` it
+
+1. copies the tree (the files git tracks, plus new ones it does not ignore) into a temporary folder: never a git
+   worktree, never the checkout itself;
+2. replaces the mutation's ``find`` snippet, which must occur exactly once in its file (a refactor that moves or
+   changes the code fails the guard loudly, before anything runs, so the mutation has to move with the code);
+3. runs only the tests listed beside it there, ``-x`` (the first failure is the catch), with ``PYTHONPATH`` at the
+   copy and no bytecode written (a stale ``.pyc`` must never stand in for the mutated source);
+4. counts it caught if one of them failed; survived if they all passed; and an error if they skipped, timed out or
+   did not run (a skipped test proves nothing).
+
+First, unless ``--no-baseline``, the same tests run once on the unmutated copy: they must all pass, or a "catch"
+would mean nothing. (``.ci/run`` passes ``--no-baseline`` because ``make test`` has just run them.) Mutations run in
+sequence: they start daemons and share two cores with everything else.
+
+It prints a table (mutation, tests run, caught?, the test that caught it, seconds) and exits 1 if any mutation
+survived, 2 if the guard itself could not do its job (an anchor gone, a failing baseline, a skip or a timeout).
+
+Usage::
+
+    python tests/mutations.py                      # everything
+    python tests/mutations.py --list               # the mutations and their invariants
+    python tests/mutations.py --only window-on-fail --only backoff-not-capped --no-baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIST = Path(__file__).with_name("mutations.toml")
+KEYS = {"name", "invariant", "file", "find", "replace", "tests"}
+
+
+class GuardError(Exception):
+    """The guard cannot do its job: a bad list, an anchor that is gone, a failing baseline."""
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One named break of one invariant: ``find`` in ``file`` becomes ``replace``; ``tests`` must catch it."""
+
+    name: str
+    invariant: str
+    file: str
+    find: str
+    replace: str
+    tests: tuple[str, ...]
+
+    def apply(self, tree: Path) -> None:
+        """Mutate ``file`` under ``tree`` in place.
+
+        Raises:
+            GuardError: the snippet is not there exactly once.
+        """
+        path = tree / self.file
+        text = path.read_text()
+        n = text.count(self.find)
+        if n != 1:
+            raise GuardError(f"{self.name}: {self.file} holds {n} copies of its snippet, expected exactly 1: "
+                             f"{self.find!r}")
+        path.write_text(text.replace(self.find, self.replace))
+
+
+@dataclass
+class Outcome:
+    """What the tests did under one mutation (or on the baseline)."""
+
+    name: str
+    status: str  # caught, SURVIVED, error
+    ran: int = 0
+    listed: int = 0
+    by: str = ""  # the test that failed first, or why it is an error
+    seconds: float = 0.0
+    failed: list[str] = field(default_factory=list)
+    detail: str = field(default="", repr=False)
+
+
+def load(path: Path = LIST) -> list[Mutation]:
+    """The mutations of ``path``, checked for shape (not yet against the code).
+
+    Raises:
+        GuardError: an unknown or missing key, a duplicate name, a multi-line snippet, a no-op, no tests.
+    """
+    data = tomllib.loads(path.read_text())
+    out: list[Mutation] = []
+    for i, item in enumerate(data.get("mutation", [])):
+        where = f"{path.name}: mutation {i + 1} ({item.get('name', '?')})"
+        if set(item) != KEYS:
+            raise GuardError(f"{where}: keys {sorted(item)}, expected {sorted(KEYS)}")
+        m = Mutation(item["name"], item["invariant"], item["file"], item["find"], item["replace"],
+                     tuple(item["tests"]))
+        if "\n" in m.find or "\n" in m.replace:
+            raise GuardError(f"{where}: a mutation is one line; its snippets may not span lines")
+        if m.find == m.replace or not m.find:
+            raise GuardError(f"{where}: find and replace must differ and find may not be empty")
+        if not m.tests:
+            raise GuardError(f"{where}: no tests to catch it")
+        if any(o.name == m.name for o in out):
+            raise GuardError(f"{where}: the name {m.name!r} is used twice")
+        out.append(m)
+    if not out:
+        raise GuardError(f"{path}: no [[mutation]] entries")
+    return out
+
+
+def check_anchors(mutations: Iterable[Mutation], tree: Path = ROOT) -> list[str]:
+    """Every problem with the snippets against the code of ``tree``: a missing file, a snippet found 0 or 2+ times."""
+    problems = []
+    for m in mutations:
+        path = tree / m.file
+        if not path.is_file():
+            problems.append(f"{m.name}: {m.file} does not exist")
+            continue
+        n = path.read_text().count(m.find)
+        if n != 1:
+            problems.append(f"{m.name}: {m.file} holds {n} copies of {m.find!r} (expected exactly 1: move the "
+                            "mutation with the code it breaks)")
+    return problems
+
+
+def tree_files(root: Path = ROOT) -> list[str]:
+    """The files of the tree as git sees them: tracked ones, and new ones that are not ignored."""
+    res = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         capture_output=True, check=True)
+    names = [n for n in res.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
+    return sorted({n for n in names if (root / n).is_file() or (root / n).is_symlink()})
+
+
+def copy_tree(files: Sequence[str], dest: Path, root: Path = ROOT) -> None:
+    """Copy ``files`` (relative to ``root``) into ``dest``, links as links."""
+    for name in files:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, target, follow_symlinks=False)
+
+
+def child_env(tree: Path) -> dict[str, str]:
+    """The environment of a test run in ``tree``: its code first on the path, no bytecode written, the shared
+    weights and datasets where the checkout has them, and skips reported (not failed: see :func:`run_tests`)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tree)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["UPSCALED_SHARED"] = os.environ.get("UPSCALED_SHARED", str(ROOT.parent / "shared"))
+    env.pop("UPSCALED_REQUIRE_ALL", None)  # a skip must not pass for a catch: it is reported as an error instead
+    return env
+
+
+def run_tests(tree: Path, tests: Sequence[str], name: str, timeout: float, stop_first: bool = True) -> Outcome:
+    """Run ``tests`` in ``tree`` and say what happened (``caught`` when one failed)."""
+    junit = tree / f".mutation-{os.getpid()}.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--junitxml",
+           str(junit), "--rootdir", str(tree), *(["-x"] if stop_first else []), *tests]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=tree, env=child_env(tree), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # pytest and the daemons it started
+        out, _ = proc.communicate()
+        return Outcome(name, "error", listed=len(tests), by=f"timed out after {timeout:.0f} s",
+                       seconds=time.monotonic() - t0, detail=out)
+    seconds = time.monotonic() - t0
+    ran, failed, skipped = _junit(junit)
+    outcome = Outcome(name, "", ran=ran, listed=len(tests), seconds=seconds, detail=out, failed=failed)
+    if proc.returncode == 1 and failed:
+        outcome.status, outcome.by = "caught", failed[0]
+    elif proc.returncode == 0 and not skipped:
+        outcome.status = "SURVIVED"
+    elif proc.returncode == 0:
+        outcome.status, outcome.by = "error", f"skipped: {', '.join(skipped)}"
+    else:  # 2: interrupted (a collection error), 3: internal error, 4: usage (an unknown test id), 5: no tests
+        outcome.status, outcome.by = "error", f"pytest exited {proc.returncode}"
+    return outcome
+
+
+def _junit(path: Path) -> tuple[int, list[str], list[str]]:
+    """(tests run, the failed or errored ones in order, the skipped ones) from pytest's JUnit XML."""
+    if not path.exists():
+        return 0, [], []
+    ran, failed, skipped = 0, [], []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        ran += 1
+        test = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(test)
+        elif case.find("skipped") is not None:
+            skipped.append(test)
+    return ran, failed, skipped
+
+
+def table(outcomes: Sequence[Outcome]) -> str:
+    """The report: one row per mutation."""
+    head = ("mutation", "tests run", "caught?", "by", "seconds")
+    body = [(o.name, f"{o.ran}/{o.listed}", o.status, o.by, f"{o.seconds:.1f}") for o in outcomes]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run this mutation (repeat)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the unmutated run (when the same tests have just passed, as in .ci/run)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run (default 300)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary trees (their path is printed)")
+    parser.add_argument("--every", action="store_true",
+                        help="run every listed test (no -x) and count a mutation caught only if each one failed: "
+                             "checks the list itself, slower")
+    args = parser.parse_args(argv)
+    try:
+        mutations = load()
+        unknown = sorted(set(args.only) - {m.name for m in mutations})
+        if unknown:
+            raise GuardError(f"--only: no mutation named {unknown}")
+        if args.list:
+            for m in mutations:
+                print(f"{m.name}\n    {m.invariant}\n    {m.file}: {m.find!r} -> {m.replace!r}")
+                print("".join(f"    catches: {t}\n" for t in m.tests), end="")
+            return 0
+        problems = check_anchors(mutations)  # all of them, even with --only: a stale list fails at once
+        if problems:
+            raise GuardError("the code moved under these mutations:\n  " + "\n  ".join(problems))
+        chosen = [m for m in mutations if not args.only or m.name in args.only]
+        return _run(chosen, args)
+    except GuardError as exc:
+        print(f"mutation guard: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(mutations: Sequence[Mutation], args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    files = tree_files()
+    tmp = Path(tempfile.mkdtemp(prefix="upscaled-mutations-"))
+    outcomes: list[Outcome] = []
+    try:
+        if not args.no_baseline:
+            tests = list(dict.fromkeys(t for m in mutations for t in m.tests))
+            base = tmp / "baseline"
+            copy_tree(files, base)
+            print(f"baseline: {len(tests)} tests on the unmutated tree ...", flush=True)
+            b = run_tests(base, tests, "baseline", args.timeout * 2, stop_first=False)
+            if b.status != "SURVIVED":  # everything passed and nothing skipped
+                print(b.detail[-6000:], file=sys.stderr)
+                raise GuardError(f"the tests fail or skip on the unmutated tree ({b.status}: {b.by}); a mutation "
+                                 "caught by them would prove nothing")
+            print(f"baseline: {b.ran} passed in {b.seconds:.0f} s", flush=True)
+        for i, m in enumerate(mutations, 1):
+            tree = tmp / f"{i:02d}"
+            copy_tree(files, tree)
+            m.apply(tree)
+            o = run_tests(tree, m.tests, m.name, args.timeout, stop_first=not args.every)
+            if args.every and o.status == "caught" and len(o.failed) < len(m.tests):
+                o.status, o.by = "SURVIVED", f"only {len(o.failed)} of {len(m.tests)} listed tests failed"
+            outcomes.append(o)
+            print(f"[{i}/{len(mutations)}] {m.name}: {o.status} {o.by} ({o.seconds:.1f} s)", flush=True)
+            if o.status == "error":
+                print(o.detail[-4000:], file=sys.stderr)
+            if not args.keep:
+                shutil.rmtree(tree, ignore_errors=True)
+    finally:
+        if args.keep:
+            print(f"trees kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(table(outcomes))
+    survived = [o.name for o in outcomes if o.status == "SURVIVED"]
+    errors = [o.name for o in outcomes if o.status == "error"]
+    caught = len(outcomes) - len(survived) - len(errors)
+    print(f"\n{caught}/{len(outcomes)} caught in {time.monotonic() - started:.0f} s"
+          + (f"; SURVIVED: {', '.join(survived)}" if survived else "")
+          + (f"; errors: {', '.join(errors)}" if errors else ""))
+    return 2 if errors else 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
