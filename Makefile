@@ -11,7 +11,7 @@ WEIGHTS_MIRROR ?= $(wildcard ../shared/weights)
 RUN_WEIGHTS ?= fsrcnn brisque
 PYTEST_ARGS ?=
 
-.PHONY: install install-test run test test-fast lint bench clean
+.PHONY: install install-test run test test-fast lint bench test-mutations clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ test-fast: install-test
 
 bench: install
 	$(VENV)/bin/python benchmarks/throughput.py
+
+# The mutation guard (tests/mutations.py): each named one-line break of an invariant (tests/mutations.toml) is
+# applied to a copy of the tree, and the tests listed beside it must catch it. MUTATION_ARGS: --only NAME,
+# --no-baseline, --list, --every (see docs/reliability.md).
+MUTATION_ARGS ?=
+test-mutations: install-test
+	$(VENV)/bin/python tests/mutations.py $(MUTATION_ARGS)
 
 clean:
 	rm -rf $(VENV) var inbox outbox archive failed
