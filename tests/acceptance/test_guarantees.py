@@ -180,9 +180,12 @@ def test_sighup_reloads_ignore_and_settle_keeps_queued_rules_and_names_what_need
         new = put(tmp_path, "new.png", seed=9)
         written_at = new.stat().st_mtime
         (marks / "in-infer.release").touch()
-        wanted = ("first.png", "q0.png", "q1.png", "q2.png", "q3.png", "late.skip-later", "new.png")
-        wait_for(lambda: len([r for r in ready_rows(db, "SELECT rel_path FROM jobs WHERE state = 'done'")
-                              if r["rel_path"] in wanted]) == len(wanted), 120, what="7 jobs done")
+        # new.png came last: once it is registered, the files dropped before it have had their chance.
+        wait_for(lambda: ready_rows(db, "SELECT id FROM jobs WHERE rel_path = 'new.png'"), 60, what="new.png")
+        assert sorted(r["rel_path"] for r in rows(db, "SELECT rel_path FROM jobs")) == sorted(
+            ["first.png", "q0.png", "q1.png", "q2.png", "q3.png", "late.skip-later", "new.png"])
+        wait_for(lambda: rows(db, "SELECT COUNT(*) AS n FROM jobs WHERE state = 'done'")[0]["n"] == 7, 120,
+                 what="7 jobs done")
         assert d.stop() == 0
     finally:
         d.kill()
