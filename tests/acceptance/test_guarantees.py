@@ -65,7 +65,7 @@ def _pixels_for(seconds: float, weights_dir: Path) -> int:
 
 
 def test_watchdog_pings_keep_coming_through_a_long_tiled_job_and_status_shows_the_tile(tmp_path, weights_dir):
-    watchdog = 3.0  # WatchdogSec: the service pings every second while no thread is silent for 1.5 s
+    watchdog = 2.0  # WatchdogSec: pings every 0.67 s while no thread is silent for 1 s (3x margin under load)
     listener = Listener(tmp_path, abstract=False)
     cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.1,
                        rules=[{**FAST, "tile": 32}])  # 32 px tiles: thousands of beats in one image
