@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,18 +61,24 @@ def _refuse_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
     report.longrepr = f"{REQUIRE_ALL_VAR}=1 and this would skip: {reason}"
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Generator[None, pytest.TestReport,
+                                                                                       pytest.TestReport]:
     """A test (or its fixture setup: a missing server, a ``skipif`` marker) that skips fails under require-all."""
-    outcome = yield
-    _refuse_skip(outcome.get_result())
+    report = yield
+    _refuse_skip(report)
+    return report
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
-    """A module that skips while it is collected (``pytest.importorskip`` of torch) fails under require-all."""
-    outcome = yield
-    _refuse_skip(outcome.get_result())
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, pytest.CollectReport,
+                                                                        pytest.CollectReport]:
+    """A module that skips while it is collected (``pytest.importorskip`` of torch) fails under require-all.
+
+    That is a collection error, which stops the session unless ``--continue-on-collection-errors`` (``.ci/run``)."""
+    report = yield
+    _refuse_skip(report)
+    return report
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> object:
