@@ -135,8 +135,12 @@ def check_anchors(mutations: Iterable[Mutation], tree: Path = ROOT) -> list[str]
 
 def tree_files(root: Path = ROOT) -> list[str]:
     """The files of the tree as git sees them: tracked ones, and new ones that are not ignored."""
-    res = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                         capture_output=True, check=True)
+    try:
+        res = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                             capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise GuardError(f"cannot list the files of {root} with git (the guard copies what git tracks): {exc}") \
+            from None
     names = [n for n in res.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
     return sorted({n for n in names if (root / n).is_file() or (root / n).is_symlink()})
 
