@@ -95,8 +95,10 @@ class Hooks(BaseModel):
     """The ``on_done`` / ``on_failed`` keys, to mix into ``Rule`` and ``Settings``. Each takes one hook table or a
     list of them."""
 
-    on_done: list[Hook] = Field(default_factory=list)
-    on_failed: list[Hook] = Field(default_factory=list)
+    on_done: list[Hook] = Field(default_factory=list, description="Hooks run after a job is done (and its "
+                                "metrics recorded): a command (argv list, no shell) or a URL POSTed JSON "
+                                "(docs/formats.md, Hooks).")
+    on_failed: list[Hook] = Field(default_factory=list, description="Hooks run after a job failed.")
 
     @field_validator("on_done", "on_failed", mode="before")
     @classmethod
