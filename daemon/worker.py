@@ -346,6 +346,7 @@ class Stages:
             if t.moved_to is not None:
                 self.store.record_move(job.id, t.moved_to)
         self.report(t, "failed")
+        self._hook(t, "failed")
         self.on_outcome(t, "failed")
 
     # --- 6. measure ------------------------------------------------------------------------------------------------
@@ -387,9 +388,7 @@ class Stages:
         self._hook(task, "done")
 
     def report(self, t: Task, status: str) -> None:
-        """The job's outcome, for the Prometheus metrics and the rule's (and the service's) hooks."""
-        if status in ("done", "failed"):
-            self._hook(t, status)
+        """The job's outcome, stage times and pixels, for the Prometheus metrics."""
         if self.telemetry is None:
             return
         times = {k: v for k, v in t.timer.times.items() if k in TELEMETRY_STAGES}
