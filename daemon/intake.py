@@ -96,10 +96,21 @@ def failure_key(rel: PurePosixPath, st: os.stat_result | None) -> str:
     return "x" + hashlib.sha256(stamp.encode()).hexdigest()[1:]
 
 
+# Room for what a file may carry besides its pixels: EXIF with a thumbnail, ICC, XMP, IPTC, a PNG text chunk.
+METADATA_ROOM = 64 << 20
+
+
+def plausible_bytes(probe: imageio.Probe) -> int:
+    """The most bytes an image of this size can take: its raw samples at 16-bit RGBA (no codec stores pixels in
+    more, even uncompressed), and room for metadata."""
+    return probe.width * probe.height * max(1, probe.frames) * 8 + METADATA_ROOM
+
+
 def inspect(root: Root, rel: PurePosixPath, settings: Settings,
             beat: Callable[[], None] = lambda: None) -> tuple[str, imageio.Probe, os.stat_result]:
-    """Open ``rel`` under ``root`` once, check its size and header, and stream its sha256 from the same descriptor.
-    Returns (sha256, probe, fstat).
+    """Open ``rel`` under ``root`` once, check its size and header (a file far larger than its pixels can need is
+    refused: see :func:`plausible_bytes`), and stream its sha256 from the same descriptor. Returns (sha256, probe,
+    fstat).
 
     Raises:
         FileNotFoundError: it went away.
@@ -123,6 +134,11 @@ def inspect(root: Root, rel: PurePosixPath, settings: Settings,
             raise EmptyFileError(f"{name} is empty (0 bytes)")
         try:
             probe = imageio.probe(fh, settings.max_pixels, settings.max_frames, name=name)
+            need = plausible_bytes(probe)
+            if st.st_size > need:  # a valid header on a huge tail: the worker would read all of it to decode it
+                raise ImageTooLargeError(f"{name} is {st.st_size} bytes, but a {probe.width}x{probe.height} image "
+                                         f"({probe.frames} frame(s)) needs at most {need}: {st.st_size - need} "
+                                         "bytes of it are not its pixels")
             fh.seek(0)
             digest = hashlib.sha256()
             while chunk := fh.read(CHUNK):

@@ -46,9 +46,9 @@ from daemon.telemetry import STAGES as TELEMETRY_STAGES
 from daemon.telemetry import Telemetry
 from models import progress
 from models.catalog import get_entry
-from models.errors import OutOfMemoryError, UpscaledError, WeightsMissingError
+from models.errors import OutOfMemoryError, UpscaledError, WeightsCorruptError, WeightsMissingError
 from models.registry import LoadContext, ModelCache
-from models.weights import locate
+from models.weights import fetch_command, locate
 
 
 @dataclass
@@ -119,7 +119,7 @@ class Stages:
         self.telemetry = telemetry
         self.hooks = hooks
         self.log = logs.get()
-        self._brisque: Brisque | None | bool = False  # False: not looked up yet
+        self._brisque: Brisque | bool = False  # False: not found yet
         self._brisque_lock = threading.Lock()
 
     @property
@@ -357,8 +357,11 @@ class Stages:
                 try:
                     self._brisque = Brisque(locate(self.settings.weights_dir, entry, 0),
                                             locate(self.settings.weights_dir, entry, 1))
-                except WeightsMissingError:
-                    self._brisque = None
+                except (WeightsMissingError, WeightsCorruptError) as exc:
+                    # Looked up again for the next job (a hash of 0.6 MB): fetching the files fixes it without a
+                    # restart.
+                    self.log.warning("brisque.unavailable", error=str(exc), fix=fetch_command("brisque"))
+                    return None
             return self._brisque  # type: ignore[return-value]
 
     def measure(self, task: Task) -> None:
@@ -381,6 +384,7 @@ class Stages:
         seconds = time.perf_counter() - t0
         task.timer.times["metrics"] = seconds
         self.log.info("job.measured", job=task.job.id, file=task.name, seconds=round(seconds, 3),
+                      notes=(work.notes if work is not None else None) or None,
                       **{m.name: round(m.value, 4) for m in task.metrics})
         if self.telemetry is not None:
             self.telemetry.stage_time(rule=task.job.folder, model=task.job.rule.model, stage="metrics",

@@ -512,12 +512,10 @@ def test_f07_a_sparse_2gb_file_is_refused_from_its_header_without_being_read(tmp
     assert len(pings) >= 4 and max(b - a for a, b in zip(pings, pings[1:], strict=False)) < 1.5, pings
 
 
-@pytest.mark.xfail(strict=True, reason="open for daemon/worker.py (not this branch's): Stages.read reads the whole "
-                                        "input into memory to hash and decode it, so a small valid image with a "
-                                        "large tail (under max_file_bytes) costs its full size in RSS")
 def test_f07_a_valid_header_with_a_huge_sparse_tail_is_not_held_in_memory(tmp_path):
-    """The header passes, the intake streams its hash (no memory); then the worker reads all of it into memory.
-    Measured at 2 GiB: peak RSS 2.28 GB and 17 s for a 40x32 picture. Here 512 MiB keeps the run short."""
+    """The header passes, but the file is far larger than a 40x32 picture can need: it is refused at the door, before
+    it is hashed, and the worker never reads it (measured before the check at 2 GiB: peak RSS 2.28 GB and 17 s).
+    Here 512 MiB keeps the run short."""
     cfg = write_config(tmp_path, rules=[BICUBIC], settle_seconds=0.1)
     d = Daemon(cfg)
     db = tmp_path / "var" / "upscaled.db"
@@ -534,6 +532,8 @@ def test_f07_a_valid_header_with_a_huge_sparse_tail_is_not_held_in_memory(tmp_pa
         stop(d)
     finally:
         d.kill()
+    (job,) = jobs(db)
+    assert job["error_kind"] == "too-large" and "are not its pixels" in job["error"], job
     assert hwm1 - hwm0 < 128 << 20, f"peak RSS grew by {(hwm1 - hwm0) >> 20} MiB for a 40x32 picture"
 
 
