@@ -1,8 +1,15 @@
-"""The ``upscaled`` command line: a thin layer over the library.
+r"""The ``upscaled`` command line: a thin layer over the library.
 
 Commands parse options, call :mod:`daemon.service`, :mod:`daemon.history` or :mod:`models.weights`, and turn
 :class:`~models.errors.UpscaledError` into a clean ``click`` error. Every listing command takes
 ``--format table|json|csv``.
+
+What the history holds was partly written by strangers: file names come from whoever drops a file in the inbox. So
+every value printed is made printable first (:func:`printable`: a terminal escape, a newline or a byte that is not
+UTF-8 is shown as ``\x1b``, ``\n``, ``\xff``), in tables and CSV alike; JSON escapes them itself. Every command
+that loads the settings applies their ``umask`` before it creates anything, as the service does, and the readers
+(``history``, ``stats``, ``report``, ``query``, ``nodes``, ``web``) open the database read-only: they never create,
+migrate or change it.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import datetime as dt
 import io
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +33,23 @@ from models.errors import UpscaledError
 
 
 # --- output formatting ----------------------------------------------------------------------------------------------
+def printable(text: str, keep_newlines: bool = False) -> str:
+    r"""``text`` with every character a terminal would act on escaped: ``\x1b``, ``\n``, ``\t``, ``\u202e``, and
+    ``\xNN`` for a byte that is not UTF-8 (a surrogate escape). ``keep_newlines``: line breaks stay (our own
+    multi-line messages); the other control characters are still escaped."""
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c.isprintable() or (keep_newlines and c == "\n"):
+            out.append(c)
+        elif 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that was not UTF-8, carried as a surrogate escape
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        else:
+            out.append(c.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return ""
@@ -34,8 +59,16 @@ def _cell(v: Any) -> str:
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
     if isinstance(v, dt.datetime):
         return v.strftime("%Y-%m-%d %H:%M:%S")
-    s = str(v)
+    s = printable(str(v))
     return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, dt.datetime):
+        return _json_default(v)
+    if isinstance(v, str | bytes | Path):
+        return printable(str(v) if not isinstance(v, bytes) else repr(v))
+    return v
 
 
 def _json_default(v: Any) -> Any:
@@ -47,21 +80,24 @@ def _json_default(v: Any) -> Any:
 
 
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    """``rows`` as a table, CSV or JSON. Every string is printable whatever it holds (see :func:`printable`): one
+    row is one line in a table and one record in CSV, and no value can drive the terminal."""
     if fmt == "json":
         clean = [{k: (None if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) else v)
                   for k, v in r.items()} for r in rows]
         return json.dumps(clean, indent=2, default=_json_default)
     if not rows:
         return "" if fmt == "csv" else "(no rows)"
-    cols = list(rows[0].keys())
+    cols = [printable(str(c)) for c in rows[0].keys()]
+    keys = list(rows[0].keys())
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(cols)
         for r in rows:
-            w.writerow({k: _json_default(v) if isinstance(v, dt.datetime) else v for k, v in r.items()})
+            w.writerow([_csv_value(r.get(k)) for k in keys])
         return buf.getvalue().rstrip("\n")
-    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    cells = [[_cell(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
     out = [line, "  ".join("-" * w for w in widths)]
@@ -75,18 +111,26 @@ def output_options(fn: Callable) -> Callable:
 
 
 def _settings(ctx: click.Context, check_paths: bool = True) -> Settings:
+    """The settings, with their ``umask`` applied to this process before anything is created (a database, a report,
+    a weight file, an output), as the service applies it.
+
+    Raises:
+        click.ClickException: the configuration is missing or invalid.
+    """
     try:
-        return load_settings(ctx.obj.get("config"), check_paths=check_paths)
+        settings = load_settings(ctx.obj.get("config"), check_paths=check_paths)
     except UpscaledError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(printable(str(exc), keep_newlines=True)) from None
+    os.umask(int(settings.umask, 8))
+    return settings
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except UpscaledError as exc:
-            raise click.ClickException(str(exc)) from None
+        except UpscaledError as exc:  # messages may quote a stranger's file name: printable, our line breaks kept
+            raise click.ClickException(printable(str(exc), keep_newlines=True)) from None
 
 
 # --- commands -------------------------------------------------------------------------------------------------------
@@ -291,13 +335,17 @@ def weights() -> None:
 @click.option("--all", "all_", is_flag=True, help="Every catalogue model with weight files.")
 @click.option("--mirror", default=None, help="A folder or base URL laid out like weights/ (default: the setting).")
 @click.option("--force", is_flag=True, help="Download again even if a good copy is present.")
+@click.option("--trust-unhashed", is_flag=True,
+              help="Accept files the catalogue publishes no sha256 for (EDSR, ai-forever's Real-ESRGAN): what the "
+                   "source serves is recorded with its hash, logged, and held to from then on.")
 @output_options
 @click.pass_context
 def weights_fetch(ctx: click.Context, ids: tuple[str, ...], all_: bool, mirror: str | None, force: bool,
-                  fmt: str) -> None:
+                  trust_unhashed: bool, fmt: str) -> None:
     """Download weights into weights_dir and check their sha256.
 
-    Exits 1 if any file could not be fetched or verified.
+    A file without a published sha256 is refused unless --trust-unhashed is given. Downloads are capped at the
+    catalogued size (with a margin). Exits 1 if any file could not be fetched or verified.
 
     Example: upscaled weights fetch fsrcnn espcn brisque --mirror ../shared/weights
     """
@@ -310,7 +358,14 @@ def weights_fetch(ctx: click.Context, ids: tuple[str, ...], all_: bool, mirror: 
     chosen = [e.id for e in ENTRIES if e.files] if all_ else list(ids)
     if mirror and "://" not in mirror:
         mirror = str(Path(mirror).resolve())
-    reports = fetch(settings.weights_dir, chosen, mirror or settings.weights_mirror or None, force=force)
+    logs.configure(settings.log_level, settings.log_format, stream=sys.stderr)  # stdout is the report
+    reports = fetch(settings.weights_dir, chosen, mirror or settings.weights_mirror or None, force=force,
+                    trust_unhashed=trust_unhashed)
+    for r in reports:
+        if r.status == "recorded":  # the user's word stood in for a published hash: say so where it is kept
+            logs.get().warning("weights.trusted_unhashed", model=r.model_id, path=r.path, detail=r.detail,
+                               note="no published sha256; accepted on --trust-unhashed and recorded in "
+                                    "recorded-sha256.json")
     click.echo(render([r.__dict__ for r in reports], fmt))
     if any(r.status == "failed" for r in reports):
         sys.exit(1)
@@ -323,7 +378,9 @@ def weights_fetch(ctx: click.Context, ids: tuple[str, ...], all_: bool, mirror: 
 def weights_verify(ctx: click.Context, ids: tuple[str, ...], fmt: str) -> None:
     """Check the weight files that are present against their sha256.
 
-    Exits 1 on a mismatch; missing files are listed but are not an error.
+    present: matches the published sha256; trusted: matches the one recorded with --trust-unhashed; unverified:
+    nothing to check it against. Exits 1 on a mismatch or an unverified file; missing files are listed but are not
+    an error.
 
     Example: upscaled weights verify
     """
@@ -332,7 +389,7 @@ def weights_verify(ctx: click.Context, ids: tuple[str, ...], fmt: str) -> None:
     settings = _settings(ctx, check_paths=False)
     reports = verify(settings.weights_dir, list(ids) or None)
     click.echo(render([r.__dict__ for r in reports], fmt))
-    if any(r.status == "mismatch" for r in reports):
+    if any(r.status in ("mismatch", "unverified") for r in reports):
         sys.exit(1)
 
 
@@ -511,6 +568,10 @@ def web(ctx: click.Context, listen: str, database: str | None, cache_dir: Path |
         database, level = settings.database, settings.log_level
     else:
         level = "info"
+        try:  # the thumbnails it writes follow the settings' umask where there are settings
+            os.umask(int(load_settings(ctx.obj.get("config"), check_paths=False).umask, 8))
+        except UpscaledError:
+            pass
     serve(database, listen, cache_dir=cache_dir, allowed_hosts=allowed_hosts, root_path=root_path,
           log_level="warning" if level == "info" and not access_log else level, access_log=access_log)
 

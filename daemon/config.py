@@ -54,27 +54,52 @@ class Rule(TargetSize, Hooks, BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    folder: str = ""  # relative to the inbox; "" is the default rule
-    model: str = "bicubic"
-    scale: float = 2  # the model's native scale (picks its weights)
-    outscale: float | None = None  # final scale; a Lanczos/area resize finishes where it differs from `scale`
-    mode: Literal["upscale", "benchmark"] = "upscale"
-    format: Literal[OUTPUT_FORMATS] | None = None  # None keeps the input's format where it can
-    quality: int = Field(default=95, ge=1, le=100)  # jpg, webp, avif, heic, jxl (webp and jxl 100 = lossless)
-    compression: int = Field(default=DEFAULT_PNG_COMPRESSION, ge=0, le=9)  # png/tiff: 1 is fast, 9 is small
-    metadata: Literal["keep", "strip", "basic"] = "keep"  # EXIF/XMP/IPTC kept; strip: ICC only; basic: ICC + date
-    naming: str = "{stem}.{model}.x{scale}.{ext}"
-    device: str | None = None  # overrides the service's device
-    metrics: list[str] | None = None  # None: every metric of the mode; []: none
-    downscale: Literal[DOWNSCALES] = "matlab-bicubic"  # benchmark mode's LR kernel (daemon/protocol.py)
-    alpha: Literal["resize", "model"] = "resize"  # how the alpha channel is enlarged
-    tile: int | None = Field(default=None, ge=32)  # input tile side; None lets the backend choose
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # torch models; auto: fp16 on CUDA, else fp32
-    compare: bool = True  # benchmark mode: also write HR | LR | SR side by side
-    # The backend's own options, checked against its schema (models/backends.py): for diffusion models the
-    # prompt, negative_prompt, num_inference_steps, guidance_scale, noise_level and seed. A `<image>.prompt.txt`
-    # beside an input overrides the prompt for that image.
-    params: dict[str, Any] = Field(default_factory=dict)
+    folder: str = Field(default="", description="The inbox folder the rule serves, with the folders below it that "
+                        "no deeper rule names; \"\" is the default rule (the inbox root and everything else).")
+    model: str = Field(default="bicubic", description="A model id (`upscaled models`), `file:PATH` for a spandrel "
+                       "weight file, or `diffusers:FOLDER` for a saved diffusion pipeline.")
+    scale: float = Field(default=2, description="The model's native scale: it picks the weights (x2, x3, x4...).")
+    outscale: float | None = Field(default=None, description="The final scale, when it is not `scale`: the model "
+                                   "runs as many native passes as it needs (up to `max_passes`), then a Lanczos "
+                                   "(enlarging) or area (reducing) resize finishes.")
+    mode: Literal["upscale", "benchmark"] = Field(default="upscale", description="`benchmark`: the input is the "
+                                                  "ground truth; the LR image is made from it and the output "
+                                                  "compared with it (PSNR/SSIM, docs/protocol.md).")
+    format: Literal[OUTPUT_FORMATS] | None = Field(default=None, description="The output format; unset keeps the "
+                                                   "input's (BMP becomes PNG). heic and jxl need the `heif` and "
+                                                   "`jxl` extras.")
+    quality: int = Field(default=95, ge=1, le=100, description="jpg, webp, avif, heic and jxl quality (webp and jxl "
+                         "at 100 are lossless).")
+    compression: int = Field(default=DEFAULT_PNG_COMPRESSION, ge=0, le=9, description="png and tiff zlib level: "
+                             "1 is fast (the default, measured in docs/formats.md), 9 is small.")
+    metadata: Literal["keep", "strip", "basic"] = Field(default="keep", description="`keep`: everything the output "
+                                                        "format holds (EXIF with orientation 1 and the new size, "
+                                                        "ICC, XMP, IPTC); `strip`: ICC only; `basic`: ICC and the "
+                                                        "capture date.")
+    naming: str = Field(default="{stem}.{model}.x{scale}.{ext}", description="The output file name: fields "
+                        "{stem}, {model}, {scale}, {ext}, {folder}, {rule} (its fingerprint), {width}, {height} "
+                        "(the output's) and {date} (the day the file was registered, UTC).")
+    device: str | None = Field(default=None, description="This rule's device (auto, cpu, cuda, cuda:N) instead of "
+                               "the service's.")
+    metrics: list[str] | None = Field(default=None, description="The metrics to record; unset: every metric of the "
+                                      "mode (upscale: brisque, lr_psnr_y, lr_ssim_y; benchmark: psnr_y, ssim_y, "
+                                      "psnr_rgb, ssim_rgb, mse_rgb); []: none.")
+    downscale: Literal[DOWNSCALES] = Field(default="matlab-bicubic", description="Benchmark mode: the kernel that "
+                                           "makes the LR image from the ground truth.")
+    alpha: Literal["resize", "model"] = Field(default="resize", description="How an alpha channel is enlarged: a "
+                                              "bicubic resize, or the model itself.")
+    tile: int | None = Field(default=None, ge=32, description="The input tile side for models that tile; unset "
+                             "lets the backend choose from memory.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(default="auto", description="torch models: auto "
+                                                                "is fp16 on CUDA where the model supports it, else "
+                                                                "fp32 (fp32 for 16-bit outputs).")
+    compare: bool = Field(default=True, description="Benchmark mode: also write HR | LR | output side by side as "
+                          "`<output>.compare.png`.")
+    # The backend's own options, checked against its schema (models/backends.py). A `<image>.prompt.txt` beside an
+    # input overrides the prompt for that image.
+    params: dict[str, Any] = Field(default_factory=dict, description="The backend's own options, a `[rules.params]` "
+                                   "table checked against its schema: diffusion models take prompt, "
+                                   "negative_prompt, num_inference_steps, guidance_scale, noise_level and seed.")
 
     @model_validator(mode="before")
     @classmethod
@@ -245,40 +270,60 @@ class Settings(Hooks, BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
-    inbox: Path = Path("inbox")
-    outbox: Path = Path("outbox")
-    archive: Path = Path("archive")
-    failed: Path = Path("failed")
-    delete_inputs: bool = False
-    database: str = "sqlite:///var/upscaled.db"
-    weights_dir: Path = Path("weights")
-    weights_mirror: str = ""
-    device: str | list[str] = "auto"  # a list: one set of `workers` worker threads per device
-    workers: int = Field(default=1, ge=1, le=64)  # worker threads per device
-    settle_seconds: float = Field(default=1.0, ge=0)
-    rescan_seconds: float = Field(default=60.0, gt=0)
-    observer: Literal["inotify", "polling"] = "inotify"
-    poll_seconds: float = Field(default=2.0, gt=0)
-    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
-    max_pixels: int = Field(default=100_000_000, gt=0)  # decoded input pixels, all frames: a decompression bomb
-    max_output_pixels: int = Field(default=400_000_000, gt=0)  # checked before inference: x4 of 100 MP needs ~70 GB
-    max_file_bytes: int = Field(default=2 << 30, gt=0)  # an input larger than this is refused before it is read
-    max_frames: int = Field(default=1000, ge=1)  # frames of an animated input
-    max_attempts: int = Field(default=3, ge=1)  # for out-of-memory failures
-    retry_seconds: float = Field(default=30.0, ge=0)  # first backoff; doubles per attempt
-    retry_max_seconds: float = Field(default=600.0, ge=0)  # backoff cap; disk-full and unwritable outbox retry forever
-    stop_timeout: float = Field(default=120.0, ge=0)  # SIGTERM: how long the current job may take to finish
-    umask: str = "027"  # octal; applies to every file the service creates, the database included
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "json", "console"] = "auto"  # auto: readable on a terminal, JSON lines otherwise
-    http_listen: str = ""  # host:port for /metrics, /livez and /readyz; "" = off
-    hung_seconds: float = Field(default=300.0, gt=0)  # a busy thread silent this long is hung: /livez answers 503
-    rules: list[Rule] = Field(default_factory=list)
-    # Several daemons on one inbox and one PostgreSQL database (README, "Scaling out"). Per node:
-    node_name: str = Field(default="", max_length=128)  # unique per daemon; "" means this host's name
-    serve_folders: list[str] | None = None  # rule folders whose jobs this node runs ("" = default rule); None: all
-    heartbeat_seconds: float = Field(default=5.0, gt=0)  # how often the node renews its row and its jobs' leases
-    stale_seconds: float = Field(default=30.0, gt=0)  # a running job whose lease is this old is taken over
+    inbox: Path = Field(default=Path("inbox"), description="The watched folder.")
+    outbox: Path = Field(default=Path("outbox"), description="Where outputs go, in the input's folder there.")
+    archive: Path = Field(default=Path("archive"), description="Where inputs move once their output is recorded.")
+    failed: Path = Field(default=Path("failed"), description="Where bad inputs move, beside `<name>.error.json`.")
+    delete_inputs: bool = Field(default=False, description="Delete inputs instead of archiving them.")
+    database: str = Field(default="sqlite:///var/upscaled.db", description="The history: a SQLAlchemy URL, SQLite "
+                          "by default; `postgresql+psycopg://...` for several daemons (docs/scaling.md).")
+    weights_dir: Path = Field(default=Path("weights"), description="The model weights (`upscaled weights fetch`).")
+    weights_mirror: str = Field(default="", description="A folder or base URL laid out like weights/ to fetch "
+                                "from; \"\" downloads from the sources.")
+    device: str | list[str] = Field(default="auto", description="auto, cpu, cuda, cuda:N, or a list such as "
+                                    "[\"cuda:0\", \"cuda:1\"]: `workers` inference threads on each.")
+    workers: int = Field(default=1, ge=1, le=64, description="Inference threads per device (decode, encode, "
+                         "commit and metrics have their own threads either way).")
+    settle_seconds: float = Field(default=1.0, ge=0, description="A file must keep its size and mtime this long "
+                                  "(after its writer closed it) before it is taken.")
+    rescan_seconds: float = Field(default=60.0, gt=0, description="A full rescan of the inbox, for events the "
+                                  "kernel dropped.")
+    observer: Literal["inotify", "polling"] = Field(default="inotify", description="`polling` for NFS and SMB "
+                                                    "shares, where inotify sees nothing.")
+    poll_seconds: float = Field(default=2.0, gt=0, description="The polling observer's interval.")
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE), description="Name patterns never "
+                              "taken (hidden files, partial downloads, our own reason and prompt files).")
+    max_pixels: int = Field(default=100_000_000, gt=0, description="Input pixels, all frames, checked on the header "
+                            "before decoding: more is refused as a decompression bomb.")
+    max_output_pixels: int = Field(default=400_000_000, gt=0, description="Output pixels, all frames, checked "
+                                   "before inference (x4 of 100 MP would need about 70 GB).")
+    max_file_bytes: int = Field(default=2 << 30, gt=0, description="An input larger than this is refused before "
+                                "a byte of it is read.")
+    max_frames: int = Field(default=1000, ge=1, description="Frames of an animated input; more is refused.")
+    max_attempts: int = Field(default=3, ge=1, description="Tries for a job that runs out of memory.")
+    retry_seconds: float = Field(default=30.0, ge=0, description="The first retry's delay; it doubles per attempt.")
+    retry_max_seconds: float = Field(default=600.0, ge=0, description="The retry delay's cap. A full disk and an "
+                                     "unwritable outbox are retried until fixed, the input kept.")
+    stop_timeout: float = Field(default=120.0, ge=0, description="SIGTERM: how long the jobs in flight may take to "
+                                "finish; the ones still running are given back to the queue.")
+    umask: str = Field(default="027", description="Octal; every file the service creates, the database included.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="The log level.")
+    log_format: Literal["auto", "json", "console"] = Field(default="auto", description="auto: readable text on a "
+                                                           "terminal, JSON lines otherwise (journald, pipes).")
+    http_listen: str = Field(default="", description="host:port serving /metrics (Prometheus), /livez and "
+                             "/readyz; \"\" is off (docs/metrics.md).")
+    hung_seconds: float = Field(default=300.0, gt=0, description="A busy thread silent this long is hung: /livez "
+                                "answers 503 (a busy thread beats at each stage, tile and step).")
+    rules: list[Rule] = Field(default_factory=list, description="The `[[rules]]`: one per inbox folder (below).")
+    # Several daemons on one inbox and one PostgreSQL database (docs/scaling.md). Per node:
+    node_name: str = Field(default="", max_length=128, description="This daemon's node name, unique per daemon on "
+                           "one database; \"\" is the host name.")
+    serve_folders: list[str] | None = Field(default=None, description="The rule folders whose jobs this node runs "
+                                            "(\"\" = the default rule); unset: all.")
+    heartbeat_seconds: float = Field(default=5.0, gt=0, description="How often the node renews its row and its "
+                                     "jobs' leases.")
+    stale_seconds: float = Field(default=30.0, gt=0, description="A running job whose lease is this old belongs "
+                                 "to a dead node and is taken over (at least twice heartbeat_seconds).")
 
     config_file: Path | None = Field(default=None, exclude=True)  # set by load_settings, not by users
 

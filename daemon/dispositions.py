@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 from daemon import logs
 from daemon.config import Settings
 from daemon.fsops import FileId, Root, display, fit_name, move
-from daemon.intake import sidecar_name
+from daemon.intake import no_such_name, sidecar_name
 from daemon.jobs import Job, JobStore
 from models.errors import Retry, UpscaledError
 
@@ -207,8 +207,11 @@ class Mover:
         return str(self.failed_root.abs(moved))
 
     def _sidecar(self, rel: PurePosixPath, dest: PurePosixPath | None, root: Root | None = None) -> None:
-        """A ``<name>.prompt.txt`` beside an input goes where the input went (or is deleted with it)."""
+        """A ``<name>.prompt.txt`` beside an input goes where the input went (or is deleted with it). An input whose
+        name is too long to have one (255 bytes) has none: nothing to do, nothing to warn about."""
         side = sidecar_name(rel)
+        if side is None:
+            return
         try:
             st = self.inbox.lstat(side)
             if st is None or not stat.S_ISREG(st.st_mode):
@@ -217,5 +220,8 @@ class Mover:
                 self.inbox.unlink(side)
             else:
                 move(self.inbox, side, root, dest.with_name(fit_name(dest.name + ".prompt.txt")))
-        except (OSError, UpscaledError) as exc:
+        except OSError as exc:
+            if not no_such_name(exc):  # a filesystem with shorter names: no sidecar can be there
+                self.log.warning("sidecar.move_failed", file=display(str(side)), error=str(exc))
+        except UpscaledError as exc:
             self.log.warning("sidecar.move_failed", file=display(str(side)), error=str(exc))

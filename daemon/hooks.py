@@ -52,12 +52,17 @@ class Hook(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    command: list[str] | None = None  # argv; the payload comes on stdin
-    url: str | None = None  # POSTed the payload as JSON
-    headers: dict[str, str] = Field(default_factory=dict)
-    timeout: float = Field(default=10.0, gt=0, le=600)  # seconds per attempt
-    retries: int = Field(default=3, ge=0, le=20)  # attempts after the first
-    backoff: float = Field(default=2.0, ge=0, le=3600)  # seconds before the first retry; doubles each time
+    command: list[str] | None = Field(default=None, description="A program and its arguments (no shell); the "
+                                      "JSON payload comes on its stdin; {job_id}, {input}, {output}, {model}, "
+                                      "{rule} and ${ENV} are filled in.")
+    url: str | None = Field(default=None, description="An http(s) URL POSTed the JSON payload.")
+    headers: dict[str, str] = Field(default_factory=dict, description="HTTP headers for `url` (`${NAME}` from the "
+                                    "environment, for tokens).")
+    timeout: float = Field(default=10.0, gt=0, le=600, description="Seconds per attempt.")
+    retries: int = Field(default=3, ge=0, le=20, description="Attempts after the first (on a 5xx, 408, 429, a "
+                         "network error or a failing command).")
+    backoff: float = Field(default=2.0, ge=0, le=3600, description="Seconds before the first retry; doubles each "
+                           "time.")
 
     @field_validator("command")
     @classmethod
@@ -95,8 +100,10 @@ class Hooks(BaseModel):
     """The ``on_done`` / ``on_failed`` keys, to mix into ``Rule`` and ``Settings``. Each takes one hook table or a
     list of them."""
 
-    on_done: list[Hook] = Field(default_factory=list)
-    on_failed: list[Hook] = Field(default_factory=list)
+    on_done: list[Hook] = Field(default_factory=list, description="Hooks run after a job is done (and its "
+                                "metrics recorded): a command (argv list, no shell) or a URL POSTed JSON "
+                                "(docs/formats.md, Hooks).")
+    on_failed: list[Hook] = Field(default_factory=list, description="Hooks run after a job failed.")
 
     @field_validator("on_done", "on_failed", mode="before")
     @classmethod

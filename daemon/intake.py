@@ -15,6 +15,7 @@ The worker reads the file again through the handle and checks the bytes it decod
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -24,7 +25,7 @@ from pathlib import PurePosixPath
 from daemon import imageio
 from daemon.config import Rule, Settings
 from daemon.errors import BadSidecarError, EmptyFileError, ImageTooLargeError, UnreadableFileError, UnsafePathError
-from daemon.fsops import FileId, Root, display
+from daemon.fsops import NAME_MAX, FileId, Root, display
 from daemon.jobs import JobSpec
 from models.errors import UpscaledError
 
@@ -33,12 +34,24 @@ SIDECAR_MAX_BYTES = 4096  # the text encoder reads 77 tokens; anything this long
 CHUNK = 1 << 20
 
 
-def sidecar_name(rel: PurePosixPath) -> PurePosixPath:
-    return rel.with_name(rel.name + SIDECAR_SUFFIX)
+def sidecar_name(rel: PurePosixPath) -> PurePosixPath | None:
+    """The name of ``rel``'s prompt sidecar, or None when ``rel`` cannot have one: a name within 11 bytes of the
+    255-byte limit plus ``.prompt.txt`` is longer than any file name can be, so no such file exists."""
+    name = rel.name + SIDECAR_SUFFIX
+    if len(os.fsencode(name)) > NAME_MAX:
+        return None
+    return rel.with_name(name)
+
+
+def no_such_name(exc: OSError) -> bool:
+    """Whether ``exc`` says a name cannot exist here (ENAMETOOLONG: a filesystem with names shorter than 255 bytes),
+    which for a sidecar means there is none."""
+    return exc.errno == errno.ENAMETOOLONG
 
 
 def read_prompt(root: Root, rel: PurePosixPath) -> str | None:
-    """The text of ``<rel>.prompt.txt`` under ``root``, or None if there is none.
+    """The text of ``<rel>.prompt.txt`` under ``root``, or None if there is none (or ``rel``'s name is too long for
+    one to exist).
 
     The text is UTF-8 (a BOM is dropped) with surrounding whitespace stripped; an empty file means an empty prompt.
 
@@ -46,13 +59,19 @@ def read_prompt(root: Root, rel: PurePosixPath) -> str | None:
         BadSidecarError: the sidecar is a link or not a regular file, unreadable, not UTF-8, or over 4 KiB.
     """
     side = sidecar_name(rel)
+    if side is None:
+        return None
     try:
         data = root.read_bytes(side, limit=SIDECAR_MAX_BYTES)
     except FileNotFoundError:
         return None
-    except (OSError, UnsafePathError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    except OSError as exc:
+        if no_such_name(exc):
+            return None
+        why = exc.strerror or str(exc)
         raise BadSidecarError(f"cannot read the prompt file {display(side.name)}: {why}") from None
+    except UnsafePathError as exc:
+        raise BadSidecarError(f"cannot read the prompt file {display(side.name)}: {exc}") from None
     if len(data) > SIDECAR_MAX_BYTES:
         raise BadSidecarError(f"the prompt file {display(side.name)} is over {SIDECAR_MAX_BYTES} bytes; a prompt "
                               "is a line of text")
@@ -77,10 +96,21 @@ def failure_key(rel: PurePosixPath, st: os.stat_result | None) -> str:
     return "x" + hashlib.sha256(stamp.encode()).hexdigest()[1:]
 
 
+# Room for what a file may carry besides its pixels: EXIF with a thumbnail, ICC, XMP, IPTC, a PNG text chunk.
+METADATA_ROOM = 64 << 20
+
+
+def plausible_bytes(probe: imageio.Probe) -> int:
+    """The most bytes an image of this size can take: its raw samples at 16-bit RGBA (no codec stores pixels in
+    more, even uncompressed), and room for metadata."""
+    return probe.width * probe.height * max(1, probe.frames) * 8 + METADATA_ROOM
+
+
 def inspect(root: Root, rel: PurePosixPath, settings: Settings,
             beat: Callable[[], None] = lambda: None) -> tuple[str, imageio.Probe, os.stat_result]:
-    """Open ``rel`` under ``root`` once, check its size and header, and stream its sha256 from the same descriptor.
-    Returns (sha256, probe, fstat).
+    """Open ``rel`` under ``root`` once, check its size and header (a file far larger than its pixels can need is
+    refused: see :func:`plausible_bytes`), and stream its sha256 from the same descriptor. Returns (sha256, probe,
+    fstat).
 
     Raises:
         FileNotFoundError: it went away.
@@ -104,6 +134,11 @@ def inspect(root: Root, rel: PurePosixPath, settings: Settings,
             raise EmptyFileError(f"{name} is empty (0 bytes)")
         try:
             probe = imageio.probe(fh, settings.max_pixels, settings.max_frames, name=name)
+            need = plausible_bytes(probe)
+            if st.st_size > need:  # a valid header on a huge tail: the worker would read all of it to decode it
+                raise ImageTooLargeError(f"{name} is {st.st_size} bytes, but a {probe.width}x{probe.height} image "
+                                         f"({probe.frames} frame(s)) needs at most {need}: {st.st_size - need} "
+                                         "bytes of it are not its pixels")
             fh.seek(0)
             digest = hashlib.sha256()
             while chunk := fh.read(CHUNK):

@@ -395,7 +395,7 @@ class MemoryStore:
     def metrics_pending(self, node: str | None, stale_after: float) -> list[Job]:
         with self._lock:
             return [r.job for r in self._rows.values() if r.job.metrics_state == "pending"
-                    and (node is None or r.job.node in (node, None))]
+                    and r.job.source == "watch" and (node is None or r.job.node in (node, None))]
 
     def heartbeat_jobs(self, node: str) -> None:
         with self._lock:

@@ -317,8 +317,8 @@ def _upscale_metrics(names: tuple[str, ...], written: np.ndarray, src: np.ndarra
         scorer = brisque()
         if scorer is None:
             if not any(n.startswith("brisque skipped") for n in notes):
-                notes.append("brisque skipped: its model files are not in weights_dir (upscaled weights fetch "
-                             "brisque)")
+                notes.append("brisque skipped: its model files are missing or damaged in weights_dir (upscaled "
+                             "weights fetch brisque)")
         else:
             results.append(scorer(written))
     return results

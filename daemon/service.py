@@ -149,11 +149,11 @@ class Service:
                     self.log.warning("rule.warning", model=rule.model, folder=rule.folder or "(default)", note=text)
 
     def remeasure(self) -> int:
-        """Metrics a crash left unrecorded (between the ``done`` commit and the metrics commit): computed again
-        from the output and the archived input, or marked ``lost`` where the input was deleted. Returns how many."""
+        """Metrics a crash left unrecorded (between the ``done`` commit and the metrics commit): queued behind the
+        live work, computed again from the output and the archived input (``lost`` where the input was deleted).
+        Returns how many."""
         jobs = self.store.metrics_pending(self.node, self.settings.stale_seconds)
-        for job in jobs:
-            self.stages.remeasure(job, self.archive)
+        self.runner.queue_metrics(jobs)
         return len(jobs)
 
     def shutdown(self) -> None:
@@ -310,7 +310,8 @@ class Service:
         self.watch_step(wait)
         if self.stopping:
             return False
-        return self.stages.step(worker_id(), self.settings.devices()[0], beat=self.main) is not None
+        ran = self.stages.step(worker_id(), self.settings.devices()[0], beat=self.main) is not None
+        return self.runner.measure_one() or ran  # metrics left by a crash, measured here when stepping
 
     def watch_step(self, wait: float = 0.0) -> None:
         """Take in watcher events (waiting up to ``wait``), rescan when due, and admit the files that settled."""

@@ -43,11 +43,15 @@ class TargetSize(BaseModel):
         without any size; any of them together with ``outscale``.
     """
 
-    width: int | None = Field(default=None, ge=1, le=MAX_SIDE)  # output width in pixels
-    height: int | None = Field(default=None, ge=1, le=MAX_SIDE)  # output height in pixels
-    max_side: int | None = Field(default=None, ge=1, le=MAX_SIDE)  # the longer side, in pixels
-    fit: Fit = "inside"
-    max_passes: int = Field(default=2, ge=1, le=4)  # model passes at most; beyond them the final resize enlarges
+    width: int | None = Field(default=None, ge=1, le=MAX_SIDE, description="A target output width in pixels "
+                              "(instead of a factor; exclusive with outscale).")
+    height: int | None = Field(default=None, ge=1, le=MAX_SIDE, description="A target output height in pixels.")
+    max_side: int | None = Field(default=None, ge=1, le=MAX_SIDE, description="A target for the longer side, in "
+                                 "pixels.")
+    fit: Fit = Field(default="inside", description="With width and height: `inside` fits in the box, aspect kept; "
+                     "`cover` fills it and crops the middle; `exact` stretches to it.")
+    max_passes: int = Field(default=2, ge=1, le=4, description="Native model passes at most (x16 from a x4 model "
+                            "is two); beyond them the final resize enlarges.")
 
     @model_validator(mode="after")
     def _target(self) -> Self:

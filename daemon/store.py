@@ -547,7 +547,7 @@ class SqlStore:
         cutoff = self.clock() - dt.timedelta(seconds=stale_after)
         with self.engine.connect() as c:
             gone = select(nodes.c.name).where(or_(nodes.c.heartbeat_at < cutoff, nodes.c.stopped_at.is_not(None)))
-            q = select(jobs).where(jobs.c.metrics_state == "pending", jobs.c.state == "done")
+            q = select(jobs).where(jobs.c.metrics_state == "pending", jobs.c.state == "done", jobs.c.source == "watch")
             if node is not None:
                 q = q.where(or_(jobs.c.node == node, jobs.c.node.is_(None), jobs.c.node.in_(gone)))
             return [self._job(r) for r in c.execute(q.order_by(jobs.c.id))]

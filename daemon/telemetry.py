@@ -246,6 +246,24 @@ class Telemetry:
             if status == "done":
                 self._last_success = max(self._last_success, time.time() if finished_at is None else finished_at)
 
+    def stage_time(self, *, rule: str, model: str, stage: str, seconds: float) -> None:
+        """One stage's seconds for a job whose outcome was counted already (the metrics, measured after the done
+        commit, in a later one).
+
+        Raises:
+            ValueError: ``stage`` not in :data:`STAGES`.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        if seconds is None or math.isnan(seconds):
+            return
+        key = (_rule_label(rule), model, stage)
+        with self._lock:
+            hist = self._durations.get(key)
+            if hist is None:
+                hist = self._durations[key] = _Histogram()
+            hist.observe(max(0.0, float(seconds)))
+
     # --- reading -----------------------------------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every metric, and its content type: the body and header of ``GET /metrics``.

@@ -23,10 +23,12 @@ stays bounded whatever arrives. The failpoints of :mod:`daemon.failpoints` mark 
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -44,9 +46,9 @@ from daemon.telemetry import STAGES as TELEMETRY_STAGES
 from daemon.telemetry import Telemetry
 from models import progress
 from models.catalog import get_entry
-from models.errors import OutOfMemoryError, UpscaledError, WeightsMissingError
+from models.errors import OutOfMemoryError, UpscaledError, WeightsCorruptError, WeightsMissingError
 from models.registry import LoadContext, ModelCache
-from models.weights import locate
+from models.weights import fetch_command, locate
 
 
 @dataclass
@@ -117,7 +119,7 @@ class Stages:
         self.telemetry = telemetry
         self.hooks = hooks
         self.log = logs.get()
-        self._brisque: Brisque | None | bool = False  # False: not looked up yet
+        self._brisque: Brisque | bool = False  # False: not found yet
         self._brisque_lock = threading.Lock()
 
     @property
@@ -283,11 +285,12 @@ class Stages:
                     self.on_outcome(t, "lost")
                     continue
                 self._archive(t, plans[t.job.id][0])
+                self._log_done(t)
+                self.report(t, "done")
                 if t.job.rule.metric_names:
-                    measure.append(t)
+                    measure.append(t)  # its done hooks run once its metrics are recorded
                 else:
-                    self._log_done(t)
-                    self.report(t, "done")
+                    self._hook(t, "done")
                 self.on_outcome(t, "done")
             if ok and any(c for c in committed):
                 failpoints.hit("after-archive")
@@ -343,6 +346,7 @@ class Stages:
             if t.moved_to is not None:
                 self.store.record_move(job.id, t.moved_to)
         self.report(t, "failed")
+        self._hook(t, "failed")
         self.on_outcome(t, "failed")
 
     # --- 6. measure ------------------------------------------------------------------------------------------------
@@ -353,31 +357,42 @@ class Stages:
                 try:
                     self._brisque = Brisque(locate(self.settings.weights_dir, entry, 0),
                                             locate(self.settings.weights_dir, entry, 1))
-                except WeightsMissingError:
-                    self._brisque = None
+                except (WeightsMissingError, WeightsCorruptError) as exc:
+                    # Looked up again for the next job (a hash of 0.6 MB): fetching the files fixes it without a
+                    # restart.
+                    self.log.warning("brisque.unavailable", error=str(exc), fix=fetch_command("brisque"))
+                    return None
             return self._brisque  # type: ignore[return-value]
 
     def measure(self, task: Task) -> None:
-        """Compute the task's metrics on the pixels as written and record them (a later commit than ``done``).
+        """Compute the task's metrics on the pixels as written and record them (a later commit than ``done``); a
+        task whose pixels were let go (the metrics fell behind a burst) is measured from its files instead.
 
         Never fails the job: a metric that cannot be computed is left out, and the log says why.
         """
         work = task.work
-        assert work is not None and task.data is not None
-        with task.timer.stage("metrics"):
+        t0 = time.perf_counter()
+        if work is None or task.data is None:
+            task.metrics = self.remeasure(task.job, self.mover.archive_root if self.mover else self.outbox)
+        else:
             try:
                 task.metrics = pipeline.measure(task.job.rule, work, task.data, task.fmt, self.brisque)
             except Exception as exc:  # noqa: BLE001 - a metric must never take a finished job down
                 work.notes.append(f"metrics failed: {type(exc).__name__}: {exc}")
                 task.metrics = []
-        self.store.record_metrics(task.job.id, task.metrics)
-        self._log_done(task)
-        self.report(task, "done")
+            self.store.record_metrics(task.job.id, task.metrics)
+        seconds = time.perf_counter() - t0
+        task.timer.times["metrics"] = seconds
+        self.log.info("job.measured", job=task.job.id, file=task.name, seconds=round(seconds, 3),
+                      notes=(work.notes if work is not None else None) or None,
+                      **{m.name: round(m.value, 4) for m in task.metrics})
+        if self.telemetry is not None:
+            self.telemetry.stage_time(rule=task.job.folder, model=task.job.rule.model, stage="metrics",
+                                      seconds=seconds)
+        self._hook(task, "done")
 
     def report(self, t: Task, status: str) -> None:
-        """The job's outcome, for the Prometheus metrics and the rule's (and the service's) hooks."""
-        if status in ("done", "failed"):
-            self._hook(t, status)
+        """The job's outcome, stage times and pixels, for the Prometheus metrics."""
         if self.telemetry is None:
             return
         times = {k: v for k, v in t.timer.times.items() if k in TELEMETRY_STAGES}
@@ -388,10 +403,10 @@ class Stages:
                                    pixels_in=work.pixels_in if work and status == "done" else 0,
                                    pixels_out=work.pixels_out if work and status == "done" else 0)
 
-    def remeasure(self, job: Job, archive: Root) -> None:
-        """The metrics of a done job that a crash left unrecorded (between the two commits), computed again from its
-        output and its input: archived, or still in the inbox when the crash came before the move too. ``lost``
-        when either is gone (say, ``delete_inputs``)."""
+    def remeasure(self, job: Job, archive: Root) -> list[Metric]:
+        """The metrics of a done job, computed from its output and its input files (archived, or still in the inbox
+        when a crash came before the move too): for a job whose metrics fell behind a burst, or that a crash left
+        unrecorded between the two commits. Records and returns them; ``lost`` when a file is gone."""
         try:
             out_rel = self.outbox.contains(Path(job.output_path or ""))
             if out_rel is None:
@@ -409,9 +424,9 @@ class Stages:
             self.store.record_metrics(job.id, [], state="lost")
             self.log.warning("metrics.lost", job=job.id, file=job.name, error=str(exc),
                              note="the output or the input is gone; the job itself is done")
-            return
+            return []
         self.store.record_metrics(job.id, results)
-        self.log.info("metrics.recovered", job=job.id, file=job.name, **{m.name: round(m.value, 4) for m in results})
+        return results
 
     def _input_bytes(self, job: Job, archive: Root) -> bytes:
         """The bytes of a done job's input, wherever it is now, checked against its sha256.
@@ -437,8 +452,7 @@ class Stages:
                       output=t.job.output_path, seconds=round(sum(times.values()), 3),
                       queue_s=round(t.job.queue_seconds(), 3), moved_to=t.moved_to,
                       notes=(t.work.notes if t.work else None) or None,
-                      **{m.name: round(m.value, 4) for m in t.metrics})
-        t.data = None  # the encoded bytes are no longer needed
+                      metrics="to come" if t.job.rule.metric_names else None)
 
     def _hook(self, t: Task, status: str) -> None:
         """Run the ``on_done`` / ``on_failed`` hooks of the job's rule and of the service, after the commit; they
@@ -516,7 +530,10 @@ class Runner:
         self._infer_q: dict[str, queue.Queue[Task]] = {d: queue.Queue(maxsize=workers) for d in self.devices}
         self._write_q: queue.Queue[Task] = queue.Queue(maxsize=2)
         self._settle_q: queue.Queue[Task] = queue.Queue()
-        self._measure_q: queue.Queue[Task] = queue.Queue()
+        # Done jobs whose metrics are still to come. Only the newest `measure_buffer` keep their pixels; the older
+        # ones let them go and are measured from their files: a burst never waits for its metrics, nor holds them.
+        self._backlog: deque[Task] = deque()
+        self.measure_buffer = 2
         self._inflight: set[int] = set()
         self._tasks: dict[int, Task] = {}
         self._bytes = 0
@@ -524,6 +541,7 @@ class Runner:
         self._wake = threading.Event()
         self._stop_claiming = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._niced = False
         self.infer_names = [f"{d.replace(':', '')}.{i}" for d in self.devices for i in range(workers)]
         for name in self.infer_names:
             self.beats[name] = Beat(name, now)
@@ -549,13 +567,14 @@ class Runner:
             return [self._tasks[i] for i in sorted(self._inflight)]
 
     def stop(self, timeout: float) -> list[Task]:
-        """Claim nothing more, let the tasks in flight finish for up to ``timeout`` seconds; returns the ones that
-        did not (the caller releases them)."""
+        """Claim nothing more, let the tasks in flight finish for up to ``timeout`` seconds (then the metrics still
+        to come, in what is left of it: the rest are measured at the next start); returns the tasks that did not
+        finish (the caller releases them)."""
         self._stop_claiming.set()
         self._wake.set()
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._inflight and time.monotonic() < deadline:
+            while (self._inflight or self._backlog) and time.monotonic() < deadline:
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             return [self._tasks[i] for i in sorted(self._inflight)]
 
@@ -571,9 +590,12 @@ class Runner:
                 self.log.error("worker.error", thread=name, error=repr(exc), traceback=traceback.format_exc())
                 time.sleep(1.0)
 
-    def _done(self, task: Task) -> None:
+    def _done(self, task: Task, keep_pixels: bool = False) -> None:
+        """The task leaves the pipeline (its slot and its bytes are free); its pixels go too, unless its metrics
+        are still to be measured from them."""
         task.close()
-        task.work, task.data = None, None  # its pixels go now, not when the task object does
+        if not keep_pixels:
+            task.work, task.data = None, None
         with self._cond:
             self._inflight.discard(task.job.id)
             self._tasks.pop(task.job.id, None)
@@ -659,27 +681,62 @@ class Runner:
         beat.busy, beat.stage = True, "settle"
         measure = self.stages.settle(batch)
         beat.busy, beat.stage = False, ""
-        later = {t.job.id for t in measure}
-        for t in measure:
-            self._measure_q.put(t)
         for t in batch:
-            if t.job.id not in later:
-                self._done(t)
+            self._done(t, keep_pixels=t in measure)
+        if measure:
+            with self._cond:
+                self._backlog.extend(measure)
+                holding = [t for t in self._backlog if t.work is not None]
+                for t in holding[: max(0, len(holding) - self.measure_buffer)]:
+                    t.work, t.data = None, None
+                self._cond.notify_all()
         return True
 
     def _measure(self) -> bool:
+        """Metrics at a low CPU priority (nice 10): the jobs in flight come first, the metrics catch up."""
         beat = self.beats["measure"]
-        try:
-            t = self._measure_q.get(timeout=0.5)
-        except queue.Empty:
-            return not (self._stop_claiming.is_set() and not self._inflight)
-        beat.task, beat.busy, beat.stage = t, True, "metrics"
+        if not self._niced:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except OSError:
+                pass  # not allowed here: the metrics simply compete at the same priority
+            self._niced = True
+        with self._cond:
+            if not self._backlog:
+                self._cond.wait(0.5)
+        if not self.measure_one(beat):
+            return not (self._stop_claiming.is_set() and not self._inflight and not self._backlog)
+        return True
+
+    def measure_one(self, beat: Beat | None = None) -> bool:
+        """Measure the oldest job of the backlog, here. Returns whether there was one."""
+        with self._cond:
+            t = self._backlog.popleft() if self._backlog else None
+        if t is None:
+            return False
+        if beat is not None:
+            beat.task, beat.busy, beat.stage = t, True, "metrics"
         try:
             self.stages.measure(t)
         finally:
-            beat.task, beat.busy, beat.stage = None, False, ""
-            self._done(t)
+            if beat is not None:
+                beat.task, beat.busy, beat.stage = None, False, ""
+            t.work, t.data = None, None
+            with self._cond:
+                self._cond.notify_all()
         return True
+
+    def backlog(self) -> int:
+        """Done jobs whose metrics are still to come."""
+        with self._cond:
+            return len(self._backlog)
+
+    def queue_metrics(self, jobs: Iterable[Job]) -> None:
+        """Done jobs whose metrics a crash left unrecorded: measured from their files, behind the live work."""
+        with self._cond:
+            for job in jobs:
+                self._backlog.append(self.stages.task(job))
+            self._cond.notify_all()
 
 
 def describe(task: Task, stage: str) -> str:

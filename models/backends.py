@@ -60,12 +60,17 @@ class DiffusionParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(default="", max_length=2000)  # the text encoder reads the first 77 tokens
-    negative_prompt: str = Field(default="", max_length=2000)
-    num_inference_steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=50)
-    noise_level: int = Field(default=DEFAULT_NOISE_LEVEL, ge=0, le=MAX_NOISE_LEVEL)  # noise added to the input
-    seed: int = Field(default=0, ge=0, le=2**63 - 1)  # same input + same rule = same output
+    prompt: str = Field(default="", max_length=2000, description="What the image shows (the text encoder reads "
+                        "the first 77 tokens); a `<image>.prompt.txt` beside an input replaces it.")
+    negative_prompt: str = Field(default="", max_length=2000, description="What to steer away from.")
+    num_inference_steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS, description="Denoising steps per "
+                                     "tile (25: the image settles after 20-30 with the model's DDIM scheduler).")
+    guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=50, description="Classifier-free guidance; "
+                                  "above 1 it costs two UNet passes per step.")
+    noise_level: int = Field(default=DEFAULT_NOISE_LEVEL, ge=0, le=MAX_NOISE_LEVEL, description="Noise added to "
+                             "the low-resolution input (more: more invented detail).")
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="The noise's seed: same input and rule, same "
+                      "bytes on the same device.")
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,16 @@
 """The weights catalogue: every model id the service knows, with where its weights come from.
 
 Each entry names its backend, the scales it offers, and for each scale one weight file with its sha256, its real
-source URL (pinned to a commit where one is known) and its licence. Facts for the files we mirror come from
-``shared/weights/MANIFEST.tsv``. A ``sha256`` of ``None`` means no hash is published: the first verified download
-records one (see :mod:`models.weights`). A ``file:PATH`` model id is not in the catalogue: :func:`get_entry` builds an
-ad-hoc spandrel entry for a user's own model file, and a ``diffusers:FOLDER`` id one for a diffusion pipeline saved
-with ``save_pretrained``. Diffusion entries name a Hugging Face hub repository (``hub_repo``) instead of files: their
-weights live in the Hugging Face cache, not in ``weights_dir``.
+source URL pinned to a commit or a release (``revision``: never a moving branch) and its licence. Facts for the files
+we mirror come from ``shared/weights/MANIFEST.tsv``; the Real-ESRGAN release files carry the sha256 and size that the
+release assets are published with. A ``sha256`` of ``None`` means that no hash is published for that file (EDSR, and
+ai-forever's Real-ESRGAN copies): :mod:`models.weights` refuses to fetch it unless the user says
+``--trust-unhashed``, and then records the hash it saw, and holds the file to it from then on.
+
+A ``file:PATH`` model id is not in the catalogue: :func:`get_entry` builds an ad-hoc spandrel entry for a user's own
+model file, and a ``diffusers:FOLDER`` id one for a diffusion pipeline saved with ``save_pretrained``. Diffusion
+entries name a Hugging Face hub repository (``hub_repo``) pinned to a commit (``hub_revision``) instead of files:
+their weights live in the Hugging Face cache, not in ``weights_dir``.
 """
 
 from __future__ import annotations
@@ -21,10 +25,19 @@ ANY_SCALE = "any"
 
 @dataclass(frozen=True)
 class WeightFile:
+    """One weight file: where it lives under ``weights_dir`` and upstream, and what it must be.
+
+    ``sha256`` None: no hash is published (fetching it takes ``--trust-unhashed``). ``size``: the exact size in bytes
+    where it is known; ``max_size``: a ceiling for a file whose size is not known, so that a mirror cannot fill the
+    disk (see :func:`models.weights.download_limit`).
+    """
+
     path: str  # relative to weights_dir and to a mirror, e.g. "opencv/FSRCNN_x4.pb"
-    url: str  # the real upstream download address
+    url: str  # the real upstream download address, at ``revision``
     sha256: str | None
     size: int | None = None
+    revision: str = ""  # the commit (40 hex digits) or release tag that ``url`` is pinned to
+    max_size: int | None = None  # bytes; only for files whose size is not catalogued
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,7 @@ class ModelEntry:
     arch: str = ""  # backend-specific architecture name (the OpenCV dnn_superres algorithm, for example)
     kind: str = "upscaler"  # "upscaler", or "quality" for metric model files
     hub_repo: str = ""  # a Hugging Face hub repository whose snapshot (in the HF cache) holds the weights
-    hub_revision: str = "main"  # the branch, tag or commit of hub_repo to load and fetch
+    hub_revision: str = "main"  # the commit of hub_repo to load and fetch (catalogue entries pin one)
 
     def supports(self, scale: float) -> bool:
         return self.scales == ANY_SCALE or scale in self.scales
@@ -55,7 +68,10 @@ def _raw(repo: str, commit: str, path: str) -> str:
 _FSRCNN = ("Saafke/FSRCNN_Tensorflow", "6a4812c4ef1c4f5947d79beafa32a05a6eb4a94d")
 _ESPCN = ("fannymonori/TF-ESPCN", "5c628eca82028161a53e1265cc3a5b571ab8625f")
 _LAPSRN = ("fannymonori/TF-LapSRN", "fc51c90af1b5801a357abc919160d7ff4f24b997")
-_EDSR = ("Saafke/EDSR_Tensorflow", "master")  # no pinned commit or published hash: recorded on first download
+# No published hash for EDSR: pinned to a commit whose README documents the quantised .pb files, fetched only with
+# --trust-unhashed (the hash seen is recorded then, and enforced after).
+_EDSR = ("Saafke/EDSR_Tensorflow", "d63343aa607f9e81a74a49860d61933c484b8b50")
+_EDSR_MAX_SIZE = 64 << 20  # the quantised graphs are about 38 MB (the README: "~40MB")
 _CONTRIB = ("opencv/opencv_contrib", "2a5154a4479e841aa1282ef83d139c4870d17b8f")
 
 _SHA = {  # from shared/weights/MANIFEST.tsv
@@ -82,13 +98,30 @@ _SHA = {  # from shared/weights/MANIFEST.tsv
 }
 
 
-def _file(repo_commit: tuple[str, str], upstream_path: str, local_path: str) -> WeightFile:
+# The Real-ESRGAN release assets (xinntao/Real-ESRGAN, BSD-3-Clause): the sha256 and size each release file is
+# published and widely pinned with (not mirrored here). Keyed by local path.
+_RELEASED = {
+    "spandrel/RealESRGAN_x4plus.pth": ("v0.1.0", "4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1",
+                                       67040989),
+    "spandrel/RealESRGAN_x4plus_anime_6B.pth": (
+        "v0.2.2.4", "f872d837d3c90ed2e05227bed711af5671a6fd1c9f7d7e91c911a61f155e99da", 17938799),
+    "spandrel/RealESRGAN_x2plus.pth": ("v0.2.1", "49fafd45f8fd7aa8d31ab2a22d14d91b536c34494a5cfe31eb5d89c2fa266abb",
+                                       67061725),
+    "spandrel/realesr-general-x4v3.pth": (
+        "v0.2.5.0", "8dc7edb9ac80ccdc30c3a5dca6616509367f05fbc184ad95b731f05bece96292", 4885111),
+    "spandrel/realesr-animevideov3.pth": (
+        "v0.2.5.0", "b8a8376811077954d82ca3fcf476f1ac3da3e8a68a4f4d71363008000a18b75d", 2504012),
+}
+
+
+def _file(repo_commit: tuple[str, str], upstream_path: str, local_path: str, max_size: int | None = None) -> WeightFile:
     sha, size = _SHA.get(local_path, (None, None))
-    return WeightFile(path=local_path, url=_raw(*repo_commit, upstream_path), sha256=sha, size=size)
+    return WeightFile(path=local_path, url=_raw(*repo_commit, upstream_path), sha256=sha, size=size,
+                      revision=repo_commit[1], max_size=None if size else max_size)
 
 
 def _opencv(mid: str, arch: str, stem: str, scales: tuple[int, ...], repo: tuple[str, str], folder: str,
-            license: str, description: str) -> ModelEntry:
+            license: str, description: str, max_size: int | None = None) -> ModelEntry:
     return ModelEntry(
         id=mid,
         backend="opencv",
@@ -97,7 +130,7 @@ def _opencv(mid: str, arch: str, stem: str, scales: tuple[int, ...], repo: tuple
         description=description,
         license=license,
         source=f"https://github.com/{repo[0]}",
-        files={s: _file(repo, f"{folder}/{stem}_x{s}.pb", f"opencv/{stem}_x{s}.pb") for s in scales},
+        files={s: _file(repo, f"{folder}/{stem}_x{s}.pb", f"opencv/{stem}_x{s}.pb", max_size) for s in scales},
     )
 
 
@@ -108,25 +141,36 @@ def _classical(mid: str, description: str) -> ModelEntry:
 _BETTER_REALESRGAN = ("Grey-Wind/Better-Real-ESRGAN", "bcd3416edd09383d8ec7153873999218556d3e9b")
 _DITN = ("yongliuy/DITN", "98352a85ab2ac19e97c86c87a2a907021c814a5d")
 _XINNTAO_RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
-_AI_FOREVER_HUB = "https://huggingface.co/ai-forever/Real-ESRGAN/resolve/main"  # no pinned revision: hash recorded
+# ai-forever's copies publish no hash we can pin: the URL is pinned to a hub commit, the size capped, and fetching
+# takes --trust-unhashed.
+_AI_FOREVER_REVISION = "0a00b8e4dc6dd1e1fe0ebb453d4ffeb3f52f89a4"
+_AI_FOREVER_HUB = f"https://huggingface.co/ai-forever/Real-ESRGAN/resolve/{_AI_FOREVER_REVISION}"
+_AI_FOREVER_MAX_SIZE = 96 << 20  # RRDBNet, 23 blocks: about 67 MB at every scale
+# The diffusers snapshot of the Stable Diffusion x4 upscaler, pinned to a commit of its hub repository.
+_SD_X4_REVISION = "572c99286543a273bfd17fac263db5a77be12c4c"
 _XINNTAO_LICENSE = "BSD-3-Clause"
 
 
 def _spandrel(mid: str, arch: str, scale: int, file_name: str, url: str, license: str, source: str,
-              description: str) -> ModelEntry:
-    """A single-scale model loaded through spandrel; ``arch`` is the spandrel architecture id the file must hold."""
+              description: str, revision: str = "", max_size: int | None = None) -> ModelEntry:
+    """A single-scale model loaded through spandrel; ``arch`` is the spandrel architecture id the file must hold.
+    Its sha256 and size come from the MANIFEST (mirrored files) or the release's published values."""
     local = f"spandrel/{file_name}"
-    sha, size = _SHA.get(local, (None, None))
+    if local in _RELEASED:
+        revision, sha, size = _RELEASED[local]
+    else:
+        sha, size = _SHA.get(local, (None, None))
     return ModelEntry(id=mid, backend="spandrel", arch=arch, scales=(scale,), description=description,
                       license=license, source=source,
-                      files={scale: WeightFile(path=local, url=url, sha256=sha, size=size)})
+                      files={scale: WeightFile(path=local, url=url, sha256=sha, size=size, revision=revision,
+                                               max_size=None if size else max_size)})
 
 
 def _spandrel_mirrored(mid: str, arch: str, scale: int, file_name: str, repo: tuple[str, str], upstream_path: str,
                        license: str, description: str) -> ModelEntry:
     """A spandrel model whose file is in ``shared/weights/spandrel``: URL pinned to the MANIFEST's commit."""
     return _spandrel(mid, arch, scale, file_name, _raw(*repo, upstream_path), license,
-                     f"https://github.com/{repo[0]}/blob/{repo[1]}/{upstream_path}", description)
+                     f"https://github.com/{repo[0]}/blob/{repo[1]}/{upstream_path}", description, revision=repo[1])
 
 
 ENTRIES: tuple[ModelEntry, ...] = (
@@ -144,7 +188,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
     _opencv("lapsrn", "lapsrn", "LapSRN", (2, 4, 8), _LAPSRN, "export", "Apache-2.0",
             "LapSRN (Lai et al. 2017), OpenCV dnn_superres, Y channel"),
     _opencv("edsr", "edsr", "EDSR", (2, 3, 4), _EDSR, "models", "not stated by the repository; check before use",
-            "EDSR (Lim et al. 2017), OpenCV dnn_superres, RGB; large and slow on a CPU"),
+            "EDSR (Lim et al. 2017), OpenCV dnn_superres, RGB; large and slow on a CPU", max_size=_EDSR_MAX_SIZE),
     ModelEntry(
         id="brisque",
         backend="quality",
@@ -163,7 +207,8 @@ ENTRIES: tuple[ModelEntry, ...] = (
         _spandrel(f"realesrgan-x{s}", "ESRGAN", s, f"RealESRGAN_x{s}.pth", f"{_AI_FOREVER_HUB}/RealESRGAN_x{s}.pth",
                   "not stated by the hub repository (ai-forever/Real-ESRGAN); check before use",
                   "https://huggingface.co/ai-forever/Real-ESRGAN",
-                  f"Real-ESRGAN x{s} (RRDBNet, 23 blocks), ai-forever's weights; GAN-sharpened, for photos")
+                  f"Real-ESRGAN x{s} (RRDBNet, 23 blocks), ai-forever's weights; GAN-sharpened, for photos",
+                  revision=_AI_FOREVER_REVISION, max_size=_AI_FOREVER_MAX_SIZE)
         for s in (2, 4, 8)
     ),
     _spandrel("realesrgan-x4plus", "ESRGAN", 4, "RealESRGAN_x4plus.pth",
@@ -206,7 +251,8 @@ ENTRIES: tuple[ModelEntry, ...] = (
                     "StableDiffusionUpscalePipeline): a GPU model, minutes per 128 px tile on a CPU",
         license="CreativeML Open RAIL++-M",
         source="https://huggingface.co/stabilityai/stable-diffusion-x4-upscaler",
-        hub_repo="stabilityai/stable-diffusion-x4-upscaler",  # not pinned to a commit: the fetch reports what came
+        hub_repo="stabilityai/stable-diffusion-x4-upscaler",
+        hub_revision=_SD_X4_REVISION,  # a commit, so that what loads is what was fetched and checked
     ),
 )
 

@@ -1,34 +1,51 @@
 """Fetching and verifying weight files.
 
 Files land in ``weights_dir`` under the same relative path as in the catalogue (``opencv/FSRCNN_x4.pb``). A
-download goes to a ``.part`` file beside the target, is hashed while it streams, checked against the catalogue's
+download goes to an exclusively created ``.part`` file with a random name beside the target, is hashed while it
+streams, stopped as soon as it passes the file's size limit (:func:`download_limit`), checked against the catalogue's
 sha256, fsynced, and only then renamed into place, so a half download never looks like a weight file.
 
-A mirror is either a folder laid out like ``weights_dir`` or a base URL with the same layout. Where the catalogue
-has no published hash, the first download records the one it saw in ``recorded-sha256.json`` and says so; later
-verifications hold the file to it (trust on first use).
+A mirror is either a folder laid out like ``weights_dir`` or a base URL with the same layout. A mirror is not trusted:
+what it serves must match the catalogue's sha256. A catalogue file with no published hash is refused unless the user
+says ``trust_unhashed`` (``upscaled weights fetch --trust-unhashed``); then the hash seen is recorded in
+``recorded-sha256.json`` with where it came from and that it was trusted on the user's word, and later loads and
+verifications hold the file to it. :func:`verify` calls a file ``present`` only when it matches a published hash;
+one that matches a hash recorded with ``--trust-unhashed`` is ``trusted``, anything else ``unverified`` or
+``mismatch``.
 
-Diffusion entries name a Hugging Face hub repository instead of files (``ModelEntry.hub_repo``): :func:`fetch`
-downloads the snapshot into the Hugging Face cache (``HF_HOME``, where the backend loads it from, offline), only the
-parts the pipeline reads in safetensors form, and checks every large file against the sha256 the hub names it by.
+The weights folder itself is trusted (it is the operator's; the unit mounts it read-only): :func:`check` and
+:func:`locate` hold every catalogue file to its published or recorded hash each time it is loaded.
+
+Diffusion entries name a Hugging Face hub repository instead of files (``ModelEntry.hub_repo``), pinned to a commit
+(``hub_revision``): :func:`fetch` downloads the snapshot into the Hugging Face cache (``HF_HOME``, where the backend
+loads it from, offline), only the parts the pipeline reads in safetensors form, and checks every large file against
+the sha256 the hub names it by.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
+import secrets
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from models.catalog import CATALOG, ModelEntry, WeightFile, get_entry
 from models.errors import FetchError, WeightsCorruptError, WeightsMissingError
 
 RECORDED = "recorded-sha256.json"
 _CHUNK = 1 << 20
+# No catalogue file is near this (the largest is 67 MB): whatever a mirror says, a download stops here.
+ABSOLUTE_MAX_BYTES = 1 << 30
+# A file of known size may come a little larger from a mirror that re-packs it (it then fails its hash); more than
+# this is not that file, and the download stops before it fills the disk.
+SIZE_MARGIN = 1.10
 
 
 # The parts of a diffusers pipeline snapshot that loading reads: the index, every component's config and tokenizer
@@ -42,8 +59,22 @@ HUB_IGNORE = ["*.fp16.*", "*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.on
 class FileReport:
     model_id: str
     path: str
-    status: str  # present, fetched, recorded, missing, mismatch, unverified, failed
+    status: str  # present, trusted, fetched, recorded, missing, mismatch, unverified, failed
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A hash recorded for a file the catalogue publishes none for.
+
+    ``trusted``: recorded by a fetch with ``--trust-unhashed``, the user's explicit word. A record of an older
+    version (trust on first use, nobody asked) is held to at load, but never makes a file ``trusted``.
+    """
+
+    sha256: str
+    trusted: bool
+    source: str = ""
+    at: str = ""
 
 
 def sha256_file(path: Path) -> str:
@@ -54,34 +85,67 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _recorded(weights_dir: Path) -> dict[str, str]:
+def _records(weights_dir: Path) -> dict[str, object]:
     try:
-        return json.loads((weights_dir / RECORDED).read_text())
+        data = json.loads((weights_dir / RECORDED).read_text())
     except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as exc:
+        raise WeightsCorruptError(f"cannot read {weights_dir / RECORDED}: {exc}; expected a JSON object of "
+                                  "recorded hashes (delete it and fetch those files again)") from None
+    return data if isinstance(data, dict) else {}
 
 
-def _record(weights_dir: Path, path: str, sha: str) -> None:
-    data = _recorded(weights_dir)
-    data[path] = sha
-    tmp = weights_dir / (RECORDED + ".part")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+def recorded(weights_dir: Path, path: str) -> Recorded | None:
+    """The hash recorded for the catalogue path ``path``, or None."""
+    item = _records(weights_dir).get(path)
+    if isinstance(item, str):  # an older version's trust on first use: no one said to trust it
+        return Recorded(item, trusted=False)
+    if isinstance(item, dict) and isinstance(item.get("sha256"), str):
+        return Recorded(item["sha256"], bool(item.get("trusted_unhashed")), str(item.get("source", "")),
+                        str(item.get("recorded_at", "")))
+    return None
+
+
+def _record(weights_dir: Path, path: str, sha: str, source: str) -> None:
+    data = _records(weights_dir)
+    data[path] = {"sha256": sha, "source": source, "trusted_unhashed": True,
+                  "recorded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    tmp = weights_dir / f".{RECORDED}.{secrets.token_hex(8)}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, weights_dir / RECORDED)
 
 
 def expected_sha(weights_dir: Path, wf: WeightFile) -> str | None:
-    return wf.sha256 or _recorded(weights_dir).get(wf.path)
+    """The sha256 ``wf`` must have: the published one, else one recorded for it, else None."""
+    if wf.sha256:
+        return wf.sha256
+    rec = recorded(weights_dir, wf.path)
+    return rec.sha256 if rec else None
+
+
+def download_limit(wf: WeightFile) -> int:
+    """The most bytes a download of ``wf`` may bring: its catalogued size with a margin, else its ``max_size``,
+    and never more than :data:`ABSOLUTE_MAX_BYTES`."""
+    if wf.size:
+        return min(ABSOLUTE_MAX_BYTES, int(wf.size * SIZE_MARGIN) + (64 << 10))
+    return min(ABSOLUTE_MAX_BYTES, wf.max_size or ABSOLUTE_MAX_BYTES)
 
 
 def fetch_command(model_id: str) -> str:
     return f"upscaled weights fetch {model_id}"
 
 
-def locate(weights_dir: Path, entry: ModelEntry, key: int) -> Path:
-    """Path of a present weight file.
+def locate(weights_dir: Path, entry: ModelEntry, key: int, verify: bool = True) -> Path:
+    """Path of a present weight file, checked against its sha256 (unless ``verify`` is False) each time.
 
     Raises:
         WeightsMissingError: the file is absent; the message names the fetch command.
+        WeightsCorruptError: ``verify`` and the file does not match its published or recorded sha256.
     """
     wf = entry.files[key]
     path = weights_dir / wf.path
@@ -90,19 +154,27 @@ def locate(weights_dir: Path, entry: ModelEntry, key: int) -> Path:
             f"weights for {entry.id} are missing: {path} does not exist; run `{fetch_command(entry.id)}` "
             f"(add --mirror DIR_OR_URL on a machine without internet access)"
         )
+    if verify:
+        check(weights_dir, wf)
     return path
 
 
 def check(weights_dir: Path, wf: WeightFile) -> None:
-    """Hash a present file against the catalogue (or the recorded hash).
+    """Hash a present file against the catalogue (or the hash recorded for it).
+
+    A file with neither is loaded as it is: the weights folder is the operator's (a file put there by hand is
+    trusted as any configuration is); :func:`verify` reports it ``unverified``.
 
     Raises:
-        WeightsCorruptError: the hash differs.
+        WeightsCorruptError: the hash differs, or the file cannot be read.
     """
     want = expected_sha(weights_dir, wf)
     if want is None:
         return
-    got = sha256_file(weights_dir / wf.path)
+    try:
+        got = sha256_file(weights_dir / wf.path)
+    except OSError as exc:
+        raise WeightsCorruptError(f"cannot read {weights_dir / wf.path}: {exc.strerror or exc}") from None
     if got != want:
         raise WeightsCorruptError(
             f"{weights_dir / wf.path} has sha256 {got}, expected {want}; delete it and run `upscaled weights fetch`"
@@ -117,37 +189,83 @@ def _source(wf: WeightFile, mirror: str | None) -> str:
     return str(Path(mirror) / wf.path)
 
 
-def _download(src: str, part: Path, timeout: float) -> str:
-    """Copy ``src`` (a local path or a URL) into ``part``, return the sha256 of what was written."""
-    digest = hashlib.sha256()
+def _open_source(src: str, limit: int, timeout: float) -> BinaryIO:
+    """Open ``src`` (a URL or a local path) for reading; a declared size over ``limit`` is refused before any byte.
+
+    Raises:
+        FetchError: it cannot be opened, or says it is larger than ``limit``.
+    """
     try:
         if "://" in src:
             reader = urllib.request.urlopen(src, timeout=timeout)  # noqa: S310 - http(s) and file URLs only
+            declared = reader.headers.get("Content-Length")
+            size = int(declared) if declared and declared.isdigit() else None
         else:
             reader = open(src, "rb")
-        with reader as r, open(part, "wb") as w:
+            size = os.fstat(reader.fileno()).st_size
+    except OSError as exc:  # URLError and HTTPError are OSErrors
+        raise FetchError(f"could not download {src}: {exc}") from exc
+    if size is not None and size > limit:
+        reader.close()
+        raise FetchError(f"{src} is {size} bytes, over the {limit}-byte limit for this file; it is not the "
+                         "catalogued file")
+    return reader
+
+
+def _download(src: str, dest: Path, limit: int, timeout: float) -> tuple[Path, str]:
+    """Copy ``src`` into a new ``.part`` file beside ``dest``, at most ``limit`` bytes; return (that file, the
+    sha256 of what was written). Nothing is left behind on an error.
+
+    Raises:
+        FetchError: the source cannot be read, or brings more than ``limit`` bytes.
+    """
+    digest = hashlib.sha256()
+    part = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.part")
+    reader = _open_source(src, limit, timeout)
+    try:
+        # Exclusive and not through a link: a random name no one else holds (0666 & ~umask, as any file we write).
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with reader as r, os.fdopen(fd, "wb") as w:
+            n = 0
             while chunk := r.read(_CHUNK):
+                n += len(chunk)
+                if n > limit:  # a server that lies about its length, or streams forever
+                    raise FetchError(f"{src} sent more than {limit} bytes, over the limit for this file; stopped")
                 digest.update(chunk)
                 w.write(chunk)
             w.flush()
             os.fsync(w.fileno())
-    except OSError as exc:  # URLError and HTTPError are OSErrors
+    except OSError as exc:
         part.unlink(missing_ok=True)
         raise FetchError(f"could not download {src}: {exc}") from exc
-    return digest.hexdigest()
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return part, digest.hexdigest()
 
 
 def fetch_file(weights_dir: Path, model_id: str, wf: WeightFile, mirror: str | None, timeout: float = 60.0,
-               force: bool = False) -> FileReport:
+               force: bool = False, trust_unhashed: bool = False) -> FileReport:
+    """Fetch one weight file from ``mirror`` (or its source URL). Never raises: a failure is a ``failed`` report.
+
+    A file with a published sha256 must match it. A file without one is refused unless ``trust_unhashed``, or a
+    hash was recorded for it with ``trust_unhashed`` before (then the download must match that).
+    """
     dest = weights_dir / wf.path
-    want = expected_sha(weights_dir, wf)
+    rec = None if wf.sha256 else recorded(weights_dir, wf.path)
+    want = wf.sha256 or (rec.sha256 if rec and rec.trusted else None)
+    if want is None and not trust_unhashed:
+        return FileReport(model_id, wf.path, "failed",
+                          f"no sha256 is published for {wf.path} ({wf.url}), so nothing could tell a good copy from "
+                          "a bad one; pass --trust-unhashed to accept what the source serves (its hash is then "
+                          "recorded and enforced)")
     if dest.is_file() and not force and want and sha256_file(dest) == want:
-        return FileReport(model_id, wf.path, "present")
+        return FileReport(model_id, wf.path, "present" if wf.sha256 else "trusted")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     src = _source(wf, mirror)
+    limit = download_limit(wf)
     try:
-        got = _download(src, part, timeout)
+        part, got = _download(src, dest, limit, timeout)
     except FetchError as exc:
         return FileReport(model_id, wf.path, "failed", str(exc))
     if want and got != want:
@@ -155,8 +273,9 @@ def fetch_file(weights_dir: Path, model_id: str, wf: WeightFile, mirror: str | N
         return FileReport(model_id, wf.path, "failed", f"{src}: sha256 {got} does not match the expected {want}")
     os.replace(part, dest)
     if want is None:
-        _record(weights_dir, wf.path, got)
-        return FileReport(model_id, wf.path, "recorded", f"no published sha256; recorded {got} on first download")
+        _record(weights_dir, wf.path, got, src)
+        return FileReport(model_id, wf.path, "recorded",
+                          f"no published sha256; trusted on --trust-unhashed and recorded {got} from {src}")
     return FileReport(model_id, wf.path, "fetched", src)
 
 
@@ -211,11 +330,15 @@ def verify_snapshot(folder: Path) -> list[str]:
 
 
 def fetch(weights_dir: Path, model_ids: Iterable[str], mirror: str | None = None, force: bool = False,
-          timeout: float = 60.0) -> list[FileReport]:
+          timeout: float = 60.0, trust_unhashed: bool = False) -> list[FileReport]:
     """Fetch every weight file of ``model_ids``. Never raises for a single failed file: see the reports.
 
+    ``trust_unhashed``: accept (and record) files the catalogue publishes no sha256 for; without it they fail.
     A diffusion entry's hub snapshot goes to the Hugging Face cache instead (:func:`fetch_hub`); ``mirror`` does
     not apply to it (set ``HF_ENDPOINT`` for a hub mirror).
+
+    Raises:
+        UnknownModelError: an unknown model id.
     """
     weights_dir.mkdir(parents=True, exist_ok=True)
     reports = []
@@ -225,12 +348,18 @@ def fetch(weights_dir: Path, model_ids: Iterable[str], mirror: str | None = None
             reports.append(fetch_hub(entry, force, timeout))
             continue
         for wf in entry.weight_files():
-            reports.append(fetch_file(weights_dir, mid, wf, mirror, timeout, force))
+            reports.append(fetch_file(weights_dir, mid, wf, mirror, timeout, force, trust_unhashed))
     return reports
 
 
 def verify(weights_dir: Path, model_ids: Iterable[str] | None = None) -> list[FileReport]:
-    """Report on every catalogued weight file: present and matching, mismatched, unverified or missing."""
+    """Report on every catalogued weight file.
+
+    ``present``: it matches its published sha256. ``trusted``: it matches the hash recorded when it was fetched with
+    ``--trust-unhashed`` (no published hash exists). ``unverified``: nothing to check it against (put there by
+    hand, or recorded on first use by an older version without anyone's say). ``mismatch``: it differs from its
+    published or recorded hash. ``missing``: not there.
+    """
     ids = list(model_ids) if model_ids else [e for e in CATALOG if CATALOG[e].files]
     reports = []
     for mid in ids:
@@ -239,13 +368,24 @@ def verify(weights_dir: Path, model_ids: Iterable[str] | None = None) -> list[Fi
             if not path.is_file():
                 reports.append(FileReport(mid, wf.path, "missing", f"run `{fetch_command(mid)}`"))
                 continue
-            want = expected_sha(weights_dir, wf)
+            rec = None if wf.sha256 else recorded(weights_dir, wf.path)
+            want = wf.sha256 or (rec.sha256 if rec else None)
             if want is None:
-                reports.append(FileReport(mid, wf.path, "unverified", "no known sha256"))
+                reports.append(FileReport(mid, wf.path, "unverified", "no published sha256 and none recorded; "
+                                          f"run `{fetch_command(mid)} --force --trust-unhashed` to record one"))
                 continue
             got = sha256_file(path)
-            status = "present" if got == want else "mismatch"
-            reports.append(FileReport(mid, wf.path, status, "" if got == want else f"sha256 {got} != {want}"))
+            if got != want:
+                reports.append(FileReport(mid, wf.path, "mismatch", f"sha256 {got} != {want}"))
+            elif wf.sha256:
+                reports.append(FileReport(mid, wf.path, "present"))
+            elif rec is not None and rec.trusted:
+                reports.append(FileReport(mid, wf.path, "trusted", f"no published sha256; matches the one recorded "
+                                          f"with --trust-unhashed from {rec.source or 'its source'}"))
+            else:
+                reports.append(FileReport(mid, wf.path, "unverified",
+                                          "matches a hash recorded on first use without --trust-unhashed; run "
+                                          f"`{fetch_command(mid)} --force --trust-unhashed` to fetch and trust it"))
     return reports
 
 

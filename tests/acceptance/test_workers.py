@@ -103,7 +103,7 @@ def test_three_workers_share_the_queue_and_each_file_is_done_once(tmp_path, weig
              what=f"{total} done jobs")
     wait_for(lambda: not list((tmp_path / "inbox").glob("*.png")), 20, what="the inbox to empty")
     # The metrics are measured after the done commit, in a commit of their own.
-    wait_for(lambda: len(rows(db, "SELECT id FROM jobs WHERE metrics_state = 'done'")) == total, 60, interval=0.2,
+    wait_for(lambda: len(rows(db, "SELECT id FROM jobs WHERE metrics_state = 'done'")) == total, 240, interval=0.2,
              what="every job's metrics")
     jobs = rows(db, "SELECT * FROM jobs")
     assert len(jobs) == total and {j["state"] for j in jobs} == {"done"} and {j["attempts"] for j in jobs} == {1}
