@@ -373,7 +373,8 @@ class Stages:
         work = task.work
         t0 = time.perf_counter()
         if work is None or task.data is None:
-            task.metrics = self.remeasure(task.job, self.mover.archive_root if self.mover else self.outbox)
+            task.metrics = self.remeasure(self.store.get(task.job.id) or task.job,  # the row: where the input went
+                                          self.mover.archive_root if self.mover else self.outbox)
         else:
             try:
                 task.metrics = pipeline.measure(task.job.rule, work, task.data, task.fmt, self.brisque)
