@@ -66,14 +66,15 @@ def tiling_overhead(weights: Path, img: np.ndarray, model: str, repeats: int) ->
     rows = []
     for label, tile in (("default", None), ("2x2 grid", 288), ("3x3 grid", 200)):
         up = cache.get(model, SHIPPED[model], LoadContext(weights, "cpu", tile=tile))[0]
-        windows = len(plan_axis(512, up.window_side(), up.overlap, up.size.multiple_of)) ** 2
+        side = up.window_side(uint8=False)
+        windows = len(plan_axis(512, side, up.model.geometry_for(side).overlap, up.size.multiple_of)) ** 2
         t_ours = best_of(lambda up=up: up(img), repeats)
         chosen = up.channels_last
-        up.channels_last = False  # the same run with the plain call's memory layout: tiling cost alone
-        up.descriptor.model.to(memory_format=torch.contiguous_format)
+        up.model.channels_last = False  # the same run with the plain call's memory layout: tiling cost alone
+        up.model.descriptor.model.to(memory_format=torch.contiguous_format)
         t_contig = best_of(lambda up=up: up(img), repeats)
-        up.channels_last = chosen
-        up.descriptor.model.to(memory_format=torch.channels_last if chosen else torch.contiguous_format)
+        up.model.channels_last = chosen
+        up.model.descriptor.model.to(memory_format=torch.channels_last if chosen else torch.contiguous_format)
         rows.append(dict(model=model, setting=label, windows=windows, channels_last=chosen, plain_s=t_plain,
                          ours_s=t_ours, ratio=t_plain / t_ours, ours_contiguous_s=t_contig,
                          ratio_contiguous=t_plain / t_contig))

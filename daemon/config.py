@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from daemon.errors import ConfigError
+from models.backends import DEFAULT_GUIDANCE, DEFAULT_NOISE_LEVEL, DEFAULT_STEPS, MAX_NOISE_LEVEL, MAX_STEPS
 from models.catalog import get_entry
-from models.diffusion_sd import DEFAULT_GUIDANCE, DEFAULT_NOISE_LEVEL, DEFAULT_STEPS, MAX_NOISE_LEVEL, MAX_STEPS
 from models.errors import UpscaledError
 from models.registry import check_scale
 
@@ -58,7 +58,7 @@ class Rule(BaseModel):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # torch models; auto: fp16 on CUDA, else fp32
     compare: bool = True  # benchmark mode: also write HR | LR | SR side by side
     # Diffusion models only (sd-x4-upscaler, diffusers:FOLDER). A `<image>.prompt.txt` beside an input overrides
-    # `prompt` for that image. See models/diffusion_sd.py for why 25 steps.
+    # `prompt` for that image. See models/backends.py for why 25 steps.
     prompt: str = Field(default="", max_length=2000)  # the text encoder reads the first 77 tokens
     negative_prompt: str = Field(default="", max_length=2000)
     num_inference_steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS)

@@ -42,8 +42,8 @@ from daemon.pipeline import SIDECAR_SUFFIX, Pipeline, output_name, with_sidecar_
 from daemon.store import Registered, Store, utcnow, worker_id, worker_pid
 from daemon.watcher import Watcher
 from models import progress
+from models.backends import backend_of
 from models.catalog import get_entry
-from models.diffusion_sd import cpu_cost_note, runs_on_cpu
 from models.errors import OutOfMemoryError, Retry, UnsupportedImageError, UpscaledError
 from models.registry import ModelCache
 from models.weights import fetch_command, needs_weights, present
@@ -117,14 +117,10 @@ def check_devices(settings: Settings) -> list[str]:
     gpus = [d for d in wanted if d.startswith("cuda")]
     if not gpus:
         return []
-    try:
-        import torch
-    except ImportError:
-        return []
-    from models.spandrel_sr import resolve_device
+    from models.devices import check
 
     try:
-        return [resolve_device(d, torch) for d in gpus]
+        return check(gpus)
     except UpscaledError as exc:
         raise ConfigError(f"device: {exc}") from None
 
@@ -206,10 +202,14 @@ class Service:
         """A diffusion rule that would run on the CPU works, but slowly enough that the operator must know."""
         for rule in self.settings.all_rules():
             gen = rule.generation()
-            on_cpu = [d for d in ([rule.device] if rule.device else self.settings.devices()) if runs_on_cpu(d)]
-            if gen is not None and on_cpu:
-                self.log.warning("diffusion.on_cpu", model=rule.model, folder=rule.folder or "(default)",
-                                 device=",".join(on_cpu), cost=cpu_cost_note(gen["num_inference_steps"]))
+            if gen is None:
+                continue
+            backend = backend_of(rule.model)
+            params = backend.parse_params(gen)
+            for device in [rule.device] if rule.device else self.settings.devices():
+                for cost in backend.warnings(get_entry(rule.model), params, device):
+                    self.log.warning("diffusion.on_cpu", model=rule.model, folder=rule.folder or "(default)",
+                                     device=device, cost=cost)
 
     # --- several nodes on one database ------------------------------------------------------------------------------
     def _node_info(self) -> dict:

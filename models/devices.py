@@ -1,12 +1,16 @@
-"""Devices, as the service sees them: resolved, checked at start-up, described for the build info.
+"""Devices, as the service sees them: resolved, checked at start-up, described for the build info and the gauges.
 
 torch is imported only where a question needs it (a ``cuda`` device, ``auto``); without torch every model runs on
 the CPU, and a GPU named in the configuration is not checked (the classical and OpenCV backends ignore it).
+:func:`build_info` and :func:`memory_used` never import torch: ``daemon/`` asks them for its Prometheus gauges, and
+a service without torch must not pay seconds and hundreds of MB for a gauge.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import sys
 from collections.abc import Iterable
 
 from models.errors import DeviceUnavailableError
@@ -17,10 +21,12 @@ def torch_installed() -> bool:
 
 
 def resolve(device: str) -> str:
-    """``auto`` -> ``cuda:0`` when torch sees a GPU, else ``cpu``; ``cuda`` -> ``cuda:0``; others as given.
+    """``auto`` -> ``cuda:<current>`` when torch sees a GPU, else ``cpu``; ``cuda`` -> ``cuda:<current>``; others as
+    given once checked.
 
     Raises:
-        DeviceUnavailableError: a GPU that torch does not see (only checked where torch is installed).
+        DeviceUnavailableError: a GPU that torch does not see, or an unknown name (only checked where torch is
+            installed).
     """
     if device == "cpu":
         return device
@@ -28,7 +34,7 @@ def resolve(device: str) -> str:
         return "cpu" if device == "auto" else device
     import torch
 
-    from models.spandrel_sr import resolve_device
+    from models.runtime import resolve_device
 
     return resolve_device(device, torch)
 
@@ -42,7 +48,7 @@ def check(devices: Iterable[str]) -> list[str]:
     gpus = [d for d in dict.fromkeys(devices) if d.startswith("cuda")]
     if not gpus or not torch_installed():
         return []
-    return [resolve(d) for d in gpus]
+    return list(dict.fromkeys(resolve(d) for d in gpus))
 
 
 def runs_on_cpu(device: str) -> bool:
@@ -58,4 +64,40 @@ def runs_on_cpu(device: str) -> bool:
     return not torch.cuda.is_available()
 
 
-__all__ = ["DeviceUnavailableError", "check", "resolve", "runs_on_cpu", "torch_installed"]
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def build_info() -> dict[str, str]:
+    """Versions for a build-info gauge: ``torch`` ("" when not installed), ``cuda`` (the CUDA torch was built with, ""
+    for a CPU build or no torch), ``opencv``. Imports neither torch nor cv2 when they are not imported yet: the
+    versions come from the installed packages' metadata."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch_version, cuda = str(torch.__version__), str(torch.version.cuda or "")
+    else:
+        torch_version = _version("torch")
+        # A wheel's local version names its CUDA build (2.14.1+cu130); a CPU wheel says +cpu, a plain one nothing.
+        local = torch_version.partition("+")[2]
+        cuda = f"{local[2:-1]}.{local[-1]}" if local.startswith("cu") and local[2:].isdigit() else ""
+    cv2 = sys.modules.get("cv2")
+    opencv = str(cv2.__version__) if cv2 is not None else (_version("opencv-contrib-python")
+                                                           or _version("opencv-python-headless")
+                                                           or _version("opencv-python"))
+    return {"torch": torch_version, "cuda": cuda, "opencv": opencv}
+
+
+def memory_used() -> dict[str, int]:
+    """Bytes torch has allocated on each visible CUDA device (``{"cuda:0": ...}``); {} when torch is not imported in
+    this process or sees no GPU. Never imports torch, and never initialises CUDA where no model did."""
+    torch = sys.modules.get("torch")
+    if torch is None or not hasattr(torch, "cuda") or not torch.cuda.is_initialized():
+        return {}
+    return {f"cuda:{i}": int(torch.cuda.memory_allocated(i)) for i in range(torch.cuda.device_count())}
+
+
+__all__ = ["DeviceUnavailableError", "build_info", "check", "memory_used", "resolve", "runs_on_cpu",
+           "torch_installed"]
