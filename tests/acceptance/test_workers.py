@@ -20,8 +20,8 @@ from daemon.notify import Notifier
 from daemon.service import Service, make_workers
 from models.registry import LoadContext, ModelCache
 from models.weights import fetch
-from tests.acceptance.test_systemd import Listener
 from tests.conftest import MIRROR, image, rows, wait_for, write_config
+from tests.acceptance.test_systemd import Listener
 
 
 def test_device_list_and_workers_make_one_worker_per_device_and_slot(tmp_path):
