@@ -10,8 +10,10 @@
 
 The call pads the input to the model's size requirements, runs it in windows where the model allows it (through
 :mod:`models.tiling`), crops the result, and converts uint8 the same way everywhere: ``x / 255`` in float32 on the
-way in, ``rint(clip(y, 0, 1) * 255)`` on the way out. So ``up(u8)`` equals the quantised ``up(u8 / 255)``, and
-callers never branch on the backend.
+way in, ``rint(clip(y, 0, 1) * 255)`` on the way out. So ``up(u8)`` equals the quantised ``up(u8 / 255)``, except
+where a backend has an 8-bit path of its own that the plain library call uses (OpenCV's ``upsample()`` rounds its
+YCrCb planes to 8 bits; ``cv2.resize`` has fixed-point 8-bit kernels): there ``up(u8)`` gives that call's bytes.
+Callers never branch on the backend.
 
 Attributes a caller reads: ``model_id``, ``backend``, ``scale``, ``device`` (resolved: ``cpu``, ``cuda:0``),
 ``precision`` (``fp16``; ``fp16->fp32`` after a fallback; for a torch model the precision of this thread's last

@@ -106,6 +106,7 @@ class DiffusionModel:
         self.multiple_of = multiple_of
         self.max_noise_level = int(pipe.config.get("max_noise_level", MAX_NOISE_LEVEL))
         self.torch = torch
+        self.displaced = False  # a failed fallback could not put the reduced pipeline back on the device
         self.lock = threading.Lock()  # one window at a time through this pipeline (its scheduler holds state)
         self.splitter = OomSplitter(self.geometry_for, lambda exc: is_oom(exc, torch),
                                     lambda: empty_cache(device, torch))
@@ -132,7 +133,10 @@ class DiffusionModel:
             except Exception:
                 del fresh
                 empty_cache(self.device, torch)
-                _to_device(old, self.device, torch)
+                try:
+                    _to_device(old, self.device, torch)
+                except Exception:  # noqa: BLE001 - the next window moves it back (displaced), the first error counts
+                    self.displaced = True
                 raise
             self.pipe = fresh
 
@@ -265,8 +269,9 @@ class DiffusionUpscaler(Upscaler):
         gp = job.params
         device = torch.device(model.device)
         dtype = model.precision.dtype
-        if pipe.device != device:  # put back on its device after a failed fallback moved it away
+        if model.displaced:  # a failed fallback left it on the host: back to its device first
             _to_device(pipe, model.device, torch)
+            model.displaced = False
         # Equal prompts make the guided and unguided predictions identical, so classifier-free guidance would only
         # double the work: guidance 1 gives the same image with one UNet pass per step.
         guidance = gp.guidance_scale if gp.prompt != gp.negative_prompt else 1.0
@@ -456,6 +461,17 @@ def dtype_keyword(diffusers: Any) -> str:
     return "dtype" if hasattr(deprecation, "_resolve_dtype") else "torch_dtype"
 
 
+def load_dtypes(diffusers: Any, dtype: Any, torch: Any) -> dict[str, Any]:
+    """The ``from_pretrained`` keyword argument that loads the UNet and text encoder in ``dtype`` and the VAE in fp32,
+    each straight from the file's weights. A diffusers that reads ``dtype`` takes a per-component dict; an older one
+    gets fp32 for everything, and :func:`ensure_dtype` casts the UNet and text encoder down (the same values a
+    reduced-precision load gives), never the VAE up from rounded weights."""
+    keyword = dtype_keyword(diffusers)
+    if keyword == "dtype":
+        return {"dtype": {"default": dtype, "vae": torch.float32}}
+    return {"torch_dtype": torch.float32}
+
+
 def ensure_dtype(pipe: Any, dtype: Any, torch: Any) -> Any:
     """Make the pipeline's UNet and text encoder ``dtype`` (whatever ``from_pretrained`` did with the keyword), and
     keep the VAE in fp32: the job row then says what really runs, and the decoded pixels are clamped in fp32 (fp16 is
@@ -492,7 +508,7 @@ def _load_pipeline(model_id: str, source: str, revision: str | None, dtype: Any,
         try:
             pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(
                 source, revision=revision, local_files_only=True, use_safetensors=True,
-                **{dtype_keyword(diffusers): dtype})
+                **load_dtypes(diffusers, dtype, torch))
         except OSError as exc:  # huggingface_hub's LocalEntryNotFoundError is an OSError too
             if not folder:
                 raise WeightsMissingError(missing_weights_message(model_id, source, revision)) from None

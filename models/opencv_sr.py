@@ -9,7 +9,7 @@ sees BGR in 0..255 minus the DIV2K mean. Two paths:
 - **float32** (16-bit sources): the same network on float YCrCb, nothing rounded on the way, which ``upsample()``
   cannot do (it takes 8-bit images only).
 
-Both run in windows of :data:`DEFAULT_TILE` input pixels, cut by :mod:`models.tiling` with a margin of the network's
+Both run in windows of :data:`TILE` input pixels, cut by :mod:`models.tiling` with a margin of the network's
 receptive field and a hard cut, one window at a time: memory stays bounded for huge images, and windows that fit the
 CPU's caches make the network faster than one pass over a large image (measured in docs/models.md). The convolutions'
 float sums depend slightly on the window's size (about 5e-6), so a tiled 8-bit result differs from ``upsample()`` by
@@ -36,8 +36,11 @@ _EDSR_MEAN_BGR = (103.1545782, 111.561547, 114.35629928)
 MARGIN = {"fsrcnn": 8, "espcn": 6, "lapsrn": 24, "edsr": 40}
 # Input pixels per window side. Measured on this project's 2-core CPU with FSRCNN x4 on a 320x480 image: one pass
 # 1.00, windows of 96 px 0.93x the speed of upsample(), 128 px 1.06x, 192 px 1.01-1.13x, 256 px 1.05-1.13x (the
-# network's 56-channel maps of a whole image do not stay in cache; a window's do).
-DEFAULT_TILE = 256
+# network's 56-channel maps of a whole image do not stay in cache; a window's do). LapSRN and EDSR are compute-bound
+# and carry wide margins, which 256 px windows pay for (LapSRN x4: 0.84x): they take 512 px windows, which bounds
+# LapSRN's x4 level (64 channels at four times the window's side) to about 1 GB per activation.
+TILE = {"fsrcnn": 256, "espcn": 256, "lapsrn": 512, "edsr": 512}
+DEFAULT_TILE = TILE["fsrcnn"]
 
 
 def _cv2():
@@ -78,7 +81,7 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> FunctionUpscaler:
     run_float, run_u8 = (_edsr if entry.arch == "edsr" else _luma)(cv2, forward, key)
     return FunctionUpscaler(
         entry.id, "opencv", float(key), run_float, run_u8=run_u8,
-        geometry=Geometry(ctx.tile or DEFAULT_TILE, MARGIN[entry.arch]),
+        geometry=Geometry(ctx.tile or TILE[entry.arch], MARGIN[entry.arch]),
         device=device, precision="fp32", tiling=Tiling.SUPPORTED,
         size=SizeRequirements(minimum=3 if entry.arch != "lapsrn" else 4), tile=ctx.tile,
     )

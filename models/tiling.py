@@ -162,8 +162,9 @@ def run_tiled(run: WindowFn, img: np.ndarray, scale: float, geometry: Geometry, 
 
     Without a feather each output pixel is copied from the one window that owns it: the result has the windows'
     dtype (uint8 stays uint8) and is bit-exact where the margin covers the network's reach. With a feather the
-    windows are cross-faded in float32; uint8 windows are blended as their values and rounded back to uint8, which
-    in the cross-fade bands may differ by one level from blending them before they were quantised.
+    windows are cross-faded in float32; uint8 windows are blended as their values and rounded back to uint8 one row
+    of windows at a time (so no float copy of the whole output is ever held), which in the cross-fade bands may
+    differ by one level from blending them before they were quantised.
 
     Raises:
         ValueError: the tile cannot hold the overlap (see :func:`plan_axis`), or ``run`` returned the wrong shape.
@@ -175,38 +176,54 @@ def run_tiled(run: WindowFn, img: np.ndarray, scale: float, geometry: Geometry, 
     cols = plan_axis(w, g.tile, g.overlap, g.multiple_of)
     if len(rows) == 1 and len(cols) == 1:
         return run(img, origin)
+    out_h, out_w = round(h * scale), round(w * scale)
     hard = g.feather <= 0
     if hard:
         row_cores, col_cores = _cores(rows, scale), _cores(cols, scale)
     else:
         col_weights = [blend_profile(cols, j, scale, g.margin, g.feather) for j in range(len(cols))]
     out: np.ndarray | None = None
+    band: np.ndarray | None = None  # uint8 blending: the float32 rows not yet final, from output row band_at
+    band_at = 0
     total = len(rows) * len(cols)
     for i, (y0, y1) in enumerate(rows):
+        oy0, oy1 = round(y0 * scale), round(y1 * scale)
+        if band is not None:  # rows above this window row are final: round them into the output, keep the rest
+            final = oy0 - band_at
+            out[band_at:oy0] = np.rint(band[:final])
+            band = np.concatenate([band[final:], np.zeros((oy1 - oy0 - (band.shape[0] - final),) + band.shape[1:],
+                                                          np.float32)])
+            band_at = oy0
         if not hard:
             row_weight = blend_profile(rows, i, scale, g.margin, g.feather)[:, None, None]
         for j, (x0, x1) in enumerate(cols):
             piece = run(np.ascontiguousarray(img[y0:y1, x0:x1]), (origin[0] + y0, origin[1] + x0))
-            oy0, ox0 = round(y0 * scale), round(x0 * scale)
-            want = (round(y1 * scale) - oy0, round(x1 * scale) - ox0)
+            ox0 = round(x0 * scale)
+            want = (oy1 - oy0, round(x1 * scale) - ox0)
             if piece.shape[:2] != want:
                 raise ValueError(f"the model returned {piece.shape[:2]} for a {y1 - y0}x{x1 - x0} window at "
                                  f"x{scale:g}; expected {want}")
             if out is None:  # allocated on the first window, once the output's channels and dtype are known
-                shape = (round(h * scale), round(w * scale), piece.shape[2])
-                out = np.empty(shape, piece.dtype) if hard else np.zeros(shape, np.float32)
-                blend_dtype = piece.dtype
+                shape = (out_h, out_w, piece.shape[2])
+                if hard or piece.dtype == np.uint8:
+                    out = np.empty(shape, piece.dtype)
+                    if not hard:
+                        band, band_at = np.zeros((want[0], out_w, piece.shape[2]), np.float32), oy0
+                else:
+                    out = np.zeros(shape, np.float32)
             if hard:
                 (ra, rb), (ca, cb) = row_cores[i], col_cores[j]
                 out[ra:rb, ca:cb] = piece[ra - oy0 : rb - oy0, ca - ox0 : cb - ox0]
             else:
                 weighted = piece.astype(np.float32, copy=False) * row_weight
                 weighted *= col_weights[j][None, :, None]
-                out[oy0 : oy0 + want[0], ox0 : ox0 + want[1]] += weighted
+                target = out if band is None else band
+                at = 0 if band is None else band_at
+                target[oy0 - at : oy0 - at + want[0], ox0 : ox0 + want[1]] += weighted
             report(i * len(cols) + j + 1, total)
     assert out is not None
-    if not hard and blend_dtype == np.uint8:  # uint8 windows blend as their values, and round back once
-        return np.rint(out, out=out).astype(np.uint8)
+    if band is not None:
+        out[band_at:] = np.rint(band[: out_h - band_at])
     return out
 
 

@@ -376,6 +376,8 @@ def test_issue_17_item_10_the_requested_dtype_is_what_runs(tiny):
     import diffusers
 
     assert diffusion_sd.dtype_keyword(diffusers) == "dtype"  # the installed diffusers reads it
+    assert diffusion_sd.load_dtypes(diffusers, torch.float16, torch) == {
+        "dtype": {"default": torch.float16, "vae": torch.float32}}
     pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(tiny, local_files_only=True)  # fp32: no keyword
     diffusion_sd.ensure_dtype(pipe, torch.bfloat16, torch)
     assert (pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype) == (torch.bfloat16, torch.bfloat16,
