@@ -5,19 +5,22 @@
 
 What it runs, and which of issue 17's items 1-13 each check exercises for real on a GPU:
 
-| check | what | items |
-| --- | --- | --- |
-| routing | ``auto``, ``cuda`` and ``cuda:0`` resolve to one device and load one model there; bf16 by capability | 5, 9 |
-| fp16 fallback | a model that overflows fp16 falls back to fp32; windows resized for fp32; float32 inputs run fp32 | 6, 11 |
-| oom split (spandrel) | a memory cap (``set_per_process_memory_fraction``) between the peaks of two window sizes: the large window runs out, is split, and the result matches an uncapped run | 1, 12 (whatever the allocator raises), 7 |
-| windows fixed at load | free memory taken by another tensor between calls: same window side, same bytes | 7, 8 |
-| two workers | two threads on one GPU, one model and two models: every output equals the one-thread output | 7, 8 |
-| spandrel throughput | xsx4 on 320x480 and 1024x1024, ours (uint8) against a plain fp16 loop on the GPU | (issue 11) |
-| diffusion | the tiny SD x4 pipeline at 512x512 -> 2048x2048 in 128 px windows: fp16 UNet, fp32 VAE | 4, 10 |
-| diffusion oom split | a memory cap between the peaks of a 128 px and a 64 px window | 1 |
-| diffusion fallback | NaN latents in fp16 reload the pipeline in fp32; a reload that fails keeps the fp16 one | 3 |
-| diffusion syncs | CUDA's sync debug mode counts host/GPU syncs per window at 4 and 12 steps: equal if no step syncs | 13 |
-| determinism | the same input twice gives the same bytes (TF32 state printed) | 7, 13 |
+- routing (5, 9): ``auto``, ``cuda`` and ``cuda:0`` resolve to one device and load one model there; bf16 allowed by
+  the GPU's compute capability;
+- fp16 fallback (6, 11): a model that overflows fp16 falls back to fp32, its windows resized for fp32; under auto a
+  float32 (16-bit) input runs in fp32, a uint8 one in fp16;
+- oom split, spandrel (1, 7, 12): a memory cap (``set_per_process_memory_fraction``) between the peaks of two window
+  sizes: the large window runs out of memory (whatever the allocator or cuBLAS raises), is split, and the result
+  matches an uncapped run;
+- windows fixed at load (7, 8): 70 % of the free memory taken by another tensor between two calls: same window side,
+  same bytes;
+- two workers (7, 8): three threads on one GPU, one model and two models: every output equals the one-thread output;
+- spandrel throughput (issue 11): xsx4 on 320x480 and 1024x1024, ours (uint8) against a plain fp16 loop on the GPU;
+- diffusion (4, 10): the tiny SD x4 pipeline at 512x512 -> 2048x2048 in 128 px windows; fp16 UNet, fp32 VAE;
+- diffusion oom split (1): a memory cap between the peaks of a 128 px and a 64 px window;
+- diffusion fallback (3): NaN latents in fp16 reload the pipeline in fp32; a reload that fails keeps the fp16 one;
+- diffusion syncs (13): CUDA's sync debug mode counts host/GPU syncs per call at 4 and 12 steps;
+- determinism (7, 13): the same input twice gives the same bytes (TF32 switches printed).
 
 Item 2 (position-keyed noise) and item 12's message matching are device-independent and tested on the CPU
 (tests/integration/test_diffusion.py, tests/unit/test_models_runtime.py). With ``--cpu-smoke`` every check runs on
@@ -132,7 +135,7 @@ class Run:
         torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated() + nbytes) / total))
 
 
-# --- the checks ---------------------------------------------------------------------------------------------------------
+# --- the checks -----------------------------------------------------------------------------------------------------
 def routing(r: Run, c: Check) -> None:
     from models import devices
     from models.registry import ModelCache
@@ -322,7 +325,6 @@ def tiny_pipeline(r: Run) -> Path:
 def diffusion(r: Run, c: Check) -> None:
     from models.registry import ModelCache
 
-    torch = r.torch
     folder = tiny_pipeline(r)
     up = ModelCache().get(f"diffusers:{folder}", 4, _diff_ctx(r, folder))[0]
     side = 32 if r.smoke else 512
@@ -369,7 +371,7 @@ def diffusion_fallback(r: Run, c: Check) -> None:
     from models.errors import WeightsCorruptError
     from models.registry import ModelCache
 
-    torch = r.torch
+    torch = r.torch  # noqa: F841 - used by the hook below
     folder = r.scratch / "fallback-pipe"
     if not folder.exists():
         shutil.copytree(tiny_pipeline(r), folder)

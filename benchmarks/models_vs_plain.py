@@ -76,8 +76,10 @@ def opencv_cases(weights: Path, set5: Path) -> list[Case]:
     import cv2
 
     cases = []
-    for model, stem, algo, size in [("fsrcnn", "FSRCNN", "fsrcnn", (80, 120)), ("fsrcnn", "FSRCNN", "fsrcnn", (320, 480)),
-                                    ("espcn", "ESPCN", "espcn", (320, 480)), ("lapsrn", "LapSRN", "lapsrn", (320, 480))]:
+    for model, stem, algo, size in [("fsrcnn", "FSRCNN", "fsrcnn", (80, 120)),
+                                    ("fsrcnn", "FSRCNN", "fsrcnn", (320, 480)),
+                                    ("espcn", "ESPCN", "espcn", (320, 480)),
+                                    ("lapsrn", "LapSRN", "lapsrn", (320, 480))]:
         sr = cv2.dnn_superres.DnnSuperResImpl_create()
         sr.readModel(str(weights / "opencv" / f"{stem}_x4.pb"))
         sr.setModel(algo, 4)
@@ -203,7 +205,7 @@ def main() -> None:
     machine = dict(cpus=os.cpu_count(), usable=len(os.sched_getaffinity(0)), python=platform.python_version(),
                    load=os.getloadavg()[0], **build_info())
     print(f"{when}; {machine}; {args.rounds} rounds, ratio = plain / ours (> 1: ours is faster)")
-    print(f"| case | plain ms/img | ours ms/img | ratio (best) | ratio (median) | same output |")
+    print("| case | plain ms/img | ours ms/img | ratio (best) | ratio (median) | same output |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         note = f" ({r['note']})" if r["note"] else ""
