@@ -171,10 +171,13 @@ class FunctionUpscaler(Upscaler):
         self.geometry = geometry
 
     def window_geometry(self) -> Geometry | None:
-        """The geometry of this call's windows (the rule's tile, else the backend's default), or None: no tiling."""
+        """The geometry of this call's windows (the rule's tile, else the backend's default, never below what the
+        margin needs), or None: no tiling."""
         if self.tiling is Tiling.INTERNAL or self.geometry is None:
             return None
-        return self.geometry.with_tile(self.tile) if self.tile else self.geometry
+        if not self.tile:
+            return self.geometry
+        return self.geometry.with_tile(max(self.tile, self.geometry.smallest))
 
     def upscale(self, pixels: np.ndarray, params: BaseModel) -> np.ndarray:
         h, w = pixels.shape[:2]

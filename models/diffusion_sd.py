@@ -283,7 +283,9 @@ class DiffusionUpscaler(Upscaler):
         image = pipe.low_res_scheduler.add_noise(image, low_res_noise.to(device, dtype), noise_level)
         if cfg:
             image, noise_level = torch.cat([image] * 2), torch.cat([noise_level] * 2)
-        pipe.scheduler.set_timesteps(gp.num_inference_steps, device=device)
+        # Timesteps on the host: the scheduler indexes its tables with them, which with a GPU tensor is a
+        # host/GPU sync on every step; a host scalar goes to the UNet as an ordinary argument.
+        pipe.scheduler.set_timesteps(gp.num_inference_steps, device="cpu")
         lat = latents.to(device, dtype) * pipe.scheduler.init_noise_sigma
         # The per-step noise of a stochastic scheduler (DDIM at eta 0 draws none) comes from the window's place.
         generator = torch.Generator("cpu").manual_seed(derived_seed(gp.seed, *origin, STEP_STREAM))

@@ -77,6 +77,9 @@ def test_a_uint8_function_is_used_for_uint8_and_windows_are_cut_exactly():
     calls.clear()
     np.testing.assert_array_equal(up.with_tile(1000)(img), nearest2(img))
     assert calls == ["u8"]  # one window
+    calls.clear()
+    np.testing.assert_array_equal(up.with_tile(4)(img), nearest2(img))  # a tile below what the margin needs
+    assert up.with_tile(4).window_geometry().tile == Geometry(32, 2).smallest == 12
     assert up.with_tile(1000).run_u8 is up.run_u8 and up.tile is None  # a view: nothing reloaded, nothing changed
 
 
