@@ -8,10 +8,12 @@ a service without torch must not pay seconds and hundreds of MB for a gauge.
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import importlib.util
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 from models.errors import DeviceUnavailableError
 
@@ -71,22 +73,40 @@ def _version(dist: str) -> str:
         return ""
 
 
+def _torch_version_file() -> tuple[str, str]:
+    """(torch version, CUDA version) read from the installed ``torch/version.py`` without importing torch: it is a
+    file of plain assignments (``__version__ = '2.14.1+cu130'``, ``cuda = '13.0'``); ("", "") without torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return "", ""
+    values: dict[str, str] = {}
+    try:
+        tree = ast.parse((Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text())
+    except (OSError, SyntaxError, StopIteration):
+        return _version("torch"), ""
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) else None  # `cuda: Optional[str] = '13.0'`
+        if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant):
+            values[target.id] = node.value.value
+    return str(values.get("__version__") or _version("torch")), str(values.get("cuda") or "")
+
+
 def build_info() -> dict[str, str]:
     """Versions for a build-info gauge: ``torch`` ("" when not installed), ``cuda`` (the CUDA torch was built with, ""
     for a CPU build or no torch), ``opencv``. Imports neither torch nor cv2 when they are not imported yet: the
-    versions come from the installed packages' metadata."""
+    versions come from torch's ``version.py`` and the installed packages' metadata."""
     torch = sys.modules.get("torch")
     if torch is not None:
         torch_version, cuda = str(torch.__version__), str(torch.version.cuda or "")
     else:
-        torch_version = _version("torch")
-        # A wheel's local version names its CUDA build (2.14.1+cu130); a CPU wheel says +cpu, a plain one nothing.
-        local = torch_version.partition("+")[2]
-        cuda = f"{local[2:-1]}.{local[-1]}" if local.startswith("cu") and local[2:].isdigit() else ""
+        torch_version, cuda = _torch_version_file()
     cv2 = sys.modules.get("cv2")
-    opencv = str(cv2.__version__) if cv2 is not None else (_version("opencv-contrib-python")
-                                                           or _version("opencv-python-headless")
-                                                           or _version("opencv-python"))
+    if cv2 is not None:
+        opencv = str(cv2.__version__)
+    else:  # the wheel's version adds its build number (4.14.0.94) to OpenCV's (4.14.0)
+        wheel = _version("opencv-contrib-python") or _version("opencv-python-headless") or _version("opencv-python")
+        opencv = ".".join(wheel.split(".")[:3])
     return {"torch": torch_version, "cuda": cuda, "opencv": opencv}
 
 

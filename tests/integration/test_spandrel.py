@@ -460,6 +460,11 @@ def test_missing_torch_is_a_clear_error_and_the_daemon_never_imports_it():
              "print('torch' in sys.modules, info['torch'] != '', used)")
     assert subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True,
                           timeout=60).stdout.strip() == "False True {}"
+    # build_info() without torch imported reads the same versions as with it (torch/version.py, not a guess).
+    check = ("import sys, models.devices as d; before = d.build_info(); assert 'torch' not in sys.modules\n"
+             "import torch, cv2; print(before == d.build_info(), before['torch'] == torch.__version__)")
+    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60).stdout.strip() == "True True"
 
 
 # --- pixel formats through the pipeline -------------------------------------------------------------------------------
