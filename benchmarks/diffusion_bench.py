@@ -56,7 +56,7 @@ def main() -> None:
         folder, size, tile, steps = args.case
         print(json.dumps(one_case(Path(folder), int(size), int(tile), int(steps))))
         return
-    from tests.integration.test_diffusion import build_tiny_pipeline
+    from models.testing import build_tiny_pipeline
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

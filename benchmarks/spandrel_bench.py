@@ -4,7 +4,7 @@
    same image (target >= 0.85). Measured with the default window size (the CPU budget covers 512x512 in one window)
    and with windows forced to a 2x2 and a 3x3 grid, each with the layout the backend chose and with channels_last
    off, so that the tiling's own cost shows apart from the layout's gain.
-2. Peak RSS upscaling a 2048x2048 image x4 with realesrgan-animevideo-xsx4, in a fresh subprocess, read from
+2. Peak RSS upscaling a 2048x2048 uint8 image x4 with realesrgan-animevideo-xsx4, in a fresh subprocess, read from
    ru_maxrss (target <= 2.5 GB; the uint8 output alone is 201 MB). The figure includes importing torch.
 3. Images per second of each shipped spandrel model on Set5 (LR_bicubic at the model's scale, load time excluded).
 
@@ -66,14 +66,15 @@ def tiling_overhead(weights: Path, img: np.ndarray, model: str, repeats: int) ->
     rows = []
     for label, tile in (("default", None), ("2x2 grid", 288), ("3x3 grid", 200)):
         up = cache.get(model, SHIPPED[model], LoadContext(weights, "cpu", tile=tile))[0]
-        windows = len(plan_axis(512, up.window_side(), up.overlap, up.size.multiple_of)) ** 2
+        side = up.window_side(uint8=False)
+        windows = len(plan_axis(512, side, up.model.geometry_for(side).overlap, up.size.multiple_of)) ** 2
         t_ours = best_of(lambda up=up: up(img), repeats)
         chosen = up.channels_last
-        up.channels_last = False  # the same run with the plain call's memory layout: tiling cost alone
-        up.descriptor.model.to(memory_format=torch.contiguous_format)
+        up.model.channels_last = False  # the same run with the plain call's memory layout: tiling cost alone
+        up.model.descriptor.model.to(memory_format=torch.contiguous_format)
         t_contig = best_of(lambda up=up: up(img), repeats)
-        up.channels_last = chosen
-        up.descriptor.model.to(memory_format=torch.channels_last if chosen else torch.contiguous_format)
+        up.model.channels_last = chosen
+        up.model.descriptor.model.to(memory_format=torch.channels_last if chosen else torch.contiguous_format)
         rows.append(dict(model=model, setting=label, windows=windows, channels_last=chosen, plain_s=t_plain,
                          ours_s=t_ours, ratio=t_plain / t_ours, ours_contiguous_s=t_contig,
                          ratio_contiguous=t_plain / t_contig))
@@ -100,15 +101,12 @@ def hwm():  # this process image's own peak; ru_maxrss also keeps the parent's s
 from models.registry import LoadContext, ModelCache
 side = int(sys.argv[3])
 src = Image.open(sys.argv[4]).convert("RGB").resize((side, side), Image.BICUBIC)
-img = np.asarray(src, np.float32) / 255.0
+img = np.asarray(src)  # uint8: what the service hands the model for an 8-bit file
 del src
 up = ModelCache().get("realesrgan-animevideo-xsx4", 4, LoadContext(Path(sys.argv[2]), "cpu"))[0]
 after_load = hwm()
 t0 = time.perf_counter()
-out = up(img)
-np.multiply(out, 255.0, out=out)  # to uint8 in place: no second float copy of the 805 MB result
-np.rint(out, out=out)
-u8 = out.astype(np.uint8)
+u8 = up(img)  # uint8 out: windows are blended into one 201 MB array, no float copy of the whole result
 seconds = time.perf_counter() - t0
 report = dict(side=side, out_shape=list(u8.shape), uint8_mb=u8.nbytes / 1e6, rss_after_load_mb=after_load / 1e6,
               peak_rss_mb=rss() / 1e6, peak_vmhwm_mb=hwm() / 1e6, seconds=seconds)

@@ -9,12 +9,16 @@ A :class:`Backend` says everything the service needs to know about a family befo
 - :meth:`Backend.native_scale`: the scale its weights run at for a rule;
 - :meth:`Backend.load`: the model, as an :class:`~models.base.Upscaler` (the module with the heavy imports is
   imported here, not before);
-- :meth:`Backend.warnings`: what an operator should hear at start-up about a rule (diffusion on a CPU, say).
+- :meth:`Backend.warnings`: what an operator should hear at start-up about a rule (diffusion on a CPU, say);
+- :meth:`Backend.device_for`: the device a rule's ``device`` really means for this family (torch backends resolve
+  ``auto`` and ``cuda`` to ``cuda:N`` or ``cpu``; the classical filters always run on the CPU), which the model cache
+  keys on; and ``uses_tile``, whether the rule's ``tile`` changes anything.
 
 Every :class:`~models.base.Upscaler` is then called the same way: ``up(pixels, params)``, with ``pixels`` uint8 or
 float32 RGB of shape (H, W, 3) and ``params`` an instance of the backend's ``params`` schema (or None for its
 defaults); the result has the input's dtype. To add a backend (ONNX, face restoration): write a module with a
-``load(entry, scale, ctx, params_type)`` function, give it a ``Backend`` entry below and catalogue entries in
+``load(entry, scale, ctx)`` function that returns an :class:`~models.base.Upscaler` subclass, give it a ``Backend``
+entry below (with its params schema and start-up warnings, if it has any) and catalogue entries in
 :mod:`models.catalog`. See docs/models.md.
 """
 
@@ -22,24 +26,19 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.base import NoParams
 from models.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
     from models.base import Upscaler
     from models.catalog import ModelEntry
     from models.registry import LoadContext
-
-
-class NoParams(BaseModel):
-    """The parameters of a backend that takes none: an empty ``[rules.params]`` table, or none at all."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
 
 # Diffusion generation defaults. 25 steps, not the pipeline's 75: with the DDIM scheduler the model ships with, the
 # image is essentially settled after 20-30 steps, and a daemon pays for every step of every tile. guidance 9.0 and
@@ -73,6 +72,48 @@ class DiffusionParams(BaseModel):
                       "bytes on the same device.")
 
 
+Warn = Callable[["ModelEntry", BaseModel, str], list[str]]
+
+
+def cpu_only(_device: str) -> str:
+    """Backends that always run on the CPU (the classical filters)."""
+    return "cpu"
+
+
+def opencv_device(device: str) -> str:
+    """OpenCV's dnn runs on CUDA only in a custom CUDA build, and only when a rule names ``cuda``."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    import cv2
+
+    if cv2.cuda.getCudaEnabledDeviceCount() == 0:
+        return "cpu"
+    return device if ":" in device else "cuda:0"
+
+
+def torch_device(device: str) -> str:
+    """Torch backends: ``auto`` and ``cuda`` resolved to ``cuda:N`` or ``cpu`` (imports torch only for those).
+
+    Raises:
+        DeviceUnavailableError: a GPU that torch does not see.
+    """
+    from models.devices import resolve
+
+    return resolve(device)
+
+
+def diffusion_warnings(_entry: ModelEntry, params: BaseModel, device: str) -> list[str]:
+    """Diffusion on a CPU works, but slowly enough that the operator must hear it at start-up."""
+    from models.devices import runs_on_cpu
+
+    if not runs_on_cpu(device):
+        return []
+    steps = getattr(params, "num_inference_steps", DEFAULT_STEPS)
+    return [f"diffusion on the CPU ({device}) runs {steps} denoising steps of a large UNet for every 128 px tile, "
+            "which takes minutes per tile; diffusion is a GPU rule: set device = \"cuda\" on a machine with a GPU, "
+            "or use a GAN model on the CPU"]
+
+
 @dataclass(frozen=True)
 class Backend:
     """One model family. See the module docstring for the contract."""
@@ -85,6 +126,9 @@ class Backend:
     any_scale: bool = False  # resampling filters: the native scale is the rule's final scale
     takes_prompt: bool = False  # reads a `<image>.prompt.txt` sidecar into params.prompt
     chainable: bool = True  # can take its own output as input (a x16 target with a x4 model: two passes)
+    uses_tile: bool = True  # whether the rule's `tile` changes what it does
+    resolve_device: Callable[[str], str] = torch_device
+    warn: Warn | None = None  # start-up warnings for a rule (None: never anything to say)
 
     def available(self) -> str | None:
         """None when the backend's packages are installed, else what is missing and how to install it.
@@ -112,6 +156,16 @@ class Backend:
             return raw
         return self.params.model_validate(raw or {})
 
+    def device_for(self, device: str) -> str:
+        """The device a rule's ``device`` means for this backend, as the model cache keys it.
+
+        Raises:
+            DeviceUnavailableError: a GPU that is not there (torch backends, where torch is installed).
+        """
+        if self.requires and self.available() is not None:
+            return device  # not installed: the load says so, with the install command
+        return self.resolve_device(device)
+
     def load(self, entry: ModelEntry, scale: float, ctx: LoadContext) -> Upscaler:
         """Load ``entry`` at native ``scale``; the backend module is imported now.
 
@@ -127,26 +181,18 @@ class Backend:
     def warnings(self, entry: ModelEntry, params: BaseModel, device: str) -> list[str]:
         """What an operator should know at start-up about a rule of this backend on ``device`` (empty: nothing).
 
-        Imports the backend module only for backends that have something to say (diffusion on a CPU).
+        Never imports the backend's heavy packages (only torch, to resolve ``auto``, for a backend that warns).
         """
-        if self.id != "diffusion":
-            return []
-        from models.devices import runs_on_cpu
-
-        if not runs_on_cpu(device):
-            return []
-        steps = getattr(params, "num_inference_steps", DEFAULT_STEPS)
-        return [f"diffusion on the CPU ({device}) takes minutes per 128 px tile at {steps} steps; diffusion is a GPU "
-                "rule: set device = \"cuda\" on a machine with a GPU, or use a GAN model on the CPU"]
+        return self.warn(entry, params, device) if self.warn is not None else []
 
 
 # The one list of what is registered.
 BACKENDS: tuple[Backend, ...] = (
-    Backend("classical", "models.classical", None, any_scale=True),
-    Backend("opencv", "models.opencv_sr", None, requires=("cv2",)),
+    Backend("classical", "models.classical", None, any_scale=True, uses_tile=False, resolve_device=cpu_only),
+    Backend("opencv", "models.opencv_sr", None, requires=("cv2",), resolve_device=opencv_device),
     Backend("spandrel", "models.spandrel_sr", "gan", requires=("torch", "spandrel")),
     Backend("diffusion", "models.diffusion_sd", "diffusion", requires=("torch", "diffusers", "transformers"),
-            params=DiffusionParams, takes_prompt=True, chainable=False),
+            params=DiffusionParams, takes_prompt=True, chainable=False, warn=diffusion_warnings),
 )
 
 
@@ -170,3 +216,6 @@ def backend_of(model_id: str) -> Backend:
     from models.catalog import get_entry
 
     return get_backend(get_entry(model_id).backend)
+
+
+__all__ = ["BACKENDS", "Backend", "DiffusionParams", "NoParams", "backend_of", "get_backend"]

@@ -1,14 +1,19 @@
-"""Devices, as the service sees them: resolved, checked at start-up, described for the build info.
+"""Devices, as the service sees them: resolved, checked at start-up, described for the build info and the gauges.
 
 torch is imported only where a question needs it (a ``cuda`` device, ``auto``); without torch every model runs on
 the CPU, and a GPU named in the configuration is not checked (the classical and OpenCV backends ignore it).
+:func:`build_info` and :func:`memory_used` never import torch: ``daemon/`` asks them for its Prometheus gauges, and
+a service without torch must not pay seconds and hundreds of MB for a gauge.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import importlib.util
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 from models.errors import DeviceUnavailableError
 
@@ -18,10 +23,12 @@ def torch_installed() -> bool:
 
 
 def resolve(device: str) -> str:
-    """``auto`` -> ``cuda:0`` when torch sees a GPU, else ``cpu``; ``cuda`` -> ``cuda:0``; others as given.
+    """``auto`` -> ``cuda:<current>`` when torch sees a GPU, else ``cpu``; ``cuda`` -> ``cuda:<current>``; others as
+    given once checked.
 
     Raises:
-        DeviceUnavailableError: a GPU that torch does not see (only checked where torch is installed).
+        DeviceUnavailableError: a GPU that torch does not see, or an unknown name (only checked where torch is
+            installed).
     """
     if device == "cpu":
         return device
@@ -29,7 +36,7 @@ def resolve(device: str) -> str:
         return "cpu" if device == "auto" else device
     import torch
 
-    from models.spandrel_sr import resolve_device
+    from models.runtime import resolve_device
 
     return resolve_device(device, torch)
 
@@ -43,7 +50,7 @@ def check(devices: Iterable[str]) -> list[str]:
     gpus = [d for d in dict.fromkeys(devices) if d.startswith("cuda")]
     if not gpus or not torch_installed():
         return []
-    return [resolve(d) for d in gpus]
+    return list(dict.fromkeys(resolve(d) for d in gpus))
 
 
 def runs_on_cpu(device: str) -> bool:
@@ -59,31 +66,58 @@ def runs_on_cpu(device: str) -> bool:
     return not torch.cuda.is_available()
 
 
-__all__ = ["DeviceUnavailableError", "check", "resolve", "runs_on_cpu", "torch_installed"]
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _torch_version_file() -> tuple[str, str]:
+    """(torch version, CUDA version) read from the installed ``torch/version.py`` without importing torch: it is a
+    file of plain assignments (``__version__ = '2.14.1+cu130'``, ``cuda = '13.0'``); ("", "") without torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return "", ""
+    values: dict[str, str] = {}
+    try:
+        tree = ast.parse((Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text())
+    except (OSError, SyntaxError, StopIteration):
+        return _version("torch"), ""
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) else None  # `cuda: Optional[str] = '13.0'`
+        if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant):
+            values[target.id] = node.value.value
+    return str(values.get("__version__") or _version("torch")), str(values.get("cuda") or "")
 
 
 def build_info() -> dict[str, str]:
-    """Versions for ``upscaled_build_info``: torch and its CUDA ("" where not installed), and OpenCV. Reads package
-    metadata: torch is not imported for it."""
-    import importlib.metadata as md
-
-    def version(dist: str) -> str:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return ""
-
-    torch = version("torch")
-    cuda = ""
-    if "torch" in sys.modules:  # already imported by a backend: ask it, for free
-        cuda = sys.modules["torch"].version.cuda or ""
-    return {"torch": torch, "cuda": cuda, "opencv": version("opencv-contrib-python")}
+    """Versions for a build-info gauge: ``torch`` ("" when not installed), ``cuda`` (the CUDA torch was built with, ""
+    for a CPU build or no torch), ``opencv``. Imports neither torch nor cv2 when they are not imported yet: the
+    versions come from torch's ``version.py`` and the installed packages' metadata."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch_version, cuda = str(torch.__version__), str(torch.version.cuda or "")
+    else:
+        torch_version, cuda = _torch_version_file()
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None:
+        opencv = str(cv2.__version__)
+    else:  # the wheel's version adds its build number (4.14.0.94) to OpenCV's (4.14.0)
+        wheel = _version("opencv-contrib-python") or _version("opencv-python-headless") or _version("opencv-python")
+        opencv = ".".join(wheel.split(".")[:3])
+    return {"torch": torch_version, "cuda": cuda, "opencv": opencv}
 
 
 def memory_used() -> dict[str, int]:
-    """Bytes allocated by torch on each visible CUDA device; {} when torch is not imported or sees no GPU. Never
-    imports torch."""
+    """Bytes torch has allocated on each visible CUDA device (``{"cuda:0": ...}``); {} when torch is not imported in
+    this process or sees no GPU. Never imports torch, and never initialises CUDA where no model did."""
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
+    if torch is None or not hasattr(torch, "cuda") or not torch.cuda.is_initialized():
         return {}
     return {f"cuda:{i}": int(torch.cuda.memory_allocated(i)) for i in range(torch.cuda.device_count())}
+
+
+__all__ = ["DeviceUnavailableError", "build_info", "check", "memory_used", "resolve", "runs_on_cpu",
+           "torch_installed"]

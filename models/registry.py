@@ -2,8 +2,8 @@
 
 The backends are :class:`~models.backends.Backend` objects in one visible list (:data:`models.backends.BACKENDS`);
 :data:`REGISTRY` is that list behind a strict name -> backend map. A backend's heavy imports happen inside its
-``load``, so that listing models or checking a configuration never imports torch. Loaded upscalers are cached per
-(model, scale, device, tile, precision).
+``load``, so that listing models or checking a configuration never imports torch. Loaded models are cached per
+(model, scale, resolved device, precision), and handed out per rule tile as views that share them.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LoadContext:
+    """Where and how to load a model: the weights folder, the device, the rule's tile and the precision."""
+
     weights_dir: Path
     device: str = "cpu"  # "auto", "cpu", "cuda" or "cuda:N"; a backend resolves "auto" and records what it used
     tile: int | None = None  # input tile side; None lets the backend choose
@@ -89,36 +91,72 @@ def check_scale(model_id: str, scale: float, weights_dir: Path | None = None) ->
 
 
 class ModelCache:
-    """Loads each (model, scale, device, tile) once per process and hands out the same :class:`Upscaler`.
+    """Loads each model once per process and hands out the same :class:`~models.base.Upscaler`.
 
-    Safe for several worker threads: a model is loaded once even when two workers ask for it together, and a
-    long load (a diffusion pipeline) holds up only the workers that wait for that model, not the others.
+    A model is loaded once per (model, scale, resolved device, precision): ``auto``, ``cuda`` and ``cuda:0`` name one
+    GPU and share one copy. The rule's ``tile`` is not part of that: rules that differ only in ``tile`` get views of the
+    same loaded model (:meth:`~models.base.Upscaler.with_tile`), and backends that ignore ``tile`` (classical filters)
+    get the same upscaler.
+
+    Safe for several worker threads: a model is loaded once even when two workers ask for it together, and a long
+    load (a diffusion pipeline) holds up only the workers that wait for that model, not the others.
     """
 
     def __init__(self, registry: Registry = REGISTRY) -> None:
         self._registry = registry
-        self._loaded: dict[tuple, Upscaler] = {}
+        self._models: dict[tuple, Upscaler] = {}  # (model, scale, device, precision) -> the loaded model
+        self._views: dict[tuple, Upscaler] = {}  # ... + (tile,) -> the upscaler handed out
         self._loading: dict[tuple, threading.Lock] = {}
-        self._lock = threading.Lock()  # guards the two dicts, never held while loading
+        self._lock = threading.Lock()  # guards the dicts, never held while loading
+
+    def key(self, model_id: str, scale: float, ctx: LoadContext) -> tuple:
+        """(model, scale, device, precision, tile) as this cache keys it: the device resolved where the backend runs on
+        torch, ``tile`` left out (None) for backends that do not tile by it.
+
+        Raises:
+            UnknownModelError: no such model.
+            DeviceUnavailableError: a GPU that torch does not see.
+        """
+        backend = self._registry.get(get_entry(model_id).backend)
+        device = backend.device_for(ctx.device)
+        return model_id, float(scale), device, ctx.precision, ctx.tile if backend.uses_tile else None
 
     def get(self, model_id: str, scale: float, ctx: LoadContext) -> tuple[Upscaler, bool]:
-        """Return (upscaler, loaded_now)."""
-        key = (model_id, float(scale), ctx)
+        """Return (upscaler, loaded_now) for ``model_id`` at native ``scale`` on ``ctx.device``.
+
+        Raises:
+            UnknownModelError, UnsupportedScaleError, WeightsMissingError: see :func:`check_scale`.
+            DeviceUnavailableError: the device is not there.
+            ModelError subclasses: as the backend's ``load`` documents.
+        """
+        key = self.key(model_id, scale, ctx)
+        base = key[:4]
         with self._lock:
-            if key in self._loaded:
-                return self._loaded[key], False
-            key_lock = self._loading.setdefault(key, threading.Lock())
+            if key in self._views:
+                return self._views[key], False
+            key_lock = self._loading.setdefault(base, threading.Lock())
+        loaded_now = False
         with key_lock:
             with self._lock:
-                if key in self._loaded:  # another worker loaded it while we waited
-                    return self._loaded[key], False
-            entry = check_scale(model_id, scale, ctx.weights_dir)
-            up = self._registry.get(entry.backend).load(entry, float(scale), ctx)
+                model = self._models.get(base)  # another worker may have loaded it while we waited
+            if model is None:
+                entry = check_scale(model_id, scale, ctx.weights_dir)
+                load_ctx = LoadContext(ctx.weights_dir, key[2], None, ctx.precision)
+                model = self._registry.get(entry.backend).load(entry, float(scale), load_ctx)
+                loaded_now = True
+            view = model.with_tile(key[4])
             with self._lock:
-                self._loaded[key] = up
-                self._loading.pop(key, None)
-            return up, True
+                self._models[base] = model
+                self._views.setdefault(key, view)
+                self._loading.pop(base, None)
+                return self._views[key], loaded_now
+
+    def loaded(self) -> list[Upscaler]:
+        """The models loaded so far, one per (model, scale, device, precision)."""
+        with self._lock:
+            return list(self._models.values())
 
     def clear(self) -> None:
         with self._lock:
-            self._loaded.clear()
+            self._models.clear()
+            self._views.clear()

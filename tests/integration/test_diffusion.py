@@ -35,78 +35,33 @@ from structlog.testing import capture_logs  # noqa: E402
 
 from daemon import imageio  # noqa: E402
 from daemon.config import Rule, load_settings  # noqa: E402
-from daemon.errors import BadSidecarError, ConfigError  # noqa: E402
+from daemon.errors import BadSidecarError  # noqa: E402
 from daemon.pipeline import with_sidecar_prompt  # noqa: E402
 from daemon.service import Service  # noqa: E402
 from models import diffusion_sd  # noqa: E402
-from models.base import Tiling, pad_to_multiple, run_tiled  # noqa: E402
+from models.backends import DiffusionParams  # noqa: E402
+from models.base import Tiling, pad_to_multiple, to_float, to_uint8  # noqa: E402
 from models.catalog import CATALOG, model_label  # noqa: E402
-from models.diffusion_sd import DiffusionUpscaler, GenerationParams, window_geometry  # noqa: E402
+from models.diffusion_sd import DiffusionUpscaler, window_geometry  # noqa: E402
 from models.errors import (  # noqa: E402
+    InvalidParamsError,
     NonFiniteOutputError,
     UnsupportedModelError,
     UnsupportedScaleError,
+    WeightsCorruptError,
     WeightsMissingError,
 )
 from models.progress import reporting  # noqa: E402
 from models.registry import LoadContext, ModelCache  # noqa: E402
-from models.tiling import plan_axis  # noqa: E402
+from models.testing import build_tiny_pipeline  # noqa: E402
+from models.tiling import Geometry, plan_axis, run_tiled  # noqa: E402
 from models.weights import fetch, fetch_hub, present  # noqa: E402
 
 FAST = {"num_inference_steps": 3}
 HUB_REPO = "upscaled-tests/tiny-sd-x4"
 
 
-# --- the tiny pipeline --------------------------------------------------------------------------------------------
-def build_tiny_pipeline(folder: Path) -> Path:
-    """Write a tiny random StableDiffusionUpscalePipeline (about 1.5 MB) to ``folder/pipe`` with save_pretrained."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DDPMScheduler,
-        StableDiffusionUpscalePipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(0)
-    # transformers 5 ignores CLIPTokenizer(vocab_file=..., merges_file=...): load it from a folder instead.
-    tok_dir = folder / "tokenizer-src"
-    tok_dir.mkdir(parents=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    for merged in ("th", "the</w>", "an", "and</w>"):
-        vocab[merged] = len(vocab)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\na n\nan d</w>\n")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    assert len(tokenizer) == len(vocab)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(
-        sample_size=32, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-        num_class_embeds=400)  # noise_level indexes the class embeddings: more than max_noise_level (350)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4,
-        sample_size=128, scaling_factor=0.08333)
-    pipe = StableDiffusionUpscalePipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear"),
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                                steps_offset=1, prediction_type="v_prediction"),
-        max_noise_level=350)
-    pipe.save_pretrained(folder / "pipe")
-    return folder / "pipe"
-
-
+# --- the tiny pipeline (models/testing.py) --------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
@@ -156,7 +111,8 @@ def test_a_saved_pipeline_loads_as_a_x4_upscaler(cache, tiny):
     assert up.tiling is Tiling.INTERNAL  # it tiles and blends by itself
     # The 2-block UNet halves once and the 3-block VAE scales by 4: inputs go in on a 4 px grid.
     assert up.size.multiple_of == 4
-    assert up.pipe.vae.use_tiling  # bounded decode memory for large windows
+    # The VAE decodes in fp32 (pixels clamped in fp32), whole for ordinary windows (tiled only above VAE_WHOLE_MAX).
+    assert up.pipe.vae.dtype == torch.float32 and not up.pipe.vae.use_tiling
     with pytest.raises(UnsupportedScaleError, match="x4 pipeline"):
         load(ModelCache(), tiny, scale=2)
     assert model_label(f"diffusers:{tiny}/") == "pipe"
@@ -228,10 +184,13 @@ def test_the_same_seed_gives_the_same_bytes_and_another_seed_does_not(cache, tin
     assert np.abs(a - b).mean() > 0.01
     # The prompt counts too (with guidance on), and an unknown parameter is an error, not ignored.
     assert np.abs(a - up(img, dict(FAST, seed=11, prompt="the sand"))).mean() > 0.001
-    with pytest.raises(ConfigError, match="unknown generation parameter"):
+    with pytest.raises(InvalidParamsError, match="steps: Extra inputs are not permitted"):
         up(img, {"steps": 3})
-    with pytest.raises(ConfigError, match="max_noise_level"):
+    with pytest.raises(InvalidParamsError, match="noise_level: Input should be less than or equal to 350"):
         up(img, dict(FAST, noise_level=351))
+    # uint8 in, uint8 out: the float result, quantised.
+    u8 = to_uint8(img)
+    np.testing.assert_array_equal(up(u8, dict(FAST, seed=11)), to_uint8(up(to_float(u8), dict(FAST, seed=11))))
 
 
 def _seam_score(out: np.ndarray, in_len: int, axis: int, tile: int, m: int) -> float:
@@ -246,7 +205,7 @@ def _seam_score(out: np.ndarray, in_len: int, axis: int, tile: int, m: int) -> f
     num = ((o[:, 1:] - o[:, :-1]) ** 2).sum(axis=(0, 2))
     den = (c[:, 1:] ** 2).sum(axis=(0, 2)) + (c[:, :-1] ** 2).sum(axis=(0, 2))
     energy = num / den
-    overlap, _ = window_geometry(tile, m)
+    overlap = window_geometry(tile, m).overlap
     spans = plan_axis(in_len, tile, overlap, m)
     zones = [(spans[j + 1][0] * 4 - 1, spans[j][1] * 4) for j in range(len(spans) - 1)]
     zones += [(x * 4 - 1, x * 4) for x in range(tile, in_len, tile)]
@@ -269,16 +228,15 @@ def test_tiles_are_blended_without_seams(cache, tiny):
     right = diffusion_sd.position_noise(3, 20, 70, 28, 90, 4, torch)
     assert torch.equal(left[:, :, 12:, 70:], right[:, :, :, :30])
     # The measure does see a seam where there is one: the same windows stitched edge to edge, without overlap.
-    gp = GenerationParams(**params)
-    hard = run_tiled(lambda w: tiled._run_window(w, gp, diffusion_sd._Steps(99, 3)),
-                     diffusion_sd._with_coords(img), 4, 32, 0)
+    job = diffusion_sd._Job(DiffusionParams(**params), diffusion_sd._Steps(99, 3), torch)
+    hard = run_tiled(lambda w, o: tiled._run_window(w, o, job), img, 4, Geometry(32, 0, 0, 4))
     assert max(_seam_score(hard, img.shape[axis], axis, 32, m) for axis in (0, 1)) > 1.8
 
 
 def test_progress_is_reported_per_denoising_step_and_per_tile(cache, tiny):
     up = load(cache, tiny, tile=32)
     img = scene(40, 72)
-    overlap, _ = window_geometry(32, up.size.multiple_of)
+    overlap = window_geometry(32, up.size.multiple_of).overlap
     windows = len(plan_axis(40, 32, overlap, 4)) * len(plan_axis(72, 32, overlap, 4))
     seen: list[tuple[int, int, str]] = []
     with reporting(lambda done, total, unit: seen.append((done, total, unit))):
@@ -294,21 +252,17 @@ def test_progress_is_reported_per_denoising_step_and_per_tile(cache, tiny):
 # --- precision ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("failure", ["nan-latents", "black-decode"])
 def test_a_bad_window_in_reduced_precision_is_redone_in_fp32(tiny, failure):
+    """bf16 on the CPU stands in for a GPU's fp16; the NaN and the black decode are injected into its modules."""
     img = scene(24, 28)
     reference = load(ModelCache(), tiny, precision="fp32")(img, FAST)
     up = load(ModelCache(), tiny, precision="bf16")
     assert up.precision == "bf16" and up.pipe.unet.dtype == torch.bfloat16
     reduced_calls: list[int] = []
 
-    def poison(_module, _args, output):  # what an overflowing fp16 GPU does, on the reduced-precision modules only
-        if failure == "nan-latents":
-            if output[0].dtype == torch.float32:
-                return None
-            reduced_calls.append(1)
-            return (torch.full_like(output[0], float("nan")),)
-        if output.dtype == torch.float32:
-            return None
+    def poison(_module, _args, output):  # what an overflowing fp16 GPU does; the fp32 reload has no hook
         reduced_calls.append(1)
+        if failure == "nan-latents":
+            return (torch.full_like(output[0], float("nan")),)
         return torch.full_like(output, -1.0)  # decodes to 0 after denormalising: a black window
 
     module = up.pipe.unet if failure == "nan-latents" else up.pipe.vae.decoder
@@ -323,6 +277,113 @@ def test_a_bad_window_in_reduced_precision_is_redone_in_fp32(tiny, failure):
     # NaN latents stop the loop at the first step instead of running the rest for nothing.
     assert len(reduced_calls) == 1
     assert max(d for d, _, u in seen if u == "step") == 3 and all(d <= t for d, t, _ in seen)
+
+
+def test_issue_17_item_3_a_failed_fp32_reload_keeps_the_working_pipeline(tmp_path, tiny):
+    """bf16 on the CPU stands in for a GPU's fp16. The fp32 reload fails for real: its folder is gone."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny, folder)
+    img = scene(24, 28)
+    reference = load(ModelCache(), tiny, precision="fp32")(img, FAST)
+    up = load(ModelCache(), folder, precision="bf16")
+    reduced = up.pipe
+    reduced.unet.register_forward_hook(lambda _m, _a, out: (torch.full_like(out[0], float("nan")),))
+    folder.rename(tmp_path / "moved")
+    with pytest.raises(WeightsCorruptError, match="cannot read"):
+        up(img, FAST)
+    assert up.pipe is reduced and up.precision == "bf16" and up.fallbacks == 0  # not None, not half switched
+    (tmp_path / "moved").rename(folder)
+    out = up(img, FAST)  # the next job falls back properly
+    assert up.precision == "bf16->fp32" and up.fallbacks == 1 and np.array_equal(out, reference)
+
+
+def test_our_denoising_loop_is_the_pipelines_own_call(cache, tiny):
+    """Given the same initial latents and the same low-resolution noise, one window through this backend gives what
+    diffusers' StableDiffusionUpscalePipeline.__call__ gives."""
+    up = load(cache, tiny, tile=128)
+    img = scene(32, 48)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    latents = torch.randn((1, 4, 32, 48), generator=torch.Generator().manual_seed(1))
+    noise = torch.randn((1, 3, 32, 48), generator=torch.Generator().manual_seed(2))  # what the pipeline draws
+    for params in (DiffusionParams(num_inference_steps=3, prompt="the sand", seed=5),
+                   DiffusionParams(num_inference_steps=2, noise_level=300, guidance_scale=1.0)):
+        job = diffusion_sd._Job(params, diffusion_sd._Steps(1, params.num_inference_steps), torch)
+        with torch.inference_mode():
+            ours = up._denoise(x, latents, noise, (0, 0), job)
+            theirs = up.pipe(prompt=params.prompt, image=x, num_inference_steps=params.num_inference_steps,
+                             guidance_scale=params.guidance_scale, noise_level=params.noise_level,
+                             generator=torch.Generator().manual_seed(2), latents=latents, output_type="pt").images
+        assert ours.shape == theirs.shape == (1, 3, 128, 192)
+        assert torch.equal(ours, theirs), float((ours - theirs).abs().max())
+
+
+def unet_oom_above(up: DiffusionUpscaler, side: int):
+    """Stands in for a GPU that runs out of memory on latents larger than ``side`` (no GPU here)."""
+    seen: list[int] = []
+
+    def pre(_module, args):
+        seen.append(max(args[0].shape[-2:]))
+        if seen[-1] > side:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (stand-in)")
+
+    return up.pipe.unet.register_forward_pre_hook(pre), seen
+
+
+def test_issue_17_item_1_a_window_that_runs_out_of_memory_is_split_with_its_own_geometry(tiny):
+    up = load(ModelCache(), tiny, tile=32)
+    img = scene(32, 32)
+    handle, seen = unet_oom_above(up, 16)
+    try:
+        out = up(img, FAST)
+    finally:
+        handle.remove()
+    assert up.splits == 1 and up.window_side() == 16 and seen[0] == 32 and max(seen[1:]) == 16
+    # The halves are planned with a 16 px window's own overlap, exactly as a rule with tile = 16 plans them.
+    assert window_geometry(32, 4).smallest > 16 >= window_geometry(16, 4).smallest
+    np.testing.assert_array_equal(out, load(ModelCache(), tiny, tile=16)(img, FAST))
+
+
+def test_issue_17_item_2_tiled_and_untiled_agree_at_the_highest_noise_level(cache, tiny):
+    """The noise added to the input (noise_level) is keyed by position like the initial latents, so overlapping
+    windows see the same noise; on a smooth image at noise_level 350 tiled stays within 4 levels of untiled."""
+    img = scene(64, 96)
+    params = dict(num_inference_steps=3, noise_level=350, seed=3)
+    tiled, whole = load(cache, tiny, tile=32)(img, params), load(cache, tiny, tile=128)(img, params)
+    mean_levels = float(np.abs(tiled - whole).mean() * 255)
+    assert mean_levels <= 4.0, mean_levels
+    a = diffusion_sd.position_noise(3, 8, 0, 40, 100, 3, torch, diffusion_sd.LOW_RES_STREAM)
+    b = diffusion_sd.position_noise(3, 20, 70, 28, 90, 3, torch, diffusion_sd.LOW_RES_STREAM)
+    assert torch.equal(a[:, :, 12:, 70:], b[:, :, :, :30])
+    latent = diffusion_sd.position_noise(3, 8, 0, 40, 100, 3, torch, diffusion_sd.LATENT_STREAM)
+    assert not torch.equal(a, latent)  # two independent fields from one seed
+
+
+def test_issue_17_item_4_the_vae_decodes_whole_windows_and_tiles_only_large_ones(tiny, monkeypatch):
+    up = load(ModelCache(), tiny, tile=64)
+    calls: list[tuple[int, ...]] = []
+    up.pipe.vae.decoder.register_forward_hook(lambda _m, args, _o: calls.append(tuple(args[0].shape[-2:])))
+    up(scene(64, 64), FAST)
+    assert calls == [(64, 64)]  # one whole decode (the VAE's own tiles are 32 latent px: it would have made 9)
+    calls.clear()
+    monkeypatch.setattr(diffusion_sd, "VAE_WHOLE_MAX", 32)  # the threshold lowered, to show the other branch
+    up(scene(64, 64), FAST)
+    assert len(calls) > 1 and max(max(c) for c in calls) <= 32
+
+
+def test_issue_17_item_10_the_requested_dtype_is_what_runs(tiny):
+    """Whatever from_pretrained did with the dtype keyword, the UNet and text encoder end up in it (and the job row
+    says so), and the VAE in fp32."""
+    import diffusers
+
+    assert diffusion_sd.dtype_keyword(diffusers) == "dtype"  # the installed diffusers reads it
+    assert diffusion_sd.load_dtypes(diffusers, torch.float16, torch) == {
+        "dtype": {"default": torch.float16, "vae": torch.float32}}
+    pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(tiny, local_files_only=True)  # fp32: no keyword
+    diffusion_sd.ensure_dtype(pipe, torch.bfloat16, torch)
+    assert (pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype) == (torch.bfloat16, torch.bfloat16,
+                                                                          torch.float32)
+    up = load(ModelCache(), tiny, precision="bf16")
+    assert up.precision == "bf16" and up.pipe.unet.dtype == torch.bfloat16
 
 
 def test_nan_in_fp32_is_an_error(tiny):
@@ -389,7 +450,8 @@ def test_the_service_runs_a_diffusion_rule_end_to_end(tmp_path, tiny, monkeypatc
     try:
         warned = {e["folder"] for e in logs if e["event"] == "diffusion.on_cpu"}
         assert warned == {"tiny", "sd"}
-        assert "15 s per denoising step" in next(e["cost"] for e in logs if e["event"] == "diffusion.on_cpu")
+        cost = next(e["cost"] for e in logs if e["event"] == "diffusion.on_cpu" and e["folder"] == "tiny")
+        assert "runs 3 denoising steps" in cost and "minutes per tile" in cost
         inbox = svc.settings.inbox
         missing = image(inbox / "sd" / "c.png", (16, 16), seed=2)
         with_sidecar = image(inbox / "tiny" / "a.png", (40, 32), seed=1)
