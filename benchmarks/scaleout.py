@@ -102,21 +102,26 @@ def service_run(paths: list[Path], work: Path, url: str, weights: Path, model: s
 
 
 def store_overhead(url: str, jobs: int = 200) -> dict[str, float]:
-    """Milliseconds per job for the worker's store calls: claim, record the output path, finish (median, p95)."""
-    from daemon.store import Store
+    """Milliseconds per job for the worker's store calls: claim with the output path reserved, then the done
+    commit with its metrics (median, p95)."""
+    from pathlib import PurePosixPath
 
-    store = Store(url)
+    from daemon.config import Rule
+    from daemon.jobs import Finished, JobSpec
+    from daemon.metrics import Metric
+    from daemon.store import SqlStore
+
+    store = SqlStore(url)
+    rule = Rule(model="fsrcnn", scale=2)
     try:
-        for i in range(jobs):
-            store.register(f"{i:064x}", "bench-overhead", dict(
-                source="cli", folder="(overhead)", rel_path=f"{i}.png", input_path=f"/x/{i}.png",
-                model_id="fsrcnn", scale=2.0, outscale=2.0, mode="upscale", rule_json="{}"))
+        store.register([JobSpec(sha=f"{i:064x}", rule=rule, rel=PurePosixPath(f"{i}.png"), input_path=f"/x/{i}.png",
+                                source="cli", folder="(overhead)") for i in range(jobs)])
         times = []
         for _ in range(jobs):
             t0 = time.perf_counter()
-            job = store.claim(node="overhead", folders=["(overhead)"])
-            store.update(job["id"], output_path=f"/out/{job['id']}.png")
-            store.finish(job["id"], {"t_total": 0.01}, [], owner=job["worker"])
+            (job,) = store.claim("overhead", folders=["(overhead)"], plan=lambda j, taken: f"/out/{j.id}.png")
+            store.finish([Finished(job.id, job.worker, {"t_total": 0.01},
+                                   [Metric("lr_psnr_y", 30.0, "y-bt601", 0, "lr", "overhead")])])
             times.append((time.perf_counter() - t0) * 1000)
     finally:
         store.close()

@@ -2,7 +2,7 @@
 
     python benchmarks/web_load.py [--jobs 10000] [--repeat 50] [--no-browser]
 
-The history is a real SQLite database made by :class:`daemon.store.Store` (schema, indexes and views by its
+The history is a real SQLite database made by :class:`daemon.store.SqlStore` (schema, indexes and views by its
 migrations), filled with the store's own tables in bulk (10,000 one-row transactions with full fsync would only
 time the disk): 8 rule folders x 3 models, 90 % done, 6 % failed, 2 % pending, 2 % running, 2 to 5 metric rows per
 done job, over 30 days. Every job has its own input and output path; the files are hard links to 24 real images
@@ -88,9 +88,9 @@ def make_sources(folder: Path, n: int = 24) -> list[tuple[Path, Path]]:
 
 def fill(url: str, root: Path, n: int) -> dict[str, int]:
     """``n`` jobs through the store's tables (see the module docstring); returns the count per state."""
-    from daemon.store import Store, jobs, metrics
+    from daemon.store import SqlStore, jobs, metrics
 
-    store = Store(url)
+    store = SqlStore(url)
     sources = make_sources(root / "sources")
     rnd = random.Random(1)
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)

@@ -15,6 +15,7 @@ alike, so both give the same pixels and the same metrics:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,6 +183,8 @@ def prepare(rule: Rule, decoded: imageio.Decoded, settings: Settings) -> Work:
         raise ImageTooLargeError(f"the output would be {size[0]}x{size[1]}"
                                  f"{f' x {frames} frames' if frames > 1 else ''} = {total} pixels, "
                                  f"over the max_output_pixels limit of {settings.max_output_pixels}")
+    if rule.params:  # a diffusion job's prompt, seed, steps...: what produced this output, with the job
+        fields["gen_params"] = json.dumps(rule.params, sort_keys=True, ensure_ascii=False)
     notes = list(decoded.notes) + plan.notes
     if decoded.frames > 1 and frames == 1 and rule.mode != "benchmark":
         notes.append(f"the input has {decoded.frames} frames and {output_format(rule, decoded.format)} holds one; "
@@ -196,16 +199,10 @@ def animates(rule: Rule, decoded: imageio.Decoded) -> bool:
         output_format(rule, decoded.format) in imageio.ANIMATED_FORMATS
 
 
-def _interim_call(up: Upscaler, pixels: np.ndarray, params: Any) -> np.ndarray:  # until the models branch lands
-    x = pixels.astype(np.float32) / 255.0 if pixels.dtype == np.uint8 else pixels
-    y = up(x, params=params.model_dump()) if up.backend == "diffusion" else up(x)
-    return np.rint(np.clip(y, 0, 1) * 255.0).astype(np.uint8) if pixels.dtype == np.uint8 else y
-
-
 def _model(up: Upscaler, params: Any, img: np.ndarray, plan: SizePlan) -> np.ndarray:
     """The model's passes, then the final resize (and crop) of the plan."""
     for _ in range(plan.passes):
-        img = _interim_call(up, img, params)
+        img = up(img, params)
     return sizing.apply_final(img, plan)
 
 

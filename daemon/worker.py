@@ -30,7 +30,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -373,8 +373,8 @@ class Stages:
         work = task.work
         t0 = time.perf_counter()
         if work is None or task.data is None:
-            task.metrics = self.remeasure(self.store.get(task.job.id) or task.job,  # the row: where the input went
-                                          self.mover.archive_root if self.mover else self.outbox)
+            job = task.job if task.moved_to is None else replace(task.job, input_moved_to=task.moved_to)
+            task.metrics = self.remeasure(job, self.mover.archive_root if self.mover else self.outbox)
         else:
             try:
                 task.metrics = pipeline.measure(task.job.rule, work, task.data, task.fmt, self.brisque)

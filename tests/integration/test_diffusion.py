@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -36,7 +36,8 @@ from structlog.testing import capture_logs  # noqa: E402
 from daemon import imageio  # noqa: E402
 from daemon.config import Rule, load_settings  # noqa: E402
 from daemon.errors import BadSidecarError  # noqa: E402
-from daemon.pipeline import with_sidecar_prompt  # noqa: E402
+from daemon.fsops import Root  # noqa: E402
+from daemon.intake import with_sidecar_prompt  # noqa: E402
 from daemon.service import Service  # noqa: E402
 from models import diffusion_sd  # noqa: E402
 from models.backends import DiffusionParams  # noqa: E402
@@ -122,9 +123,10 @@ def test_the_hub_id_loads_from_the_hugging_face_cache_and_fetch_verifies_it(tmp_
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network, whatever happens
     snapshot = hf_cache(tmp_path / "hub", HUB_REPO, tiny)
-    entry = dataclasses.replace(CATALOG["sd-x4-upscaler"], hub_repo=HUB_REPO)
+    # The catalogue pins the hub repository to a commit: the fake cache's commit stands in for it here.
+    entry = dataclasses.replace(CATALOG["sd-x4-upscaler"], hub_repo=HUB_REPO, hub_revision=snapshot.name)
     up = diffusion_sd.load(entry, 4, LoadContext(tmp_path, "cpu", tile=32))
-    assert (up.model_id, up.source, up.revision) == ("sd-x4-upscaler", HUB_REPO, "main")
+    assert (up.model_id, up.source, up.revision) == ("sd-x4-upscaler", HUB_REPO, snapshot.name)
     assert up(scene(16, 16), FAST).shape == (64, 64, 3)
     assert present(tmp_path, entry)  # what `upscaled models` and `check-config` show
     # `upscaled weights fetch` finds an intact snapshot without the network...
@@ -149,7 +151,9 @@ def test_missing_weights_fail_with_how_to_fetch_them(tmp_path, tiny, monkeypatch
         assert part in text, text
     # The fetch command reports the failure instead of raising (no network here: offline mode).
     (report,) = fetch(tmp_path / "weights", ["sd-x4-upscaler"])
-    assert report.status == "failed" and report.path == "hf:stabilityai/stable-diffusion-x4-upscaler@main", report
+    pinned = CATALOG["sd-x4-upscaler"].hub_revision  # a commit, never a branch that moves
+    assert len(pinned) == 40 and report.status == "failed", report
+    assert report.path == f"hf:stabilityai/stable-diffusion-x4-upscaler@{pinned}", report
     # A folder that is not there, or holds another pipeline, is said so.
     with pytest.raises(WeightsMissingError, match="holds a model_index.json"):
         ModelCache().get(f"diffusers:{tmp_path}/nothing-here", 4, LoadContext(tmp_path, "cpu"))
@@ -397,16 +401,19 @@ def test_nan_in_fp32_is_an_error(tiny):
 def test_generation_options_are_rule_options_in_the_fingerprint(tiny):
     model = f"diffusers:{tiny}"
     base = Rule(model=model, scale=4)
-    assert base.generation() == {"prompt": "", "negative_prompt": "", "num_inference_steps": 25,
-                                 "guidance_scale": 9.0, "noise_level": 20, "seed": 0}
+    assert base.params == {"prompt": "", "negative_prompt": "", "num_inference_steps": 25,
+                           "guidance_scale": 9.0, "noise_level": 20, "seed": 0}
+    assert base.model_params() == DiffusionParams()
     for change in ({"seed": 1}, {"prompt": "a barn"}, {"negative_prompt": "blur"}, {"num_inference_steps": 30},
                    {"guidance_scale": 7.5}, {"noise_level": 40}):
         assert Rule(model=model, scale=4, **change).fingerprint() != base.fingerprint(), change
     assert Rule(model=model, scale=4, device="cpu", precision="bf16").fingerprint() == base.fingerprint()
-    # Other models take none of them, and their fingerprints are the ones from before the options existed.
-    assert Rule().generation() is None
-    assert Rule().fingerprint() == "edbd0ab18e22e1cb"
-    with pytest.raises(ValueError, match="only diffusion models"):
+    # The same options written in a [rules.params] table, or at the rule's top level as before: one rule.
+    assert Rule(model=model, scale=4, params={"seed": 1}) == Rule(model=model, scale=4, seed=1)
+    # Other models take none of them; their fingerprint covers what changes pixels (not compression, since 0.2).
+    assert Rule().params == {}
+    assert Rule().fingerprint() == "5c38cf0cbfc6a410"
+    with pytest.raises(ValueError, match="takes no parameters, got prompt"):
         Rule(model="bicubic", prompt="a barn")
     for bad in ({"noise_level": 351}, {"num_inference_steps": 0}, {"seed": -1}, {"guidance_scale": -1}):
         with pytest.raises(ValueError):
@@ -416,23 +423,25 @@ def test_generation_options_are_rule_options_in_the_fingerprint(tiny):
 
 
 def test_a_sidecar_file_overrides_the_prompt(tmp_path, tiny):
-    rule = Rule(model=f"diffusers:{tiny}", scale=4, prompt="from the rule")
-    img = image(tmp_path / "a.png")
-    assert with_sidecar_prompt(rule, img) is rule
+    rule = Rule(model=f"diffusers:{tiny}", scale=4, params={"prompt": "from the rule"})
+    image(tmp_path / "a.png")
+    folder, img = Root(tmp_path), PurePosixPath("a.png")
+    assert with_sidecar_prompt(rule, folder, img) is rule
     side = tmp_path / "a.png.prompt.txt"
     side.write_text("\ufeff  a red barn\n", encoding="utf-8")
-    assert with_sidecar_prompt(rule, img).prompt == "a red barn"
-    assert with_sidecar_prompt(Rule(model="bicubic"), img).model == "bicubic"  # no prompt to override
+    assert with_sidecar_prompt(rule, folder, img).params["prompt"] == "a red barn"
+    assert with_sidecar_prompt(Rule(model="bicubic"), folder, img).model == "bicubic"  # no prompt to override
     side.write_bytes(b"\xff\xfe bad")
     with pytest.raises(BadSidecarError, match="not UTF-8"):
-        with_sidecar_prompt(rule, img)
+        with_sidecar_prompt(rule, folder, img)
     side.write_text("x" * 5000)
     with pytest.raises(BadSidecarError, match="over 4096 bytes"):
-        with_sidecar_prompt(rule, img)
+        with_sidecar_prompt(rule, folder, img)
     side.unlink()
     side.symlink_to(tmp_path / "elsewhere.txt")
     with pytest.raises(BadSidecarError, match="cannot read"):
-        with_sidecar_prompt(rule, img)
+        with_sidecar_prompt(rule, folder, img)
+    folder.close()
 
 
 def test_the_service_runs_a_diffusion_rule_end_to_end(tmp_path, tiny, monkeypatch):
@@ -448,9 +457,9 @@ def test_the_service_runs_a_diffusion_rule_end_to_end(tmp_path, tiny, monkeypatc
     with capture_logs() as logs:
         svc.start()
     try:
-        warned = {e["folder"] for e in logs if e["event"] == "diffusion.on_cpu"}
+        warned = {e["folder"] for e in logs if e["event"] == "rule.warning"}
         assert warned == {"tiny", "sd"}
-        cost = next(e["cost"] for e in logs if e["event"] == "diffusion.on_cpu" and e["folder"] == "tiny")
+        cost = next(e["note"] for e in logs if e["event"] == "rule.warning" and e["folder"] == "tiny")
         assert "runs 3 denoising steps" in cost and "minutes per tile" in cost
         inbox = svc.settings.inbox
         missing = image(inbox / "sd" / "c.png", (16, 16), seed=2)
@@ -474,17 +483,18 @@ def test_the_service_runs_a_diffusion_rule_end_to_end(tmp_path, tiny, monkeypatc
         assert json.loads(a["gen_params"]) == {"prompt": "the sand", "negative_prompt": "", "seed": 7,
                                                "num_inference_steps": 3, "guidance_scale": 9.0, "noise_level": 20}
         assert json.loads(b["gen_params"])["prompt"] == "a photo"
-        assert json.loads(a["rule_json"])["prompt"] == "the sand" and a["rule_fingerprint"] != b["rule_fingerprint"]
+        assert json.loads(a["rule_json"])["params"]["prompt"] == "the sand"
+        assert a["rule_fingerprint"] != b["rule_fingerprint"]
         assert re.fullmatch(r"tile (\d+)/\1", a["progress"]), a["progress"]
         assert (a["backend"], a["device"], a["precision"]) == ("diffusion", "cpu", "fp32")
         # The output is what the backend gives for that image and the sidecar's prompt, as an 8-bit PNG.
         out_a = np.asarray(Image.open(a["output_path"]))
         assert out_a.shape == (128, 160, 3)
-        src = imageio.decode(Path(a["input_moved_to"]), svc.settings.max_pixels).rgb
-        up, _ = svc.pipeline.cache.get(f"diffusers:{tiny}", 4, LoadContext(svc.settings.weights_dir, "cpu", 32))
-        gen = dict(Rule.model_validate_json(a["rule_json"]).generation())
-        assert gen["prompt"] == "the sand"
-        assert np.array_equal(out_a, np.rint(up(src, gen) * 255).astype(np.uint8))
+        src = imageio.decode(Path(a["input_moved_to"]), svc.settings.max_pixels).colour()
+        up, _ = svc.stages.cache.get(f"diffusers:{tiny}", 4, LoadContext(svc.settings.weights_dir, "cpu", 32))
+        gen = Rule.model_validate_json(a["rule_json"]).model_params()
+        assert gen.prompt == "the sand"
+        assert np.array_equal(out_a, up(src, gen))  # 8-bit in, 8-bit out: the backend's own rounding
         assert not np.array_equal(out_a, np.asarray(Image.open(b["output_path"])))
     finally:
         svc.shutdown()

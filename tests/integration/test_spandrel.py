@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 from collections import OrderedDict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -28,7 +28,8 @@ spandrel = pytest.importorskip("spandrel")
 from daemon import imageio  # noqa: E402
 from daemon.config import Rule, load_settings  # noqa: E402
 from daemon.errors import ConfigError  # noqa: E402
-from daemon.service import Service, process_once  # noqa: E402
+from daemon.oneshot import process as process_once  # noqa: E402
+from daemon.service import Service  # noqa: E402
 from models import runtime, spandrel_sr  # noqa: E402
 from models.base import to_float, to_uint8  # noqa: E402
 from models.catalog import CATALOG, get_entry, model_label  # noqa: E402
@@ -171,17 +172,17 @@ def test_xsx4_runs_end_to_end_through_the_service(tmp_path, weights):
     svc = Service(load_settings(cfg))
     svc.start()
     try:
-        src = image(svc.settings.inbox / "photo.png", (40, 32))
-        reg = svc.admit(src)
-        assert reg is not None and svc.step()
-        job = svc.store.get(reg.job_id)
+        image(svc.settings.inbox / "photo.png", (40, 32))
+        svc.admit([PurePosixPath("photo.png")])
+        assert svc.step()
+        job = svc.store.row(1)
     finally:
         svc.shutdown()
     assert job["state"] == "done", job
     assert (job["backend"], job["device"], job["precision"]) == ("spandrel", "cpu", "fp32")
     out = Path(job["output_path"])
     assert out.name == f"photo.{XSX4}.x4.png" and Image.open(out).size == (160, 128)
-    assert not src.exists()  # archived
+    assert not (tmp_path / "inbox" / "photo.png").exists() and (tmp_path / "archive" / "photo.png").exists()
 
 
 def test_tiled_and_untiled_agree_away_from_the_borders(cache, weights):

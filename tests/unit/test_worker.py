@@ -89,6 +89,27 @@ def test_a_file_goes_through_every_stage_once(rig):
     assert rig.step() is None  # nothing left
 
 
+def test_metrics_that_fell_behind_a_burst_are_measured_from_the_archived_input(rig):
+    """The runner lets go of the pixels of all but a few jobs waiting for their metrics: those are measured
+    after the input moved to the archive, from the files, and come out the same as from the pixels."""
+    for seed, (name, keep) in enumerate((("a.png", True), ("b.png", False))):
+        reg, _ = rig.admit(rig.drop(name, seed=seed))
+        (task,) = rig.stages.claim(worker_id(), 1)
+        rig.stages.run_task(task, "cpu")
+        (waiting,) = rig.stages.settle([task])
+        assert not (rig.settings.inbox / name).exists()  # archived before any metric
+        if not keep:
+            waiting.work, waiting.data = None, None  # what the runner does past its measure buffer
+        rig.stages.measure(waiting)
+        job = rig.store.get(reg.job.id)
+        assert job.metrics_state == "done", (name, job.metrics_state)
+        assert set(rig.store.metrics_of(job.id)) == {"lr_psnr_y", "lr_ssim_y"}, name
+    # From the pixels or from the files: the same figures.
+    from_pixels = rig.store.metrics_of(1)
+    again = {m.name: m.value for m in rig.stages.remeasure(rig.store.get(1), rig.archive)}
+    assert again == pytest.approx(from_pixels)
+
+
 def test_a_bad_file_fails_its_own_job_with_its_reason_beside_it(rig):
     (rig.settings.inbox / "bad.png").write_text("not an image")
     reg, spec = rig.admit(PurePosixPath("bad.png"))
