@@ -20,6 +20,7 @@ from pathlib import PurePosixPath
 
 from daemon import logs
 from daemon.config import Settings
+from daemon.errors import InputChangedError
 from daemon.fsops import FileId, Root, display, fit_name, move
 from daemon.intake import no_such_name, sidecar_name
 from daemon.jobs import Job, JobStore
@@ -171,6 +172,13 @@ class Mover:
             self._sidecar(rel, moved, self.archive_root)
             return str(self.archive_root.abs(moved))
         except FileNotFoundError:
+            return None
+        except InputChangedError as exc:
+            # Another file holds the name now (a job of its own): this job's input went nowhere, and the archive
+            # path committed with it must not point at the copy the new file's job will make.
+            self.store.record_move(job.id, None)
+            self.log.warning("archive.skipped", job=job.id, file=display(str(rel)), error=str(exc),
+                             note="the file under this name is not this job's input any more; left for its own job")
             return None
         except (OSError, UpscaledError) as exc:
             self.log.error("archive.failed", job=job.id, file=display(str(rel)), error=str(exc),

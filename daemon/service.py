@@ -245,7 +245,7 @@ class Service:
         """The threads (the main loop included) whose last sign of life is older than ``limit`` seconds."""
         now = self.clock()
         beats = [self.main, *self.runner.beats.values()]
-        return {b.name: now - b.at for b in beats if now - b.at >= limit}
+        return {b.name: b.silent_for(now) for b in beats if b.silent_for(now) >= limit}
 
     def _tell_systemd(self) -> None:
         now = self.main.at = self.clock()
@@ -266,7 +266,7 @@ class Service:
         limit = self.settings.hung_seconds
         out: dict[str, str | None] = {}
         for b in [self.main, *self.runner.beats.values()]:
-            age = now - b.at
+            age = b.silent_for(now)
             out[f"thread {b.name}"] = None if age < limit else \
                 f"no sign of life for {age:.0f} s{f' (on {describe(b.task, b.stage)})' if b.task else ''}"
         return out

@@ -50,6 +50,12 @@ from models.errors import OutOfMemoryError, UpscaledError, WeightsCorruptError, 
 from models.registry import LoadContext, ModelCache
 from models.weights import fetch_command, locate
 
+# A stage that is one long call and cannot beat (decode, the final resize, encode, the metrics) is given this long
+# per output pixel before its thread counts as silent: 5 s per megapixel, 30 to 300 times what this 2-core machine
+# needs (a 36 MP PNG encodes in about 1.2 s at level 1). A hung call is still caught, later by that much. The model's
+# tiles and denoising steps beat on their own.
+SECONDS_PER_PIXEL = 5e-6
+
 
 @dataclass
 class Beat:
@@ -61,6 +67,19 @@ class Beat:
     stage: str = ""
     busy: bool = False
     next_progress_write: float = 0.0
+    allowed_until: float = 0.0  # a stage that cannot beat is not silence before this
+
+    def start(self, task: Task, stage: str, now: float, pixels: int = 0) -> None:
+        """``task`` enters ``stage``, a call that may run for ``pixels`` x :data:`SECONDS_PER_PIXEL` unheard."""
+        self.task, self.busy, self.stage, self.at = task, True, stage, now
+        self.allowed_until = now + pixels * SECONDS_PER_PIXEL
+
+    def end(self, now: float) -> None:
+        self.task, self.busy, self.stage, self.at, self.allowed_until = None, False, "", now, 0.0
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the last sign of life, or 0 while a long call is within its allowance."""
+        return 0.0 if now < self.allowed_until else now - self.at
 
 
 @dataclass
@@ -86,6 +105,17 @@ class Task:
     @property
     def name(self) -> str:
         return self.job.name
+
+    def pixels_in(self) -> int:
+        """The input's pixels, all frames, from its header (0 where unknown)."""
+        j = self.job
+        return (j.input_width or 0) * (j.input_height or 0) * max(1, j.frames)
+
+    def pixels_out(self) -> int:
+        """The output's pixels, all frames: as planned once decoded, else from the header and the rule's scale."""
+        if self.work is not None:
+            return self.work.pixels_out
+        return int(self.pixels_in() * self.job.rule.final_scale ** 2)
 
     def close(self) -> None:
         """Let go of a folder handle opened for this task."""
@@ -624,9 +654,9 @@ class Runner:
                 self._inflight.add(t.job.id)
                 self._tasks[t.job.id] = t
         for t in tasks:
-            beat.task, beat.busy, beat.stage = t, True, "decode"
+            beat.start(t, "decode", self.clock(), t.pixels_in())
             guard(t, lambda t=t: self.stages.read(t), self.log)
-            beat.task, beat.busy, beat.at = None, False, self.clock()
+            beat.end(self.clock())
             if t.error is not None:
                 self._settle_q.put(t)
                 continue
@@ -649,9 +679,9 @@ class Runner:
             t = self._infer_q[device].get(timeout=0.5)
         except queue.Empty:
             return not (self._stop_claiming.is_set() and not self._inflight)
-        beat.task, beat.busy, beat.stage = t, True, "infer"
+        beat.start(t, "infer", self.clock(), t.pixels_out())  # the tiles beat; the final resize may not
         guard(t, lambda: self.stages.infer(t, device, beat), self.log)
-        beat.task, beat.busy, beat.stage = None, False, ""
+        beat.end(self.clock())
         (self._settle_q if t.error is not None else self._write_q).put(t)
         return True
 
@@ -661,9 +691,9 @@ class Runner:
             t = self._write_q.get(timeout=0.5)
         except queue.Empty:
             return not (self._stop_claiming.is_set() and not self._inflight)
-        beat.task, beat.busy, beat.stage = t, True, "write"
+        beat.start(t, "write", self.clock(), t.pixels_out())
         guard(t, lambda: self.stages.write(t), self.log)
-        beat.task, beat.busy, beat.stage = None, False, ""
+        beat.end(self.clock())
         self._settle_q.put(t)
         return True
 
@@ -716,12 +746,12 @@ class Runner:
         if t is None:
             return False
         if beat is not None:
-            beat.task, beat.busy, beat.stage = t, True, "metrics"
+            beat.start(t, "metrics", self.clock(), 2 * t.pixels_out())  # from the files: decodes both too
         try:
             self.stages.measure(t)
         finally:
             if beat is not None:
-                beat.task, beat.busy, beat.stage = None, False, ""
+                beat.end(self.clock())
             t.work, t.data = None, None
             with self._cond:
                 self._cond.notify_all()

@@ -88,14 +88,45 @@ def test_watchdog_pings_keep_coming_through_a_long_tiled_job_and_status_shows_th
         first, last = tiles[0][0], tiles[-1][0]
         # Long enough that a worker beating once per job (not per tile) would go silent for more than WatchdogSec.
         assert last - first >= 2 * watchdog, f"the tiles took {last - first:.1f} s: too short to prove anything"
-        # While the model runs. Not through the encode that follows: it is one call that does not beat, and a PNG
-        # of this output takes longer than WatchdogSec / 2 here, which stops the pings (a gap of the service, listed
-        # under "Known gaps" in docs/reliability.md).
+        # While the model runs (the encode that follows is test_watchdog_allows_a_long_encode's).
         pings = [t for t in listener.pings() if first <= t <= last]
         gaps = np.diff([first, *pings, last])
         assert gaps.max() < watchdog, f"no ping for {gaps.max():.1f} s while the model ran"
         assert any(first + watchdog <= t <= last for t in pings)  # after the job's first stage had gone stale
         assert d.stop() == 0
+    finally:
+        d.kill()
+        listener.sock.close()
+
+
+def test_watchdog_pings_keep_coming_through_one_long_call_that_cannot_beat(tmp_path, weights_dir):
+    """A classical x2 of a 3000 x 3000 image: the resize and the 36 MP PNG encode are single calls, each longer
+    than WatchdogSec / 2 here. Their allowance (5 s per megapixel) keeps the pings coming through them."""
+    watchdog = 1.0  # a thread silent for 0.5 s would stop the pings
+    listener = Listener(tmp_path, abstract=True)
+    cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.1, max_output_pixels=50_000_000,
+                       rules=[{"folder": "", "model": "bicubic", "scale": 2, "format": "png", "metrics": []}])
+    staging = tmp_path / "staging" / "wide.png"
+    staging.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 3000, 3), dtype=np.uint8)) \
+        .save(staging, compress_level=1)
+    d = Daemon(cfg, {"NOTIFY_SOCKET": listener.env, "WATCHDOG_USEC": str(int(watchdog * 1_000_000))})
+    try:
+        listener.wait_for("READY=1")
+        os.rename(staging, tmp_path / "inbox" / "wide.png")
+        dropped = time.monotonic()
+        listener.until(lambda msgs: any(m.startswith("STATUS=") and "done 1" in m for _, m in msgs), 180,
+                       what="the job done on STATUS=")
+        done = next(t for t, m in listener.messages if m.startswith("STATUS=") and "done 1" in m)
+        write = [t for t, m in listener.messages if m.startswith("STATUS=") and "wide.png (bicubic x2, write)" in m]
+        assert write, "STATUS= never showed the write stage"
+        # The calls were long: without the allowance, these gaps are what systemd would have seen.
+        assert done - write[0] > watchdog / 2, f"the write took {done - write[0]:.2f} s: too short to prove anything"
+        pings = [t for t in listener.pings() if dropped <= t <= done]
+        gaps = np.diff([dropped, *pings, done])
+        assert gaps.max() < watchdog, f"no ping for {gaps.max():.1f} s during one long call"
+        assert d.stop() == 0
+        assert Image.open(tmp_path / "outbox" / "wide.bicubic.x2.png").size == (6000, 6000)
     finally:
         d.kill()
         listener.sock.close()

@@ -172,9 +172,6 @@ def test_an_input_replaced_after_it_was_read_is_not_moved_as_this_jobs_input(mak
     assert archived == [new_bytes]
 
 
-@pytest.mark.xfail(strict=True, reason="daemon/worker.py Stages._archive keeps the archive path committed with "
-                   "`done` when the move is refused because the input was replaced, so the job claims a file that "
-                   "is not its input (reported to the lead; strict: this flips to a failure once it is fixed)")
 def test_a_job_whose_input_was_replaced_does_not_claim_an_archive_copy(make_service, tmp_path):
     svc = make_service()
     inbox_file = svc.settings.inbox / "a.png"
