@@ -141,6 +141,19 @@ class Service:
             con.close()
         return None if row is None else dt.datetime.fromisoformat(row[0])
 
+    def metrics_recorded(self, n: int) -> float:
+        """Seconds from the start of the last batch until its ``n`` jobs' metrics are all recorded."""
+        _wait(lambda: self._count("SELECT count(*) FROM jobs WHERE state = 'done' AND metrics_state = 'done'")
+              >= self._metrics_before + n, 3600)
+        return time.perf_counter() - self._batch_t0
+
+    def _count(self, sql: str) -> int:
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
+        try:
+            return con.execute(sql).fetchone()[0]
+        finally:
+            con.close()
+
     def warm_up(self, path: Path) -> None:
         """One job first, so that the model is loaded before the clock starts (as the loops load theirs)."""
         img = cv2.imread(str(path))[::-1]  # other bytes than every timed image
@@ -153,7 +166,8 @@ class Service:
         for p in paths:
             shutil.copy(p, self.staging / p.name)
         before = self.done()
-        t0 = time.perf_counter()
+        self._metrics_before = self._count("SELECT count(*) FROM jobs WHERE state = 'done' AND metrics_state = 'done'")
+        t0 = self._batch_t0 = time.perf_counter()
         for p in paths:
             os.rename(self.staging / p.name, self.work / "inbox" / p.name)
         _wait(lambda: self.done() == before + len(paths), 3600)
@@ -197,17 +211,28 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def paired(rounds: list[tuple[float, float]], n: int) -> dict:
+    """Median and range of the per-round ratios plain / service, with the images per second of each side."""
+    ratios = [p / s for p, s in rounds]
+    return dict(images=n, rounds=len(rounds),
+                plain_img_s=round(statistics.median(n / p for p, _ in rounds), 2),
+                service_img_s=round(statistics.median(n / s for _, s in rounds), 2),
+                ratio=round(statistics.median(ratios), 3), ratio_range=[round(min(ratios), 3), round(max(ratios), 3)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", type=int, default=100, help="inputs of 80x120 (x4 -> 320x480)")
-    ap.add_argument("--large", type=int, default=30, help="inputs of 320x480 (x4 -> 1280x1920)")
-    ap.add_argument("--gan", type=int, default=8, help="inputs of 320x480 for RealESRGANv2-animevideo-xsx4")
+    ap.add_argument("--small", type=int, default=100, help="inputs of 80x120 (x4 -> 320x480) per round")
+    ap.add_argument("--large", type=int, default=30, help="inputs of 320x480 (x4 -> 1280x1920) per round")
+    ap.add_argument("--gan", type=int, default=8, help="inputs of 320x480 for RealESRGANv2-animevideo-xsx4 per round")
     ap.add_argument("--drops", type=int, default=20, help="single files dropped into an idle service")
-    ap.add_argument("--quick", action="store_true", help="a few files of each, to try the script")
+    ap.add_argument("--rounds", type=int, default=3, help="plain and service take turns this many times; the "
+                    "ratio is the median of the rounds' ratios (a shared machine's noise hits both sides alike)")
+    ap.add_argument("--quick", action="store_true", help="a few files of each, one round, to try the script")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
-        args.small, args.large, args.gan, args.drops = 10, 3, 2, 3
+        args.small, args.large, args.gan, args.drops, args.rounds = 10, 3, 2, 3, 1
 
     from models.weights import fetch
 
@@ -216,48 +241,53 @@ def main() -> None:
         tmp = Path(tmp)
         weights = tmp / "weights"
         fetch(weights, ["fsrcnn", "brisque", "realesrgan-animevideo-xsx4"], mirror=str(SHARED / "weights"))
-        small = make_images(tmp / "small", args.small, (80, 120), 1)
-        large = make_images(tmp / "large", args.large, (320, 480), 2)
-        gan = make_images(tmp / "gan", args.gan, (320, 480), 3)
+        # Fresh files every round: the service never redoes a content it has done (that is its point).
+        small = [make_images(tmp / f"small{r}", args.small, (80, 120), 10 + r) for r in range(args.rounds)]
+        large = [make_images(tmp / f"large{r}", args.large, (320, 480), 20 + r) for r in range(args.rounds)]
+        gan = [make_images(tmp / f"gan{r}", args.gan, (320, 480), 30 + r) for r in range(args.rounds)]
         drops = make_images(tmp / "drops", args.drops, (80, 120), 4)
 
-        def row(work: str, plain: float, svc: float, n: int, **extra) -> None:  # noqa: ANN003
-            rows.append(dict(work=work, images=n, plain_img_s=round(n / plain, 2), service_img_s=round(n / svc, 2),
-                             ratio=round(plain / svc, 3), **extra))
-
-        # FSRCNN x4, small and large, metrics off; then the large set with the default metrics on.
-        svc = Service(tmp / "svc-fsrcnn", weights, "fsrcnn", 4, metrics=False)
-        try:
-            svc.warm_up(small[0])
-            plain_small = opencv_loop(small, tmp / "plain-small", weights, 4)
-            s_small = svc.batch(small)
-            plain_large = opencv_loop(large, tmp / "plain-large", weights, 4)
-            s_large = svc.batch(large)
-            latencies = svc.drops(drops)
-            rss = svc.peak_rss_mb()
-        finally:
-            svc.stop()
-        row("FSRCNN x4, 80x120 -> 320x480", plain_small, s_small, len(small))
-        row("FSRCNN x4, 320x480 -> 1280x1920", plain_large, s_large, len(large), service_peak_rss_mb=round(rss))
+        # FSRCNN x4, small and large, metrics off, and the large set again with the default metrics on: both
+        # services are up for all rounds (an idle one wakes four times a second), the clocks run one at a time.
+        off = Service(tmp / "svc-fsrcnn", weights, "fsrcnn", 4, metrics=False)
         on = Service(tmp / "svc-fsrcnn-metrics", weights, "fsrcnn", 4, metrics=True)
+        r_small, r_large, r_metrics, all_metrics = [], [], [], []
         try:
-            on.warm_up(large[0])
-            s_large_on = on.batch([p for p in large])
+            off.warm_up(small[0][0])
+            on.warm_up(large[0][0])
+            for r in range(args.rounds):
+                r_small.append((opencv_loop(small[r], tmp / f"plain-small{r}", weights, 4), off.batch(small[r])))
+                plain_large = opencv_loop(large[r], tmp / f"plain-large{r}", weights, 4)
+                s_off = off.batch(large[r])
+                r_large.append((plain_large, s_off))
+                s_on = on.batch(large[r])
+                r_metrics.append((s_off, s_on))
+                all_metrics.append(on.metrics_recorded(len(large[r])) - SETTLE)
+            latencies = off.drops(drops)
+            rss = off.peak_rss_mb()
         finally:
+            off.stop()
             on.stop()
-        rows.append(dict(work="FSRCNN x4 320x480, default metrics on vs off", images=len(large),
-                         service_img_s=round(len(large) / s_large_on, 2),
-                         ratio=round(s_large / s_large_on, 3), note="metrics on / metrics off (target >= 0.8)"))
+        rows.append(dict(work="FSRCNN x4, 80x120 -> 320x480", **paired(r_small, args.small)))
+        rows.append(dict(work="FSRCNN x4, 320x480 -> 1280x1920", **paired(r_large, args.large),
+                         service_peak_rss_mb=round(rss)))
+        m = paired(r_metrics, args.large)
+        rows.append(dict(work="FSRCNN x4 320x480, default metrics on vs off", images=args.large, rounds=args.rounds,
+                         service_img_s=m["service_img_s"], ratio=m["ratio"], ratio_range=m["ratio_range"],
+                         all_metrics_recorded_img_s=round(statistics.median(args.large / t for t in all_metrics), 2),
+                         note="outputs per second, metrics on / off (target >= 0.8); the metrics trail the outputs"))
         # RealESRGANv2-animevideo-xsx4 through spandrel.
         gsvc = Service(tmp / "svc-gan", weights, "realesrgan-animevideo-xsx4", 4, metrics=False)
+        model_file = weights / "spandrel" / "RealESRGANv2-animevideo-xsx4.pth"
+        r_gan = []
         try:
-            gsvc.warm_up(gan[0])
-            plain_gan = spandrel_loop(gan, tmp / "plain-gan", weights / "spandrel" / "RealESRGANv2-animevideo-xsx4.pth")
-            s_gan = gsvc.batch(gan)
+            gsvc.warm_up(gan[0][0])
+            for r in range(args.rounds):
+                r_gan.append((spandrel_loop(gan[r], tmp / f"plain-gan{r}", model_file), gsvc.batch(gan[r])))
         finally:
             gsvc.stop()
-        row("RealESRGANv2-animevideo-xsx4, 320x480 -> 1280x1920", plain_gan, s_gan, len(gan))
-        per_image = plain_small / len(small)
+        rows.append(dict(work="RealESRGANv2-animevideo-xsx4, 320x480 -> 1280x1920", **paired(r_gan, args.gan)))
+        per_image = statistics.median(p for p, _ in r_small) / args.small
         p50 = statistics.median(latencies)
         rows.append(dict(work="drop -> done, one 80x120 file into an idle service, settle excluded",
                          images=len(latencies), loop_ms_per_image=round(per_image * 1000, 1),

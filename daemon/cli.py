@@ -184,8 +184,8 @@ def check_config(ctx: click.Context) -> None:
     click.echo(f"{settings.config_file}: OK")
     folders = "all rule folders" if settings.serve_folders is None else \
         ", ".join(f or "(default)" for f in settings.serve_folders)
-    click.echo(f"  node {settings.node()}: {settings.workers} worker(s) on each of {', '.join(settings.devices())};"
-               f" serves {folders}")
+    click.echo(f"  node {settings.node()}: {settings.worker_count()} worker(s) on each of "
+               f"{', '.join(settings.devices())}; serves {folders}")
     for rule in settings.all_rules():
         entry = get_entry(rule.model)
         weights = "weights present" if present(settings.weights_dir, entry) else \

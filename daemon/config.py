@@ -13,7 +13,7 @@ import os
 import socket
 import string
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -282,8 +282,10 @@ class Settings(Hooks, BaseSettings):
                                 "from; \"\" downloads from the sources.")
     device: str | list[str] = Field(default="auto", description="auto, cpu, cuda, cuda:N, or a list such as "
                                     "[\"cuda:0\", \"cuda:1\"]: `workers` inference threads on each.")
-    workers: int = Field(default=1, ge=1, le=64, description="Inference threads per device (decode, encode, "
-                         "commit and metrics have their own threads either way).")
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        default="auto", description="Inference threads per device (decode, encode, commit and metrics have their "
+        "own threads either way). auto: one per GPU; on the CPU one per usable core, at most 4, each with its share "
+        "of OpenCV's threads (docs/performance.md).")
     settle_seconds: float = Field(default=1.0, ge=0, description="A file must keep its size and mtime this long "
                                   "(after its writer closed it) before it is taken.")
     rescan_seconds: float = Field(default=60.0, gt=0, description="A full rescan of the inbox, for events the "
@@ -354,6 +356,16 @@ class Settings(Hooks, BaseSettings):
             raise ValueError(f"names a device twice: {v}")
         return [check_device(d) for d in v]
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        n = int(v) if isinstance(v, str) and v.strip().isdigit() else v
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+            raise ValueError(f'must be "auto" or a whole number from 1 to 64, got {v!r}')
+        return n
+
     @field_validator("http_listen")
     @classmethod
     def _http_listen(cls, v: str) -> str:
@@ -406,6 +418,23 @@ class Settings(Hooks, BaseSettings):
     def devices(self) -> list[str]:
         """The devices this node's workers run on, each with ``workers`` worker threads."""
         return [self.device] if isinstance(self.device, str) else list(self.device)
+
+    def worker_count(self) -> int:
+        """Inference threads per device: ``workers``, or for ``auto`` one per GPU, and on a CPU-only node one per
+        usable core (at most 4: more would hold more images in flight for no more cores' worth of speed)."""
+        if self.workers != "auto":
+            return self.workers
+        from models.devices import gpu_visible
+        from models.runtime import usable_cpus
+
+        on_cpu = all(d == "cpu" or (d == "auto" and not gpu_visible()) for d in self.devices())
+        return min(4, usable_cpus()) if on_cpu else 1
+
+    def cpu_workers(self) -> int:
+        """The inference threads of this node that run on the CPU (they share its cores)."""
+        from models.devices import gpu_visible
+
+        return sum(self.worker_count() for d in self.devices() if d == "cpu" or (d == "auto" and not gpu_visible()))
 
     @property
     def default_device(self) -> str:

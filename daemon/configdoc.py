@@ -32,6 +32,11 @@ def _type(annotation: Any) -> str:
     """A short, readable form of a field's type: the literal values where it has them."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is typing.Annotated:  # a constrained member of a union: the type, then its bounds
+        marks = [x for m in annotation.__metadata__ for x in (m.metadata if isinstance(m, FieldInfo) else [m])]
+        limits = [f"{k} {getattr(m, attr)}" for m in marks for k, attr in
+                  ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt")) if getattr(m, attr, None) is not None]
+        return _type(args[0]) + (f" ({', '.join(limits)})" if limits else "")
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in args)
     if origin in (typing.Union, types.UnionType):

@@ -41,7 +41,7 @@ from daemon.store import SqlStore, safe_url
 from daemon.telemetry import HttpServer, Telemetry
 from daemon.watcher import Watcher
 from daemon.worker import Beat, Runner, Stages, Task, describe
-from models import devices
+from models import devices, runtime
 from models.catalog import get_entry
 from models.errors import UpscaledError
 from models.registry import ModelCache
@@ -89,8 +89,11 @@ class Service:
         self.stages = Stages(s, self.store, cache or ModelCache(), self.inbox, self.outbox, self.mover,
                              node=self.node, on_outcome=self._on_outcome, clock=clock, telemetry=self.telemetry,
                              hooks=self.hooks)
-        self.runner = Runner(self.stages, s.devices(), s.workers, lambda _name: worker_id(), clock=clock)
-        self.cluster = Cluster(s, self.store, s.workers * len(s.devices()), on_recovered=self._on_recovered)
+        workers = s.worker_count()
+        if s.cpu_workers():
+            runtime.share_cpus(s.cpu_workers())
+        self.runner = Runner(self.stages, s.devices(), workers, lambda _name: worker_id(), clock=clock)
+        self.cluster = Cluster(s, self.store, workers * len(s.devices()), on_recovered=self._on_recovered)
         self.watcher = Watcher(s.inbox, s.ignore, s.settle_seconds, polling=s.observer == "polling",
                                poll_seconds=s.poll_seconds)
         self.main = Beat("main", clock())
@@ -202,9 +205,10 @@ class Service:
         busy = [t.name for t in self.runner.busy()]
         self.notifier.stopping(f"stopping; finishing {', '.join(busy)}" if busy else "stopping")
         left = self.runner.stop(self.settings.stop_timeout)
-        if left:
+        if left or self.runner.running():
             released = [t.job.id for t in left if self.store.release(t.job.id, owner=t.job.worker)]
-            self.log.warning("service.stop_deadline", seconds=self.settings.stop_timeout, released_jobs=released)
+            self.log.warning("service.stop_deadline", seconds=self.settings.stop_timeout, released_jobs=released,
+                             threads=self.runner.running())
             self.shutdown()
             sys.stdout.flush()
             os._exit(0)  # a thread is inside native code and cannot be interrupted; its job is pending again

@@ -41,6 +41,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     case,
     create_engine,
     event,
@@ -396,21 +397,26 @@ class SqlStore:
                 q = q.where(jobs.c.source == source)
             # SQLite's compiler renders no FOR UPDATE: there the write lock of BEGIN IMMEDIATE does the same job.
             ids = [r.id for r in c.execute(q.order_by(jobs.c.id).limit(limit).with_for_update(skip_locked=True))]
-            out = []
-            for jid in ids:
-                row = c.execute(
-                    update(jobs).where(jobs.c.id == jid, jobs.c.state == "pending")
-                    .values(state="running", started_at=now, updated_at=now, attempts=jobs.c.attempts + 1,
-                            worker=worker, node=node, heartbeat_at=now if node else None)
-                    .returning(*jobs.c)).first()
-                if row is None:  # someone else took it
-                    continue
+            if not ids:
+                return []
+            # One UPDATE for the lot; a row someone else took meanwhile is no longer pending and is left out.
+            rows = c.execute(
+                update(jobs).where(jobs.c.id.in_(ids), jobs.c.state == "pending")
+                .values(state="running", started_at=now, updated_at=now, attempts=jobs.c.attempts + 1,
+                        worker=worker, node=node, heartbeat_at=now if node else None)
+                .returning(*jobs.c)).all()
+            out, planned = [], {}
+            for row in sorted(rows, key=lambda r: r.id):
                 job = self._job(row)
                 if plan is not None and job.output_path is None:
-                    path = plan(job, lambda p, me=job.id: self._taken(c, p, me))
-                    c.execute(update(jobs).where(jobs.c.id == jid).values(output_path=path))
+                    # Taken: by another job's row, or by a job earlier in this very claim.
+                    path = plan(job, lambda p, me=job.id: p in planned or self._taken(c, p, me))
+                    planned[path] = job.id
                     job = replace(job, output_path=path)
                 out.append(job)
+            if planned:
+                c.execute(update(jobs).where(jobs.c.id == bindparam("jid")).values(output_path=bindparam("path")),
+                          [{"jid": jid, "path": path} for path, jid in planned.items()])
             return out
 
     def _taken(self, c: Connection, path: str, me: int) -> bool:

@@ -22,6 +22,7 @@ stays bounded whatever arrives. The failpoints of :mod:`daemon.failpoints` mark 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import queue
@@ -552,7 +553,10 @@ class Runner:
         self.clock = clock
         self.devices = list(devices)
         self.worker_id = worker_id
-        self.depth = depth or len(self.devices) * workers + 2
+        self.workers_total = len(self.devices) * workers
+        # In flight: two per worker (one in the model, one decoded and waiting) and the write and settle stages.
+        self.depth = depth or 2 * self.workers_total + 2
+        self.claim_batch = max(1, self.depth // 2)
         self.memory_bytes = memory_bytes
         self.log = logs.get()
         now = clock()
@@ -571,6 +575,7 @@ class Runner:
         self._cond = threading.Condition()
         self._wake = threading.Event()
         self._stop_claiming = threading.Event()
+        self._give_up = threading.Event()
         self._threads: list[threading.Thread] = []
         self._niced = False
         self.infer_names = [f"{d.replace(':', '')}.{i}" for d in self.devices for i in range(workers)]
@@ -607,10 +612,22 @@ class Runner:
         with self._cond:
             while (self._inflight or self._backlog) and time.monotonic() < deadline:
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
-            return [self._tasks[i] for i in sorted(self._inflight)]
+            left = [self._tasks[i] for i in sorted(self._inflight)]
+        self._give_up.set()  # the metrics not begun yet are measured at the next start
+        # Each thread returns once it is idle; the metrics thread may still be inside the last job's metric. A
+        # thread left inside native code when the interpreter shuts down is killed there by pthread_exit, which
+        # aborts the process in C++ code (OpenCV): wait for them, and say which did not end (see `running`).
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return left
+
+    def running(self) -> list[str]:
+        """The names of the threads that have not ended (after :meth:`stop`: those still inside a call)."""
+        return [t.name for t in self._threads if t.is_alive()]
 
     # --- threads ---------------------------------------------------------------------------------------------------
     def _loop(self, name: str, body: Callable[[], None]) -> None:
+        name_native_thread(f"upscaled-{name}")
         beat = self.beats[name]
         while True:
             beat.at = self.clock()
@@ -640,6 +657,10 @@ class Runner:
         with self._cond:
             free = self.depth - len(self._inflight)
             full = free <= 0 or (self._inflight and self._bytes >= self.memory_bytes)
+            # Claim in batches (one commit for several jobs) while the workers still have work queued; claim
+            # whatever is free as soon as they might run dry.
+            starving = len(self._inflight) <= self.workers_total
+            full = full or (free < self.claim_batch and not starving)
         if full:
             with self._cond:
                 self._cond.wait(0.5)
@@ -735,6 +756,8 @@ class Runner:
         with self._cond:
             if not self._backlog:
                 self._cond.wait(0.5)
+        if self._give_up.is_set():
+            return False
         if not self.measure_one(beat):
             return not (self._stop_claiming.is_set() and not self._inflight and not self._backlog)
         return True
@@ -768,6 +791,15 @@ class Runner:
             for job in jobs:
                 self._backlog.append(self.stages.task(job))
             self._cond.notify_all()
+
+
+def name_native_thread(name: str) -> None:
+    """The kernel's name for the calling thread (15 bytes): what `top -H`, `ps -L` and py-spy show."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass  # not Linux, or no prctl: the threads keep the process's name
 
 
 def describe(task: Task, stage: str) -> str:

@@ -9,8 +9,10 @@ a service without torch must not pay seconds and hundreds of MB for a gauge.
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.metadata
 import importlib.util
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,6 +53,15 @@ def check(devices: Iterable[str]) -> list[str]:
     if not gpus or not torch_installed():
         return []
     return list(dict.fromkeys(resolve(d) for d in gpus))
+
+
+def gpu_visible() -> bool:
+    """Whether this process can see an NVIDIA GPU, from the device files alone (no torch import, which costs seconds
+    and hundreds of MB): a ``/dev/nvidiaN`` exists and ``CUDA_VISIBLE_DEVICES`` does not hide them all."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return False
+    return torch_installed() and any(p.name[len("nvidia"):].isdigit() for p in Path("/dev").glob("nvidia*"))
 
 
 def runs_on_cpu(device: str) -> bool:

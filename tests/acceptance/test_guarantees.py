@@ -190,7 +190,8 @@ def test_a_claimed_job_of_a_dead_daemon_is_taken_back_at_the_next_start(tmp_path
 # --- SIGHUP and SIGINT ----------------------------------------------------------------------------------------------
 def test_sighup_reloads_ignore_and_settle_keeps_queued_rules_and_names_what_needs_a_restart(tmp_path, weights_dir):
     old_rule = [{"folder": "", "model": "bicubic", "scale": 2, "metrics": []}]
-    cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.2, rules=old_rule, ignore=["*.skip-later"])
+    cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.2, rules=old_rule, ignore=["*.skip-later"],
+                       workers=1)
     env, marks = armed(tmp_path, "in-infer")
     d = Daemon(cfg, env)
     db = tmp_path / "var" / "upscaled.db"

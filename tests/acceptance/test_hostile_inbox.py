@@ -829,7 +829,8 @@ def test_f18_tampered_brisque_files_are_refused_at_load(tmp_path, weights_dir):
     try:
         d.wait_started()
         drop(tmp_path / "inbox", "one.png", seed=1)
-        wait_for(lambda: [e for e in d.events() if e.get("event") == "job.done"], 30)
+        # the metrics trail the done commit: put the file back only once job one's metrics are settled
+        wait_for(lambda: [j for j in settled(db, 1) if j["metrics_state"] not in ("pending", None)], 30)
         model.write_bytes(good)
         drop(tmp_path / "inbox", "two.png", seed=2)
         wait_for(lambda: len([e for e in d.events() if e.get("event") == "job.done"]) == 2, 30)

@@ -30,7 +30,8 @@ def test_device_list_and_workers_make_one_inference_thread_per_device_and_slot(t
     try:
         assert svc.runner.infer_names == ["cpu.0", "cpu.1", "cuda1.0", "cuda1.1"]
         assert set(svc.runner.infer_names) <= set(svc.runner.beats)  # each one's heartbeat counts for the watchdog
-        assert svc.runner.depth == 4 + 2  # a job in flight per inference thread, one being read, one written
+        # two jobs per inference thread (one in the model, one decoded and waiting), one being written, one settled
+        assert svc.runner.depth == 2 * 4 + 2
     finally:
         svc.shutdown()
     assert s.default_device == "cpu"
@@ -38,7 +39,8 @@ def test_device_list_and_workers_make_one_inference_thread_per_device_and_slot(t
 
 
 @pytest.mark.parametrize(("keys", "message"), [
-    ({"workers": 0}, "workers: Input should be greater than or equal to 1"),
+    ({"workers": 0}, 'workers: must be "auto" or a whole number from 1 to 64, got 0'),
+    ({"workers": "many"}, 'workers: must be "auto" or a whole number from 1 to 64, got \'many\''),
     ({"device": []}, "device: must name at least one device"),
     ({"device": ["cpu", "cpu"]}, "device: names a device twice"),
     ({"device": ["cpu", "gpu1"]}, "must be auto, cpu, cuda or cuda:N, got 'gpu1'"),
@@ -73,7 +75,7 @@ def test_a_gpu_this_machine_lacks_stops_the_node_before_it_claims_anything(tmp_p
                            timeout=60, env=env)
     assert check.returncode != 0 and "cuda:3" in check.stderr
     # A rule on a GPU counts only on the nodes that serve its folder.
-    cfg = write_config(tmp_path, weights=weights_dir, device="cpu", serve_folders=[""],
+    cfg = write_config(tmp_path, weights=weights_dir, device="cpu", serve_folders=[""], workers=1,
                        rules=[{"folder": "gpu", "model": "bicubic", "scale": 2, "device": "cuda:3"}])
     ok = subprocess.run([sys.executable, "-m", "daemon", "check-config"], capture_output=True, text=True,
                         timeout=60, env=env)

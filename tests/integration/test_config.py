@@ -113,3 +113,24 @@ def test_check_config_command_and_run_refuse_a_bad_file(tmp_path):
         assert res.returncode != 0
         assert "rules[0].scale" in res.stderr and str(bad) in res.stderr and "espcn cannot upscale x8" in res.stderr
     assert not (tmp_path / "inbox").exists(), "a bad configuration must stop start-up before anything is made"
+
+
+def test_workers_auto_is_one_per_usable_core_on_the_cpu_at_most_4_and_one_per_gpu(tmp_path):
+    """``workers = "auto"`` (the default): on a CPU-only node one inference thread per CPU this process may use,
+    at most 4; on a GPU one. Measured in a child pinned to one and to every CPU (its affinity is what counts)."""
+    import os
+
+    cfg = write_config(tmp_path)
+    code = ("import os, sys; os.sched_setaffinity(0, set(list(os.sched_getaffinity(0))[:int(sys.argv[1])])); "
+            "from daemon.config import load_settings; s = load_settings(sys.argv[2]); "
+            "print(s.workers, s.worker_count(), s.cpu_workers())")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU, whatever this machine has
+    mine = len(os.sched_getaffinity(0))
+    for cpus in sorted({1, mine}):
+        out = subprocess.run([sys.executable, "-c", code, str(cpus), str(cfg)], capture_output=True, text=True,
+                             env=env, cwd=ROOT, timeout=60, check=True).stdout.split()
+        assert out == ["auto", str(min(4, cpus)), str(min(4, cpus))], (cpus, out)
+    s = load_settings(write_config(tmp_path, workers=3, device=["cpu", "cuda:0"]))
+    assert s.worker_count() == 3 and s.cpu_workers() == 3  # cuda:0's three do not share the CPU's cores
+    s = load_settings(write_config(tmp_path, device="cuda:0"))
+    assert s.worker_count() == 1 and s.cpu_workers() == 0
