@@ -115,6 +115,7 @@ class Service:
             f'{extra}[[rules]]\nfolder = ""\nmodel = "{model}"\nscale = {scale}\nformat = "png"\n'
             + ("" if metrics else "metrics = []\n"))
         self.db = work / "var" / "upscaled.db"
+        self._con: sqlite3.Connection | None = None
         self.staging = work / "staging"
         self.staging.mkdir()
         env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
@@ -123,15 +124,16 @@ class Service:
         _wait(lambda: (work / "inbox").is_dir() and self.done() >= 0, 60)
 
     def done(self) -> int:
+        """Jobs done, on one read-only connection kept open: polled every 20 ms while the clock runs, a fresh
+        connection each time cost this process about 1 ms of CPU per image, taken from the service's two cores."""
         if not self.db.exists():
             return -1
-        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
+        if self._con is None:
+            self._con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
         try:
-            return con.execute("SELECT count(*) FROM jobs WHERE state = 'done'").fetchone()[0]
+            return self._con.execute("SELECT count(*) FROM jobs WHERE state = 'done'").fetchone()[0]
         except sqlite3.OperationalError:
             return -1
-        finally:
-            con.close()
 
     def finished_at(self, rel: str) -> dt.datetime | None:
         con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)
@@ -192,6 +194,8 @@ class Service:
         return float("nan")
 
     def stop(self) -> None:
+        if self._con is not None:
+            self._con.close()
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(120)
 

@@ -594,8 +594,7 @@ def _meta_params(prep: md.Prepared) -> dict:
 
 
 def _enc_png(arr, quality, compression, prep, notes):
-    data, more = encode_png(arr, compression, prep.icc, prep.exif_tiff)
-    notes += more
+    data = encode_png(arr, compression, prep.icc, prep.exif_tiff)
     return data, _Later(xmp=prep.xmp, iptc=prep.iptc)
 
 

@@ -342,8 +342,11 @@ class Service:
 
     # --- admitting files -------------------------------------------------------------------------------------------
     def admit(self, rels: list[PurePosixPath]) -> None:
-        """Register complete files as jobs (one commit for all), or reconcile each with the job that exists."""
+        """Register complete files as jobs, or reconcile each with the job that exists. A burst is registered in
+        commits of 4, 8, 16, ... up to 64 files: the workers start on the first files while the rest are hashed,
+        and a thousand files still cost a few dozen commits."""
         specs: list[JobSpec] = []
+        chunk = 4
         for rel in rels:
             try:
                 spec = self.intake.spec(rel)
@@ -353,8 +356,14 @@ class Service:
                 continue
             if spec is not None:
                 specs.append(spec)
-        if not specs:
-            return
+            if len(specs) >= chunk:
+                self._register(specs)
+                specs, chunk = [], min(64, 2 * chunk)
+        if specs:
+            self._register(specs)
+
+    def _register(self, specs: list[JobSpec]) -> None:
+        """One commit for ``specs``; a file that failed at intake fails now, a known one is reconciled."""
         regs = self.store.register(specs, node=self.node)
         failpoints.hit("after-register")
         created = False

@@ -266,3 +266,27 @@ def test_the_daemon_neither_runs_nor_steals_the_jobs_of_process_and_bench(make_s
     assert states == {"waiting": "pending", "live": "running", "dead": "pending", "remote": "running"}
     assert sorted(p.name for p in own.iterdir()) == ["dead.png", "live.png", "remote.png", "waiting.png"]
     assert not list(svc.settings.archive.iterdir()) and not list(svc.settings.outbox.iterdir())
+
+
+def test_a_burst_is_registered_in_growing_commits_and_a_copy_across_them_is_one_job(make_service, tmp_path):
+    """30 files and a copy of the first, admitted at once: registered in commits of 4, 8, 16 and the 3 left (the
+    workers start on the first four while the rest are hashed), one job for the copy's content, every input
+    archived once its output is recorded."""
+    svc = make_service()
+    sizes: list[int] = []
+    register = svc.store.register
+
+    def counting(specs, node):  # the real store, its commits counted
+        sizes.append(len(specs))
+        return register(specs, node=node)
+
+    svc.store.register = counting
+    names = [f"b{i:02d}.png" for i in range(30)]
+    for i, name in enumerate(names):
+        image(svc.settings.inbox / name, (24, 16), seed=i + 1)
+    (svc.settings.inbox / "zz-copy.png").write_bytes((svc.settings.inbox / names[0]).read_bytes())
+    svc.admit([PurePosixPath(n) for n in [*names, "zz-copy.png"]])
+    assert sizes == [4, 8, 16, 3]
+    run_until(svc, lambda: len(list(svc.settings.archive.glob("*.png"))) == 31)
+    assert len(rows(db(svc), "SELECT * FROM jobs WHERE state = 'done'")) == 30
+    assert sorted(p.name for p in svc.settings.outbox.iterdir()) == sorted(n[:-4] + ".bicubic.x2.png" for n in names)
