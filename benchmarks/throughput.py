@@ -29,6 +29,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import sqlite3
@@ -187,6 +188,20 @@ class Service:
             out.append((self.finished_at(p.name) - t_drop).total_seconds() - SETTLE)
         return out
 
+    def thread_cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system) so far of each of the service's threads, by the name the kernel shows
+        (the worker names its threads: upscaled-feed, upscaled-cpu.0, upscaled-write, ...)."""
+        out: dict[str, float] = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended meanwhile
+                continue
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        return out
+
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -206,6 +221,12 @@ def _wait(pred, timeout: float, poll: float = 0.02) -> None:  # noqa: ANN001
         if time.monotonic() > end:
             raise TimeoutError("the service did not finish in time")
         time.sleep(poll)
+
+
+def process_cpu() -> float:
+    """CPU seconds (user + system, every thread) of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def cpu_name() -> str:
@@ -259,8 +280,16 @@ def main() -> None:
         try:
             off.warm_up(small[0][0])
             on.warm_up(large[0][0])
+            cpu_small: dict[str, float] = {}  # the service's CPU seconds per thread during the small batches
+            plain_cpu = 0.0
             for r in range(args.rounds):
-                r_small.append((opencv_loop(small[r], tmp / f"plain-small{r}", weights, 4), off.batch(small[r])))
+                c0 = process_cpu()
+                plain_small = opencv_loop(small[r], tmp / f"plain-small{r}", weights, 4)
+                plain_cpu += process_cpu() - c0  # with the model's load and warm-up: a few ms in all
+                before = off.thread_cpu()
+                r_small.append((plain_small, off.batch(small[r])))
+                for k, v in off.thread_cpu().items():
+                    cpu_small[k] = cpu_small.get(k, 0.0) + v - before.get(k, 0.0)
                 plain_large = opencv_loop(large[r], tmp / f"plain-large{r}", weights, 4)
                 s_off = off.batch(large[r])
                 r_large.append((plain_large, s_off))
@@ -272,7 +301,12 @@ def main() -> None:
         finally:
             off.stop()
             on.stop()
-        rows.append(dict(work="FSRCNN x4, 80x120 -> 320x480", **paired(r_small, args.small)))
+        per_thread = {k: round(1000 * v / (args.small * args.rounds), 2)
+                      for k, v in sorted(cpu_small.items(), key=lambda kv: -kv[1])}
+        rows.append(dict(work="FSRCNN x4, 80x120 -> 320x480", **paired(r_small, args.small),
+                         plain_cpu_ms_per_image=round(1000 * plain_cpu / (args.small * args.rounds), 2),
+                         service_cpu_ms_per_image=round(sum(per_thread.values()), 2),
+                         service_cpu_ms_per_image_by_thread={k: v for k, v in per_thread.items() if v >= 0.05}))
         rows.append(dict(work="FSRCNN x4, 320x480 -> 1280x1920", **paired(r_large, args.large),
                          service_peak_rss_mb=round(rss)))
         m = paired(r_metrics, args.large)
