@@ -265,6 +265,9 @@ class Stages:
         """From inside a model call: a tile or a denoising step is done. Feeds STATUS=, the job row and the log."""
         now = self.clock()
         beat.at, beat.stage = now, f"{unit} {done}/{total}"
+        # A stage that beats is held to its beats: the allowance of a call that cannot beat is for what follows the
+        # last tile or step (the final resize, the frame's assembly), never for the time between two tiles.
+        beat.allowed_until = now + task.pixels_out() * SECONDS_PER_PIXEL if done == total else 0.0
         if now >= beat.next_progress_write or done == total:
             beat.next_progress_write = now + 2.0  # at most one row update and log line every 2 s
             self.store.progress(task.job.id, beat.stage)
