@@ -424,17 +424,16 @@ class Settings(Hooks, BaseSettings):
         usable core (at most 4: more would hold more images in flight for no more cores' worth of speed)."""
         if self.workers != "auto":
             return self.workers
-        from models.devices import gpu_visible
+        from models.devices import cpu_without_torch
         from models.runtime import usable_cpus
 
-        on_cpu = all(d == "cpu" or (d == "auto" and not gpu_visible()) for d in self.devices())
-        return min(4, usable_cpus()) if on_cpu else 1
+        return min(4, usable_cpus()) if all(map(cpu_without_torch, self.devices())) else 1
 
     def cpu_workers(self) -> int:
         """The inference threads of this node that run on the CPU (they share its cores)."""
-        from models.devices import gpu_visible
+        from models.devices import cpu_without_torch
 
-        return sum(self.worker_count() for d in self.devices() if d == "cpu" or (d == "auto" and not gpu_visible()))
+        return self.worker_count() * sum(map(cpu_without_torch, self.devices()))
 
     @property
     def default_device(self) -> str:

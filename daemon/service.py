@@ -89,9 +89,9 @@ class Service:
         self.stages = Stages(s, self.store, cache or ModelCache(), self.inbox, self.outbox, self.mover,
                              node=self.node, on_outcome=self._on_outcome, clock=clock, telemetry=self.telemetry,
                              hooks=self.hooks)
-        workers = s.worker_count()
-        if s.cpu_workers():
-            runtime.share_cpus(s.cpu_workers())
+        workers, cpu_workers = s.worker_count(), s.cpu_workers()
+        if cpu_workers:
+            runtime.share_cpus(cpu_workers)
         self.runner = Runner(self.stages, s.devices(), workers, lambda _name: worker_id(), clock=clock)
         self.cluster = Cluster(s, self.store, workers * len(s.devices()), on_recovered=self._on_recovered)
         self.watcher = Watcher(s.inbox, s.ignore, s.settle_seconds, polling=s.observer == "polling",

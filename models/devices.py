@@ -64,6 +64,11 @@ def gpu_visible() -> bool:
     return torch_installed() and any(p.name[len("nvidia"):].isdigit() for p in Path("/dev").glob("nvidia*"))
 
 
+def cpu_without_torch(device: str) -> bool:
+    """Whether ``device`` runs on the CPU, judged without importing torch: ``cpu``, or ``auto`` with no GPU visible."""
+    return device == "cpu" or (device == "auto" and not gpu_visible())
+
+
 def runs_on_cpu(device: str) -> bool:
     """Whether a torch model on ``device`` would run on the CPU (``auto`` without a GPU, or no torch at all)."""
     if device == "cpu":
@@ -130,5 +135,5 @@ def memory_used() -> dict[str, int]:
     return {f"cuda:{i}": int(torch.cuda.memory_allocated(i)) for i in range(torch.cuda.device_count())}
 
 
-__all__ = ["DeviceUnavailableError", "build_info", "check", "memory_used", "resolve", "runs_on_cpu",
-           "torch_installed"]
+__all__ = ["DeviceUnavailableError", "build_info", "check", "cpu_without_torch", "memory_used", "resolve",
+           "runs_on_cpu", "torch_installed"]

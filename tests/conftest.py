@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,6 +125,32 @@ def write_config(folder: Path, weights: Path | None = None, rules: list[dict] | 
     path = folder / "settings.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextmanager
+def started_services(folder: Path, **defaults) -> Iterator[Callable[..., Any]]:
+    """A maker of real :class:`daemon.service.Service` objects over one set of folders and one SQLite file under
+    ``folder``, started, stepped by the test in its own thread: ``make(rules=None, **keys)`` writes the settings
+    (``defaults`` overridden by ``keys``; the default ``rules`` when ``rules`` is None) and starts one. Making a
+    second after ``shutdown()`` of the first is the next start of the daemon. Those not shut down are at the end."""
+    from daemon.config import load_settings
+    from daemon.service import Service
+
+    made: list[Service] = []
+
+    def make(rules: list[dict] | None = None, **keys) -> Service:
+        cfg = write_config(folder, **{**defaults, **keys, **({} if rules is None else {"rules": rules})})
+        svc = Service(load_settings(cfg))
+        svc.start()
+        made.append(svc)
+        return svc
+
+    try:
+        yield make
+    finally:
+        for svc in made:
+            if svc.inbox.fd >= 0:  # not shut down yet (shutdown closes the folder handles)
+                svc.shutdown()
 
 
 def image(path: Path, size: tuple[int, int] = (40, 32), mode: str = "RGB", seed: int = 0, **save) -> Path:

@@ -31,13 +31,9 @@ import struct
 import zlib
 
 import numpy as np
+from zlib_ng import zlib_ng as _deflate  # the same streams as zlib, faster
 
 from daemon.errors import OutputError
-
-try:  # zlib-ng: the same streams, faster; the standard library's zlib where the wheel is missing
-    from zlib_ng import zlib_ng as _deflate
-except ImportError:  # pragma: no cover - zlib-ng is a dependency; this keeps a broken install writing PNGs
-    _deflate = zlib
 
 DEFAULT_PNG_COMPRESSION = 1
 

@@ -39,7 +39,7 @@ from daemon.store import SqlStore
 from daemon.worker import Stages
 from models.registry import ModelCache
 from models.resize import imresize
-from tests.conftest import ROOT, SET5, image, rows, write_config
+from tests.conftest import ROOT, SET5, image, rows, started_services, write_config
 
 RULE = {"folder": "", "model": "bicubic", "scale": 2, "format": "png", "metrics": ["lr_psnr_y", "lr_ssim_y"]}
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
@@ -48,21 +48,9 @@ T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
 # --- the harness: the real Service, stepped in this thread ---------------------------------------------------------
 @pytest.fixture
 def make_service(tmp_path) -> Iterator[Callable[..., Service]]:
-    """Services over one set of folders and one SQLite file. Making a second one after ``shutdown()`` of the first
-    is the next start of the daemon."""
-    made: list[Service] = []
-
-    def make(rules: list[dict] | None = None, **keys) -> Service:
-        cfg = write_config(tmp_path, rules=rules or [RULE], settle_seconds=0.05, **keys)
-        svc = Service(load_settings(cfg))
-        svc.start()
-        made.append(svc)
-        return svc
-
-    yield make
-    for svc in made:
-        if svc.inbox.fd >= 0:  # not shut down yet (shutdown closes the folder handles)
-            svc.shutdown()
+    """Services over one set of folders and one SQLite file (see :func:`tests.conftest.started_services`)."""
+    with started_services(tmp_path, rules=[RULE], settle_seconds=0.05) as make:
+        yield make
 
 
 def run_until(svc: Service, predicate: Callable[[], object], timeout: float = 60.0, what: str = "") -> None:

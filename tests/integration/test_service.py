@@ -14,25 +14,15 @@ from PIL import Image, ImageCms
 from daemon.config import Rule, load_settings
 from daemon.jobs import worker_id
 from daemon.service import Service
-from tests.conftest import image, rows, write_config
+from tests.conftest import image, rows, started_services, write_config
 
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
 @pytest.fixture
 def make_service(tmp_path, weights_dir):
-    made: list[Service] = []
-
-    def make(rules=None, **keys) -> Service:
-        cfg = write_config(tmp_path, weights=weights_dir, rules=rules, settle_seconds=0.1, **keys)
-        svc = Service(load_settings(cfg))
-        svc.start()
-        made.append(svc)
-        return svc
-
-    yield make
-    for svc in made:
-        svc.shutdown()
+    with started_services(tmp_path, weights=weights_dir, settle_seconds=0.1) as make:
+        yield make
 
 
 def run_until(svc: Service, predicate, timeout: float = 30.0) -> None:
