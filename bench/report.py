@@ -39,8 +39,17 @@ if TYPE_CHECKING:
 
 HISTORY_METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "mse_rgb", "brisque", "lr_psnr_y", "lr_ssim_y")
 _TABLE_COLS = (*QUALITY_METRICS, "brisque", "load_s", "s_per_image", "s_per_mp")
-_DIGITS = {"psnr_y": 2, "psnr_rgb": 2, "ssim_y": 4, "ssim_rgb": 4, "mse_rgb": 1, "brisque": 1, "load_s": 3,
-           "s_per_image": 4, "s_per_mp": 4}
+_DIGITS = {
+    "psnr_y": 2,
+    "psnr_rgb": 2,
+    "ssim_y": 4,
+    "ssim_rgb": 4,
+    "mse_rgb": 1,
+    "brisque": 1,
+    "load_s": 3,
+    "s_per_image": 4,
+    "s_per_mp": 4,
+}
 _CROP_ZOOM = 2  # crops are shown at twice their size, pixelated, so that single pixels can be told apart
 
 _CSS = """
@@ -111,9 +120,11 @@ def _chart(uri: str, alt: str) -> str:
 
 
 def _page(title: str, body: Iterable[str]) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_esc(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_esc(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def _write(path: Path, page: str) -> Path:
@@ -156,8 +167,7 @@ def best_rows(rows: Sequence[dict[str, Any]], cols: Iterable[str]) -> dict[str, 
     for c in cols:
         if c not in HIGHER_IS_BETTER:
             continue
-        vals = [(i, r.get(c)) for i, r in enumerate(rows)
-                if isinstance(r.get(c), int | float) and math.isfinite(r[c])]
+        vals = [(i, r.get(c)) for i, r in enumerate(rows) if isinstance(r.get(c), int | float) and math.isfinite(r[c])]
         if len(vals) < 2:
             continue
         target = (max if HIGHER_IS_BETTER[c] else min)(v for _, v in vals)
@@ -177,10 +187,23 @@ def quality_time_figure(summary: Sequence[dict[str, Any]]) -> Figure | None:
     colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
     markers = dict(zip(sorted({r["scale"] for r in points}), "os^Dvp*hX", strict=False))
     for r in points:
-        ax.scatter(r["s_per_mp"], r["psnr_y"], color=colours[r["model"]], marker=markers.get(r["scale"], "o"),
-                   s=55, edgecolor="black", linewidth=0.5, zorder=3)
-        ax.annotate(f"{r['model']} x{r['scale']}", (r["s_per_mp"], r["psnr_y"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=7.5)
+        ax.scatter(
+            r["s_per_mp"],
+            r["psnr_y"],
+            color=colours[r["model"]],
+            marker=markers.get(r["scale"], "o"),
+            s=55,
+            edgecolor="black",
+            linewidth=0.5,
+            zorder=3,
+        )
+        ax.annotate(
+            f"{r['model']} x{r['scale']}",
+            (r["s_per_mp"], r["psnr_y"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=7.5,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("seconds per megapixel of output (warm, log scale)")
     ax.set_ylabel("PSNR-Y (dB), border shaved by the scale")
@@ -201,49 +224,63 @@ def bench_report(result: BenchResult, path: Path, command: str | None = None) ->
         ReportError, OutputError, DiskFullError: the file cannot be written.
     """
     s = result.settings
-    body = [f"<h1>upscaled bench: {_esc(s.get('dataset_name', ''))}</h1>",
-            f"<p class=\"meta\">Run {_esc(result.run_id if result.run_id is not None else '(not recorded)')}, "
-            f"started {_esc(result.started_at)} on <b>{_esc(result.cpu)}</b>, device <code>{_esc(s.get('device'))}"
-            f"</code>. Dataset <code>{_esc(s.get('dataset'))}</code> ({len(s.get('images', []))} images). "
-            f"LR images: {_esc(', '.join(f'x{k}: {v}' for k, v in s.get('lr_sources', {}).items()))}.</p>"]
+    body = [
+        f"<h1>upscaled bench: {_esc(s.get('dataset_name', ''))}</h1>",
+        f'<p class="meta">Run {_esc(result.run_id if result.run_id is not None else "(not recorded)")}, '
+        f"started {_esc(result.started_at)} on <b>{_esc(result.cpu)}</b>, device <code>{_esc(s.get('device'))}"
+        f"</code>. Dataset <code>{_esc(s.get('dataset'))}</code> ({len(s.get('images', []))} images). "
+        f"LR images: {_esc(', '.join(f'x{k}: {v}' for k, v in s.get('lr_sources', {}).items()))}.</p>",
+    ]
     if command:
-        body.append(f"<p class=\"meta\">Command: <code>{_esc(command)}</code></p>")
+        body.append(f'<p class="meta">Command: <code>{_esc(command)}</code></p>')
     # 1. Quality against time.
     body.append("<h2>Quality against time</h2>")
     fig = quality_time_figure(result.summary)
-    body.append(_chart(figure_data_uri(fig), "PSNR-Y against seconds per megapixel") if fig
-                else '<p class="empty">No model ran, so there is nothing to plot.</p>')
+    body.append(
+        _chart(figure_data_uri(fig), "PSNR-Y against seconds per megapixel")
+        if fig
+        else '<p class="empty">No model ran, so there is nothing to plot.</p>'
+    )
     # 2. One table per scale, best value per column marked.
     body.append("<h2>Results per model and scale</h2>")
-    body.append("<p class=\"meta\">Means over the images. " + "; ".join(
-        f"<b>{_esc(k)}</b>: {_esc(v)}" for k, v in PROTOCOL.items()) +
-        "; <b>load_s</b>: model load, timed apart. &#9733; marks the best value of each column at that scale.</p>")
+    body.append(
+        '<p class="meta">Means over the images. '
+        + "; ".join(f"<b>{_esc(k)}</b>: {_esc(v)}" for k, v in PROTOCOL.items())
+        + "; <b>load_s</b>: model load, timed apart. &#9733; marks the best value of each column at that scale.</p>"
+    )
     cols = ["model", "lr", "status", "images", *_TABLE_COLS, "device"]
     for scale in sorted({r["scale"] for r in result.summary}):
         rows = [r for r in result.summary if r["scale"] == scale and r["status"] != "skipped"]
         body.append(f"<h3>x{scale}</h3>")
-        body.append(_table(rows, cols, best_rows(rows, _TABLE_COLS)) if rows
-                    else '<p class="empty">No model ran at this scale.</p>')
+        body.append(
+            _table(rows, cols, best_rows(rows, _TABLE_COLS))
+            if rows
+            else '<p class="empty">No model ran at this scale.</p>'
+        )
     skipped = result.skipped
     if skipped:
         body.append("<h3>Skipped</h3>")
         body.append(_table(skipped, ["model", "scale", "reason"]))
     # 3. Side-by-side crops.
     body.append("<h2>Side by side</h2>")
-    body.append(f"<p class=\"meta\">The same region of each image (the {_esc('square')} with the most detail), "
-                f"shown at {_CROP_ZOOM}x with visible pixels: the HR ground truth, the LR input enlarged with nearest "
-                "neighbour, and every model's output, with its PSNR-Y on the whole image.</p>")
+    body.append(
+        f'<p class="meta">The same region of each image (the {_esc("square")} with the most detail), '
+        f"shown at {_CROP_ZOOM}x with visible pixels: the HR ground truth, the LR input enlarged with nearest "
+        "neighbour, and every model's output, with its PSNR-Y on the whole image.</p>"
+    )
     if not result.crops:
         body.append('<p class="empty">No crops: no model ran.</p>')
     for cs in result.crops:
         x, y, w, h = cs.box
-        body.append(f"<h3>{_esc(cs.image)} x{cs.scale} <span class=\"meta\">region x={x} y={y} {w}x{h}</span></h3>")
+        body.append(f'<h3>{_esc(cs.image)} x{cs.scale} <span class="meta">region x={x} y={y} {w}x{h}</span></h3>')
         figs = []
         for label, tile, psnr_y in cs.tiles:
             cap = _esc(label) + (f"<br>{psnr_y:.2f} dB" if psnr_y is not None else "")
-            figs.append(f'<figure><img src="{png_data_uri(tile)}" width="{tile.shape[1] * _CROP_ZOOM}" '
-                        f'height="{tile.shape[0] * _CROP_ZOOM}" alt="{_esc(label)}"><figcaption>{cap}</figcaption>'
-                        "</figure>")
+            figs.append(
+                f'<figure><img src="{png_data_uri(tile)}" width="{tile.shape[1] * _CROP_ZOOM}" '
+                f'height="{tile.shape[0] * _CROP_ZOOM}" alt="{_esc(label)}"><figcaption>{cap}</figcaption>'
+                "</figure>"
+            )
         body.append('<div class="strip">' + "".join(figs) + "</div>")
     body.append("<h2>Settings</h2><pre>" + _esc(json.dumps(s, indent=2)) + "</pre>")
     return _write(path, _page(f"upscaled bench: {s.get('dataset_name', '')}", body))
@@ -251,8 +288,14 @@ def bench_report(result: BenchResult, path: Path, command: str | None = None) ->
 
 # --- the history report ---------------------------------------------------------------------------------------------
 def _bucket(span_s: float) -> tuple[float, str]:
-    for seconds, label in ((60, "minute"), (600, "10 minutes"), (3600, "hour"), (6 * 3600, "6 hours"),
-                           (86400, "day"), (7 * 86400, "week")):
+    for seconds, label in (
+        (60, "minute"),
+        (600, "10 minutes"),
+        (3600, "hour"),
+        (6 * 3600, "6 hours"),
+        (86400, "day"),
+        (7 * 86400, "week"),
+    ):
         if span_s / seconds <= 60:
             return seconds, label
     return 30 * 86400, "30 days"
@@ -266,8 +309,11 @@ def _as_dt(v: Any) -> dt.datetime | None:
 
 def throughput_figure(jobs: Sequence[dict[str, Any]]) -> Figure | None:
     """Jobs finished per time bucket (bucket chosen from the span), done and failed stacked."""
-    ends = [(_as_dt(j["finished_at"]), j["state"]) for j in jobs if j["finished_at"] is not None
-            and j["state"] in ("done", "failed")]
+    ends = [
+        (_as_dt(j["finished_at"]), j["state"])
+        for j in jobs
+        if j["finished_at"] is not None and j["state"] in ("done", "failed")
+    ]
     if not ends:
         return None
     t0 = min(t for t, _ in ends)
@@ -304,8 +350,12 @@ def job_time_figure(jobs: Sequence[dict[str, Any]]) -> Figure | None:
     names = sorted(per_model)
     fig = _figure(9, 0.6 + 0.45 * len(names) + 2)
     ax = fig.add_subplot()
-    ax.boxplot([per_model[n] for n in names], orientation="horizontal", tick_labels=[
-        f"{n} ({len(per_model[n])})" for n in names], showmeans=True)
+    ax.boxplot(
+        [per_model[n] for n in names],
+        orientation="horizontal",
+        tick_labels=[f"{n} ({len(per_model[n])})" for n in names],
+        showmeans=True,
+    )
     values = [v for vs in per_model.values() for v in vs if v > 0]
     if values and max(values) / max(min(values), 1e-9) > 50:
         ax.set_xscale("log")
@@ -347,8 +397,7 @@ def metrics_figure(jobs: Sequence[dict[str, Any]]) -> Figure | None:
     for ax, m in zip(axes, present, strict=True):
         data, labels = [], []
         for g in groups:
-            vals = [float(j[m]) for j in jobs if rule_label(j) == g and j.get(m) is not None
-                    and math.isfinite(j[m])]
+            vals = [float(j[m]) for j in jobs if rule_label(j) == g and j.get(m) is not None and math.isfinite(j[m])]
             if vals:
                 data.append(vals)
                 labels.append(f"{g} ({len(vals)})")
@@ -384,8 +433,13 @@ FROM jobs j JOIN job_metrics jm ON jm.id = j.id{where} ORDER BY j.id"""
         return [dict(r._mapping) for r in c.execute(text(sql), params)]
 
 
-def history_report(engine: Engine, path: Path, since: str | None = None, include_bench: bool = False,
-                   title: str = "upscaled: service report") -> dict[str, Any]:
+def history_report(
+    engine: Engine,
+    path: Path,
+    since: str | None = None,
+    include_bench: bool = False,
+    title: str = "upscaled: service report",
+) -> dict[str, Any]:
     """Write the service-history report to ``path`` (atomically). Returns counts: jobs, done, failed, figures.
 
     Raises:
@@ -395,15 +449,19 @@ def history_report(engine: Engine, path: Path, since: str | None = None, include
     jobs = load_jobs(engine, since, include_bench)
     states = Counter(j["state"] for j in jobs)
     scope = f"since {since}" if since else "all time"
-    body = [f"<h1>{_esc(title)}</h1>",
-            f"<p class=\"meta\">{len(jobs)} jobs ({scope}{', bench runs included' if include_bench else ''}): "
-            + ", ".join(f"{states.get(s, 0)} {s}" for s in ("done", "failed", "pending", "running"))
-            + f". Generated {_esc(dt.datetime.now(dt.UTC).isoformat(timespec='seconds'))}.</p>"]
+    body = [
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="meta">{len(jobs)} jobs ({scope}{", bench runs included" if include_bench else ""}): '
+        + ", ".join(f"{states.get(s, 0)} {s}" for s in ("done", "failed", "pending", "running"))
+        + f". Generated {_esc(dt.datetime.now(dt.UTC).isoformat(timespec='seconds'))}.</p>",
+    ]
     figures = 0
-    sections = (("Throughput over time", throughput_figure, "No finished jobs yet."),
-                ("Job time per model", job_time_figure, "No finished jobs yet."),
-                ("Failures by reason", failures_figure, "No failures."),
-                ("Metrics per folder and rule", metrics_figure, "No metrics recorded yet."))
+    sections = (
+        ("Throughput over time", throughput_figure, "No finished jobs yet."),
+        ("Job time per model", job_time_figure, "No finished jobs yet."),
+        ("Failures by reason", failures_figure, "No failures."),
+        ("Metrics per folder and rule", metrics_figure, "No metrics recorded yet."),
+    )
     for heading, make, empty in sections:
         body.append(f"<h2>{_esc(heading)}</h2>")
         fig = make(jobs)
@@ -416,9 +474,21 @@ def history_report(engine: Engine, path: Path, since: str | None = None, include
     if not include_bench:
         rows = [r for r in rows if r["folder"] != "(bench)"]
     body.append("<h2>Per model and folder</h2>")
-    cols = ["model", "scale", "mode", "folder", "jobs", "done", "failed", "mean_s", "p50_s", "p95_s",
-            *(c for c in ("mean_psnr_y", "mean_ssim_y", "mean_brisque", "mean_lr_psnr_y") if rows and c in rows[0])]
+    cols = [
+        "model",
+        "scale",
+        "mode",
+        "folder",
+        "jobs",
+        "done",
+        "failed",
+        "mean_s",
+        "p50_s",
+        "p95_s",
+        *(c for c in ("mean_psnr_y", "mean_ssim_y", "mean_brisque", "mean_lr_psnr_y") if rows and c in rows[0]),
+    ]
     body.append(_table(rows, cols) if rows else '<p class="empty">No jobs.</p>')
     _write(path, _page(title, body))
-    return dict(path=str(path), jobs=len(jobs), done=states.get("done", 0), failed=states.get("failed", 0),
-                figures=figures)
+    return dict(
+        path=str(path), jobs=len(jobs), done=states.get("done", 0), failed=states.get("failed", 0), figures=figures
+    )

@@ -59,7 +59,10 @@ QUALITY_METRICS = BENCHMARK_METRICS  # psnr_y, ssim_y, psnr_rgb, ssim_rgb, mse_r
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Which way is better, per summary column: the report marks the best value of each.
 HIGHER_IS_BETTER = {name: m.higher_is_better for name, m in METRICS.items()} | {
-    "load_s": False, "s_per_image": False, "s_per_mp": False}
+    "load_s": False,
+    "s_per_image": False,
+    "s_per_mp": False,
+}
 CROP_SIDE = 96  # HR pixels per side of the zoomed comparison crops (rounded to a multiple of every scale)
 _WARMUP_SIDE = 48  # LR pixels per side of the warm-up crop
 
@@ -90,8 +93,9 @@ class Dataset:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                  key=lambda p: p.name)
+    return sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name
+    )
 
 
 def _match_lr(files: list[Path], hr: Path, index: int, scale: int) -> Path | None:
@@ -155,9 +159,16 @@ class BenchSettings:
     max_pixels: int = 100_000_000
 
     def to_json(self) -> dict[str, Any]:
-        return dict(dataset=str(Path(self.dataset).resolve()), models=list(self.models), scales=list(self.scales),
-                    downscale=self.downscale, device=self.device, repeat=self.repeat, brisque=self.brisque,
-                    weights_dir=str(self.weights_dir))
+        return dict(
+            dataset=str(Path(self.dataset).resolve()),
+            models=list(self.models),
+            scales=list(self.scales),
+            downscale=self.downscale,
+            device=self.device,
+            repeat=self.repeat,
+            brisque=self.brisque,
+            weights_dir=str(self.weights_dir),
+        )
 
 
 @dataclass
@@ -186,9 +197,15 @@ class BenchResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``--format json`` document (see docs/bench-json-schema.json)."""
-        return dict(run_id=self.run_id, started_at=self.started_at, cpu=self.cpu, settings=self.settings,
-                    metrics_protocol=PROTOCOL, results=[_finite(r) for r in self.summary],
-                    images=[_finite(r) for r in self.images])
+        return dict(
+            run_id=self.run_id,
+            started_at=self.started_at,
+            cpu=self.cpu,
+            settings=self.settings,
+            metrics_protocol=PROTOCOL,
+            results=[_finite(r) for r in self.summary],
+            images=[_finite(r) for r in self.images],
+        )
 
 
 PROTOCOL = {
@@ -277,8 +294,9 @@ def detail_box(hr: np.ndarray, side: int, align: int) -> tuple[int, int, int, in
     best, box = -1.0, (0, 0, side, side)
     for y0 in range(0, usable_h - side + 1, align):
         for x0 in range(0, usable_w - side + 1, align):
-            total = (integral[y0 + side, x0 + side] - integral[y0, x0 + side] - integral[y0 + side, x0]
-                     + integral[y0, x0])
+            total = (
+                integral[y0 + side, x0 + side] - integral[y0, x0 + side] - integral[y0 + side, x0] + integral[y0, x0]
+            )
             if total > best:
                 best, box = float(total), (x0, y0, side, side)
     return box
@@ -348,8 +366,10 @@ def _lr_source(dataset: Dataset, scale: int, choice: str) -> str:
     if choice == "shipped":
         if not dataset.shipped(scale):
             missing = [im.name for im in dataset.images if scale not in im.lr_paths]
-            raise BenchError(f"--downscale shipped: {dataset.root}/LR_bicubic/X{scale} lacks an LR image for "
-                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            raise BenchError(
+                f"--downscale shipped: {dataset.root}/LR_bicubic/X{scale} lacks an LR image for "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            )
         return f"shipped:LR_bicubic/X{scale}"
     if choice == "auto":
         return f"shipped:LR_bicubic/X{scale}" if dataset.shipped(scale) else "matlab-bicubic"
@@ -365,27 +385,49 @@ def _prepare(dataset: Dataset, scale: int, source: str, max_pixels: int) -> list
         hr = modcrop(dec.rgb, scale)
         need = min_side(scale)
         if min(hr.shape[:2]) < need:
-            why = (f"{im.name} is {dec.width}x{dec.height}: at x{scale} the metrics need at least {need} px per side "
-                   f"({scale} px shaved from each border, then SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window)")
-            out.append(_Prepared(im, hr, np.zeros((0, 0, 3), np.float32), dec.bits, dec.width, dec.height,
-                                 dec.format, dec.mode, _sha256(im.hr_path), decode_s, too_small=why))
+            why = (
+                f"{im.name} is {dec.width}x{dec.height}: at x{scale} the metrics need at least {need} px per side "
+                f"({scale} px shaved from each border, then SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window)"
+            )
+            out.append(
+                _Prepared(
+                    im,
+                    hr,
+                    np.zeros((0, 0, 3), np.float32),
+                    dec.bits,
+                    dec.width,
+                    dec.height,
+                    dec.format,
+                    dec.mode,
+                    _sha256(im.hr_path),
+                    decode_s,
+                    too_small=why,
+                )
+            )
             continue
         if source.startswith("shipped:"):
             lr_dec = imageio.decode(im.lr_paths[scale], max_pixels)
             lr = lr_dec.rgb
             want = (hr.shape[0] // scale, hr.shape[1] // scale)
             if lr.shape[:2] != want:
-                raise BenchError(f"{im.lr_paths[scale]} is {lr.shape[1]}x{lr.shape[0]}, expected {want[1]}x{want[0]} "
-                                 f"(the HR image {im.name} cropped to a multiple of {scale}, divided by {scale})")
+                raise BenchError(
+                    f"{im.lr_paths[scale]} is {lr.shape[1]}x{lr.shape[0]}, expected {want[1]}x{want[0]} "
+                    f"(the HR image {im.name} cropped to a multiple of {scale}, divided by {scale})"
+                )
         else:
             lr = downscale(hr, scale, source, dec.bits)
-        out.append(_Prepared(im, hr, lr, dec.bits, dec.width, dec.height, dec.format, dec.mode,
-                             _sha256(im.hr_path), decode_s))
+        out.append(
+            _Prepared(im, hr, lr, dec.bits, dec.width, dec.height, dec.format, dec.mode, _sha256(im.hr_path), decode_s)
+        )
     return out
 
 
-def run_bench(settings: BenchSettings, store: SqlStore | None = None, progress: Progress | None = None,
-              cache: ModelCache | None = None) -> BenchResult:
+def run_bench(
+    settings: BenchSettings,
+    store: SqlStore | None = None,
+    progress: Progress | None = None,
+    cache: ModelCache | None = None,
+) -> BenchResult:
     """Run the benchmark described by ``settings``; record it in ``store`` when given.
 
     Per model and scale the summary row holds the mean of each metric over the images, the model load time
@@ -420,8 +462,12 @@ def run_bench(settings: BenchSettings, store: SqlStore | None = None, progress: 
 
     # 2. The run's record, so that its jobs can point at it.
     started = utcnow()
-    run_settings = settings.to_json() | dict(dataset_name=dataset.name, images=[im.name for im in dataset.images],
-                                             lr_sources={str(s): v for s, v in sources.items()}, cpu=cpu_name())
+    run_settings = settings.to_json() | dict(
+        dataset_name=dataset.name,
+        images=[im.name for im in dataset.images],
+        lr_sources={str(s): v for s, v in sources.items()},
+        cpu=cpu_name(),
+    )
     run_id = store.add_bench_run(json.dumps(run_settings)) if store is not None else None
 
     # 3. Per scale: the LR images once, then every model that runs at that scale.
@@ -448,15 +494,22 @@ def run_bench(settings: BenchSettings, store: SqlStore | None = None, progress: 
             sets.append(cs)
         crops += [cs for cs in sets if cs is not None]
         for model in models:
-            row, rows = _run_model(settings, model, scale, sources[scale], prepared, sets, cache, brisque, store,
-                                   run_id, progress)
+            row, rows = _run_model(
+                settings, model, scale, sources[scale], prepared, sets, cache, brisque, store, run_id, progress
+            )
             summary[(model, scale)] = row
             image_rows += rows
     progress.close()
     order = [(m, s) for m in settings.models for s in settings.scales]
-    return BenchResult(run_id=run_id, started_at=started.isoformat(timespec="seconds") + "Z",
-                       settings=run_settings, cpu=run_settings["cpu"],
-                       summary=[summary[k] for k in order if k in summary], images=image_rows, crops=crops)
+    return BenchResult(
+        run_id=run_id,
+        started_at=started.isoformat(timespec="seconds") + "Z",
+        settings=run_settings,
+        cpu=run_settings["cpu"],
+        summary=[summary[k] for k in order if k in summary],
+        images=image_rows,
+        crops=crops,
+    )
 
 
 def _brisque(settings: BenchSettings, progress: Progress) -> Brisque | None:
@@ -468,9 +521,19 @@ def _brisque(settings: BenchSettings, progress: Progress) -> Brisque | None:
         return None
 
 
-def _run_model(settings: BenchSettings, model: str, scale: int, source: str, prepared: Sequence[_Prepared],
-               sets: Sequence[CropSet | None], cache: ModelCache, brisque: Brisque | None, store: SqlStore | None,
-               run_id: int | None, progress: Progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _run_model(
+    settings: BenchSettings,
+    model: str,
+    scale: int,
+    source: str,
+    prepared: Sequence[_Prepared],
+    sets: Sequence[CropSet | None],
+    cache: ModelCache,
+    brisque: Brisque | None,
+    store: SqlStore | None,
+    run_id: int | None,
+    progress: Progress,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     # 1. Load, timed apart; a model that cannot load here is skipped with its reason.
     ctx = LoadContext(Path(settings.weights_dir), settings.device)
     t0 = time.perf_counter()
@@ -523,25 +586,52 @@ def _run_model(settings: BenchSettings, model: str, scale: int, source: str, pre
         values = {m.name: m.value for m in results}
         out_h, out_w = sr.shape[:2]
         mp = out_w * out_h / 1e6
-        row = dict(model=model, scale=scale, lr=source, image=p.image.name, width=out_w, height=out_h,
-                   **{m: values.get(m) for m in (*QUALITY_METRICS, "brisque")}, s_per_image=infer_s,
-                   s_per_mp=infer_s / mp, job_id=job_id)
+        row = dict(
+            model=model,
+            scale=scale,
+            lr=source,
+            image=p.image.name,
+            width=out_w,
+            height=out_h,
+            **{m: values.get(m) for m in (*QUALITY_METRICS, "brisque")},
+            s_per_image=infer_s,
+            s_per_mp=infer_s / mp,
+            job_id=job_id,
+        )
         rows.append(row)
         if cs is not None:
             cs.tiles.append((model, _u8(_crop(sr, cs.box)), values.get("psnr_y")))
         if store is not None and job_id is not None:
-            fields = dict(input_width=p.width, input_height=p.height, input_format=p.fmt, input_mode=p.mode,
-                          bits=p.bits, output_width=out_w, output_height=out_h, backend=up.backend, device=up.device,
-                          precision=up.precision, t_queue=0.0, t_decode=p.decode_s,
-                          t_load=load_left, t_infer=infer_s, t_metrics=metrics_s,
-                          t_total=p.decode_s + load_left + infer_s + metrics_s)
+            fields = dict(
+                input_width=p.width,
+                input_height=p.height,
+                input_format=p.fmt,
+                input_mode=p.mode,
+                bits=p.bits,
+                output_width=out_w,
+                output_height=out_h,
+                backend=up.backend,
+                device=up.device,
+                precision=up.precision,
+                t_queue=0.0,
+                t_decode=p.decode_s,
+                t_load=load_left,
+                t_infer=infer_s,
+                t_metrics=metrics_s,
+                t_total=p.decode_s + load_left + infer_s + metrics_s,
+            )
             store.finish([Finished(job_id, None, fields, results)])
         load_left = 0.0
         progress.step(f"{model} x{scale} {p.image.name} psnr_y={values['psnr_y']:.2f} {infer_s:.3f}s")
     # 3. The summary row: means over the images that ran.
-    summary: dict[str, Any] = dict(model=model, scale=scale, lr=source,
-                                   status="ok" if not failures else ("partial" if rows else "failed"),
-                                   images=len(rows), failed=failures)
+    summary: dict[str, Any] = dict(
+        model=model,
+        scale=scale,
+        lr=source,
+        status="ok" if not failures else ("partial" if rows else "failed"),
+        images=len(rows),
+        failed=failures,
+    )
     for m in (*QUALITY_METRICS, "brisque"):
         vals = [r[m] for r in rows if r[m] is not None]
         summary[m] = statistics.fmean(vals) if vals else None
@@ -553,18 +643,39 @@ def _run_model(settings: BenchSettings, model: str, scale: int, source: str, pre
     return summary, rows
 
 
-def _register(store: SqlStore | None, run_id: int | None, p: _Prepared, model: str, scale: int, source: str,
-              settings: BenchSettings, fingerprint_base: str) -> int | None:
+def _register(
+    store: SqlStore | None,
+    run_id: int | None,
+    p: _Prepared,
+    model: str,
+    scale: int,
+    source: str,
+    settings: BenchSettings,
+    fingerprint_base: str,
+) -> int | None:
     """A running job row for one image of one pair, or None without a store."""
     if store is None:
         return None
     fingerprint = hashlib.sha256(f"{fingerprint_base}:{p.image.name}".encode()).hexdigest()[:16]
     # The rule as far as a Rule can say it; the LR source of each scale (a shipped file, say) is in the run's row.
-    rule = Rule(model=model, scale=scale, mode="benchmark", downscale=source if source in DOWNSCALES else
-                "matlab-bicubic", device=settings.device, metrics=list(QUALITY_METRICS))
-    spec = JobSpec(sha=p.sha, rule=rule, rel=PurePosixPath(p.image.name), input_path=str(p.image.hr_path.resolve()),
-                   source="bench", folder="(bench)", input_size=p.image.hr_path.stat().st_size,
-                   fingerprint=fingerprint)
+    rule = Rule(
+        model=model,
+        scale=scale,
+        mode="benchmark",
+        downscale=source if source in DOWNSCALES else "matlab-bicubic",
+        device=settings.device,
+        metrics=list(QUALITY_METRICS),
+    )
+    spec = JobSpec(
+        sha=p.sha,
+        rule=rule,
+        rel=PurePosixPath(p.image.name),
+        input_path=str(p.image.hr_path.resolve()),
+        source="bench",
+        folder="(bench)",
+        input_size=p.image.hr_path.stat().st_size,
+        fingerprint=fingerprint,
+    )
     (reg,) = store.register([spec], bench_run_id=run_id)
     jobs = store.claim(worker_id(), job_id=reg.job.id)
     return jobs[0].id if jobs else None

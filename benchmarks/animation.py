@@ -32,9 +32,11 @@ SET5_HR = ROOT.parent / "shared" / "datasets" / "Set5" / "HR"
 def make_gif(frames: int, size: tuple[int, int] = (320, 240)) -> bytes:
     files = sorted(SET5_HR.glob("*.png"))
     pics = [np.asarray(Image.open(f).convert("RGB")) for f in files] or [
-        np.random.default_rng(0).integers(0, 256, (512, 512, 3), np.uint8)]
-    strip = np.concatenate([np.asarray(Image.fromarray(p).resize((size[1] * p.shape[1] // p.shape[0], size[1])))
-                            for p in pics], axis=1)
+        np.random.default_rng(0).integers(0, 256, (512, 512, 3), np.uint8)
+    ]
+    strip = np.concatenate(
+        [np.asarray(Image.fromarray(p).resize((size[1] * p.shape[1] // p.shape[0], size[1]))) for p in pics], axis=1
+    )
     step = max(1, (strip.shape[1] - size[0]) // frames)
     ims = [Image.fromarray(np.ascontiguousarray(strip[:, i * step : i * step + size[0]])) for i in range(frames)]
     buf = io.BytesIO()
@@ -59,8 +61,9 @@ def child(path: str, fmt: str) -> dict:
     def upscaled():
         for frame in _chain(d.first, d.rest()):
             px = frame.pixels
-            colour = cv2.resize(np.ascontiguousarray(px[:, :, :3]), (px.shape[1] * 2, px.shape[0] * 2),
-                                interpolation=cv2.INTER_CUBIC)
+            colour = cv2.resize(
+                np.ascontiguousarray(px[:, :, :3]), (px.shape[1] * 2, px.shape[0] * 2), interpolation=cv2.INTER_CUBIC
+            )
             alpha = None
             if px.shape[2] == 4:
                 alpha = cv2.resize(px[:, :, 3], (px.shape[1] * 2, px.shape[0] * 2), interpolation=cv2.INTER_CUBIC)
@@ -69,10 +72,18 @@ def child(path: str, fmt: str) -> dict:
     out, notes = encode_animation(upscaled(), fmt, loop=d.loop, meta=d.meta)
     seconds = time.perf_counter() - t0
     back = decode_bytes(out, 10**9, max_frames=10_000)
-    return dict(format=fmt, frames=back.frames, size=f"{back.width}x{back.height}", seconds=round(seconds, 2),
-                ms_per_frame=round(1000 * seconds / d.frames, 1), rss_after_imports_mib=round(base),
-                peak_rss_mib=round(rss_mib()), out_kib=len(out) // 1024,
-                frames_at_output_mib=round(d.frames * back.width * back.height * 3 / 2**20), notes=notes)
+    return dict(
+        format=fmt,
+        frames=back.frames,
+        size=f"{back.width}x{back.height}",
+        seconds=round(seconds, 2),
+        ms_per_frame=round(1000 * seconds / d.frames, 1),
+        rss_after_imports_mib=round(base),
+        peak_rss_mib=round(rss_mib()),
+        out_kib=len(out) // 1024,
+        frames_at_output_mib=round(d.frames * back.width * back.height * 3 / 2**20),
+        notes=notes,
+    )
 
 
 def _chain(first, rest):
@@ -91,16 +102,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     gif = Path("/tmp") / f"upscaled-bench-{args.frames}.gif"
     gif.write_bytes(make_gif(args.frames))
-    print(f"input: {args.frames} frames of 320x240, {gif.stat().st_size // 1024} KiB GIF; x2 by cv2.resize "
-          "(INTER_CUBIC) as the model stand-in")
-    print("| output | frames | size | seconds | ms/frame | RSS after imports | peak RSS | frames at output size |"
-          "\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        f"input: {args.frames} frames of 320x240, {gif.stat().st_size // 1024} KiB GIF; x2 by cv2.resize "
+        "(INTER_CUBIC) as the model stand-in"
+    )
+    print(
+        "| output | frames | size | seconds | ms/frame | RSS after imports | peak RSS | frames at output size |"
+        "\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     for fmt in args.formats.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--child", str(gif), fmt], capture_output=True, text=True,
-                              check=True, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", str(gif), fmt], capture_output=True, text=True, check=True, cwd=ROOT
+        )
         r = json.loads(proc.stdout)
-        print(f"| {fmt} | {r['frames']} | {r['size']} | {r['seconds']} | {r['ms_per_frame']} | "
-              f"{r['rss_after_imports_mib']} MiB | {r['peak_rss_mib']} MiB | {r['frames_at_output_mib']} MiB (RGB) |")
+        print(
+            f"| {fmt} | {r['frames']} | {r['size']} | {r['seconds']} | {r['ms_per_frame']} | "
+            f"{r['rss_after_imports_mib']} MiB | {r['peak_rss_mib']} MiB | {r['frames_at_output_mib']} MiB (RGB) |"
+        )
     return 0
 
 

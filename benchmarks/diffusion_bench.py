@@ -38,9 +38,15 @@ def one_case(folder: Path, size: int, tile: int, steps: int) -> dict:
     out = up(img, params)
     seconds = time.perf_counter() - t0
     mp = out.shape[0] * out.shape[1] / 1e6
-    return dict(size=size, out=out.shape[0], tile=tile, steps=steps, seconds=round(seconds, 2),
-                s_per_mp=round(seconds / mp, 2), peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                                                  / 1024))
+    return dict(
+        size=size,
+        out=out.shape[0],
+        tile=tile,
+        steps=steps,
+        seconds=round(seconds, 2),
+        s_per_mp=round(seconds / mp, 2),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    )
 
 
 def main() -> None:
@@ -66,8 +72,11 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--case", str(folder), str(size), str(tile), str(args.steps)]
                 try:
                     res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                    row = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else \
-                        dict(size=size, tile=tile, error=res.stderr.strip().splitlines()[-1][:200])
+                    row = (
+                        json.loads(res.stdout.strip().splitlines()[-1])
+                        if res.returncode == 0
+                        else dict(size=size, tile=tile, error=res.stderr.strip().splitlines()[-1][:200])
+                    )
                 except subprocess.TimeoutExpired:
                     row = dict(size=size, tile=tile, error=f"timed out after {args.timeout:.0f} s")
                 row["mode"] = label
@@ -78,9 +87,11 @@ def main() -> None:
     tiled = [r for r in rows if r["mode"] == "tiled" and "peak_rss_mb" in r]
     if len(tiled) >= 2:
         small, big = tiled[0], tiled[-1]
-        print(f"tiled peak RSS {small['peak_rss_mb']} MB at {small['size']} px -> {big['peak_rss_mb']} MB at "
-              f"{big['size']} px ({big['peak_rss_mb'] / small['peak_rss_mb']:.2f}x for "
-              f"{(big['size'] / small['size']) ** 2:.0f}x the pixels)")
+        print(
+            f"tiled peak RSS {small['peak_rss_mb']} MB at {small['size']} px -> {big['peak_rss_mb']} MB at "
+            f"{big['size']} px ({big['peak_rss_mb'] / small['peak_rss_mb']:.2f}x for "
+            f"{(big['size'] / small['size']) ** 2:.0f}x the pixels)"
+        )
 
 
 if __name__ == "__main__":

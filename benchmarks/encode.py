@@ -57,8 +57,9 @@ def upscaled_image(index: int = 0) -> np.ndarray:
     big = cv2.resize(hr, (hr.shape[1] * 4, hr.shape[0] * 4), interpolation=cv2.INTER_LANCZOS4)
     reps = (-(-SIZE[1] // big.shape[0]), -(-SIZE[0] // big.shape[1]))
     tiles = [[big if (r + c) % 2 == 0 else big[:, ::-1] for c in range(reps[1])] for r in range(reps[0])]
-    return np.ascontiguousarray(np.block([[t] for t in [np.concatenate(row, axis=1) for row in tiles]])
-                                [: SIZE[1], : SIZE[0]])
+    return np.ascontiguousarray(
+        np.block([[t] for t in [np.concatenate(row, axis=1) for row in tiles]])[: SIZE[1], : SIZE[0]]
+    )
 
 
 def tiled_image(seed: int = 0) -> np.ndarray:
@@ -76,10 +77,14 @@ def tiled_image(seed: int = 0) -> np.ndarray:
 
 def images(names: list[str]) -> dict[str, np.ndarray]:
     base = upscaled_image()
-    made = {"upscaled": lambda: base, "tiled": tiled_image,
-            "rgba": lambda: np.dstack([base, np.tile(np.linspace(0, 255, SIZE[0]).astype(np.uint8), (SIZE[1], 1))]),
-            "rgb16": lambda: (base.astype(np.uint16) * 257 + np.random.default_rng(1).integers(0, 257, base.shape,
-                                                                                                np.uint16))}
+    made = {
+        "upscaled": lambda: base,
+        "tiled": tiled_image,
+        "rgba": lambda: np.dstack([base, np.tile(np.linspace(0, 255, SIZE[0]).astype(np.uint8), (SIZE[1], 1))]),
+        "rgb16": lambda: (
+            base.astype(np.uint16) * 257 + np.random.default_rng(1).integers(0, 257, base.shape, np.uint16)
+        ),
+    }
     return {n: made[n]() for n in names}
 
 
@@ -135,8 +140,11 @@ def fpng_encode(a: np.ndarray) -> bytes:
 
     if a.dtype != np.uint8:
         raise TypeError("fpng writes 8-bit RGB and RGBA only")
-    return fpng.from_ndarray(a) if hasattr(fpng, "from_ndarray") else fpng.from_bytes(a.tobytes(), a.shape[1],
-                                                                                        a.shape[0], a.shape[2])
+    return (
+        fpng.from_ndarray(a)
+        if hasattr(fpng, "from_ndarray")
+        else fpng.from_bytes(a.tobytes(), a.shape[1], a.shape[0], a.shape[2])
+    )
 
 
 def service(level: int | None, with_meta: bool = False) -> Callable[[np.ndarray], bytes]:
@@ -150,8 +158,9 @@ def service(level: int | None, with_meta: bool = False) -> Callable[[np.ndarray]
         exif = Image.Exif()
         exif[0x010F], exif[0x0110] = "Camera", "Model"
         exif.get_ifd(0x8769)[0x9003] = "2024:01:02 03:04:05"
-        meta = imageio.Metadata(icc=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes(),
-                                exif=exif.tobytes())
+        meta = imageio.Metadata(
+            icc=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes(), exif=exif.tobytes()
+        )
 
     def enc(a: np.ndarray) -> bytes:
         kw = {} if level is None else {"compression": level}
@@ -233,11 +242,20 @@ def run(names: list[str], repeat: int, service_only: bool, levels: tuple[int, ..
         base_t, base_size = statistics.median(times[base]), sizes[base]
         for enc_name in encs:
             t = statistics.median(times[enc_name])
-            row = dict(image=img_name, encoder=enc_name, ms=round(t * 1000, 1), kib=round(sizes[enc_name] / 1024),
-                       speed_vs_baseline=round(base_t / t, 2), size_vs_baseline=round(sizes[enc_name] / base_size, 3))
+            row = dict(
+                image=img_name,
+                encoder=enc_name,
+                ms=round(t * 1000, 1),
+                kib=round(sizes[enc_name] / 1024),
+                speed_vs_baseline=round(base_t / t, 2),
+                size_vs_baseline=round(sizes[enc_name] / base_size, 3),
+            )
             rows.append(row)
-            print(f"  {img_name:9} {enc_name:40} {row['ms']:8.1f} ms {row['kib']:7d} KiB "
-                  f"speed x{row['speed_vs_baseline']:<5} size x{row['size_vs_baseline']}", flush=True)
+            print(
+                f"  {img_name:9} {enc_name:40} {row['ms']:8.1f} ms {row['kib']:7d} KiB "
+                f"speed x{row['speed_vs_baseline']:<5} size x{row['size_vs_baseline']}",
+                flush=True,
+            )
     return rows
 
 
@@ -249,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default="0,2,3,6", help="with --service: the other levels to time (comma-separated)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
-    print(f"PNG encode of {SIZE[0]}x{SIZE[1]} images, median of {args.repeat}; ratios against cv2.imencode('.png') "
-          f"with OpenCV {cv2.__version__}'s defaults, same run")
+    print(
+        f"PNG encode of {SIZE[0]}x{SIZE[1]} images, median of {args.repeat}; ratios against cv2.imencode('.png') "
+        f"with OpenCV {cv2.__version__}'s defaults, same run"
+    )
     levels = tuple(int(v) for v in args.levels.split(",") if v != "")
     rows = run(args.images.split(","), args.repeat, args.service, levels)
     if args.json:

@@ -107,8 +107,14 @@ class Run:
     def image(self, h: int, w: int) -> np.ndarray:
         """A smooth, textured RGB uint8 picture (the same for a given size)."""
         y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-        rgb = np.stack([0.5 + 0.3 * np.sin(x / 9.0) * np.cos(y / 13.0), 0.3 + 0.4 * x / w,
-                        0.5 + 0.25 * np.sin((x + 2 * y) / 17.0)], axis=2)
+        rgb = np.stack(
+            [
+                0.5 + 0.3 * np.sin(x / 9.0) * np.cos(y / 13.0),
+                0.3 + 0.4 * x / w,
+                0.5 + 0.25 * np.sin((x + 2 * y) / 17.0),
+            ],
+            axis=2,
+        )
         noise = np.random.default_rng(h * 7919 + w).normal(0, 0.03, rgb.shape)
         return np.clip(np.rint((rgb + noise) * 255), 0, 255).astype(np.uint8)
 
@@ -151,8 +157,12 @@ def routing(r: Run, c: Check) -> None:
     assert str(param.device) == ("cpu" if r.smoke else "cuda:0"), param.device
     out = ups[0](r.image(64, 80))
     assert out.shape == (256, 320, 3) and out.dtype == np.uint8
-    c.data.update(devices=[devices.resolve(n) for n in names], precision=ups[0].precision,
-                  memory_used=devices.memory_used(), build=devices.build_info())
+    c.data.update(
+        devices=[devices.resolve(n) for n in names],
+        precision=ups[0].precision,
+        memory_used=devices.memory_used(),
+        build=devices.build_info(),
+    )
     if not r.smoke:
         cap = torch.cuda.get_device_capability(0)
         bf16 = choose_precision("bf16", "cuda:0", torch, model="check") == "bf16" if cap >= (8, 0) else None
@@ -192,8 +202,10 @@ def fp16_fallback(r: Run, c: Check) -> None:
         c.data["float32_vs_fp32_max"] = float(np.abs(got - ref32(f)).max())
         xsx4(img)
         assert xsx4.precision == "fp16"
-    c.detail = (f"fp16 -> fp32 after {up.fallbacks} fallback, bytes/px {bpp16:.0f} -> {up.bytes_per_px:.0f}, window "
-                f"{side16} -> {up.window_side()}, max diff to fp32 {diff} level")
+    c.detail = (
+        f"fp16 -> fp32 after {up.fallbacks} fallback, bytes/px {bpp16:.0f} -> {up.bytes_per_px:.0f}, window "
+        f"{side16} -> {up.window_side()}, max diff to fp32 {diff} level"
+    )
 
 
 def oom_split_spandrel(r: Run, c: Check) -> None:
@@ -212,10 +224,17 @@ def oom_split_spandrel(r: Run, c: Check) -> None:
     # The split windows meet in cross-faded bands, where fp16 sums and the blend's rounding differ a little.
     diff = np.abs(out.astype(int) - reference)
     assert diff.max() <= 3 and diff.mean() < 0.05, (diff.max(), diff.mean())
-    c.data.update(peak_mb=[peak_big / 2**20, peak_small / 2**20], splits=splits, cap=up.model.splitter.cap,
-                  max_diff=int(diff.max()), mean_diff=float(diff.mean()))
-    c.detail = (f"cap between {peak_small / 2**20:.0f} and {peak_big / 2**20:.0f} MB: {splits} split(s), window "
-                f"cap {up.model.splitter.cap}, max diff {int(diff.max())}")
+    c.data.update(
+        peak_mb=[peak_big / 2**20, peak_small / 2**20],
+        splits=splits,
+        cap=up.model.splitter.cap,
+        max_diff=int(diff.max()),
+        mean_diff=float(diff.mean()),
+    )
+    c.detail = (
+        f"cap between {peak_small / 2**20:.0f} and {peak_big / 2**20:.0f} MB: {splits} split(s), window "
+        f"cap {up.model.splitter.cap}, max diff {int(diff.max())}"
+    )
 
 
 def fixed_windows(r: Run, c: Check) -> None:
@@ -257,9 +276,11 @@ def two_workers(r: Run, c: Check) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=("a", a, [0, 1, 2, 3])),
-               threading.Thread(target=worker, args=("a", a, [3, 2, 1, 0])),
-               threading.Thread(target=worker, args=("b", b, [0, 1, 2, 3]))]
+    threads = [
+        threading.Thread(target=worker, args=("a", a, [0, 1, 2, 3])),
+        threading.Thread(target=worker, args=("a", a, [3, 2, 1, 0])),
+        threading.Thread(target=worker, args=("b", b, [0, 1, 2, 3])),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -306,12 +327,22 @@ def spandrel_throughput(r: Run, c: Check) -> None:
                 times[name].append(time.perf_counter() - t0)
         a, b = loop(imgs[0]), up(imgs[0])
         diff = np.abs(a.astype(int) - b)
-        rows.append(dict(size=f"{h}x{w}", plain_img_s=len(imgs) / min(times["plain"]),
-                         ours_img_s=len(imgs) / min(times["ours"]), ratio=min(times["plain"]) / min(times["ours"]),
-                         max_diff=int(diff.max()), differing=float((diff > 0).mean())))
+        rows.append(
+            dict(
+                size=f"{h}x{w}",
+                plain_img_s=len(imgs) / min(times["plain"]),
+                ours_img_s=len(imgs) / min(times["ours"]),
+                ratio=min(times["plain"]) / min(times["ours"]),
+                max_diff=int(diff.max()),
+                differing=float((diff > 0).mean()),
+            )
+        )
     c.data["rows"] = rows
-    c.detail = "; ".join(f"{x['size']}: ours {x['ours_img_s']:.1f} img/s, plain {x['plain_img_s']:.1f}, "
-                         f"ratio {x['ratio']:.2f}, max diff {x['max_diff']}" for x in rows)
+    c.detail = "; ".join(
+        f"{x['size']}: ours {x['ours_img_s']:.1f} img/s, plain {x['plain_img_s']:.1f}, "
+        f"ratio {x['ratio']:.2f}, max diff {x['max_diff']}"
+        for x in rows
+    )
 
 
 def tiny_pipeline(r: Run) -> Path:
@@ -438,8 +469,12 @@ def determinism(r: Run, c: Check) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-smoke", action="store_true", help="run every check on the CPU at small sizes")
-    ap.add_argument("--weights", type=Path, help="a folder laid out like weights/ (default: ../shared/weights, or "
-                                                 "gpu-weights/ in the repository when carried)")
+    ap.add_argument(
+        "--weights",
+        type=Path,
+        help="a folder laid out like weights/ (default: ../shared/weights, or "
+        "gpu-weights/ in the repository when carried)",
+    )
     ap.add_argument("--json", type=Path, help="write every check's data here")
     args = ap.parse_args()
     import torch
@@ -486,10 +521,28 @@ def main() -> int:
             print(f"\n--- {c.name} ---\n{c.data.get('traceback', '')}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(where=where, build=build_info(), checks=[
-            dict(name=c.name, items=c.items, status=c.status, seconds=c.seconds, detail=c.detail,
-                 data={k: v for k, v in c.data.items() if k != "traceback"}) for c in r.checks]), indent=2,
-            default=str) + "\n")
+        args.json.write_text(
+            json.dumps(
+                dict(
+                    where=where,
+                    build=build_info(),
+                    checks=[
+                        dict(
+                            name=c.name,
+                            items=c.items,
+                            status=c.status,
+                            seconds=c.seconds,
+                            detail=c.detail,
+                            data={k: v for k, v in c.data.items() if k != "traceback"},
+                        )
+                        for c in r.checks
+                    ],
+                ),
+                indent=2,
+                default=str,
+            )
+            + "\n"
+        )
     return 1 if any(c.status == "FAIL" for c in r.checks) else 0
 
 

@@ -78,19 +78,27 @@ def opencv_cases(weights: Path, set5: Path) -> list[Case]:
     import cv2
 
     cases = []
-    for model, stem, algo, size in [("fsrcnn", "FSRCNN", "fsrcnn", (80, 120)),
-                                    ("fsrcnn", "FSRCNN", "fsrcnn", (320, 480)),
-                                    ("espcn", "ESPCN", "espcn", (320, 480)),
-                                    ("lapsrn", "LapSRN", "lapsrn", (320, 480))]:
+    for model, stem, algo, size in [
+        ("fsrcnn", "FSRCNN", "fsrcnn", (80, 120)),
+        ("fsrcnn", "FSRCNN", "fsrcnn", (320, 480)),
+        ("espcn", "ESPCN", "espcn", (320, 480)),
+        ("lapsrn", "LapSRN", "lapsrn", (320, 480)),
+    ]:
         sr = cv2.dnn_superres.DnnSuperResImpl_create()
         sr.readModel(str(weights / "opencv" / f"{stem}_x4.pb"))
         sr.setModel(algo, 4)
         up = ModelCache().get(model, 4, LoadContext(weights))[0]
         rgbs = photos(set5, size)[: 2 if model == "lapsrn" else 5]  # LapSRN takes seconds per image here
         bgrs = [np.ascontiguousarray(a[:, :, ::-1]) for a in rgbs]
-        cases.append(Case(f"{model} x4 {size[0]}x{size[1]}", "opencv",
-                          lambda sr=sr, bgrs=bgrs: [sr.upsample(b)[:, :, ::-1] for b in bgrs],
-                          lambda up=up, rgbs=rgbs: [up(a) for a in rgbs], len(rgbs)))
+        cases.append(
+            Case(
+                f"{model} x4 {size[0]}x{size[1]}",
+                "opencv",
+                lambda sr=sr, bgrs=bgrs: [sr.upsample(b)[:, :, ::-1] for b in bgrs],
+                lambda up=up, rgbs=rgbs: [up(a) for a in rgbs],
+                len(rgbs),
+            )
+        )
     return cases
 
 
@@ -111,8 +119,16 @@ def spandrel_cases(weights: Path, set5: Path) -> list[Case]:
         return outs
 
     note = f"threads {torch.get_num_threads()}, channels_last {up.channels_last}"
-    return [Case("realesrgan-animevideo-xsx4 x4 320x480", "spandrel", loop, lambda: [up(a) for a in rgbs],
-                 len(rgbs), note=note)]
+    return [
+        Case(
+            "realesrgan-animevideo-xsx4 x4 320x480",
+            "spandrel",
+            loop,
+            lambda: [up(a) for a in rgbs],
+            len(rgbs),
+            note=note,
+        )
+    ]
 
 
 def classical_cases(set5: Path) -> list[Case]:
@@ -121,9 +137,15 @@ def classical_cases(set5: Path) -> list[Case]:
     up = ModelCache().get("lanczos", 4, LoadContext(Path(".")))[0]
     rgbs = photos(set5, (320, 480))
     bgrs = [np.ascontiguousarray(a[:, :, ::-1]) for a in rgbs]
-    return [Case("lanczos x4 320x480", "classical",
-                 lambda: [cv2.resize(b, None, fx=4, fy=4, interpolation=cv2.INTER_LANCZOS4)[:, :, ::-1] for b in bgrs],
-                 lambda: [up(a) for a in rgbs], len(rgbs))]
+    return [
+        Case(
+            "lanczos x4 320x480",
+            "classical",
+            lambda: [cv2.resize(b, None, fx=4, fy=4, interpolation=cv2.INTER_LANCZOS4)[:, :, ::-1] for b in bgrs],
+            lambda: [up(a) for a in rgbs],
+            len(rgbs),
+        )
+    ]
 
 
 def diffusion_cases(tmp: Path, set5: Path) -> list[Case]:
@@ -138,12 +160,27 @@ def diffusion_cases(tmp: Path, set5: Path) -> list[Case]:
 
     def plain() -> list[np.ndarray]:
         x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255)
-        y = up.pipe(prompt="a photo", image=x, num_inference_steps=3, guidance_scale=9.0, noise_level=20,
-                    generator=torch.Generator().manual_seed(1), output_type="pt").images
+        y = up.pipe(
+            prompt="a photo",
+            image=x,
+            num_inference_steps=3,
+            guidance_scale=9.0,
+            noise_level=20,
+            generator=torch.Generator().manual_seed(1),
+            output_type="pt",
+        ).images
         return [y[0].permute(1, 2, 0).mul(255).round().byte().numpy()]
 
-    return [Case("tiny SD x4 128x128, 3 steps", "diffusion", plain, lambda: [up(rgb, params)], 1,
-                 note="noise drawn by position, not by one generator: different pixels by design")]
+    return [
+        Case(
+            "tiny SD x4 128x128, 3 steps",
+            "diffusion",
+            plain,
+            lambda: [up(rgb, params)],
+            1,
+            note="noise drawn by position, not by one generator: different pixels by design",
+        )
+    ]
 
 
 def run(cases: list[Case], rounds: int, min_seconds: float = 0.3) -> None:
@@ -187,8 +224,12 @@ def main() -> None:
     only = set(args.only.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights"
-        wanted = [m for b, ms in {"opencv": ["fsrcnn", "espcn", "lapsrn"],
-                                  "spandrel": ["realesrgan-animevideo-xsx4"]}.items() if b in only for m in ms]
+        wanted = [
+            m
+            for b, ms in {"opencv": ["fsrcnn", "espcn", "lapsrn"], "spandrel": ["realesrgan-animevideo-xsx4"]}.items()
+            if b in only
+            for m in ms
+        ]
         bad = [r for r in fetch(weights, wanted, mirror=str(args.mirror)) if r.status not in ("fetched", "present")]
         if bad:
             sys.exit(f"could not fetch weights: {bad}")
@@ -205,22 +246,41 @@ def main() -> None:
         rows = []
         for case in cases:
             ratios = [p / o for p, o in zip(case.plain_s, case.ours_s, strict=True)]
-            rows.append(dict(case=case.name, backend=case.backend, images=case.images, repeats=case.repeats,
-                             plain_ms=1000 * statistics.median(case.plain_s) / case.images,
-                             ours_ms=1000 * statistics.median(case.ours_s) / case.images,
-                             ratio=statistics.median(ratios), ratio_low=min(ratios), ratio_high=max(ratios),
-                             same_output=same_output(case), note=case.note))
+            rows.append(
+                dict(
+                    case=case.name,
+                    backend=case.backend,
+                    images=case.images,
+                    repeats=case.repeats,
+                    plain_ms=1000 * statistics.median(case.plain_s) / case.images,
+                    ours_ms=1000 * statistics.median(case.ours_s) / case.images,
+                    ratio=statistics.median(ratios),
+                    ratio_low=min(ratios),
+                    ratio_high=max(ratios),
+                    same_output=same_output(case),
+                    note=case.note,
+                )
+            )
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    machine = dict(cpus=os.cpu_count(), usable=len(os.sched_getaffinity(0)), python=platform.python_version(),
-                   load=os.getloadavg()[0], **build_info())
-    print(f"{when}; {machine}; {args.rounds} rounds; ratio = plain time / our time in the same round (> 1: ours is "
-          "faster), median and range over the rounds")
+    machine = dict(
+        cpus=os.cpu_count(),
+        usable=len(os.sched_getaffinity(0)),
+        python=platform.python_version(),
+        load=os.getloadavg()[0],
+        **build_info(),
+    )
+    print(
+        f"{when}; {machine}; {args.rounds} rounds; ratio = plain time / our time in the same round (> 1: ours is "
+        "faster), median and range over the rounds"
+    )
     print("| case | plain ms/img | ours ms/img | ratio | range | same output |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         note = f" ({r['note']})" if r["note"] else ""
-        print(f"| {r['case']} | {r['plain_ms']:.1f} | {r['ours_ms']:.1f} | **{r['ratio']:.2f}** | "
-              f"{r['ratio_low']:.2f}-{r['ratio_high']:.2f} | {r['same_output']}{note} |")
+        print(
+            f"| {r['case']} | {r['plain_ms']:.1f} | {r['ours_ms']:.1f} | **{r['ratio']:.2f}** | "
+            f"{r['ratio_low']:.2f}-{r['ratio_high']:.2f} | {r['same_output']}{note} |"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(dict(when=when, machine=machine, rounds=args.rounds, rows=rows), indent=2) + "\n")
 

@@ -57,8 +57,9 @@ def _wait(pred, timeout: float, what: str) -> None:  # noqa: ANN001
         time.sleep(0.05)
 
 
-def service_run(paths: list[Path], work: Path, url: str, weights: Path, model: str, scale: int, n: int,
-                threads: int = 1) -> float:
+def service_run(
+    paths: list[Path], work: Path, url: str, weights: Path, model: str, scale: int, n: int, threads: int = 1
+) -> float:
     """Seconds for ``n`` daemon processes of ``threads`` workers each to finish ``paths`` dropped into their shared
     inbox at once."""
     for d in ("inbox", "outbox", "archive", "failed", "staging"):
@@ -73,17 +74,26 @@ def service_run(paths: list[Path], work: Path, url: str, weights: Path, model: s
                 f'rescan_seconds = 600\nlog_level = "warning"\nheartbeat_seconds = 1\nstale_seconds = 10\n'
                 f'device = "cpu"\nworkers = {threads}\n'
                 f'[[rules]]\nfolder = ""\nmodel = "{model}"\nscale = {scale}\nformat = "png"\n'
-                f'metrics = []\ncompression = 1\n')
+                f"metrics = []\ncompression = 1\n"
+            )
             env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
-            procs.append(subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=work, env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "daemon", "run"],
+                    cwd=work,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         _wait(lambda: _count(url, "SELECT COUNT(*) FROM nodes WHERE stopped_at IS NULL") == n, 120, "the nodes")
         from PIL import Image
 
         warm = 3 * n * threads  # enough that every process gets at least one and has its model loaded
         for i in range(warm):
             Image.open(paths[i % len(paths)]).rotate(90 * (1 + i % 3)).resize((40 + i, 40)).save(
-                work / "staging" / f"warm{i}.png")
+                work / "staging" / f"warm{i}.png"
+            )
             os.rename(work / "staging" / f"warm{i}.png", work / "inbox" / f"warm{i}.png")
         _wait(lambda: _count(url, "SELECT COUNT(*) FROM jobs WHERE state = 'done'") == warm, 300, "warm-up")
         for p in paths:
@@ -91,8 +101,11 @@ def service_run(paths: list[Path], work: Path, url: str, weights: Path, model: s
         t0 = time.perf_counter()
         for p in paths:
             os.rename(work / "staging" / p.name, work / "inbox" / p.name)
-        _wait(lambda: _count(url, "SELECT COUNT(*) FROM jobs WHERE state = 'done'") == warm + len(paths), 1800,
-              "the images")
+        _wait(
+            lambda: _count(url, "SELECT COUNT(*) FROM jobs WHERE state = 'done'") == warm + len(paths),
+            1800,
+            "the images",
+        )
         return time.perf_counter() - t0
     finally:
         for p in procs:
@@ -115,8 +128,17 @@ def store_overhead(url: str, jobs: int = 200) -> dict[str, float]:
     store = SqlStore(url)
     rule = Rule(model="fsrcnn", scale=2)
     try:
-        specs = [JobSpec(sha=f"{i:064x}", rule=rule, rel=PurePosixPath(f"{i}.png"), input_path=f"/x/{i}.png",
-                         source="cli", folder="(overhead)") for i in range(jobs)]
+        specs = [
+            JobSpec(
+                sha=f"{i:064x}",
+                rule=rule,
+                rel=PurePosixPath(f"{i}.png"),
+                input_path=f"/x/{i}.png",
+                source="cli",
+                folder="(overhead)",
+            )
+            for i in range(jobs)
+        ]
         c0 = time.process_time()
         for i in range(0, jobs, 8):
             store.register(specs[i : i + 8])
@@ -126,15 +148,26 @@ def store_overhead(url: str, jobs: int = 200) -> dict[str, float]:
         for _ in range(jobs):
             t0 = time.perf_counter()
             (job,) = store.claim("overhead", folders=["(overhead)"], plan=lambda j, taken: f"/out/{j.id}.png")
-            store.finish([Finished(job.id, job.worker, {"t_total": 0.01},
-                                   [Metric("lr_psnr_y", 30.0, "y-bt601", 0, "lr", "overhead")])])
+            store.finish(
+                [
+                    Finished(
+                        job.id,
+                        job.worker,
+                        {"t_total": 0.01},
+                        [Metric("lr_psnr_y", 30.0, "y-bt601", 0, "lr", "overhead")],
+                    )
+                ]
+            )
             times.append((time.perf_counter() - t0) * 1000)
         claim_finish_cpu = (time.process_time() - c0) * 1000 / jobs
     finally:
         store.close()
-    return dict(median_ms=round(statistics.median(times), 2),
-                p95_ms=round(statistics.quantiles(times, n=20)[-1], 2),
-                register_cpu_ms=round(register_cpu, 2), claim_finish_cpu_ms=round(claim_finish_cpu, 2))
+    return dict(
+        median_ms=round(statistics.median(times), 2),
+        p95_ms=round(statistics.quantiles(times, n=20)[-1], 2),
+        register_cpu_ms=round(register_cpu, 2),
+        claim_finish_cpu_ms=round(claim_finish_cpu, 2),
+    )
 
 
 def main() -> None:
@@ -153,8 +186,15 @@ def main() -> None:
     from models.weights import fetch
     from tests.postgres import create_database, running_server
 
-    results: dict = dict(images=args.images, size=args.size, model=args.model, scale=args.scale,
-                         cpus=os.cpu_count(), runs=[], overhead={})
+    results: dict = dict(
+        images=args.images,
+        size=args.size,
+        model=args.model,
+        scale=args.scale,
+        cpus=os.cpu_count(),
+        runs=[],
+        overhead={},
+    )
     with tempfile.TemporaryDirectory() as tmp, running_server() as pg:
         tmp = Path(tmp)
         weights = tmp / "weights"
@@ -170,11 +210,21 @@ def main() -> None:
                 url = f"sqlite:///{work / 'var' / 'u.db'}" if backend == "sqlite" else create_database(pg)
                 secs = service_run(paths, work, url, weights, args.model, args.scale, n, t)
                 base = base or secs
-                results["runs"].append(dict(backend=backend, processes=n, threads=t, seconds=round(secs, 2),
-                                            images_per_s=round(args.images / secs, 1),
-                                            ratio_to_1x1=round(base / secs, 2)))
-                print(f"{backend:10s} {n} process(es) x {t} worker(s): {secs:6.2f} s  {args.images / secs:6.1f} img/s"
-                      f"  ratio {base / secs:.2f}", flush=True)
+                results["runs"].append(
+                    dict(
+                        backend=backend,
+                        processes=n,
+                        threads=t,
+                        seconds=round(secs, 2),
+                        images_per_s=round(args.images / secs, 1),
+                        ratio_to_1x1=round(base / secs, 2),
+                    )
+                )
+                print(
+                    f"{backend:10s} {n} process(es) x {t} worker(s): {secs:6.2f} s  {args.images / secs:6.1f} img/s"
+                    f"  ratio {base / secs:.2f}",
+                    flush=True,
+                )
             o = results["overhead"][backend]
             print(f"{backend:10s} claim+output+finish: median {o['median_ms']} ms, p95 {o['p95_ms']} ms", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

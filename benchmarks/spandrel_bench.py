@@ -75,9 +75,19 @@ def tiling_overhead(weights: Path, img: np.ndarray, model: str, repeats: int) ->
         t_contig = best_of(lambda up=up: up(img), repeats)
         up.model.channels_last = chosen
         up.model.descriptor.model.to(memory_format=torch.channels_last if chosen else torch.contiguous_format)
-        rows.append(dict(model=model, setting=label, windows=windows, channels_last=chosen, plain_s=t_plain,
-                         ours_s=t_ours, ratio=t_plain / t_ours, ours_contiguous_s=t_contig,
-                         ratio_contiguous=t_plain / t_contig))
+        rows.append(
+            dict(
+                model=model,
+                setting=label,
+                windows=windows,
+                channels_last=chosen,
+                plain_s=t_plain,
+                ours_s=t_ours,
+                ratio=t_plain / t_ours,
+                ours_contiguous_s=t_contig,
+                ratio_contiguous=t_plain / t_contig,
+            )
+        )
     return rows
 
 
@@ -116,8 +126,12 @@ print(json.dumps(report))
 
 
 def peak_rss(weights: Path, set5: Path, side: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(ROOT), str(weights), str(side),
-                          str(set5 / "HR" / "baby.png")], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_CHILD, str(ROOT), str(weights), str(side), str(set5 / "HR" / "baby.png")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -136,9 +150,19 @@ def set5_speed(weights: Path, set5: Path, repeats: int) -> list[dict]:
                 up(lr)
             runs.append(time.perf_counter() - t0)
         best = min(runs)
-        rows.append(dict(model=model, scale=scale, images=len(lrs), seconds=best, images_per_s=len(lrs) / best,
-                         lr_pixels=sum(a.shape[0] * a.shape[1] for a in lrs), channels_last=up.channels_last,
-                         arch=up.arch, threads=up.threads))
+        rows.append(
+            dict(
+                model=model,
+                scale=scale,
+                images=len(lrs),
+                seconds=best,
+                images_per_s=len(lrs) / best,
+                lr_pixels=sum(a.shape[0] * a.shape[1] for a in lrs),
+                channels_last=up.channels_last,
+                arch=up.arch,
+                threads=up.threads,
+            )
+        )
     return rows
 
 
@@ -174,17 +198,23 @@ def main() -> None:
     print(f"machine: {result['machine']}")
     print("tiling overhead on a 512x512 image (ratio = plain spandrel time / ours; >= 0.85 wanted):")
     for r in result["tiling"]:
-        print(f"  {r['model']:28s} {r['setting']:9s} {r['windows']} window(s)  plain {r['plain_s']:.3f}s  "
-              f"ours {r['ours_s']:.3f}s ratio {r['ratio']:.2f} (channels_last={r['channels_last']})  "
-              f"contiguous {r['ours_contiguous_s']:.3f}s ratio {r['ratio_contiguous']:.2f}")
+        print(
+            f"  {r['model']:28s} {r['setting']:9s} {r['windows']} window(s)  plain {r['plain_s']:.3f}s  "
+            f"ours {r['ours_s']:.3f}s ratio {r['ratio']:.2f} (channels_last={r['channels_last']})  "
+            f"contiguous {r['ours_contiguous_s']:.3f}s ratio {r['ratio_contiguous']:.2f}"
+        )
     r = result["rss"]
-    print(f"peak RSS, {r['side']}x{r['side']} x4 xsx4 on the CPU: ru_maxrss {r['peak_rss_mb']:.0f} MB, VmHWM "
-          f"{r['peak_vmhwm_mb']:.0f} MB (after torch import and load: {r['rss_after_load_mb']:.0f} MB; uint8 output "
-          f"{r['uint8_mb']:.0f} MB; window {r['window']} px; {r['seconds']:.1f} s)")
+    print(
+        f"peak RSS, {r['side']}x{r['side']} x4 xsx4 on the CPU: ru_maxrss {r['peak_rss_mb']:.0f} MB, VmHWM "
+        f"{r['peak_vmhwm_mb']:.0f} MB (after torch import and load: {r['rss_after_load_mb']:.0f} MB; uint8 output "
+        f"{r['uint8_mb']:.0f} MB; window {r['window']} px; {r['seconds']:.1f} s)"
+    )
     print("Set5, images per second (LR_bicubic at the model's scale):")
     for r in result["set5"]:
-        print(f"  {r['model']:28s} x{r['scale']} {r['arch']:8s} {r['images_per_s']:.2f} img/s "
-              f"({r['seconds']:.2f} s for {r['images']}, {r['threads']} threads)")
+        print(
+            f"  {r['model']:28s} x{r['scale']} {r['arch']:8s} {r['images_per_s']:.2f} img/s "
+            f"({r['seconds']:.2f} s for {r['images']}, {r['threads']} threads)"
+        )
     print(f"wrote {args.out}")
 
 

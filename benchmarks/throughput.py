@@ -114,14 +114,20 @@ class Service:
         cfg.write_text(
             f'weights_dir = "{weights}"\nsettle_seconds = {SETTLE}\nrescan_seconds = 600\nlog_level = "warning"\n'
             f'{extra}[[rules]]\nfolder = ""\nmodel = "{model}"\nscale = {scale}\nformat = "png"\n'
-            + ("" if metrics else "metrics = []\n"))
+            + ("" if metrics else "metrics = []\n")
+        )
         self.db = work / "var" / "upscaled.db"
         self._con: sqlite3.Connection | None = None
         self.staging = work / "staging"
         self.staging.mkdir()
         env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=work, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run"],
+            cwd=work,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         _wait(lambda: (work / "inbox").is_dir() and self.done() >= 0, 60)
 
     def _row(self, sql: str, *args: object) -> tuple | None:
@@ -146,8 +152,13 @@ class Service:
 
     def metrics_recorded(self, n: int) -> float:
         """Seconds from the start of the last batch until its ``n`` jobs' metrics are all recorded."""
-        _wait(lambda: self._count("SELECT count(*) FROM jobs WHERE state = 'done' AND metrics_state = 'done'")
-              >= self._metrics_before + n, 3600)
+        _wait(
+            lambda: (
+                self._count("SELECT count(*) FROM jobs WHERE state = 'done' AND metrics_state = 'done'")
+                >= self._metrics_before + n
+            ),
+            3600,
+        )
         return time.perf_counter() - self._batch_t0
 
     def _count(self, sql: str) -> int:
@@ -235,10 +246,14 @@ def cpu_name() -> str:
 def paired(rounds: list[tuple[float, float]], n: int) -> dict:
     """Median and range of the per-round ratios plain / service, with the images per second of each side."""
     ratios = [p / s for p, s in rounds]
-    return dict(images=n, rounds=len(rounds),
-                plain_img_s=round(statistics.median(n / p for p, _ in rounds), 2),
-                service_img_s=round(statistics.median(n / s for _, s in rounds), 2),
-                ratio=round(statistics.median(ratios), 3), ratio_range=[round(min(ratios), 3), round(max(ratios), 3)])
+    return dict(
+        images=n,
+        rounds=len(rounds),
+        plain_img_s=round(statistics.median(n / p for p, _ in rounds), 2),
+        service_img_s=round(statistics.median(n / s for _, s in rounds), 2),
+        ratio=round(statistics.median(ratios), 3),
+        ratio_range=[round(min(ratios), 3), round(max(ratios), 3)],
+    )
 
 
 def main() -> None:
@@ -247,8 +262,13 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=30, help="inputs of 320x480 (x4 -> 1280x1920) per round")
     ap.add_argument("--gan", type=int, default=8, help="inputs of 320x480 for RealESRGANv2-animevideo-xsx4 per round")
     ap.add_argument("--drops", type=int, default=20, help="single files dropped into an idle service")
-    ap.add_argument("--rounds", type=int, default=3, help="plain and service take turns this many times; the "
-                    "ratio is the median of the rounds' ratios (a shared machine's noise hits both sides alike)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="plain and service take turns this many times; the "
+        "ratio is the median of the rounds' ratios (a shared machine's noise hits both sides alike)",
+    )
     ap.add_argument("--quick", action="store_true", help="a few files of each, one round, to try the script")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -297,19 +317,35 @@ def main() -> None:
         finally:
             off.stop()
             on.stop()
-        per_thread = {k: round(1000 * v / (args.small * args.rounds), 2)
-                      for k, v in sorted(cpu_small.items(), key=lambda kv: -kv[1])}
-        rows.append(dict(work="FSRCNN x4, 80x120 -> 320x480", **paired(r_small, args.small),
-                         plain_cpu_ms_per_image=round(1000 * plain_cpu / (args.small * args.rounds), 2),
-                         service_cpu_ms_per_image=round(sum(per_thread.values()), 2),
-                         service_cpu_ms_per_image_by_thread={k: v for k, v in per_thread.items() if v >= 0.05}))
-        rows.append(dict(work="FSRCNN x4, 320x480 -> 1280x1920", **paired(r_large, args.large),
-                         service_peak_rss_mb=round(rss)))
+        per_thread = {
+            k: round(1000 * v / (args.small * args.rounds), 2)
+            for k, v in sorted(cpu_small.items(), key=lambda kv: -kv[1])
+        }
+        rows.append(
+            dict(
+                work="FSRCNN x4, 80x120 -> 320x480",
+                **paired(r_small, args.small),
+                plain_cpu_ms_per_image=round(1000 * plain_cpu / (args.small * args.rounds), 2),
+                service_cpu_ms_per_image=round(sum(per_thread.values()), 2),
+                service_cpu_ms_per_image_by_thread={k: v for k, v in per_thread.items() if v >= 0.05},
+            )
+        )
+        rows.append(
+            dict(work="FSRCNN x4, 320x480 -> 1280x1920", **paired(r_large, args.large), service_peak_rss_mb=round(rss))
+        )
         m = paired(r_metrics, args.large)
-        rows.append(dict(work="FSRCNN x4 320x480, default metrics on vs off", images=args.large, rounds=args.rounds,
-                         service_img_s=m["service_img_s"], ratio=m["ratio"], ratio_range=m["ratio_range"],
-                         all_metrics_recorded_img_s=round(statistics.median(args.large / t for t in all_metrics), 2),
-                         note="outputs per second, metrics on / off (target >= 0.8); the metrics trail the outputs"))
+        rows.append(
+            dict(
+                work="FSRCNN x4 320x480, default metrics on vs off",
+                images=args.large,
+                rounds=args.rounds,
+                service_img_s=m["service_img_s"],
+                ratio=m["ratio"],
+                ratio_range=m["ratio_range"],
+                all_metrics_recorded_img_s=round(statistics.median(args.large / t for t in all_metrics), 2),
+                note="outputs per second, metrics on / off (target >= 0.8); the metrics trail the outputs",
+            )
+        )
         # RealESRGANv2-animevideo-xsx4 through spandrel.
         gsvc = Service(tmp / "svc-gan", weights, "realesrgan-animevideo-xsx4", 4, metrics=False)
         model_file = weights / "spandrel" / "RealESRGANv2-animevideo-xsx4.pth"
@@ -323,12 +359,23 @@ def main() -> None:
         rows.append(dict(work="RealESRGANv2-animevideo-xsx4, 320x480 -> 1280x1920", **paired(r_gan, args.gan)))
         per_image = statistics.median(p for p, _ in r_small) / args.small
         p50 = statistics.median(latencies)
-        rows.append(dict(work="drop -> done, one 80x120 file into an idle service, settle excluded",
-                         images=len(latencies), loop_ms_per_image=round(per_image * 1000, 1),
-                         service_p50_ms=round(p50 * 1000, 1), overhead_p50_ms=round((p50 - per_image) * 1000, 1),
-                         note="target: overhead <= 20 ms"))
-    result = dict(date=dt.date.today().isoformat(), cpu=cpu_name(), cores=os.cpu_count(), rows=rows,
-                  command="python benchmarks/throughput.py" + (" --quick" if args.quick else ""))
+        rows.append(
+            dict(
+                work="drop -> done, one 80x120 file into an idle service, settle excluded",
+                images=len(latencies),
+                loop_ms_per_image=round(per_image * 1000, 1),
+                service_p50_ms=round(p50 * 1000, 1),
+                overhead_p50_ms=round((p50 - per_image) * 1000, 1),
+                note="target: overhead <= 20 ms",
+            )
+        )
+    result = dict(
+        date=dt.date.today().isoformat(),
+        cpu=cpu_name(),
+        cores=os.cpu_count(),
+        rows=rows,
+        command="python benchmarks/throughput.py" + (" --quick" if args.quick else ""),
+    )
     path = args.json or ROOT / "benchmarks" / "results" / f"throughput-{result['date']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

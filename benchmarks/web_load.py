@@ -70,7 +70,8 @@ def make_sources(folder: Path, n: int = 24) -> list[tuple[Path, Path]]:
     rng = np.random.default_rng(0)
     sets = sorted((SHARED / "datasets/Set5/HR").glob("*.png"))
     pics = [np.asarray(Image.open(p).convert("RGB")) for p in sets] or [
-        rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)]
+        rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
@@ -78,7 +79,7 @@ def make_sources(folder: Path, n: int = 24) -> list[tuple[Path, Path]]:
         if min(src.shape[:2]) < 480:
             src = np.asarray(Image.fromarray(src).resize((640, 480), Image.Resampling.BICUBIC))
         y, x = rng.integers(0, src.shape[0] - 240 + 1), rng.integers(0, src.shape[1] - 320 + 1)
-        small = Image.fromarray(np.ascontiguousarray(src[y: y + 240, x: x + 320]))
+        small = Image.fromarray(np.ascontiguousarray(src[y : y + 240, x : x + 320]))
         a, b = folder / f"in{i}.png", folder / f"out{i}.png"
         small.save(a)
         small.resize((1280, 960), Image.Resampling.BICUBIC).save(b, compress_level=6)
@@ -99,7 +100,7 @@ def fill(url: str, root: Path, n: int) -> dict[str, int]:
         folder = FOLDERS[i % len(FOLDERS)]
         model, scale = MODELS[i % len(MODELS)]
         r = rnd.random()
-        state = "done" if r < .90 else "failed" if r < .96 else "pending" if r < .98 else "running"
+        state = "done" if r < 0.90 else "failed" if r < 0.96 else "pending" if r < 0.98 else "running"
         counts[state] = counts.get(state, 0) + 1
         src, dst = sources[i % len(sources)]
         rel = f"{folder}/img{i:05d}.png" if folder else f"img{i:05d}.png"
@@ -110,35 +111,84 @@ def fill(url: str, root: Path, n: int) -> dict[str, int]:
             os.link(target, link)
         created = now - dt.timedelta(seconds=(n - i) * 30 * 86400 / n)
         total = rnd.uniform(0.05, 3.0)
-        row = dict(id=i, content_sha256=f"{i:064x}", rule_fingerprint=f"{i % 8:032x}", state=state,
-                   attempts=1 if state != "pending" else 0, source="watch", folder=folder, rel_path=rel,
-                   input_path=str(root / "inbox" / rel), input_size=src.stat().st_size, input_width=320,
-                   input_height=240, input_format="png", input_mode="RGB", bits=8, model_id=model, backend="opencv",
-                   scale=scale, outscale=scale, mode="benchmark" if folder == "benchmark" else "upscale",
-                   device="cpu", created_at=created, updated_at=created, rule_json=json.dumps({"model": model}))
+        row = dict(
+            id=i,
+            content_sha256=f"{i:064x}",
+            rule_fingerprint=f"{i % 8:032x}",
+            state=state,
+            attempts=1 if state != "pending" else 0,
+            source="watch",
+            folder=folder,
+            rel_path=rel,
+            input_path=str(root / "inbox" / rel),
+            input_size=src.stat().st_size,
+            input_width=320,
+            input_height=240,
+            input_format="png",
+            input_mode="RGB",
+            bits=8,
+            model_id=model,
+            backend="opencv",
+            scale=scale,
+            outscale=scale,
+            mode="benchmark" if folder == "benchmark" else "upscale",
+            device="cpu",
+            created_at=created,
+            updated_at=created,
+            rule_json=json.dumps({"model": model}),
+        )
         if state in ("done", "failed", "running"):
             row.update(started_at=created, worker="bench:1", node="bench")
         if state == "done":
-            row.update(finished_at=created + dt.timedelta(seconds=total), output_path=str(out),
-                       output_size=dst.stat().st_size, output_width=1280, output_height=960, output_format="png",
-                       input_moved_to=str(inp), t_queue=rnd.uniform(0, 5), t_decode=0.01, t_load=0.0,
-                       t_infer=total * .6, t_encode=total * .3, t_write=0.005, t_metrics=total * .1, t_total=total)
-            names = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "mse_rgb") if row["mode"] == "benchmark" \
+            row.update(
+                finished_at=created + dt.timedelta(seconds=total),
+                output_path=str(out),
+                output_size=dst.stat().st_size,
+                output_width=1280,
+                output_height=960,
+                output_format="png",
+                input_moved_to=str(inp),
+                t_queue=rnd.uniform(0, 5),
+                t_decode=0.01,
+                t_load=0.0,
+                t_infer=total * 0.6,
+                t_encode=total * 0.3,
+                t_write=0.005,
+                t_metrics=total * 0.1,
+                t_total=total,
+            )
+            names = (
+                ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "mse_rgb")
+                if row["mode"] == "benchmark"
                 else ("lr_psnr_y", "lr_ssim_y", "brisque")
+            )
             for name in names:
-                metric_rows.append(dict(job_id=i, name=name, value=rnd.uniform(20, 40), space="y-bt601", shave=4,
-                                        reference="hr", protocol="synthetic"))
+                metric_rows.append(
+                    dict(
+                        job_id=i,
+                        name=name,
+                        value=rnd.uniform(20, 40),
+                        space="y-bt601",
+                        shave=4,
+                        reference="hr",
+                        protocol="synthetic",
+                    )
+                )
         elif state == "failed":
-            row.update(finished_at=created, error_kind="decode", error=f"img{i}.png is damaged or truncated",
-                       input_moved_to=str(inp))
+            row.update(
+                finished_at=created,
+                error_kind="decode",
+                error=f"img{i}.png is damaged or truncated",
+                input_moved_to=str(inp),
+            )
         job_rows.append(row)
     keys = sorted({k for r in job_rows for k in r})
     job_rows = [dict.fromkeys(keys) | r for r in job_rows]  # one INSERT for all: every row names every column
     with store.engine.begin() as c:
         for k in range(0, len(job_rows), 1000):
-            c.execute(jobs.insert(), job_rows[k: k + 1000])
+            c.execute(jobs.insert(), job_rows[k : k + 1000])
         for k in range(0, len(metric_rows), 5000):
-            c.execute(metrics.insert(), metric_rows[k: k + 5000])
+            c.execute(metrics.insert(), metric_rows[k : k + 5000])
     store.close()
     return counts
 
@@ -164,8 +214,11 @@ class DbHealth:
         from daemon.store import jobs
 
         with self.engine.connect() as c:
-            rows = c.execute(select(jobs.c.state, func.count()).where(jobs.c.state.in_(("pending", "running")))
-                             .group_by(jobs.c.state)).all()
+            rows = c.execute(
+                select(jobs.c.state, func.count())
+                .where(jobs.c.state.in_(("pending", "running")))
+                .group_by(jobs.c.state)
+            ).all()
         return {"pending": 0, "running": 0} | {s: n for s, n in rows}
 
 
@@ -174,14 +227,21 @@ def outcomes(url: str) -> list[dict]:
 
     from daemon.telemetry import STAGES
 
-    con = sqlite3.connect(url[len("sqlite:///"):])
+    con = sqlite3.connect(url[len("sqlite:///") :])
     con.row_factory = sqlite3.Row
     rows = con.execute("SELECT * FROM jobs WHERE state IN ('done', 'failed')").fetchall()
     con.close()
-    return [dict(rule=r["folder"], model=r["model_id"], status=r["state"],
-                 stages={s: r[f"t_{s}"] for s in STAGES if r[f"t_{s}"] is not None},
-                 pixels_in=320 * 240, pixels_out=(r["output_width"] or 0) * (r["output_height"] or 0))
-            for r in rows]
+    return [
+        dict(
+            rule=r["folder"],
+            model=r["model_id"],
+            status=r["state"],
+            stages={s: r[f"t_{s}"] for s in STAGES if r[f"t_{s}"] is not None},
+            pixels_in=320 * 240,
+            pixels_out=(r["output_width"] or 0) * (r["output_height"] or 0),
+        )
+        for r in rows
+    ]
 
 
 def scrape(port: int, conn_box: dict) -> bytes:
@@ -220,7 +280,9 @@ def bench_metrics(url: str, repeat: int) -> dict:
         bare_box: dict = {}
         body = scrape(server.address[1], ours)
         result = dict(
-            outcomes=len(done), exposition_bytes=len(body), series=body.count(b"\nupscaled_"),
+            outcomes=len(done),
+            exposition_bytes=len(body),
+            series=body.count(b"\nupscaled_"),
             ours=timed(lambda: scrape(server.address[1], ours), repeat),
             ours_queue_query=timed(health.queue, repeat),
             empty_telemetry=timed(lambda: scrape(bare.address[1], bare_box), repeat),
@@ -246,10 +308,24 @@ def bench_metrics(url: str, repeat: int) -> dict:
 class Web:
     def __init__(self, cfg: Path, cache: Path) -> None:
         self.log = open(cfg.parent / "web.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(cfg), "web", "--listen",
-                                      "127.0.0.1:0", "--cache-dir", str(cache)], cwd=cfg.parent,
-                                     stdout=subprocess.DEVNULL, stderr=self.log,
-                                     env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daemon",
+                "--config",
+                str(cfg),
+                "web",
+                "--listen",
+                "127.0.0.1:0",
+                "--cache-dir",
+                str(cache),
+            ],
+            cwd=cfg.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
         deadline = time.monotonic() + 60
         while True:
             m = re.search(r"http://127\.0\.0\.1:(\d+)/", (cfg.parent / "web.log").read_text())
@@ -330,17 +406,25 @@ def bench_browser(port: int, cache: Path) -> dict | str:
             t0 = time.perf_counter()
             page.navigate(base + path)
             loaded = time.perf_counter() - t0
-            page.wait("Array.from(document.images).filter(i => i.loading !== 'lazy' || "
-                      "i.getBoundingClientRect().top < innerHeight).every(i => i.complete && i.naturalWidth > 0)",
-                      timeout=120)
+            page.wait(
+                "Array.from(document.images).filter(i => i.loading !== 'lazy' || "
+                "i.getBoundingClientRect().top < innerHeight).every(i => i.complete && i.naturalWidth > 0)",
+                timeout=120,
+            )
             visible = time.perf_counter() - t0
-            nav = page.evaluate("(() => { const n = performance.getEntriesByType('navigation')[0];"
-                                " return {dcl: n.domContentLoadedEventEnd, load: n.loadEventEnd}; })()")
-            shown = page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0)"
-                                  ".length")
-            out[label] = dict(load_event_ms=nav["load"], dom_content_loaded_ms=nav["dcl"],
-                              wall_to_load_ms=loaded * 1e3, wall_to_visible_thumbs_ms=visible * 1e3,
-                              thumbs_shown=shown, errors=len(page.console_errors()))
+            nav = page.evaluate(
+                "(() => { const n = performance.getEntriesByType('navigation')[0];"
+                " return {dcl: n.domContentLoadedEventEnd, load: n.loadEventEnd}; })()"
+            )
+            shown = page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length")
+            out[label] = dict(
+                load_event_ms=nav["load"],
+                dom_content_loaded_ms=nav["dcl"],
+                wall_to_load_ms=loaded * 1e3,
+                wall_to_visible_thumbs_ms=visible * 1e3,
+                thumbs_shown=shown,
+                errors=len(page.console_errors()),
+            )
             page.close()
     return out
 
@@ -363,29 +447,40 @@ def main() -> None:
         t0 = time.perf_counter()
         counts = fill(url, root, args.jobs)
         print(f"history: {args.jobs} jobs {counts} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        result = dict(jobs=args.jobs, states=counts, cpu=os.cpu_count(), metrics=bench_metrics(url, args.repeat),
-                      list=bench_list(cfg, url, root, args.repeat, not args.no_browser))
+        result = dict(
+            jobs=args.jobs,
+            states=counts,
+            cpu=os.cpu_count(),
+            metrics=bench_metrics(url, args.repeat),
+            list=bench_list(cfg, url, root, args.repeat, not args.no_browser),
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     out = ROOT / "benchmarks" / "results" / "web_load.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     m, w = result["metrics"], result["list"]
-    print(f"/metrics with {args.jobs} jobs ({m['series']} upscaled_ series, {m['exposition_bytes']} bytes): "
-          f"median {m['ours']['median_ms']:.2f} ms, p95 {m['ours']['p95_ms']:.2f} ms (of which the queue query "
-          f"{m['ours_queue_query']['median_ms']:.2f} ms); stock prometheus_client with the same series "
-          f"{m['stock_prometheus_client']['median_ms']:.2f} ms: ratio {m['ratio_ours_to_stock']:.2f}; "
-          f"an empty Telemetry {m['empty_telemetry']['median_ms']:.2f} ms")
-    print(f"list page 1 HTML: median {w['page_1']['median_ms']:.1f} ms (p95 {w['page_1']['p95_ms']:.1f}); "
-          f"page 150 {w['page_150']['median_ms']:.1f} ms; failed only {w['failed_only']['median_ms']:.1f} ms; "
-          f"name search {w['name_search']['median_ms']:.1f} ms; static file "
-          f"{w['static_file_baseline']['median_ms']:.2f} ms (ratio {w['ratio_page_1_to_static']:.1f}); "
-          f"`upscaled history` query in process {w['history_query_baseline']['median_ms']:.1f} ms")
+    print(
+        f"/metrics with {args.jobs} jobs ({m['series']} upscaled_ series, {m['exposition_bytes']} bytes): "
+        f"median {m['ours']['median_ms']:.2f} ms, p95 {m['ours']['p95_ms']:.2f} ms (of which the queue query "
+        f"{m['ours_queue_query']['median_ms']:.2f} ms); stock prometheus_client with the same series "
+        f"{m['stock_prometheus_client']['median_ms']:.2f} ms: ratio {m['ratio_ours_to_stock']:.2f}; "
+        f"an empty Telemetry {m['empty_telemetry']['median_ms']:.2f} ms"
+    )
+    print(
+        f"list page 1 HTML: median {w['page_1']['median_ms']:.1f} ms (p95 {w['page_1']['p95_ms']:.1f}); "
+        f"page 150 {w['page_150']['median_ms']:.1f} ms; failed only {w['failed_only']['median_ms']:.1f} ms; "
+        f"name search {w['name_search']['median_ms']:.1f} ms; static file "
+        f"{w['static_file_baseline']['median_ms']:.2f} ms (ratio {w['ratio_page_1_to_static']:.1f}); "
+        f"`upscaled history` query in process {w['history_query_baseline']['median_ms']:.1f} ms"
+    )
     print(f"50 thumbnails of page 1: cold {w['thumbs_50_cold_s']:.2f} s, warm {w['thumbs_50_warm_s'] * 1e3:.0f} ms")
     if isinstance(w.get("chromium"), dict):
         for label, c in w["chromium"].items():
-            print(f"chromium {label}: load event {c['load_event_ms']:.0f} ms, visible thumbnails "
-                  f"{c['wall_to_visible_thumbs_ms']:.0f} ms, {c['thumbs_shown']} shown, {c['errors']} console errors")
+            print(
+                f"chromium {label}: load event {c['load_event_ms']:.0f} ms, visible thumbnails "
+                f"{c['wall_to_visible_thumbs_ms']:.0f} ms, {c['thumbs_shown']} shown, {c['errors']} console errors"
+            )
     print(f"(results in {out})")
 
 

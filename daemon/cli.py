@@ -83,8 +83,10 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     """``rows`` as a table, CSV or JSON. Every string is printable whatever it holds (see :func:`printable`): one
     row is one line in a table and one record in CSV, and no value can drive the terminal."""
     if fmt == "json":
-        clean = [{k: (None if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) else v)
-                  for k, v in r.items()} for r in rows]
+        clean = [
+            {k: (None if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) else v) for k, v in r.items()}
+            for r in rows
+        ]
         return json.dumps(clean, indent=2, default=_json_default)
     if not rows:
         return "" if fmt == "csv" else "(no rows)"
@@ -106,8 +108,14 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
 
 
 def output_options(fn: Callable) -> Callable:
-    return click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
-                        show_default=True, help="Output format.")(fn)
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["table", "json", "csv"]),
+        default="table",
+        show_default=True,
+        help="Output format.",
+    )(fn)
 
 
 def _settings(ctx: click.Context, check_paths: bool = True) -> Settings:
@@ -135,8 +143,13 @@ class _Group(click.Group):
 
 # --- commands -------------------------------------------------------------------------------------------------------
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-c", "--config", type=click.Path(dir_okay=False), envvar="UPSCALED_CONFIG",
-              help="The settings file (default: $UPSCALED_CONFIG, else ./settings.toml).")
+@click.option(
+    "-c",
+    "--config",
+    type=click.Path(dir_okay=False),
+    envvar="UPSCALED_CONFIG",
+    help="The settings file (default: $UPSCALED_CONFIG, else ./settings.toml).",
+)
 @click.version_option(__version__, prog_name="upscaled")
 @click.pass_context
 def main(ctx: click.Context, config: str | None) -> None:
@@ -182,16 +195,26 @@ def check_config(ctx: click.Context) -> None:
     settings = _settings(ctx)
     check_devices(settings)  # a GPU that is not there stops `run` too
     click.echo(f"{settings.config_file}: OK")
-    folders = "all rule folders" if settings.serve_folders is None else \
-        ", ".join(f or "(default)" for f in settings.serve_folders)
-    click.echo(f"  node {settings.node()}: {settings.worker_count()} worker(s) on each of "
-               f"{', '.join(settings.devices())}; serves {folders}")
+    folders = (
+        "all rule folders"
+        if settings.serve_folders is None
+        else ", ".join(f or "(default)" for f in settings.serve_folders)
+    )
+    click.echo(
+        f"  node {settings.node()}: {settings.worker_count()} worker(s) on each of "
+        f"{', '.join(settings.devices())}; serves {folders}"
+    )
     for rule in settings.all_rules():
         entry = get_entry(rule.model)
-        weights = "weights present" if present(settings.weights_dir, entry) else \
-            f"WEIGHTS MISSING: run `upscaled weights fetch {rule.model}`"
-        click.echo(f"  {rule.folder or '(default)'}: {rule.model} x{rule.final_scale:g} {rule.mode}"
-                   f" -> {rule.format or 'same format'}; {weights if needs_weights(entry) else 'no weights needed'}")
+        weights = (
+            "weights present"
+            if present(settings.weights_dir, entry)
+            else f"WEIGHTS MISSING: run `upscaled weights fetch {rule.model}`"
+        )
+        click.echo(
+            f"  {rule.folder or '(default)'}: {rule.model} x{rule.final_scale:g} {rule.mode}"
+            f" -> {rule.format or 'same format'}; {weights if needs_weights(entry) else 'no weights needed'}"
+        )
 
 
 @main.command()
@@ -199,17 +222,38 @@ def check_config(ctx: click.Context) -> None:
 @click.option("--model", required=True, help="Model id (see `upscaled models`).")
 @click.option("--scale", type=float, default=None, help="The model's native scale (default: its first).")
 @click.option("--outscale", type=float, default=None, help="Final scale, if different from --scale.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help="Folder for the outputs.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Folder for the outputs.",
+)
 @click.option("--mode", type=click.Choice(["upscale", "benchmark"]), default="upscale", show_default=True)
-@click.option("--output-format", type=click.Choice(["png", "jpg", "webp", "tiff"]), default=None,
-              help="Output format (default: the input's).")
+@click.option(
+    "--output-format",
+    type=click.Choice(["png", "jpg", "webp", "tiff"]),
+    default=None,
+    help="Output format (default: the input's).",
+)
 @click.option("--no-metrics", is_flag=True, help="Record stage times only.")
 @click.option("--force", is_flag=True, help="Redo files already processed with the same settings.")
 @output_options
 @click.pass_context
-def process(ctx: click.Context, files: tuple[Path, ...], model: str, scale: float | None, outscale: float | None,
-            out_dir: Path, mode: str, output_format: str | None, no_metrics: bool, force: bool, fmt: str) -> None:
+def process(
+    ctx: click.Context,
+    files: tuple[Path, ...],
+    model: str,
+    scale: float | None,
+    outscale: float | None,
+    out_dir: Path,
+    mode: str,
+    output_format: str | None,
+    no_metrics: bool,
+    force: bool,
+    fmt: str,
+) -> None:
     """Upscale FILES once, through the service's pipeline, recorded in the same history.
 
     The inputs are left where they are.
@@ -225,8 +269,14 @@ def process(ctx: click.Context, files: tuple[Path, ...], model: str, scale: floa
     if scale is None:
         scale = entry.scales[0] if isinstance(entry.scales, tuple) and entry.scales else 2.0
     try:
-        rule = Rule(model=model, scale=scale, outscale=outscale, mode=mode, format=output_format,
-                    metrics=[] if no_metrics else None)
+        rule = Rule(
+            model=model,
+            scale=scale,
+            outscale=outscale,
+            mode=mode,
+            format=output_format,
+            metrics=[] if no_metrics else None,
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc).split("\n", 1)[-1]) from None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,8 +294,15 @@ def process(ctx: click.Context, files: tuple[Path, ...], model: str, scale: floa
 @click.option("--limit", type=int, default=50, show_default=True)
 @output_options
 @click.pass_context
-def history_cmd(ctx: click.Context, model: str | None, folder: str | None, status: str | None, since: str | None,
-                limit: int, fmt: str) -> None:
+def history_cmd(
+    ctx: click.Context,
+    model: str | None,
+    folder: str | None,
+    status: str | None,
+    since: str | None,
+    limit: int,
+    fmt: str,
+) -> None:
     """List jobs, newest first, with their times and main metrics.
 
     Example: upscaled history --model fsrcnn --since 2h --format json
@@ -317,8 +374,11 @@ def models(ctx: click.Context, fmt: str) -> None:
     for e in ENTRIES:
         scales = "any" if isinstance(e.scales, str) else ",".join(f"x{s}" for s in e.scales) or "-"
         weights = ("present" if present(settings.weights_dir, e) else "missing") if needs_weights(e) else "-"
-        rows.append(dict(id=e.id, backend=e.backend, scales=scales, weights=weights,
-                         license=e.license, description=e.description))
+        rows.append(
+            dict(
+                id=e.id, backend=e.backend, scales=scales, weights=weights, license=e.license, description=e.description
+            )
+        )
     click.echo(render(rows, fmt))
 
 
@@ -335,13 +395,23 @@ def weights() -> None:
 @click.option("--all", "all_", is_flag=True, help="Every catalogue model with weight files.")
 @click.option("--mirror", default=None, help="A folder or base URL laid out like weights/ (default: the setting).")
 @click.option("--force", is_flag=True, help="Download again even if a good copy is present.")
-@click.option("--trust-unhashed", is_flag=True,
-              help="Accept files the catalogue publishes no sha256 for (EDSR, ai-forever's Real-ESRGAN): what the "
-                   "source serves is recorded with its hash, logged, and held to from then on.")
+@click.option(
+    "--trust-unhashed",
+    is_flag=True,
+    help="Accept files the catalogue publishes no sha256 for (EDSR, ai-forever's Real-ESRGAN): what the "
+    "source serves is recorded with its hash, logged, and held to from then on.",
+)
 @output_options
 @click.pass_context
-def weights_fetch(ctx: click.Context, ids: tuple[str, ...], all_: bool, mirror: str | None, force: bool,
-                  trust_unhashed: bool, fmt: str) -> None:
+def weights_fetch(
+    ctx: click.Context,
+    ids: tuple[str, ...],
+    all_: bool,
+    mirror: str | None,
+    force: bool,
+    trust_unhashed: bool,
+    fmt: str,
+) -> None:
     """Download weights into weights_dir and check their sha256.
 
     A file without a published sha256 is refused unless --trust-unhashed is given. Downloads are capped at the
@@ -359,13 +429,22 @@ def weights_fetch(ctx: click.Context, ids: tuple[str, ...], all_: bool, mirror: 
     if mirror and "://" not in mirror:
         mirror = str(Path(mirror).resolve())
     logs.configure(settings.log_level, settings.log_format, stream=sys.stderr)  # stdout is the report
-    reports = fetch(settings.weights_dir, chosen, mirror or settings.weights_mirror or None, force=force,
-                    trust_unhashed=trust_unhashed)
+    reports = fetch(
+        settings.weights_dir,
+        chosen,
+        mirror or settings.weights_mirror or None,
+        force=force,
+        trust_unhashed=trust_unhashed,
+    )
     for r in reports:
         if r.status == "recorded":  # the user's word stood in for a published hash: say so where it is kept
-            logs.get().warning("weights.trusted_unhashed", model=r.model_id, path=r.path, detail=r.detail,
-                               note="no published sha256; accepted on --trust-unhashed and recorded in "
-                                    "recorded-sha256.json")
+            logs.get().warning(
+                "weights.trusted_unhashed",
+                model=r.model_id,
+                path=r.path,
+                detail=r.detail,
+                note="no published sha256; accepted on --trust-unhashed and recorded in recorded-sha256.json",
+            )
     click.echo(render([r.__dict__ for r in reports], fmt))
     if any(r.status == "failed" for r in reports):
         sys.exit(1)
@@ -394,25 +473,58 @@ def weights_verify(ctx: click.Context, ids: tuple[str, ...], fmt: str) -> None:
 
 
 @main.command()
-@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="HR images in DIR/HR (or directly in DIR); shipped LR images in DIR/LR_bicubic/X{s}.")
-@click.option("--models", "models_", default="bicubic,fsrcnn,espcn,lapsrn", show_default=True,
-              help="Comma-separated model ids; those that cannot run a scale are skipped, and say why.")
+@click.option(
+    "--dataset",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="HR images in DIR/HR (or directly in DIR); shipped LR images in DIR/LR_bicubic/X{s}.",
+)
+@click.option(
+    "--models",
+    "models_",
+    default="bicubic,fsrcnn,espcn,lapsrn",
+    show_default=True,
+    help="Comma-separated model ids; those that cannot run a scale are skipped, and say why.",
+)
 @click.option("--scales", default="2,3,4", show_default=True, help="Comma-separated integer scales.")
-@click.option("--downscale", type=click.Choice(["auto", "shipped", "matlab-bicubic", "cv2-cubic", "area"]),
-              default="auto", show_default=True,
-              help="How the LR images are made: auto uses the shipped LR_bicubic/X{s} images where the dataset "
-                   "has them all, else matlab-bicubic.")
+@click.option(
+    "--downscale",
+    type=click.Choice(["auto", "shipped", "matlab-bicubic", "cv2-cubic", "area"]),
+    default="auto",
+    show_default=True,
+    help="How the LR images are made: auto uses the shipped LR_bicubic/X{s} images where the dataset "
+    "has them all, else matlab-bicubic.",
+)
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the `device` setting).")
-@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Timed runs per image; the median is kept.")
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Timed runs per image; the median is kept.",
+)
 @click.option("--no-brisque", is_flag=True, help="Leave out BRISQUE (the slowest metric).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a self-contained HTML report here.")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a self-contained HTML report here.",
+)
 @output_options
 @click.pass_context
-def bench(ctx: click.Context, dataset: Path, models_: str, scales: str, downscale: str, device: str | None,
-          repeat: int, no_brisque: bool, report_path: Path | None, fmt: str) -> None:
+def bench(
+    ctx: click.Context,
+    dataset: Path,
+    models_: str,
+    scales: str,
+    downscale: str,
+    device: str | None,
+    repeat: int,
+    no_brisque: bool,
+    report_path: Path | None,
+    fmt: str,
+) -> None:
     """Compare models on a dataset with the papers' protocol: one row per model and scale.
 
     Measures psnr_y, ssim_y (BT.601 Y, border shaved by the scale), psnr_rgb, ssim_rgb, mse_rgb, BRISQUE and the
@@ -431,16 +543,25 @@ def bench(ctx: click.Context, dataset: Path, models_: str, scales: str, downscal
     try:
         scale_list = tuple(int(v) for v in scales.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 2,3,4, got {scales!r}",
-                                 param_hint="--scales") from None
+        raise click.BadParameter(
+            f"expected comma-separated integers such as 2,3,4, got {scales!r}", param_hint="--scales"
+        ) from None
     try:
         device = check_device(device) if device else settings.default_device
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from None
     model_list = tuple(dict.fromkeys(m.strip() for m in models_.split(",") if m.strip()))
-    bench_settings = BenchSettings(dataset=dataset, models=model_list, scales=tuple(dict.fromkeys(scale_list)),
-                                   weights_dir=settings.weights_dir, downscale=downscale, device=device,
-                                   repeat=repeat, brisque=not no_brisque, max_pixels=settings.max_pixels)
+    bench_settings = BenchSettings(
+        dataset=dataset,
+        models=model_list,
+        scales=tuple(dict.fromkeys(scale_list)),
+        weights_dir=settings.weights_dir,
+        downscale=downscale,
+        device=device,
+        repeat=repeat,
+        brisque=not no_brisque,
+        max_pixels=settings.max_pixels,
+    )
     store = SqlStore(settings.database)
     try:
         result = run_bench(bench_settings, store)
@@ -464,8 +585,14 @@ def bench(ctx: click.Context, dataset: Path, models_: str, scales: str, downscal
 
 
 @main.command()
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("upscaled-report.html"),
-              show_default=True, help="Where to write the HTML file.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("upscaled-report.html"),
+    show_default=True,
+    help="Where to write the HTML file.",
+)
 @click.option("--since", default=None, help="Only jobs newer than this: 90s, 30m, 2h, 7d or an ISO date.")
 @click.option("--include-bench", is_flag=True, help="Count `upscaled bench` runs too (left out by default).")
 @click.pass_context
@@ -479,8 +606,10 @@ def report(ctx: click.Context, out: Path, since: str | None, include_bench: bool
     from bench.report import history_report
 
     summary = history_report(_engine(ctx), out, since=since, include_bench=include_bench)
-    click.echo(f"{out}: {summary['jobs']} jobs ({summary['done']} done, {summary['failed']} failed), "
-               f"{summary['figures']} figures")
+    click.echo(
+        f"{out}: {summary['jobs']} jobs ({summary['done']} done, {summary['failed']} failed), "
+        f"{summary['figures']} figures"
+    )
 
 
 @main.group()
@@ -509,14 +638,21 @@ def db_upgrade(ctx: click.Context) -> None:
         before, after = store.upgrade()
     finally:
         store.close()
-    click.echo(f"{safe_url(settings.database)}: "
-               + (f"at {after} already" if before == after else f"upgraded from {before or 'empty'} to {after}"))
+    click.echo(
+        f"{safe_url(settings.database)}: "
+        + (f"at {after} already" if before == after else f"upgraded from {before or 'empty'} to {after}")
+    )
 
 
 @main.command()
 @click.option("--all", "all_", is_flag=True, help="Also list stopped nodes and nodes whose heartbeat is stale.")
-@click.option("--window", type=click.FloatRange(min=1), default=600, show_default=True,
-              help="Seconds over which jobs_per_min is counted.")
+@click.option(
+    "--window",
+    type=click.FloatRange(min=1),
+    default=600,
+    show_default=True,
+    help="Seconds over which jobs_per_min is counted.",
+)
 @output_options
 @click.pass_context
 def nodes(ctx: click.Context, all_: bool, window: float, fmt: str) -> None:
@@ -542,19 +678,38 @@ def nodes(ctx: click.Context, all_: bool, window: float, fmt: str) -> None:
 
 
 @main.command()
-@click.option("--listen", default="127.0.0.1:8080", show_default=True,
-              help="host:port to serve on ([::1]:8080 for IPv6; port 0 picks a free one). Keep it on localhost and "
-                   "put a reverse proxy with authentication in front to reach it from elsewhere.")
+@click.option(
+    "--listen",
+    default="127.0.0.1:8080",
+    show_default=True,
+    help="host:port to serve on ([::1]:8080 for IPv6; port 0 picks a free one). Keep it on localhost and "
+    "put a reverse proxy with authentication in front to reach it from elsewhere.",
+)
 @click.option("--database", default=None, help="A SQLAlchemy URL (default: the `database` setting).")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Thumbnails and converted images (default: $XDG_CACHE_HOME/upscaled/web).")
-@click.option("--allowed-host", "allowed_hosts", multiple=True,
-              help="A Host name to answer besides localhost (the name a reverse proxy passes); repeatable.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Thumbnails and converted images (default: $XDG_CACHE_HOME/upscaled/web).",
+)
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="A Host name to answer besides localhost (the name a reverse proxy passes); repeatable.",
+)
 @click.option("--root-path", default="", help="The path prefix a reverse proxy serves it under, e.g. /upscaled.")
 @click.option("--access-log", is_flag=True, help="Log every request.")
 @click.pass_context
-def web(ctx: click.Context, listen: str, database: str | None, cache_dir: Path | None,
-        allowed_hosts: tuple[str, ...], root_path: str, access_log: bool) -> None:
+def web(
+    ctx: click.Context,
+    listen: str,
+    database: str | None,
+    cache_dir: Path | None,
+    allowed_hosts: tuple[str, ...],
+    root_path: str,
+    access_log: bool,
+) -> None:
     """Serve a read-only web view of the history: jobs with a before/after slider, stats, bench runs.
 
     The database is opened read-only; only files named by job rows are served.
@@ -572,8 +727,15 @@ def web(ctx: click.Context, listen: str, database: str | None, cache_dir: Path |
             os.umask(int(load_settings(ctx.obj.get("config"), check_paths=False).umask, 8))
         except UpscaledError:
             pass
-    serve(database, listen, cache_dir=cache_dir, allowed_hosts=allowed_hosts, root_path=root_path,
-          log_level="warning" if level == "info" and not access_log else level, access_log=access_log)
+    serve(
+        database,
+        listen,
+        cache_dir=cache_dir,
+        allowed_hosts=allowed_hosts,
+        root_path=root_path,
+        log_level="warning" if level == "info" and not access_log else level,
+        access_log=access_log,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -56,8 +56,9 @@ def spare(job: Job) -> bool:
 class Cluster:
     """This node's membership: join, heartbeat, recover, leave."""
 
-    def __init__(self, settings: Settings, store: SqlStore, workers: int,
-                 on_recovered: Callable[[list[Job]], None] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: SqlStore, workers: int, on_recovered: Callable[[list[Job]], None] | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.node = settings.node()
@@ -71,9 +72,14 @@ class Cluster:
     def info(self) -> dict:
         s = self.settings
         rules = hashlib.sha256(",".join(sorted(f"{r.folder}={r.fingerprint()}" for r in s.all_rules())).encode())
-        return dict(host=socket.gethostname(), pid=os.getpid(), device=",".join(s.devices()), workers=self.workers,
-                    folders=None if s.serve_folders is None else json.dumps(s.serve_folders),
-                    rules_fingerprint=rules.hexdigest()[:16])
+        return dict(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=",".join(s.devices()),
+            workers=self.workers,
+            folders=None if s.serve_folders is None else json.dumps(s.serve_folders),
+            rules_fingerprint=rules.hexdigest()[:16],
+        )
 
     def join(self) -> None:
         """Enter this node in the ``nodes`` table; refuse to start under the name of a node that is alive.
@@ -88,10 +94,13 @@ class Cluster:
             fresh = (self.store.clock() - before["heartbeat_at"]).total_seconds() < self.settings.stale_seconds
             if fresh and may_live(before["host"], before["pid"]):
                 self.store.heartbeat(self.node, {k: before[k] for k in info}, start=True)  # give the row back
-                raise ConfigError(f"node name {self.node!r} is in use by pid {before['pid']} on {before['host']}; "
-                                  "give every daemon its own node_name")
-        differ = [n["node"] for n in self.others() if n.get("rules_fingerprint") not in
-                  (None, info["rules_fingerprint"])]
+                raise ConfigError(
+                    f"node name {self.node!r} is in use by pid {before['pid']} on {before['host']}; "
+                    "give every daemon its own node_name"
+                )
+        differ = [
+            n["node"] for n in self.others() if n.get("rules_fingerprint") not in (None, info["rules_fingerprint"])
+        ]
         if differ:  # same file, other rules: two jobs and two outputs, so say it loudly
             self.log.warning("nodes.rules_differ", nodes=differ, note="all nodes on one inbox need the same rules")
 
@@ -101,8 +110,9 @@ class Cluster:
 
     def recover(self, at_start: bool = False) -> list[Job]:
         """Take back the jobs of dead nodes (and, at start, this node's own and unowned ones)."""
-        found = self.store.recover(self.settings.stale_seconds, own_node=self.node if at_start else None,
-                                   unowned=at_start, spare=spare)
+        found = self.store.recover(
+            self.settings.stale_seconds, own_node=self.node if at_start else None, unowned=at_start, spare=spare
+        )
         for job in found:
             self.log.warning("job.recovered", job=job.id, file=job.name, from_node=job.node, from_worker=job.worker)
         if found:

@@ -31,8 +31,7 @@ from models.registry import check_scale
 
 ENV_PREFIX = "UPSCALED_"
 DEFAULT_CONFIG = "settings.toml"
-DEFAULT_IGNORE = [".*", "*.part", "*.tmp", "*.crdownload", "Thumbs.db", "desktop.ini", "*.error.json",
-                  "*.prompt.txt"]
+DEFAULT_IGNORE = [".*", "*.part", "*.tmp", "*.crdownload", "Thumbs.db", "desktop.ini", "*.error.json", "*.prompt.txt"]
 FORMATS = ("png", "jpg", "webp", "tiff")
 NAME_FIELDS = {"stem", "model", "scale", "ext", "folder", "rule", "width", "height", "date"}
 # Rule keys of older versions that are a backend's parameters now: read from the rule's top level into `params`.
@@ -54,52 +53,98 @@ class Rule(TargetSize, Hooks, BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    folder: str = Field(default="", description="The inbox folder the rule serves, with the folders below it that "
-                        "no deeper rule names; \"\" is the default rule (the inbox root and everything else).")
-    model: str = Field(default="bicubic", description="A model id (`upscaled models`), `file:PATH` for a spandrel "
-                       "weight file, or `diffusers:FOLDER` for a saved diffusion pipeline.")
+    folder: str = Field(
+        default="",
+        description="The inbox folder the rule serves, with the folders below it that "
+        'no deeper rule names; "" is the default rule (the inbox root and everything else).',
+    )
+    model: str = Field(
+        default="bicubic",
+        description="A model id (`upscaled models`), `file:PATH` for a spandrel "
+        "weight file, or `diffusers:FOLDER` for a saved diffusion pipeline.",
+    )
     scale: float = Field(default=2, description="The model's native scale: it picks the weights (x2, x3, x4...).")
-    outscale: float | None = Field(default=None, description="The final scale, when it is not `scale`: the model "
-                                   "runs as many native passes as it needs (up to `max_passes`), then a Lanczos "
-                                   "(enlarging) or area (reducing) resize finishes.")
-    mode: Literal["upscale", "benchmark"] = Field(default="upscale", description="`benchmark`: the input is the "
-                                                  "ground truth; the LR image is made from it and the output "
-                                                  "compared with it (PSNR/SSIM, docs/protocol.md).")
-    format: Literal[OUTPUT_FORMATS] | None = Field(default=None, description="The output format; unset keeps the "
-                                                   "input's (BMP becomes PNG). heic and jxl need the `heif` and "
-                                                   "`jxl` extras.")
-    quality: int = Field(default=95, ge=1, le=100, description="jpg, webp, avif, heic and jxl quality (webp and jxl "
-                         "at 100 are lossless).")
-    compression: int = Field(default=DEFAULT_PNG_COMPRESSION, ge=0, le=9, description="png and tiff zlib level: "
-                             "1 is fast (the default, measured in docs/formats.md), 9 is small.")
-    metadata: Literal["keep", "strip", "basic"] = Field(default="keep", description="`keep`: everything the output "
-                                                        "format holds (EXIF with orientation 1 and the new size, "
-                                                        "ICC, XMP, IPTC); `strip`: ICC only; `basic`: ICC and the "
-                                                        "capture date.")
-    naming: str = Field(default="{stem}.{model}.x{scale}.{ext}", description="The output file name: fields "
-                        "{stem}, {model}, {scale}, {ext}, {folder}, {rule} (its fingerprint), {width}, {height} "
-                        "(the output's) and {date} (the day the file was registered, UTC).")
-    device: str | None = Field(default=None, description="This rule's device (auto, cpu, cuda, cuda:N) instead of "
-                               "the service's.")
-    metrics: list[str] | None = Field(default=None, description="The metrics to record; unset: every metric of the "
-                                      "mode (upscale: brisque, lr_psnr_y, lr_ssim_y; benchmark: psnr_y, ssim_y, "
-                                      "psnr_rgb, ssim_rgb, mse_rgb); []: none.")
-    downscale: Literal[DOWNSCALES] = Field(default="matlab-bicubic", description="Benchmark mode: the kernel that "
-                                           "makes the LR image from the ground truth.")
-    alpha: Literal["resize", "model"] = Field(default="resize", description="How an alpha channel is enlarged: a "
-                                              "bicubic resize, or the model itself.")
-    tile: int | None = Field(default=None, ge=32, description="The input tile side for models that tile; unset "
-                             "lets the backend choose from memory.")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(default="auto", description="torch models: auto "
-                                                                "is fp16 on CUDA where the model supports it, else "
-                                                                "fp32 (fp32 for 16-bit outputs).")
-    compare: bool = Field(default=True, description="Benchmark mode: also write HR | LR | output side by side as "
-                          "`<output>.compare.png`.")
+    outscale: float | None = Field(
+        default=None,
+        description="The final scale, when it is not `scale`: the model "
+        "runs as many native passes as it needs (up to `max_passes`), then a Lanczos "
+        "(enlarging) or area (reducing) resize finishes.",
+    )
+    mode: Literal["upscale", "benchmark"] = Field(
+        default="upscale",
+        description="`benchmark`: the input is the "
+        "ground truth; the LR image is made from it and the output "
+        "compared with it (PSNR/SSIM, docs/protocol.md).",
+    )
+    format: Literal[OUTPUT_FORMATS] | None = Field(
+        default=None,
+        description="The output format; unset keeps the "
+        "input's (BMP becomes PNG). heic and jxl need the `heif` and "
+        "`jxl` extras.",
+    )
+    quality: int = Field(
+        default=95,
+        ge=1,
+        le=100,
+        description="jpg, webp, avif, heic and jxl quality (webp and jxl at 100 are lossless).",
+    )
+    compression: int = Field(
+        default=DEFAULT_PNG_COMPRESSION,
+        ge=0,
+        le=9,
+        description="png and tiff zlib level: 1 is fast (the default, measured in docs/formats.md), 9 is small.",
+    )
+    metadata: Literal["keep", "strip", "basic"] = Field(
+        default="keep",
+        description="`keep`: everything the output "
+        "format holds (EXIF with orientation 1 and the new size, "
+        "ICC, XMP, IPTC); `strip`: ICC only; `basic`: ICC and the "
+        "capture date.",
+    )
+    naming: str = Field(
+        default="{stem}.{model}.x{scale}.{ext}",
+        description="The output file name: fields "
+        "{stem}, {model}, {scale}, {ext}, {folder}, {rule} (its fingerprint), {width}, {height} "
+        "(the output's) and {date} (the day the file was registered, UTC).",
+    )
+    device: str | None = Field(
+        default=None, description="This rule's device (auto, cpu, cuda, cuda:N) instead of the service's."
+    )
+    metrics: list[str] | None = Field(
+        default=None,
+        description="The metrics to record; unset: every metric of the "
+        "mode (upscale: brisque, lr_psnr_y, lr_ssim_y; benchmark: psnr_y, ssim_y, "
+        "psnr_rgb, ssim_rgb, mse_rgb); []: none.",
+    )
+    downscale: Literal[DOWNSCALES] = Field(
+        default="matlab-bicubic",
+        description="Benchmark mode: the kernel that makes the LR image from the ground truth.",
+    )
+    alpha: Literal["resize", "model"] = Field(
+        default="resize", description="How an alpha channel is enlarged: a bicubic resize, or the model itself."
+    )
+    tile: int | None = Field(
+        default=None,
+        ge=32,
+        description="The input tile side for models that tile; unset lets the backend choose from memory.",
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto",
+        description="torch models: auto "
+        "is fp16 on CUDA where the model supports it, else "
+        "fp32 (fp32 for 16-bit outputs).",
+    )
+    compare: bool = Field(
+        default=True, description="Benchmark mode: also write HR | LR | output side by side as `<output>.compare.png`."
+    )
     # The backend's own options, checked against its schema (models/backends.py). A `<image>.prompt.txt` beside an
     # input overrides the prompt for that image.
-    params: dict[str, Any] = Field(default_factory=dict, description="The backend's own options, a `[rules.params]` "
-                                   "table checked against its schema: diffusion models take prompt, "
-                                   "negative_prompt, num_inference_steps, guidance_scale, noise_level and seed.")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The backend's own options, a `[rules.params]` "
+        "table checked against its schema: diffusion models take prompt, "
+        "negative_prompt, num_inference_steps, guidance_scale, noise_level and seed.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -134,8 +179,9 @@ class Rule(TargetSize, Hooks, BaseModel):
         unknown = fields - NAME_FIELDS
         if unknown:
             raise ValueError(f"unknown field(s) {sorted(unknown)} in {v!r}; use {sorted(NAME_FIELDS)}")
-        sample = v.format(stem="a", model="m", scale="2", ext="png", folder="f", rule="r", width=1, height=1,
-                          date="2026-01-01")
+        sample = v.format(
+            stem="a", model="m", scale="2", ext="png", folder="f", rule="r", width=1, height=1, date="2026-01-01"
+        )
         if "/" in sample or "\\" in sample or sample in ("", ".", ".."):
             raise ValueError(f"must give a plain file name without folders, got {v!r}")
         return v
@@ -190,8 +236,9 @@ class Rule(TargetSize, Hooks, BaseModel):
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             if backend.params.model_fields:
                 raise ValueError(f"params: {problems}") from None
-            raise ValueError(f"params: {self.model} (backend {backend.id}) takes no parameters, got "
-                             f"{', '.join(sorted(self.params))}") from None
+            raise ValueError(
+                f"params: {self.model} (backend {backend.id}) takes no parameters, got {', '.join(sorted(self.params))}"
+            ) from None
         object.__setattr__(self, "params", parsed.model_dump())
         return self
 
@@ -205,16 +252,22 @@ class Rule(TargetSize, Hooks, BaseModel):
             return self
         if backend.any_scale or self.mode == "benchmark":
             return self
-        check = check_rule(self.scale, target=self if self.has_target else None, outscale=self.outscale,
-                           chainable=backend.chainable, model=self.model)
+        check = check_rule(
+            self.scale,
+            target=self if self.has_target else None,
+            outscale=self.outscale,
+            chainable=backend.chainable,
+            model=self.model,
+        )
         if not check.ok:
             raise ValueError(check.message)
         return self
 
     @model_validator(mode="after")
     def _benchmark(self) -> Rule:
-        if self.mode == "benchmark" and (self.final_scale != self.scale or self.scale != int(self.scale)
-                                         or self.has_target):
+        if self.mode == "benchmark" and (
+            self.final_scale != self.scale or self.scale != int(self.scale) or self.has_target
+        ):
             raise ValueError("mode: benchmark mode needs an integer scale and no outscale or target size")
         return self
 
@@ -275,57 +328,106 @@ class Settings(Hooks, BaseSettings):
     archive: Path = Field(default=Path("archive"), description="Where inputs move once their output is recorded.")
     failed: Path = Field(default=Path("failed"), description="Where bad inputs move, beside `<name>.error.json`.")
     delete_inputs: bool = Field(default=False, description="Delete inputs instead of archiving them.")
-    database: str = Field(default="sqlite:///var/upscaled.db", description="The history: a SQLAlchemy URL, SQLite "
-                          "by default; `postgresql+psycopg://...` for several daemons (docs/scaling.md).")
+    database: str = Field(
+        default="sqlite:///var/upscaled.db",
+        description="The history: a SQLAlchemy URL, SQLite "
+        "by default; `postgresql+psycopg://...` for several daemons (docs/scaling.md).",
+    )
     weights_dir: Path = Field(default=Path("weights"), description="The model weights (`upscaled weights fetch`).")
-    weights_mirror: str = Field(default="", description="A folder or base URL laid out like weights/ to fetch "
-                                "from; \"\" downloads from the sources.")
-    device: str | list[str] = Field(default="auto", description="auto, cpu, cuda, cuda:N, or a list such as "
-                                    "[\"cuda:0\", \"cuda:1\"]: `workers` inference threads on each.")
+    weights_mirror: str = Field(
+        default="",
+        description='A folder or base URL laid out like weights/ to fetch from; "" downloads from the sources.',
+    )
+    device: str | list[str] = Field(
+        default="auto",
+        description="auto, cpu, cuda, cuda:N, or a list such as "
+        '["cuda:0", "cuda:1"]: `workers` inference threads on each.',
+    )
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
-        default="auto", description="Inference threads per device (decode, encode, commit and metrics have their "
+        default="auto",
+        description="Inference threads per device (decode, encode, commit and metrics have their "
         "own threads either way). auto: one per GPU; on the CPU one per usable core, at most 4, each with its share "
-        "of OpenCV's threads (docs/performance.md).")
-    settle_seconds: float = Field(default=1.0, ge=0, description="A file must keep its size and mtime this long "
-                                  "(after its writer closed it) before it is taken.")
-    rescan_seconds: float = Field(default=60.0, gt=0, description="A full rescan of the inbox, for events the "
-                                  "kernel dropped.")
-    observer: Literal["inotify", "polling"] = Field(default="inotify", description="`polling` for NFS and SMB "
-                                                    "shares, where inotify sees nothing.")
+        "of OpenCV's threads (docs/performance.md).",
+    )
+    settle_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="A file must keep its size and mtime this long (after its writer closed it) before it is taken.",
+    )
+    rescan_seconds: float = Field(
+        default=60.0, gt=0, description="A full rescan of the inbox, for events the kernel dropped."
+    )
+    observer: Literal["inotify", "polling"] = Field(
+        default="inotify", description="`polling` for NFS and SMB shares, where inotify sees nothing."
+    )
     poll_seconds: float = Field(default=2.0, gt=0, description="The polling observer's interval.")
-    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE), description="Name patterns never "
-                              "taken (hidden files, partial downloads, our own reason and prompt files).")
-    max_pixels: int = Field(default=100_000_000, gt=0, description="Input pixels, all frames, checked on the header "
-                            "before decoding: more is refused as a decompression bomb.")
-    max_output_pixels: int = Field(default=400_000_000, gt=0, description="Output pixels, all frames, checked "
-                                   "before inference (x4 of 100 MP would need about 70 GB).")
-    max_file_bytes: int = Field(default=2 << 30, gt=0, description="An input larger than this is refused before "
-                                "a byte of it is read.")
+    ignore: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IGNORE),
+        description="Name patterns never taken (hidden files, partial downloads, our own reason and prompt files).",
+    )
+    max_pixels: int = Field(
+        default=100_000_000,
+        gt=0,
+        description="Input pixels, all frames, checked on the header "
+        "before decoding: more is refused as a decompression bomb.",
+    )
+    max_output_pixels: int = Field(
+        default=400_000_000,
+        gt=0,
+        description="Output pixels, all frames, checked before inference (x4 of 100 MP would need about 70 GB).",
+    )
+    max_file_bytes: int = Field(
+        default=2 << 30, gt=0, description="An input larger than this is refused before a byte of it is read."
+    )
     max_frames: int = Field(default=1000, ge=1, description="Frames of an animated input; more is refused.")
     max_attempts: int = Field(default=3, ge=1, description="Tries for a job that runs out of memory.")
     retry_seconds: float = Field(default=30.0, ge=0, description="The first retry's delay; it doubles per attempt.")
-    retry_max_seconds: float = Field(default=600.0, ge=0, description="The retry delay's cap. A full disk and an "
-                                     "unwritable outbox are retried until fixed, the input kept.")
-    stop_timeout: float = Field(default=120.0, ge=0, description="SIGTERM: how long the jobs in flight may take to "
-                                "finish; the ones still running are given back to the queue.")
+    retry_max_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="The retry delay's cap. A full disk and an "
+        "unwritable outbox are retried until fixed, the input kept.",
+    )
+    stop_timeout: float = Field(
+        default=120.0,
+        ge=0,
+        description="SIGTERM: how long the jobs in flight may take to "
+        "finish; the ones still running are given back to the queue.",
+    )
     umask: str = Field(default="027", description="Octal; every file the service creates, the database included.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="The log level.")
-    log_format: Literal["auto", "json", "console"] = Field(default="auto", description="auto: readable text on a "
-                                                           "terminal, JSON lines otherwise (journald, pipes).")
-    http_listen: str = Field(default="", description="host:port serving /metrics (Prometheus), /livez and "
-                             "/readyz; \"\" is off (docs/metrics.md).")
-    hung_seconds: float = Field(default=300.0, gt=0, description="A busy thread silent this long is hung: /livez "
-                                "answers 503 (a busy thread beats at each stage, tile and step).")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: readable text on a terminal, JSON lines otherwise (journald, pipes)."
+    )
+    http_listen: str = Field(
+        default="",
+        description='host:port serving /metrics (Prometheus), /livez and /readyz; "" is off (docs/metrics.md).',
+    )
+    hung_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="A busy thread silent this long is hung: /livez "
+        "answers 503 (a busy thread beats at each stage, tile and step).",
+    )
     rules: list[Rule] = Field(default_factory=list, description="The `[[rules]]`: one per inbox folder (below).")
     # Several daemons on one inbox and one PostgreSQL database (docs/scaling.md). Per node:
-    node_name: str = Field(default="", max_length=128, description="This daemon's node name, unique per daemon on "
-                           "one database; \"\" is the host name.")
-    serve_folders: list[str] | None = Field(default=None, description="The rule folders whose jobs this node runs "
-                                            "(\"\" = the default rule); unset: all.")
-    heartbeat_seconds: float = Field(default=5.0, gt=0, description="How often the node renews its row and its "
-                                     "jobs' leases.")
-    stale_seconds: float = Field(default=30.0, gt=0, description="A running job whose lease is this old belongs "
-                                 "to a dead node and is taken over (at least twice heartbeat_seconds).")
+    node_name: str = Field(
+        default="",
+        max_length=128,
+        description='This daemon\'s node name, unique per daemon on one database; "" is the host name.',
+    )
+    serve_folders: list[str] | None = Field(
+        default=None, description='The rule folders whose jobs this node runs ("" = the default rule); unset: all.'
+    )
+    heartbeat_seconds: float = Field(
+        default=5.0, gt=0, description="How often the node renews its row and its jobs' leases."
+    )
+    stale_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running job whose lease is this old belongs "
+        "to a dead node and is taken over (at least twice heartbeat_seconds).",
+    )
 
     config_file: Path | None = Field(default=None, exclude=True)  # set by load_settings, not by users
 
@@ -381,7 +483,7 @@ class Settings(Hooks, BaseSettings):
         try:
             value = int(v, 8)
         except ValueError:
-            raise ValueError(f"must be an octal string like \"027\", got {v!r}") from None
+            raise ValueError(f'must be an octal string like "027", got {v!r}') from None
         if not 0 <= value <= 0o777:
             raise ValueError(f"must be between 000 and 777, got {v!r}")
         return v
@@ -400,14 +502,15 @@ class Settings(Hooks, BaseSettings):
     @classmethod
     def _serve_folders(cls, v: list[str] | None) -> list[str] | None:
         # Spelled as rule folders are: no leading or trailing "/", and "" (or ".") for the default rule.
-        return None if v is None else ["" if f.strip("/") in ("", ".") else str(PurePosixPath(f.strip("/")))
-                                       for f in v]
+        return None if v is None else ["" if f.strip("/") in ("", ".") else str(PurePosixPath(f.strip("/"))) for f in v]
 
     @model_validator(mode="after")
     def _node(self) -> Settings:
         if self.stale_seconds < 2 * self.heartbeat_seconds:
-            raise ValueError(f"stale_seconds ({self.stale_seconds:g}) must be at least twice heartbeat_seconds "
-                             f"({self.heartbeat_seconds:g}), or a live node's jobs would be taken over")
+            raise ValueError(
+                f"stale_seconds ({self.stale_seconds:g}) must be at least twice heartbeat_seconds "
+                f"({self.heartbeat_seconds:g}), or a live node's jobs would be taken over"
+            )
         if self.serve_folders is not None:
             known = {r.folder for r in self.all_rules()}
             unknown = [f for f in self.serve_folders if f not in known]
@@ -465,7 +568,7 @@ class Settings(Hooks, BaseSettings):
     def sqlite_path(self) -> Path | None:
         prefix = "sqlite:///"
         if self.database.startswith(prefix):
-            return Path(self.database[len(prefix):])
+            return Path(self.database[len(prefix) :])
         return None
 
 
@@ -515,7 +618,7 @@ def load_settings(path: str | os.PathLike | None = None, check_paths: bool = Tru
         updates[key] = _resolve(base, getattr(settings, key)).resolve()
     db = settings.database
     if db.startswith("sqlite:///") and not db.startswith("sqlite:////") and ":memory:" not in db:
-        updates["database"] = "sqlite:///" + str((base / db[len("sqlite:///"):]).resolve())
+        updates["database"] = "sqlite:///" + str((base / db[len("sqlite:///") :]).resolve())
     if settings.weights_mirror and "://" not in settings.weights_mirror:
         updates["weights_mirror"] = str(_resolve(base, Path(settings.weights_mirror)).resolve())
     settings = settings.model_copy(update=updates)

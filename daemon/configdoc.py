@@ -34,8 +34,12 @@ def _type(annotation: Any) -> str:
     args = typing.get_args(annotation)
     if origin is typing.Annotated:  # a constrained member of a union: the type, then its bounds
         marks = [x for m in annotation.__metadata__ for x in (m.metadata if isinstance(m, FieldInfo) else [m])]
-        limits = [f"{k} {getattr(m, attr)}" for m in marks for k, attr in
-                  ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt")) if getattr(m, attr, None) is not None]
+        limits = [
+            f"{k} {getattr(m, attr)}"
+            for m in marks
+            for k, attr in ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt"))
+            if getattr(m, attr, None) is not None
+        ]
         return _type(args[0]) + (f" ({', '.join(limits)})" if limits else "")
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in args)
@@ -49,8 +53,14 @@ def _type(annotation: Any) -> str:
     if isinstance(annotation, type):
         if issubclass(annotation, BaseModel):
             return annotation.__name__
-        return {"str": "text", "int": "integer", "float": "number", "bool": "true/false", "PosixPath": "path",
-                "Path": "path"}.get(annotation.__name__, annotation.__name__)
+        return {
+            "str": "text",
+            "int": "integer",
+            "float": "number",
+            "bool": "true/false",
+            "PosixPath": "path",
+            "Path": "path",
+        }.get(annotation.__name__, annotation.__name__)
     return str(annotation)
 
 
@@ -116,8 +126,9 @@ def render(text: str) -> str:
         ValueError: a section of :func:`sections` has no markers in ``text``.
     """
     for name, body in sections().items():
-        pattern = re.compile(rf"(<!-- generated: {re.escape(name)} -->\n)(?:.*?\n)?(<!-- end: {re.escape(name)} -->)",
-                             re.S)
+        pattern = re.compile(
+            rf"(<!-- generated: {re.escape(name)} -->\n)(?:.*?\n)?(<!-- end: {re.escape(name)} -->)", re.S
+        )
         if not pattern.search(text):
             raise ValueError(f"{DOC.name} has no <!-- generated: {name} --> ... <!-- end: {name} --> section")
         text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)

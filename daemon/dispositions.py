@@ -103,8 +103,9 @@ class LeaveToOwner:
 Action = Archive | Keep | Quarantine | RetryAt | Wait | Requeue | Follow | LeaveToOwner
 
 
-def after_run(job: Job, error: UpscaledError | None, policy: Policy, now: dt.datetime,
-              archive_rel: PurePosixPath | None = None) -> Action:
+def after_run(
+    job: Job, error: UpscaledError | None, policy: Policy, now: dt.datetime, archive_rel: PurePosixPath | None = None
+) -> Action:
     """What happens to ``job``'s input once its run ended (``error`` None: it succeeded).
 
     ``archive_rel`` is the free archive name for a success (the caller looks it up). A job that did not come from
@@ -121,8 +122,15 @@ def after_run(job: Job, error: UpscaledError | None, policy: Policy, now: dt.dat
     return Quarantine(error.kind, str(error))
 
 
-def for_existing(job: Job, rel: PurePosixPath, file_id: FileId | None, policy: Policy, now: dt.datetime,
-                 owner_may_live: bool, job_input_present: bool) -> Action:
+def for_existing(
+    job: Job,
+    rel: PurePosixPath,
+    file_id: FileId | None,
+    policy: Policy,
+    now: dt.datetime,
+    owner_may_live: bool,
+    job_input_present: bool,
+) -> Action:
     """What to do with the inbox file ``rel`` whose content already has ``job`` under its rule.
 
     ``owner_may_live``: the worker that failed the job may still be running (and about to move the input);
@@ -158,8 +166,15 @@ class Mover:
         """A free name for ``rel`` in the archive, to commit with the job."""
         return self.archive_root.free_name(rel)
 
-    def archive(self, job: Job, rel: PurePosixPath, dest: PurePosixPath | None, *, reserved: bool = False,
-                expect: FileId | None = None) -> str | None:
+    def archive(
+        self,
+        job: Job,
+        rel: PurePosixPath,
+        dest: PurePosixPath | None,
+        *,
+        reserved: bool = False,
+        expect: FileId | None = None,
+    ) -> str | None:
         """Move the inbox file ``rel`` to ``dest`` in the archive (or delete it when ``dest`` is None); returns the
         absolute path it went to, or None (deleted, gone, replaced, or the move failed: it is retried on a rescan).
         """
@@ -177,22 +192,41 @@ class Mover:
             # Another file holds the name now (a job of its own): this job's input went nowhere, and the archive
             # path committed with it must not point at the copy the new file's job will make.
             self.store.record_move(job.id, None)
-            self.log.warning("archive.skipped", job=job.id, file=display(str(rel)), error=str(exc),
-                             note="the file under this name is not this job's input any more; left for its own job")
+            self.log.warning(
+                "archive.skipped",
+                job=job.id,
+                file=display(str(rel)),
+                error=str(exc),
+                note="the file under this name is not this job's input any more; left for its own job",
+            )
             return None
         except (OSError, UpscaledError) as exc:
-            self.log.error("archive.failed", job=job.id, file=display(str(rel)), error=str(exc),
-                           note="kept in the inbox; retried on a rescan")
+            self.log.error(
+                "archive.failed",
+                job=job.id,
+                file=display(str(rel)),
+                error=str(exc),
+                note="kept in the inbox; retried on a rescan",
+            )
             return None
 
-    def quarantine(self, job: Job, rel: PurePosixPath, kind: str, error: str,
-                   expect: FileId | None = None) -> str | None:
+    def quarantine(
+        self, job: Job, rel: PurePosixPath, kind: str, error: str, expect: FileId | None = None
+    ) -> str | None:
         """Put the inbox file ``rel`` in failed/ beside ``<name>.error.json``; the reason is written first. Returns
         the absolute path it went to, or None (gone, replaced, or failed/ not writable: the input stays in the
         inbox and the next scan tries again)."""
-        info = dict(file=job.name, job=job.id, kind=kind, error=error, model=job.rule.model,
-                    scale=job.rule.final_scale, folder=job.folder, attempts=job.attempts,
-                    failed_at=self.store.clock().isoformat() + "Z")
+        info = dict(
+            file=job.name,
+            job=job.id,
+            kind=kind,
+            error=error,
+            model=job.rule.model,
+            scale=job.rule.final_scale,
+            folder=job.folder,
+            attempts=job.attempts,
+            failed_at=self.store.clock().isoformat() + "Z",
+        )
         try:
             dest = self.failed_root.free_name(rel)
             reason = dest.with_name(fit_name(dest.name + ".error.json"))

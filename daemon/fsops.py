@@ -83,8 +83,7 @@ def _raise_write(exc: OSError, what: str) -> None:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
         raise OutputUnavailableError(f"cannot write {what}: {exc.strerror or exc}") from exc
     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-        raise UnsafePathError(f"cannot write {what}: a folder on its path is a symbolic link or not a folder") \
-            from exc
+        raise UnsafePathError(f"cannot write {what}: a folder on its path is a symbolic link or not a folder") from exc
     raise OutputError(f"cannot write {what}: {exc.strerror or exc}") from exc
 
 
@@ -150,8 +149,10 @@ class Root:
                     nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise UnsafePathError(f"{display(str(rel_dir))}: {display(name)} under {self.path} is a "
-                                              f"symbolic link or not a folder; links are not followed") from None
+                        raise UnsafePathError(
+                            f"{display(str(rel_dir))}: {display(name)} under {self.path} is a "
+                            f"symbolic link or not a folder; links are not followed"
+                        ) from None
                     raise
                 os.close(fd)
                 fd = nfd
@@ -326,8 +327,9 @@ def _create_temp(dir_fd: int, name: str) -> str:
     while True:
         tmp = f"{head}.{secrets.token_hex(8)}{TMP_SUFFIX}"
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
-                             dir_fd=dir_fd))
+            os.close(
+                os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+            )
             return tmp
         except FileExistsError:  # 64 random bits: only a planted name gets here
             continue
@@ -372,8 +374,16 @@ def split_name(name: str) -> tuple[str, str]:
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 
 
-def move(src: Root, src_rel: str | os.PathLike, dst: Root, dst_rel: str | os.PathLike, *,
-         expect: FileId | None = None, reserved: bool = False, special: bool = False) -> PurePosixPath:
+def move(
+    src: Root,
+    src_rel: str | os.PathLike,
+    dst: Root,
+    dst_rel: str | os.PathLike,
+    *,
+    expect: FileId | None = None,
+    reserved: bool = False,
+    special: bool = False,
+) -> PurePosixPath:
     """Move ``src_rel`` under ``src`` to ``dst_rel`` under ``dst`` (or ``-1``, ``-2``, ... if that name holds another
     file), durably. Returns the name it got under ``dst``.
 
@@ -393,13 +403,17 @@ def move(src: Root, src_rel: str | os.PathLike, dst: Root, dst_rel: str | os.Pat
         OSError: anything else (the caller keeps the input where it is and tries again later).
     """
     sp, dp = parts(src_rel), parts(dst_rel)
-    with src.folder(PurePosixPath(*sp[:-1]) if len(sp) > 1 else "") as sd, \
-            dst.folder(PurePosixPath(*dp[:-1]) if len(dp) > 1 else "", create=True) as dd:
+    with (
+        src.folder(PurePosixPath(*sp[:-1]) if len(sp) > 1 else "") as sd,
+        dst.folder(PurePosixPath(*dp[:-1]) if len(dp) > 1 else "", create=True) as dd,
+    ):
         name = sp[-1]
         st = os.stat(name, dir_fd=sd, follow_symlinks=False)
         if expect is not None and FileId.of(st) != expect:
-            raise InputChangedError(f"{display(str(src_rel))} was replaced after it was registered; it is not this "
-                                    "job's input and stays where it is")
+            raise InputChangedError(
+                f"{display(str(src_rel))} was replaced after it was registered; it is not this "
+                "job's input and stays where it is"
+            )
         odd = stat.S_ISLNK(st.st_mode) or stat.S_ISFIFO(st.st_mode)
         if not stat.S_ISREG(st.st_mode) and not (special and odd):
             raise UnsafePathError(f"{display(str(src_rel))} is not a regular file")
@@ -509,5 +523,3 @@ def _same_bytes(a, b) -> bool:  # noqa: ANN001 - two binary files
             return False
         if not x:
             return True
-
-

@@ -51,8 +51,14 @@ def _where(model: str | None, folder: str | None, status: str | None, since: str
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-def history(engine: Engine, model: str | None = None, folder: str | None = None, status: str | None = None,
-            since: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+def history(
+    engine: Engine,
+    model: str | None = None,
+    folder: str | None = None,
+    status: str | None = None,
+    since: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
     where, params = _where(model, folder, status, since)
     sql = f"""
 SELECT j.id, j.state, j.folder, j.rel_path AS file, j.model_id AS model, j.outscale AS scale, j.mode, j.device,
@@ -72,8 +78,9 @@ def _pct(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
 
 
-def stats(engine: Engine, model: str | None = None, folder: str | None = None,
-          since: str | None = None) -> list[dict[str, Any]]:
+def stats(
+    engine: Engine, model: str | None = None, folder: str | None = None, since: str | None = None
+) -> list[dict[str, Any]]:
     """Per model, scale, mode and folder: count, failures, mean/p50/p95 total time, mean metrics."""
     where, params = _where(model, folder, None, since)
     sql = f"""
@@ -86,11 +93,18 @@ FROM jobs j JOIN job_metrics jm ON jm.id = j.id{where}"""
     out = []
     for (mid, scale, mode, folder), rows in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         times = sorted(r.t_total for r in rows if r.state == "done" and r.t_total is not None)
-        row: dict[str, Any] = dict(model=mid, scale=scale, mode=mode, folder=folder, jobs=len(rows),
-                                   done=sum(r.state == "done" for r in rows),
-                                   failed=sum(r.state == "failed" for r in rows),
-                                   mean_s=statistics.fmean(times) if times else None,
-                                   p50_s=_pct(times, 50), p95_s=_pct(times, 95))
+        row: dict[str, Any] = dict(
+            model=mid,
+            scale=scale,
+            mode=mode,
+            folder=folder,
+            jobs=len(rows),
+            done=sum(r.state == "done" for r in rows),
+            failed=sum(r.state == "failed" for r in rows),
+            mean_s=statistics.fmean(times) if times else None,
+            p50_s=_pct(times, 50),
+            p95_s=_pct(times, 95),
+        )
         for m in SUMMARY_METRICS:
             vals = [getattr(r, m) for r in rows if getattr(r, m) is not None]
             row[f"mean_{m}"] = statistics.fmean(vals) if vals else None

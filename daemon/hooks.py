@@ -52,23 +52,30 @@ class Hook(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    command: list[str] | None = Field(default=None, description="A program and its arguments (no shell); the "
-                                      "JSON payload comes on its stdin; {job_id}, {input}, {output}, {model}, "
-                                      "{rule} and ${ENV} are filled in.")
+    command: list[str] | None = Field(
+        default=None,
+        description="A program and its arguments (no shell); the "
+        "JSON payload comes on its stdin; {job_id}, {input}, {output}, {model}, "
+        "{rule} and ${ENV} are filled in.",
+    )
     url: str | None = Field(default=None, description="An http(s) URL POSTed the JSON payload.")
-    headers: dict[str, str] = Field(default_factory=dict, description="HTTP headers for `url` (`${NAME}` from the "
-                                    "environment, for tokens).")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="HTTP headers for `url` (`${NAME}` from the environment, for tokens)."
+    )
     timeout: float = Field(default=10.0, gt=0, le=600, description="Seconds per attempt.")
-    retries: int = Field(default=3, ge=0, le=20, description="Attempts after the first (on a 5xx, 408, 429, a "
-                         "network error or a failing command).")
-    backoff: float = Field(default=2.0, ge=0, le=3600, description="Seconds before the first retry; doubles each "
-                           "time.")
+    retries: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="Attempts after the first (on a 5xx, 408, 429, a network error or a failing command).",
+    )
+    backoff: float = Field(default=2.0, ge=0, le=3600, description="Seconds before the first retry; doubles each time.")
 
     @field_validator("command")
     @classmethod
     def _command(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and (not v or not v[0]):
-            raise ValueError("must name a program, as a list: command = [\"/usr/bin/notify-send\", \"{input}\"]")
+            raise ValueError('must name a program, as a list: command = ["/usr/bin/notify-send", "{input}"]')
         return v
 
     @field_validator("url")
@@ -100,9 +107,12 @@ class Hooks(BaseModel):
     """The ``on_done`` / ``on_failed`` keys, to mix into ``Rule`` and ``Settings``. Each takes one hook table or a
     list of them."""
 
-    on_done: list[Hook] = Field(default_factory=list, description="Hooks run after a job is done (and its "
-                                "metrics recorded): a command (argv list, no shell) or a URL POSTed JSON "
-                                "(docs/formats.md, Hooks).")
+    on_done: list[Hook] = Field(
+        default_factory=list,
+        description="Hooks run after a job is done (and its "
+        "metrics recorded): a command (argv list, no shell) or a URL POSTed JSON "
+        "(docs/formats.md, Hooks).",
+    )
     on_failed: list[Hook] = Field(default_factory=list, description="Hooks run after a job failed.")
 
     @field_validator("on_done", "on_failed", mode="before")
@@ -143,6 +153,7 @@ def expand(text: str, env: Mapping[str, str]) -> str:
     Raises:
         HookConfigError: a named variable is not in ``env``.
     """
+
     def sub(m: re.Match[str]) -> str:
         name = m.group(1)
         if name not in env:
@@ -171,12 +182,14 @@ def run_command(hook: Hook, event: HookEvent, env: Mapping[str, str]) -> Attempt
     assert hook.command is not None
     argv = [_fill(expand(a, env), event) for a in hook.command]
     child_env = dict(env)
-    child_env.update({f"UPSCALED_{k.upper()}": "" if getattr(event, k) is None else str(getattr(event, k))
-                      for k in _FIELDS})
+    child_env.update(
+        {f"UPSCALED_{k.upper()}": "" if getattr(event, k) is None else str(getattr(event, k)) for k in _FIELDS}
+    )
     body = json.dumps(event.payload(), ensure_ascii=False).encode()
     try:
-        proc = subprocess.run(argv, input=body, capture_output=True, timeout=hook.timeout, env=child_env,
-                              check=False, close_fds=True)
+        proc = subprocess.run(
+            argv, input=body, capture_output=True, timeout=hook.timeout, env=child_env, check=False, close_fds=True
+        )
     except FileNotFoundError:
         return Attempt(False, f"{argv[0]!r} was not found", retry=False)
     except PermissionError:
@@ -223,15 +236,17 @@ class HookRunner:
     dead webhook cannot grow the service's memory.
     """
 
-    def __init__(self, record: Record, *, workers: int = 2, env: Mapping[str, str] | None = None,
-                 max_pending: int = 1000) -> None:
+    def __init__(
+        self, record: Record, *, workers: int = 2, env: Mapping[str, str] | None = None, max_pending: int = 1000
+    ) -> None:
         self._record = record
         self._env = env
         self._queue: queue.Queue[_Job | None] = queue.Queue(max_pending)
         self._stop = threading.Event()
         self._closing = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, name=f"upscaled-hook-{i}", daemon=True)
-                         for i in range(workers)]
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"upscaled-hook-{i}", daemon=True) for i in range(workers)
+        ]
         for t in self._threads:
             t.start()
 
@@ -245,8 +260,9 @@ class HookRunner:
             try:
                 self._queue.put_nowait(_Job(hook, event, name))
             except queue.Full:
-                self._safe_record(event.job_id, name, False,
-                                  f"{hook.label}: not run, {self._queue.maxsize} hooks are already waiting")
+                self._safe_record(
+                    event.job_id, name, False, f"{hook.label}: not run, {self._queue.maxsize} hooks are already waiting"
+                )
 
     def close(self, timeout: float = 10.0) -> bool:
         """Run what is queued for up to ``timeout`` seconds, then stop (retry waits end at once). Returns whether
@@ -290,8 +306,9 @@ class HookRunner:
             if result.ok:
                 return True, f"{hook.label}: {result.detail} after {attempts} attempt{plural}"
             if not result.retry or attempts > hook.retries:
-                log.warning("hook failed", job_id=job.event.job_id, hook=hook.label, detail=result.detail,
-                            attempts=attempts)
+                log.warning(
+                    "hook failed", job_id=job.event.job_id, hook=hook.label, detail=result.detail, attempts=attempts
+                )
                 return False, f"{hook.label}: {result.detail} after {attempts} attempt{plural}"
             if self._stop.wait(delay):
                 return False, f"{hook.label}: {result.detail}; retries stopped, the service is stopping"

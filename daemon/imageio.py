@@ -38,16 +38,42 @@ from daemon.media.metadata import Metadata, Policy
 from daemon.media.png import DEFAULT_PNG_COMPRESSION, encode_png
 from models.errors import UnsupportedImageError, UpscaledError
 
-__all__ = ["DEFAULT_MAX_FRAMES", "DEFAULT_PNG_COMPRESSION", "Decoded", "Frame", "Metadata", "Policy", "Probe",
-           "assemble", "decode", "decode_bytes", "encode", "encode_animation", "probe", "to_output_array"]
+__all__ = [
+    "DEFAULT_MAX_FRAMES",
+    "DEFAULT_PNG_COMPRESSION",
+    "Decoded",
+    "Frame",
+    "Metadata",
+    "Policy",
+    "Probe",
+    "assemble",
+    "decode",
+    "decode_bytes",
+    "encode",
+    "encode_animation",
+    "probe",
+    "to_output_array",
+]
 
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding, with a configurable limit
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_MAX_FRAMES = 1000  # an animation with more frames is refused (issue 15: a 3000-frame GIF)
 ANIMATED_FORMATS = ("gif", "webp", "png")  # the animations we upscale frame by frame; others keep their first frame
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp", "tiff": "tiff", "tif": "tiff",
-              "bmp": "png", "gif": "gif", "avif": "avif", "heic": "heic", "heif": "heic", "jxl": "jxl"}
+EXTENSIONS = {
+    "png": "png",
+    "jpeg": "jpg",
+    "jpg": "jpg",
+    "webp": "webp",
+    "tiff": "tiff",
+    "tif": "tiff",
+    "bmp": "png",
+    "gif": "gif",
+    "avif": "avif",
+    "heic": "heic",
+    "heif": "heic",
+    "jxl": "jxl",
+}
 _ORIENT = {  # EXIF orientation -> numpy transform of (H, W, C) that makes the image upright
     2: lambda a: a[:, ::-1],
     3: lambda a: a[::-1, ::-1],
@@ -236,8 +262,10 @@ def _open(fh: BinaryIO, name: str) -> Image.Image:
         head = fh.read(32)
         extra = formats.missing_input_codec(head)
         if extra is not None:
-            raise UnsupportedImageError(f"{name} is a {'HEIC/HEIF' if extra == 'heif' else 'JPEG XL'} image; "
-                                        f"reading it needs {formats.install_hint(extra)}") from None
+            raise UnsupportedImageError(
+                f"{name} is a {'HEIC/HEIF' if extra == 'heif' else 'JPEG XL'} image; "
+                f"reading it needs {formats.install_hint(extra)}"
+            ) from None
         raise DecodeError(f"{name} is not an image (no known image format: {head[:8]!r}...)") from None
     except Exception as exc:  # Pillow raises many types on bad headers
         raise DecodeError(f"{name}: bad image header: {exc}") from None
@@ -251,8 +279,9 @@ def _probe_open(im: Image.Image, max_pixels: int, max_frames: int, name: str) ->
     pil = (im.format or "").upper()
     ours = formats.PIL_TO_OURS.get(pil)
     if ours is None:
-        raise UnsupportedImageError(f"{name}: format {im.format} is not supported "
-                                    "(png, jpeg, webp, tiff, bmp, gif, heic, avif, jxl)")
+        raise UnsupportedImageError(
+            f"{name}: format {im.format} is not supported (png, jpeg, webp, tiff, bmp, gif, heic, avif, jxl)"
+        )
     if w * h > max_pixels:
         raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h} pixels, over the max_pixels limit of {max_pixels}")
     animated = ours in ANIMATED_FORMATS and bool(getattr(im, "is_animated", False))
@@ -263,11 +292,14 @@ def _probe_open(im: Image.Image, max_pixels: int, max_frames: int, name: str) ->
         except Exception as exc:
             raise DecodeError(f"{name} is damaged or truncated: {exc}") from None
         if frames > max_frames:
-            raise ImageTooLargeError(f"{name} is an animation of {frames} frames, over the max_frames limit of "
-                                     f"{max_frames}")
+            raise ImageTooLargeError(
+                f"{name} is an animation of {frames} frames, over the max_frames limit of {max_frames}"
+            )
         if w * h * frames > max_pixels:
-            raise ImageTooLargeError(f"{name} is {frames} frames of {w}x{h} = {w * h * frames} pixels, over the "
-                                     f"max_pixels limit of {max_pixels} (all frames count)")
+            raise ImageTooLargeError(
+                f"{name} is {frames} frames of {w}x{h} = {w * h * frames} pixels, over the "
+                f"max_pixels limit of {max_pixels} (all frames count)"
+            )
     fmt = "png" if ours == "bmp" or (ours == "gif" and not animated) else ours
     return Probe(format=fmt, width=w, height=h, frames=frames, animated=animated)
 
@@ -289,8 +321,7 @@ def probe(fh: BinaryIO, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES, n
     return _probe_open(im, max_pixels, max_frames, str(name))
 
 
-def decode_bytes(data: bytes, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES,
-                 name: str = "<bytes>") -> Decoded:
+def decode_bytes(data: bytes, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES, name: str = "<bytes>") -> Decoded:
     """Decode an image file's bytes: its first frame now, the other frames on demand (:meth:`Decoded.rest`).
 
     Raises:
@@ -316,11 +347,18 @@ def decode_bytes(data: bytes, max_pixels: int, max_frames: int = DEFAULT_MAX_FRA
         if isinstance(rawmode, str) and ";16" in rawmode:
             notes.append("the 16-bit animated PNG is decoded at 8 bits (Pillow's APNG reader)")
         loop = im.info.get("loop")
-        return Decoded(first=first, format=p.format, meta=meta, mode=mode, frames=p.frames,
-                       loop=None if loop is None else int(loop), notes=notes, _source=source)
+        return Decoded(
+            first=first,
+            format=p.format,
+            meta=meta,
+            mode=mode,
+            frames=p.frames,
+            loop=None if loop is None else int(loop),
+            notes=notes,
+            _source=source,
+        )
     try:
-        if p.format in ("png", "tiff") and im.mode in ("RGB", "RGBA") and isinstance(rawmode, str) \
-                and ";16" in rawmode:
+        if p.format in ("png", "tiff") and im.mode in ("RGB", "RGBA") and isinstance(rawmode, str) and ";16" in rawmode:
             arr = _decode_16bit_colour(data, name)
             mode = im.mode + ";16"
         elif p.format == "heic" and int(im.info.get("bit_depth", 8) or 8) > 8:
@@ -418,8 +456,12 @@ class _FrameSource:
             raise DecodeError(f"{self.name}: frame {index + 1} is damaged or truncated: {exc}") from None
         if self.orientation in _ORIENT:
             arr = _ORIENT[self.orientation](arr)
-        return Frame(np.ascontiguousarray(arr), duration_ms=int(round(float(info.get("duration", 0) or 0))),
-                     disposal=disposal, blend=blend)
+        return Frame(
+            np.ascontiguousarray(arr),
+            duration_ms=int(round(float(info.get("duration", 0) or 0))),
+            disposal=disposal,
+            blend=blend,
+        )
 
     def frames(self, start: int, stop: int) -> Iterator[Frame]:
         for i in range(start, stop):
@@ -460,8 +502,10 @@ def assemble(colour: np.ndarray, alpha: np.ndarray | None, bits: int, grey: bool
     if colour.ndim != 3 or colour.shape[2] not in (1, 3):
         raise UnsupportedImageError(f"expected colour of shape (H, W, 3), got {colour.shape}")
     if alpha is not None and alpha.shape[:2] != colour.shape[:2]:
-        raise UnsupportedImageError(f"alpha is {alpha.shape[1]}x{alpha.shape[0]}, colour is "
-                                    f"{colour.shape[1]}x{colour.shape[0]}; expected the same size")
+        raise UnsupportedImageError(
+            f"alpha is {alpha.shape[1]}x{alpha.shape[0]}, colour is "
+            f"{colour.shape[1]}x{colour.shape[0]}; expected the same size"
+        )
     if bits not in (8, 16):
         raise UnsupportedImageError(f"expected 8 or 16 bits, got {bits}")
     dtype = np.uint16 if bits == 16 else np.uint8
@@ -492,8 +536,12 @@ def to_output_array(rgb: np.ndarray, alpha: np.ndarray | None, bits: int, grey: 
 
 # --- writing ----------------------------------------------------------------------------------------------------------
 def _check_array(arr: np.ndarray) -> None:
-    if not isinstance(arr, np.ndarray) or arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) \
-            or arr.dtype not in (np.uint8, np.uint16):
+    if (
+        not isinstance(arr, np.ndarray)
+        or arr.ndim != 3
+        or arr.shape[2] not in (1, 2, 3, 4)
+        or arr.dtype not in (np.uint8, np.uint16)
+    ):
         got = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
         raise OutputError(f"expected an (H, W, C) uint8 or uint16 array with C in 1..4 to encode, got {got}")
 
@@ -516,8 +564,15 @@ def _fit_to_format(arr: np.ndarray, fmt: str, info: formats.FormatInfo, notes: l
     return arr
 
 
-def encode(arr: np.ndarray, fmt: str, *, quality: int = 95, compression: int = DEFAULT_PNG_COMPRESSION,
-           meta: Metadata | None = None, policy: str = "keep") -> tuple[bytes, list[str]]:
+def encode(
+    arr: np.ndarray,
+    fmt: str,
+    *,
+    quality: int = 95,
+    compression: int = DEFAULT_PNG_COMPRESSION,
+    meta: Metadata | None = None,
+    policy: str = "keep",
+) -> tuple[bytes, list[str]]:
     """Encode ``arr`` ((H, W, C) uint8 or uint16, from :func:`assemble`) as ``fmt``. Returns (bytes, notes).
 
     ``quality`` (1-100) applies to jpg, webp, avif, heic and jxl; 100 means lossless for webp, heic and jxl.
@@ -535,8 +590,9 @@ def encode(arr: np.ndarray, fmt: str, *, quality: int = 95, compression: int = D
     h, w = arr.shape[:2]
     formats.check_limits(fmt, w, h)
     if fmt == "gif":
-        return encode_animation([Frame(arr)], "gif", loop=None, quality=quality, compression=compression,
-                                meta=meta, policy=policy)
+        return encode_animation(
+            [Frame(arr)], "gif", loop=None, quality=quality, compression=compression, meta=meta, policy=policy
+        )
     if not 1 <= quality <= 100:
         raise OutputError(f"quality must be 1-100, got {quality}")
     try:
@@ -551,8 +607,9 @@ def encode(arr: np.ndarray, fmt: str, *, quality: int = 95, compression: int = D
     except UpscaledError:
         raise
     except Exception as exc:  # a codec's own error: say which, never a traceback in the job row
-        raise OutputError(f"the {fmt} encoder failed on a {w}x{h} {arr.dtype} image with {arr.shape[2]} "
-                          f"channel(s): {exc}") from None
+        raise OutputError(
+            f"the {fmt} encoder failed on a {w}x{h} {arr.dtype} image with {arr.shape[2]} channel(s): {exc}"
+        ) from None
     if later.exif or later.xmp or later.iptc:
         try:
             data = md.exiv2_write(data, exif=later.exif, xmp=later.xmp, iptc=later.iptc)
@@ -568,8 +625,9 @@ def _match_profile(prep: md.Prepared, arr: np.ndarray, fmt: str, notes: list[str
     grey_out = (chans == 1 and fmt != "webp") or (chans == 2 and fmt in ("png", "tiff", "jxl") and arr.itemsize == 1)
     space = md.icc_colour_space(prep.icc or b"")
     if space in ("RGB", "GRAY") and (space == "GRAY") != grey_out:
-        notes.append(f"the {space} colour profile cannot describe a {'grey' if grey_out else 'colour'} {fmt}; "
-                     "it was dropped")
+        notes.append(
+            f"the {space} colour profile cannot describe a {'grey' if grey_out else 'colour'} {fmt}; it was dropped"
+        )
         prep.icc = None
 
 
@@ -630,10 +688,19 @@ def _enc_tiff(arr, quality, compression, prep, notes):
     extrasamples = ("unassalpha",) if chans in (2, 4) else None
     buf = io.BytesIO()
     data = arr[:, :, 0] if chans == 1 else arr
-    tifffile.imwrite(buf, data, photometric=photometric, extrasamples=extrasamples, compression="zlib",
-                     compressionargs={"level": max(1, compression)} if compression else None,
-                     predictor=True if compression else None, iccprofile=prep.icc, metadata=None, software=None,
-                     bigtiff=arr.nbytes > 2**32 - 2**25)
+    tifffile.imwrite(
+        buf,
+        data,
+        photometric=photometric,
+        extrasamples=extrasamples,
+        compression="zlib",
+        compressionargs={"level": max(1, compression)} if compression else None,
+        predictor=True if compression else None,
+        iccprofile=prep.icc,
+        metadata=None,
+        software=None,
+        bigtiff=arr.nbytes > 2**32 - 2**25,
+    )
     return buf.getvalue(), _Later(exif=prep.exif, xmp=prep.xmp, iptc=prep.iptc)
 
 
@@ -660,13 +727,17 @@ def _enc_avif_deep(arr, quality, prep, notes):
     elif chans == 4:
         deep = cv2.cvtColor(deep, cv2.COLOR_RGBA2BGRA)
     kinds, blocks = [], []
-    for kind, block in ((cv2.IMAGE_METADATA_ICCP, prep.icc), (cv2.IMAGE_METADATA_EXIF, prep.exif_tiff),
-                        (cv2.IMAGE_METADATA_XMP, prep.xmp)):
+    for kind, block in (
+        (cv2.IMAGE_METADATA_ICCP, prep.icc),
+        (cv2.IMAGE_METADATA_EXIF, prep.exif_tiff),
+        (cv2.IMAGE_METADATA_XMP, prep.xmp),
+    ):
         if block:
             kinds.append(kind)
             blocks.append(np.frombuffer(block, np.uint8))
-    ok, buf = cv2.imencodeWithMetadata(".avif", deep, kinds, blocks,
-                                       [cv2.IMWRITE_AVIF_DEPTH, 12, cv2.IMWRITE_AVIF_QUALITY, quality])
+    ok, buf = cv2.imencodeWithMetadata(
+        ".avif", deep, kinds, blocks, [cv2.IMWRITE_AVIF_DEPTH, 12, cv2.IMWRITE_AVIF_QUALITY, quality]
+    )
     if not ok:
         raise OutputError("OpenCV could not encode the 12-bit AVIF")
     return buf.tobytes()
@@ -684,8 +755,9 @@ def _enc_heic(arr, quality, compression, prep, notes):
         mode = {1: "L;16", 3: "RGB;16", 4: "RGBA;16"}[arr.shape[2]]
         if arr.shape[2] == 1:
             arr = arr[:, :, 0]
-        heif = pillow_heif.from_bytes(mode=mode, size=(arr.shape[1], arr.shape[0]),
-                                      data=np.ascontiguousarray(arr).tobytes())
+        heif = pillow_heif.from_bytes(
+            mode=mode, size=(arr.shape[1], arr.shape[0]), data=np.ascontiguousarray(arr).tobytes()
+        )
         heif.save(buf, quality=q, **params)
         notes.append("heic holds 10 bits per sample here; the 16-bit result was written at 10 bits")
         return buf.getvalue(), _Later()
@@ -710,8 +782,15 @@ def _enc_jxl(arr, quality, compression, prep, notes):
     return buf.getvalue(), _Later()
 
 
-_ENCODERS = {"png": _enc_png, "jpg": _enc_jpg, "webp": _enc_webp, "tiff": _enc_tiff, "avif": _enc_avif,
-             "heic": _enc_heic, "jxl": _enc_jxl}
+_ENCODERS = {
+    "png": _enc_png,
+    "jpg": _enc_jpg,
+    "webp": _enc_webp,
+    "tiff": _enc_tiff,
+    "avif": _enc_avif,
+    "heic": _enc_heic,
+    "jxl": _enc_jxl,
+}
 
 
 # --- animations -------------------------------------------------------------------------------------------------------
@@ -737,9 +816,16 @@ def _gif_palette(im: Image.Image) -> Image.Image:
     return p
 
 
-def encode_animation(frames: Iterable[Frame], fmt: str, *, loop: int | None = 0, quality: int = 95,
-                     compression: int = DEFAULT_PNG_COMPRESSION, meta: Metadata | None = None,
-                     policy: str = "keep") -> tuple[bytes, list[str]]:
+def encode_animation(
+    frames: Iterable[Frame],
+    fmt: str,
+    *,
+    loop: int | None = 0,
+    quality: int = 95,
+    compression: int = DEFAULT_PNG_COMPRESSION,
+    meta: Metadata | None = None,
+    policy: str = "keep",
+) -> tuple[bytes, list[str]]:
     """Encode whole-canvas frames (at output size) as an animated ``fmt``: gif, webp, or png (APNG).
 
     Each frame's duration is kept (GIF rounds to 10 ms), the loop count is kept (``None``: play once), and so is
@@ -772,8 +858,10 @@ def encode_animation(frames: Iterable[Frame], fmt: str, *, loop: int | None = 0,
             if arr.dtype == np.uint16:
                 notes.append(f"animated {fmt} is written at 8 bits per sample; the 16-bit result was reduced")
         elif arr.shape != shape:
-            raise OutputError(f"frame {i + 1} is {arr.shape}, frame 1 is {shape}: all frames of an animation "
-                              "must have the same size and channels")
+            raise OutputError(
+                f"frame {i + 1} is {arr.shape}, frame 1 is {shape}: all frames of an animation "
+                "must have the same size and channels"
+            )
         if arr.dtype == np.uint16:
             arr = _to_8bit(arr)
         im = _pil_image(arr)
@@ -790,8 +878,11 @@ def encode_animation(frames: Iterable[Frame], fmt: str, *, loop: int | None = 0,
     notes += meta_notes
     buf = io.BytesIO()
     single = len(images) == 1  # the writers take per-frame lists only for several frames
-    params: dict = {"save_all": not single, "append_images": images[1:],
-                    "duration": durations[0] if single else durations}
+    params: dict = {
+        "save_all": not single,
+        "append_images": images[1:],
+        "duration": durations[0] if single else durations,
+    }
     if loop is not None:
         params["loop"] = int(loop)
     elif fmt in ("webp", "png"):
@@ -803,8 +894,12 @@ def encode_animation(frames: Iterable[Frame], fmt: str, *, loop: int | None = 0,
             images[0].save(buf, "GIF", **params)
         elif fmt == "png":
             apng_disposal = [d if d in (0, 1, 2) else 0 for d in disposals]
-            params.update(disposal=apng_disposal[0] if single else apng_disposal, blend=_APNG_BLEND_SOURCE,
-                          compress_level=max(1, min(compression, 9)), default_image=False)
+            params.update(
+                disposal=apng_disposal[0] if single else apng_disposal,
+                blend=_APNG_BLEND_SOURCE,
+                compress_level=max(1, min(compression, 9)),
+                default_image=False,
+            )
             params.update(_meta_params(md.Prepared(icc=prep.icc, exif=prep.exif)))
             images[0].save(buf, "PNG", **params)
         else:
@@ -815,8 +910,10 @@ def encode_animation(frames: Iterable[Frame], fmt: str, *, loop: int | None = 0,
     except UpscaledError:
         raise
     except Exception as exc:
-        raise OutputError(f"the animated {fmt} encoder failed on {len(images)} frames of "
-                          f"{images[0].size[0]}x{images[0].size[1]}: {exc}") from None
+        raise OutputError(
+            f"the animated {fmt} encoder failed on {len(images)} frames of "
+            f"{images[0].size[0]}x{images[0].size[1]}: {exc}"
+        ) from None
     data = buf.getvalue()
     if fmt == "png" and (prep.xmp or prep.iptc):
         try:

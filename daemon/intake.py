@@ -73,13 +73,15 @@ def read_prompt(root: Root, rel: PurePosixPath) -> str | None:
     except UnsafePathError as exc:
         raise BadSidecarError(f"cannot read the prompt file {display(side.name)}: {exc}") from None
     if len(data) > SIDECAR_MAX_BYTES:
-        raise BadSidecarError(f"the prompt file {display(side.name)} is over {SIDECAR_MAX_BYTES} bytes; a prompt "
-                              "is a line of text")
+        raise BadSidecarError(
+            f"the prompt file {display(side.name)} is over {SIDECAR_MAX_BYTES} bytes; a prompt is a line of text"
+        )
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as exc:
-        raise BadSidecarError(f"the prompt file {display(side.name)} is not UTF-8 text ({exc.reason} at byte "
-                              f"{exc.start})") from None
+        raise BadSidecarError(
+            f"the prompt file {display(side.name)} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def with_sidecar_prompt(rule: Rule, root: Root, rel: PurePosixPath) -> Rule:
@@ -106,8 +108,9 @@ def plausible_bytes(probe: imageio.Probe) -> int:
     return probe.width * probe.height * max(1, probe.frames) * 8 + METADATA_ROOM
 
 
-def inspect(root: Root, rel: PurePosixPath, settings: Settings,
-            beat: Callable[[], None] = lambda: None) -> tuple[str, imageio.Probe, os.stat_result]:
+def inspect(
+    root: Root, rel: PurePosixPath, settings: Settings, beat: Callable[[], None] = lambda: None
+) -> tuple[str, imageio.Probe, os.stat_result]:
     """Open ``rel`` under ``root`` once, check its size and header (a file far larger than its pixels can need is
     refused: see :func:`plausible_bytes`), and stream its sha256 from the same descriptor. Returns (sha256, probe,
     fstat).
@@ -128,17 +131,20 @@ def inspect(root: Root, rel: PurePosixPath, settings: Settings,
         raise UnreadableFileError(f"cannot read {name}: {exc.strerror or exc}") from None
     with os.fdopen(fd, "rb") as fh:
         if st.st_size > settings.max_file_bytes:
-            raise ImageTooLargeError(f"{name} is {st.st_size} bytes, over the max_file_bytes limit of "
-                                     f"{settings.max_file_bytes}")
+            raise ImageTooLargeError(
+                f"{name} is {st.st_size} bytes, over the max_file_bytes limit of {settings.max_file_bytes}"
+            )
         if st.st_size == 0:
             raise EmptyFileError(f"{name} is empty (0 bytes)")
         try:
             probe = imageio.probe(fh, settings.max_pixels, settings.max_frames, name=name)
             need = plausible_bytes(probe)
             if st.st_size > need:  # a valid header on a huge tail: the worker would read all of it to decode it
-                raise ImageTooLargeError(f"{name} is {st.st_size} bytes, but a {probe.width}x{probe.height} image "
-                                         f"({probe.frames} frame(s)) needs at most {need}: {st.st_size - need} "
-                                         "bytes of it are not its pixels")
+                raise ImageTooLargeError(
+                    f"{name} is {st.st_size} bytes, but a {probe.width}x{probe.height} image "
+                    f"({probe.frames} frame(s)) needs at most {need}: {st.st_size - need} "
+                    "bytes of it are not its pixels"
+                )
             fh.seek(0)
             digest = hashlib.sha256()
             while chunk := fh.read(CHUNK):
@@ -172,10 +178,17 @@ class Intake:
         if st is None:
             return None
         if not stat.S_ISREG(st.st_mode):
-            what = "a symbolic link; links are not followed out of the inbox" if stat.S_ISLNK(st.st_mode) else \
-                "not a regular file"
-            return JobSpec(sha=failure_key(rel, st), failure=UnsafePathError(f"{display(str(rel))} is {what}"),
-                           input_size=st.st_size, **base)
+            what = (
+                "a symbolic link; links are not followed out of the inbox"
+                if stat.S_ISLNK(st.st_mode)
+                else "not a regular file"
+            )
+            return JobSpec(
+                sha=failure_key(rel, st),
+                failure=UnsafePathError(f"{display(str(rel))} is {what}"),
+                input_size=st.st_size,
+                **base,
+            )
         try:
             sha, probe, st = inspect(self.inbox, rel, self.settings, self.beat)
             rule = with_sidecar_prompt(rule, self.inbox, rel)
@@ -183,6 +196,13 @@ class Intake:
             return None
         except UpscaledError as exc:
             return JobSpec(sha=failure_key(rel, st), failure=exc, input_size=st.st_size, **base)
-        return JobSpec(sha=sha, input_size=st.st_size, input_id=FileId.of(st), input_format=probe.format,
-                       input_width=probe.width, input_height=probe.height, frames=probe.frames,
-                       **(base | {"rule": rule}))
+        return JobSpec(
+            sha=sha,
+            input_size=st.st_size,
+            input_id=FileId.of(st),
+            input_format=probe.format,
+            input_width=probe.width,
+            input_height=probe.height,
+            frames=probe.frames,
+            **(base | {"rule": rule}),
+        )

@@ -179,21 +179,35 @@ class JobStore(Protocol):
     clock: Clock
 
     def register(self, specs: Sequence[JobSpec], node: str | None = None) -> list[Registered]: ...
-    def claim(self, worker: str, *, node: str | None = None, limit: int = 1, folders: Iterable[str] | None = None,
-              source: str | None = None, job_id: int | None = None,
-              plan: OutputPlanner | None = None) -> list[Job]: ...
+    def claim(
+        self,
+        worker: str,
+        *,
+        node: str | None = None,
+        limit: int = 1,
+        folders: Iterable[str] | None = None,
+        source: str | None = None,
+        job_id: int | None = None,
+        plan: OutputPlanner | None = None,
+    ) -> list[Job]: ...
     def finish(self, results: Sequence[Finished]) -> list[bool]: ...
     def record_metrics(self, job_id: int, results: Sequence[Metric], state: str = "done") -> None: ...
-    def fail(self, job_id: int, kind: str, error: str, owner: str | None = None,
-             fields: Mapping[str, Any] | None = None) -> bool: ...
+    def fail(
+        self, job_id: int, kind: str, error: str, owner: str | None = None, fields: Mapping[str, Any] | None = None
+    ) -> bool: ...
     def retry_later(self, job_id: int, kind: str, error: str, at: dt.datetime, owner: str | None = None) -> bool: ...
     def release(self, job_id: int, owner: str | None = None) -> bool: ...
     def record_move(self, job_id: int, dest: str | None) -> None: ...
     def requeue(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None: ...
     def rename(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None: ...
     def progress(self, job_id: int, text: str) -> None: ...
-    def recover(self, stale_after: float | None = None, own_node: str | None = None, unowned: bool = False,
-                spare: Callable[[Job], bool] | None = None) -> list[Job]: ...
+    def recover(
+        self,
+        stale_after: float | None = None,
+        own_node: str | None = None,
+        unowned: bool = False,
+        spare: Callable[[Job], bool] | None = None,
+    ) -> list[Job]: ...
     def metrics_pending(self, node: str | None, stale_after: float) -> list[Job]: ...
     def get(self, job_id: int) -> Job | None: ...
     def states(self, job_ids: Iterable[int]) -> dict[int, str]: ...
@@ -245,23 +259,45 @@ class MemoryStore:
                     continue
                 job_id = next(self._ids)
                 failing = spec.failure is not None
-                job = Job(id=job_id, sha=key[0], fingerprint=key[1], state="running" if failing else "pending",
-                          rule=spec.rule, rel=spec.rel, input_path=spec.input_path, source=spec.source,
-                          folder=spec.rule.folder if spec.folder is None else spec.folder,
-                          attempts=1 if failing else 0, worker=worker_id() if failing else None,
-                          node=node if failing else None, input_size=spec.input_size, input_id=spec.input_id,
-                          input_format=spec.input_format, input_width=spec.input_width,
-                          input_height=spec.input_height, frames=spec.frames, created_at=now,
-                          started_at=now if failing else None)
+                job = Job(
+                    id=job_id,
+                    sha=key[0],
+                    fingerprint=key[1],
+                    state="running" if failing else "pending",
+                    rule=spec.rule,
+                    rel=spec.rel,
+                    input_path=spec.input_path,
+                    source=spec.source,
+                    folder=spec.rule.folder if spec.folder is None else spec.folder,
+                    attempts=1 if failing else 0,
+                    worker=worker_id() if failing else None,
+                    node=node if failing else None,
+                    input_size=spec.input_size,
+                    input_id=spec.input_id,
+                    input_format=spec.input_format,
+                    input_width=spec.input_width,
+                    input_height=spec.input_height,
+                    frames=spec.frames,
+                    created_at=now,
+                    started_at=now if failing else None,
+                )
                 self._rows[job_id] = _Row(job, heartbeat_at=now if failing and node else None)
                 self._keys[key] = job_id
                 out.append(Registered(job, True))
             self.commits += 1
         return out
 
-    def claim(self, worker: str, *, node: str | None = None, limit: int = 1, folders: Iterable[str] | None = None,
-              source: str | None = None, job_id: int | None = None,
-              plan: OutputPlanner | None = None) -> list[Job]:
+    def claim(
+        self,
+        worker: str,
+        *,
+        node: str | None = None,
+        limit: int = 1,
+        folders: Iterable[str] | None = None,
+        source: str | None = None,
+        job_id: int | None = None,
+        plan: OutputPlanner | None = None,
+    ) -> list[Job]:
         with self._lock:
             now = self.clock()
             allowed = None if folders is None else set(folders)
@@ -276,8 +312,7 @@ class MemoryStore:
                     continue
                 if (allowed is not None and j.folder not in allowed) or (source is not None and j.source != source):
                     continue
-                j = self._set(j.id, state="running", started_at=now, attempts=j.attempts + 1, worker=worker,
-                              node=node)
+                j = self._set(j.id, state="running", started_at=now, attempts=j.attempts + 1, worker=worker, node=node)
                 row.heartbeat_at = now if node else None
                 if plan is not None and j.output_path is None:
                     path = plan(j, lambda p, me=j.id: self._owner(p) not in (None, me))
@@ -302,9 +337,15 @@ class MemoryStore:
                 if not self._owned(r.job_id, r.owner):
                     done.append(False)
                     continue
-                self._set(r.job_id, state="done", finished_at=now, error=None, error_kind=None,
-                          input_moved_to=None if r.archive_path is None else text_form(r.archive_path),
-                          metrics_state="pending" if r.metrics_pending else None)
+                self._set(
+                    r.job_id,
+                    state="done",
+                    finished_at=now,
+                    error=None,
+                    error_kind=None,
+                    input_moved_to=None if r.archive_path is None else text_form(r.archive_path),
+                    metrics_state="pending" if r.metrics_pending else None,
+                )
                 row = self._rows[r.job_id]
                 row.fields.update(r.fields)
                 row.metrics = list(r.metrics)
@@ -320,8 +361,9 @@ class MemoryStore:
             self._set(job_id, metrics_state=state)
             self.commits += 1
 
-    def fail(self, job_id: int, kind: str, error: str, owner: str | None = None,
-             fields: Mapping[str, Any] | None = None) -> bool:
+    def fail(
+        self, job_id: int, kind: str, error: str, owner: str | None = None, fields: Mapping[str, Any] | None = None
+    ) -> bool:
         with self._lock:
             if not self._owned(job_id, owner):
                 return False
@@ -357,8 +399,17 @@ class MemoryStore:
 
     def requeue(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None:
         with self._lock:
-            self._set(job_id, state="pending", rel=rel, input_path=input_path, input_id=input_id,
-                      input_moved_to=None, next_attempt_at=None, attempts=0, output_path=None)
+            self._set(
+                job_id,
+                state="pending",
+                rel=rel,
+                input_path=input_path,
+                input_id=input_id,
+                input_moved_to=None,
+                next_attempt_at=None,
+                attempts=0,
+                output_path=None,
+            )
             self.commits += 1
 
     def rename(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None:
@@ -370,8 +421,13 @@ class MemoryStore:
         with self._lock:
             self._rows[job_id].progress = text
 
-    def recover(self, stale_after: float | None = None, own_node: str | None = None, unowned: bool = False,
-                spare: Callable[[Job], bool] | None = None) -> list[Job]:
+    def recover(
+        self,
+        stale_after: float | None = None,
+        own_node: str | None = None,
+        unowned: bool = False,
+        spare: Callable[[Job], bool] | None = None,
+    ) -> list[Job]:
         with self._lock:
             now = self.clock()
             found = []
@@ -379,8 +435,11 @@ class MemoryStore:
                 j = row.job
                 if j.state != "running":
                     continue
-                stale = stale_after is not None and j.node is not None and (
-                    row.heartbeat_at is None or (now - row.heartbeat_at).total_seconds() > stale_after)
+                stale = (
+                    stale_after is not None
+                    and j.node is not None
+                    and (row.heartbeat_at is None or (now - row.heartbeat_at).total_seconds() > stale_after)
+                )
                 if not ((unowned and j.node is None) or (own_node is not None and j.node == own_node) or stale):
                     continue
                 if spare is not None and spare(j):
@@ -394,8 +453,13 @@ class MemoryStore:
 
     def metrics_pending(self, node: str | None, stale_after: float) -> list[Job]:
         with self._lock:
-            return [r.job for r in self._rows.values() if r.job.metrics_state == "pending"
-                    and r.job.source == "watch" and (node is None or r.job.node in (node, None))]
+            return [
+                r.job
+                for r in self._rows.values()
+                if r.job.metrics_state == "pending"
+                and r.job.source == "watch"
+                and (node is None or r.job.node in (node, None))
+            ]
 
     def heartbeat_jobs(self, node: str) -> None:
         with self._lock:

@@ -51,8 +51,17 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
 
 
 def ssim(a: np.ndarray, b: np.ndarray, channel_axis: int | None = None) -> float:
-    return float(structural_similarity(a, b, data_range=255.0, gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False, channel_axis=channel_axis))
+    return float(
+        structural_similarity(
+            a,
+            b,
+            data_range=255.0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            channel_axis=channel_axis,
+        )
+    )
 
 
 def full_reference(sr: np.ndarray, hr: np.ndarray, shave: int, names: tuple[str, ...]) -> list[Metric]:
@@ -75,8 +84,16 @@ def full_reference(sr: np.ndarray, hr: np.ndarray, shave: int, names: tuple[str,
         if "psnr_rgb" in names:
             out.append(Metric("psnr_rgb", psnr(rs, rh), "rgb", shave, "hr", "PSNR peak 255, " + proto_rgb))
         if "ssim_rgb" in names:
-            out.append(Metric("ssim_rgb", ssim(rs, rh, channel_axis=2), "rgb", shave, "hr",
-                              "SSIM Wang 11x11 s1.5 per channel, mean, " + proto_rgb))
+            out.append(
+                Metric(
+                    "ssim_rgb",
+                    ssim(rs, rh, channel_axis=2),
+                    "rgb",
+                    shave,
+                    "hr",
+                    "SSIM Wang 11x11 s1.5 per channel, mean, " + proto_rgb,
+                )
+            )
     return out
 
 

@@ -25,8 +25,15 @@ from models.errors import UpscaledError
 from models.registry import ModelCache
 
 
-def process(settings: Settings, files: list[Path], rule: Rule, out_dir: Path, force: bool = False,
-            store: SqlStore | None = None, cache: ModelCache | None = None) -> list[dict[str, Any]]:
+def process(
+    settings: Settings,
+    files: list[Path],
+    rule: Rule,
+    out_dir: Path,
+    force: bool = False,
+    store: SqlStore | None = None,
+    cache: ModelCache | None = None,
+) -> list[dict[str, Any]]:
     """Upscale ``files`` by ``rule`` into ``out_dir``. Returns one report per file: file, state (done, failed,
     skipped), output, error, job, and on success the seconds and the metrics."""
     own = store is None
@@ -37,16 +44,16 @@ def process(settings: Settings, files: list[Path], rule: Rule, out_dir: Path, fo
         with Root(out_dir) as out:
             stages = Stages(settings, store, cache or ModelCache(), None, out, None)
             for path in files:
-                report: dict[str, Any] = dict(file=display(str(path)), state="failed", output=None, error=None,
-                                              job=None)
+                report: dict[str, Any] = dict(
+                    file=display(str(path)), state="failed", output=None, error=None, job=None
+                )
                 reports.append(report)
                 try:
                     _one(stages, settings, Path(path).absolute(), rule, out, force, report)
                 except UpscaledError as exc:
                     report["error"] = f"{exc.kind}: {exc}"
                 except Exception as exc:  # noqa: BLE001 - one file's surprise never ends the batch
-                    log.error("process.crashed", file=report["file"], error=repr(exc),
-                              traceback=traceback.format_exc())
+                    log.error("process.crashed", file=report["file"], error=repr(exc), traceback=traceback.format_exc())
                     report["error"] = f"{InternalError.kind}: unexpected {type(exc).__name__}: {exc}"
     finally:
         if own:
@@ -54,8 +61,9 @@ def process(settings: Settings, files: list[Path], rule: Rule, out_dir: Path, fo
     return reports
 
 
-def _one(stages: Stages, settings: Settings, path: Path, rule: Rule, out: Root, force: bool,
-         report: dict[str, Any]) -> None:
+def _one(
+    stages: Stages, settings: Settings, path: Path, rule: Rule, out: Root, force: bool, report: dict[str, Any]
+) -> None:
     store = stages.store
     rel = PurePosixPath(path.name)
     # The output folder is part of what the run means: the same file into another folder is another job.
@@ -75,16 +83,28 @@ def _one(stages: Stages, settings: Settings, path: Path, rule: Rule, out: Root, 
             report.update(job=job.id, error=f"{exc.kind}: {exc}")
             return
     fingerprint = hashlib.sha256(f"{rule.fingerprint()}:{out.path}".encode()).hexdigest()[:16]
-    spec = JobSpec(sha=sha, rule=rule, input_size=st.st_size, input_id=FileId.of(st), input_format=probe.format,
-                   input_width=probe.width, input_height=probe.height, frames=probe.frames, fingerprint=fingerprint,
-                   **base)
+    spec = JobSpec(
+        sha=sha,
+        rule=rule,
+        input_size=st.st_size,
+        input_id=FileId.of(st),
+        input_format=probe.format,
+        input_width=probe.width,
+        input_height=probe.height,
+        frames=probe.frames,
+        fingerprint=fingerprint,
+        **base,
+    )
     reg = store.register([spec])[0]
     job = reg.job
     report["job"] = job.id
     if not reg.created:
         if job.state == "done" and not force and job.output_path and Path(job.output_path).exists():
-            report.update(state="skipped", output=job.output_path,
-                          error="already processed with this rule and --out (use --force to redo)")
+            report.update(
+                state="skipped",
+                output=job.output_path,
+                error="already processed with this rule and --out (use --force to redo)",
+            )
             return
         if job.state == "running":
             report["error"] = "another process is working on this job"
@@ -97,7 +117,11 @@ def _one(stages: Stages, settings: Settings, path: Path, rule: Rule, out: Root, 
     if task.error is not None:
         report["error"] = f"{task.error.kind}: {task.error}"
         return
-    report.update(state="done", output=task.job.output_path, seconds=round(sum(task.timer.times.values()), 4),
-                  **{m.name: m.value for m in task.metrics})
+    report.update(
+        state="done",
+        output=task.job.output_path,
+        seconds=round(sum(task.timer.times.values()), 4),
+        **{m.name: m.value for m in task.metrics},
+    )
     if task.work is not None and task.work.notes:
         report["notes"] = "; ".join(task.work.notes)

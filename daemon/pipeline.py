@@ -41,8 +41,7 @@ _OUTPUT_NAME_MAX = NAME_MAX - 16
 LOSSY = ("jpg", "webp", "avif", "heic", "jxl")
 
 
-def output_name(rule: Rule, rel: PurePosixPath, fmt: str, plan: SizePlan | None = None,
-                date: str = "") -> str:
+def output_name(rule: Rule, rel: PurePosixPath, fmt: str, plan: SizePlan | None = None, date: str = "") -> str:
     """The rule's naming template filled in, with the input's stem shortened if the name would be too long.
 
     ``plan`` gives ``{width}``, ``{height}`` (and ``{scale}`` for a target size: the factor reached); ``date`` is
@@ -51,9 +50,17 @@ def output_name(rule: Rule, rel: PurePosixPath, fmt: str, plan: SizePlan | None 
     scale = f"{plan.factor:.3g}" if plan is not None and rule.has_target else f"{rule.final_scale:g}"
     width, height = plan.output if plan is not None else (0, 0)
     while True:
-        name = rule.naming.format(stem=stem, model=model_label(rule.model), scale=scale, ext=fmt,
-                                  folder=rule.folder.replace("/", "_") or "root", rule=rule.fingerprint(),
-                                  width=width, height=height, date=date)
+        name = rule.naming.format(
+            stem=stem,
+            model=model_label(rule.model),
+            scale=scale,
+            ext=fmt,
+            folder=rule.folder.replace("/", "_") or "root",
+            rule=rule.fingerprint(),
+            width=width,
+            height=height,
+            date=date,
+        )
         excess = len(name.encode("utf-8", "surrogateescape")) - _OUTPUT_NAME_MAX
         if excess <= 0 or not stem:
             return name
@@ -84,8 +91,13 @@ def size_plan(rule: Rule, width: int, height: int) -> tuple[SizePlan, float]:
             scaled, _ = sizing.target_size((width, height), target)
             factor = max(scaled[0] / width, scaled[1] / height)
         return sizing.plan((width, height), factor, target=target, max_passes=1), factor
-    return sizing.plan((width, height), rule.scale, target=target, outscale=rule.outscale,
-                       max_passes=rule.max_passes if backend.chainable else 1), rule.scale
+    return sizing.plan(
+        (width, height),
+        rule.scale,
+        target=target,
+        outscale=rule.outscale,
+        max_passes=rule.max_passes if backend.chainable else 1,
+    ), rule.scale
 
 
 def colour_of(pixels: np.ndarray) -> np.ndarray:
@@ -157,9 +169,14 @@ def prepare(rule: Rule, decoded: imageio.Decoded, settings: Settings) -> Work:
         ImageTooSmallError: benchmark mode, and the image is too small to be measured at the scale.
         ImageTooLargeError: the output would be over ``max_output_pixels`` (all frames).
     """
-    fields: dict[str, Any] = dict(input_width=decoded.width, input_height=decoded.height,
-                                  input_format=decoded.format, input_mode=decoded.mode, bits=decoded.bits,
-                                  frames=decoded.frames)
+    fields: dict[str, Any] = dict(
+        input_width=decoded.width,
+        input_height=decoded.height,
+        input_format=decoded.format,
+        input_mode=decoded.mode,
+        bits=decoded.bits,
+        frames=decoded.frames,
+    )
     pixels = decoded.first.pixels
     colour, alpha = colour_of(pixels), alpha_of(pixels)
     hr = None
@@ -180,23 +197,40 @@ def prepare(rule: Rule, decoded: imageio.Decoded, settings: Settings) -> Work:
     frames = decoded.frames if animates(rule, decoded) else 1
     total = size[0] * size[1] * frames
     if total > settings.max_output_pixels:
-        raise ImageTooLargeError(f"the output would be {size[0]}x{size[1]}"
-                                 f"{f' x {frames} frames' if frames > 1 else ''} = {total} pixels, "
-                                 f"over the max_output_pixels limit of {settings.max_output_pixels}")
+        raise ImageTooLargeError(
+            f"the output would be {size[0]}x{size[1]}"
+            f"{f' x {frames} frames' if frames > 1 else ''} = {total} pixels, "
+            f"over the max_output_pixels limit of {settings.max_output_pixels}"
+        )
     if rule.params:  # a diffusion job's prompt, seed, steps...: what produced this output, with the job
         fields["gen_params"] = json.dumps(rule.params, sort_keys=True, ensure_ascii=False)
     notes = list(decoded.notes) + plan.notes
     if decoded.frames > 1 and frames == 1 and rule.mode != "benchmark":
-        notes.append(f"the input has {decoded.frames} frames and {output_format(rule, decoded.format)} holds one; "
-                     "only the first frame was upscaled")
-    return Work(decoded=decoded, src=to_model(colour), alpha=alpha, plan=plan, native=native, bits=decoded.bits,
-                grey=decoded.grey, hr=hr, fields=fields, notes=notes)
+        notes.append(
+            f"the input has {decoded.frames} frames and {output_format(rule, decoded.format)} holds one; "
+            "only the first frame was upscaled"
+        )
+    return Work(
+        decoded=decoded,
+        src=to_model(colour),
+        alpha=alpha,
+        plan=plan,
+        native=native,
+        bits=decoded.bits,
+        grey=decoded.grey,
+        hr=hr,
+        fields=fields,
+        notes=notes,
+    )
 
 
 def animates(rule: Rule, decoded: imageio.Decoded) -> bool:
     """Whether every frame is upscaled: an animated input, and an output format that holds an animation."""
-    return decoded.frames > 1 and rule.mode != "benchmark" and \
-        output_format(rule, decoded.format) in imageio.ANIMATED_FORMATS
+    return (
+        decoded.frames > 1
+        and rule.mode != "benchmark"
+        and output_format(rule, decoded.format) in imageio.ANIMATED_FORMATS
+    )
 
 
 def _model(up: Upscaler, params: Any, img: np.ndarray, plan: SizePlan) -> np.ndarray:
@@ -206,8 +240,9 @@ def _model(up: Upscaler, params: Any, img: np.ndarray, plan: SizePlan) -> np.nda
     return sizing.apply_final(img, plan)
 
 
-def _enlarge(rule: Rule, up: Upscaler, params: Any, colour: np.ndarray, alpha: np.ndarray | None,
-             plan: SizePlan) -> tuple[np.ndarray, np.ndarray | None]:
+def _enlarge(
+    rule: Rule, up: Upscaler, params: Any, colour: np.ndarray, alpha: np.ndarray | None, plan: SizePlan
+) -> tuple[np.ndarray, np.ndarray | None]:
     """One frame: the model, the finishing resize, and the alpha channel (by the model, or resized)."""
     out = _model(up, params, colour, plan)
     alpha_out = None
@@ -217,15 +252,23 @@ def _enlarge(rule: Rule, up: Upscaler, params: Any, colour: np.ndarray, alpha: n
             mean = a.astype(np.float32).mean(axis=2)
             alpha_out = np.rint(mean).astype(np.uint8) if a.dtype == np.uint8 else mean
         else:  # a plain resize to the plan's size (then the same crop)
-            direct = sizing.SizePlan(plan.source, 1, plan.source, plan.scaled, plan.output, plan.crop,
-                                     sizing.final_filter(plan.source, plan.scaled))
+            direct = sizing.SizePlan(
+                plan.source,
+                1,
+                plan.source,
+                plan.scaled,
+                plan.output,
+                plan.crop,
+                sizing.final_filter(plan.source, plan.scaled),
+            )
             a = sizing.apply_final(to_float(alpha), direct)
             alpha_out = a if alpha.dtype != np.uint8 else np.rint(a * 255.0).astype(np.uint8)
     return out, alpha_out
 
 
-def run(rule: Rule, work: Work, up: Upscaler, params: Any = None,
-        brisque: Callable[[], Brisque | None] | None = None) -> None:
+def run(
+    rule: Rule, work: Work, up: Upscaler, params: Any = None, brisque: Callable[[], Brisque | None] | None = None
+) -> None:
     """Run the model on ``work`` (every frame of an animation), leaving the result in ``work``.
 
     An animation's frames are decoded, upscaled and assembled one at a time (the input never held whole), and their
@@ -252,14 +295,25 @@ def run(rule: Rule, work: Work, up: Upscaler, params: Any = None,
     work.fields.update(backend=up.backend, device=up.device, precision=up.precision)
 
 
-def _keep_frame(rule: Rule, work: Work, frame: imageio.Frame, colour: np.ndarray, alpha: np.ndarray | None,
-                src: np.ndarray, brisque: Callable[[], Brisque | None] | None) -> None:
+def _keep_frame(
+    rule: Rule,
+    work: Work,
+    frame: imageio.Frame,
+    colour: np.ndarray,
+    alpha: np.ndarray | None,
+    src: np.ndarray,
+    brisque: Callable[[], Brisque | None] | None,
+) -> None:
     """One output frame of an animation: assembled at output size (the only copy kept), and measured now."""
-    work.frames_out.append(imageio.Frame(imageio.assemble(colour, alpha, work.bits, work.grey), frame.duration_ms,
-                                         frame.disposal, frame.blend))
+    work.frames_out.append(
+        imageio.Frame(
+            imageio.assemble(colour, alpha, work.bits, work.grey), frame.duration_ms, frame.disposal, frame.blend
+        )
+    )
     if rule.metric_names and brisque is not None:
-        work.frame_metrics.append(_upscale_metrics(rule.metric_names, _written(colour, work.bits), to_float(src),
-                                                   brisque, work.notes))
+        work.frame_metrics.append(
+            _upscale_metrics(rule.metric_names, _written(colour, work.bits), to_float(src), brisque, work.notes)
+        )
 
 
 def encode(rule: Rule, work: Work, fmt: str) -> bytes:
@@ -270,15 +324,22 @@ def encode(rule: Rule, work: Work, fmt: str) -> bytes:
     """
     meta = work.decoded.meta
     if work.frames_out:
-        data, notes = imageio.encode_animation(work.frames_out, fmt, loop=work.decoded.loop, quality=rule.quality,
-                                               compression=rule.compression, meta=meta, policy=rule.metadata)
+        data, notes = imageio.encode_animation(
+            work.frames_out,
+            fmt,
+            loop=work.decoded.loop,
+            quality=rule.quality,
+            compression=rule.compression,
+            meta=meta,
+            policy=rule.metadata,
+        )
     else:
         assert work.out is not None
-        data, notes = imageio.encode(work.out, fmt, quality=rule.quality, compression=rule.compression, meta=meta,
-                                     policy=rule.metadata)
+        data, notes = imageio.encode(
+            work.out, fmt, quality=rule.quality, compression=rule.compression, meta=meta, policy=rule.metadata
+        )
     work.notes += notes
-    work.fields.update(output_width=work.size[0], output_height=work.size[1], output_format=fmt,
-                       output_size=len(data))
+    work.fields.update(output_width=work.size[0], output_height=work.size[1], output_format=fmt, output_size=len(data))
     return data
 
 
@@ -292,8 +353,9 @@ def measure(rule: Rule, work: Work, data: bytes, fmt: str, brisque: Callable[[],
     if work.animated:
         return _summarise(work.frame_metrics, len(work.frames_out))
     if fmt in LOSSY:
-        written = to_float(colour_of(imageio.decode_bytes(data, work.size[0] * work.size[1],
-                                                          name="the output").first.pixels))
+        written = to_float(
+            colour_of(imageio.decode_bytes(data, work.size[0] * work.size[1], name="the output").first.pixels)
+        )
     else:
         written = _written(work.colour, work.bits)
     if rule.mode == "benchmark":
@@ -307,15 +369,22 @@ def _written(colour: np.ndarray, bits: int) -> np.ndarray:
     return to_float(colour) if colour.dtype != np.float32 else quantise(colour, bits)
 
 
-def _upscale_metrics(names: tuple[str, ...], written: np.ndarray, src: np.ndarray,
-                     brisque: Callable[[], Brisque | None], notes: list[str]) -> list[Metric]:
+def _upscale_metrics(
+    names: tuple[str, ...],
+    written: np.ndarray,
+    src: np.ndarray,
+    brisque: Callable[[], Brisque | None],
+    notes: list[str],
+) -> list[Metric]:
     results = lr_consistency(written, src, names)
     if "brisque" in names:
         scorer = brisque()
         if scorer is None:
             if not any(n.startswith("brisque skipped") for n in notes):
-                notes.append("brisque skipped: its model files are missing or damaged in weights_dir (upscaled "
-                             "weights fetch brisque)")
+                notes.append(
+                    "brisque skipped: its model files are missing or damaged in weights_dir (upscaled "
+                    "weights fetch brisque)"
+                )
         else:
             results.append(scorer(written))
     return results
@@ -327,8 +396,17 @@ def _summarise(per_frame: list[list[Metric]], frames: int) -> list[Metric]:
     for metrics in per_frame:
         for m in metrics:
             by_name.setdefault(m.name, []).append(m)
-    return [Metric(name, float(np.mean([m.value for m in ms])), ms[0].space, ms[0].shave, ms[0].reference,
-                   f"mean over {len(ms)} of {frames} frames; " + ms[0].protocol) for name, ms in by_name.items()]
+    return [
+        Metric(
+            name,
+            float(np.mean([m.value for m in ms])),
+            ms[0].space,
+            ms[0].shave,
+            ms[0].reference,
+            f"mean over {len(ms)} of {frames} frames; " + ms[0].protocol,
+        )
+        for name, ms in by_name.items()
+    ]
 
 
 def comparison_image(work: Work) -> np.ndarray:

@@ -30,16 +30,23 @@ class MetricInfo:
     protocol: str
 
 
-METRICS: dict[str, MetricInfo] = {m.name: m for m in (
-    MetricInfo("psnr_y", "benchmark", True, "PSNR peak 255 on BT.601 Y (16-235), border scale px shaved, vs HR"),
-    MetricInfo("ssim_y", "benchmark", True, "SSIM Wang 11x11 s1.5 on BT.601 Y, border scale px shaved, vs HR"),
-    MetricInfo("psnr_rgb", "benchmark", True, "PSNR peak 255 on RGB 0-255, border scale px shaved, vs HR"),
-    MetricInfo("ssim_rgb", "benchmark", True, "SSIM Wang per channel, mean, RGB, border shaved, vs HR"),
-    MetricInfo("mse_rgb", "benchmark", False, "MSE on RGB 0-255, border scale px shaved, vs HR"),
-    MetricInfo("brisque", "upscale", False, "BRISQUE (LIVE model, cv2.quality), no reference"),
-    MetricInfo("lr_psnr_y", "upscale", True, "output downscaled to the input (MATLAB bicubic), PSNR on Y, no shave"),
-    MetricInfo("lr_ssim_y", "upscale", True, "output downscaled to the input (MATLAB bicubic), SSIM on Y, no shave"),
-)}
+METRICS: dict[str, MetricInfo] = {
+    m.name: m
+    for m in (
+        MetricInfo("psnr_y", "benchmark", True, "PSNR peak 255 on BT.601 Y (16-235), border scale px shaved, vs HR"),
+        MetricInfo("ssim_y", "benchmark", True, "SSIM Wang 11x11 s1.5 on BT.601 Y, border scale px shaved, vs HR"),
+        MetricInfo("psnr_rgb", "benchmark", True, "PSNR peak 255 on RGB 0-255, border scale px shaved, vs HR"),
+        MetricInfo("ssim_rgb", "benchmark", True, "SSIM Wang per channel, mean, RGB, border shaved, vs HR"),
+        MetricInfo("mse_rgb", "benchmark", False, "MSE on RGB 0-255, border scale px shaved, vs HR"),
+        MetricInfo("brisque", "upscale", False, "BRISQUE (LIVE model, cv2.quality), no reference"),
+        MetricInfo(
+            "lr_psnr_y", "upscale", True, "output downscaled to the input (MATLAB bicubic), PSNR on Y, no shave"
+        ),
+        MetricInfo(
+            "lr_ssim_y", "upscale", True, "output downscaled to the input (MATLAB bicubic), SSIM on Y, no shave"
+        ),
+    )
+}
 BENCHMARK_METRICS = tuple(n for n, m in METRICS.items() if m.mode == "benchmark")
 UPSCALE_METRICS = tuple(n for n, m in METRICS.items() if m.mode == "upscale")
 
@@ -58,12 +65,14 @@ def min_side(scale: int) -> int:
 
 def check_size(width: int, height: int, scale: int, name: str = "the image") -> None:
     """Raises:
-        ImageTooSmallError: a side is below :func:`min_side`.
+    ImageTooSmallError: a side is below :func:`min_side`.
     """
     need = min_side(scale)
     if min(width, height) < need:
-        raise ImageTooSmallError(f"{name} is {width}x{height}: measuring at x{scale} needs at least {need} px per "
-                                 f"side ({scale} px shaved from each border, then SSIM's {SSIM_WINDOW} px window)")
+        raise ImageTooSmallError(
+            f"{name} is {width}x{height}: measuring at x{scale} needs at least {need} px per "
+            f"side ({scale} px shaved from each border, then SSIM's {SSIM_WINDOW} px window)"
+        )
 
 
 def quantise(img: np.ndarray, bits: int) -> np.ndarray:

@@ -48,8 +48,18 @@ from models.registry import ModelCache
 from models.weights import fetch_command, needs_weights, present
 
 # Settings a SIGHUP cannot change: they shape the running parts.
-RESTART_KEYS = ("inbox", "outbox", "archive", "failed", "database", "observer", "node_name", "device", "workers",
-                "http_listen")
+RESTART_KEYS = (
+    "inbox",
+    "outbox",
+    "archive",
+    "failed",
+    "database",
+    "observer",
+    "node_name",
+    "device",
+    "workers",
+    "http_listen",
+)
 
 
 def check_devices(settings: Settings) -> list[str]:
@@ -69,8 +79,14 @@ def check_devices(settings: Settings) -> list[str]:
 class Service:
     """The watch-folder service. See the module docstring."""
 
-    def __init__(self, settings: Settings, store: SqlStore | None = None, cache: ModelCache | None = None,
-                 clock: Callable[[], float] = time.monotonic, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SqlStore | None = None,
+        cache: ModelCache | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.settings = s = settings
         os.umask(int(s.umask, 8))  # before the database file and the folders are created
         self.clock = clock
@@ -82,20 +98,32 @@ class Service:
         self.archive, self.failed = Root(s.archive), Root(s.failed)
         self.mover = Mover(self.store, self.inbox, self.archive, self.failed)
         self.intake = Intake(s, self.inbox, beat=self._main_beat)
-        self.telemetry = Telemetry(self.node, __version__, devices.build_info(), memory=devices.memory_used,
-                                   health=self)
+        self.telemetry = Telemetry(
+            self.node, __version__, devices.build_info(), memory=devices.memory_used, health=self
+        )
         self.http = HttpServer(s.http_listen, self.telemetry, self) if s.http_listen else None
         self.hooks = HookRunner(self.store.record_hook)
-        self.stages = Stages(s, self.store, cache or ModelCache(), self.inbox, self.outbox, self.mover,
-                             node=self.node, on_outcome=self._on_outcome, clock=clock, telemetry=self.telemetry,
-                             hooks=self.hooks)
+        self.stages = Stages(
+            s,
+            self.store,
+            cache or ModelCache(),
+            self.inbox,
+            self.outbox,
+            self.mover,
+            node=self.node,
+            on_outcome=self._on_outcome,
+            clock=clock,
+            telemetry=self.telemetry,
+            hooks=self.hooks,
+        )
         workers, cpu_workers = s.worker_count(), s.cpu_workers()
         if cpu_workers:
             runtime.share_cpus(cpu_workers)
         self.runner = Runner(self.stages, s.devices(), workers, lambda _name: worker_id(), clock=clock)
         self.cluster = Cluster(s, self.store, workers * len(s.devices()), on_recovered=self._on_recovered)
-        self.watcher = Watcher(s.inbox, s.ignore, s.settle_seconds, polling=s.observer == "polling",
-                               poll_seconds=s.poll_seconds)
+        self.watcher = Watcher(
+            s.inbox, s.ignore, s.settle_seconds, polling=s.observer == "polling", poll_seconds=s.poll_seconds
+        )
         self.main = Beat("main", clock())
         self.stopping = False
         self._reload = False
@@ -130,23 +158,39 @@ class Service:
         if self.http is not None:
             self.http.start()
         remeasured = self.remeasure()
-        self.log.info("service.started", inbox=str(s.inbox), outbox=str(s.outbox), database=safe_url(s.database),
-                      rules=len(s.all_rules()), observer=s.observer, recovered_jobs=recovered, node=self.node,
-                      stale_temp_files=stale, remeasured=remeasured, pid=os.getpid(),
-                      systemd_notify=self.notifier.enabled, version=__version__)
+        self.log.info(
+            "service.started",
+            inbox=str(s.inbox),
+            outbox=str(s.outbox),
+            database=safe_url(s.database),
+            rules=len(s.all_rules()),
+            observer=s.observer,
+            recovered_jobs=recovered,
+            node=self.node,
+            stale_temp_files=stale,
+            remeasured=remeasured,
+            pid=os.getpid(),
+            systemd_notify=self.notifier.enabled,
+            version=__version__,
+        )
 
     def _warn(self) -> None:
         """Start-up (and reload) warnings: rules whose weights are missing, and what each backend has to say."""
         for rule in self.settings.all_rules():
             entry = get_entry(rule.model)
             if needs_weights(entry) and not present(self.settings.weights_dir, entry):
-                self.log.warning("weights.missing", model=rule.model, folder=rule.folder or "(default)",
-                                 fix=fetch_command(rule.model))
+                self.log.warning(
+                    "weights.missing",
+                    model=rule.model,
+                    folder=rule.folder or "(default)",
+                    fix=fetch_command(rule.model),
+                )
             backend = rule.backend()
             problem = backend.available()
             if problem:
-                self.log.warning("backend.unavailable", model=rule.model, folder=rule.folder or "(default)",
-                                 error=problem)
+                self.log.warning(
+                    "backend.unavailable", model=rule.model, folder=rule.folder or "(default)", error=problem
+                )
             for device in [rule.device] if rule.device else self.settings.devices():
                 for text in backend.warnings(entry, rule.model_params(), device):
                     self.log.warning("rule.warning", model=rule.model, folder=rule.folder or "(default)", note=text)
@@ -207,8 +251,12 @@ class Service:
         left = self.runner.stop(self.settings.stop_timeout)
         if left or self.runner.running():
             released = [t.job.id for t in left if self.store.release(t.job.id, owner=t.job.worker)]
-            self.log.warning("service.stop_deadline", seconds=self.settings.stop_timeout, released_jobs=released,
-                             threads=self.runner.running())
+            self.log.warning(
+                "service.stop_deadline",
+                seconds=self.settings.stop_timeout,
+                released_jobs=released,
+                threads=self.runner.running(),
+            )
             self.shutdown()
             sys.stdout.flush()
             os._exit(0)  # a thread is inside native code and cannot be interrupted; its job is pending again
@@ -271,8 +319,11 @@ class Service:
         out: dict[str, str | None] = {}
         for b in [self.main, *self.runner.beats.values()]:
             age = b.silent_for(now)
-            out[f"thread {b.name}"] = None if age < limit else \
-                f"no sign of life for {age:.0f} s{f' (on {describe(b.task, b.stage)})' if b.task else ''}"
+            out[f"thread {b.name}"] = (
+                None
+                if age < limit
+                else f"no sign of life for {age:.0f} s{f' (on {describe(b.task, b.stage)})' if b.task else ''}"
+            )
         return out
 
     def readiness(self) -> dict[str, str | None]:
@@ -287,10 +338,16 @@ class Service:
         for key in ("inbox", "outbox", "archive", "failed"):
             path = getattr(s, key)
             checks[key] = None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
-        missing = [r.model for r in self._served() if needs_weights(get_entry(r.model))
-                   and not present(s.weights_dir, get_entry(r.model))]
-        checks["weights"] = None if not missing else \
-            "missing for " + ", ".join(f"{m} ({fetch_command(m)})" for m in dict.fromkeys(missing))
+        missing = [
+            r.model
+            for r in self._served()
+            if needs_weights(get_entry(r.model)) and not present(s.weights_dir, get_entry(r.model))
+        ]
+        checks["weights"] = (
+            None
+            if not missing
+            else "missing for " + ", ".join(f"{m} ({fetch_command(m)})" for m in dict.fromkeys(missing))
+        )
         try:
             check_devices(s)
             checks["devices"] = None
@@ -351,8 +408,9 @@ class Service:
             try:
                 spec = self.intake.spec(rel)
             except Exception as exc:  # a bug must fail one file, never the loop
-                self.log.error("intake.error", file=display(str(rel)), error=repr(exc),
-                               traceback=traceback.format_exc())
+                self.log.error(
+                    "intake.error", file=display(str(rel)), error=repr(exc), traceback=traceback.format_exc()
+                )
                 continue
             if spec is not None:
                 specs.append(spec)
@@ -372,8 +430,9 @@ class Service:
                 self._fail_now(reg.job, spec)
             elif reg.created:
                 created = True
-                self.log.debug("job.registered", job=reg.job.id, file=reg.job.name,
-                               rule=reg.job.rule.folder or "(default)")
+                self.log.debug(
+                    "job.registered", job=reg.job.id, file=reg.job.name, rule=reg.job.rule.folder or "(default)"
+                )
             else:
                 self._reconcile(reg.job, spec)
         if created:
@@ -394,8 +453,9 @@ class Service:
         if not self.inbox.exists(rel):  # another node (or our worker) moved it while we hashed it
             return
         present = job.rel == rel or self.inbox.exists(job.rel)
-        action = for_existing(job, rel, spec.input_id, Policy.of(self.settings), self.store.clock(),
-                              worker_may_live(job.worker), present)
+        action = for_existing(
+            job, rel, spec.input_id, Policy.of(self.settings), self.store.clock(), worker_may_live(job.worker), present
+        )
         if isinstance(action, Archive):
             same = job.rel == rel
             if action.reserved and job.input_moved_to:
@@ -406,8 +466,13 @@ class Service:
                 dest = self.mover.archive(job, rel, dest_rel, expect=spec.input_id)
             if same and dest is not None:
                 self.store.record_move(job.id, dest)
-            self.log.info("job.input_archived" if same else "duplicate.archived", job=job.id, file=display(str(rel)),
-                          output=job.output_path, moved_to=dest)
+            self.log.info(
+                "job.input_archived" if same else "duplicate.archived",
+                job=job.id,
+                file=display(str(rel)),
+                output=job.output_path,
+                moved_to=dest,
+            )
             if not same:
                 self.telemetry.job_outcome(rule=job.folder, model=job.rule.model, status="duplicate")
         elif isinstance(action, Quarantine):
@@ -462,4 +527,3 @@ class Service:
             if rel is not None:
                 self.outbox.remove_temps_of(rel, older_than=self.settings.stale_seconds / 2)
         self.runner.wake()
-

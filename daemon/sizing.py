@@ -43,27 +43,42 @@ class TargetSize(BaseModel):
         without any size; any of them together with ``outscale``.
     """
 
-    width: int | None = Field(default=None, ge=1, le=MAX_SIDE, description="A target output width in pixels "
-                              "(instead of a factor; exclusive with outscale).")
+    width: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_SIDE,
+        description="A target output width in pixels (instead of a factor; exclusive with outscale).",
+    )
     height: int | None = Field(default=None, ge=1, le=MAX_SIDE, description="A target output height in pixels.")
-    max_side: int | None = Field(default=None, ge=1, le=MAX_SIDE, description="A target for the longer side, in "
-                                 "pixels.")
-    fit: Fit = Field(default="inside", description="With width and height: `inside` fits in the box, aspect kept; "
-                     "`cover` fills it and crops the middle; `exact` stretches to it.")
-    max_passes: int = Field(default=2, ge=1, le=4, description="Native model passes at most (x16 from a x4 model "
-                            "is two); beyond them the final resize enlarges.")
+    max_side: int | None = Field(
+        default=None, ge=1, le=MAX_SIDE, description="A target for the longer side, in pixels."
+    )
+    fit: Fit = Field(
+        default="inside",
+        description="With width and height: `inside` fits in the box, aspect kept; "
+        "`cover` fills it and crops the middle; `exact` stretches to it.",
+    )
+    max_passes: int = Field(
+        default=2,
+        ge=1,
+        le=4,
+        description="Native model passes at most (x16 from a x4 model is two); beyond them the final resize enlarges.",
+    )
 
     @model_validator(mode="after")
     def _target(self) -> Self:
         given = [k for k in ("width", "height", "max_side") if getattr(self, k) is not None]
         outscale = getattr(self, "outscale", None)
         if given and outscale is not None:
-            raise ValueError(f"{', '.join(given)} and outscale are exclusive: give a target size or a factor, "
-                             f"not both (got outscale = {outscale})")
+            raise ValueError(
+                f"{', '.join(given)} and outscale are exclusive: give a target size or a factor, "
+                f"not both (got outscale = {outscale})"
+            )
         if self.fit in ("cover", "exact"):
             if self.width is None or self.height is None:
-                raise ValueError(f'fit = "{self.fit}" needs both width and height, got '
-                                 f"width = {self.width}, height = {self.height}")
+                raise ValueError(
+                    f'fit = "{self.fit}" needs both width and height, got width = {self.width}, height = {self.height}'
+                )
             if self.max_side is not None:
                 raise ValueError(f'max_side only works with fit = "inside", got fit = "{self.fit}"')
         # (fit = "inside" with no size is the default, as a rule written back to JSON holds it: nothing to check)
@@ -157,8 +172,14 @@ def final_filter(size: tuple[int, int], to: tuple[int, int]) -> Literal["lanczos
     return "lanczos" if to[0] * to[1] > size[0] * size[1] else "area"
 
 
-def plan(source: tuple[int, int], native_scale: float, *, target: TargetSize | None = None,
-         outscale: float | None = None, max_passes: int | None = None) -> SizePlan:
+def plan(
+    source: tuple[int, int],
+    native_scale: float,
+    *,
+    target: TargetSize | None = None,
+    outscale: float | None = None,
+    max_passes: int | None = None,
+) -> SizePlan:
     """The passes, the final resize and the crop that take ``source`` = (w, h) to the rule's output size.
 
     With neither ``target`` nor ``outscale`` the output is one native pass. ``max_passes`` overrides the target's.
@@ -186,15 +207,25 @@ def plan(source: tuple[int, int], native_scale: float, *, target: TargetSize | N
     needed = passes_for(factor, native_scale, 64)
     if needed > passes:
         rest = factor / native_scale**passes
-        notes.append(f"x{factor:.3g} needs {needed} passes of the x{native_scale:g} model; max_passes is {limit}, "
-                     f"so the last x{rest:.3g} is a Lanczos resize")
+        notes.append(
+            f"x{factor:.3g} needs {needed} passes of the x{native_scale:g} model; max_passes is {limit}, "
+            f"so the last x{rest:.3g} is a Lanczos resize"
+        )
     crop = None
     output = scaled
     if crop_size is not None:
         crop = ((scaled[0] - crop_size[0]) // 2, (scaled[1] - crop_size[1]) // 2, crop_size[0], crop_size[1])
         output = crop_size
-    return SizePlan(source=(w, h), passes=passes, model_size=model_size, scaled=scaled, output=output, crop=crop,
-                    filter=final_filter(model_size, scaled), notes=notes)
+    return SizePlan(
+        source=(w, h),
+        passes=passes,
+        model_size=model_size,
+        scaled=scaled,
+        output=output,
+        crop=crop,
+        filter=final_filter(model_size, scaled),
+        notes=notes,
+    )
 
 
 @dataclass(frozen=True)
@@ -206,8 +237,14 @@ class RuleCheck:
     message: str  # for the log (and the error when not ok)
 
 
-def check_rule(native_scale: float, *, target: TargetSize | None = None, outscale: float | None = None,
-               chainable: bool = True, model: str = "the model") -> RuleCheck:
+def check_rule(
+    native_scale: float,
+    *,
+    target: TargetSize | None = None,
+    outscale: float | None = None,
+    chainable: bool = True,
+    model: str = "the model",
+) -> RuleCheck:
     """Say at start whether a rule's size can be reached the way it asks.
 
     A model that cannot take its own output (``chainable`` False: a diffusion model with a fixed input size, a
@@ -220,16 +257,28 @@ def check_rule(native_scale: float, *, target: TargetSize | None = None, outscal
         limit = 1
     if target is not None and target.has_target:
         if chainable:
-            return RuleCheck(True, None, f"{model} (x{native_scale:g}) runs up to {limit} passes per image to reach "
-                                         "the target size; a final resize does the rest")
-        return RuleCheck(True, None, f"{model} (x{native_scale:g}) runs one pass per image; it cannot take its "
-                                     "own output, so a final Lanczos resize reaches larger targets")
+            return RuleCheck(
+                True,
+                None,
+                f"{model} (x{native_scale:g}) runs up to {limit} passes per image to reach "
+                "the target size; a final resize does the rest",
+            )
+        return RuleCheck(
+            True,
+            None,
+            f"{model} (x{native_scale:g}) runs one pass per image; it cannot take its "
+            "own output, so a final Lanczos resize reaches larger targets",
+        )
     factor = outscale if outscale is not None else native_scale
     needed = passes_for(factor, native_scale, 64)
     if needed > 1 and not chainable:
-        return RuleCheck(False, None, f"outscale {factor:g} needs {needed} passes of the x{native_scale:g} "
-                                      f"{model}, which cannot take its own output; use outscale <= "
-                                      f"{native_scale:g}, or a model with a larger scale")
+        return RuleCheck(
+            False,
+            None,
+            f"outscale {factor:g} needs {needed} passes of the x{native_scale:g} "
+            f"{model}, which cannot take its own output; use outscale <= "
+            f"{native_scale:g}, or a model with a larger scale",
+        )
     passes = min(needed, limit)
     msg = f"x{factor:g} with {model} (x{native_scale:g}): {passes} pass{'es' if passes > 1 else ''}"
     if needed > passes:
@@ -249,8 +298,9 @@ def apply_final(img: np.ndarray, p: SizePlan) -> np.ndarray:
         ValueError: ``img`` is not the plan's model size.
     """
     if (img.shape[1], img.shape[0]) != p.model_size:
-        raise ValueError(f"expected the model's output at {p.model_size[0]}x{p.model_size[1]}, "
-                         f"got {img.shape[1]}x{img.shape[0]}")
+        raise ValueError(
+            f"expected the model's output at {p.model_size[0]}x{p.model_size[1]}, got {img.shape[1]}x{img.shape[0]}"
+        )
     out = img
     if p.filter != "none":
         out = cv2.resize(img, p.scaled, interpolation=_CV2[p.filter])

@@ -197,6 +197,7 @@ meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Colu
 # The views as the migrations create them (revision 0001; a later revision that changes a view updates this too).
 VIEWS = VIEWS_0001
 
+
 def make_engine(url: str, readonly: bool = False) -> Engine:
     """An engine with the settings the service relies on.
 
@@ -211,7 +212,7 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
     """
     connect_args: dict[str, Any] = {}
     if url.startswith("sqlite:///") and ":memory:" not in url:
-        path = Path(url[len("sqlite:///"):])
+        path = Path(url[len("sqlite:///") :])
         if readonly:
             if not path.exists():
                 raise FileNotFoundError(f"database {path} does not exist yet")
@@ -310,38 +311,74 @@ class SqlStore:
                 if rule.model != m["model_id"]:  # "{}": a row from before rules were recorded
                     raise ValueError(rule_json)
             except ValueError as exc:  # a row written by an older version: what its columns say
-                logs.get().warning("job.rule_unreadable", job=m["id"], error=str(exc).splitlines()[0],
-                                   note="read from the job's columns: model, scale, outscale, mode, folder")
-                rule = Rule.model_construct(model=m["model_id"], scale=m["scale"], outscale=m["outscale"],
-                                            mode=m["mode"], folder=m["folder"])
+                logs.get().warning(
+                    "job.rule_unreadable",
+                    job=m["id"],
+                    error=str(exc).splitlines()[0],
+                    note="read from the job's columns: model, scale, outscale, mode, folder",
+                )
+                rule = Rule.model_construct(
+                    model=m["model_id"], scale=m["scale"], outscale=m["outscale"], mode=m["mode"], folder=m["folder"]
+                )
             self._rules[rule_json or ""] = rule
         return rule
 
     def _job(self, r: Any) -> Job:
         m = r._mapping
-        return Job(id=m["id"], sha=m["content_sha256"], fingerprint=m["rule_fingerprint"], state=m["state"],
-                   rule=self._rule(m["rule_json"], m), rel=rel_from_columns(m["rel_path"], m["rel_path_raw"]),
-                   input_path=m["input_path"], source=m["source"], folder=m["folder"], attempts=m["attempts"],
-                   worker=m["worker"], node=m["node"], input_size=m["input_size"],
-                   input_id=None if m["input_dev"] is None else FileId(m["input_dev"], m["input_ino"]),
-                   input_format=m["input_format"], input_width=m["input_width"], input_height=m["input_height"],
-                   frames=m["frames"] or 1, output_path=m["output_path"],
-                   input_moved_to=m["input_moved_to"], error_kind=m["error_kind"], error=m["error"],
-                   metrics_state=m["metrics_state"], created_at=m["created_at"], started_at=m["started_at"],
-                   finished_at=m["finished_at"], next_attempt_at=m["next_attempt_at"],
-                   bench_run_id=m["bench_run_id"])
+        return Job(
+            id=m["id"],
+            sha=m["content_sha256"],
+            fingerprint=m["rule_fingerprint"],
+            state=m["state"],
+            rule=self._rule(m["rule_json"], m),
+            rel=rel_from_columns(m["rel_path"], m["rel_path_raw"]),
+            input_path=m["input_path"],
+            source=m["source"],
+            folder=m["folder"],
+            attempts=m["attempts"],
+            worker=m["worker"],
+            node=m["node"],
+            input_size=m["input_size"],
+            input_id=None if m["input_dev"] is None else FileId(m["input_dev"], m["input_ino"]),
+            input_format=m["input_format"],
+            input_width=m["input_width"],
+            input_height=m["input_height"],
+            frames=m["frames"] or 1,
+            output_path=m["output_path"],
+            input_moved_to=m["input_moved_to"],
+            error_kind=m["error_kind"],
+            error=m["error"],
+            metrics_state=m["metrics_state"],
+            created_at=m["created_at"],
+            started_at=m["started_at"],
+            finished_at=m["finished_at"],
+            next_attempt_at=m["next_attempt_at"],
+            bench_run_id=m["bench_run_id"],
+        )
 
     @staticmethod
     def _columns(spec: JobSpec) -> dict[str, Any]:
         rel_path, raw = name_columns(spec.rel)
         rule = spec.rule
-        return dict(source=spec.source, folder=rule.folder if spec.folder is None else spec.folder,
-                    rel_path=rel_path, rel_path_raw=raw, input_path=text_form(spec.input_path),
-                    input_size=spec.input_size, input_dev=None if spec.input_id is None else spec.input_id.dev,
-                    input_ino=None if spec.input_id is None else spec.input_id.ino,
-                    input_format=spec.input_format, input_width=spec.input_width, input_height=spec.input_height,
-                    frames=spec.frames, model_id=rule.model, scale=rule.scale,
-                    outscale=rule.final_scale, mode=rule.mode, rule_json=rule.model_dump_json())
+        return dict(
+            source=spec.source,
+            folder=rule.folder if spec.folder is None else spec.folder,
+            rel_path=rel_path,
+            rel_path_raw=raw,
+            input_path=text_form(spec.input_path),
+            input_size=spec.input_size,
+            input_dev=None if spec.input_id is None else spec.input_id.dev,
+            input_ino=None if spec.input_id is None else spec.input_id.ino,
+            input_format=spec.input_format,
+            input_width=spec.input_width,
+            input_height=spec.input_height,
+            frames=spec.frames,
+            model_id=rule.model,
+            scale=rule.scale,
+            outscale=rule.final_scale,
+            mode=rule.mode,
+            rule_json=rule.model_dump_json(),
+        )
 
     # --- transitions -------------------------------------------------------------------------------------------------
     def register(self, specs: Sequence[JobSpec], node: str | None = None, **extra: Any) -> list[Registered]:
@@ -362,23 +399,37 @@ class SqlStore:
             for spec in specs:
                 sha, fp = spec.key()
                 failing = spec.failure is not None
-                values = dict(self._columns(spec), **extra, content_sha256=sha, rule_fingerprint=fp,
-                              state="running" if failing else "pending", attempts=1 if failing else 0,
-                              created_at=now, updated_at=now)
+                values = dict(
+                    self._columns(spec),
+                    **extra,
+                    content_sha256=sha,
+                    rule_fingerprint=fp,
+                    state="running" if failing else "pending",
+                    attempts=1 if failing else 0,
+                    created_at=now,
+                    updated_at=now,
+                )
                 if failing:
                     values |= dict(started_at=now, worker=worker_id(), node=node, heartbeat_at=now if node else None)
                 row = c.execute(stmt, values).first()
                 if row is not None:
                     out.append(Registered(self._job(row), True))
                     continue
-                row = c.execute(select(jobs).where(jobs.c.content_sha256 == sha,
-                                                   jobs.c.rule_fingerprint == fp)).one()
+                row = c.execute(select(jobs).where(jobs.c.content_sha256 == sha, jobs.c.rule_fingerprint == fp)).one()
                 out.append(Registered(self._job(row), False))
         return out
 
-    def claim(self, worker: str, *, node: str | None = None, limit: int = 1, folders: Iterable[str] | None = None,
-              source: str | None = None, job_id: int | None = None,
-              plan: OutputPlanner | None = None) -> list[Job]:
+    def claim(
+        self,
+        worker: str,
+        *,
+        node: str | None = None,
+        limit: int = 1,
+        folders: Iterable[str] | None = None,
+        source: str | None = None,
+        job_id: int | None = None,
+        plan: OutputPlanner | None = None,
+    ) -> list[Job]:
         """Move up to ``limit`` due pending jobs (oldest first, or just ``job_id``) to running under ``worker``,
         and reserve each one's output path with ``plan`` (see :data:`daemon.jobs.OutputPlanner`). Returns them.
 
@@ -403,10 +454,19 @@ class SqlStore:
                 return []
             # One UPDATE for the lot; a row someone else took meanwhile is no longer pending and is left out.
             rows = c.execute(
-                update(jobs).where(jobs.c.id.in_(ids), jobs.c.state == "pending")
-                .values(state="running", started_at=now, updated_at=now, attempts=jobs.c.attempts + 1,
-                        worker=worker, node=node, heartbeat_at=now if node else None)
-                .returning(*jobs.c)).all()
+                update(jobs)
+                .where(jobs.c.id.in_(ids), jobs.c.state == "pending")
+                .values(
+                    state="running",
+                    started_at=now,
+                    updated_at=now,
+                    attempts=jobs.c.attempts + 1,
+                    worker=worker,
+                    node=node,
+                    heartbeat_at=now if node else None,
+                )
+                .returning(*jobs.c)
+            ).all()
             out, planned = [], {}
             for row in sorted(rows, key=lambda r: r.id):
                 job = self._job(row)
@@ -417,8 +477,10 @@ class SqlStore:
                     job = replace(job, output_path=path)
                 out.append(job)
             if planned:
-                c.execute(update(jobs).where(jobs.c.id == bindparam("jid")).values(output_path=bindparam("path")),
-                          [{"jid": jid, "path": path} for path, jid in planned.items()])
+                c.execute(
+                    update(jobs).where(jobs.c.id == bindparam("jid")).values(output_path=bindparam("path")),
+                    [{"jid": jid, "path": path} for path, jid in planned.items()],
+                )
             return out
 
     def _taken(self, c: Connection, path: str, me: int) -> bool:
@@ -443,9 +505,18 @@ class SqlStore:
         with self.engine.begin() as c:
             for r in results:
                 moved = None if r.archive_path is None else text_form(r.archive_path)
-                values = dict(r.fields, state="done", finished_at=now, updated_at=now, error=None, error_kind=None,
-                              heartbeat_at=None, input_moved_to=moved,
-                              metrics_state="pending" if r.metrics_pending else None, jid=r.job_id)
+                values = dict(
+                    r.fields,
+                    state="done",
+                    finished_at=now,
+                    updated_at=now,
+                    error=None,
+                    error_kind=None,
+                    heartbeat_at=None,
+                    input_moved_to=moved,
+                    metrics_state="pending" if r.metrics_pending else None,
+                    jid=r.job_id,
+                )
                 if r.owner is not None:
                     values["owner"] = r.owner
                 res = c.execute(anyone if r.owner is None else owned, values)
@@ -458,8 +529,18 @@ class SqlStore:
 
     @staticmethod
     def _insert_metrics(c: Connection, job_id: int, results: Sequence[Metric]) -> None:
-        rows = [dict(job_id=job_id, name=m.name, value=m.value, space=m.space, shave=m.shave,
-                     reference=m.reference, protocol=m.protocol) for m in results]
+        rows = [
+            dict(
+                job_id=job_id,
+                name=m.name,
+                value=m.value,
+                space=m.space,
+                shave=m.shave,
+                reference=m.reference,
+                protocol=m.protocol,
+            )
+            for m in results
+        ]
         if rows:
             c.execute(metrics.insert(), rows)
 
@@ -475,16 +556,26 @@ class SqlStore:
             q = self._owned(update(jobs).where(jobs.c.id == job_id), owner)
             return c.execute(q.values(updated_at=self.clock(), **values)).rowcount == 1
 
-    def fail(self, job_id: int, kind: str, error: str, owner: str | None = None,
-             fields: Mapping[str, Any] | None = None) -> bool:
+    def fail(
+        self, job_id: int, kind: str, error: str, owner: str | None = None, fields: Mapping[str, Any] | None = None
+    ) -> bool:
         """Mark the job failed. With ``owner``, only if that worker still holds it."""
-        return self._update(job_id, owner, state="failed", error_kind=kind, error=error, finished_at=self.clock(),
-                            heartbeat_at=None, **(fields or {}))
+        return self._update(
+            job_id,
+            owner,
+            state="failed",
+            error_kind=kind,
+            error=error,
+            finished_at=self.clock(),
+            heartbeat_at=None,
+            **(fields or {}),
+        )
 
     def retry_later(self, job_id: int, kind: str, error: str, at: dt.datetime, owner: str | None = None) -> bool:
         """Put the job back to pending until ``at``. With ``owner``, only if that worker still holds it."""
-        return self._update(job_id, owner, state="pending", error_kind=kind, error=error, next_attempt_at=at,
-                            heartbeat_at=None)
+        return self._update(
+            job_id, owner, state="pending", error_kind=kind, error=error, next_attempt_at=at, heartbeat_at=None
+        )
 
     def release(self, job_id: int, owner: str | None = None) -> bool:
         """Give a running job back to the queue untouched (the shutdown deadline): its attempt does not count."""
@@ -492,8 +583,18 @@ class SqlStore:
             q = update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running")
             if owner is not None:
                 q = q.where(jobs.c.worker == owner)
-            return c.execute(q.values(state="pending", attempts=jobs.c.attempts - 1, updated_at=self.clock(),
-                                      heartbeat_at=None, node=None)).rowcount == 1
+            return (
+                c.execute(
+                    q.values(
+                        state="pending",
+                        attempts=jobs.c.attempts - 1,
+                        updated_at=self.clock(),
+                        heartbeat_at=None,
+                        node=None,
+                    )
+                ).rowcount
+                == 1
+            )
 
     def record_move(self, job_id: int, dest: str | None) -> None:
         """Where the input went (archive/ or failed/), or None: deleted, or left where it was. A path that is not
@@ -503,26 +604,48 @@ class SqlStore:
     def requeue(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None:
         """A failed input dropped again: the user asks for another try, from scratch."""
         rel_path, raw = name_columns(rel)
-        self._update(job_id, None, state="pending", rel_path=rel_path, rel_path_raw=raw,
-                     input_path=text_form(input_path),
-                     input_dev=None if input_id is None else input_id.dev,
-                     input_ino=None if input_id is None else input_id.ino, input_moved_to=None,
-                     next_attempt_at=None, attempts=0, output_path=None, error=None, error_kind=None)
+        self._update(
+            job_id,
+            None,
+            state="pending",
+            rel_path=rel_path,
+            rel_path_raw=raw,
+            input_path=text_form(input_path),
+            input_dev=None if input_id is None else input_id.dev,
+            input_ino=None if input_id is None else input_id.ino,
+            input_moved_to=None,
+            next_attempt_at=None,
+            attempts=0,
+            output_path=None,
+            error=None,
+            error_kind=None,
+        )
 
     def rename(self, job_id: int, rel: PurePosixPath, input_path: str, input_id: FileId | None) -> None:
         """A queued input was renamed while it waited: follow it."""
         rel_path, raw = name_columns(rel)
-        self._update(job_id, None, rel_path=rel_path, rel_path_raw=raw, input_path=text_form(input_path),
-                     input_dev=None if input_id is None else input_id.dev,
-                     input_ino=None if input_id is None else input_id.ino)
+        self._update(
+            job_id,
+            None,
+            rel_path=rel_path,
+            rel_path_raw=raw,
+            input_path=text_form(input_path),
+            input_dev=None if input_id is None else input_id.dev,
+            input_ino=None if input_id is None else input_id.ino,
+        )
 
     def progress(self, job_id: int, text_: str) -> None:
         """The running job's last progress (``tile 3/12``), for ``history`` and the web view."""
         with self.engine.begin() as c:
             c.execute(update(jobs).where(jobs.c.id == job_id).values(progress=text_))
 
-    def recover(self, stale_after: float | None = None, own_node: str | None = None, unowned: bool = False,
-                spare: Callable[[Job], bool] | None = None) -> list[Job]:
+    def recover(
+        self,
+        stale_after: float | None = None,
+        own_node: str | None = None,
+        unowned: bool = False,
+        spare: Callable[[Job], bool] | None = None,
+    ) -> list[Job]:
         """Running jobs whose owner is gone become pending again. Returns them (as they were).
 
         A running job is taken back when any of these holds:
@@ -550,8 +673,11 @@ class SqlStore:
             found = [self._job(r) for r in c.execute(q.with_for_update(skip_locked=True)).all()]
             found = [j for j in found if spare is None or not spare(j)]
             if found:
-                c.execute(update(jobs).where(jobs.c.id.in_([j.id for j in found]), jobs.c.state == "running")
-                          .values(state="pending", updated_at=now, heartbeat_at=None, node=None))
+                c.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_([j.id for j in found]), jobs.c.state == "running")
+                    .values(state="pending", updated_at=now, heartbeat_at=None, node=None)
+                )
             return found
 
     def metrics_pending(self, node: str | None, stale_after: float) -> list[Job]:
@@ -567,8 +693,9 @@ class SqlStore:
 
     def record_hook(self, job_id: int, event_: str, ok: bool, detail: str) -> None:
         with self.engine.begin() as c:
-            c.execute(hook_runs.insert().values(job_id=job_id, event=event_, ok=ok, detail=detail[:4000],
-                                                at=self.clock()))
+            c.execute(
+                hook_runs.insert().values(job_id=job_id, event=event_, ok=ok, detail=detail[:4000], at=self.clock())
+            )
 
     # --- nodes -------------------------------------------------------------------------------------------------------
     def heartbeat(self, node: str, info: Mapping[str, Any] | None = None, start: bool = False) -> dict | None:
@@ -586,7 +713,8 @@ class SqlStore:
                 values |= dict(info or {}, started_at=now, stopped_at=None)
             if before is None:
                 stmt = _insert(self.engine.dialect.name)(nodes).values(
-                    dict(name=node, host=socket.gethostname(), pid=os.getpid(), started_at=now) | values)
+                    dict(name=node, host=socket.gethostname(), pid=os.getpid(), started_at=now) | values
+                )
                 if hasattr(stmt, "on_conflict_do_update"):  # two daemons with one name started together
                     stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=values)
                 c.execute(stmt)
@@ -611,12 +739,21 @@ class SqlStore:
         with self.engine.connect() as c:
             node_rows = [dict(r._mapping) for r in c.execute(select(nodes).order_by(nodes.c.name)).all()]
             running: dict[str, list[str]] = {}
-            for r in c.execute(select(jobs.c.node, jobs.c.rel_path)
-                               .where(jobs.c.state == "running", jobs.c.node.is_not(None)).order_by(jobs.c.id)):
+            for r in c.execute(
+                select(jobs.c.node, jobs.c.rel_path)
+                .where(jobs.c.state == "running", jobs.c.node.is_not(None))
+                .order_by(jobs.c.id)
+            ):
                 running.setdefault(r.node, []).append(r.rel_path)
-            done_q = select(jobs.c.node, func.count().label("total"),
-                            func.sum(case((jobs.c.finished_at >= since, 1), else_=0)).label("recent")) \
-                .where(jobs.c.state == "done", jobs.c.node.is_not(None)).group_by(jobs.c.node)
+            done_q = (
+                select(
+                    jobs.c.node,
+                    func.count().label("total"),
+                    func.sum(case((jobs.c.finished_at >= since, 1), else_=0)).label("recent"),
+                )
+                .where(jobs.c.state == "done", jobs.c.node.is_not(None))
+                .group_by(jobs.c.node)
+            )
             done = {r.node: (r.total, int(r.recent or 0)) for r in c.execute(done_q)}
         out = []
         for n in node_rows:
@@ -626,11 +763,24 @@ class SqlStore:
                 continue
             total, recent = done.get(n["name"], (0, 0))
             cur = running.get(n["name"], [])
-            out.append(dict(node=n["name"], state=state, host=n["host"], pid=n["pid"], heartbeat_age_s=round(age, 1),
-                            started_at=n["started_at"], device=n["device"], workers=n["workers"],
-                            folders=n["folders"] or "(all)", running=len(cur), current=", ".join(cur),
-                            done=total, jobs_per_min=round(recent * 60.0 / window_s, 2),
-                            rules_fingerprint=n["rules_fingerprint"]))
+            out.append(
+                dict(
+                    node=n["name"],
+                    state=state,
+                    host=n["host"],
+                    pid=n["pid"],
+                    heartbeat_age_s=round(age, 1),
+                    started_at=n["started_at"],
+                    device=n["device"],
+                    workers=n["workers"],
+                    folders=n["folders"] or "(all)",
+                    running=len(cur),
+                    current=", ".join(cur),
+                    done=total,
+                    jobs_per_min=round(recent * 60.0 / window_s, 2),
+                    rules_fingerprint=n["rules_fingerprint"],
+                )
+            )
         return out
 
     # --- reads -------------------------------------------------------------------------------------------------------
@@ -665,8 +815,9 @@ class SqlStore:
             rows = c.execute(q).all()
             result = dict.fromkeys(STATES, 0) | {r[0]: r[1] for r in rows}
             if node is not None:
-                result["running"] = c.execute(select(func.count()).where(
-                    jobs.c.state == "running", jobs.c.node == node)).scalar() or 0
+                result["running"] = (
+                    c.execute(select(func.count()).where(jobs.c.state == "running", jobs.c.node == node)).scalar() or 0
+                )
         return result
 
     def metrics_of(self, job_id: int) -> dict[str, float]:
@@ -676,8 +827,9 @@ class SqlStore:
 
     def add_bench_run(self, settings_json: str, report_path: str | None = None) -> int:
         with self.engine.begin() as c:
-            return c.execute(bench_runs.insert().values(started_at=self.clock(), settings=settings_json,
-                                                        report_path=report_path)).inserted_primary_key[0]
+            return c.execute(
+                bench_runs.insert().values(started_at=self.clock(), settings=settings_json, report_path=report_path)
+            ).inserted_primary_key[0]
 
     def set_bench_report(self, run_id: int, report_path: str) -> None:
         with self.engine.begin() as c:

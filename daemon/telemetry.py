@@ -148,12 +148,20 @@ class Telemetry:
         ValueError: a ``build`` key that is not a Prometheus label name, or that collides with ``version``/``node``.
     """
 
-    def __init__(self, node: str, version: str, build: dict[str, str],
-                 memory: Callable[[], dict[str, int]] = dict, health: Health | None = None) -> None:
+    def __init__(
+        self,
+        node: str,
+        version: str,
+        build: dict[str, str],
+        memory: Callable[[], dict[str, int]] = dict,
+        health: Health | None = None,
+    ) -> None:
         for key in build:
             if not _LABEL_NAME.fullmatch(key) or key.startswith("__") or key in ("version", "node"):
-                raise ValueError(f"build keys must be Prometheus label names other than 'version' and 'node' "
-                                 f"(letters, digits, _; not starting with a digit or __), got {key!r}")
+                raise ValueError(
+                    f"build keys must be Prometheus label names other than 'version' and 'node' "
+                    f"(letters, digits, _; not starting with a digit or __), got {key!r}"
+                )
         self.node = node
         self.version = version
         self.build = {k: str(v) for k, v in build.items()}
@@ -212,8 +220,17 @@ class Telemetry:
                 return
         log.warning("telemetry.unbalanced_job_ended", device=device)
 
-    def job_outcome(self, *, rule: str, model: str, status: str, stages: dict[str, float] | None = None,
-                    pixels_in: int = 0, pixels_out: int = 0, finished_at: float | None = None) -> None:
+    def job_outcome(
+        self,
+        *,
+        rule: str,
+        model: str,
+        status: str,
+        stages: dict[str, float] | None = None,
+        pixels_in: int = 0,
+        pixels_out: int = 0,
+        finished_at: float | None = None,
+    ) -> None:
         """Count one job's outcome under (``rule`` folder, ``model``, ``status``) and record its stage times.
 
         ``stages`` maps a stage of :data:`STAGES` to seconds; a ``None`` or NaN value (a stage it never reached) is
@@ -290,10 +307,13 @@ class Telemetry:
 
     def _snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return dict(jobs=dict(self._jobs),
-                        durations={k: (h.buckets(), h.total) for k, h in self._durations.items()},
-                        in_progress=dict(self._in_progress), pixels=dict(self._pixels),
-                        last_success=self._last_success)
+            return dict(
+                jobs=dict(self._jobs),
+                durations={k: (h.buckets(), h.total) for k, h in self._durations.items()},
+                in_progress=dict(self._in_progress),
+                pixels=dict(self._pixels),
+                last_success=self._last_success,
+            )
 
 
 def _rule_label(folder: str) -> str:
@@ -309,49 +329,67 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Metric]:
         t = self.t
         snap = t._snapshot()
-        jobs = CounterMetricFamily("upscaled_jobs", "Jobs that ended, by rule folder, model and outcome.",
-                                   labels=["rule", "model", "status"])
+        jobs = CounterMetricFamily(
+            "upscaled_jobs", "Jobs that ended, by rule folder, model and outcome.", labels=["rule", "model", "status"]
+        )
         for (rule, model, status), value in sorted(snap["jobs"].items()):
             jobs.add_metric([rule, model, status], value)
         yield jobs
-        durations = HistogramMetricFamily("upscaled_job_duration_seconds",
-                                          "Time of each stage of a job (queue: from arrival to claim; total: the "
-                                          "work stages together), by rule folder and model.",
-                                          labels=["rule", "model", "stage"])
+        durations = HistogramMetricFamily(
+            "upscaled_job_duration_seconds",
+            "Time of each stage of a job (queue: from arrival to claim; total: the "
+            "work stages together), by rule folder and model.",
+            labels=["rule", "model", "stage"],
+        )
         for (rule, model, stage), (buckets, total) in sorted(snap["durations"].items()):
             durations.add_metric([rule, model, stage], buckets, total)
         yield durations
         queue = t.queue()
         if queue is not None:  # absent, not 0, when it cannot be known: 0 would read as "nothing to do"
-            gauge = GaugeMetricFamily("upscaled_queue_jobs",
-                                      "Jobs waiting (pending: in the folders this node serves, shared between the "
-                                      "nodes that serve them) and running (on this node), when scraped.",
-                                      labels=["node", "state"])
+            gauge = GaugeMetricFamily(
+                "upscaled_queue_jobs",
+                "Jobs waiting (pending: in the folders this node serves, shared between the "
+                "nodes that serve them) and running (on this node), when scraped.",
+                labels=["node", "state"],
+            )
             for state in QUEUE_STATES:
                 gauge.add_metric([t.node, state], queue[state])
             yield gauge
-        progress = GaugeMetricFamily("upscaled_jobs_in_progress", "Jobs being worked on now, by device.",
-                                     labels=["device"])
+        progress = GaugeMetricFamily(
+            "upscaled_jobs_in_progress", "Jobs being worked on now, by device.", labels=["device"]
+        )
         for device, n in sorted(snap["in_progress"].items()):
             progress.add_metric([device], n)
         yield progress
-        pixels = CounterMetricFamily("upscaled_pixels", "Pixels read (in) and written (out) by the jobs; rate() / 1e6 "
-                                     "is megapixels per second, whatever the image size.", labels=["direction"])
+        pixels = CounterMetricFamily(
+            "upscaled_pixels",
+            "Pixels read (in) and written (out) by the jobs; rate() / 1e6 "
+            "is megapixels per second, whatever the image size.",
+            labels=["direction"],
+        )
         for direction in DIRECTIONS:
             pixels.add_metric([direction], snap["pixels"][direction])
         yield pixels
-        yield GaugeMetricFamily("upscaled_last_success_timestamp_seconds",
-                                "Unix time of the last job done on this node (its start time before the first).",
-                                value=snap["last_success"])
+        yield GaugeMetricFamily(
+            "upscaled_last_success_timestamp_seconds",
+            "Unix time of the last job done on this node (its start time before the first).",
+            value=snap["last_success"],
+        )
         memory = self._memory()
         if memory is not None:
-            mem = GaugeMetricFamily("upscaled_device_memory_used_bytes",
-                                    "Memory in use on each GPU that torch sees, when scraped.", labels=["device"])
+            mem = GaugeMetricFamily(
+                "upscaled_device_memory_used_bytes",
+                "Memory in use on each GPU that torch sees, when scraped.",
+                labels=["device"],
+            )
             for device, used in sorted(memory.items()):
                 mem.add_metric([device], used)
             yield mem
-        yield InfoMetricFamily("upscaled_build", "The version of upscaled and of the libraries it runs on.",
-                               value={"version": t.version, "node": t.node, **t.build})
+        yield InfoMetricFamily(
+            "upscaled_build",
+            "The version of upscaled and of the libraries it runs on.",
+            value={"version": t.version, "node": t.node, **t.build},
+        )
 
     def _memory(self) -> dict[str, int] | None:
         try:
@@ -462,14 +500,21 @@ def _health_body(telemetry: Telemetry, health: Health, live: bool) -> tuple[int,
     which = "liveness" if live else "readiness"
     try:
         found = health.liveness() if live else health.readiness()
-        checks = {str(name): {"ok": reason is None, "reason": None if reason is None else str(reason)}
-                  for name, reason in dict(found).items()}
+        checks = {
+            str(name): {"ok": reason is None, "reason": None if reason is None else str(reason)}
+            for name, reason in dict(found).items()
+        }
     except Exception as exc:  # the checks themselves broke: that is a failed check, not a crash
         log.warning("telemetry.health_failed", which=which, error=f"{type(exc).__name__}: {exc}")
         checks = {which: {"ok": False, "reason": f"the {which} checks raised {type(exc).__name__}: {exc}"}}
     ok = all(c["ok"] for c in checks.values())
-    doc = dict(status="ok" if ok else "failing", version=telemetry.version, node=telemetry.node,
-               queue=telemetry.queue(), checks=checks)
+    doc = dict(
+        status="ok" if ok else "failing",
+        version=telemetry.version,
+        node=telemetry.node,
+        queue=telemetry.queue(),
+        checks=checks,
+    )
     return (200 if ok else 503), (json.dumps(doc, indent=2) + "\n").encode()
 
 
@@ -511,8 +556,9 @@ class HttpServer:
             raise ConfigError(f"http_listen: cannot listen on {self.listen}: {exc.strerror or exc}") from None
         server.telemetry, server.health = self.telemetry, self.health
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="upscaled-http", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="upscaled-http", daemon=True
+        )
         self._thread.start()
         log.info("telemetry.listening", address="{}:{}".format(*self.address), endpoints="/metrics /livez /readyz")
 

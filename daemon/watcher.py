@@ -79,8 +79,9 @@ class _Handler(FileSystemEventHandler):
 class Watcher:
     """Tracks candidate files and says which are ready."""
 
-    def __init__(self, root: Path, patterns: list[str], settle_seconds: float, polling: bool = False,
-                 poll_seconds: float = 2.0) -> None:
+    def __init__(
+        self, root: Path, patterns: list[str], settle_seconds: float, polling: bool = False, poll_seconds: float = 2.0
+    ) -> None:
         self.root = root
         self.patterns = patterns
         self.settle = settle_seconds

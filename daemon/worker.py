@@ -116,7 +116,7 @@ class Task:
         """The output's pixels, all frames: as planned once decoded, else from the header and the rule's scale."""
         if self.work is not None:
             return self.work.pixels_out
-        return int(self.pixels_in() * self.job.rule.final_scale ** 2)
+        return int(self.pixels_in() * self.job.rule.final_scale**2)
 
     def close(self) -> None:
         """Let go of a folder handle opened for this task."""
@@ -135,10 +135,20 @@ class Stages:
     committed outcome (telemetry, hooks, the service's bookkeeping).
     """
 
-    def __init__(self, settings: Settings, store: JobStore, cache: ModelCache, inbox: Root | None, outbox: Root,
-                 mover: Mover | None, node: str | None = None, on_outcome: Outcome | None = None,
-                 clock: Callable[[], float] = time.monotonic, telemetry: Telemetry | None = None,
-                 hooks: HookRunner | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        cache: ModelCache,
+        inbox: Root | None,
+        outbox: Root,
+        mover: Mover | None,
+        node: str | None = None,
+        on_outcome: Outcome | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        telemetry: Telemetry | None = None,
+        hooks: HookRunner | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.cache = cache
@@ -166,8 +176,11 @@ class Stages:
         # database, and other programs read the outbox.
         rel = PurePosixPath(text_form(str(job.rel)))
         rel_dir = rel.parent if job.source == "watch" else PurePosixPath()
-        plan = pipeline.size_plan(job.rule, job.input_width, job.input_height)[0] \
-            if job.input_width and job.input_height else None
+        plan = (
+            pipeline.size_plan(job.rule, job.input_width, job.input_height)[0]
+            if job.input_width and job.input_height
+            else None
+        )
         date = (job.created_at or self.store.clock()).date().isoformat()
         target = rel_dir / pipeline.output_name(job.rule, rel, fmt, plan, date)
         stem, suffix = target.stem, target.suffix
@@ -183,9 +196,15 @@ class Stages:
     def claim(self, worker: str, limit: int = 1, job_id: int | None = None) -> list[Task]:
         """Claim up to ``limit`` jobs (their outputs reserved in the same commit) and make them tasks."""
         s = self.settings
-        jobs = self.store.claim(worker, node=self.node, limit=limit, job_id=job_id,
-                                folders=s.serve_folders if self.node else None,
-                                source="watch" if self.mover is not None else None, plan=self.plan_output)
+        jobs = self.store.claim(
+            worker,
+            node=self.node,
+            limit=limit,
+            job_id=job_id,
+            folders=s.serve_folders if self.node else None,
+            source="watch" if self.mover is not None else None,
+            plan=self.plan_output,
+        )
         if jobs:
             failpoints.hit("after-claim")
         return [self.task(j) for j in jobs]
@@ -221,8 +240,9 @@ class Stages:
             except OSError as exc:
                 raise UnreadableFileError(f"cannot read {job.name}: {exc.strerror or exc}") from None
             if hashlib.sha256(data).hexdigest() != job.sha:
-                raise InputChangedError(f"{job.name} changed after it was registered; the new content is a job of "
-                                        "its own")
+                raise InputChangedError(
+                    f"{job.name} changed after it was registered; the new content is a job of its own"
+                )
             decoded = imageio.decode_bytes(data, self.settings.max_pixels, self.settings.max_frames, name=job.name)
             del data
             task.work = pipeline.prepare(job.rule, decoded, self.settings)
@@ -308,14 +328,25 @@ class Stages:
                 times["total"] = sum(v for k, v in times.items() if k != "queue")
                 fields = dict(t.work.fields if t.work else {}, **{f"t_{k}": v for k, v in times.items()})
                 plan = plans[t.job.id]
-                results.append(Finished(t.job.id, t.job.worker, fields, archive_path=plan[1],
-                                        metrics_pending=bool(t.job.rule.metric_names)))
+                results.append(
+                    Finished(
+                        t.job.id,
+                        t.job.worker,
+                        fields,
+                        archive_path=plan[1],
+                        metrics_pending=bool(t.job.rule.metric_names),
+                    )
+                )
             committed = self.store.finish(results)
             failpoints.hit("after-commit")
             for t, done in zip(ok, committed, strict=True):
                 if not done:
-                    self.log.warning("job.lease_lost", job=t.job.id, file=t.name,
-                                     note="another node owns this job now; its result is kept")
+                    self.log.warning(
+                        "job.lease_lost",
+                        job=t.job.id,
+                        file=t.name,
+                        note="another node owns this job now; its result is kept",
+                    )
                     self.on_outcome(t, "lost")
                     continue
                 self._archive(t, plans[t.job.id][0])
@@ -359,16 +390,26 @@ class Stages:
         if isinstance(action, RetryAt):
             if self.store.retry_later(job.id, action.kind, action.error, action.at, owner=job.worker):
                 seconds = round((action.at - self.store.clock()).total_seconds(), 1)
-                self.log.warning("job.retry", job=job.id, file=t.name, kind=exc.kind, error=str(exc),
-                                 attempt=job.attempts, in_seconds=seconds)
+                self.log.warning(
+                    "job.retry",
+                    job=job.id,
+                    file=t.name,
+                    kind=exc.kind,
+                    error=str(exc),
+                    attempt=job.attempts,
+                    in_seconds=seconds,
+                )
                 self.report(t, "retried")
                 self.on_outcome(t, "retried")
             else:
-                self.log.warning("job.lease_lost", job=job.id, file=t.name,
-                                 note="another node took this job over; its outcome is theirs")
+                self.log.warning(
+                    "job.lease_lost",
+                    job=job.id,
+                    file=t.name,
+                    note="another node took this job over; its outcome is theirs",
+                )
             return
-        if not self.store.fail(job.id, exc.kind, str(exc), owner=job.worker,
-                               fields=t.work.fields if t.work else None):
+        if not self.store.fail(job.id, exc.kind, str(exc), owner=job.worker, fields=t.work.fields if t.work else None):
             self.log.warning("job.lease_lost", job=job.id, file=t.name, kind=exc.kind)
             return
         failpoints.hit("on-fail")
@@ -389,8 +430,9 @@ class Stages:
             if self._brisque is False:
                 entry = get_entry("brisque")
                 try:
-                    self._brisque = Brisque(locate(self.settings.weights_dir, entry, 0),
-                                            locate(self.settings.weights_dir, entry, 1))
+                    self._brisque = Brisque(
+                        locate(self.settings.weights_dir, entry, 0), locate(self.settings.weights_dir, entry, 1)
+                    )
                 except (WeightsMissingError, WeightsCorruptError) as exc:
                     # Looked up again for the next job (a hash of 0.6 MB): fetching the files fixes it without a
                     # restart.
@@ -418,12 +460,16 @@ class Stages:
             self.store.record_metrics(task.job.id, task.metrics)
         seconds = time.perf_counter() - t0
         task.timer.times["metrics"] = seconds
-        self.log.info("job.measured", job=task.job.id, file=task.name, seconds=round(seconds, 3),
-                      notes=(work.notes if work is not None else None) or None,
-                      **{m.name: round(m.value, 4) for m in task.metrics})
+        self.log.info(
+            "job.measured",
+            job=task.job.id,
+            file=task.name,
+            seconds=round(seconds, 3),
+            notes=(work.notes if work is not None else None) or None,
+            **{m.name: round(m.value, 4) for m in task.metrics},
+        )
         if self.telemetry is not None:
-            self.telemetry.stage_time(rule=task.job.folder, model=task.job.rule.model, stage="metrics",
-                                      seconds=seconds)
+            self.telemetry.stage_time(rule=task.job.folder, model=task.job.rule.model, stage="metrics", seconds=seconds)
         self._hook(task, "done")
 
     def report(self, t: Task, status: str) -> None:
@@ -434,9 +480,14 @@ class Stages:
         times["queue"] = t.job.queue_seconds()
         times["total"] = sum(v for k, v in t.timer.times.items() if k != "queue")
         work = t.work
-        self.telemetry.job_outcome(rule=t.job.folder, model=t.job.rule.model, status=status, stages=times,
-                                   pixels_in=work.pixels_in if work and status == "done" else 0,
-                                   pixels_out=work.pixels_out if work and status == "done" else 0)
+        self.telemetry.job_outcome(
+            rule=t.job.folder,
+            model=t.job.rule.model,
+            status=status,
+            stages=times,
+            pixels_in=work.pixels_in if work and status == "done" else 0,
+            pixels_out=work.pixels_out if work and status == "done" else 0,
+        )
 
     def remeasure(self, job: Job, archive: Root) -> list[Metric]:
         """The metrics of a done job, computed from its output and its input files (archived, or still in the inbox
@@ -448,17 +499,24 @@ class Stages:
                 raise FileNotFoundError(job.output_path)
             data = self.outbox.read_bytes(out_rel)
             src = self._input_bytes(job, archive)
-            work = pipeline.prepare(job.rule, imageio.decode_bytes(src, self.settings.max_pixels,
-                                                                   self.settings.max_frames, name=job.name),
-                                    self.settings)
+            work = pipeline.prepare(
+                job.rule,
+                imageio.decode_bytes(src, self.settings.max_pixels, self.settings.max_frames, name=job.name),
+                self.settings,
+            )
             written = imageio.decode_bytes(data, work.size[0] * work.size[1], name="the output")
             work.colour = pipeline.to_model(pipeline.colour_of(written.first.pixels))
             fmt = pipeline.output_format(job.rule, job.input_format)
             results = pipeline.measure(job.rule, work, data, fmt, self.brisque)
         except (OSError, UpscaledError) as exc:
             self.store.record_metrics(job.id, [], state="lost")
-            self.log.warning("metrics.lost", job=job.id, file=job.name, error=str(exc),
-                             note="the output or the input is gone; the job itself is done")
+            self.log.warning(
+                "metrics.lost",
+                job=job.id,
+                file=job.name,
+                error=str(exc),
+                note="the output or the input is gone; the job itself is done",
+            )
             return []
         self.store.record_metrics(job.id, results)
         return results
@@ -483,11 +541,19 @@ class Stages:
 
     def _log_done(self, t: Task) -> None:
         times = t.timer.times
-        self.log.info("job.done", job=t.job.id, file=t.name, model=t.job.rule.model, device=t.device or None,
-                      output=t.job.output_path, seconds=round(sum(times.values()), 3),
-                      queue_s=round(t.job.queue_seconds(), 3), moved_to=t.moved_to,
-                      notes=(t.work.notes if t.work else None) or None,
-                      metrics="to come" if t.job.rule.metric_names else None)
+        self.log.info(
+            "job.done",
+            job=t.job.id,
+            file=t.name,
+            model=t.job.rule.model,
+            device=t.device or None,
+            output=t.job.output_path,
+            seconds=round(sum(times.values()), 3),
+            queue_s=round(t.job.queue_seconds(), 3),
+            moved_to=t.moved_to,
+            notes=(t.work.notes if t.work else None) or None,
+            metrics="to come" if t.job.rule.metric_names else None,
+        )
 
     def _hook(self, t: Task, status: str) -> None:
         """Run the ``on_done`` / ``on_failed`` hooks of the job's rule and of the service, after the commit; they
@@ -499,11 +565,21 @@ class Stages:
         if not hooks:
             return
         times = {f"t_{k}": round(v, 4) for k, v in t.timer.times.items()}
-        self.hooks.submit(hooks, HookEvent(
-            event=status, job_id=job.id, input=t.moved_to or job.input_path, output=job.output_path if status ==
-            "done" else None, model=rule.model, rule=job.folder, times=times,
-            metrics={m.name: m.value for m in t.metrics}, error=None if t.error is None else str(t.error),
-            error_kind=None if t.error is None else t.error.kind))
+        self.hooks.submit(
+            hooks,
+            HookEvent(
+                event=status,
+                job_id=job.id,
+                input=t.moved_to or job.input_path,
+                output=job.output_path if status == "done" else None,
+                model=rule.model,
+                rule=job.folder,
+                times=times,
+                metrics={m.name: m.value for m in t.metrics},
+                error=None if t.error is None else str(t.error),
+                error_kind=None if t.error is None else t.error.kind,
+            ),
+        )
 
     # --- all of it, in the calling thread --------------------------------------------------------------------------
     def run_task(self, task: Task, device: str, beat: Beat | None = None) -> None:
@@ -549,9 +625,16 @@ class Runner:
     pixels in flight stay under ``memory_bytes`` (a single task larger than that still runs, alone).
     """
 
-    def __init__(self, stages: Stages, devices: Iterable[str], workers: int, worker_id: Callable[[str], str],
-                 depth: int | None = None, memory_bytes: int = 2 << 30,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        stages: Stages,
+        devices: Iterable[str],
+        workers: int,
+        worker_id: Callable[[str], str],
+        depth: int | None = None,
+        memory_bytes: int = 2 << 30,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stages = stages
         self.clock = clock
         self.devices = list(devices)
@@ -563,8 +646,12 @@ class Runner:
         self.memory_bytes = memory_bytes
         self.log = logs.get()
         now = clock()
-        self.beats: dict[str, Beat] = {"feed": Beat("feed", now), "write": Beat("write", now),
-                                       "settle": Beat("settle", now), "measure": Beat("measure", now)}
+        self.beats: dict[str, Beat] = {
+            "feed": Beat("feed", now),
+            "write": Beat("write", now),
+            "settle": Beat("settle", now),
+            "measure": Beat("measure", now),
+        }
         self._infer_q: dict[str, queue.Queue[Task]] = {d: queue.Queue(maxsize=workers) for d in self.devices}
         self._write_q: queue.Queue[Task] = queue.Queue(maxsize=2)
         self._settle_q: queue.Queue[Task] = queue.Queue()
@@ -587,8 +674,12 @@ class Runner:
 
     # --- control ---------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        specs: list[tuple[str, Callable[[], None]]] = [("feed", self._feed), ("write", self._write),
-                                                       ("settle", self._settle), ("measure", self._measure)]
+        specs: list[tuple[str, Callable[[], None]]] = [
+            ("feed", self._feed),
+            ("write", self._write),
+            ("settle", self._settle),
+            ("measure", self._measure),
+        ]
         for name, dev in zip(self.infer_names, [n.rsplit(".", 1)[0] for n in self.infer_names], strict=True):
             device = next(d for d in self.devices if d.replace(":", "") == dev)
             specs.append((name, lambda n=name, d=device: self._infer(n, d)))

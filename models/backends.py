@@ -59,17 +59,37 @@ class DiffusionParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(default="", max_length=2000, description="What the image shows (the text encoder reads "
-                        "the first 77 tokens); a `<image>.prompt.txt` beside an input replaces it.")
+    prompt: str = Field(
+        default="",
+        max_length=2000,
+        description="What the image shows (the text encoder reads "
+        "the first 77 tokens); a `<image>.prompt.txt` beside an input replaces it.",
+    )
     negative_prompt: str = Field(default="", max_length=2000, description="What to steer away from.")
-    num_inference_steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS, description="Denoising steps per "
-                                     "tile (25: the image settles after 20-30 with the model's DDIM scheduler).")
-    guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=50, description="Classifier-free guidance; "
-                                  "above 1 it costs two UNet passes per step.")
-    noise_level: int = Field(default=DEFAULT_NOISE_LEVEL, ge=0, le=MAX_NOISE_LEVEL, description="Noise added to "
-                             "the low-resolution input (more: more invented detail).")
-    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="The noise's seed: same input and rule, same "
-                      "bytes on the same device.")
+    num_inference_steps: int = Field(
+        default=DEFAULT_STEPS,
+        ge=1,
+        le=MAX_STEPS,
+        description="Denoising steps per tile (25: the image settles after 20-30 with the model's DDIM scheduler).",
+    )
+    guidance_scale: float = Field(
+        default=DEFAULT_GUIDANCE,
+        ge=0,
+        le=50,
+        description="Classifier-free guidance; above 1 it costs two UNet passes per step.",
+    )
+    noise_level: int = Field(
+        default=DEFAULT_NOISE_LEVEL,
+        ge=0,
+        le=MAX_NOISE_LEVEL,
+        description="Noise added to the low-resolution input (more: more invented detail).",
+    )
+    seed: int = Field(
+        default=0,
+        ge=0,
+        le=2**63 - 1,
+        description="The noise's seed: same input and rule, same bytes on the same device.",
+    )
 
 
 Warn = Callable[["ModelEntry", BaseModel, str], list[str]]
@@ -109,9 +129,11 @@ def diffusion_warnings(_entry: ModelEntry, params: BaseModel, device: str) -> li
     if not runs_on_cpu(device):
         return []
     steps = getattr(params, "num_inference_steps", DEFAULT_STEPS)
-    return [f"diffusion on the CPU ({device}) runs {steps} denoising steps of a large UNet for every 128 px tile, "
-            "which takes minutes per tile; diffusion is a GPU rule: set device = \"cuda\" on a machine with a GPU, "
-            "or use a GAN model on the CPU"]
+    return [
+        f"diffusion on the CPU ({device}) runs {steps} denoising steps of a large UNet for every 128 px tile, "
+        'which takes minutes per tile; diffusion is a GPU rule: set device = "cuda" on a machine with a GPU, '
+        "or use a GAN model on the CPU"
+    ]
 
 
 @dataclass(frozen=True)
@@ -191,8 +213,16 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("classical", "models.classical", None, any_scale=True, uses_tile=False, resolve_device=cpu_only),
     Backend("opencv", "models.opencv_sr", None, requires=("cv2",), resolve_device=opencv_device),
     Backend("spandrel", "models.spandrel_sr", "gan", requires=("torch", "spandrel")),
-    Backend("diffusion", "models.diffusion_sd", "diffusion", requires=("torch", "diffusers", "transformers"),
-            params=DiffusionParams, takes_prompt=True, chainable=False, warn=diffusion_warnings),
+    Backend(
+        "diffusion",
+        "models.diffusion_sd",
+        "diffusion",
+        requires=("torch", "diffusers", "transformers"),
+        params=DiffusionParams,
+        takes_prompt=True,
+        chainable=False,
+        warn=diffusion_warnings,
+    ),
 )
 
 

@@ -66,9 +66,18 @@ class Upscaler:
 
     params_type: type[BaseModel] = NoParams
 
-    def __init__(self, model_id: str, backend: str, scale: float, *, device: str = "cpu", precision: str = "fp32",
-                 tiling: Tiling = Tiling.SUPPORTED, size: SizeRequirements | None = None,
-                 tile: int | None = None) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        backend: str,
+        scale: float,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        tiling: Tiling = Tiling.SUPPORTED,
+        size: SizeRequirements | None = None,
+        tile: int | None = None,
+    ) -> None:
         self.model_id = model_id
         self.backend = backend
         self.scale = float(scale)
@@ -84,8 +93,10 @@ class Upscaler:
         return self._precision
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.model_id!r}, backend={self.backend!r}, x{self.scale:g}, "
-                f"device={self.device!r}, precision={self.precision!r}, tile={self.tile})")
+        return (
+            f"{type(self).__name__}({self.model_id!r}, backend={self.backend!r}, x{self.scale:g}, "
+            f"device={self.device!r}, precision={self.precision!r}, tile={self.tile})"
+        )
 
     # --- the call ----------------------------------------------------------------------------------------------------
     def __call__(self, pixels: np.ndarray, params: BaseModel | Mapping[str, Any] | None = None) -> np.ndarray:
@@ -113,15 +124,21 @@ class Upscaler:
             UnsupportedImageError: the array is not uint8 or float32 RGB.
             ImageTooSmallError: a side is below the model's minimum.
         """
-        if not isinstance(pixels, np.ndarray) or pixels.dtype not in PIXEL_DTYPES or pixels.ndim != 3 \
-                or pixels.shape[2] != 3:
+        if (
+            not isinstance(pixels, np.ndarray)
+            or pixels.dtype not in PIXEL_DTYPES
+            or pixels.ndim != 3
+            or pixels.shape[2] != 3
+        ):
             got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
-            raise UnsupportedImageError(f"expected RGB pixels of shape (H, W, 3), uint8 or float32 in [0, 1]; got "
-                                        f"{got}")
+            raise UnsupportedImageError(
+                f"expected RGB pixels of shape (H, W, 3), uint8 or float32 in [0, 1]; got {got}"
+            )
         h, w = pixels.shape[:2]
         if min(h, w) < self.size.minimum:
-            raise ImageTooSmallError(f"{self.model_id} needs at least {self.size.minimum} px per side, "
-                                     f"the image is {w}x{h}")
+            raise ImageTooSmallError(
+                f"{self.model_id} needs at least {self.size.minimum} px per side, the image is {w}x{h}"
+            )
         return h, w
 
     def parse_params(self, params: BaseModel | Mapping[str, Any] | None) -> BaseModel:
@@ -140,8 +157,10 @@ class Upscaler:
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors())
                 raise InvalidParamsError(f"{self.backend} parameters for {self.model_id}: {problems}") from None
-        raise InvalidParamsError(f"{self.model_id} takes {self.params_type.__name__} parameters, a mapping or None; "
-                                 f"got {type(params).__name__}")
+        raise InvalidParamsError(
+            f"{self.model_id} takes {self.params_type.__name__} parameters, a mapping or None; "
+            f"got {type(params).__name__}"
+        )
 
     def with_tile(self, tile: int | None) -> Upscaler:
         """This upscaler with another window side; the loaded model (weights, locks, fallback state) is shared."""
@@ -162,9 +181,17 @@ class FunctionUpscaler(Upscaler):
     side); ``Tiling.INTERNAL`` runs the whole image at once.
     """
 
-    def __init__(self, model_id: str, backend: str, scale: float, run_float: Callable[[np.ndarray], np.ndarray], *,
-                 run_u8: Callable[[np.ndarray], np.ndarray] | None = None, geometry: Geometry | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        backend: str,
+        scale: float,
+        run_float: Callable[[np.ndarray], np.ndarray],
+        *,
+        run_u8: Callable[[np.ndarray], np.ndarray] | None = None,
+        geometry: Geometry | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(model_id, backend, scale, **kwargs)
         self.run_float = run_float
         self.run_u8 = run_u8

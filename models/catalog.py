@@ -90,9 +90,13 @@ _SHA = {  # from shared/weights/MANIFEST.tsv
     "quality/brisque_model_live.yml": ("4c44c7eec9e5139830c0bb0e4a044c9cd351ba5bbc9e3798beca3243e2782ff4", 567815),
     "quality/brisque_range_live.yml": ("a18427f4f7ad087524bd0d63389649a3899b51ca6d44a4d5f8d8171f1f914a9c", 1356),
     "spandrel/RealESRGANv2-animevideo-xsx2.pth": (
-        "27985aa2198711ecd72f9bb274ec7b164e018fc9ce2933daaa7c7ab36a2bd3fe", 2419014),
+        "27985aa2198711ecd72f9bb274ec7b164e018fc9ce2933daaa7c7ab36a2bd3fe",
+        2419014,
+    ),
     "spandrel/RealESRGANv2-animevideo-xsx4.pth": (
-        "5e04b111c16d5b40deb8f8062d09fdff72fa80281fb9607be23b62650c08daff", 2502086),
+        "5e04b111c16d5b40deb8f8062d09fdff72fa80281fb9607be23b62650c08daff",
+        2502086,
+    ),
     "spandrel/DITN_Real_x4.pth": ("989dc21e2379c6924a6bd32696df0f1fa8cfd43dd557e1ae4126b97708695b5a", 1811277),
     "spandrel/DITN_Real_GAN_x4.pth": ("a103f07b5c605c2e23c23bfe44a880e10e7c019388a516f657fb13b0e7df1097", 1811277),
 }
@@ -101,27 +105,57 @@ _SHA = {  # from shared/weights/MANIFEST.tsv
 # The Real-ESRGAN release assets (xinntao/Real-ESRGAN, BSD-3-Clause): the sha256 and size each release file is
 # published and widely pinned with (not mirrored here). Keyed by local path.
 _RELEASED = {
-    "spandrel/RealESRGAN_x4plus.pth": ("v0.1.0", "4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1",
-                                       67040989),
+    "spandrel/RealESRGAN_x4plus.pth": (
+        "v0.1.0",
+        "4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1",
+        67040989,
+    ),
     "spandrel/RealESRGAN_x4plus_anime_6B.pth": (
-        "v0.2.2.4", "f872d837d3c90ed2e05227bed711af5671a6fd1c9f7d7e91c911a61f155e99da", 17938799),
-    "spandrel/RealESRGAN_x2plus.pth": ("v0.2.1", "49fafd45f8fd7aa8d31ab2a22d14d91b536c34494a5cfe31eb5d89c2fa266abb",
-                                       67061725),
+        "v0.2.2.4",
+        "f872d837d3c90ed2e05227bed711af5671a6fd1c9f7d7e91c911a61f155e99da",
+        17938799,
+    ),
+    "spandrel/RealESRGAN_x2plus.pth": (
+        "v0.2.1",
+        "49fafd45f8fd7aa8d31ab2a22d14d91b536c34494a5cfe31eb5d89c2fa266abb",
+        67061725,
+    ),
     "spandrel/realesr-general-x4v3.pth": (
-        "v0.2.5.0", "8dc7edb9ac80ccdc30c3a5dca6616509367f05fbc184ad95b731f05bece96292", 4885111),
+        "v0.2.5.0",
+        "8dc7edb9ac80ccdc30c3a5dca6616509367f05fbc184ad95b731f05bece96292",
+        4885111,
+    ),
     "spandrel/realesr-animevideov3.pth": (
-        "v0.2.5.0", "b8a8376811077954d82ca3fcf476f1ac3da3e8a68a4f4d71363008000a18b75d", 2504012),
+        "v0.2.5.0",
+        "b8a8376811077954d82ca3fcf476f1ac3da3e8a68a4f4d71363008000a18b75d",
+        2504012,
+    ),
 }
 
 
 def _file(repo_commit: tuple[str, str], upstream_path: str, local_path: str, max_size: int | None = None) -> WeightFile:
     sha, size = _SHA.get(local_path, (None, None))
-    return WeightFile(path=local_path, url=_raw(*repo_commit, upstream_path), sha256=sha, size=size,
-                      revision=repo_commit[1], max_size=None if size else max_size)
+    return WeightFile(
+        path=local_path,
+        url=_raw(*repo_commit, upstream_path),
+        sha256=sha,
+        size=size,
+        revision=repo_commit[1],
+        max_size=None if size else max_size,
+    )
 
 
-def _opencv(mid: str, arch: str, stem: str, scales: tuple[int, ...], repo: tuple[str, str], folder: str,
-            license: str, description: str, max_size: int | None = None) -> ModelEntry:
+def _opencv(
+    mid: str,
+    arch: str,
+    stem: str,
+    scales: tuple[int, ...],
+    repo: tuple[str, str],
+    folder: str,
+    license: str,
+    description: str,
+    max_size: int | None = None,
+) -> ModelEntry:
     return ModelEntry(
         id=mid,
         backend="opencv",
@@ -151,8 +185,18 @@ _SD_X4_REVISION = "572c99286543a273bfd17fac263db5a77be12c4c"
 _XINNTAO_LICENSE = "BSD-3-Clause"
 
 
-def _spandrel(mid: str, arch: str, scale: int, file_name: str, url: str, license: str, source: str,
-              description: str, revision: str = "", max_size: int | None = None) -> ModelEntry:
+def _spandrel(
+    mid: str,
+    arch: str,
+    scale: int,
+    file_name: str,
+    url: str,
+    license: str,
+    source: str,
+    description: str,
+    revision: str = "",
+    max_size: int | None = None,
+) -> ModelEntry:
     """A single-scale model loaded through spandrel; ``arch`` is the spandrel architecture id the file must hold.
     Its sha256 and size come from the MANIFEST (mirrored files) or the release's published values."""
     local = f"spandrel/{file_name}"
@@ -160,17 +204,44 @@ def _spandrel(mid: str, arch: str, scale: int, file_name: str, url: str, license
         revision, sha, size = _RELEASED[local]
     else:
         sha, size = _SHA.get(local, (None, None))
-    return ModelEntry(id=mid, backend="spandrel", arch=arch, scales=(scale,), description=description,
-                      license=license, source=source,
-                      files={scale: WeightFile(path=local, url=url, sha256=sha, size=size, revision=revision,
-                                               max_size=None if size else max_size)})
+    return ModelEntry(
+        id=mid,
+        backend="spandrel",
+        arch=arch,
+        scales=(scale,),
+        description=description,
+        license=license,
+        source=source,
+        files={
+            scale: WeightFile(
+                path=local, url=url, sha256=sha, size=size, revision=revision, max_size=None if size else max_size
+            )
+        },
+    )
 
 
-def _spandrel_mirrored(mid: str, arch: str, scale: int, file_name: str, repo: tuple[str, str], upstream_path: str,
-                       license: str, description: str) -> ModelEntry:
+def _spandrel_mirrored(
+    mid: str,
+    arch: str,
+    scale: int,
+    file_name: str,
+    repo: tuple[str, str],
+    upstream_path: str,
+    license: str,
+    description: str,
+) -> ModelEntry:
     """A spandrel model whose file is in ``shared/weights/spandrel``: URL pinned to the MANIFEST's commit."""
-    return _spandrel(mid, arch, scale, file_name, _raw(*repo, upstream_path), license,
-                     f"https://github.com/{repo[0]}/blob/{repo[1]}/{upstream_path}", description, revision=repo[1])
+    return _spandrel(
+        mid,
+        arch,
+        scale,
+        file_name,
+        _raw(*repo, upstream_path),
+        license,
+        f"https://github.com/{repo[0]}/blob/{repo[1]}/{upstream_path}",
+        description,
+        revision=repo[1],
+    )
 
 
 ENTRIES: tuple[ModelEntry, ...] = (
@@ -179,16 +250,57 @@ ENTRIES: tuple[ModelEntry, ...] = (
     _classical("bicubic", "MATLAB imresize bicubic: Keys a=-0.5, antialiased downscale, symmetric edges"),
     _classical("lanczos", "Lanczos, 8x8 taps (OpenCV INTER_LANCZOS4)"),
     _classical("area", "pixel-area averaging (OpenCV INTER_AREA; bilinear-like when enlarging)"),
-    _opencv("fsrcnn", "fsrcnn", "FSRCNN", (2, 3, 4), _FSRCNN, "models", "Apache-2.0",
-            "FSRCNN (Dong et al. 2016), OpenCV dnn_superres, Y channel"),
-    _opencv("fsrcnn-small", "fsrcnn", "FSRCNN-small", (2, 3, 4), _FSRCNN, "models", "Apache-2.0",
-            "FSRCNN-s, the faster variant, OpenCV dnn_superres, Y channel"),
-    _opencv("espcn", "espcn", "ESPCN", (2, 3, 4), _ESPCN, "export", "Apache-2.0",
-            "ESPCN (Shi et al. 2016), OpenCV dnn_superres, Y channel"),
-    _opencv("lapsrn", "lapsrn", "LapSRN", (2, 4, 8), _LAPSRN, "export", "Apache-2.0",
-            "LapSRN (Lai et al. 2017), OpenCV dnn_superres, Y channel"),
-    _opencv("edsr", "edsr", "EDSR", (2, 3, 4), _EDSR, "models", "not stated by the repository; check before use",
-            "EDSR (Lim et al. 2017), OpenCV dnn_superres, RGB; large and slow on a CPU", max_size=_EDSR_MAX_SIZE),
+    _opencv(
+        "fsrcnn",
+        "fsrcnn",
+        "FSRCNN",
+        (2, 3, 4),
+        _FSRCNN,
+        "models",
+        "Apache-2.0",
+        "FSRCNN (Dong et al. 2016), OpenCV dnn_superres, Y channel",
+    ),
+    _opencv(
+        "fsrcnn-small",
+        "fsrcnn",
+        "FSRCNN-small",
+        (2, 3, 4),
+        _FSRCNN,
+        "models",
+        "Apache-2.0",
+        "FSRCNN-s, the faster variant, OpenCV dnn_superres, Y channel",
+    ),
+    _opencv(
+        "espcn",
+        "espcn",
+        "ESPCN",
+        (2, 3, 4),
+        _ESPCN,
+        "export",
+        "Apache-2.0",
+        "ESPCN (Shi et al. 2016), OpenCV dnn_superres, Y channel",
+    ),
+    _opencv(
+        "lapsrn",
+        "lapsrn",
+        "LapSRN",
+        (2, 4, 8),
+        _LAPSRN,
+        "export",
+        "Apache-2.0",
+        "LapSRN (Lai et al. 2017), OpenCV dnn_superres, Y channel",
+    ),
+    _opencv(
+        "edsr",
+        "edsr",
+        "EDSR",
+        (2, 3, 4),
+        _EDSR,
+        "models",
+        "not stated by the repository; check before use",
+        "EDSR (Lim et al. 2017), OpenCV dnn_superres, RGB; large and slow on a CPU",
+        max_size=_EDSR_MAX_SIZE,
+    ),
     ModelEntry(
         id="brisque",
         backend="quality",
@@ -204,51 +316,118 @@ ENTRIES: tuple[ModelEntry, ...] = (
     ),
     # --- spandrel: Real-ESRGAN and its family (PyTorch; pip install 'upscaled[gan]') ----------------------------
     *(
-        _spandrel(f"realesrgan-x{s}", "ESRGAN", s, f"RealESRGAN_x{s}.pth", f"{_AI_FOREVER_HUB}/RealESRGAN_x{s}.pth",
-                  "not stated by the hub repository (ai-forever/Real-ESRGAN); check before use",
-                  "https://huggingface.co/ai-forever/Real-ESRGAN",
-                  f"Real-ESRGAN x{s} (RRDBNet, 23 blocks), ai-forever's weights; GAN-sharpened, for photos",
-                  revision=_AI_FOREVER_REVISION, max_size=_AI_FOREVER_MAX_SIZE)
+        _spandrel(
+            f"realesrgan-x{s}",
+            "ESRGAN",
+            s,
+            f"RealESRGAN_x{s}.pth",
+            f"{_AI_FOREVER_HUB}/RealESRGAN_x{s}.pth",
+            "not stated by the hub repository (ai-forever/Real-ESRGAN); check before use",
+            "https://huggingface.co/ai-forever/Real-ESRGAN",
+            f"Real-ESRGAN x{s} (RRDBNet, 23 blocks), ai-forever's weights; GAN-sharpened, for photos",
+            revision=_AI_FOREVER_REVISION,
+            max_size=_AI_FOREVER_MAX_SIZE,
+        )
         for s in (2, 4, 8)
     ),
-    _spandrel("realesrgan-x4plus", "ESRGAN", 4, "RealESRGAN_x4plus.pth",
-              f"{_XINNTAO_RELEASES}/v0.1.0/RealESRGAN_x4plus.pth", _XINNTAO_LICENSE,
-              "https://github.com/xinntao/Real-ESRGAN", "RealESRGAN_x4plus (RRDBNet, 23 blocks): real-world photos"),
-    _spandrel("realesrgan-x4plus-anime-6b", "ESRGAN", 4, "RealESRGAN_x4plus_anime_6B.pth",
-              f"{_XINNTAO_RELEASES}/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth", _XINNTAO_LICENSE,
-              "https://github.com/xinntao/Real-ESRGAN", "RealESRGAN_x4plus_anime_6B (RRDBNet, 6 blocks): drawings"),
-    _spandrel("realesrgan-x2plus", "ESRGAN", 2, "RealESRGAN_x2plus.pth",
-              f"{_XINNTAO_RELEASES}/v0.2.1/RealESRGAN_x2plus.pth", _XINNTAO_LICENSE,
-              "https://github.com/xinntao/Real-ESRGAN", "RealESRGAN_x2plus (RRDBNet, pixel-unshuffle input): photos"),
-    _spandrel("realesr-general-x4v3", "Compact", 4, "realesr-general-x4v3.pth",
-              f"{_XINNTAO_RELEASES}/v0.2.5.0/realesr-general-x4v3.pth", _XINNTAO_LICENSE,
-              "https://github.com/xinntao/Real-ESRGAN", "realesr-general-x4v3 (SRVGG compact, 32 convs): general"),
-    _spandrel("realesr-animevideov3", "Compact", 4, "realesr-animevideov3.pth",
-              f"{_XINNTAO_RELEASES}/v0.2.5.0/realesr-animevideov3.pth", _XINNTAO_LICENSE,
-              "https://github.com/xinntao/Real-ESRGAN", "realesr-animevideov3 (SRVGG compact, 16 convs): anime video"),
-    _spandrel_mirrored("realesrgan-animevideo-xsx2", "Compact", 2, "RealESRGANv2-animevideo-xsx2.pth",
-                       _BETTER_REALESRGAN, "Better.Real-ESRGAN/models/RealESRGANv2-animevideo-xsx2.pth",
-                       "AGPL-3.0 + author terms (upstream weights: xinntao/Real-ESRGAN release v0.2.3.0, BSD-3-Clause)",
-                       "RealESRGANv2-animevideo-xsx2 (SRVGG compact): anime video, x2; same file as Real-ESRGAN "
-                       "v0.2.3.0"),
-    _spandrel_mirrored("realesrgan-animevideo-xsx4", "Compact", 4, "RealESRGANv2-animevideo-xsx4.pth",
-                       _BETTER_REALESRGAN, "Better.Real-ESRGAN/models/RealESRGANv2-animevideo-xsx4.pth",
-                       "AGPL-3.0 + author terms (upstream weights: xinntao/Real-ESRGAN release v0.2.3.0, BSD-3-Clause)",
-                       "RealESRGANv2-animevideo-xsx4 (SRVGG compact): anime video, x4, the fastest here; same file "
-                       "as Real-ESRGAN v0.2.3.0"),
-    _spandrel_mirrored("ditn-real-x4", "DITN", 4, "DITN_Real_x4.pth", _DITN, "checkpoints/DITN_Real_x4.pth",
-                       "Apache-2.0 (LICENSE added in a later commit)",
-                       "DITN_Real_x4 (Liu et al. 2023): bicubic-degradation PSNR model, 32.10 dB Set5 x4 (Y)"),
-    _spandrel_mirrored("ditn-real-gan-x4", "DITN", 4, "DITN_Real_GAN_x4.pth", _DITN, "checkpoints/DITN_Real_GAN_x4.pth",
-                       "Apache-2.0 (LICENSE added in a later commit)",
-                       "DITN_Real_GAN_x4 (Liu et al. 2023): real-world degradations, GAN-trained"),
+    _spandrel(
+        "realesrgan-x4plus",
+        "ESRGAN",
+        4,
+        "RealESRGAN_x4plus.pth",
+        f"{_XINNTAO_RELEASES}/v0.1.0/RealESRGAN_x4plus.pth",
+        _XINNTAO_LICENSE,
+        "https://github.com/xinntao/Real-ESRGAN",
+        "RealESRGAN_x4plus (RRDBNet, 23 blocks): real-world photos",
+    ),
+    _spandrel(
+        "realesrgan-x4plus-anime-6b",
+        "ESRGAN",
+        4,
+        "RealESRGAN_x4plus_anime_6B.pth",
+        f"{_XINNTAO_RELEASES}/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
+        _XINNTAO_LICENSE,
+        "https://github.com/xinntao/Real-ESRGAN",
+        "RealESRGAN_x4plus_anime_6B (RRDBNet, 6 blocks): drawings",
+    ),
+    _spandrel(
+        "realesrgan-x2plus",
+        "ESRGAN",
+        2,
+        "RealESRGAN_x2plus.pth",
+        f"{_XINNTAO_RELEASES}/v0.2.1/RealESRGAN_x2plus.pth",
+        _XINNTAO_LICENSE,
+        "https://github.com/xinntao/Real-ESRGAN",
+        "RealESRGAN_x2plus (RRDBNet, pixel-unshuffle input): photos",
+    ),
+    _spandrel(
+        "realesr-general-x4v3",
+        "Compact",
+        4,
+        "realesr-general-x4v3.pth",
+        f"{_XINNTAO_RELEASES}/v0.2.5.0/realesr-general-x4v3.pth",
+        _XINNTAO_LICENSE,
+        "https://github.com/xinntao/Real-ESRGAN",
+        "realesr-general-x4v3 (SRVGG compact, 32 convs): general",
+    ),
+    _spandrel(
+        "realesr-animevideov3",
+        "Compact",
+        4,
+        "realesr-animevideov3.pth",
+        f"{_XINNTAO_RELEASES}/v0.2.5.0/realesr-animevideov3.pth",
+        _XINNTAO_LICENSE,
+        "https://github.com/xinntao/Real-ESRGAN",
+        "realesr-animevideov3 (SRVGG compact, 16 convs): anime video",
+    ),
+    _spandrel_mirrored(
+        "realesrgan-animevideo-xsx2",
+        "Compact",
+        2,
+        "RealESRGANv2-animevideo-xsx2.pth",
+        _BETTER_REALESRGAN,
+        "Better.Real-ESRGAN/models/RealESRGANv2-animevideo-xsx2.pth",
+        "AGPL-3.0 + author terms (upstream weights: xinntao/Real-ESRGAN release v0.2.3.0, BSD-3-Clause)",
+        "RealESRGANv2-animevideo-xsx2 (SRVGG compact): anime video, x2; same file as Real-ESRGAN v0.2.3.0",
+    ),
+    _spandrel_mirrored(
+        "realesrgan-animevideo-xsx4",
+        "Compact",
+        4,
+        "RealESRGANv2-animevideo-xsx4.pth",
+        _BETTER_REALESRGAN,
+        "Better.Real-ESRGAN/models/RealESRGANv2-animevideo-xsx4.pth",
+        "AGPL-3.0 + author terms (upstream weights: xinntao/Real-ESRGAN release v0.2.3.0, BSD-3-Clause)",
+        "RealESRGANv2-animevideo-xsx4 (SRVGG compact): anime video, x4, the fastest here; same file "
+        "as Real-ESRGAN v0.2.3.0",
+    ),
+    _spandrel_mirrored(
+        "ditn-real-x4",
+        "DITN",
+        4,
+        "DITN_Real_x4.pth",
+        _DITN,
+        "checkpoints/DITN_Real_x4.pth",
+        "Apache-2.0 (LICENSE added in a later commit)",
+        "DITN_Real_x4 (Liu et al. 2023): bicubic-degradation PSNR model, 32.10 dB Set5 x4 (Y)",
+    ),
+    _spandrel_mirrored(
+        "ditn-real-gan-x4",
+        "DITN",
+        4,
+        "DITN_Real_GAN_x4.pth",
+        _DITN,
+        "checkpoints/DITN_Real_GAN_x4.pth",
+        "Apache-2.0 (LICENSE added in a later commit)",
+        "DITN_Real_GAN_x4 (Liu et al. 2023): real-world degradations, GAN-trained",
+    ),
     # --- diffusion (PyTorch + diffusers; pip install 'upscaled[diffusion]'): weights in the Hugging Face cache ------
     ModelEntry(
         id="sd-x4-upscaler",
         backend="diffusion",
         scales=(4,),
         description="Stable Diffusion x4 upscaler (text-guided latent diffusion, diffusers "
-                    "StableDiffusionUpscalePipeline): a GPU model, minutes per 128 px tile on a CPU",
+        "StableDiffusionUpscalePipeline): a GPU model, minutes per 128 px tile on a CPU",
         license="CreativeML Open RAIL++-M",
         source="https://huggingface.co/stabilityai/stable-diffusion-x4-upscaler",
         hub_repo="stabilityai/stable-diffusion-x4-upscaler",
@@ -278,15 +457,23 @@ def file_entry(model_id: str) -> ModelEntry:
     Raises:
         UnknownModelError: the id names no file, or a file type spandrel cannot read.
     """
-    raw = model_id[len(FILE_PREFIX):]
+    raw = model_id[len(FILE_PREFIX) :]
     if not raw.strip():
         raise UnknownModelError(f"{model_id!r} names no file; write file:PATH, e.g. file:weights/4x-Something.pth")
     if Path(raw).suffix.lower() not in MODEL_FILE_SUFFIXES:
-        raise UnknownModelError(f"{model_id!r}: expected a model file ending in {', '.join(MODEL_FILE_SUFFIXES)}, "
-                           f"got {Path(raw).suffix or 'no extension'!r}")
-    return ModelEntry(id=model_id, backend="spandrel", arch="", scales=ANY_SCALE, source=raw,
-                      description=f"user-supplied model file {raw}, loaded with spandrel",
-                      license="unknown: user-supplied file")
+        raise UnknownModelError(
+            f"{model_id!r}: expected a model file ending in {', '.join(MODEL_FILE_SUFFIXES)}, "
+            f"got {Path(raw).suffix or 'no extension'!r}"
+        )
+    return ModelEntry(
+        id=model_id,
+        backend="spandrel",
+        arch="",
+        scales=ANY_SCALE,
+        source=raw,
+        description=f"user-supplied model file {raw}, loaded with spandrel",
+        license="unknown: user-supplied file",
+    )
 
 
 def resolve_model_file(model_id: str, weights_dir: Path | None = None) -> Path:
@@ -321,13 +508,20 @@ def diffusers_entry(model_id: str) -> ModelEntry:
     Raises:
         UnknownModelError: the id names no folder.
     """
-    raw = model_id[len(DIFFUSERS_PREFIX):]
+    raw = model_id[len(DIFFUSERS_PREFIX) :]
     if not raw.strip():
-        raise UnknownModelError(f"{model_id!r} names no folder; write diffusers:PATH to a folder saved with "
-                           f"save_pretrained, e.g. diffusers:/srv/models/sd-x4-upscaler")
-    return ModelEntry(id=model_id, backend="diffusion", scales=ANY_SCALE, source=raw,
-                      description=f"diffusion pipeline saved with save_pretrained in {raw}",
-                      license="unknown: user-supplied pipeline")
+        raise UnknownModelError(
+            f"{model_id!r} names no folder; write diffusers:PATH to a folder saved with "
+            f"save_pretrained, e.g. diffusers:/srv/models/sd-x4-upscaler"
+        )
+    return ModelEntry(
+        id=model_id,
+        backend="diffusion",
+        scales=ANY_SCALE,
+        source=raw,
+        description=f"diffusion pipeline saved with save_pretrained in {raw}",
+        license="unknown: user-supplied pipeline",
+    )
 
 
 def resolve_diffusers_folder(model_id: str, weights_dir: Path | None = None) -> Path:
@@ -344,8 +538,10 @@ def resolve_diffusers_folder(model_id: str, weights_dir: Path | None = None) -> 
     for path in candidates:
         if (path / DIFFUSERS_INDEX).is_file():
             return path.resolve()
-    raise WeightsMissingError(f"pipeline folder for {model_id!r} not found: none of {', '.join(map(str, candidates))} "
-                         f"holds a {DIFFUSERS_INDEX}; point it at a folder written by the pipeline's save_pretrained()")
+    raise WeightsMissingError(
+        f"pipeline folder for {model_id!r} not found: none of {', '.join(map(str, candidates))} "
+        f"holds a {DIFFUSERS_INDEX}; point it at a folder written by the pipeline's save_pretrained()"
+    )
 
 
 def model_label(model_id: str) -> str:
@@ -353,7 +549,7 @@ def model_label(model_id: str) -> str:
     folder's name for ``diffusers:`` ids."""
     if is_file_model(model_id) or is_diffusers_model(model_id):
         file = is_file_model(model_id)
-        raw = Path(model_id[len(FILE_PREFIX if file else DIFFUSERS_PREFIX):].rstrip("/"))
+        raw = Path(model_id[len(FILE_PREFIX if file else DIFFUSERS_PREFIX) :].rstrip("/"))
         stem = raw.stem if file else raw.name
         return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or ("file" if file else "diffusers")
     return model_id

@@ -31,5 +31,13 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> FunctionUpscaler:
         h, w = rgb.shape[:2]
         return cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=CV2_FILTERS[method])
 
-    return FunctionUpscaler(entry.id, "classical", scale, run, run_u8=run_u8 if method in CV2_FILTERS else None,
-                            device="cpu", precision="fp32", tiling=Tiling.INTERNAL)
+    return FunctionUpscaler(
+        entry.id,
+        "classical",
+        scale,
+        run,
+        run_u8=run_u8 if method in CV2_FILTERS else None,
+        device="cpu",
+        precision="fp32",
+        tiling=Tiling.INTERNAL,
+    )

@@ -61,7 +61,7 @@ def gpu_visible() -> bool:
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
     if hidden is not None and hidden.strip() in ("", "-1"):
         return False
-    return torch_installed() and any(p.name[len("nvidia"):].isdigit() for p in Path("/dev").glob("nvidia*"))
+    return torch_installed() and any(p.name[len("nvidia") :].isdigit() for p in Path("/dev").glob("nvidia*"))
 
 
 def cpu_without_torch(device: str) -> bool:
@@ -101,8 +101,13 @@ def _torch_version_file() -> tuple[str, str]:
     except (OSError, SyntaxError, StopIteration):
         return _version("torch"), ""
     for node in tree.body:
-        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
-            node.target if isinstance(node, ast.AnnAssign) else None  # `cuda: Optional[str] = '13.0'`
+        target = (
+            node.targets[0]
+            if isinstance(node, ast.Assign) and len(node.targets) == 1
+            else node.target
+            if isinstance(node, ast.AnnAssign)
+            else None
+        )  # `cuda: Optional[str] = '13.0'`
         if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant):
             values[target.id] = node.value.value
     return str(values.get("__version__") or _version("torch")), str(values.get("cuda") or "")
@@ -135,5 +140,13 @@ def memory_used() -> dict[str, int]:
     return {f"cuda:{i}": int(torch.cuda.memory_allocated(i)) for i in range(torch.cuda.device_count())}
 
 
-__all__ = ["DeviceUnavailableError", "build_info", "check", "cpu_without_torch", "memory_used", "resolve",
-           "runs_on_cpu", "torch_installed"]
+__all__ = [
+    "DeviceUnavailableError",
+    "build_info",
+    "check",
+    "cpu_without_torch",
+    "memory_used",
+    "resolve",
+    "runs_on_cpu",
+    "torch_installed",
+]

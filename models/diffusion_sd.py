@@ -95,8 +95,17 @@ class DiffusionModel:
     """What every view (tile) of one loaded pipeline shares: the pipeline, its precision and fallback, the lock and
     the out-of-memory splitter."""
 
-    def __init__(self, model_id: str, pipe: Any, device: str, precision: Precision, source: str,
-                 revision: str | None, multiple_of: int, torch: Any) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        pipe: Any,
+        device: str,
+        precision: Precision,
+        source: str,
+        revision: str | None,
+        multiple_of: int,
+        torch: Any,
+    ) -> None:
         self.model_id = model_id
         self.pipe = pipe
         self.device = device
@@ -108,8 +117,9 @@ class DiffusionModel:
         self.torch = torch
         self.displaced = False  # a failed fallback could not put the reduced pipeline back on the device
         self.lock = threading.Lock()  # one window at a time through this pipeline (its scheduler holds state)
-        self.splitter = OomSplitter(self.geometry_for, lambda exc: is_oom(exc, torch),
-                                    lambda: empty_cache(device, torch))
+        self.splitter = OomSplitter(
+            self.geometry_for, lambda exc: is_oom(exc, torch), lambda: empty_cache(device, torch)
+        )
 
     def geometry_for(self, side: int) -> Geometry:
         return window_geometry(side, self.multiple_of)
@@ -155,9 +165,16 @@ class DiffusionUpscaler(Upscaler):
     params_type = DiffusionParams
 
     def __init__(self, model: DiffusionModel, tile: int | None, threads: int, scale: float) -> None:
-        super().__init__(model.model_id, "diffusion", scale, device=model.device, precision=model.precision.loaded,
-                         tiling=Tiling.INTERNAL, size=SizeRequirements(minimum=1, multiple_of=model.multiple_of),
-                         tile=tile)
+        super().__init__(
+            model.model_id,
+            "diffusion",
+            scale,
+            device=model.device,
+            precision=model.precision.loaded,
+            tiling=Tiling.INTERNAL,
+            size=SizeRequirements(minimum=1, multiple_of=model.multiple_of),
+            tile=tile,
+        )
         self.model = model
         self.threads = threads
 
@@ -212,21 +229,22 @@ class DiffusionUpscaler(Upscaler):
         assert isinstance(params, DiffusionParams)
         model = self.model
         if params.noise_level > model.max_noise_level:
-            raise InvalidParamsError(f"noise_level {params.noise_level} is above {self.model_id}'s max_noise_level "
-                                     f"{model.max_noise_level}")
+            raise InvalidParamsError(
+                f"noise_level {params.noise_level} is above {self.model_id}'s max_noise_level {model.max_noise_level}"
+            )
         h, w = pixels.shape[:2]
         uint8 = pixels.dtype == np.uint8
         rgb = to_float(pixels) if uint8 else pixels
         # 1. Pad once for the whole image (never resize).
         padded = pad_to_multiple(rgb, self.size.multiple_of)
         geometry = model.geometry_for(self.window_side())
-        windows = len(plan_axis(padded.shape[0], geometry.tile, geometry.overlap, geometry.multiple_of)) * \
-            len(plan_axis(padded.shape[1], geometry.tile, geometry.overlap, geometry.multiple_of))
+        windows = len(plan_axis(padded.shape[0], geometry.tile, geometry.overlap, geometry.multiple_of)) * len(
+            plan_axis(padded.shape[1], geometry.tile, geometry.overlap, geometry.multiple_of)
+        )
         job = _Job(params, _Steps(windows, params.num_inference_steps), model.torch)
 
         def one(window: np.ndarray, origin: Origin) -> np.ndarray:
-            return model.splitter.run(lambda win, org: self._run_window(win, org, job), window, origin,
-                                      self.scale)
+            return model.splitter.run(lambda win, org: self._run_window(win, org, job), window, origin, self.scale)
 
         # 2. Windows one at a time, cross-faded; a window that runs out of memory is redone as smaller ones.
         out = run_tiled(one, padded, self.scale, geometry)
@@ -254,8 +272,9 @@ class DiffusionUpscaler(Upscaler):
                 model.fall_back()
                 y = self._denoise(x, latents, low_res_noise, origin, job)
                 if y is None:
-                    raise NonFiniteOutputError(f"{self.model_id} gave NaN, Inf or a black image even in fp32 on "
-                                               f"{self.device}")
+                    raise NonFiniteOutputError(
+                        f"{self.model_id} gave NaN, Inf or a black image even in fp32 on {self.device}"
+                    )
             out = y[0].permute(1, 2, 0).cpu().numpy()
         # The tiler scales the window in place: it needs a writeable array of its own.
         return out if out.flags.writeable and out.flags.c_contiguous else np.ascontiguousarray(out)
@@ -383,8 +402,9 @@ def derived_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0])
 
 
-def position_noise(seed: int, y0: int, x0: int, h: int, w: int, channels: int, torch: Any,
-                   stream: int = LATENT_STREAM) -> Any:
+def position_noise(
+    seed: int, y0: int, x0: int, h: int, w: int, channels: int, torch: Any, stream: int = LATENT_STREAM
+) -> Any:
     """Standard normal noise (1, channels, h, w) for the window at (y0, x0), cut from an endless grid of
     :data:`NOISE_BLOCK`-sized blocks, each drawn from its own seed (``seed``, block row, block column, ``stream``). A
     pixel's noise depends only on the seed, the stream and its position, so overlapping windows agree where they
@@ -397,8 +417,9 @@ def position_noise(seed: int, y0: int, x0: int, h: int, w: int, channels: int, t
             block = torch.randn((channels, b, b), generator=gen, dtype=torch.float32)
             ys, ye = max(y0, by * b), min(y0 + h, (by + 1) * b)
             xs, xe = max(x0, bx * b), min(x0 + w, (bx + 1) * b)
-            out[0, :, ys - y0 : ye - y0, xs - x0 : xe - x0] = block[:, ys - by * b : ye - by * b,
-                                                                    xs - bx * b : xe - bx * b]
+            out[0, :, ys - y0 : ye - y0, xs - x0 : xe - x0] = block[
+                :, ys - by * b : ye - by * b, xs - bx * b : xe - bx * b
+            ]
     return out
 
 
@@ -432,8 +453,10 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> DiffusionUpscaler
     #    the size requirement.
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if vae_factor != scale:
-        raise UnsupportedScaleError(f"{entry.id} is a x{vae_factor} pipeline and cannot upscale x{scale:g} natively; "
-                                    f"set scale = {vae_factor} (and outscale for another final size)")
+        raise UnsupportedScaleError(
+            f"{entry.id} is a x{vae_factor} pipeline and cannot upscale x{scale:g} natively; "
+            f"set scale = {vae_factor} (and outscale for another final size)"
+        )
     _to_device(pipe, device, torch)
     multiple = math.lcm(vae_factor, 2 ** int(pipe.unet.num_upsamplers))
     model = DiffusionModel(entry.id, pipe, device, Precision(precision, torch), source, revision, multiple, torch)
@@ -449,11 +472,13 @@ def missing_weights_message(model_id: str, repo: str, revision: str | None) -> s
     except ImportError:
         cache = "~/.cache/huggingface/hub"
     rev = f" --revision {revision}" if revision and revision != "main" else ""
-    return (f"weights for {model_id} ({repo}) are not in the Hugging Face cache at {cache}, and the service never "
-            f"downloads by itself. On a machine with network run `upscaled weights fetch {model_id}` (or "
-            f"`huggingface-cli download {repo}{rev}`, `hf download` in newer huggingface_hub) with the same "
-            f"HF_HOME, and copy the cache here if needed; or save the pipeline with save_pretrained() and set "
-            f"model = \"diffusers:/path/to/folder\" in the rule")
+    return (
+        f"weights for {model_id} ({repo}) are not in the Hugging Face cache at {cache}, and the service never "
+        f"downloads by itself. On a machine with network run `upscaled weights fetch {model_id}` (or "
+        f"`huggingface-cli download {repo}{rev}`, `hf download` in newer huggingface_hub) with the same "
+        f"HF_HOME, and copy the cache here if needed; or save the pipeline with save_pretrained() and set "
+        f'model = "diffusers:/path/to/folder" in the rule'
+    )
 
 
 def dtype_keyword(diffusers: Any) -> str:
@@ -509,17 +534,24 @@ def _load_pipeline(model_id: str, source: str, revision: str | None, dtype: Any,
         diffusers.utils.logging.disable_progress_bar()
         try:
             pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(
-                source, revision=revision, local_files_only=True, use_safetensors=True,
-                **load_dtypes(diffusers, dtype, torch))
+                source,
+                revision=revision,
+                local_files_only=True,
+                use_safetensors=True,
+                **load_dtypes(diffusers, dtype, torch),
+            )
         except OSError as exc:  # huggingface_hub's LocalEntryNotFoundError is an OSError too
             if not folder:
                 raise WeightsMissingError(missing_weights_message(model_id, source, revision)) from None
-            raise WeightsCorruptError(f"{source} is not a complete save_pretrained folder of a {PIPELINE_CLASS} in "
-                                      f"safetensors: {first_line(exc)}") from None
+            raise WeightsCorruptError(
+                f"{source} is not a complete save_pretrained folder of a {PIPELINE_CLASS} in "
+                f"safetensors: {first_line(exc)}"
+            ) from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             where = source if folder else f"the cached snapshot of {source}"
-            raise WeightsCorruptError(f"cannot build a {PIPELINE_CLASS} from {where}: {type(exc).__name__}: "
-                                      f"{first_line(exc)}") from None
+            raise WeightsCorruptError(
+                f"cannot build a {PIPELINE_CLASS} from {where}: {type(exc).__name__}: {first_line(exc)}"
+            ) from None
     pipe.set_progress_bar_config(disable=True)
     ensure_dtype(pipe, dtype, torch)
     pipe.vae.disable_tiling()  # decided per window (VAE_WHOLE_MAX)

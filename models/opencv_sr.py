@@ -89,10 +89,17 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> FunctionUpscaler:
 
     run_float, run_u8 = (_edsr if entry.arch == "edsr" else _luma)(cv2, forward, key)
     return FunctionUpscaler(
-        entry.id, "opencv", float(key), run_float, run_u8=run_u8,
+        entry.id,
+        "opencv",
+        float(key),
+        run_float,
+        run_u8=run_u8,
         geometry=Geometry(ctx.tile or TILE[entry.arch], MARGIN[entry.arch]),
-        device=device, precision="fp32", tiling=Tiling.SUPPORTED,
-        size=SizeRequirements(minimum=3 if entry.arch != "lapsrn" else 4), tile=ctx.tile,
+        device=device,
+        precision="fp32",
+        tiling=Tiling.SUPPORTED,
+        size=SizeRequirements(minimum=3 if entry.arch != "lapsrn" else 4),
+        tile=ctx.tile,
     )
 
 

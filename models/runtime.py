@@ -73,8 +73,9 @@ def import_torch(backend: str, extra: str, *others: str) -> Any:
             importlib.import_module(name)
     except ImportError as exc:
         missing = exc.name or "one of them"
-        raise BackendUnavailableError(f"the {backend} backend needs {', '.join(names)}, and {missing} is not "
-                                      f"installed: {install_hint(extra)}") from exc
+        raise BackendUnavailableError(
+            f"the {backend} backend needs {', '.join(names)}, and {missing} is not installed: {install_hint(extra)}"
+        ) from exc
     import torch
 
     return torch
@@ -95,15 +96,18 @@ def resolve_device(requested: str, torch: Any) -> str:
         return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" or (requested.startswith("cuda:") and requested[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise DeviceUnavailableError(f"device {requested!r} was asked for, but PyTorch sees no CUDA GPU (torch "
-                                         f"{torch.__version__}, CUDA {torch.version.cuda or 'not built'}); use cpu or "
-                                         "auto")
+            raise DeviceUnavailableError(
+                f"device {requested!r} was asked for, but PyTorch sees no CUDA GPU (torch "
+                f"{torch.__version__}, CUDA {torch.version.cuda or 'not built'}); use cpu or "
+                "auto"
+            )
         index = torch.cuda.current_device() if requested == "cuda" else int(requested[5:])
         count = torch.cuda.device_count()
         if index >= count:
             seen = ", ".join(f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(count))
-            raise DeviceUnavailableError(f"device {requested!r} does not exist; PyTorch sees {count} CUDA GPU(s): "
-                                         f"{seen}")
+            raise DeviceUnavailableError(
+                f"device {requested!r} does not exist; PyTorch sees {count} CUDA GPU(s): {seen}"
+            )
         return f"cuda:{index}"
     raise DeviceUnavailableError(f"unknown device {requested!r}; expected auto, cpu, cuda or cuda:N")
 
@@ -121,8 +125,16 @@ def bf16_native(device: str, torch: Any) -> bool:
     return tuple(torch.cuda.get_device_capability(index)) >= BF16_MIN_CAPABILITY
 
 
-def choose_precision(requested: str, device: str, torch: Any, *, model: str, supports_half: bool = True,
-                     supports_bf16: bool = True, half_on_cpu: bool = True) -> str:
+def choose_precision(
+    requested: str,
+    device: str,
+    torch: Any,
+    *,
+    model: str,
+    supports_half: bool = True,
+    supports_bf16: bool = True,
+    half_on_cpu: bool = True,
+) -> str:
     """The precision a model runs in on ``device`` (already resolved).
 
     ``auto`` is fp16 on CUDA when the model supports half precision, fp32 otherwise, and never bf16: bf16 keeps 8
@@ -141,15 +153,18 @@ def choose_precision(requested: str, device: str, torch: Any, *, model: str, sup
         if not supports_half:
             raise UnsupportedPrecisionError(f"{model} does not support fp16; use fp32")
         if not cuda and not half_on_cpu:
-            raise UnsupportedPrecisionError(f"{model} cannot run fp16 on the CPU (many CPU kernels lack half "
-                                            "precision); use fp32 or bf16")
+            raise UnsupportedPrecisionError(
+                f"{model} cannot run fp16 on the CPU (many CPU kernels lack half precision); use fp32 or bf16"
+            )
     if requested == "bf16":
         if not supports_bf16:
             raise UnsupportedPrecisionError(f"{model} does not support bf16; use fp32")
         if cuda and not bf16_native(device, torch):
             major, minor = torch.cuda.get_device_capability(int(device.split(":", 1)[1]))
-            raise UnsupportedPrecisionError(f"{device} ({torch.cuda.get_device_name(device)}, compute capability "
-                                            f"{major}.{minor}) has no native bf16 (needs 8.0 or later); use fp16")
+            raise UnsupportedPrecisionError(
+                f"{device} ({torch.cuda.get_device_name(device)}, compute capability "
+                f"{major}.{minor}) has no native bf16 (needs 8.0 or later); use fp16"
+            )
     return requested
 
 
@@ -315,8 +330,9 @@ class Precision:
             Whatever ``install_fp32`` raises; nothing has changed then.
         """
         if not self.reduced:
-            raise NonFiniteOutputError(f"{model} gave NaN, Inf or a black image in fp32 on {device}; its weights are "
-                                       "broken")
+            raise NonFiniteOutputError(
+                f"{model} gave NaN, Inf or a black image in fp32 on {device}; its weights are broken"
+            )
         install_fp32()
         self.current = "fp32"
         self.fallbacks += 1

@@ -87,9 +87,19 @@ class SpandrelModel:
     """What every view (tile) of one loaded model shares: the weights on the device, the precision and its fallback,
     the lock, the memory budget and the out-of-memory splitter. Built by :func:`load`."""
 
-    def __init__(self, model_id: str, descriptor: Any, device: str, precision: Precision, auto: bool,
-                 cpu_fp32: Any | None, channels_last: bool, budget: float, bytes_per_px: dict[str, float],
-                 torch: Any) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        descriptor: Any,
+        device: str,
+        precision: Precision,
+        auto: bool,
+        cpu_fp32: Any | None,
+        channels_last: bool,
+        budget: float,
+        bytes_per_px: dict[str, float],
+        torch: Any,
+    ) -> None:
         self.model_id = model_id
         self.device = device
         self.precision = precision
@@ -109,8 +119,9 @@ class SpandrelModel:
         self._finite: list[Any] = [None]
         self.lock = threading.Lock()  # one window at a time through this model (a torch module is not reentrant)
         self.last = threading.local()  # the precision of each thread's last call
-        self.splitter = OomSplitter(self.geometry_for, lambda exc: is_oom(exc, torch),
-                                    lambda: empty_cache(device, torch))
+        self.splitter = OomSplitter(
+            self.geometry_for, lambda exc: is_oom(exc, torch), lambda: empty_cache(device, torch)
+        )
         self._watch(descriptor)
 
     # --- geometry ---------------------------------------------------------------------------------------------------
@@ -188,8 +199,9 @@ class SpandrelModel:
                 descriptor, precision = self.runner(uint8)
                 y = self._forward(descriptor, precision, window)
             if y is None:
-                raise NonFiniteOutputError(f"{self.model_id} gave NaN or Inf in fp32 on {self.device}; its weights "
-                                           "are broken")
+                raise NonFiniteOutputError(
+                    f"{self.model_id} gave NaN or Inf in fp32 on {self.device}; its weights are broken"
+                )
             self.last.label = self.precision.label if precision == self.precision.current else precision
             y = y[0]
             if y.shape[0] == 1:
@@ -231,11 +243,19 @@ class SpandrelUpscaler(Upscaler):
     float32 input under ``auto``; ``fp16->fp32`` after a fallback).
     """
 
-    def __init__(self, model: SpandrelModel, entry_id: str, tile: int | None, threads: int,
-                 layout_probe: dict[str, float]) -> None:
-        super().__init__(entry_id, "spandrel", model.scale, device=model.device, precision=model.precision.loaded,
-                         tiling=model.tiling, size=SizeRequirements(minimum=1, multiple_of=model.multiple_of),
-                         tile=tile)
+    def __init__(
+        self, model: SpandrelModel, entry_id: str, tile: int | None, threads: int, layout_probe: dict[str, float]
+    ) -> None:
+        super().__init__(
+            entry_id,
+            "spandrel",
+            model.scale,
+            device=model.device,
+            precision=model.precision.loaded,
+            tiling=model.tiling,
+            size=SizeRequirements(minimum=1, multiple_of=model.multiple_of),
+            tile=tile,
+        )
         self.model = model
         self.threads = threads  # torch intra-op threads in this process
         self.layout_probe = layout_probe  # seconds per probe run in each layout, for the record
@@ -315,8 +335,10 @@ class SpandrelUpscaler(Upscaler):
                 raise
             message = first_line(exc)
         empty_cache(self.device, self.model.torch)
-        raise OutOfMemoryError(f"{self.model_id} ran out of memory on a {img.shape[1]}x{img.shape[0]} image on "
-                               f"{self.device}, and it cannot be tiled from outside: {message}")
+        raise OutOfMemoryError(
+            f"{self.model_id} ran out of memory on a {img.shape[1]}x{img.shape[0]} image on "
+            f"{self.device}, and it cannot be tiled from outside: {message}"
+        )
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
@@ -350,13 +372,21 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> SpandrelUpscaler:
     if entry.arch and arch != entry.arch:
         raise WeightsCorruptError(f"{path} should hold a {entry.arch} model for {entry.id}, but spandrel finds {arch}")
     if descriptor.scale != scale:
-        raise UnsupportedScaleError(f"{entry.id} is a x{descriptor.scale} model and cannot upscale x{scale:g} "
-                                    f"natively; set scale = {descriptor.scale} (and outscale for another final size)")
+        raise UnsupportedScaleError(
+            f"{entry.id} is a x{descriptor.scale} model and cannot upscale x{scale:g} "
+            f"natively; set scale = {descriptor.scale} (and outscale for another final size)"
+        )
     # 2. Device and precision. The file's fp32 weights stay on the host where a reduced-precision model may need
     #    them: for the fp32 fallback, and for float32 inputs under auto.
     device = resolve_device(ctx.device, torch)
-    name = choose_precision(ctx.precision, device, torch, model=f"{entry.id} ({descriptor.architecture.name})",
-                            supports_half=descriptor.supports_half, supports_bf16=descriptor.supports_bfloat16)
+    name = choose_precision(
+        ctx.precision,
+        device,
+        torch,
+        model=f"{entry.id} ({descriptor.architecture.name})",
+        supports_half=descriptor.supports_half,
+        supports_bf16=descriptor.supports_bfloat16,
+    )
     descriptor.eval()
     cpu_fp32 = copy.deepcopy(descriptor) if name != "fp32" else None
     descriptor.to(torch.device(device))
@@ -371,8 +401,18 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> SpandrelUpscaler:
         descriptor.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         bpp = {name: bytes_per_pixel(descriptor, device, dtype_of(name, torch), probe_side, channels_last, torch)}
         budget = free_memory(device, torch) * CUDA_FREE_FRACTION if is_cuda(device) else CPU_ACTIVATION_BUDGET
-    model = SpandrelModel(entry.id, descriptor, device, Precision(name, torch), ctx.precision == "auto", cpu_fp32,
-                          channels_last, budget, bpp, torch)
+    model = SpandrelModel(
+        entry.id,
+        descriptor,
+        device,
+        Precision(name, torch),
+        ctx.precision == "auto",
+        cpu_fp32,
+        channels_last,
+        budget,
+        bpp,
+        torch,
+    )
     return SpandrelUpscaler(model, entry.id, ctx.tile, threads, timings)
 
 
@@ -397,12 +437,16 @@ def load_descriptor(path: Path, torch: Any, spandrel: Any) -> Any:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "forbidden content"
-        raise UnsafeWeightsError(f"{path} was refused by the weights-only unpickler, so nothing in it ran; it is not a "
-                                 f"plain state dict ({first})") from None
+        raise UnsafeWeightsError(
+            f"{path} was refused by the weights-only unpickler, so nothing in it ran; it is not a "
+            f"plain state dict ({first})"
+        ) from None
     except RuntimeError as exc:
         if "TorchScript" in str(exc):
-            raise UnsafeWeightsError(f"{path} is a TorchScript archive, which is code, not weights; export its "
-                                     f"state_dict() to .safetensors or .pth") from None
+            raise UnsafeWeightsError(
+                f"{path} is a TorchScript archive, which is code, not weights; export its "
+                f"state_dict() to .safetensors or .pth"
+            ) from None
         raise WeightsCorruptError(f"cannot read {path}: {first_line(exc)}") from None
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise WeightsCorruptError(f"cannot read {path}: {exc}") from None
@@ -415,23 +459,32 @@ def load_descriptor(path: Path, torch: Any, spandrel: Any) -> Any:
     try:
         descriptor = spandrel.ModelLoader().load_from_state_dict(state)
     except spandrel.UnsupportedModelError:
-        raise UnsupportedModelError(f"{path.name}: spandrel {spandrel.__version__} does not recognise this "
-                                    f"architecture ({len(state)} tensors, first key {next(iter(state))!r})") from None
+        raise UnsupportedModelError(
+            f"{path.name}: spandrel {spandrel.__version__} does not recognise this "
+            f"architecture ({len(state)} tensors, first key {next(iter(state))!r})"
+        ) from None
     except (KeyError, RuntimeError, ValueError, TypeError, AssertionError, AttributeError) as exc:
-        raise UnsupportedModelError(f"{path.name}: spandrel recognised the keys but could not build the model: "
-                                    f"{type(exc).__name__}: {first_line(exc)}") from None
+        raise UnsupportedModelError(
+            f"{path.name}: spandrel recognised the keys but could not build the model: "
+            f"{type(exc).__name__}: {first_line(exc)}"
+        ) from None
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose != "SR":
-        raise UnsupportedModelError(f"{path.name} is a {descriptor.architecture.name} model for {descriptor.purpose} "
-                                    f"({type(descriptor).__name__}); this backend runs super-resolution (SR) models "
-                                    "only")
+        raise UnsupportedModelError(
+            f"{path.name} is a {descriptor.architecture.name} model for {descriptor.purpose} "
+            f"({type(descriptor).__name__}); this backend runs super-resolution (SR) models "
+            "only"
+        )
     if descriptor.input_channels not in (1, 3) or descriptor.output_channels not in (1, 3):
-        raise UnsupportedModelError(f"{path.name}: {descriptor.input_channels} input and {descriptor.output_channels} "
-                                    f"output channels; expected RGB (3) or grey (1)")
+        raise UnsupportedModelError(
+            f"{path.name}: {descriptor.input_channels} input and {descriptor.output_channels} "
+            f"output channels; expected RGB (3) or grey (1)"
+        )
     return descriptor
 
 
-def _choose_layout(descriptor: Any, device: str, dtype: Any, precision: str, side: int,
-                   torch: Any) -> tuple[bool, dict[str, float]]:
+def _choose_layout(
+    descriptor: Any, device: str, dtype: Any, precision: str, side: int, torch: Any
+) -> tuple[bool, dict[str, float]]:
     """Time the model on a probe in both memory layouts; keep channels_last only if clearly faster.
 
     Measured on this project's 2-core CPU at 256x256: SRVGG compact xsx4 0.52 s -> 0.39 s, DITN 2.25 s -> 1.40 s.

@@ -87,8 +87,10 @@ def plan_axis(length: int, tile: int, overlap: int, multiple_of: int = 1) -> lis
     m = max(1, multiple_of)
     units, tile_u, overlap_u = -(-length // m), tile // m, -(-overlap // m)
     if tile_u < 3 * overlap_u or tile_u < 1:
-        raise ValueError(f"a tile of {tile} px is too small for an overlap of {overlap} px on a {m} px grid; use at "
-                         f"least {smallest_tile(overlap, m)}")
+        raise ValueError(
+            f"a tile of {tile} px is too small for an overlap of {overlap} px on a {m} px grid; use at "
+            f"least {smallest_tile(overlap, m)}"
+        )
     if units <= tile_u:
         return [(0, length)]
     n = math.ceil((units - overlap_u) / (tile_u - overlap_u))
@@ -191,8 +193,9 @@ def run_tiled(run: WindowFn, img: np.ndarray, scale: float, geometry: Geometry, 
         if band is not None:  # rows above this window row are final: round them into the output, keep the rest
             final = oy0 - band_at
             out[band_at:oy0] = np.rint(band[:final])
-            band = np.concatenate([band[final:], np.zeros((oy1 - oy0 - (band.shape[0] - final),) + band.shape[1:],
-                                                          np.float32)])
+            band = np.concatenate(
+                [band[final:], np.zeros((oy1 - oy0 - (band.shape[0] - final),) + band.shape[1:], np.float32)]
+            )
             band_at = oy0
         if not hard:
             row_weight = blend_profile(rows, i, scale, g.margin, g.feather)[:, None, None]
@@ -201,8 +204,10 @@ def run_tiled(run: WindowFn, img: np.ndarray, scale: float, geometry: Geometry, 
             ox0 = round(x0 * scale)
             want = (oy1 - oy0, round(x1 * scale) - ox0)
             if piece.shape[:2] != want:
-                raise ValueError(f"the model returned {piece.shape[:2]} for a {y1 - y0}x{x1 - x0} window at "
-                                 f"x{scale:g}; expected {want}")
+                raise ValueError(
+                    f"the model returned {piece.shape[:2]} for a {y1 - y0}x{x1 - x0} window at "
+                    f"x{scale:g}; expected {want}"
+                )
             if out is None:  # allocated on the first window, once the output's channels and dtype are known
                 shape = (out_h, out_w, piece.shape[2])
                 if hard or piece.dtype == np.uint8:
@@ -239,8 +244,12 @@ class OomSplitter:
     small. :attr:`splits` counts the splits over the model's life.
     """
 
-    def __init__(self, geometry_for: Callable[[int], Geometry], is_oom: Callable[[BaseException], bool],
-                 on_split: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        geometry_for: Callable[[int], Geometry],
+        is_oom: Callable[[BaseException], bool],
+        on_split: Callable[[], None] | None = None,
+    ) -> None:
         self.geometry_for = geometry_for
         self.is_oom = is_oom
         self.on_split = on_split
@@ -269,11 +278,14 @@ class OomSplitter:
         new_side = max(half, geometry.smallest)
         geometry = self.geometry_for(new_side) if new_side != half else geometry
         if new_side >= side:
-            raise OutOfMemoryError(f"out of memory on a {w}x{h} window, which cannot be split further: windows of this "
-                                   f"model need at least {geometry.smallest} px per side: {message}")
+            raise OutOfMemoryError(
+                f"out of memory on a {w}x{h} window, which cannot be split further: windows of this "
+                f"model need at least {geometry.smallest} px per side: {message}"
+            )
         self.splits += 1
         self.cap = new_side if self.cap is None else min(self.cap, new_side)
         if self.on_split is not None:
             self.on_split()
-        return run_tiled(lambda win, org: self.run(run, win, org, scale), window, scale, geometry.with_tile(new_side),
-                         origin)
+        return run_tiled(
+            lambda win, org: self.run(run, win, org, scale), window, scale, geometry.with_tile(new_side), origin
+        )

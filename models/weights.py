@@ -91,8 +91,10 @@ def _records(weights_dir: Path) -> dict[str, object]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise WeightsCorruptError(f"cannot read {weights_dir / RECORDED}: {exc}; expected a JSON object of "
-                                  "recorded hashes (delete it and fetch those files again)") from None
+        raise WeightsCorruptError(
+            f"cannot read {weights_dir / RECORDED}: {exc}; expected a JSON object of "
+            "recorded hashes (delete it and fetch those files again)"
+        ) from None
     return data if isinstance(data, dict) else {}
 
 
@@ -102,15 +104,23 @@ def recorded(weights_dir: Path, path: str) -> Recorded | None:
     if isinstance(item, str):  # an older version's trust on first use: no one said to trust it
         return Recorded(item, trusted=False)
     if isinstance(item, dict) and isinstance(item.get("sha256"), str):
-        return Recorded(item["sha256"], bool(item.get("trusted_unhashed")), str(item.get("source", "")),
-                        str(item.get("recorded_at", "")))
+        return Recorded(
+            item["sha256"],
+            bool(item.get("trusted_unhashed")),
+            str(item.get("source", "")),
+            str(item.get("recorded_at", "")),
+        )
     return None
 
 
 def _record(weights_dir: Path, path: str, sha: str, source: str) -> None:
     data = _records(weights_dir)
-    data[path] = {"sha256": sha, "source": source, "trusted_unhashed": True,
-                  "recorded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    data[path] = {
+        "sha256": sha,
+        "source": source,
+        "trusted_unhashed": True,
+        "recorded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
     tmp = weights_dir / f".{RECORDED}.{secrets.token_hex(8)}.part"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with os.fdopen(fd, "w") as fh:
@@ -207,8 +217,9 @@ def _open_source(src: str, limit: int, timeout: float) -> BinaryIO:
         raise FetchError(f"could not download {src}: {exc}") from exc
     if size is not None and size > limit:
         reader.close()
-        raise FetchError(f"{src} is {size} bytes, over the {limit}-byte limit for this file; it is not the "
-                         "catalogued file")
+        raise FetchError(
+            f"{src} is {size} bytes, over the {limit}-byte limit for this file; it is not the catalogued file"
+        )
     return reader
 
 
@@ -244,8 +255,15 @@ def _download(src: str, dest: Path, limit: int, timeout: float) -> tuple[Path, s
     return part, digest.hexdigest()
 
 
-def fetch_file(weights_dir: Path, model_id: str, wf: WeightFile, mirror: str | None, timeout: float = 60.0,
-               force: bool = False, trust_unhashed: bool = False) -> FileReport:
+def fetch_file(
+    weights_dir: Path,
+    model_id: str,
+    wf: WeightFile,
+    mirror: str | None,
+    timeout: float = 60.0,
+    force: bool = False,
+    trust_unhashed: bool = False,
+) -> FileReport:
     """Fetch one weight file from ``mirror`` (or its source URL). Never raises: a failure is a ``failed`` report.
 
     A file with a published sha256 must match it. A file without one is refused unless ``trust_unhashed``, or a
@@ -255,10 +273,14 @@ def fetch_file(weights_dir: Path, model_id: str, wf: WeightFile, mirror: str | N
     rec = None if wf.sha256 else recorded(weights_dir, wf.path)
     want = wf.sha256 or (rec.sha256 if rec and rec.trusted else None)
     if want is None and not trust_unhashed:
-        return FileReport(model_id, wf.path, "failed",
-                          f"no sha256 is published for {wf.path} ({wf.url}), so nothing could tell a good copy from "
-                          "a bad one; pass --trust-unhashed to accept what the source serves (its hash is then "
-                          "recorded and enforced)")
+        return FileReport(
+            model_id,
+            wf.path,
+            "failed",
+            f"no sha256 is published for {wf.path} ({wf.url}), so nothing could tell a good copy from "
+            "a bad one; pass --trust-unhashed to accept what the source serves (its hash is then "
+            "recorded and enforced)",
+        )
     if dest.is_file() and not force and want and sha256_file(dest) == want:
         return FileReport(model_id, wf.path, "present" if wf.sha256 else "trusted")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -274,8 +296,12 @@ def fetch_file(weights_dir: Path, model_id: str, wf: WeightFile, mirror: str | N
     os.replace(part, dest)
     if want is None:
         _record(weights_dir, wf.path, got, src)
-        return FileReport(model_id, wf.path, "recorded",
-                          f"no published sha256; trusted on --trust-unhashed and recorded {got} from {src}")
+        return FileReport(
+            model_id,
+            wf.path,
+            "recorded",
+            f"no published sha256; trusted on --trust-unhashed and recorded {got} from {src}",
+        )
     return FileReport(model_id, wf.path, "fetched", src)
 
 
@@ -289,10 +315,12 @@ def fetch_hub(entry: ModelEntry, force: bool = False, timeout: float = 60.0) -> 
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        return FileReport(entry.id, label, "failed", "huggingface_hub is not installed: pip install "
-                                                     "'upscaled[diffusion]'")
-    kwargs = dict(repo_id=entry.hub_repo, revision=entry.hub_revision, allow_patterns=HUB_ALLOW,
-                  ignore_patterns=HUB_IGNORE)
+        return FileReport(
+            entry.id, label, "failed", "huggingface_hub is not installed: pip install 'upscaled[diffusion]'"
+        )
+    kwargs = dict(
+        repo_id=entry.hub_repo, revision=entry.hub_revision, allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE
+    )
     if not force:
         try:
             folder = Path(snapshot_download(local_files_only=True, **kwargs))
@@ -329,8 +357,14 @@ def verify_snapshot(folder: Path) -> list[str]:
     return bad
 
 
-def fetch(weights_dir: Path, model_ids: Iterable[str], mirror: str | None = None, force: bool = False,
-          timeout: float = 60.0, trust_unhashed: bool = False) -> list[FileReport]:
+def fetch(
+    weights_dir: Path,
+    model_ids: Iterable[str],
+    mirror: str | None = None,
+    force: bool = False,
+    timeout: float = 60.0,
+    trust_unhashed: bool = False,
+) -> list[FileReport]:
     """Fetch every weight file of ``model_ids``. Never raises for a single failed file: see the reports.
 
     ``trust_unhashed``: accept (and record) files the catalogue publishes no sha256 for; without it they fail.
@@ -371,8 +405,15 @@ def verify(weights_dir: Path, model_ids: Iterable[str] | None = None) -> list[Fi
             rec = None if wf.sha256 else recorded(weights_dir, wf.path)
             want = wf.sha256 or (rec.sha256 if rec else None)
             if want is None:
-                reports.append(FileReport(mid, wf.path, "unverified", "no published sha256 and none recorded; "
-                                          f"run `{fetch_command(mid)} --force --trust-unhashed` to record one"))
+                reports.append(
+                    FileReport(
+                        mid,
+                        wf.path,
+                        "unverified",
+                        "no published sha256 and none recorded; "
+                        f"run `{fetch_command(mid)} --force --trust-unhashed` to record one",
+                    )
+                )
                 continue
             got = sha256_file(path)
             if got != want:
@@ -380,12 +421,25 @@ def verify(weights_dir: Path, model_ids: Iterable[str] | None = None) -> list[Fi
             elif wf.sha256:
                 reports.append(FileReport(mid, wf.path, "present"))
             elif rec is not None and rec.trusted:
-                reports.append(FileReport(mid, wf.path, "trusted", f"no published sha256; matches the one recorded "
-                                          f"with --trust-unhashed from {rec.source or 'its source'}"))
+                reports.append(
+                    FileReport(
+                        mid,
+                        wf.path,
+                        "trusted",
+                        f"no published sha256; matches the one recorded "
+                        f"with --trust-unhashed from {rec.source or 'its source'}",
+                    )
+                )
             else:
-                reports.append(FileReport(mid, wf.path, "unverified",
-                                          "matches a hash recorded on first use without --trust-unhashed; run "
-                                          f"`{fetch_command(mid)} --force --trust-unhashed` to fetch and trust it"))
+                reports.append(
+                    FileReport(
+                        mid,
+                        wf.path,
+                        "unverified",
+                        "matches a hash recorded on first use without --trust-unhashed; run "
+                        f"`{fetch_command(mid)} --force --trust-unhashed` to fetch and trust it",
+                    )
+                )
     return reports
 
 
@@ -405,5 +459,3 @@ def present(weights_dir: Path, entry: ModelEntry) -> bool:
 def needs_weights(entry: ModelEntry) -> bool:
     """Whether ``entry`` loads anything: weight files, or a hub snapshot."""
     return bool(entry.files or entry.hub_repo)
-
-

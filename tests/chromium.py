@@ -131,20 +131,29 @@ class Page:
 
     def images_decoded(self, selector: str = "img") -> list[dict[str, Any]]:
         """Every image matching ``selector``: whether it decoded, and its natural size (waits for each)."""
-        return self.evaluate(f"""
+        return self.evaluate(
+            f"""
             Promise.all(Array.from(document.querySelectorAll({json.dumps(selector)})).map(i =>
                 i.decode().then(() => true, () => false)))
               .then(ok => Array.from(document.querySelectorAll({json.dumps(selector)})).map((i, k) => ({{
                 alt: i.alt, decoded: ok[k], complete: i.complete, naturalWidth: i.naturalWidth,
-                naturalHeight: i.naturalHeight, src: i.currentSrc}})))""", await_promise=True)
+                naturalHeight: i.naturalHeight, src: i.currentSrc}})))""",
+            await_promise=True,
+        )
 
     def drag(self, x0: float, y0: float, x1: float, y1: float, steps: int = 8) -> None:
         """A real mouse drag (pressed, moved in ``steps``, released), in CSS pixels of the viewport."""
         self.dt.call("Input.dispatchMouseEvent", type="mouseMoved", x=x0, y=y0)
         self.dt.call("Input.dispatchMouseEvent", type="mousePressed", x=x0, y=y0, button="left", clickCount=1)
         for i in range(1, steps + 1):
-            self.dt.call("Input.dispatchMouseEvent", type="mouseMoved", x=x0 + (x1 - x0) * i / steps,
-                         y=y0 + (y1 - y0) * i / steps, button="left", buttons=1)
+            self.dt.call(
+                "Input.dispatchMouseEvent",
+                type="mouseMoved",
+                x=x0 + (x1 - x0) * i / steps,
+                y=y0 + (y1 - y0) * i / steps,
+                button="left",
+                buttons=1,
+            )
         self.dt.call("Input.dispatchMouseEvent", type="mouseReleased", x=x1, y=y1, button="left", clickCount=1)
 
     def click(self, selector: str) -> None:
@@ -161,8 +170,10 @@ class Page:
         params: dict[str, Any] = dict(format="png")
         if full_page:
             size = self.dt.call("Page.getLayoutMetrics")["cssContentSize"]
-            params.update(captureBeyondViewport=True, clip=dict(x=0, y=0, width=size["width"],
-                                                                height=min(size["height"], max_height), scale=1))
+            params.update(
+                captureBeyondViewport=True,
+                clip=dict(x=0, y=0, width=size["width"], height=min(size["height"], max_height), scale=1),
+            )
         shot = self.dt.call("Page.captureScreenshot", **params)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(shot["data"]))
@@ -170,10 +181,16 @@ class Page:
 
     def console_errors(self) -> list[dict[str, Any]]:
         """Errors the browser logged (failed loads, CSP violations) and console.error/assert calls."""
-        out = [e["params"]["entry"] for e in self.dt.events
-               if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"]
-        out += [e["params"] for e in self.dt.events if e["method"] == "Runtime.consoleAPICalled"
-                and e["params"]["type"] in ("error", "assert")]
+        out = [
+            e["params"]["entry"]
+            for e in self.dt.events
+            if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"
+        ]
+        out += [
+            e["params"]
+            for e in self.dt.events
+            if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert")
+        ]
         return out
 
     def exceptions(self) -> list[dict[str, Any]]:
@@ -185,8 +202,11 @@ class Page:
 
     def responses(self) -> dict[str, int]:
         """URL -> HTTP status of every response the page got."""
-        return {e["params"]["response"]["url"]: e["params"]["response"]["status"] for e in self.dt.events
-                if e["method"] == "Network.responseReceived"}
+        return {
+            e["params"]["response"]["url"]: e["params"]["response"]["status"]
+            for e in self.dt.events
+            if e["method"] == "Network.responseReceived"
+        }
 
     def close(self) -> None:
         self.dt.close()
@@ -198,12 +218,30 @@ class Browser:
     def __init__(self, binary: str, window: tuple[int, int] = (1280, 900)) -> None:
         self.profile = tempfile.mkdtemp(prefix="upscaled-chromium-")
         self.proc = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-default-apps", "--disable-extensions", "--disable-dev-shm-usage", "--hide-scrollbars",
-             "--force-device-scale-factor=1", f"--user-data-dir={self.profile}", "--remote-debugging-port=0",
-             f"--window-size={window[0]},{window[1]}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-default-apps",
+                "--disable-extensions",
+                "--disable-dev-shm-usage",
+                "--hide-scrollbars",
+                "--force-device-scale-factor=1",
+                f"--user-data-dir={self.profile}",
+                "--remote-debugging-port=0",
+                f"--window-size={window[0]},{window[1]}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         port = None
         deadline = time.monotonic() + 60
         assert self.proc.stderr is not None

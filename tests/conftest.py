@@ -63,8 +63,9 @@ def _refuse_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Generator[None, pytest.TestReport,
-                                                                                       pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A test (or its fixture setup: a missing server, a ``skipif`` marker) that skips fails under require-all."""
     report = yield
     _refuse_skip(report)
@@ -72,8 +73,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Gener
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, pytest.CollectReport,
-                                                                        pytest.CollectReport]:
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
     """A module that skips while it is collected (``pytest.importorskip`` of torch) fails under require-all.
 
     That is a collection error, which stops the session unless ``--continue-on-collection-errors`` (``.ci/run``)."""
@@ -111,8 +113,13 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_config(folder: Path, weights: Path | None = None, rules: list[dict] | None = None, **keys) -> Path:
     """Write a settings.toml in ``folder`` with the four folders and a database under it."""
     lines = [
-        'inbox = "inbox"', 'outbox = "outbox"', 'archive = "archive"', 'failed = "failed"',
-        'database = "sqlite:///var/upscaled.db"', "settle_seconds = 0.3", "rescan_seconds = 2.0",
+        'inbox = "inbox"',
+        'outbox = "outbox"',
+        'archive = "archive"',
+        'failed = "failed"',
+        'database = "sqlite:///var/upscaled.db"',
+        "settle_seconds = 0.3",
+        "rescan_seconds = 2.0",
     ]
     if weights is not None:
         lines.append(f"weights_dir = {json.dumps(str(weights))}")
@@ -177,8 +184,13 @@ class Daemon:
         self.log_path = config.parent / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
         full_env = dict(os.environ, UPSCALED_CONFIG=str(config), PYTHONUNBUFFERED="1", **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=config.parent, env=full_env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run"],
+            cwd=config.parent,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def events(self) -> list[dict]:
         out = []

@@ -71,8 +71,9 @@ class Mutation:
         text = path.read_text()
         n = text.count(self.find)
         if n != 1:
-            raise GuardError(f"{self.name}: {self.file} holds {n} copies of its snippet, expected exactly 1: "
-                             f"{self.find!r}")
+            raise GuardError(
+                f"{self.name}: {self.file} holds {n} copies of its snippet, expected exactly 1: {self.find!r}"
+            )
         path.write_text(text.replace(self.find, self.replace))
 
 
@@ -102,8 +103,7 @@ def load(path: Path = LIST) -> list[Mutation]:
         where = f"{path.name}: mutation {i + 1} ({item.get('name', '?')})"
         if set(item) != KEYS:
             raise GuardError(f"{where}: keys {sorted(item)}, expected {sorted(KEYS)}")
-        m = Mutation(item["name"], item["invariant"], item["file"], item["find"], item["replace"],
-                     tuple(item["tests"]))
+        m = Mutation(item["name"], item["invariant"], item["file"], item["find"], item["replace"], tuple(item["tests"]))
         if "\n" in m.find or "\n" in m.replace:
             raise GuardError(f"{where}: a mutation is one line; its snippets may not span lines")
         if m.find == m.replace or not m.find:
@@ -128,19 +128,26 @@ def check_anchors(mutations: Iterable[Mutation], tree: Path = ROOT) -> list[str]
             continue
         n = path.read_text().count(m.find)
         if n != 1:
-            problems.append(f"{m.name}: {m.file} holds {n} copies of {m.find!r} (expected exactly 1: move the "
-                            "mutation with the code it breaks)")
+            problems.append(
+                f"{m.name}: {m.file} holds {n} copies of {m.find!r} (expected exactly 1: move the "
+                "mutation with the code it breaks)"
+            )
     return problems
 
 
 def tree_files(root: Path = ROOT) -> list[str]:
     """The files of the tree as git sees them: tracked ones, and new ones that are not ignored."""
     try:
-        res = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                             capture_output=True, check=True)
+        res = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise GuardError(f"cannot list the files of {root} with git (the guard copies what git tracks): {exc}") \
-            from None
+        raise GuardError(
+            f"cannot list the files of {root} with git (the guard copies what git tracks): {exc}"
+        ) from None
     names = [n for n in res.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
     return sorted({n for n in names if (root / n).is_file() or (root / n).is_symlink()})
 
@@ -167,18 +174,45 @@ def child_env(tree: Path) -> dict[str, str]:
 def run_tests(tree: Path, tests: Sequence[str], name: str, timeout: float, stop_first: bool = True) -> Outcome:
     """Run ``tests`` in ``tree`` and say what happened (``caught`` when one failed)."""
     junit = tree / f".mutation-{os.getpid()}.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--junitxml",
-           str(junit), "--rootdir", str(tree), *(["-x"] if stop_first else []), *tests]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        "--junitxml",
+        str(junit),
+        "--rootdir",
+        str(tree),
+        *(["-x"] if stop_first else []),
+        *tests,
+    ]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=tree, env=child_env(tree), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tree,
+        env=child_env(tree),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # pytest and the daemons it started
         out, _ = proc.communicate()
-        return Outcome(name, "error", listed=len(tests), by=f"timed out after {timeout:.0f} s",
-                       seconds=time.monotonic() - t0, detail=out)
+        return Outcome(
+            name,
+            "error",
+            listed=len(tests),
+            by=f"timed out after {timeout:.0f} s",
+            seconds=time.monotonic() - t0,
+            detail=out,
+        )
     seconds = time.monotonic() - t0
     ran, failed, skipped = _junit(junit)
     outcome = Outcome(name, "", ran=ran, listed=len(tests), seconds=seconds, detail=out, failed=failed)
@@ -222,13 +256,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run this mutation (repeat)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the unmutated run (when the same tests have just passed, as in .ci/run)")
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the unmutated run (when the same tests have just passed, as in .ci/run)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run (default 300)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary trees (their path is printed)")
-    parser.add_argument("--every", action="store_true",
-                        help="run every listed test (no -x) and count a mutation caught only if each one failed: "
-                             "checks the list itself, slower")
+    parser.add_argument(
+        "--every",
+        action="store_true",
+        help="run every listed test (no -x) and count a mutation caught only if each one failed: "
+        "checks the list itself, slower",
+    )
     args = parser.parse_args(argv)
     try:
         mutations = load()
@@ -264,8 +304,10 @@ def _run(mutations: Sequence[Mutation], args: argparse.Namespace) -> int:
             b = run_tests(base, tests, "baseline", args.timeout * 2, stop_first=False)
             if b.status != "SURVIVED":  # everything passed and nothing skipped
                 print(b.detail[-6000:], file=sys.stderr)
-                raise GuardError(f"the tests fail or skip on the unmutated tree ({b.status}: {b.by}); a mutation "
-                                 "caught by them would prove nothing")
+                raise GuardError(
+                    f"the tests fail or skip on the unmutated tree ({b.status}: {b.by}); a mutation "
+                    "caught by them would prove nothing"
+                )
             print(f"baseline: {b.ran} passed in {b.seconds:.0f} s", flush=True)
         for i, m in enumerate(mutations, 1):
             tree = tmp / f"{i:02d}"
@@ -290,9 +332,11 @@ def _run(mutations: Sequence[Mutation], args: argparse.Namespace) -> int:
     survived = [o.name for o in outcomes if o.status == "SURVIVED"]
     errors = [o.name for o in outcomes if o.status == "error"]
     caught = len(outcomes) - len(survived) - len(errors)
-    print(f"\n{caught}/{len(outcomes)} caught in {time.monotonic() - started:.0f} s"
-          + (f"; SURVIVED: {', '.join(survived)}" if survived else "")
-          + (f"; errors: {', '.join(errors)}" if errors else ""))
+    print(
+        f"\n{caught}/{len(outcomes)} caught in {time.monotonic() - started:.0f} s"
+        + (f"; SURVIVED: {', '.join(survived)}" if survived else "")
+        + (f"; errors: {', '.join(errors)}" if errors else "")
+    )
     return 2 if errors else 1 if survived else 0
 
 

@@ -60,18 +60,49 @@ def running_server() -> Iterator[str]:
     prefix: list[str] = []
     if os.geteuid() == 0:  # initdb refuses root
         os.chown(root, 65534, 65534)
-        prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if shutil.which("setpriv") \
+        prefix = (
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+            if shutil.which("setpriv")
             else ["runuser", "-u", "nobody", "--"]
+        )
     data, port = root / "data", _free_port()
     run = dict(check=True, capture_output=True, text=True, cwd=root)
     try:
         try:
-            subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                            "-E", "UTF8", "--no-sync"], **run)
+            subprocess.run(
+                [
+                    *prefix,
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ],
+                **run,
+            )
             # fsync off: a test server need not survive a power cut, and the 2-core CI box is shared.
             opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-            subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"),
-                            "-w", "-t", "60", "start"], **run)
+            subprocess.run(
+                [
+                    *prefix,
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-o",
+                    opts,
+                    "-l",
+                    str(root / "log"),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
+                **run,
+            )
         except subprocess.CalledProcessError as exc:
             log = (root / "log").read_text() if (root / "log").exists() else ""
             exc.stderr = f"{exc.stderr}\n{log}"
@@ -79,8 +110,11 @@ def running_server() -> Iterator[str]:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
     finally:
         if (data / "postmaster.pid").exists():
-            subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, cwd=root)
+            subprocess.run(
+                [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                capture_output=True,
+                cwd=root,
+            )
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -42,8 +42,18 @@ FORMATS: dict[str, FormatInfo] = {
 }
 OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff", "avif", "heic", "jxl", "gif")
 # Pillow's format names -> ours. BMP and still GIF inputs are written as PNG by default (see default_output).
-PIL_TO_OURS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "WEBP": "webp", "TIFF": "tiff", "BMP": "bmp", "GIF": "gif",
-               "AVIF": "avif", "HEIF": "heic", "JXL": "jxl"}
+PIL_TO_OURS = {
+    "PNG": "png",
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "WEBP": "webp",
+    "TIFF": "tiff",
+    "BMP": "bmp",
+    "GIF": "gif",
+    "AVIF": "avif",
+    "HEIF": "heic",
+    "JXL": "jxl",
+}
 
 _lock = threading.Lock()
 _registered: set[str] = set()
@@ -125,5 +135,7 @@ def check_limits(fmt: str, width: int, height: int) -> None:
     over_pixels = info.max_pixels is not None and width * height > info.max_pixels
     if over_side or over_pixels:
         limit = f"{info.max_side} px per side" + (f" and {info.max_pixels} pixels" if info.max_pixels else "")
-        raise OutputError(f"a {width}x{height} image is over the {fmt} encoder's limit of {limit}; "
-                          f"choose format = \"png\" or \"tiff\" for this rule, or a smaller scale")
+        raise OutputError(
+            f"a {width}x{height} image is over the {fmt} encoder's limit of {limit}; "
+            f'choose format = "png" or "tiff" for this rule, or a smaller scale'
+        )

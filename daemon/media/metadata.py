@@ -34,11 +34,67 @@ PIXEL_X, PIXEL_Y = 0xA002, 0xA003
 # TIFF tags that describe how a TIFF file stores its pixels (TIFF 6.0 baseline and extensions, Exif 2.3 4.6.8
 # "not recorded" tags), and blocks we carry on their own (XMP 700, IPTC 33723, Photoshop resources 34377, ICC 34675,
 # Photoshop layers 37724). None of them may describe the output.
-STRUCTURAL_TAGS = frozenset({
-    254, 255, 256, 257, 258, 259, 262, 263, 264, 265, 266, 273, 277, 278, 279, 280, 281, 284, 288, 289, 290, 291,
-    292, 293, 317, 320, 321, 322, 323, 324, 325, 330, 332, 338, 339, 340, 341, 347, 512, 513, 514, 515, 517, 518,
-    519, 520, 521, 529, 530, 532, 700, 33723, 34377, 34675, 37724, 50838, 50839,
-})
+STRUCTURAL_TAGS = frozenset(
+    {
+        254,
+        255,
+        256,
+        257,
+        258,
+        259,
+        262,
+        263,
+        264,
+        265,
+        266,
+        273,
+        277,
+        278,
+        279,
+        280,
+        281,
+        284,
+        288,
+        289,
+        290,
+        291,
+        292,
+        293,
+        317,
+        320,
+        321,
+        322,
+        323,
+        324,
+        325,
+        330,
+        332,
+        338,
+        339,
+        340,
+        341,
+        347,
+        512,
+        513,
+        514,
+        515,
+        517,
+        518,
+        519,
+        520,
+        521,
+        529,
+        530,
+        532,
+        700,
+        33723,
+        34377,
+        34675,
+        37724,
+        50838,
+        50839,
+    }
+)
 # Which blocks each output format can carry (and so which are lost, with a note, under "keep").
 CARRIES: dict[str, frozenset[str]] = {
     "png": frozenset({"icc", "exif", "xmp", "iptc"}),
@@ -141,7 +197,7 @@ def _read_xmp(im: Image.Image, fmt: str, data: bytes, notes: list[str]) -> bytes
     xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
     if not xmp and fmt == "tiff":
         xmp = getattr(im, "tag_v2", {}).get(700)
-    if not xmp and fmt == "jxl" and b"xml " in data[:4096 * 16]:  # JXL's Pillow plugin reads only the EXIF box
+    if not xmp and fmt == "jxl" and b"xml " in data[: 4096 * 16]:  # JXL's Pillow plugin reads only the EXIF box
         try:
             with _exiv2_lock:
                 img = _exiv2().ImageData(data)
@@ -230,8 +286,11 @@ def prepare(meta: Metadata | None, policy: str, fmt: str, size: tuple[int, int])
             exif.get_ifd(EXIF_IFD)[DATE_TIME_ORIGINAL] = meta.captured
             out.exif = exif.tobytes()
         return out, notes
-    lost = [name for name, block in (("EXIF", meta.exif), ("XMP", meta.xmp), ("IPTC", meta.iptc))
-            if block and name.lower() not in carries]
+    lost = [
+        name
+        for name, block in (("EXIF", meta.exif), ("XMP", meta.xmp), ("IPTC", meta.iptc))
+        if block and name.lower() not in carries
+    ]
     if lost:
         notes.append(f"{fmt} cannot hold {' or '.join(lost)}; {'it was' if len(lost) == 1 else 'they were'} dropped")
     if meta.exif and "exif" in carries:
@@ -259,10 +318,18 @@ def _fit_exif(exif_bytes: bytes, size: tuple[int, int], notes: list[str]) -> byt
 
 # exiv2 opens a bare packet as an XMP sidecar, which mirrors the tiff: and exif: properties into EXIF on reading
 # and back over them on writing: those are set through their EXIF names, the rest through their XMP names.
-_SIDECAR_EXIF_KEYS = (("Exif.Image.ImageWidth", 0), ("Exif.Image.ImageLength", 1), ("Exif.Photo.PixelXDimension", 0),
-                      ("Exif.Photo.PixelYDimension", 1))
-_XMP_SIZE_KEYS = (("Xmp.tiff.ImageWidth", 0), ("Xmp.tiff.ImageLength", 1), ("Xmp.exif.PixelXDimension", 0),
-                  ("Xmp.exif.PixelYDimension", 1))
+_SIDECAR_EXIF_KEYS = (
+    ("Exif.Image.ImageWidth", 0),
+    ("Exif.Image.ImageLength", 1),
+    ("Exif.Photo.PixelXDimension", 0),
+    ("Exif.Photo.PixelYDimension", 1),
+)
+_XMP_SIZE_KEYS = (
+    ("Xmp.tiff.ImageWidth", 0),
+    ("Xmp.tiff.ImageLength", 1),
+    ("Xmp.exif.PixelXDimension", 0),
+    ("Xmp.exif.PixelYDimension", 1),
+)
 
 
 def _fit_xmp(xmp: bytes, size: tuple[int, int], notes: list[str]) -> bytes | None:
@@ -299,8 +366,9 @@ def icc_colour_space(icc: bytes) -> str:
 
 
 # --- writing what the encoder could not -----------------------------------------------------------------------------
-def exiv2_write(data: bytes, *, exif: bytes | None = None, xmp: bytes | None = None,
-                iptc: dict[str, str | list[str]] | None = None) -> bytes:
+def exiv2_write(
+    data: bytes, *, exif: bytes | None = None, xmp: bytes | None = None, iptc: dict[str, str | list[str]] | None = None
+) -> bytes:
     """``data`` (an encoded PNG, JPEG or TIFF) with the given blocks written into it by exiv2.
 
     EXIF goes through a one-pixel JPEG carrier that Pillow writes and exiv2 copies from, so the block is copied as
@@ -320,8 +388,9 @@ def exiv2_write(data: bytes, *, exif: bytes | None = None, xmp: bytes | None = N
                 Image.new("L", (1, 1)).save(buf, "JPEG", exif=exif)
                 carrier = pyexiv2.ImageData(buf.getvalue())
                 try:
-                    carrier.copy_to_another_image(img, exif=True, iptc=False, xmp=False, comment=False, icc=False,
-                                                  thumbnail=False)
+                    carrier.copy_to_another_image(
+                        img, exif=True, iptc=False, xmp=False, comment=False, icc=False, thumbnail=False
+                    )
                 finally:
                     carrier.close()
             if xmp:

@@ -63,8 +63,12 @@ def encode_png(arr: np.ndarray, compression: int, icc: bytes | None = None, exif
         OutputError: a bad compression level, layout or sample type.
     """
     level, strategy, up = png_settings(compression)
-    if arr.ndim != 3 or arr.shape[2] not in _COLOUR_TYPE or arr.dtype not in (np.uint8, np.uint16) \
-            or 0 in arr.shape[:2]:
+    if (
+        arr.ndim != 3
+        or arr.shape[2] not in _COLOUR_TYPE
+        or arr.dtype not in (np.uint8, np.uint16)
+        or 0 in arr.shape[:2]
+    ):
         raise OutputError(f"cannot write a PNG of a {arr.dtype} array shaped {arr.shape}")
     h, w, chans = arr.shape
     depth = 8 * arr.dtype.itemsize

@@ -42,8 +42,10 @@ _PG_LOCK = 0x75707363616C6564 & 0x7FFFFFFFFFFFFFFF  # "upscaled"
 
 # The views of revision 0001, frozen here: later revisions that change a view replace it themselves. Portable SQL:
 # PostgreSQL accepts `GROUP BY j.id` with other j columns because j.id is the primary key.
-_PIVOT = ",\n  ".join(f"MAX(CASE WHEN m.name = '{n}' THEN m.value END) AS {n}" for n in (
-    "psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "mse_rgb", "brisque", "lr_psnr_y", "lr_ssim_y"))
+_PIVOT = ",\n  ".join(
+    f"MAX(CASE WHEN m.name = '{n}' THEN m.value END) AS {n}"
+    for n in ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "mse_rgb", "brisque", "lr_psnr_y", "lr_ssim_y")
+)
 VIEWS_0001 = {
     "job_metrics": f"""
 SELECT j.id, j.state, j.folder, j.rel_path, j.model_id, j.scale, j.outscale, j.mode, j.device,
@@ -103,15 +105,27 @@ def _tables_0001() -> tuple[Table, Table, Table]:
     """bench_runs, metrics and meta as revision 0001 made them, frozen here: the store's tables have grown since
     (bench_runs.report_path in 0005), and a database adopted at 0001 must be exactly 0001 before the revisions run."""
     md = MetaData()
-    bench_runs = Table("bench_runs", md, Column("id", Integer, primary_key=True),
-                       Column("started_at", DateTime, nullable=False), Column("settings", Text, nullable=False))
-    metrics = Table("metrics", md, Column("id", Integer, primary_key=True),
-                    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
-                    Column("name", String(32), nullable=False), Column("value", Float),
-                    Column("space", String(16), nullable=False), Column("shave", Integer, nullable=False),
-                    Column("reference", String(16), nullable=False), Column("protocol", Text, nullable=False),
-                    UniqueConstraint("job_id", "name", name="uq_metrics_job_name"),
-                    Index("ix_metrics_name", "name"))
+    bench_runs = Table(
+        "bench_runs",
+        md,
+        Column("id", Integer, primary_key=True),
+        Column("started_at", DateTime, nullable=False),
+        Column("settings", Text, nullable=False),
+    )
+    metrics = Table(
+        "metrics",
+        md,
+        Column("id", Integer, primary_key=True),
+        Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+        Column("name", String(32), nullable=False),
+        Column("value", Float),
+        Column("space", String(16), nullable=False),
+        Column("shave", Integer, nullable=False),
+        Column("reference", String(16), nullable=False),
+        Column("protocol", Text, nullable=False),
+        UniqueConstraint("job_id", "name", name="uq_metrics_job_name"),
+        Index("ix_metrics_name", "name"),
+    )
     meta = Table("meta", md, Column("key", String(64), primary_key=True), Column("value", Text))
     Table("jobs", md, Column("id", Integer, primary_key=True))  # the foreign key's target, never created here
     return bench_runs, metrics, meta

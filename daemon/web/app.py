@@ -52,13 +52,19 @@ from daemon.web.images import DiskCache, Images
 from models.errors import UpscaledError
 
 HERE = Path(__file__).resolve().parent
-CSP = ("default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; object-src 'none'; "
-       "base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+CSP = (
+    "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
 # A bench report is one self-contained HTML file (inline CSS, data: images, no script): it gets its own policy, and
 # a sandbox, because it is a file on disk rather than one of our templates.
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox"
-SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
-                    (b"x-frame-options", b"DENY"), (b"cross-origin-resource-policy", b"same-origin")]
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
 STATS_DAYS = 30
 
 log = logs.get("upscaled.web")
@@ -139,12 +145,24 @@ def thumb_box(width: int | None, height: int | None, box: tuple[int, int] = (80,
 
 def make_env() -> Environment:
     """The Jinja2 environment: autoescape on for every template, unknown names are errors (not blank text)."""
-    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(seconds=fmt_seconds, bytes=fmt_bytes, metric=fmt_metric, time=fmt_time, scale=fmt_scale,
-                       tojson_pretty=lambda v: json.dumps(v, indent=2, sort_keys=True, ensure_ascii=False))
-    env.globals.update(version=__version__, thumb_box=thumb_box, DEFAULT_FOLDER=DEFAULT_FOLDER,
-                       MAIN_METRICS=MAIN_METRICS)
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(default=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        seconds=fmt_seconds,
+        bytes=fmt_bytes,
+        metric=fmt_metric,
+        time=fmt_time,
+        scale=fmt_scale,
+        tojson_pretty=lambda v: json.dumps(v, indent=2, sort_keys=True, ensure_ascii=False),
+    )
+    env.globals.update(
+        version=__version__, thumb_box=thumb_box, DEFAULT_FOLDER=DEFAULT_FOLDER, MAIN_METRICS=MAIN_METRICS
+    )
     return env
 
 
@@ -177,8 +195,9 @@ class WebView:
         filters = Filters.parse(request.query_params)
         number = _int_param(request, "page", 1)
         page = self.history.page(filters, number, self.page_size)
-        return self.render(request, "index.html", page=page, filters=filters, choices=self.history.choices(),
-                           title="history")
+        return self.render(
+            request, "index.html", page=page, filters=filters, choices=self.history.choices(), title="history"
+        )
 
     def job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -189,9 +208,17 @@ class WebView:
         inp = self.images.probe(paths["input"], "input not kept", verify=job["state"] == "failed")
         out = self.images.probe(paths["output"], "no output" if job["state"] != "done" else "output no longer there")
         stages = [(s, job.get(f"t_{s}")) for s in STAGES]
-        return self.render(request, "job.html", job=job, inp=inp, out=out, stages=stages,
-                           stage_chart=charts.stage_bars([s for s in stages if s[0] not in ("total", "queue")]),
-                           benchmark=job["mode"] == "benchmark", title=f"job {job_id}")
+        return self.render(
+            request,
+            "job.html",
+            job=job,
+            inp=inp,
+            out=out,
+            stages=stages,
+            stage_chart=charts.stage_bars([s for s in stages if s[0] not in ("total", "queue")]),
+            benchmark=job["mode"] == "benchmark",
+            title=f"job {job_id}",
+        )
 
     def stats(self, request: Request) -> Response:
         q = request.query_params
@@ -205,17 +232,32 @@ class WebView:
         start = max(start, today - dt.timedelta(days=366))  # one bar a day: a year at most
         start = dt.datetime.combine(start.date(), dt.time())
         days = self.history.per_day(model, folder, start)
-        return self.render(request, "stats.html", rows=rows, model=model or "", folder=raw_folder,
-                           since=since or "", choices=self.history.choices(), days_chart=charts.per_day(days),
-                           time_chart=charts.time_bars(rows), days=len(days), title="stats")
+        return self.render(
+            request,
+            "stats.html",
+            rows=rows,
+            model=model or "",
+            folder=raw_folder,
+            since=since or "",
+            choices=self.history.choices(),
+            days_chart=charts.per_day(days),
+            time_chart=charts.time_bars(rows),
+            days=len(days),
+            title="stats",
+        )
 
     def bench(self, request: Request) -> Response:
         runs = self.history.bench_runs()
         for r in runs:
             path = r["report_path"]
             r["report_state"] = None if not path else ("ok" if _is_file(path) else "missing")
-        return self.render(request, "bench.html", runs=runs, has_report_column="report_path" in
-                           self.history.bench_columns, title="bench runs")
+        return self.render(
+            request,
+            "bench.html",
+            runs=runs,
+            has_report_column="report_path" in self.history.bench_columns,
+            title="bench runs",
+        )
 
     def bench_report(self, request: Request) -> Response:
         run_id = request.path_params["run_id"]
@@ -224,17 +266,22 @@ class WebView:
             raise HTTPException(404, f"bench run {run_id} has no report")
         try:
             data = _read_regular(path)
-            if not path.lower().endswith((".html", ".htm")) or \
-                    not data.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+            if not path.lower().endswith((".html", ".htm")) or not data.lstrip()[:15].lower().startswith(
+                (b"<!doctype html", b"<html")
+            ):
                 # The row names the file; it must still look like the HTML report it is meant to be.
                 raise HTTPException(404, f"the report of bench run {run_id} at {path} is not an HTML file")
         except FileNotFoundError:
             raise HTTPException(404, f"the report of bench run {run_id} is no longer at {path}") from None
         except OSError as exc:
-            raise HTTPException(404, f"the report of bench run {run_id} cannot be read: {exc.strerror or exc}") \
-                from None
-        return Response(data, media_type="text/html; charset=utf-8",
-                        headers={"Content-Security-Policy": REPORT_CSP, "Cache-Control": "private, max-age=60"})
+            raise HTTPException(
+                404, f"the report of bench run {run_id} cannot be read: {exc.strerror or exc}"
+            ) from None
+        return Response(
+            data,
+            media_type="text/html; charset=utf-8",
+            headers={"Content-Security-Policy": REPORT_CSP, "Cache-Control": "private, max-age=60"},
+        )
 
     # --- images ------------------------------------------------------------------------------------------------------
     def _paths(self, request: Request) -> dict[str, Any]:
@@ -269,8 +316,9 @@ class WebView:
         if not paths["input"]:
             raise HTTPException(404, "input not kept")
         try:
-            return _image_response(request, self.images.benchmark_lr(paths["input"], paths["rule_json"],
-                                                                    paths["scale"]))
+            return _image_response(
+                request, self.images.benchmark_lr(paths["input"], paths["rule_json"], paths["scale"])
+            )
         except FileNotFoundError:
             raise HTTPException(404, "input not kept: the LR image is made from it") from None
         except UpscaledError as exc:
@@ -291,9 +339,11 @@ class WebView:
         return Response(NO_PREVIEW, media_type="image/svg+xml", headers={"Cache-Control": "no-cache"})
 
 
-NO_PREVIEW = (b'<svg xmlns="http://www.w3.org/2000/svg" width="160" height="120" viewBox="0 0 160 120">'
-              b'<rect width="160" height="120" fill="#eceff1"/><text x="80" y="65" font-family="sans-serif" '
-              b'font-size="14" fill="#78909c" text-anchor="middle">no preview</text></svg>')
+NO_PREVIEW = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="160" height="120" viewBox="0 0 160 120">'
+    b'<rect width="160" height="120" fill="#eceff1"/><text x="80" y="65" font-family="sans-serif" '
+    b'font-size="14" fill="#78909c" text-anchor="middle">no preview</text></svg>'
+)
 
 
 def _int_param(request: Request, name: str, default: int) -> int:
@@ -341,8 +391,13 @@ def default_cache_dir() -> Path:
         return Path(tempfile.mkdtemp(prefix="upscaled-web-"))
 
 
-def create_app(database_url: str, cache_dir: Path | None = None, allowed_hosts: list[str] | None = None,
-               page_size: int = PAGE_SIZE, cache_bytes: int = 512 << 20) -> Starlette:
+def create_app(
+    database_url: str,
+    cache_dir: Path | None = None,
+    allowed_hosts: list[str] | None = None,
+    page_size: int = PAGE_SIZE,
+    cache_bytes: int = 512 << 20,
+) -> Starlette:
     """The web view's ASGI app over ``database_url``, opened read-only.
 
     ``cache_dir`` holds thumbnails and converted images (default :func:`default_cache_dir`), at most
@@ -365,8 +420,9 @@ def create_app(database_url: str, cache_dir: Path | None = None, allowed_hosts: 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if not request.url.path.endswith(("/input", "/output", "/lr", "/thumb", "/report")):
-            return view.render(request, "error.html", status=exc.status_code, message=exc.detail,
-                               title=f"{exc.status_code}")
+            return view.render(
+                request, "error.html", status=exc.status_code, message=exc.detail, title=f"{exc.status_code}"
+            )
         return Response(f"{exc.detail}\n", status_code=exc.status_code, media_type="text/plain; charset=utf-8")
 
     async def bad_query(request: Request, exc: Exception) -> Response:
@@ -374,13 +430,19 @@ def create_app(database_url: str, cache_dir: Path | None = None, allowed_hosts: 
 
     async def database_error(request: Request, exc: Exception) -> Response:
         log.warning("web.database_error", path=request.url.path, error=str(getattr(exc, "orig", exc)))
-        return view.render(request, "error.html", status=503,
-                           message=f"the database did not answer: {getattr(exc, 'orig', exc)}", title="503")
+        return view.render(
+            request,
+            "error.html",
+            status=503,
+            message=f"the database did not answer: {getattr(exc, 'orig', exc)}",
+            title="503",
+        )
 
     async def server_error(request: Request, exc: Exception) -> Response:
         log.exception("web.error", path=request.url.path)
-        return Response("internal error; see the web view's log\n", status_code=500,
-                        media_type="text/plain; charset=utf-8")
+        return Response(
+            "internal error; see the web view's log\n", status_code=500, media_type="text/plain; charset=utf-8"
+        )
 
     routes = [
         Route("/", view.index, name="index"),
@@ -397,9 +459,16 @@ def create_app(database_url: str, cache_dir: Path | None = None, allowed_hosts: 
     middleware = [Middleware(SecurityHeaders)]
     if allowed_hosts is not None:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False))
-    app = Starlette(routes=routes, middleware=middleware,
-                    exception_handlers={HTTPException: http_error, QueryError: bad_query,
-                                        SQLAlchemyError: database_error, 500: server_error})
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={
+            HTTPException: http_error,
+            QueryError: bad_query,
+            SQLAlchemyError: database_error,
+            500: server_error,
+        },
+    )
     app.state.view = view
     return app
 

@@ -26,12 +26,53 @@ from daemon.store import STATES, bench_runs, jobs, metrics
 PAGE_SIZE = 50
 DEFAULT_FOLDER = "/"  # the default rule's folder "" in a query string ("" there means "any folder")
 # The columns the pages cannot do without; a database older than these needs `upscaled db upgrade`.
-REQUIRED = ("id", "state", "folder", "rel_path", "input_path", "output_path", "input_moved_to", "model_id", "scale",
-            "outscale", "mode", "created_at", "finished_at", "error_kind", "error", "t_total")
-LIST_COLUMNS = ("id", "state", "source", "folder", "rel_path", "mode", "model_id", "scale", "outscale", "device",
-                "input_width", "input_height", "output_width", "output_height", "error_kind", "error",
-                "created_at", "finished_at", "t_queue", "t_infer", "t_total", "output_path", "input_path",
-                "input_moved_to", "bench_run_id", "progress", "attempts")
+REQUIRED = (
+    "id",
+    "state",
+    "folder",
+    "rel_path",
+    "input_path",
+    "output_path",
+    "input_moved_to",
+    "model_id",
+    "scale",
+    "outscale",
+    "mode",
+    "created_at",
+    "finished_at",
+    "error_kind",
+    "error",
+    "t_total",
+)
+LIST_COLUMNS = (
+    "id",
+    "state",
+    "source",
+    "folder",
+    "rel_path",
+    "mode",
+    "model_id",
+    "scale",
+    "outscale",
+    "device",
+    "input_width",
+    "input_height",
+    "output_width",
+    "output_height",
+    "error_kind",
+    "error",
+    "created_at",
+    "finished_at",
+    "t_queue",
+    "t_infer",
+    "t_total",
+    "output_path",
+    "input_path",
+    "input_moved_to",
+    "bench_run_id",
+    "progress",
+    "attempts",
+)
 MAIN_METRICS = {"benchmark": ("psnr_y", "ssim_y"), "upscale": ("lr_psnr_y", "brisque")}
 
 
@@ -61,6 +102,7 @@ class Filters:
         Raises:
             QueryError: a state, date or run id that is not one; the message says what was expected.
         """
+
         def get(name: str) -> str | None:
             v = (params.get(name) or "").strip()
             return v or None
@@ -73,16 +115,27 @@ class Filters:
         if run is not None and not run.isdigit():
             raise QueryError(f"run expects a bench run id (a number), got {run!r}")
         since, until = get("from"), get("to")
-        return cls(folder="" if folder == DEFAULT_FOLDER else folder, model=get("model"), state=state,
-                   since=_day(since, "from") if since else None, until=_day(until, "to") if until else None,
-                   q=get("q"), run=int(run) if run else None)
+        return cls(
+            folder="" if folder == DEFAULT_FOLDER else folder,
+            model=get("model"),
+            state=state,
+            since=_day(since, "from") if since else None,
+            until=_day(until, "to") if until else None,
+            q=get("q"),
+            run=int(run) if run else None,
+        )
 
     def params(self) -> dict[str, str]:
         """The query-string parameters that give these filters back."""
-        out = {"folder": DEFAULT_FOLDER if self.folder == "" else self.folder, "model": self.model,
-               "state": self.state, "from": self.since.isoformat() if self.since else None,
-               "to": self.until.isoformat() if self.until else None, "q": self.q,
-               "run": str(self.run) if self.run is not None else None}
+        out = {
+            "folder": DEFAULT_FOLDER if self.folder == "" else self.folder,
+            "model": self.model,
+            "state": self.state,
+            "from": self.since.isoformat() if self.since else None,
+            "to": self.until.isoformat() if self.until else None,
+            "q": self.q,
+            "run": str(self.run) if self.run is not None else None,
+        }
         return {k: v for k, v in out.items() if v is not None}
 
     def query(self, **extra: Any) -> str:
@@ -135,12 +188,15 @@ class History:
             if not insp.has_table("jobs"):
                 raise QueryError("the database has no jobs table: is it upscaled's? (`upscaled db upgrade` makes one)")
             have = {col["name"] for col in insp.get_columns("jobs")}
-            self.bench_columns = {col["name"] for col in insp.get_columns("bench_runs")} \
-                if insp.has_table("bench_runs") else set()
+            self.bench_columns = (
+                {col["name"] for col in insp.get_columns("bench_runs")} if insp.has_table("bench_runs") else set()
+            )
         missing = [c for c in REQUIRED if c not in have]
         if missing:
-            raise QueryError(f"the database's jobs table lacks {', '.join(missing)}: it is from an older version; "
-                             "run `upscaled db upgrade`")
+            raise QueryError(
+                f"the database's jobs table lacks {', '.join(missing)}: it is from an older version; "
+                "run `upscaled db upgrade`"
+            )
         self.columns = [c for c in jobs.c if c.name in have]  # only what exists, in the store's order
         self._list = [jobs.c[n] for n in LIST_COLUMNS if n in have]
 
@@ -172,15 +228,20 @@ class History:
             total = c.execute(self._where(select(func.count()).select_from(jobs), filters)).scalar_one()
             pages = max(1, math.ceil(total / size))
             number = min(max(1, number), pages)
-            q = self._where(select(*self._list), filters).order_by(jobs.c.id.desc()) \
-                .limit(size).offset((number - 1) * size)
+            q = (
+                self._where(select(*self._list), filters)
+                .order_by(jobs.c.id.desc())
+                .limit(size)
+                .offset((number - 1) * size)
+            )
             rows = [dict.fromkeys(LIST_COLUMNS) | dict(r._mapping) for r in c.execute(q)]
             by_id = {r["id"]: r for r in rows}
             for r in rows:
                 r["metrics"] = {}
             if by_id:
-                found = c.execute(select(metrics.c.job_id, metrics.c.name, metrics.c.value)
-                                  .where(metrics.c.job_id.in_(list(by_id))))
+                found = c.execute(
+                    select(metrics.c.job_id, metrics.c.name, metrics.c.value).where(metrics.c.job_id.in_(list(by_id)))
+                )
                 for m in found:
                     by_id[m.job_id]["metrics"][m.name] = m.value
         return Page(rows, number, size, total, filters)
@@ -201,9 +262,21 @@ class History:
             if row is None:
                 return None
             job = dict.fromkeys(jobs.c.keys()) | dict(row._mapping)  # columns an older schema lacks read as None
-            job["metric_rows"] = [dict(m._mapping) for m in c.execute(
-                select(metrics.c.name, metrics.c.value, metrics.c.space, metrics.c.shave, metrics.c.reference,
-                       metrics.c.protocol).where(metrics.c.job_id == job_id).order_by(metrics.c.name))]
+            job["metric_rows"] = [
+                dict(m._mapping)
+                for m in c.execute(
+                    select(
+                        metrics.c.name,
+                        metrics.c.value,
+                        metrics.c.space,
+                        metrics.c.shave,
+                        metrics.c.reference,
+                        metrics.c.protocol,
+                    )
+                    .where(metrics.c.job_id == job_id)
+                    .order_by(metrics.c.name)
+                )
+            ]
             job["newer"] = c.execute(select(func.min(jobs.c.id)).where(jobs.c.id > job_id)).scalar()
             job["older"] = c.execute(select(func.max(jobs.c.id)).where(jobs.c.id < job_id)).scalar()
         job["rule"] = _json_or_none(job.get("rule_json"))
@@ -213,8 +286,15 @@ class History:
     def image_paths(self, job_id: int) -> dict[str, Any] | None:
         """The files a job row names (``input``: where it went, else where it was; ``output``), and what the LR
         image needs; None if there is no such job. The only source of paths for the image routes."""
-        cols = [jobs.c.id, jobs.c.state, jobs.c.mode, jobs.c.scale, jobs.c.input_path, jobs.c.input_moved_to,
-                jobs.c.output_path]
+        cols = [
+            jobs.c.id,
+            jobs.c.state,
+            jobs.c.mode,
+            jobs.c.scale,
+            jobs.c.input_path,
+            jobs.c.input_moved_to,
+            jobs.c.output_path,
+        ]
         if "rule_json" in {c.name for c in self.columns}:
             cols.append(jobs.c.rule_json)
         with self.engine.connect() as c:
@@ -222,8 +302,14 @@ class History:
         if row is None:
             return None
         r = dict(row._mapping)
-        return dict(input=r["input_moved_to"] or r["input_path"], output=r["output_path"], state=r["state"],
-                    mode=r["mode"], scale=r["scale"], rule_json=r.get("rule_json"))
+        return dict(
+            input=r["input_moved_to"] or r["input_path"],
+            output=r["output_path"],
+            state=r["state"],
+            mode=r["mode"],
+            scale=r["scale"],
+            rule_json=r.get("rule_json"),
+        )
 
     # --- stats -------------------------------------------------------------------------------------------------------
     def stats(self, model: str | None, folder: str | None, since: str | None) -> list[dict[str, Any]]:
@@ -237,9 +323,15 @@ class History:
     def per_day(self, model: str | None, folder: str | None, since: dt.datetime) -> list[dict[str, Any]]:
         """Jobs finished per UTC day since ``since``: [{day: date, done: n, failed: n}], every day present."""
         day = func.date(jobs.c.finished_at)
-        q = select(day.label("day"), func.sum(case((jobs.c.state == "done", 1), else_=0)).label("done"),
-                   func.sum(case((jobs.c.state == "failed", 1), else_=0)).label("failed")) \
-            .where(jobs.c.finished_at.is_not(None), jobs.c.finished_at >= since).group_by(day)
+        q = (
+            select(
+                day.label("day"),
+                func.sum(case((jobs.c.state == "done", 1), else_=0)).label("done"),
+                func.sum(case((jobs.c.state == "failed", 1), else_=0)).label("failed"),
+            )
+            .where(jobs.c.finished_at.is_not(None), jobs.c.finished_at >= since)
+            .group_by(day)
+        )
         if model:
             q = q.where(jobs.c.model_id == model)
         if folder is not None:
@@ -264,12 +356,19 @@ class History:
         cols = [bench_runs.c.id, bench_runs.c.started_at, bench_runs.c.settings]
         has_report = "report_path" in self.bench_columns
         with self.engine.connect() as c:
-            runs = [dict(r._mapping) for r in c.execute(
-                select(*cols, *([_report_path()] if has_report else [])).order_by(bench_runs.c.id.desc()))]
+            runs = [
+                dict(r._mapping)
+                for r in c.execute(
+                    select(*cols, *([_report_path()] if has_report else [])).order_by(bench_runs.c.id.desc())
+                )
+            ]
             counts: dict[int, dict[str, int]] = {}
             if "bench_run_id" in {col.name for col in self.columns}:
-                q = select(jobs.c.bench_run_id, jobs.c.state, func.count()).where(jobs.c.bench_run_id.is_not(None)) \
+                q = (
+                    select(jobs.c.bench_run_id, jobs.c.state, func.count())
+                    .where(jobs.c.bench_run_id.is_not(None))
                     .group_by(jobs.c.bench_run_id, jobs.c.state)
+                )
                 for run_id, state, n in c.execute(q):
                     counts.setdefault(run_id, {})[state] = n
         for r in runs:

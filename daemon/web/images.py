@@ -42,8 +42,13 @@ FLOAT_MAX_PIXELS = 40_000_000  # decodes through float32 (16-bit, benchmark LR):
 MAX_FILE_BYTES = 2 << 30
 HEAD_BYTES = 1 << 16  # enough for Pillow to open a PNG, JPEG (with its EXIF), WebP or most TIFFs
 CACHE_VERSION = "1"  # part of every cache key: bump it when a variant's pixels change
-BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
-                   "BMP": "image/bmp"}
+BROWSER_FORMATS = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+}
 _BROWSER_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA"}
 # Pillow warns of "corrupt EXIF data" on TIFFs that libtiff wrote (the service's own compressed TIFF outputs): the
 # web view only reads the orientation tag, and the warning would be noise in its log. (A filter, not
@@ -84,8 +89,9 @@ class _File:
             raise UnsupportedImageError(f"{path} is not a regular file")
         if st.st_size > MAX_FILE_BYTES:
             os.close(self.fd)
-            raise ImageTooLargeError(f"{path} is {st.st_size} bytes, over the {MAX_FILE_BYTES} bytes the web view "
-                                     "reads")
+            raise ImageTooLargeError(
+                f"{path} is {st.st_size} bytes, over the {MAX_FILE_BYTES} bytes the web view reads"
+            )
         self.path = path
         self.stat = st
 
@@ -232,8 +238,9 @@ def _to_8bit_image(data: bytes, name: str, side: int) -> Image.Image:
             # 16 bits: the service's own decoder keeps them (Pillow would clip I;16 to 8 bits).
             w, h = im.size
             if w * h > FLOAT_MAX_PIXELS:
-                raise ImageTooLargeError(f"{name} is {w}x{h} at 16 bits, over the {FLOAT_MAX_PIXELS} pixels the web "
-                                         "view converts")
+                raise ImageTooLargeError(
+                    f"{name} is {w}x{h} at 16 bits, over the {FLOAT_MAX_PIXELS} pixels the web view converts"
+                )
             dec = imageio.decode_bytes(data, FLOAT_MAX_PIXELS, name=name)
             arr = imageio.to_output_array(dec.rgb, dec.alpha, 8, dec.grey)
             out = Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if arr.shape[2] == 1 else arr))

@@ -37,9 +37,15 @@ def bind(listen: str) -> socket.socket:
     return sock
 
 
-def serve(database_url: str, listen: str = DEFAULT_LISTEN, cache_dir: Path | None = None,
-          allowed_hosts: tuple[str, ...] = (), root_path: str = "", log_level: str = "info",
-          access_log: bool = False) -> None:
+def serve(
+    database_url: str,
+    listen: str = DEFAULT_LISTEN,
+    cache_dir: Path | None = None,
+    allowed_hosts: tuple[str, ...] = (),
+    root_path: str = "",
+    log_level: str = "info",
+    access_log: bool = False,
+) -> None:
     """Serve the web view on ``listen`` until SIGINT or SIGTERM. Prints ``upscaled web: http://HOST:PORT/`` (the
     bound address) on stderr once it listens.
 
@@ -54,8 +60,18 @@ def serve(database_url: str, listen: str = DEFAULT_LISTEN, cache_dir: Path | Non
     host, port = sock.getsockname()[:2]
     app = create_app(database_url, cache_dir=cache_dir, allowed_hosts=allowed_hosts_for(host, allowed_hosts))
     shown = f"[{host}]" if ":" in host else host
-    print(f"upscaled web: http://{shown}:{port}{root_path.rstrip('/')}/ (database opened read-only)",
-          file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, server_header=False,
-                            proxy_headers=False, root_path=root_path.rstrip("/"), timeout_graceful_shutdown=5)
+    print(
+        f"upscaled web: http://{shown}:{port}{root_path.rstrip('/')}/ (database opened read-only)",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=access_log,
+        server_header=False,
+        proxy_headers=False,
+        root_path=root_path.rstrip("/"),
+        timeout_graceful_shutdown=5,
+    )
     uvicorn.Server(config).run(sockets=[sock])

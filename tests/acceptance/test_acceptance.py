@@ -54,8 +54,9 @@ def test_service_end_to_end_with_two_rule_folders(tmp_path, weights_dir, daemon)
 
 
 def test_sigterm_lets_the_current_job_finish(tmp_path, weights_dir, daemon):
-    cfg = write_config(tmp_path, weights=weights_dir, rules=[{"folder": "", "model": "lapsrn", "scale": 8,
-                                                              "metrics": []}])
+    cfg = write_config(
+        tmp_path, weights=weights_dir, rules=[{"folder": "", "model": "lapsrn", "scale": 8, "metrics": []}]
+    )
     d = daemon(cfg)
     image(tmp_path / "inbox" / "big.png", (128, 128))
     db = tmp_path / "var" / "upscaled.db"
@@ -66,8 +67,9 @@ def test_sigterm_lets_the_current_job_finish(tmp_path, weights_dir, daemon):
 
 
 def test_restart_after_sigkill_loses_nothing_and_repeats_nothing(tmp_path, weights_dir, daemon):
-    cfg = write_config(tmp_path, weights=weights_dir, rules=[{"folder": "", "model": "fsrcnn", "scale": 4,
-                                                              "metrics": []}])
+    cfg = write_config(
+        tmp_path, weights=weights_dir, rules=[{"folder": "", "model": "fsrcnn", "scale": 4, "metrics": []}]
+    )
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for i in range(12):
@@ -78,13 +80,20 @@ def test_restart_after_sigkill_loses_nothing_and_repeats_nothing(tmp_path, weigh
         # Killed once *this* process holds a job (its pid is in jobs.worker): a condition, not a moment, so a slow
         # start on a loaded machine only makes the wait longer.
         mine = f"%:{d.proc.pid}"
-        wait_for(lambda m=mine: ready_rows(db, "SELECT id FROM jobs WHERE state = 'running' AND worker LIKE ?", m),
-                 60, interval=0.005, what="a job claimed by this daemon")
+        wait_for(
+            lambda m=mine: ready_rows(db, "SELECT id FROM jobs WHERE state = 'running' AND worker LIKE ?", m),
+            60,
+            interval=0.005,
+            what="a job claimed by this daemon",
+        )
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
     d = daemon(cfg)
-    wait_for(lambda: len(rows(db, "SELECT id FROM jobs WHERE state = 'done'")) == 12 and not list(inbox.iterdir()),
-             240, what="all 12 done")
+    wait_for(
+        lambda: len(rows(db, "SELECT id FROM jobs WHERE state = 'done'")) == 12 and not list(inbox.iterdir()),
+        240,
+        what="all 12 done",
+    )
     assert d.stop() == 0
     outputs = sorted(p.name for p in (tmp_path / "outbox").iterdir())
     assert outputs == sorted(f"k{i}.fsrcnn.x4.png" for i in range(12))  # no duplicates, no temp files
@@ -116,8 +125,14 @@ def test_unreadable_file_fails_its_job_and_stays(tmp_path, weights_dir):
     image(tmp_path / "inbox" / "open.png", (30, 20), seed=2)
     os.chmod(tmp_path / "inbox" / "locked.png", 0o000)
     env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
-    proc = subprocess.Popen([*_without_read_override(), sys.executable, "-m", "daemon", "run"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*_without_read_override(), sys.executable, "-m", "daemon", "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         db = tmp_path / "var" / "upscaled.db"
         wait_for(lambda: (tmp_path / "failed" / "locked.png.error.json").exists() or proc.poll() is not None, 60)

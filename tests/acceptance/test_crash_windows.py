@@ -59,21 +59,35 @@ def check_row(tmp_path: Path, name: str, state: str = "done") -> dict:
 def finish(cfg: Path, daemon, tmp_path: Path, state: str = "done") -> None:  # noqa: ANN001 - the fixture
     d = daemon(cfg)
     db = tmp_path / "var" / "upscaled.db"
-    wait_for(lambda: [r for r in ready_rows(db, "SELECT state, metrics_state, input_moved_to FROM jobs")
-                      if r["state"] == state and r["input_moved_to"] and r["metrics_state"] in ("done", None)],
-             60, what=f"the job {state} and its input moved")
+    wait_for(
+        lambda: [
+            r
+            for r in ready_rows(db, "SELECT state, metrics_state, input_moved_to FROM jobs")
+            if r["state"] == state and r["input_moved_to"] and r["metrics_state"] in ("done", None)
+        ],
+        60,
+        what=f"the job {state} and its input moved",
+    )
     assert d.stop() == 0
 
 
-@pytest.mark.parametrize("point", ["after-register", "after-claim", "in-infer", "mid-write", "after-write",
-                                   "after-commit", "after-archive"])
+@pytest.mark.parametrize(
+    "point", ["after-register", "after-claim", "in-infer", "mid-write", "after-write", "after-commit", "after-archive"]
+)
 def test_a_crash_in_each_window_of_a_good_file_loses_and_repeats_nothing(tmp_path, weights_dir, daemon, point):
     cfg = write_config(tmp_path, weights=weights_dir, rules=RULE, settle_seconds=0.1)
     crash_at(cfg, point, lambda: image(tmp_path / "inbox" / "p.png", (48, 40)))
     db = tmp_path / "var" / "upscaled.db"
     (left,) = rows(db, "SELECT state, output_path, metrics_state FROM jobs")
-    expected = {"after-register": "pending", "after-claim": "running", "in-infer": "running", "mid-write": "running",
-                "after-write": "running", "after-commit": "done", "after-archive": "done"}[point]
+    expected = {
+        "after-register": "pending",
+        "after-claim": "running",
+        "in-infer": "running",
+        "mid-write": "running",
+        "after-write": "running",
+        "after-commit": "done",
+        "after-archive": "done",
+    }[point]
     assert left["state"] == expected, left
     if point == "mid-write":
         assert list((tmp_path / "outbox").glob(".*.upscaled-tmp")), "the temp file the crash left"
@@ -91,8 +105,9 @@ def test_a_crash_in_each_window_of_a_good_file_loses_and_repeats_nothing(tmp_pat
 
 
 def test_a_crash_between_the_failed_commit_and_the_quarantine_move(tmp_path, weights_dir, daemon):
-    cfg = write_config(tmp_path, weights=weights_dir, rules=RULE, settle_seconds=0.1, stale_seconds=2,
-                       heartbeat_seconds=0.5)
+    cfg = write_config(
+        tmp_path, weights=weights_dir, rules=RULE, settle_seconds=0.1, stale_seconds=2, heartbeat_seconds=0.5
+    )
     bad = tmp_path / "staging" / "bad.png"
     bad.parent.mkdir()
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 10)
@@ -113,11 +128,20 @@ def test_failpoints_need_the_test_switch_and_refuse_typos(tmp_path):
 
     cfg = write_config(tmp_path)
     base = dict(os.environ, UPSCALED_CONFIG=str(cfg))
-    stray = subprocess.run([sys.executable, "-m", "daemon", "check-config"], capture_output=True, text=True,
-                           env=dict(base, UPSCALED_FAILPOINTS="after-commit=exit"), timeout=60)
+    stray = subprocess.run(
+        [sys.executable, "-m", "daemon", "check-config"],
+        capture_output=True,
+        text=True,
+        env=dict(base, UPSCALED_FAILPOINTS="after-commit=exit"),
+        timeout=60,
+    )
     assert stray.returncode == 0  # without the switch, a stray variable arms nothing
-    typo = subprocess.run([sys.executable, "-m", "daemon", "check-config"], capture_output=True, text=True,
-                          env=dict(base, UPSCALED_FAILPOINTS_TEST="1", UPSCALED_FAILPOINTS="after-comit=exit"),
-                          timeout=60)
+    typo = subprocess.run(
+        [sys.executable, "-m", "daemon", "check-config"],
+        capture_output=True,
+        text=True,
+        env=dict(base, UPSCALED_FAILPOINTS_TEST="1", UPSCALED_FAILPOINTS="after-comit=exit"),
+        timeout=60,
+    )
     assert typo.returncode != 0 and "after-comit" in typo.stderr
     assert set(POINTS) >= {"after-claim", "after-write", "after-commit", "after-archive", "on-fail"}

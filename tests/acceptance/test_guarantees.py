@@ -45,8 +45,11 @@ def armed(tmp_path: Path, point: str, action: str = "pause") -> tuple[dict, Path
     """The environment that arms one failpoint, and the folder where its ``.hit`` / ``.release`` files go."""
     marks = tmp_path / "marks"
     marks.mkdir(exist_ok=True)
-    return {"UPSCALED_FAILPOINTS_TEST": "1", "UPSCALED_FAILPOINTS": f"{point}={action}",
-            "UPSCALED_FAILPOINT_DIR": str(marks)}, marks
+    return {
+        "UPSCALED_FAILPOINTS_TEST": "1",
+        "UPSCALED_FAILPOINTS": f"{point}={action}",
+        "UPSCALED_FAILPOINT_DIR": str(marks),
+    }, marks
 
 
 # --- the watchdog ------------------------------------------------------------------------------------------------
@@ -67,8 +70,9 @@ def _pixels_for(seconds: float, weights_dir: Path) -> int:
 def test_watchdog_pings_keep_coming_through_a_long_tiled_job_and_status_shows_the_tile(tmp_path, weights_dir):
     watchdog = 2.0  # WatchdogSec: pings every 0.67 s while no thread is silent for 1 s (3x margin under load)
     listener = Listener(tmp_path, abstract=False)
-    cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.1,
-                       rules=[{**FAST, "tile": 32}])  # 32 px tiles: thousands of beats in one image
+    cfg = write_config(
+        tmp_path, weights=weights_dir, settle_seconds=0.1, rules=[{**FAST, "tile": 32}]
+    )  # 32 px tiles: thousands of beats in one image
     # Sized for 6 x WatchdogSec of tiles as measured in this process; in the daemon, beside its other threads, the
     # tiles have run at half that speed or less.
     side = int(np.clip(np.sqrt(_pixels_for(6 * watchdog, weights_dir)), 800, 3200))
@@ -80,8 +84,11 @@ def test_watchdog_pings_keep_coming_through_a_long_tiled_job_and_status_shows_th
     try:
         listener.wait_for("READY=1")
         os.rename(staging, tmp_path / "inbox" / "big.png")
-        listener.until(lambda msgs: any(m.startswith("STATUS=") and "done 1" in m for _, m in msgs), 180,
-                       what="the job done on STATUS=")
+        listener.until(
+            lambda msgs: any(m.startswith("STATUS=") and "done 1" in m for _, m in msgs),
+            180,
+            what="the job done on STATUS=",
+        )
         msgs = listener.messages
         tiles = [(t, m) for t, m in msgs if m.startswith("STATUS=") and "big.png (fsrcnn x2, tile " in m]
         assert tiles, [m for _, m in msgs if m.startswith("STATUS=")]
@@ -104,19 +111,28 @@ def test_watchdog_pings_keep_coming_through_one_long_call_that_cannot_beat(tmp_p
     than WatchdogSec / 2 here. Their allowance (5 s per megapixel) keeps the pings coming through them."""
     watchdog = 1.0  # a thread silent for 0.5 s would stop the pings
     listener = Listener(tmp_path, abstract=True)
-    cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.1, max_output_pixels=50_000_000,
-                       rules=[{"folder": "", "model": "bicubic", "scale": 2, "format": "png", "metrics": []}])
+    cfg = write_config(
+        tmp_path,
+        weights=weights_dir,
+        settle_seconds=0.1,
+        max_output_pixels=50_000_000,
+        rules=[{"folder": "", "model": "bicubic", "scale": 2, "format": "png", "metrics": []}],
+    )
     staging = tmp_path / "staging" / "wide.png"
     staging.parent.mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 3000, 3), dtype=np.uint8)) \
-        .save(staging, compress_level=1)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 3000, 3), dtype=np.uint8)).save(
+        staging, compress_level=1
+    )
     d = Daemon(cfg, {"NOTIFY_SOCKET": listener.env, "WATCHDOG_USEC": str(int(watchdog * 1_000_000))})
     try:
         listener.wait_for("READY=1")
         os.rename(staging, tmp_path / "inbox" / "wide.png")
         dropped = time.monotonic()
-        listener.until(lambda msgs: any(m.startswith("STATUS=") and "done 1" in m for _, m in msgs), 180,
-                       what="the job done on STATUS=")
+        listener.until(
+            lambda msgs: any(m.startswith("STATUS=") and "done 1" in m for _, m in msgs),
+            180,
+            what="the job done on STATUS=",
+        )
         done = next(t for t, m in listener.messages if m.startswith("STATUS=") and "done 1" in m)
         write = [t for t, m in listener.messages if m.startswith("STATUS=") and "wide.png (bicubic x2, write)" in m]
         assert write, "STATUS= never showed the write stage"
@@ -150,8 +166,9 @@ def test_a_worker_hung_in_the_model_stops_the_pings_and_they_resume_when_it_move
         assert "WATCHDOG=1" not in [m for _, m in window], "a hung worker must stop the pings"
         (marks / "in-infer.release").touch()
         released = time.monotonic()
-        listener.until(lambda msgs: any(m == "WATCHDOG=1" and t > released for t, m in msgs), 60,
-                       what="the pings to resume")
+        listener.until(
+            lambda msgs: any(m == "WATCHDOG=1" and t > released for t, m in msgs), 60, what="the pings to resume"
+        )
         assert d.stop() == 0
         assert (tmp_path / "outbox" / "stuck.fsrcnn.x2.png").exists()
     finally:
@@ -162,8 +179,9 @@ def test_a_worker_hung_in_the_model_stops_the_pings_and_they_resume_when_it_move
 # --- a claimed job is taken back at the next start ------------------------------------------------------------------
 def test_a_claimed_job_of_a_dead_daemon_is_taken_back_at_the_next_start(tmp_path, weights_dir, daemon):
     # stale_seconds far away: only the start's own recovery can give the job back within this test.
-    cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.1, rules=[FAST], heartbeat_seconds=5,
-                       stale_seconds=600)
+    cfg = write_config(
+        tmp_path, weights=weights_dir, settle_seconds=0.1, rules=[FAST], heartbeat_seconds=5, stale_seconds=600
+    )
     env, _ = armed(tmp_path, "after-claim", "exit")
     d = Daemon(cfg, env)
     try:
@@ -179,8 +197,11 @@ def test_a_claimed_job_of_a_dead_daemon_is_taken_back_at_the_next_start(tmp_path
     d2 = daemon(cfg)
     started = event(d2, "service.started")
     assert started is not None and started["recovered_jobs"] == 1, started
-    wait_for(lambda: ready_rows(db, "SELECT id FROM jobs WHERE state = 'done' AND input_moved_to IS NOT NULL"), 60,
-             what="the job done")
+    wait_for(
+        lambda: ready_rows(db, "SELECT id FROM jobs WHERE state = 'done' AND input_moved_to IS NOT NULL"),
+        60,
+        what="the job done",
+    )
     (job,) = rows(db, "SELECT state, output_path, attempts FROM jobs")
     assert job == {"state": "done", "output_path": left["output_path"], "attempts": 2}
     assert [p.name for p in (tmp_path / "outbox").iterdir()] == ["p.fsrcnn.x2.png"]
@@ -190,8 +211,9 @@ def test_a_claimed_job_of_a_dead_daemon_is_taken_back_at_the_next_start(tmp_path
 # --- SIGHUP and SIGINT ----------------------------------------------------------------------------------------------
 def test_sighup_reloads_ignore_and_settle_keeps_queued_rules_and_names_what_needs_a_restart(tmp_path, weights_dir):
     old_rule = [{"folder": "", "model": "bicubic", "scale": 2, "metrics": []}]
-    cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.2, rules=old_rule, ignore=["*.skip-later"],
-                       workers=1)
+    cfg = write_config(
+        tmp_path, weights=weights_dir, settle_seconds=0.2, rules=old_rule, ignore=["*.skip-later"], workers=1
+    )
     env, marks = armed(tmp_path, "in-infer")
     d = Daemon(cfg, env)
     db = tmp_path / "var" / "upscaled.db"
@@ -204,8 +226,15 @@ def test_sighup_reloads_ignore_and_settle_keeps_queued_rules_and_names_what_need
         wait_for(lambda: len(ready_rows(db, "SELECT id FROM jobs")) == 5, 60, what="5 jobs registered")
         assert rows(db, "SELECT COUNT(*) AS n FROM jobs WHERE state = 'pending'")[0]["n"] >= 1  # queued, not run
         # The new file: another rule, another ignore list and settle time, and two keys that need a restart.
-        write_config(tmp_path, weights=weights_dir, settle_seconds=2.0, ignore=["*.skip"], workers=2,
-                     outbox="outbox2", rules=[{"folder": "", "model": "bicubic", "scale": 3, "metrics": []}])
+        write_config(
+            tmp_path,
+            weights=weights_dir,
+            settle_seconds=2.0,
+            ignore=["*.skip"],
+            workers=2,
+            outbox="outbox2",
+            rules=[{"folder": "", "model": "bicubic", "scale": 3, "metrics": []}],
+        )
         d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: event(d, "reload.done"), 60, what="reload.done")
         assert event(d, "reload.needs_restart")["keys"] == ["outbox", "workers"]
@@ -217,9 +246,13 @@ def test_sighup_reloads_ignore_and_settle_keeps_queued_rules_and_names_what_need
         # new.png came last: once it is registered, the files dropped before it have had their chance.
         wait_for(lambda: ready_rows(db, "SELECT id FROM jobs WHERE rel_path = 'new.png'"), 60, what="new.png")
         assert sorted(r["rel_path"] for r in rows(db, "SELECT rel_path FROM jobs")) == sorted(
-            ["first.png", "q0.png", "q1.png", "q2.png", "q3.png", "late.skip-later", "new.png"])
-        wait_for(lambda: rows(db, "SELECT COUNT(*) AS n FROM jobs WHERE state = 'done'")[0]["n"] == 7, 120,
-                 what="7 jobs done")
+            ["first.png", "q0.png", "q1.png", "q2.png", "q3.png", "late.skip-later", "new.png"]
+        )
+        wait_for(
+            lambda: rows(db, "SELECT COUNT(*) AS n FROM jobs WHERE state = 'done'")[0]["n"] == 7,
+            120,
+            what="7 jobs done",
+        )
         assert d.stop() == 0
     finally:
         d.kill()
@@ -266,32 +299,53 @@ def test_a_node_claims_only_the_folders_it_serves(tmp_path, weights_dir, daemon)
     configs = {}
     for node, folders in (("n1", ["a"]), ("n2", ["b"])):
         (tmp_path / node).mkdir()
-        configs[node] = write_config(tmp_path / node, weights=weights_dir, rules=rules, settle_seconds=0.1,
-                                     node_name=node, serve_folders=folders, database=url, **shared)
+        configs[node] = write_config(
+            tmp_path / node,
+            weights=weights_dir,
+            rules=rules,
+            settle_seconds=0.1,
+            node_name=node,
+            serve_folders=folders,
+            database=url,
+            **shared,
+        )
     db = tmp_path / "var" / "u.db"
     d1 = daemon(configs["n1"])
     put(tmp_path, "b/y.png", seed=1)
     wait_for(lambda: ready_rows(db, "SELECT id FROM jobs WHERE rel_path = 'b/y.png'"), 60, what="b/y.png registered")
     put(tmp_path, "a/x.png", seed=2)  # registered after y: a node serving b would have claimed y first
-    wait_for(lambda: ready_rows(db, "SELECT id FROM jobs WHERE rel_path = 'a/x.png' AND state = 'done'"), 60,
-             what="a/x.png done")
+    wait_for(
+        lambda: ready_rows(db, "SELECT id FROM jobs WHERE rel_path = 'a/x.png' AND state = 'done'"),
+        60,
+        what="a/x.png done",
+    )
     (y,) = rows(db, "SELECT state, attempts, node FROM jobs WHERE rel_path = 'b/y.png'")
     assert y == {"state": "pending", "attempts": 0, "node": None}
     assert (tmp_path / "inbox" / "b" / "y.png").exists()
     assert d1.stop() == 0
     d2 = daemon(configs["n2"])
-    wait_for(lambda: ready_rows(db, "SELECT id FROM jobs WHERE rel_path = 'b/y.png' AND state = 'done'"), 60,
-             what="b/y.png done by n2")
+    wait_for(
+        lambda: ready_rows(db, "SELECT id FROM jobs WHERE rel_path = 'b/y.png' AND state = 'done'"),
+        60,
+        what="b/y.png done by n2",
+    )
     assert d2.stop() == 0
     by_node = {r["rel_path"]: r["node"] for r in rows(db, "SELECT rel_path, node FROM jobs")}
     assert by_node == {"a/x.png": "n1", "b/y.png": "n2"}
     assert rows(db, "SELECT name, folders FROM nodes ORDER BY name") == [
-        {"name": "n1", "folders": '["a"]'}, {"name": "n2", "folders": '["b"]'}]
+        {"name": "n1", "folders": '["a"]'},
+        {"name": "n2", "folders": '["b"]'},
+    ]
 
 
 def test_a_custom_ignore_list_holds_for_the_startup_scan_and_for_events(tmp_path, weights_dir, daemon):
-    cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.1, ignore=["*.raw", "draft-*"],
-                       rules=[{"folder": "", "model": "bicubic", "scale": 2, "metrics": []}])
+    cfg = write_config(
+        tmp_path,
+        weights=weights_dir,
+        settle_seconds=0.1,
+        ignore=["*.raw", "draft-*"],
+        rules=[{"folder": "", "model": "bicubic", "scale": 2, "metrics": []}],
+    )
     there = [put(tmp_path, "boot.raw", seed=1), put(tmp_path, "boot.png", seed=2)]  # before the start: the scan
     d = daemon(cfg)
     there += [put(tmp_path, "x.raw", seed=3), put(tmp_path, "draft-1.png", seed=4)]

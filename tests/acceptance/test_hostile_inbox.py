@@ -63,8 +63,11 @@ def settled(db: Path, n: int) -> list[dict]:
 def armed(marks: Path, *points: str) -> dict[str, str]:
     """The environment that stops the daemon at ``points`` until the test releases it (see daemon/failpoints.py)."""
     marks.mkdir(exist_ok=True)
-    return {"UPSCALED_FAILPOINTS_TEST": "1", "UPSCALED_FAILPOINTS": ",".join(f"{p}=pause" for p in points),
-            "UPSCALED_FAILPOINT_DIR": str(marks)}
+    return {
+        "UPSCALED_FAILPOINTS_TEST": "1",
+        "UPSCALED_FAILPOINTS": ",".join(f"{p}=pause" for p in points),
+        "UPSCALED_FAILPOINT_DIR": str(marks),
+    }
 
 
 def reached(marks: Path, point: str, timeout: float = 30.0) -> None:
@@ -87,24 +90,41 @@ def drop(inbox: Path, rel: str | bytes, size: tuple[int, int] = (40, 32), seed: 
     return dest
 
 
-def cli(cfg: Path, *args: str, umask: int = 0o022, env: dict | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(
+    cfg: Path, *args: str, umask: int = 0o022, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """The real `upscaled` command line, in a process whose own umask is ``umask`` (the shell's, not the settings');
     stdout as bytes, so a raw escape in it cannot hide."""
     full = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     full.pop("UPSCALED_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), *map(str, args)], cwd=cfg.parent,
-                          env=full, capture_output=True, timeout=timeout, preexec_fn=lambda: os.umask(umask))
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(cfg), *map(str, args)],
+        cwd=cfg.parent,
+        env=full,
+        capture_output=True,
+        timeout=timeout,
+        preexec_fn=lambda: os.umask(umask),
+    )
 
 
 def cli_all(cfg: Path, *commands: list[str], timeout: float = 120) -> list[subprocess.CompletedProcess]:
     """Several independent `upscaled` commands at once (each pays the interpreter's start-up; they overlap)."""
     full = dict(os.environ, PYTHONUNBUFFERED="1")
     full.pop("UPSCALED_CONFIG", None)
-    procs = [(args, subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(cfg), *map(str, args)],
-                                     cwd=cfg.parent, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     preexec_fn=lambda: os.umask(0o022)))
-             for args in commands]
+    procs = [
+        (
+            args,
+            subprocess.Popen(
+                [sys.executable, "-m", "daemon", "--config", str(cfg), *map(str, args)],
+                cwd=cfg.parent,
+                env=full,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                preexec_fn=lambda: os.umask(0o022),
+            ),
+        )
+        for args in commands
+    ]
     done = []
     for args, p in procs:
         out, err = p.communicate(timeout=timeout)
@@ -224,8 +244,11 @@ def test_f01_folders_swapped_for_links_mid_job_are_never_read_moved_through_or_a
         release(marks, "on-fail")
         # The main thread tries the move, then takes in the link that appeared: that one is quarantined (the
         # link itself, never what it points at).
-        wait_for(lambda: [j for j in jobs(db) if j["rel_path"] == "x" and j["input_moved_to"]], 20,
-                 what="the link x quarantined after the refused move")
+        wait_for(
+            lambda: [j for j in jobs(db) if j["rel_path"] == "x" and j["input_moved_to"]],
+            20,
+            what="the link x quarantined after the refused move",
+        )
         # (b) Swapped between the claim and the read.
         drop(inbox, "one/a.png", seed=1)
         reached(marks, "after-claim")
@@ -345,8 +368,15 @@ def names_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     finally:
         d.kill()
         listener.close()
-    return SimpleNamespace(tmp=tmp, cfg=cfg, db=db, log=d.log_path.read_text(), events=d.events(),
-                           messages=[m for _, m in listener.messages], before_stop=before_stop)
+    return SimpleNamespace(
+        tmp=tmp,
+        cfg=cfg,
+        db=db,
+        log=d.log_path.read_text(),
+        events=d.events(),
+        messages=[m for _, m in listener.messages],
+        before_stop=before_stop,
+    )
 
 
 def test_f03_a_newline_in_a_name_cannot_inject_notify_commands(names_run):
@@ -359,15 +389,17 @@ def test_f03_a_newline_in_a_name_cannot_inject_notify_commands(names_run):
         lines = m.split("\n")
         assert "WATCHDOG=trigger" not in lines and "STOPPING=1" not in lines, m
         assert not any(ch in m for ch in "\x1b\x07\r"), m
-    assert any("STOPPING=1" in m.split("\n") for m in names_run.messages[names_run.before_stop:])  # the real stop
+    assert any("STOPPING=1" in m.split("\n") for m in names_run.messages[names_run.before_stop :])  # the real stop
 
 
 def test_f04_a_name_that_is_not_utf8_is_stored_losslessly_and_blocks_no_other_file(names_run):
     """`bad\\xff\\xfe.png` raised UnicodeEncodeError at registration: it sat in the inbox forever, with no reason,
     and the files admitted with it were stuck too. Now its job is an ordinary one: the name is stored as printable
     UTF-8 text and as its exact bytes, and every file of the batch is done."""
-    by_raw = {bytes(j["rel_path_raw"]) if j["rel_path_raw"] is not None else j["rel_path"].encode(): j
-              for j in jobs(names_run.db)}
+    by_raw = {
+        bytes(j["rel_path_raw"]) if j["rel_path_raw"] is not None else j["rel_path"].encode(): j
+        for j in jobs(names_run.db)
+    }
     assert all(j["state"] == "done" for j in by_raw.values()), [(j["rel_path"], j["error"]) for j in by_raw.values()]
     assert set(by_raw) == {os.fsencode(n) for n in NAMES.values()}
     bad = by_raw[b"bad\xff\xfe.png"]
@@ -436,10 +468,13 @@ def test_f05_query_cannot_change_a_postgresql_database(tmp_path, pg_url):  # noq
         c.execute(sql("INSERT INTO meta (key, value) VALUES ('canary', 'alive')"))
     for res in cli_all(cfg, ["query", "COMMIT; DELETE FROM meta"], ["query", "COMMIT; DROP TABLE metrics CASCADE"]):
         assert res.returncode != 0 and "query failed" in text(res), text(res)  # the report's two, by the CLI
-    for hostile in ("DELETE FROM meta", "WITH d AS (DELETE FROM meta RETURNING key) SELECT key FROM d",
-                    "BEGIN READ WRITE; DELETE FROM meta; COMMIT",
-                    "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE; DELETE FROM meta",
-                    "CREATE TABLE planted (x int)"):
+    for hostile in (
+        "DELETE FROM meta",
+        "WITH d AS (DELETE FROM meta RETURNING key) SELECT key FROM d",
+        "BEGIN READ WRITE; DELETE FROM meta; COMMIT",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE; DELETE FROM meta",
+        "CREATE TABLE planted (x int)",
+    ):
         with pytest.raises(QueryError):
             query(pg_url, hostile)
     with eng.connect() as c:
@@ -543,8 +578,9 @@ def test_f08_an_output_over_max_output_pixels_is_refused_before_inference(tmp_pa
     checked before the model runs. Scaled down here (200x200 at x4 against a 100 000-pixel limit): the daemon is
     armed to die the moment any job reaches inference, and the refused job must not get there; a small file after
     it does, which proves the trap was set."""
-    cfg = write_config(tmp_path, rules=[dict(BICUBIC, scale=4)], settle_seconds=0.1, max_pixels=1_000_000,
-                       max_output_pixels=100_000)
+    cfg = write_config(
+        tmp_path, rules=[dict(BICUBIC, scale=4)], settle_seconds=0.1, max_pixels=1_000_000, max_output_pixels=100_000
+    )
     db = tmp_path / "var" / "upscaled.db"
     d = Daemon(cfg, {"UPSCALED_FAILPOINTS_TEST": "1", "UPSCALED_FAILPOINTS": "in-infer=exit"})
     try:
@@ -566,8 +602,13 @@ def test_f09_a_jpeg_output_larger_than_max_pixels_is_measured_not_failed(tmp_pat
     """jpg/webp outputs were decoded again for the metrics under the *input* limit: a 26 MP photo at x2 failed after
     its output was written, and left an orphan. Scaled down: an input just under max_pixels, x2, as jpg, with a
     metric that decodes the output. Our own output is not untrusted input: done, measured, one output."""
-    cfg = write_config(tmp_path, settle_seconds=0.1, max_pixels=20_000, max_output_pixels=1_000_000,
-                       rules=[dict(BICUBIC, metrics=["lr_psnr_y"])])
+    cfg = write_config(
+        tmp_path,
+        settle_seconds=0.1,
+        max_pixels=20_000,
+        max_output_pixels=1_000_000,
+        rules=[dict(BICUBIC, metrics=["lr_psnr_y"])],
+    )
     db = tmp_path / "var" / "upscaled.db"
     d = Daemon(cfg)
     try:
@@ -637,8 +678,9 @@ def test_f10_a_hostile_mirror_cannot_plant_weights(tmp_path, junk_mirror):
     refused = cli(cfg, "weights", "fetch", "edsr", "--mirror", junk_mirror, "--format", "json")
     assert refused.returncode == 1 and all("--trust-unhashed" in r["detail"] for r in json.loads(refused.stdout))
     assert not any("EDSR" in p for p in _JunkMirror.served), "asked the mirror for a file it could not check"
-    endless = cli(cfg, "weights", "fetch", "edsr", "--trust-unhashed", "--mirror", junk_mirror + "/stream",
-                  "--format", "json")
+    endless = cli(
+        cfg, "weights", "fetch", "edsr", "--trust-unhashed", "--mirror", junk_mirror + "/stream", "--format", "json"
+    )
     assert endless.returncode == 1 and all("limit" in r["detail"] for r in json.loads(endless.stdout)), text(endless)
     # Stopped at EDSR's 64 MiB cap, not at the server's 1 GiB (what it counts includes the sockets' buffers).
     assert max(_JunkMirror.served.values()) < (64 << 20) + (32 << 20)
@@ -672,8 +714,12 @@ def test_f11_torch_floor_safetensors_and_a_pickle_that_would_run_code(tmp_path):
     from models.weights import HUB_ALLOW, HUB_IGNORE
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    floors = [Requirement(r).specifier for extra in project.values() for r in extra if r.startswith("torch")
-              and Requirement(r).name == "torch"]
+    floors = [
+        Requirement(r).specifier
+        for extra in project.values()
+        for r in extra
+        if r.startswith("torch") and Requirement(r).name == "torch"
+    ]
     assert floors and all(not s.contains("2.5.1") and s.contains("2.6.0") for s in floors), floors
     assert all(p.endswith((".json", ".txt", ".safetensors")) for p in HUB_ALLOW)
     assert {"*.bin", "*.ckpt", "*.pt", "*.pth"} <= set(HUB_IGNORE)
@@ -688,8 +734,20 @@ def test_f11_torch_floor_safetensors_and_a_pickle_that_would_run_code(tmp_path):
     torch.save({"params": Evil()}, evil)
     cfg = write_config(tmp_path)
     picture = image(tmp_path / "in" / "p.png")
-    res = cli(cfg, "process", picture, "--model", f"file:{evil}", "--scale", "2", "--out", tmp_path / "out",
-              "--format", "json", timeout=180)
+    res = cli(
+        cfg,
+        "process",
+        picture,
+        "--model",
+        f"file:{evil}",
+        "--scale",
+        "2",
+        "--out",
+        tmp_path / "out",
+        "--format",
+        "json",
+        timeout=180,
+    )
     assert res.returncode == 1, text(res)
     (report,) = json.loads(res.stdout)
     assert report["state"] == "failed" and report["error"].startswith("unsafe-weights"), report
@@ -706,9 +764,11 @@ def test_f12_an_inbox_inside_the_outbox_and_the_database_or_weights_inside_the_i
     cfg = write_config(tmp_path, inbox="outbox/in")
     res = cli(cfg, "check-config")
     assert res.returncode != 0 and b"inbox" in res.stderr and b"must not be inside the outbox" in res.stderr
-    cases = {"outbox inside the inbox": dict(outbox="inbox/out"),
-             "database inside the inbox": dict(database="sqlite:///inbox/db/upscaled.db"),
-             "weights inside the inbox": dict(weights_dir="inbox/weights")}
+    cases = {
+        "outbox inside the inbox": dict(outbox="inbox/out"),
+        "database inside the inbox": dict(database="sqlite:///inbox/db/upscaled.db"),
+        "weights inside the inbox": dict(weights_dir="inbox/weights"),
+    }
     for what, keys in cases.items():
         sub = tmp_path / what.replace(" ", "-")
         sub.mkdir()
@@ -730,8 +790,9 @@ def test_f15_process_gives_each_file_its_own_error_boundary(tmp_path):
     got = cli(cfg, "weights", "fetch", "edsr", "--trust-unhashed", "--mirror", mirror.parent)
     assert got.returncode == 1 and b"recorded" in got.stdout  # x3 and x4 are not on this mirror
     pictures = [image(tmp_path / "in" / f"{n}.png", seed=i) for i, n in enumerate("ab")]
-    res = cli(cfg, "process", *pictures, "--model", "edsr", "--scale", "2", "--out", tmp_path / "out",
-              "--format", "json")
+    res = cli(
+        cfg, "process", *pictures, "--model", "edsr", "--scale", "2", "--out", tmp_path / "out", "--format", "json"
+    )
     assert res.returncode == 1, text(res)
     reports = json.loads(res.stdout)
     assert [r["state"] for r in reports] == ["failed", "failed"], reports
@@ -747,8 +808,14 @@ def test_f16_cli_readers_never_create_or_migrate_and_writers_keep_the_umask(tmp_
     the `umask` setting, whatever the shell's is."""
     cfg = write_config(tmp_path, umask="077")
     db = tmp_path / "var" / "upscaled.db"
-    for reader in (["history"], ["stats"], ["query", "SELECT 1"], ["nodes"], ["report", "--out", tmp_path / "r.html"],
-                   ["web", "--listen", "127.0.0.1:0"]):
+    for reader in (
+        ["history"],
+        ["stats"],
+        ["query", "SELECT 1"],
+        ["nodes"],
+        ["report", "--out", tmp_path / "r.html"],
+        ["web", "--listen", "127.0.0.1:0"],
+    ):
         res = cli_here(cfg, *reader)
         assert res.exit_code != 0 and "does not exist" in res.output, (reader, res.output)
     assert not (tmp_path / "var").exists() and not (tmp_path / "r.html").exists()
@@ -763,16 +830,25 @@ def test_f16_cli_readers_never_create_or_migrate_and_writers_keep_the_umask(tmp_
         con.executescript((ROOT / "tests" / "data" / "schema_v2_sqlite.sql").read_text())
     legacy_cfg = write_config(legacy.parent, database="sqlite:///upscaled.db")
     digest = sha(legacy)
-    for reader in (["history"], ["stats"], ["query", "SELECT count(*) AS n FROM jobs"], ["nodes"],
-                   ["report", "--out", tmp_path / "old.html"]):
+    for reader in (
+        ["history"],
+        ["stats"],
+        ["query", "SELECT count(*) AS n FROM jobs"],
+        ["nodes"],
+        ["report", "--out", tmp_path / "old.html"],
+    ):
         cli_here(legacy_cfg, *reader)  # it may fail on the old schema; it must not touch it
     assert sha(legacy) == digest
     with sqlite3.connect(legacy) as con:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "alembic_version" not in tables
     # The web view on it: serves, and leaves it as it was.
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(legacy_cfg), "web", "--listen",
-                             "127.0.0.1:0"], cwd=legacy.parent, stderr=subprocess.PIPE, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "--config", str(legacy_cfg), "web", "--listen", "127.0.0.1:0"],
+        cwd=legacy.parent,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ),
+    )
     try:
         line = proc.stderr.readline().decode()
         assert "upscaled web: http://" in line, line
@@ -861,8 +937,11 @@ def test_f19_a_fifo_swapped_in_after_registration_blocks_nothing(tmp_path):
         os.mkfifo(inbox / "direct.png")
         time.sleep(0.5)
         drop(inbox, "g.png", seed=3)
-        wait_for(lambda: [j for j in jobs(db) if j["rel_path"] == "g.png" and j["state"] == "done"], 30,
-                 what="the next file done: the service was not blocked")
+        wait_for(
+            lambda: [j for j in jobs(db) if j["rel_path"] == "g.png" and j["state"] == "done"],
+            30,
+            what="the next file done: the service was not blocked",
+        )
         wait_for(lambda: all(j["state"] in ("done", "failed") for j in jobs(db)), 30)
         stop(d)
     finally:
@@ -879,8 +958,9 @@ def test_f19_a_fifo_swapped_in_after_registration_blocks_nothing(tmp_path):
 def _exposure(unit_text: str, folder: Path) -> float:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "upscaled.service"
-    path.write_text(unit_text.replace("/opt/upscaled/.venv/bin/upscaled", str(Path(sys.executable).with_name(
-        "upscaled"))))
+    path.write_text(
+        unit_text.replace("/opt/upscaled/.venv/bin/upscaled", str(Path(sys.executable).with_name("upscaled")))
+    )
     verify = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
     assert verify.returncode == 0 and "upscaled.service" not in verify.stderr, verify.stderr
     res = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(path)], capture_output=True, text=True)
@@ -918,6 +998,13 @@ def test_unit_hardening_limits_a_read_only_weights_folder_and_the_network_drop_i
     assert any("IPAddressDeny=any" in b and "IPAddressAllow=" in b for b in found.values())
     for i, (name, block) in enumerate(found.items()):
         assert _exposure(unit + "\n" + block, tmp_path / f"drop-in-{i}") <= base, name
-    for must in ("0640", "LoadCredential=", "EnvironmentFile", "SELECT", "default_transaction_read_only",
-                 "--trust-unhashed", "ReadOnlyPaths="):
+    for must in (
+        "0640",
+        "LoadCredential=",
+        "EnvironmentFile",
+        "SELECT",
+        "default_transaction_read_only",
+        "--trust-unhashed",
+        "ReadOnlyPaths=",
+    ):
         assert must in doc, must

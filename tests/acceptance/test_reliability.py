@@ -65,8 +65,12 @@ def _png(seed: int, size: int = 12) -> bytes:
 
 
 def test_a_burst_of_500_files_arriving_every_way_at_once(tmp_path, weights_dir, daemon):
-    cfg = write_config(tmp_path, weights=weights_dir, settle_seconds=0.5,
-                       rules=[{"folder": "", "model": "bicubic", "scale": 2, "metrics": [], "compression": 1}])
+    cfg = write_config(
+        tmp_path,
+        weights=weights_dir,
+        settle_seconds=0.5,
+        rules=[{"folder": "", "model": "bicubic", "scale": 2, "metrics": [], "compression": 1}],
+    )
     d = daemon(cfg)
     inbox, outside = tmp_path / "inbox", tmp_path / "outside"
     outside.mkdir()
@@ -93,8 +97,9 @@ def test_a_burst_of_500_files_arriving_every_way_at_once(tmp_path, weights_dir, 
             (outside / f"m{i}.png").write_bytes(data)
             shutil.move(outside / f"m{i}.png", inbox / name)
     db = tmp_path / "var" / "upscaled.db"
-    wait_for(lambda: len(rows(db, "SELECT id FROM jobs WHERE state = 'done'")) == 500, 300, interval=0.5,
-             what="500 done")
+    wait_for(
+        lambda: len(rows(db, "SELECT id FROM jobs WHERE state = 'done'")) == 500, 300, interval=0.5, what="500 done"
+    )
     assert d.stop() == 0
     jobs = check_invariants(tmp_path, names)
     assert all(j["state"] == "done" for j in jobs.values())  # nothing lost
@@ -151,8 +156,7 @@ def test_files_that_made_no_events_are_found_by_the_rescan(tmp_path, weights_dir
     from daemon.config import load_settings
     from daemon.service import Service
 
-    svc = Service(load_settings(write_config(tmp_path, weights=weights_dir, rescan_seconds=0.5,
-                                             settle_seconds=0.1)))
+    svc = Service(load_settings(write_config(tmp_path, weights=weights_dir, rescan_seconds=0.5, settle_seconds=0.1)))
     svc.start()
     try:
         svc.watcher.stop()  # the kernel drops our events from here on
@@ -198,8 +202,12 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[bytes | None, str]]:
     exif[0x0112] = 8
     pal = rgb.convert("P")
     pal.info["transparency"] = 0
-    bomb = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)) + \
-        _chunk(b"IDAT", zlib.compress(b"\0" * 100)) + _chunk(b"IEND", b"")
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + _chunk(b"IEND", b"")
+    )
     huge_text = png[:33] + _chunk(b"zTXt", b"k\0\0" + zlib.compress(b"x" * 20_000_000)) + png[33:]
     bad_crc = bytearray(png)
     bad_crc[29] ^= 0xFF  # IHDR's CRC
@@ -250,9 +258,16 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[bytes | None, str]]:
 def test_more_than_30_kinds_of_bad_and_odd_input(tmp_path, weights_dir):
     from tests.acceptance.test_acceptance import _without_read_override
 
-    cfg = write_config(tmp_path, weights=weights_dir, max_pixels=1_000_000, settle_seconds=0.2,
-                       rules=[{"folder": "", "model": "bicubic", "scale": 2, "metrics": ["lr_psnr_y"]},
-                              {"folder": "fs", "model": "fsrcnn", "scale": 2}])
+    cfg = write_config(
+        tmp_path,
+        weights=weights_dir,
+        max_pixels=1_000_000,
+        settle_seconds=0.2,
+        rules=[
+            {"folder": "", "model": "bicubic", "scale": 2, "metrics": ["lr_psnr_y"]},
+            {"folder": "fs", "model": "fsrcnn", "scale": 2},
+        ],
+    )
     inbox, staging = tmp_path / "inbox", tmp_path / "staging"
     inbox.mkdir()
     (inbox / "fs").mkdir()
@@ -282,12 +297,21 @@ def test_more_than_30_kinds_of_bad_and_odd_input(tmp_path, weights_dir):
     assert len(expected) >= 30
     env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
     log = open(tmp_path / "daemon.log", "w")
-    proc = subprocess.Popen([*_without_read_override(), sys.executable, "-m", "daemon", "run"], cwd=tmp_path,
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*_without_read_override(), sys.executable, "-m", "daemon", "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     db = tmp_path / "var" / "upscaled.db"
     try:
-        wait_for(lambda: len(ready_rows(db, "SELECT id FROM jobs WHERE state IN ('done', 'failed')"))
-                 >= len(expected), 120, interval=0.3, what="every input handled")
+        wait_for(
+            lambda: len(ready_rows(db, "SELECT id FROM jobs WHERE state IN ('done', 'failed')")) >= len(expected),
+            120,
+            interval=0.3,
+            what="every input handled",
+        )
         image(inbox / "after.png", (20, 20), seed=123)  # the service is still up and working
         wait_for(lambda: (tmp_path / "outbox" / "after.bicubic.x2.png").exists(), 30)
         assert proc.poll() is None
@@ -326,13 +350,21 @@ def test_write_faults_keep_the_input_and_retry_until_space_returns(tmp_path, wei
                     fh.write(b"\0" * 65536)
             except OSError:
                 pass  # the disk is full now
-        cfg = write_config(tmp_path, weights=weights_dir, retry_seconds=0.2, retry_max_seconds=0.5,
-                           rules=[{"folder": "", "model": "bicubic", "scale": 2, "metrics": []}])
+        cfg = write_config(
+            tmp_path,
+            weights=weights_dir,
+            retry_seconds=0.2,
+            retry_max_seconds=0.5,
+            rules=[{"folder": "", "model": "bicubic", "scale": 2, "metrics": []}],
+        )
         d = daemon(cfg)
         image(tmp_path / "inbox" / "big.png", (120, 120))
         db = tmp_path / "var" / "upscaled.db"
-        wait_for(lambda: ready_rows(db, "SELECT attempts FROM jobs WHERE error_kind = 'disk-full' "
-                                                  "AND attempts >= 3"), 60, what="retries on a full disk")
+        wait_for(
+            lambda: ready_rows(db, "SELECT attempts FROM jobs WHERE error_kind = 'disk-full' AND attempts >= 3"),
+            60,
+            what="retries on a full disk",
+        )
         assert (tmp_path / "inbox" / "big.png").exists()  # the input is kept
         assert not [p for p in outbox.iterdir() if p.name != "filler.bin"]  # no partial output
         filler.unlink()  # space returns
@@ -349,15 +381,21 @@ def test_an_unwritable_outbox_is_retried_not_failed(tmp_path, weights_dir):
 
     cfg = write_config(tmp_path, weights=weights_dir, retry_seconds=0.2, retry_max_seconds=0.5)
     env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
-    proc = subprocess.Popen([*_without_read_override(), sys.executable, "-m", "daemon", "run"], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*_without_read_override(), sys.executable, "-m", "daemon", "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     db = tmp_path / "var" / "upscaled.db"
     try:
         wait_for(lambda: db.exists() and (tmp_path / "outbox").is_dir(), 30)
         os.chmod(tmp_path / "outbox", 0o555)  # someone breaks the mount's permissions while it runs
         image(tmp_path / "inbox" / "w.png", (30, 20))
-        wait_for(lambda: ready_rows(db, "SELECT id FROM jobs WHERE error_kind = 'output-unavailable' "
-                                                  "AND attempts >= 3"), 60)
+        wait_for(
+            lambda: ready_rows(db, "SELECT id FROM jobs WHERE error_kind = 'output-unavailable' AND attempts >= 3"), 60
+        )
         assert (tmp_path / "inbox" / "w.png").exists() and not list((tmp_path / "failed").iterdir())
         os.chmod(tmp_path / "outbox", 0o755)
         wait_for(lambda: rows(db, "SELECT state FROM jobs")[0]["state"] == "done", 30)
@@ -369,8 +407,9 @@ def test_an_unwritable_outbox_is_retried_not_failed(tmp_path, weights_dir):
 
 
 def test_readers_never_see_database_is_locked_and_sigterm_exits_cleanly(tmp_path, weights_dir, daemon):
-    cfg = write_config(tmp_path, weights=weights_dir,
-                       rules=[{"folder": "", "model": "fsrcnn", "scale": 4, "metrics": ["lr_psnr_y"]}])
+    cfg = write_config(
+        tmp_path, weights=weights_dir, rules=[{"folder": "", "model": "fsrcnn", "scale": 4, "metrics": ["lr_psnr_y"]}]
+    )
     d = daemon(cfg)
     for i in range(25):
         image(tmp_path / "staging" / f"r{i}.png", (80, 64), seed=i)
@@ -380,8 +419,12 @@ def test_readers_never_see_database_is_locked_and_sigterm_exits_cleanly(tmp_path
 
     def reader() -> None:
         while not stop.is_set():
-            res = subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), "history", "--format", "json",
-                                  "--limit", "100"], capture_output=True, text=True, timeout=60)
+            res = subprocess.run(
+                [sys.executable, "-m", "daemon", "--config", str(cfg), "history", "--format", "json", "--limit", "100"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if res.returncode != 0 or "locked" in res.stderr:
                 errors.append(res.stderr)
 

@@ -91,11 +91,26 @@ def browser() -> Iterator[str]:
     pytest.importorskip("websocket", reason="websocket-client is in the test extra: pip install -e '.[test]'")
     profile = tempfile.mkdtemp(prefix="upscaled-chromium-")
     proc = subprocess.Popen(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
-         "--window-size=1280,900", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            "--window-size=1280,900",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = None
         deadline = time.monotonic() + 60
@@ -131,25 +146,44 @@ def open_report(endpoint: str, path: Path, screenshot: Path) -> dict[str, Any]:
             dt.call(f"{domain}.enable")
         dt.call("Page.navigate", url=path.resolve().as_uri())
         dt.wait_for("Page.loadEventFired")
-        images = dt.call("Runtime.evaluate", returnByValue=True, awaitPromise=True, expression="""
+        images = dt.call(
+            "Runtime.evaluate",
+            returnByValue=True,
+            awaitPromise=True,
+            expression="""
             Promise.all(Array.from(document.images).map(i => i.decode().then(() => true, () => false)))
               .then(ok => Array.from(document.images).map((i, k) => ({
                 alt: i.alt, decoded: ok[k], complete: i.complete, naturalWidth: i.naturalWidth,
-                src: i.currentSrc.slice(0, 22)})))""")["result"]["value"]
+                src: i.currentSrc.slice(0, 22)})))""",
+        )["result"]["value"]
         metrics = dt.call("Page.getLayoutMetrics")["cssContentSize"]
-        shot = dt.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                       clip=dict(x=0, y=0, width=metrics["width"], height=min(metrics["height"], 12000), scale=1))
+        shot = dt.call(
+            "Page.captureScreenshot",
+            format="png",
+            captureBeyondViewport=True,
+            clip=dict(x=0, y=0, width=metrics["width"], height=min(metrics["height"], 12000), scale=1),
+        )
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         screenshot.write_bytes(base64.b64decode(shot["data"]))
-        errors = [e["params"]["entry"] for e in dt.events
-                  if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"]
-        errors += [e["params"] for e in dt.events if e["method"] == "Runtime.consoleAPICalled"
-                   and e["params"]["type"] in ("error", "assert")]
+        errors = [
+            e["params"]["entry"]
+            for e in dt.events
+            if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"
+        ]
+        errors += [
+            e["params"]
+            for e in dt.events
+            if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert")
+        ]
         exceptions = [e["params"] for e in dt.events if e["method"] == "Runtime.exceptionThrown"]
         requests = [e["params"]["request"]["url"] for e in dt.events if e["method"] == "Network.requestWillBeSent"]
-        return dict(images=images, errors=errors, exceptions=exceptions, requests=requests,
-                    title=dt.call("Runtime.evaluate", expression="document.title", returnByValue=True)["result"]
-                    ["value"])
+        return dict(
+            images=images,
+            errors=errors,
+            exceptions=exceptions,
+            requests=requests,
+            title=dt.call("Runtime.evaluate", expression="document.title", returnByValue=True)["result"]["value"],
+        )
     finally:
         dt.close()
 
@@ -179,9 +213,30 @@ def bench_html(tmp_path_factory, weights_dir) -> tuple[Path, dict]:
         shutil.copy(SET5 / "HR" / name, data / name)
     cfg = write_config(tmp, weights=weights_dir)
     out = tmp / "report.html"
-    res = subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), "bench", "--dataset", str(data),
-                          "--models", "bicubic,fsrcnn,espcn,no-such-model", "--scales", "2,4", "--report", str(out),
-                          "--format", "json"], capture_output=True, text=True, timeout=300, cwd=tmp)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "--config",
+            str(cfg),
+            "bench",
+            "--dataset",
+            str(data),
+            "--models",
+            "bicubic,fsrcnn,espcn,no-such-model",
+            "--scales",
+            "2,4",
+            "--report",
+            str(out),
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     return out, json.loads(res.stdout)
 
@@ -213,9 +268,11 @@ def test_bench_report_marks_the_best_value_of_each_column(bench_html):
 
 
 def test_best_rows_follows_the_direction_of_each_column():
-    rows = [dict(psnr_y=30.0, mse_rgb=10.0, s_per_image=0.5, brisque=None),
-            dict(psnr_y=31.0, mse_rgb=12.0, s_per_image=0.5, brisque=20.0),
-            dict(psnr_y=None, mse_rgb=9.0, s_per_image=0.7, brisque=25.0)]
+    rows = [
+        dict(psnr_y=30.0, mse_rgb=10.0, s_per_image=0.5, brisque=None),
+        dict(psnr_y=31.0, mse_rgb=12.0, s_per_image=0.5, brisque=20.0),
+        dict(psnr_y=None, mse_rgb=9.0, s_per_image=0.7, brisque=25.0),
+    ]
     best = best_rows(rows, ["psnr_y", "mse_rgb", "s_per_image", "brisque", "model"])
     assert best == {"psnr_y": {1}, "mse_rgb": {2}, "s_per_image": {0, 1}, "brisque": {1}}
 
@@ -259,13 +316,17 @@ def history_db(tmp_path_factory, weights_dir) -> Path:
 
 def test_history_report_has_every_chart_and_opens_in_chromium(browser, history_db):
     out = history_db.parent / "history.html"
-    res = subprocess.run([sys.executable, "-m", "daemon", "--config", str(history_db), "report", "--out", str(out)],
-                         capture_output=True, text=True, timeout=120, cwd=history_db.parent)
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(history_db), "report", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=history_db.parent,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "7 jobs (6 done, 1 failed), 4 figures" in res.stdout
     page = out.read_text()
-    for heading in ("Throughput over time", "Job time per model", "Failures by reason",
-                    "Metrics per folder and rule"):
+    for heading in ("Throughput over time", "Job time per model", "Failures by reason", "Metrics per folder and rule"):
         assert f'alt="{heading}"' in page, heading
     opened = open_report(browser, out, ARTIFACTS / "history-report.png")
     assert_clean(opened, min_images=4)
@@ -290,8 +351,11 @@ def test_history_report_leaves_bench_runs_out_unless_asked(tmp_path, weights_dir
     shutil.copy(SET5 / "HR" / "head.png", data / "head.png")
     store = SqlStore(f"sqlite:///{tmp_path / 'h.db'}")
     try:
-        run_bench(BenchSettings(dataset=data, models=("bicubic",), scales=(2,), weights_dir=weights_dir,
-                                brisque=False), store, Progress(1, stream=io.StringIO()))
+        run_bench(
+            BenchSettings(dataset=data, models=("bicubic",), scales=(2,), weights_dir=weights_dir, brisque=False),
+            store,
+            Progress(1, stream=io.StringIO()),
+        )
         without = history_report(store.engine, tmp_path / "a.html")
         with_bench = history_report(store.engine, tmp_path / "b.html", include_bench=True)
     finally:

@@ -35,25 +35,46 @@ FROZEN_V2 = Path(__file__).parents[1] / "data" / "schema_v2_sqlite.sql"
 
 
 def _spec(i: int, name: str = "a.png", folder: str = "") -> JobSpec:
-    return JobSpec(sha=f"{i:064x}", rule=Rule(model="bicubic", folder=folder), rel=PurePosixPath(folder, name),
-                   input_path=f"/in/{name}", fingerprint="f")
+    return JobSpec(
+        sha=f"{i:064x}",
+        rule=Rule(model="bicubic", folder=folder),
+        rel=PurePosixPath(folder, name),
+        input_path=f"/in/{name}",
+        fingerprint="f",
+    )
 
 
 def _old_rows(c) -> None:  # noqa: ANN001
     """Rows as the schema-2 code wrote them: a bench run, a done job with metrics, a failed job."""
     now = "2024-05-01 10:00:00.000000"
-    c.execute(text("INSERT INTO bench_runs (id, started_at, settings) VALUES (7, :t, '{\"models\": [\"fsrcnn\"]}')"),
-              {"t": now})
+    c.execute(
+        text('INSERT INTO bench_runs (id, started_at, settings) VALUES (7, :t, \'{"models": ["fsrcnn"]}\')'), {"t": now}
+    )
     for jid, state, run in ((1, "done", None), (2, "failed", None), (3, "done", 7)):
-        c.execute(text(
-            "INSERT INTO jobs (id, content_sha256, rule_fingerprint, state, attempts, source, folder, rel_path, "
-            "input_path, model_id, scale, outscale, mode, created_at, updated_at, t_total, bench_run_id, "
-            "output_path) VALUES (:id, :sha, 'f', :state, 1, 'watch', 'photos', :rel, :inp, 'fsrcnn', 2, 2, "
-            "'upscale', :t, :t, 1.25, :run, :out)"),
-            dict(id=jid, sha=str(jid) * 64, state=state, rel=f"p{jid}.png", inp=f"/in/p{jid}.png", t=now, run=run,
-                 out=f"/out/p{jid}.png" if state == "done" else None))
-    c.execute(text("INSERT INTO metrics (job_id, name, value, space, shave, reference, protocol) "
-                   "VALUES (1, 'psnr_y', 31.5, 'y', 2, 'hr', 'p'), (1, 'brisque', 20.0, 'y', 0, 'none', 'p')"))
+        c.execute(
+            text(
+                "INSERT INTO jobs (id, content_sha256, rule_fingerprint, state, attempts, source, folder, rel_path, "
+                "input_path, model_id, scale, outscale, mode, created_at, updated_at, t_total, bench_run_id, "
+                "output_path) VALUES (:id, :sha, 'f', :state, 1, 'watch', 'photos', :rel, :inp, 'fsrcnn', 2, 2, "
+                "'upscale', :t, :t, 1.25, :run, :out)"
+            ),
+            dict(
+                id=jid,
+                sha=str(jid) * 64,
+                state=state,
+                rel=f"p{jid}.png",
+                inp=f"/in/p{jid}.png",
+                t=now,
+                run=run,
+                out=f"/out/p{jid}.png" if state == "done" else None,
+            ),
+        )
+    c.execute(
+        text(
+            "INSERT INTO metrics (job_id, name, value, space, shave, reference, protocol) "
+            "VALUES (1, 'psnr_y', 31.5, 'y', 2, 'hr', 'p'), (1, 'brisque', 20.0, 'y', 0, 'none', 'p')"
+        )
+    )
 
 
 def _check_old_rows(url: str) -> None:
@@ -62,7 +83,10 @@ def _check_old_rows(url: str) -> None:
         with eng.connect() as c:
             jobs = [dict(r._mapping) for r in c.execute(text("SELECT * FROM jobs ORDER BY id"))]
             assert [(j["id"], j["state"], j["rel_path"], j["bench_run_id"], j["t_total"]) for j in jobs] == [
-                (1, "done", "p1.png", None, 1.25), (2, "failed", "p2.png", None, 1.25), (3, "done", "p3.png", 7, 1.25)]
+                (1, "done", "p1.png", None, 1.25),
+                (2, "failed", "p2.png", None, 1.25),
+                (3, "done", "p3.png", 7, 1.25),
+            ]
             assert all(j["node"] is None and j["heartbeat_at"] is None for j in jobs)
             pivot = c.execute(text("SELECT psnr_y, brisque FROM job_metrics WHERE id = 1")).one()
             assert tuple(pivot) == (31.5, 20.0)
@@ -106,14 +130,22 @@ def test_a_schema_2_sqlite_database_is_upgraded_with_its_rows(tmp_path):
     with eng.begin() as c:
         _old_rows(c)
     eng.dispose()
-    res = subprocess.run([sys.executable, "-m", "daemon", "db", "upgrade"], capture_output=True, text=True,
-                         env=dict(os.environ, UPSCALED_CONFIG=str(write_config(tmp_path, database=url))))
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "db", "upgrade"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, UPSCALED_CONFIG=str(write_config(tmp_path, database=url))),
+    )
     assert res.returncode == 0, res.stderr
     assert f"upgraded from legacy to {migrations.head()}" in res.stdout
     _check_old_rows(url)
     _no_drift(url)
-    again = subprocess.run([sys.executable, "-m", "daemon", "db", "upgrade"], capture_output=True, text=True,
-                           env=dict(os.environ, UPSCALED_CONFIG=str(tmp_path / "settings.toml")))
+    again = subprocess.run(
+        [sys.executable, "-m", "daemon", "db", "upgrade"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, UPSCALED_CONFIG=str(tmp_path / "settings.toml")),
+    )
     assert again.returncode == 0 and f"at {migrations.head()} already" in again.stdout
 
 
@@ -209,7 +241,8 @@ def test_a_stale_lease_returns_the_job_and_the_old_owner_cannot_finish_it(pg_url
 def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
-        buf, "PNG", compress_level=1)
+        buf, "PNG", compress_level=1
+    )
     return buf.getvalue()
 
 
@@ -239,20 +272,31 @@ def test_three_daemons_share_an_inbox_and_finish_a_killed_ones_jobs(tmp_path, pg
     try:
         for n in ("n1", "n2", "n3"):
             (root / n).mkdir()
-            cfg = write_config(root / n, database=pg_url, node_name=n, heartbeat_seconds=heartbeat,
-                               workers=2 if n == "n3" else 1,  # n3's two threads claim against the others too
-                               stale_seconds=stale, settle_seconds=0.2, rescan_seconds=1.0,
-                               inbox=str(root / "inbox"), outbox=str(root / "outbox"),
-                               archive=str(root / "archive"), failed=str(root / "failed"),
-                               rules=[{"folder": "", "model": "bicubic", "scale": 2, "metrics": [],
-                                       "compression": 1}])
+            cfg = write_config(
+                root / n,
+                database=pg_url,
+                node_name=n,
+                heartbeat_seconds=heartbeat,
+                workers=2 if n == "n3" else 1,  # n3's two threads claim against the others too
+                stale_seconds=stale,
+                settle_seconds=0.2,
+                rescan_seconds=1.0,
+                inbox=str(root / "inbox"),
+                outbox=str(root / "outbox"),
+                archive=str(root / "archive"),
+                failed=str(root / "failed"),
+                rules=[{"folder": "", "model": "bicubic", "scale": 2, "metrics": [], "compression": 1}],
+            )
             daemons.append(Daemon(cfg))  # all three start (and migrate) at once
         for d in daemons:
             d.wait_started(60)
         n1 = daemons[0]
         _drop(root, range(0, 150))
-        wait_for(lambda: _query(pg_url, "SELECT COUNT(*) AS n FROM jobs WHERE state = 'done' AND node = 'n1'")[0]
-                 ["n"] >= 10, 90, what="n1 to have done some jobs")
+        wait_for(
+            lambda: _query(pg_url, "SELECT COUNT(*) AS n FROM jobs WHERE state = 'done' AND node = 'n1'")[0]["n"] >= 10,
+            90,
+            what="n1 to have done some jobs",
+        )
         # Freeze n1 until it is caught holding a job, then kill it: its lease must run out for the others to act.
         held: list[dict] = []
         for _ in range(200):
@@ -270,13 +314,15 @@ def test_three_daemons_share_an_inbox_and_finish_a_killed_ones_jobs(tmp_path, pg
 
         def all_done() -> bool:
             return _query(pg_url, "SELECT COUNT(*) AS n FROM jobs WHERE state = 'done'")[0]["n"] >= total
+
         wait_for(all_done, 150, interval=0.5, what=f"{total} done jobs")
         wait_for(lambda: not any((root / "inbox").rglob("*.png")), 30, what="the inbox to empty")
 
         jobs = _query(pg_url, "SELECT * FROM jobs")
         assert len(jobs) == total and {j["state"] for j in jobs} == {"done"}
         assert sorted(j["rel_path"] for j in jobs) == sorted(
-            ("sub/" if i % 2 else "") + f"f{i:03d}.png" for i in range(total))
+            ("sub/" if i % 2 else "") + f"f{i:03d}.png" for i in range(total)
+        )
         outbox = [p for p in (root / "outbox").rglob("*") if p.is_file()]
         assert not [p for p in outbox if p.name.endswith(".upscaled-tmp")], "partial files in the outbox"
         assert sorted(map(str, outbox)) == sorted(j["output_path"] for j in jobs), "one output per done row"
@@ -300,9 +346,13 @@ def test_three_daemons_share_an_inbox_and_finish_a_killed_ones_jobs(tmp_path, pg
         n3 = [j for j in jobs if j["node"] == "n3"]
         assert n3 and {j["worker"] for j in n3} == {f"{socket.gethostname()}:{daemons[2].proc.pid}"}
 
-        res = subprocess.run([sys.executable, "-m", "daemon", "nodes", "--all", "--format", "json"],
-                             capture_output=True, text=True, cwd=root / "n2",
-                             env=dict(os.environ, UPSCALED_CONFIG=str(root / "n2" / "settings.toml")))
+        res = subprocess.run(
+            [sys.executable, "-m", "daemon", "nodes", "--all", "--format", "json"],
+            capture_output=True,
+            text=True,
+            cwd=root / "n2",
+            env=dict(os.environ, UPSCALED_CONFIG=str(root / "n2" / "settings.toml")),
+        )
         assert res.returncode == 0, res.stderr
         listed = {n["node"]: n for n in json.loads(res.stdout)}
         assert listed["n1"]["state"] == "stale" and listed["n2"]["state"] == "live" == listed["n3"]["state"]
@@ -322,7 +372,12 @@ def test_three_daemons_share_an_inbox_and_finish_a_killed_ones_jobs(tmp_path, pg
 def test_a_second_daemon_under_a_live_nodes_name_refuses_to_start(tmp_path, pg_url, daemon):  # noqa: F811
     cfg = write_config(tmp_path, database=pg_url, node_name="same", heartbeat_seconds=0.5, stale_seconds=5.0)
     daemon(cfg)
-    res = subprocess.run([sys.executable, "-m", "daemon", "run"], capture_output=True, text=True, timeout=60,
-                         env=dict(os.environ, UPSCALED_CONFIG=str(cfg)))
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, UPSCALED_CONFIG=str(cfg)),
+    )
     assert res.returncode != 0
     assert re.search(r"node name 'same' is in use by pid \d+", res.stdout + res.stderr)

@@ -41,15 +41,28 @@ def test_unit_verifies_cleanly(tmp_path):
 
 @needs_systemd
 def test_unit_security_exposure_is_at_most_1_5(tmp_path):
-    res = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(_unit_copy(tmp_path))],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(_unit_copy(tmp_path))], capture_output=True, text=True
+    )
     m = re.search(r"Overall exposure level for upscaled.service: (\d+\.\d+)", res.stdout + res.stderr)
     assert m, res.stdout + res.stderr
     assert float(m.group(1)) <= 1.5  # issue 12: 1.3 with the shipped unit
     unit = UNIT.read_text()
-    for must in ("Type=notify", "WatchdogSec=", "KillMode=mixed", "TimeoutStopSec=", "Restart=on-failure",
-                 "StateDirectory=", "CacheDirectory=", "EnvironmentFile=", "ProtectSystem=strict", "ReadWritePaths=",
-                 "NoNewPrivileges=yes", "SystemCallFilter=@system-service", "DeviceAllow=/dev/nvidiactl"):
+    for must in (
+        "Type=notify",
+        "WatchdogSec=",
+        "KillMode=mixed",
+        "TimeoutStopSec=",
+        "Restart=on-failure",
+        "StateDirectory=",
+        "CacheDirectory=",
+        "EnvironmentFile=",
+        "ProtectSystem=strict",
+        "ReadWritePaths=",
+        "NoNewPrivileges=yes",
+        "SystemCallFilter=@system-service",
+        "DeviceAllow=/dev/nvidiactl",
+    ):
         assert must in unit, must
     assert "PrivateDevices=yes" not in unit and "MemoryDenyWriteExecute=yes" not in unit  # they break CUDA/PyTorch
 
@@ -88,8 +101,9 @@ class Listener:
             self.collect(0.1)
         pytest.fail(f"no {needle!r} in {self.messages}")
 
-    def until(self, predicate: Callable[[list[tuple[float, str]]], bool], timeout: float = 30.0,
-              what: str = "") -> list[tuple[float, str]]:
+    def until(
+        self, predicate: Callable[[list[tuple[float, str]]], bool], timeout: float = 30.0, what: str = ""
+    ) -> list[tuple[float, str]]:
         """Collect until ``predicate(messages)`` holds; fail after ``timeout`` seconds. Returns the messages."""
         end = time.monotonic() + timeout
         while not predicate(self.messages):
@@ -110,10 +124,16 @@ WATCHDOG_S = 3.0  # WatchdogSec for the tests: pings come every second, so a loa
 def test_notify_protocol_with_a_real_socket(tmp_path, weights_dir, abstract):
     listener = Listener(tmp_path, abstract)
     cfg = write_config(tmp_path, weights=weights_dir)
-    env = dict(os.environ, UPSCALED_CONFIG=str(cfg), NOTIFY_SOCKET=listener.env,
-               WATCHDOG_USEC=str(int(WATCHDOG_S * 1_000_000)))
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "run"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    env = dict(
+        os.environ, UPSCALED_CONFIG=str(cfg), NOTIFY_SOCKET=listener.env, WATCHDOG_USEC=str(int(WATCHDOG_S * 1_000_000))
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         ready = listener.wait_for("READY=1")
         # READY only once the database is open and the watcher runs: both exist by now.
@@ -125,6 +145,7 @@ def test_notify_protocol_with_a_real_socket(tmp_path, weights_dir, abstract):
         def seen(msgs: list[tuple[float, str]]) -> bool:
             done = [t for t, m in msgs if m.startswith("STATUS=") and "done 1" in m]
             return bool(done) and len([t for t, m in msgs if m == "WATCHDOG=1" and t > done[0]]) >= 2
+
         listener.until(seen, 60, what="the job done on STATUS= and two pings after it")
         statuses = [m for _, m in listener.messages if m.startswith("STATUS=")]
         assert all("queue" in s for s in statuses)
@@ -144,8 +165,7 @@ def test_a_hung_worker_stops_the_watchdog_pings(tmp_path, weights_dir):
     listener = Listener(tmp_path, abstract=False)
     now = [1000.0]
     notifier = Notifier({"NOTIFY_SOCKET": listener.env, "WATCHDOG_USEC": "4000000"})
-    svc = Service(load_settings(write_config(tmp_path, weights=weights_dir)), clock=lambda: now[0],
-                  notifier=notifier)
+    svc = Service(load_settings(write_config(tmp_path, weights=weights_dir)), clock=lambda: now[0], notifier=notifier)
     for b in svc.runner.beats.values():
         b.at = now[0]
     svc._tell_systemd()
@@ -176,8 +196,12 @@ def test_sighup_reloads_rules_and_a_bad_file_keeps_the_old_ones(tmp_path, weight
 
 
 def test_sigterm_past_the_deadline_gives_the_job_back_and_exits_0(tmp_path, weights_dir, daemon):
-    cfg = write_config(tmp_path, weights=weights_dir, stop_timeout=0.3,
-                       rules=[{"folder": "", "model": "lapsrn", "scale": 8, "metrics": []}])
+    cfg = write_config(
+        tmp_path,
+        weights=weights_dir,
+        stop_timeout=0.3,
+        rules=[{"folder": "", "model": "lapsrn", "scale": 8, "metrics": []}],
+    )
     d = daemon(cfg)
     image(tmp_path / "inbox" / "long.png", (160, 160))
     db = tmp_path / "var" / "upscaled.db"
@@ -191,8 +215,11 @@ def test_sigterm_past_the_deadline_gives_the_job_back_and_exits_0(tmp_path, weig
     assert job == {"state": "pending", "attempts": 0}
     assert any(e.get("event") == "service.stop_deadline" for e in d.events())
     assert (tmp_path / "inbox" / "long.png").exists()
-    d2 = daemon(write_config(tmp_path, weights=weights_dir,
-                             rules=[{"folder": "", "model": "lapsrn", "scale": 8, "metrics": []}]))
+    d2 = daemon(
+        write_config(
+            tmp_path, weights=weights_dir, rules=[{"folder": "", "model": "lapsrn", "scale": 8, "metrics": []}]
+        )
+    )
     wait_for(lambda: rows(db, "SELECT state FROM jobs")[0]["state"] == "done", 120)
     assert d2.stop() == 0
     assert [p.name for p in (tmp_path / "outbox").iterdir()] == ["long.lapsrn.x8.png"]  # no temp file, no copy

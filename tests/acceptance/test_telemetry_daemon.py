@@ -48,15 +48,20 @@ def test_counters_move_with_real_jobs_and_the_scrape_parses(tmp_path, weights_di
     image(tmp_path / "inbox" / "a.png", (40, 30))
     image(tmp_path / "inbox" / "b.png", (40, 30), seed=2)
     (tmp_path / "inbox" / "bad.png").write_text("not an image")
-    wait_for(lambda: samples(base).get(done_key) == 2 and samples(base).get(failed_key) == 1, 60,
-             what="2 done and 1 failed on /metrics")
+    wait_for(
+        lambda: samples(base).get(done_key) == 2 and samples(base).get(failed_key) == 1,
+        60,
+        what="2 done and 1 failed on /metrics",
+    )
     after = samples(base)
     assert after[("upscaled_pixels_total", (("direction", "in"),))] == 2 * 40 * 30
     assert after[("upscaled_pixels_total", (("direction", "out"),))] == 2 * 80 * 60
     hist = ("upscaled_job_duration_seconds_count", (("model", "fsrcnn"), ("rule", "(default)"), ("stage", "infer")))
     assert after[hist] == 2
-    assert after[("upscaled_last_success_timestamp_seconds", ())] >= before[
-        ("upscaled_last_success_timestamp_seconds", ())]
+    assert (
+        after[("upscaled_last_success_timestamp_seconds", ())]
+        >= before[("upscaled_last_success_timestamp_seconds", ())]
+    )
     assert any(k[0] == "upscaled_build_info" for k in after)
     status, body = get(base + "/readyz")
     ready = json.loads(body)
@@ -67,12 +72,19 @@ def test_counters_move_with_real_jobs_and_the_scrape_parses(tmp_path, weights_di
 
 
 def test_livez_turns_503_while_a_worker_hangs_and_200_when_it_moves_again(tmp_path, weights_dir):
-    cfg = write_config(tmp_path, weights=weights_dir, rules=RULES, settle_seconds=0.1, http_listen="127.0.0.1:0",
-                       hung_seconds=1.0)
+    cfg = write_config(
+        tmp_path, weights=weights_dir, rules=RULES, settle_seconds=0.1, http_listen="127.0.0.1:0", hung_seconds=1.0
+    )
     marks = tmp_path / "marks"
     marks.mkdir()
-    d = Daemon(cfg, {"UPSCALED_FAILPOINTS_TEST": "1", "UPSCALED_FAILPOINTS": "in-infer=pause",
-                     "UPSCALED_FAILPOINT_DIR": str(marks)})
+    d = Daemon(
+        cfg,
+        {
+            "UPSCALED_FAILPOINTS_TEST": "1",
+            "UPSCALED_FAILPOINTS": "in-infer=pause",
+            "UPSCALED_FAILPOINT_DIR": str(marks),
+        },
+    )
     try:
         d.wait_started()
         base = address(d)

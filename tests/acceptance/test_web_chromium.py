@@ -39,21 +39,27 @@ def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
     try:
         photos = [image(tmp / "in" / f"photo-{i}.png", (160, 120), seed=i) for i in range(4)]
         done = process_once(settings, photos, Rule(model="bicubic", scale=2), tmp / "out", store=store)
-        bench = process_once(settings, photos[:1], Rule(model="bicubic", scale=3, mode="benchmark"), tmp / "out",
-                             store=store)
+        bench = process_once(
+            settings, photos[:1], Rule(model="bicubic", scale=3, mode="benchmark"), tmp / "out", store=store
+        )
         (tmp / "in" / "truncated.png").write_bytes(photos[1].read_bytes()[:300])
-        failed = process_once(settings, [tmp / "in" / "truncated.png"], Rule(model="bicubic", scale=2), tmp / "out",
-                              store=store)
+        failed = process_once(
+            settings, [tmp / "in" / "truncated.png"], Rule(model="bicubic", scale=2), tmp / "out", store=store
+        )
         out = image(tmp / "outbox" / "photos" / "gone.bicubic.x2.png", (320, 240), seed=9)
-        deleted = add_job(store, name="gone.png", folder="photos", input_path=tmp / "inbox/photos/gone.png",
-                          output=out)
+        deleted = add_job(store, name="gone.png", folder="photos", input_path=tmp / "inbox/photos/gone.png", output=out)
     finally:
         store.close()
     assert all(r["state"] == "done" for r in done + bench) and failed[0]["state"] == "failed"
     server = WebServer(cfg)
     try:
-        yield dict(base=f"http://127.0.0.1:{server.port}", job=done[0]["job"], bench=bench[0]["job"],
-                   failed=failed[0]["job"], deleted=deleted)
+        yield dict(
+            base=f"http://127.0.0.1:{server.port}",
+            job=done[0]["job"],
+            bench=bench[0]["job"],
+            failed=failed[0]["job"],
+            deleted=deleted,
+        )
     finally:
         server.stop()
 
@@ -107,8 +113,10 @@ def test_job_page_slider_dragged_with_the_mouse(browser, site):
     try:
         viewer_ready(page)
         shot(page, "job")
-        rect = page.evaluate("(() => { const r = document.querySelector('.stage').getBoundingClientRect();"
-                             " return {x: r.left, y: r.top, w: r.width, h: r.height}; })()")
+        rect = page.evaluate(
+            "(() => { const r = document.querySelector('.stage').getBoundingClientRect();"
+            " return {x: r.left, y: r.top, w: r.width, h: r.height}; })()"
+        )
         assert rect["w"] > 300 and rect["h"] > 200
         y = rect["y"] + rect["h"] / 2
 
@@ -137,10 +145,12 @@ def test_job_page_slider_dragged_with_the_mouse(browser, site):
         natural = page.evaluate("document.querySelector('img.after').naturalWidth")
         assert natural == 320 and width == pytest.approx(natural, abs=0.5)
         page.click("button[data-zoom='4']")
-        assert page.evaluate("document.querySelector('.stage').getBoundingClientRect().width") == \
-            pytest.approx(4 * natural, abs=0.5)
-        assert page.evaluate("document.querySelector('.viewport').scrollWidth") > \
-            page.evaluate("document.querySelector('.viewport').clientWidth")  # it scrolls, the page does not
+        assert page.evaluate("document.querySelector('.stage').getBoundingClientRect().width") == pytest.approx(
+            4 * natural, abs=0.5
+        )
+        assert page.evaluate("document.querySelector('.viewport').scrollWidth") > page.evaluate(
+            "document.querySelector('.viewport').clientWidth"
+        )  # it scrolls, the page does not
         shot(page, "job-zoom", full_page=False)
         assert_clean(page, site)
     finally:

@@ -38,13 +38,16 @@ def test_device_list_and_workers_make_one_inference_thread_per_device_and_slot(t
     assert load_settings(write_config(tmp_path)).devices() == ["auto"]
 
 
-@pytest.mark.parametrize(("keys", "message"), [
-    ({"workers": 0}, 'workers: must be "auto" or a whole number from 1 to 64, got 0'),
-    ({"workers": "many"}, 'workers: must be "auto" or a whole number from 1 to 64, got \'many\''),
-    ({"device": []}, "device: must name at least one device"),
-    ({"device": ["cpu", "cpu"]}, "device: names a device twice"),
-    ({"device": ["cpu", "gpu1"]}, "must be auto, cpu, cuda or cuda:N, got 'gpu1'"),
-])
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"workers": 0}, 'workers: must be "auto" or a whole number from 1 to 64, got 0'),
+        ({"workers": "many"}, "workers: must be \"auto\" or a whole number from 1 to 64, got 'many'"),
+        ({"device": []}, "device: must name at least one device"),
+        ({"device": ["cpu", "cpu"]}, "device: names a device twice"),
+        ({"device": ["cpu", "gpu1"]}, "must be auto, cpu, cuda or cuda:N, got 'gpu1'"),
+    ],
+)
 def test_bad_device_lists_and_worker_counts_are_refused_by_name(tmp_path, keys, message):
     with pytest.raises(ConfigError) as err:
         load_settings(write_config(tmp_path, **keys))
@@ -71,29 +74,44 @@ def test_a_gpu_this_machine_lacks_stops_the_node_before_it_claims_anything(tmp_p
     assert res.returncode != 0
     assert "device 'cuda:3' was asked for, but PyTorch sees no CUDA GPU" in res.stdout + res.stderr
     assert (tmp_path / "inbox" / "waiting.png").exists() and not list((tmp_path / "outbox").glob("*"))
-    check = subprocess.run([sys.executable, "-m", "daemon", "check-config"], capture_output=True, text=True,
-                           timeout=60, env=env)
+    check = subprocess.run(
+        [sys.executable, "-m", "daemon", "check-config"], capture_output=True, text=True, timeout=60, env=env
+    )
     assert check.returncode != 0 and "cuda:3" in check.stderr
     # A rule on a GPU counts only on the nodes that serve its folder.
-    cfg = write_config(tmp_path, weights=weights_dir, device="cpu", serve_folders=[""], workers=1,
-                       rules=[{"folder": "gpu", "model": "bicubic", "scale": 2, "device": "cuda:3"}])
-    ok = subprocess.run([sys.executable, "-m", "daemon", "check-config"], capture_output=True, text=True,
-                        timeout=60, env=env)
+    cfg = write_config(
+        tmp_path,
+        weights=weights_dir,
+        device="cpu",
+        serve_folders=[""],
+        workers=1,
+        rules=[{"folder": "gpu", "model": "bicubic", "scale": 2, "device": "cuda:3"}],
+    )
+    ok = subprocess.run(
+        [sys.executable, "-m", "daemon", "check-config"], capture_output=True, text=True, timeout=60, env=env
+    )
     assert ok.returncode == 0, ok.stderr
     assert "1 worker(s) on each of cpu; serves (default)" in ok.stdout
 
 
 def _overlaps(jobs: list[dict]) -> int:
     """How many pairs of jobs ran at the same time (by their recorded start and finish)."""
-    spans = sorted((dt.datetime.fromisoformat(j["started_at"]), dt.datetime.fromisoformat(j["finished_at"]))
-                   for j in jobs)
-    return sum(1 for i, (_, end) in enumerate(spans) for start, _ in spans[i + 1:] if start < end)
+    spans = sorted(
+        (dt.datetime.fromisoformat(j["started_at"]), dt.datetime.fromisoformat(j["finished_at"])) for j in jobs
+    )
+    return sum(1 for i, (_, end) in enumerate(spans) for start, _ in spans[i + 1 :] if start < end)
 
 
 def test_three_workers_share_the_queue_and_each_file_is_done_once(tmp_path, weights_dir, daemon):
     total = 15
-    cfg = write_config(tmp_path, weights=weights_dir, workers=3, device="cpu", settle_seconds=0.1,
-                       rules=[{"folder": "", "model": "fsrcnn", "scale": 4}])  # metrics on: BRISQUE is CPU time
+    cfg = write_config(
+        tmp_path,
+        weights=weights_dir,
+        workers=3,
+        device="cpu",
+        settle_seconds=0.1,
+        rules=[{"folder": "", "model": "fsrcnn", "scale": 4}],
+    )  # metrics on: BRISQUE is CPU time
     d = daemon(cfg)
     db = tmp_path / "var" / "upscaled.db"
     staging = tmp_path / "staging"
@@ -101,12 +119,20 @@ def test_three_workers_share_the_queue_and_each_file_is_done_once(tmp_path, weig
         image(staging / f"f{i:02d}.png", (160, 120), seed=i)
     for p in sorted(staging.iterdir()):
         os.rename(p, tmp_path / "inbox" / p.name)
-    wait_for(lambda: len(rows(db, "SELECT id FROM jobs WHERE state = 'done'")) == total, 120, interval=0.2,
-             what=f"{total} done jobs")
+    wait_for(
+        lambda: len(rows(db, "SELECT id FROM jobs WHERE state = 'done'")) == total,
+        120,
+        interval=0.2,
+        what=f"{total} done jobs",
+    )
     wait_for(lambda: not list((tmp_path / "inbox").glob("*.png")), 20, what="the inbox to empty")
     # The metrics are measured after the done commit, in a commit of their own.
-    wait_for(lambda: len(rows(db, "SELECT id FROM jobs WHERE metrics_state = 'done'")) == total, 240, interval=0.2,
-             what="every job's metrics")
+    wait_for(
+        lambda: len(rows(db, "SELECT id FROM jobs WHERE metrics_state = 'done'")) == total,
+        240,
+        interval=0.2,
+        what="every job's metrics",
+    )
     jobs = rows(db, "SELECT * FROM jobs")
     assert len(jobs) == total and {j["state"] for j in jobs} == {"done"} and {j["attempts"] for j in jobs} == {1}
     outputs = sorted(p.name for p in (tmp_path / "outbox").iterdir())
@@ -130,8 +156,12 @@ def test_sigterm_gives_back_every_busy_workers_job(tmp_path, weights_dir, daemon
     for name in ("a.png", "b.png"):
         image(staging / name, (160, 160), seed=len(name) + ord(name[0]))
         os.rename(staging / name, tmp_path / "inbox" / name)
-    wait_for(lambda: len(rows(db, "SELECT id FROM jobs WHERE state = 'running'")) == 2, 30, interval=0.01,
-             what="both workers to hold a job")
+    wait_for(
+        lambda: len(rows(db, "SELECT id FROM jobs WHERE state = 'running'")) == 2,
+        30,
+        interval=0.01,
+        what="both workers to hold a job",
+    )
     assert d.stop() == 0
     # LapSRN x8 to 1280 x 1280 takes seconds on a CPU, far past 0.3 s: both jobs go back, their attempts uncounted.
     assert rows(db, "SELECT state, attempts, node FROM jobs") == [{"state": "pending", "attempts": 0, "node": None}] * 2
@@ -147,8 +177,9 @@ def test_one_hung_worker_of_two_stops_the_watchdog_pings(tmp_path, weights_dir):
     listener = Listener(tmp_path, abstract=False)
     now = [1000.0]
     notifier = Notifier({"NOTIFY_SOCKET": listener.env, "WATCHDOG_USEC": "4000000"})
-    svc = Service(load_settings(write_config(tmp_path, weights=weights_dir, workers=2)), clock=lambda: now[0],
-                  notifier=notifier)
+    svc = Service(
+        load_settings(write_config(tmp_path, weights=weights_dir, workers=2)), clock=lambda: now[0], notifier=notifier
+    )
     try:
         beats = svc.runner.beats
         assert [n for n in beats if n.startswith("cpu")] or [n for n in beats if n.startswith("auto")]
@@ -206,8 +237,13 @@ def test_the_model_cache_loads_once_for_racing_workers_and_a_slow_load_blocks_no
 def test_nodes_lists_the_worker_count(tmp_path, weights_dir, daemon):
     cfg = write_config(tmp_path, weights=weights_dir, workers=2, device=["cpu", "auto"], node_name="box")
     d = daemon(cfg)
-    res = subprocess.run([sys.executable, "-m", "daemon", "nodes", "--format", "json"], capture_output=True,
-                         text=True, timeout=60, env=dict(os.environ, UPSCALED_CONFIG=str(cfg)))
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "nodes", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, UPSCALED_CONFIG=str(cfg)),
+    )
     assert res.returncode == 0, res.stderr
     (node,) = json.loads(res.stdout)
     assert (node["node"], node["device"], node["workers"], node["state"]) == ("box", "cpu,auto", 4, "live")

@@ -26,12 +26,25 @@ pytestmark = pytest.mark.skipif(not (SET5 / "HR").is_dir(), reason=f"Set5 is not
 
 # Mean PSNR-Y on Set5. Bicubic: the papers' figures. The OpenCV models: ../shared/README.md, LR from LR_bicubic.
 PAPERS_BICUBIC = {2: 33.66, 3: 30.39, 4: 28.42}
-SHARED_README = {("fsrcnn", 2): 34.85, ("fsrcnn", 3): 30.59, ("fsrcnn", 4): 28.41,
-                 ("espcn", 2): 34.76, ("espcn", 3): 30.53, ("espcn", 4): 28.38,
-                 ("lapsrn", 2): 34.48, ("lapsrn", 4): 28.75}
+SHARED_README = {
+    ("fsrcnn", 2): 34.85,
+    ("fsrcnn", 3): 30.59,
+    ("fsrcnn", 4): 28.41,
+    ("espcn", 2): 34.76,
+    ("espcn", 3): 30.53,
+    ("espcn", 4): 28.38,
+    ("lapsrn", 2): 34.48,
+    ("lapsrn", 4): 28.75,
+}
 # The same README, on LR made with cv2.resize(INTER_CUBIC), the kernel these .pb models were trained on.
-SHARED_README_CV2 = {("fsrcnn", 2): 35.73, ("fsrcnn", 3): 30.60, ("fsrcnn", 4): 28.48,
-                     ("espcn", 2): 35.91, ("espcn", 3): 30.62, ("espcn", 4): 28.54}
+SHARED_README_CV2 = {
+    ("fsrcnn", 2): 35.73,
+    ("fsrcnn", 3): 30.60,
+    ("fsrcnn", 4): 28.48,
+    ("espcn", 2): 35.91,
+    ("espcn", 3): 30.62,
+    ("espcn", 4): 28.54,
+}
 MODELS = ("bicubic", "fsrcnn", "espcn", "lapsrn")
 
 
@@ -45,8 +58,17 @@ def shipped(tmp_path_factory, weights_dir):
     db = tmp_path_factory.mktemp("bench") / "h.db"
     store = SqlStore(f"sqlite:///{db}")
     try:
-        result = run_bench(BenchSettings(dataset=SET5, models=(*MODELS, "edsr", "no-such-model"), scales=(2, 3, 4),
-                                         weights_dir=weights_dir, downscale="shipped"), store, quiet())
+        result = run_bench(
+            BenchSettings(
+                dataset=SET5,
+                models=(*MODELS, "edsr", "no-such-model"),
+                scales=(2, 3, 4),
+                weights_dir=weights_dir,
+                downscale="shipped",
+            ),
+            store,
+            quiet(),
+        )
     finally:
         store.close()
     return result, db
@@ -81,7 +103,8 @@ def test_every_metric_and_time_is_there(shipped):
         assert img["psnr_rgb"] == pytest.approx(10 * np.log10(255**2 / img["mse_rgb"]), abs=1e-9)
     # one summary row per model and scale, in the order asked for
     assert [(r["model"], r["scale"]) for r in result.summary] == [
-        (m, s) for m in (*MODELS, "edsr", "no-such-model") for s in (2, 3, 4)]
+        (m, s) for m in (*MODELS, "edsr", "no-such-model") for s in (2, 3, 4)
+    ]
 
 
 def test_pairs_that_cannot_run_are_skipped_with_the_reason(shipped):
@@ -105,8 +128,11 @@ def test_the_run_is_in_the_history(shipped):
     assert len(jobs) == ran == 5 * 11
     assert all(j["source"] == "bench" and j["bench_run_id"] == result.run_id and j["state"] == "done" for j in jobs)
     # the stored metrics are the reported ones, with their protocol
-    m = rows(db, "SELECT j.model_id, j.scale, m.value, m.shave, m.space FROM metrics m JOIN jobs j ON j.id = m.job_id "
-                 "WHERE m.name = 'psnr_y'")
+    m = rows(
+        db,
+        "SELECT j.model_id, j.scale, m.value, m.shave, m.space FROM metrics m JOIN jobs j ON j.id = m.job_id "
+        "WHERE m.name = 'psnr_y'",
+    )
     fsrcnn2 = [r for r in m if r["model_id"] == "fsrcnn" and r["scale"] == 2]
     assert all(r["shave"] == 2 and r["space"] == "y-bt601" for r in fsrcnn2)
     assert np.mean([r["value"] for r in fsrcnn2]) == pytest.approx(by_pair(result)[("fsrcnn", 2)]["psnr_y"])
@@ -116,7 +142,8 @@ def test_the_run_is_in_the_history(shipped):
         assert len(history(store.engine, model="espcn", limit=100)) == 15
         st = {(r["model"], r["scale"]): r for r in stats(store.engine)}
         assert st[("lapsrn", 4.0)]["done"] == 5 and st[("lapsrn", 4.0)]["mean_psnr_y"] == pytest.approx(
-            by_pair(result)[("lapsrn", 4)]["psnr_y"])
+            by_pair(result)[("lapsrn", 4)]["psnr_y"]
+        )
     finally:
         store.close()
 
@@ -141,8 +168,18 @@ def test_json_document_validates_against_the_schema(shipped):
 @pytest.fixture(scope="module")
 def own_lr(weights_dir):
     """Set5 with LR images made by our MATLAB-style downscale instead of the shipped ones."""
-    return run_bench(BenchSettings(dataset=SET5, models=MODELS, scales=(2, 3, 4), weights_dir=weights_dir,
-                                   downscale="matlab-bicubic", brisque=False), None, quiet())
+    return run_bench(
+        BenchSettings(
+            dataset=SET5,
+            models=MODELS,
+            scales=(2, 3, 4),
+            weights_dir=weights_dir,
+            downscale="matlab-bicubic",
+            brisque=False,
+        ),
+        None,
+        quiet(),
+    )
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
@@ -159,8 +196,18 @@ def test_opencv_models_match_the_shared_readme_with_our_downscale(own_lr, model,
 
 
 def test_cv2_cubic_lr_changes_the_figures_as_the_shared_readme_says(weights_dir):
-    result = run_bench(BenchSettings(dataset=SET5, models=("fsrcnn", "espcn"), scales=(2, 3, 4),
-                                     weights_dir=weights_dir, downscale="cv2-cubic", brisque=False), None, quiet())
+    result = run_bench(
+        BenchSettings(
+            dataset=SET5,
+            models=("fsrcnn", "espcn"),
+            scales=(2, 3, 4),
+            weights_dir=weights_dir,
+            downscale="cv2-cubic",
+            brisque=False,
+        ),
+        None,
+        quiet(),
+    )
     for (model, scale), published in SHARED_README_CV2.items():
         row = by_pair(result)[(model, scale)]
         assert row["lr"] == "cv2-cubic" and abs(row["psnr_y"] - published) <= 0.1, (model, scale, row["psnr_y"])
@@ -168,8 +215,13 @@ def test_cv2_cubic_lr_changes_the_figures_as_the_shared_readme_says(weights_dir)
 
 # --- the command line -----------------------------------------------------------------------------------------------
 def cli(cfg: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), *args], capture_output=True,
-                          text=True, timeout=300, cwd=cfg.parent)
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cfg.parent,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -186,21 +238,46 @@ def hr_only(tmp_path_factory, weights_dir) -> tuple[Path, Path]:
 def test_cli_json_validates_and_lands_in_the_history(hr_only):
     jsonschema = pytest.importorskip("jsonschema")
     data, cfg = hr_only
-    res = cli(cfg, "bench", "--dataset", str(data), "--models", "bicubic,fsrcnn,ditn-real-x9", "--scales", "2,3",
-              "--format", "json", "--no-brisque", "--repeat", "2")
+    res = cli(
+        cfg,
+        "bench",
+        "--dataset",
+        str(data),
+        "--models",
+        "bicubic,fsrcnn,ditn-real-x9",
+        "--scales",
+        "2,3",
+        "--format",
+        "json",
+        "--no-brisque",
+        "--repeat",
+        "2",
+    )
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)  # progress went to stderr: stdout is the document alone
     jsonschema.validate(doc, json.loads(SCHEMA.read_text()))
     assert doc["settings"]["lr_sources"] == {"2": "matlab-bicubic", "3": "matlab-bicubic"}
     assert [(r["model"], r["scale"], r["status"]) for r in doc["results"]] == [
-        ("bicubic", 2, "ok"), ("bicubic", 3, "ok"), ("fsrcnn", 2, "ok"), ("fsrcnn", 3, "ok"),
-        ("ditn-real-x9", 2, "skipped"), ("ditn-real-x9", 3, "skipped")]
+        ("bicubic", 2, "ok"),
+        ("bicubic", 3, "ok"),
+        ("fsrcnn", 2, "ok"),
+        ("fsrcnn", 3, "ok"),
+        ("ditn-real-x9", 2, "skipped"),
+        ("ditn-real-x9", 3, "skipped"),
+    ]
     assert len(doc["images"]) == 8 and all(i["brisque"] is None for i in doc["images"])
     assert "bench 8/8:" in res.stderr and "skipping ditn-real-x9 x2: unknown-model" in res.stderr  # not a TTY: lines
     hist = json.loads(cli(cfg, "history", "--model", "fsrcnn", "--format", "json").stdout)
     assert len(hist) == 4 and {h["folder"] for h in hist} == {"(bench)"} and all(h["psnr_y"] for h in hist)
-    q = json.loads(cli(cfg, "query", "SELECT r.id, COUNT(j.id) AS n FROM bench_runs r JOIN jobs j "
-                                     "ON j.bench_run_id = r.id GROUP BY r.id", "--format", "json").stdout)
+    q = json.loads(
+        cli(
+            cfg,
+            "query",
+            "SELECT r.id, COUNT(j.id) AS n FROM bench_runs r JOIN jobs j ON j.bench_run_id = r.id GROUP BY r.id",
+            "--format",
+            "json",
+        ).stdout
+    )
     assert q == [{"id": doc["run_id"], "n": 8}]
 
 
@@ -211,8 +288,21 @@ def test_cli_table_and_csv_have_one_row_per_model_and_scale(hr_only):
     lines = table.stdout.splitlines()
     assert lines[0].split()[:4] == ["model", "scale", "lr", "status"] and len(lines) == 2 + 4
     assert "unsupported-scale" in next(line for line in lines if line.startswith("lapsrn") and " 3 " in line)
-    res = cli(cfg, "bench", "--dataset", str(data), "--models", "bicubic", "--scales", "2", "--format", "csv",
-              "--downscale", "area", "--no-brisque")
+    res = cli(
+        cfg,
+        "bench",
+        "--dataset",
+        str(data),
+        "--models",
+        "bicubic",
+        "--scales",
+        "2",
+        "--format",
+        "csv",
+        "--downscale",
+        "area",
+        "--no-brisque",
+    )
     parsed = list(csv.DictReader(io.StringIO(res.stdout)))
     assert len(parsed) == 1 and parsed[0]["lr"] == "area" and float(parsed[0]["psnr_y"]) > 20
 
@@ -234,8 +324,11 @@ def test_a_schema_1_database_gets_the_bench_column(tmp_path):
     # The jobs table as schema 2 made it (frozen: the live `jobs` Table has grown since), less bench_run_id.
     frozen = (Path(__file__).parents[1] / "data" / "schema_v2_sqlite.sql").read_text()
     ddl = re.search(r"CREATE TABLE jobs \(.*?\n\);", frozen, re.S).group(0).rstrip(";")
-    old = re.sub(r",\s*FOREIGN KEY\(bench_run_id\) REFERENCES bench_runs \(id\)", "",
-                 re.sub(r"\n\s*bench_run_id INTEGER,", "", ddl))
+    old = re.sub(
+        r",\s*FOREIGN KEY\(bench_run_id\) REFERENCES bench_runs \(id\)",
+        "",
+        re.sub(r"\n\s*bench_run_id INTEGER,", "", ddl),
+    )
     assert "bench_run_id" not in old
     db = tmp_path / "v1.db"
     con = sqlite3.connect(db)
@@ -246,9 +339,19 @@ def test_a_schema_1_database_gets_the_bench_column(tmp_path):
     con.close()
     store = SqlStore(f"sqlite:///{db}")
     try:
-        (reg,) = store.register([JobSpec(sha="a" * 64, rule=Rule(model="bicubic", mode="benchmark"),
-                                         rel=PurePosixPath("x.png"), input_path="/x.png", source="bench",
-                                         folder="(bench)", fingerprint="f" * 16)])
+        (reg,) = store.register(
+            [
+                JobSpec(
+                    sha="a" * 64,
+                    rule=Rule(model="bicubic", mode="benchmark"),
+                    rel=PurePosixPath("x.png"),
+                    input_path="/x.png",
+                    source="bench",
+                    folder="(bench)",
+                    fingerprint="f" * 16,
+                )
+            ]
+        )
         assert store.get(reg.job.id).bench_run_id is None
     finally:
         store.close()
@@ -277,8 +380,11 @@ def test_lr_files_are_found_by_name_and_checked_for_size(tmp_path, weights_dir):
     ds = read_dataset(tmp_path)
     assert ds.images[0].lr_paths[2].name == "0801x2.png" and ds.images[1].lr_paths[2].name == "0802x2.png"
     with pytest.raises(BenchError, match=r"0802x2.png is 20x14, expected 20x15"):
-        run_bench(BenchSettings(dataset=tmp_path, models=("bicubic",), scales=(2,), weights_dir=weights_dir,
-                                brisque=False), None, quiet())
+        run_bench(
+            BenchSettings(dataset=tmp_path, models=("bicubic",), scales=(2,), weights_dir=weights_dir, brisque=False),
+            None,
+            quiet(),
+        )
 
 
 def test_empty_or_missing_dataset_is_an_error(tmp_path):
@@ -316,16 +422,29 @@ def test_an_image_too_small_to_measure_fails_its_own_jobs_only(tmp_path, weights
     _png(tmp_path / "data" / "b.png", 40, 16, 1)
     store = SqlStore(f"sqlite:///{tmp_path / 'h.db'}")
     try:
-        result = run_bench(BenchSettings(dataset=tmp_path / "data", models=("bicubic", "fsrcnn"), scales=(4,),
-                                         weights_dir=weights_dir, brisque=False), store, quiet())
+        result = run_bench(
+            BenchSettings(
+                dataset=tmp_path / "data",
+                models=("bicubic", "fsrcnn"),
+                scales=(4,),
+                weights_dir=weights_dir,
+                brisque=False,
+            ),
+            store,
+            quiet(),
+        )
     finally:
         store.close()
     for model in ("bicubic", "fsrcnn"):
         row = by_pair(result)[(model, 4)]
         assert (row["status"], row["images"], row["failed"]) == ("partial", 1, 1) and row["psnr_y"] is not None
     assert [cs.image for cs in result.crops] == ["a.png"] and len(result.crops[0].tiles) == 4
-    failed = rows(tmp_path / "h.db", "SELECT model_id, rel_path, error_kind, error FROM jobs WHERE state = 'failed' "
-                                     "ORDER BY model_id")
+    failed = rows(
+        tmp_path / "h.db",
+        "SELECT model_id, rel_path, error_kind, error FROM jobs WHERE state = 'failed' ORDER BY model_id",
+    )
     assert [(f["model_id"], f["rel_path"], f["error_kind"]) for f in failed] == [
-        ("bicubic", "b.png", "too-small"), ("fsrcnn", "b.png", "too-small")]
+        ("bicubic", "b.png", "too-small"),
+        ("fsrcnn", "b.png", "too-small"),
+    ]
     assert "at x4 the metrics need at least 19 px per side" in failed[0]["error"]

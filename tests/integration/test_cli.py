@@ -18,8 +18,13 @@ from tests.conftest import ROOT, image, rows, write_config
 
 
 def cli(cfg: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), *args], capture_output=True,
-                         text=True, timeout=120, cwd=cfg.parent)
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cfg.parent,
+    )
     if ok:
         assert res.returncode == 0, res.stdout + res.stderr
     return res
@@ -33,8 +38,9 @@ def populated(tmp_path_factory, weights_dir):
     a = image(tmp / "in" / "a.png", (40, 30))
     b = image(tmp / "in" / "b.jpg", (40, 30), seed=1)
     (tmp / "in" / "bad.png").write_text("not an image")
-    out = cli(cfg, "process", str(a), str(b), "--model", "fsrcnn", "--scale", "2", "--out", str(tmp / "o"),
-              "--format", "json")
+    out = cli(
+        cfg, "process", str(a), str(b), "--model", "fsrcnn", "--scale", "2", "--out", str(tmp / "o"), "--format", "json"
+    )
     reports = json.loads(out.stdout)
     assert [r["state"] for r in reports] == ["done", "done"] and all("brisque" in r for r in reports)
     bad = cli(cfg, "process", str(tmp / "in" / "bad.png"), "--model", "bicubic", "--out", str(tmp / "o"), ok=False)
@@ -47,8 +53,19 @@ def test_process_writes_outputs_and_leaves_inputs(populated):
     tmp, cfg = populated
     assert (tmp / "in" / "a.png").exists() and (tmp / "o" / "a.fsrcnn.x2.png").exists()
     assert (tmp / "o" / "b.fsrcnn.x2.jpg").exists()
-    again = cli(cfg, "process", str(tmp / "in" / "a.png"), "--model", "fsrcnn", "--scale", "2", "--out",
-                str(tmp / "o"), "--format", "json")
+    again = cli(
+        cfg,
+        "process",
+        str(tmp / "in" / "a.png"),
+        "--model",
+        "fsrcnn",
+        "--scale",
+        "2",
+        "--out",
+        str(tmp / "o"),
+        "--format",
+        "json",
+    )
     assert json.loads(again.stdout)[0]["state"] == "skipped"  # recorded already: not done twice
     assert not (tmp / "o" / "a.fsrcnn.x2-1.png").exists()
 
@@ -81,8 +98,18 @@ def test_stats_groups_and_percentiles(populated):
 
 def test_query_is_read_only_and_takes_parameters(populated):
     tmp, cfg = populated
-    out = json.loads(cli(cfg, "query", "SELECT model_id, count(*) AS n FROM jobs WHERE state = :s GROUP BY 1 "
-                                      "ORDER BY 1", "-p", "s", "done", "--format", "json").stdout)
+    out = json.loads(
+        cli(
+            cfg,
+            "query",
+            "SELECT model_id, count(*) AS n FROM jobs WHERE state = :s GROUP BY 1 ORDER BY 1",
+            "-p",
+            "s",
+            "done",
+            "--format",
+            "json",
+        ).stdout
+    )
     assert out == [{"model_id": "bicubic", "n": 1}, {"model_id": "fsrcnn", "n": 2}]
     views = json.loads(cli(cfg, "query", "SELECT * FROM model_summary", "--format", "json").stdout)
     assert {v["model_id"] for v in views} == {"fsrcnn", "bicubic"}

@@ -98,8 +98,9 @@ def test_fingerprint_changes_with_output_affecting_fields_only():
 
 
 def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def test_check_config_command_and_run_refuse_a_bad_file(tmp_path):
@@ -121,14 +122,23 @@ def test_workers_auto_is_one_per_usable_core_on_the_cpu_at_most_4_and_one_per_gp
     import os
 
     cfg = write_config(tmp_path)
-    code = ("import os, sys; os.sched_setaffinity(0, set(list(os.sched_getaffinity(0))[:int(sys.argv[1])])); "
-            "from daemon.config import load_settings; s = load_settings(sys.argv[2]); "
-            "print(s.workers, s.worker_count(), s.cpu_workers())")
+    code = (
+        "import os, sys; os.sched_setaffinity(0, set(list(os.sched_getaffinity(0))[:int(sys.argv[1])])); "
+        "from daemon.config import load_settings; s = load_settings(sys.argv[2]); "
+        "print(s.workers, s.worker_count(), s.cpu_workers())"
+    )
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU, whatever this machine has
     mine = len(os.sched_getaffinity(0))
     for cpus in sorted({1, mine}):
-        out = subprocess.run([sys.executable, "-c", code, str(cpus), str(cfg)], capture_output=True, text=True,
-                             env=env, cwd=ROOT, timeout=60, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(cpus), str(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=60,
+            check=True,
+        ).stdout.split()
         assert out == ["auto", str(min(4, cpus)), str(min(4, cpus))], (cpus, out)
     s = load_settings(write_config(tmp_path, workers=3, device=["cpu", "cuda:0"]))
     assert s.worker_count() == 3 and s.cpu_workers() == 3  # cuda:0's three do not share the CPU's cores

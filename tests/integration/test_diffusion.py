@@ -82,8 +82,10 @@ def load(cache: ModelCache, folder: Path, scale: int = 4, **ctx) -> DiffusionUps
 def scene(h: int, w: int) -> np.ndarray:
     """A smooth, structured picture: seams and tints show on it, and it is the same on every machine."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    rgb = np.stack([0.5 + 0.3 * np.sin(x / 9.0) * np.cos(y / 13.0), 0.3 + 0.4 * x / w,
-                    0.5 + 0.25 * np.sin((x + 2 * y) / 17.0)], axis=2)
+    rgb = np.stack(
+        [0.5 + 0.3 * np.sin(x / 9.0) * np.cos(y / 13.0), 0.3 + 0.4 * x / w, 0.5 + 0.25 * np.sin((x + 2 * y) / 17.0)],
+        axis=2,
+    )
     return np.ascontiguousarray(rgb.astype(np.float32))
 
 
@@ -146,8 +148,13 @@ def test_missing_weights_fail_with_how_to_fetch_them(tmp_path, tiny, monkeypatch
         ModelCache().get("sd-x4-upscaler", 4, LoadContext(tmp_path, "cpu"))
     text = str(err.value)
     assert not present(tmp_path, CATALOG["sd-x4-upscaler"])
-    for part in ("not in the Hugging Face cache", str(tmp_path / "empty-hub"), "upscaled weights fetch sd-x4-upscaler",
-                 "huggingface-cli download stabilityai/stable-diffusion-x4-upscaler", 'model = "diffusers:'):
+    for part in (
+        "not in the Hugging Face cache",
+        str(tmp_path / "empty-hub"),
+        "upscaled weights fetch sd-x4-upscaler",
+        "huggingface-cli download stabilityai/stable-diffusion-x4-upscaler",
+        'model = "diffusers:',
+    ):
         assert part in text, text
     # The fetch command reports the failure instead of raising (no network here: offline mode).
     (report,) = fetch(tmp_path / "weights", ["sd-x4-upscaler"])
@@ -309,14 +316,23 @@ def test_our_denoising_loop_is_the_pipelines_own_call(cache, tiny):
     x = torch.from_numpy(img).permute(2, 0, 1)[None]
     latents = torch.randn((1, 4, 32, 48), generator=torch.Generator().manual_seed(1))
     noise = torch.randn((1, 3, 32, 48), generator=torch.Generator().manual_seed(2))  # what the pipeline draws
-    for params in (DiffusionParams(num_inference_steps=3, prompt="the sand", seed=5),
-                   DiffusionParams(num_inference_steps=2, noise_level=300, guidance_scale=1.0)):
+    for params in (
+        DiffusionParams(num_inference_steps=3, prompt="the sand", seed=5),
+        DiffusionParams(num_inference_steps=2, noise_level=300, guidance_scale=1.0),
+    ):
         job = diffusion_sd._Job(params, diffusion_sd._Steps(1, params.num_inference_steps), torch)
         with torch.inference_mode():
             ours = up._denoise(x, latents, noise, (0, 0), job)
-            theirs = up.pipe(prompt=params.prompt, image=x, num_inference_steps=params.num_inference_steps,
-                             guidance_scale=params.guidance_scale, noise_level=params.noise_level,
-                             generator=torch.Generator().manual_seed(2), latents=latents, output_type="pt").images
+            theirs = up.pipe(
+                prompt=params.prompt,
+                image=x,
+                num_inference_steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
+                noise_level=params.noise_level,
+                generator=torch.Generator().manual_seed(2),
+                latents=latents,
+                output_type="pt",
+            ).images
         assert ours.shape == theirs.shape == (1, 3, 128, 192)
         assert torch.equal(ours, theirs), float((ours - theirs).abs().max())
 
@@ -381,11 +397,11 @@ def test_issue_17_item_10_the_requested_dtype_is_what_runs(tiny):
 
     assert diffusion_sd.dtype_keyword(diffusers) == "dtype"  # the installed diffusers reads it
     assert diffusion_sd.load_dtypes(diffusers, torch.float16, torch) == {
-        "dtype": {"default": torch.float16, "vae": torch.float32}}
+        "dtype": {"default": torch.float16, "vae": torch.float32}
+    }
     pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(tiny, local_files_only=True)  # fp32: no keyword
     diffusion_sd.ensure_dtype(pipe, torch.bfloat16, torch)
-    assert (pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype) == (torch.bfloat16, torch.bfloat16,
-                                                                          torch.float32)
+    assert (pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
     up = load(ModelCache(), tiny, precision="bf16")
     assert up.precision == "bf16" and up.pipe.unet.dtype == torch.bfloat16
 
@@ -401,11 +417,23 @@ def test_nan_in_fp32_is_an_error(tiny):
 def test_generation_options_are_rule_options_in_the_fingerprint(tiny):
     model = f"diffusers:{tiny}"
     base = Rule(model=model, scale=4)
-    assert base.params == {"prompt": "", "negative_prompt": "", "num_inference_steps": 25,
-                           "guidance_scale": 9.0, "noise_level": 20, "seed": 0}
+    assert base.params == {
+        "prompt": "",
+        "negative_prompt": "",
+        "num_inference_steps": 25,
+        "guidance_scale": 9.0,
+        "noise_level": 20,
+        "seed": 0,
+    }
     assert base.model_params() == DiffusionParams()
-    for change in ({"seed": 1}, {"prompt": "a barn"}, {"negative_prompt": "blur"}, {"num_inference_steps": 30},
-                   {"guidance_scale": 7.5}, {"noise_level": 40}):
+    for change in (
+        {"seed": 1},
+        {"prompt": "a barn"},
+        {"negative_prompt": "blur"},
+        {"num_inference_steps": 30},
+        {"guidance_scale": 7.5},
+        {"noise_level": 40},
+    ):
         assert Rule(model=model, scale=4, **change).fingerprint() != base.fingerprint(), change
     assert Rule(model=model, scale=4, device="cpu", precision="bf16").fingerprint() == base.fingerprint()
     # The same options written in a [rules.params] table, or at the rule's top level as before: one rule.
@@ -448,8 +476,16 @@ def test_the_service_runs_a_diffusion_rule_end_to_end(tmp_path, tiny, monkeypatc
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     rules = [
-        {"folder": "tiny", "model": f"diffusers:{tiny}", "scale": 4, "tile": 32, "num_inference_steps": 3,
-         "seed": 7, "prompt": "a photo", "metrics": []},
+        {
+            "folder": "tiny",
+            "model": f"diffusers:{tiny}",
+            "scale": 4,
+            "tile": 32,
+            "num_inference_steps": 3,
+            "seed": 7,
+            "prompt": "a photo",
+            "metrics": [],
+        },
         {"folder": "sd", "model": "sd-x4-upscaler", "scale": 4, "metrics": []},  # weights not here
     ]
     cfg = write_config(tmp_path, weights=tmp_path / "weights", rules=rules, settle_seconds=0.1, device="cpu")
@@ -480,8 +516,14 @@ def test_the_service_runs_a_diffusion_rule_end_to_end(tmp_path, tiny, monkeypatc
         assert (svc.settings.failed / "sd" / "c.png.error.json").is_file() and not missing.exists()
         a, b = jobs["a.png"], jobs["b.png"]
         assert a["state"] == b["state"] == "done", (a["error"], b["error"])
-        assert json.loads(a["gen_params"]) == {"prompt": "the sand", "negative_prompt": "", "seed": 7,
-                                               "num_inference_steps": 3, "guidance_scale": 9.0, "noise_level": 20}
+        assert json.loads(a["gen_params"]) == {
+            "prompt": "the sand",
+            "negative_prompt": "",
+            "seed": 7,
+            "num_inference_steps": 3,
+            "guidance_scale": 9.0,
+            "noise_level": 20,
+        }
         assert json.loads(b["gen_params"])["prompt"] == "a photo"
         assert json.loads(a["rule_json"])["params"]["prompt"] == "the sand"
         assert a["rule_fingerprint"] != b["rule_fingerprint"]

@@ -51,17 +51,21 @@ class Case:
         return self.layout.endswith("16")
 
 
-INPUTS = [Case(f, layout) for f, layouts in {
-    "png": ["grey8", "rgb8", "rgba8", "grey16", "rgb16", "rgba16"],
-    "jpg": ["grey8", "rgb8"],
-    "webp": ["rgb8", "rgba8"],
-    "tiff": ["grey8", "rgb8", "rgba8", "grey16", "rgb16", "rgba16"],
-    "bmp": ["rgb8"],
-    "gif": ["rgb8", "rgba8"],
-    "heic": ["rgb8", "rgba8", "rgb16"],
-    "avif": ["rgb8", "rgba8"],
-    "jxl": ["grey8", "rgb8", "rgba8", "grey16"],
-}.items() for layout in layouts]
+INPUTS = [
+    Case(f, layout)
+    for f, layouts in {
+        "png": ["grey8", "rgb8", "rgba8", "grey16", "rgb16", "rgba16"],
+        "jpg": ["grey8", "rgb8"],
+        "webp": ["rgb8", "rgba8"],
+        "tiff": ["grey8", "rgb8", "rgba8", "grey16", "rgb16", "rgba16"],
+        "bmp": ["rgb8"],
+        "gif": ["rgb8", "rgba8"],
+        "heic": ["rgb8", "rgba8", "rgb16"],
+        "avif": ["rgb8", "rgba8"],
+        "jxl": ["grey8", "rgb8", "rgba8", "grey16"],
+    }.items()
+    for layout in layouts
+]
 
 
 def photo(layout: str) -> np.ndarray:
@@ -98,8 +102,9 @@ def make_input(case: Case) -> tuple[bytes, np.ndarray]:
             return cv2.imencode(".png", bgr)[1].tobytes(), arr
         import tifffile
 
-        tifffile.imwrite(buf, arr, photometric="rgb", extrasamples=("unassalpha",) if arr.shape[2] == 4 else None,
-                         metadata=None)
+        tifffile.imwrite(
+            buf, arr, photometric="rgb", extrasamples=("unassalpha",) if arr.shape[2] == 4 else None, metadata=None
+        )
         return buf.getvalue(), arr
     if case.deep and fmt == "heic":
         import pillow_heif
@@ -123,7 +128,8 @@ def make_input(case: Case) -> tuple[bytes, np.ndarray]:
     formats.register_plugins()
     icc = None if case.layout.startswith("grey") else SRGB  # an RGB profile cannot describe a grey image
     params = {
-        "png": dict(icc_profile=icc, exif=exif.tobytes()), "bmp": {},
+        "png": dict(icc_profile=icc, exif=exif.tobytes()),
+        "bmp": {},
         "jpg": dict(quality=95, icc_profile=icc, exif=exif.tobytes()),
         "webp": dict(lossless=True, exact=True, icc_profile=icc, exif=exif.tobytes()),
         "tiff": dict(icc_profile=icc, exif=exif.tobytes()),
@@ -131,8 +137,16 @@ def make_input(case: Case) -> tuple[bytes, np.ndarray]:
         "avif": dict(quality=95, icc_profile=icc, exif=exif.tobytes()),
         "jxl": dict(lossless=True, icc_profile=icc, exif=exif.tobytes()[6:]),
     }[fmt]
-    pil = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF", "bmp": "BMP", "heic": "HEIF", "avif": "AVIF",
-           "jxl": "JXL"}[fmt]
+    pil = {
+        "png": "PNG",
+        "jpg": "JPEG",
+        "webp": "WEBP",
+        "tiff": "TIFF",
+        "bmp": "BMP",
+        "heic": "HEIF",
+        "avif": "AVIF",
+        "jxl": "JXL",
+    }[fmt]
     im.save(buf, pil, **params)
     return buf.getvalue(), arr
 
@@ -233,8 +247,14 @@ def run_case(case: Case, out: str) -> dict:
     else:
         assert value > PSNR_FLOOR[out], f"{case.id} -> {out}: PSNR {value:.1f} dB, {notes}"
         assert np.abs(got_a - want_a).max() < 0.1
-    return dict(pair=f"{case.id} -> {out}", size=f"{back.shape[1]}x{back.shape[0]}", channels=back.shape[2],
-                bits=bits, result="exact" if exact else f"PSNR {value:.1f} dB", notes="; ".join(notes))
+    return dict(
+        pair=f"{case.id} -> {out}",
+        size=f"{back.shape[1]}x{back.shape[0]}",
+        channels=back.shape[2],
+        bits=bits,
+        result="exact" if exact else f"PSNR {value:.1f} dB",
+        notes="; ".join(notes),
+    )
 
 
 @pytest.mark.parametrize("out", OUTPUTS)

@@ -154,8 +154,11 @@ def test_an_input_replaced_after_it_was_read_is_not_moved_as_this_jobs_input(mak
     assert inbox_file.read_bytes() == new_bytes, "the new file was moved as the old job's input"
     assert not any(svc.settings.archive.iterdir())
     # The new content is a job of its own: the next scan finds it, and it is processed and archived in turn.
-    run_until(svc, lambda: len(db_rows(svc, "SELECT id FROM jobs WHERE state = 'done'")) == 2 and not
-              inbox_file.exists(), what="the new file done and archived")
+    run_until(
+        svc,
+        lambda: len(db_rows(svc, "SELECT id FROM jobs WHERE state = 'done'")) == 2 and not inbox_file.exists(),
+        what="the new file done and archived",
+    )
     archived = [p.read_bytes() for p in svc.settings.archive.iterdir()]
     assert archived == [new_bytes]
 
@@ -169,8 +172,11 @@ def test_a_job_whose_input_was_replaced_does_not_claim_an_archive_copy(make_serv
     os.replace(tmp_path / "staging" / "a.png", inbox_file)
     for t in svc.stages.settle([task]):
         svc.stages.measure(t)
-    run_until(svc, lambda: len(db_rows(svc, "SELECT id FROM jobs WHERE state = 'done'")) == 2 and not
-              inbox_file.exists(), what="the new file done and archived")
+    run_until(
+        svc,
+        lambda: len(db_rows(svc, "SELECT id FROM jobs WHERE state = 'done'")) == 2 and not inbox_file.exists(),
+        what="the new file done and archived",
+    )
     first, second = db_rows(svc, "SELECT id, input_moved_to FROM jobs ORDER BY id")
     assert second["input_moved_to"] == str(svc.settings.archive / "a.png")  # the new file's own archive copy
     assert first["input_moved_to"] is None  # the first input was replaced: it went nowhere
@@ -198,8 +204,9 @@ def test_psnr_y_and_ssim_y_are_those_of_the_explicitly_cropped_images(shave):
     crop = (slice(shave, h - shave), slice(shave, w - shave))
     ys, yh = _y(sr)[crop], _y(hr)[crop]
     assert got["psnr_y"].value == pytest.approx(_psnr(ys, yh), abs=1e-9)
-    ssim = structural_similarity(ys, yh, data_range=255.0, gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False)
+    ssim = structural_similarity(
+        ys, yh, data_range=255.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    )
     assert got["ssim_y"].value == pytest.approx(ssim, abs=1e-9)
     assert got["psnr_y"].shave == shave == got["ssim_y"].shave and f"border {shave} px shaved" in got["psnr_y"].protocol
     assert _psnr(ys, yh) - _psnr(_y(sr), _y(hr)) > 5  # without the shave the figure would be far off
@@ -210,8 +217,19 @@ def test_a_benchmark_job_records_psnr_y_of_its_written_output_against_the_croppe
     if not src.exists():
         pytest.skip(f"Set5 is not at {SET5}")
     s = 4
-    svc = make_service(rules=[{"folder": "bench", "model": "bicubic", "scale": s, "mode": "benchmark",
-                               "metrics": ["psnr_y", "ssim_y"], "format": "png", "compare": False}])
+    svc = make_service(
+        rules=[
+            {
+                "folder": "bench",
+                "model": "bicubic",
+                "scale": s,
+                "mode": "benchmark",
+                "metrics": ["psnr_y", "ssim_y"],
+                "format": "png",
+                "compare": False,
+            }
+        ]
+    )
     (svc.settings.inbox / "bench").mkdir(parents=True, exist_ok=True)
     shutil.copy(src, svc.settings.inbox / "bench" / "baby.png")
     run_until(svc, lambda: db_rows(svc, "SELECT id FROM jobs WHERE metrics_state = 'done'"), what="the job measured")
@@ -234,12 +252,19 @@ def test_a_benchmark_job_records_psnr_y_of_its_written_output_against_the_croppe
 @pytest.mark.parametrize("fmt", ["jpg", "webp"])
 def test_metrics_are_measured_on_the_pixels_as_written(make_service, fmt):
     base = {"model": "bicubic", "scale": 2, "metrics": ["lr_psnr_y", "lr_ssim_y"]}
-    svc = make_service(rules=[{**base, "folder": "lossless", "format": "png"},
-                              {**base, "folder": "lossy", "format": fmt, "quality": 30}])
+    svc = make_service(
+        rules=[
+            {**base, "folder": "lossless", "format": "png"},
+            {**base, "folder": "lossy", "format": fmt, "quality": 30},
+        ]
+    )
     for folder in ("lossless", "lossy"):
         image(svc.settings.inbox / folder / "p.png", (48, 40), seed=3)
-    run_until(svc, lambda: len(db_rows(svc, "SELECT id FROM jobs WHERE metrics_state = 'done'")) == 2,
-              what="both jobs measured")
+    run_until(
+        svc,
+        lambda: len(db_rows(svc, "SELECT id FROM jobs WHERE metrics_state = 'done'")) == 2,
+        what="both jobs measured",
+    )
     lr = np.asarray(Image.open(svc.settings.archive / "lossless" / "p.png").convert("RGB"), np.float32) / 255.0
     figures = {}
     for job in db_rows(svc, "SELECT id, folder, output_path FROM jobs"):
@@ -252,8 +277,9 @@ def test_metrics_are_measured_on_the_pixels_as_written(make_service, fmt):
         sr = np.asarray(Image.open(job["output_path"]).convert("RGB"), np.float32) / 255.0
         back = np.clip(imresize(sr, (lr.shape[1], lr.shape[0])), 0.0, 1.0)
         assert metrics["lr_psnr_y"]["value"] == pytest.approx(_psnr(_y(back), _y(lr)), abs=1e-6), job["folder"]
-        ssim = structural_similarity(_y(back), _y(lr), data_range=255.0, gaussian_weights=True, sigma=1.5,
-                                     use_sample_covariance=False)
+        ssim = structural_similarity(
+            _y(back), _y(lr), data_range=255.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
         assert metrics["lr_ssim_y"]["value"] == pytest.approx(ssim, abs=1e-6), job["folder"]
         figures[job["folder"]] = metrics["lr_psnr_y"]["value"]
     assert abs(figures["lossless"] - figures["lossy"]) > 0.1  # quality 30 shows: the lossy figure is its own
@@ -269,10 +295,15 @@ def test_stale_seconds_must_be_at_least_twice_the_heartbeat(tmp_path):
     assert "stale_seconds (9.5) must be at least twice heartbeat_seconds (5)" in str(err.value)
     assert str(cfg) in str(err.value)
     # The daemon refuses to start with it (and an environment override is checked the same way).
-    env = dict(os.environ, UPSCALED_CONFIG=str(write_config(tmp_path)), UPSCALED_HEARTBEAT_SECONDS="5",
-               UPSCALED_STALE_SECONDS="9")
-    res = subprocess.run([sys.executable, "-m", "daemon", "run"], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=120)
+    env = dict(
+        os.environ,
+        UPSCALED_CONFIG=str(write_config(tmp_path)),
+        UPSCALED_HEARTBEAT_SECONDS="5",
+        UPSCALED_STALE_SECONDS="9",
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "run"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
     assert res.returncode != 0 and "must be at least twice heartbeat_seconds" in res.stdout + res.stderr
     assert not (tmp_path / "var" / "upscaled.db").exists()  # refused before anything was opened
 
@@ -297,18 +328,23 @@ def _oom_child(config: str, out: str, headroom: int) -> None:
     mover = Mover(store, inbox, Root(settings.archive), Root(settings.failed))
     stages = Stages(settings, store, ModelCache(), inbox, outbox, mover)
     intake = Intake(settings, inbox)
-    small, = store.register([intake.spec(PurePosixPath("small.png"))])
+    (small,) = store.register([intake.spec(PurePosixPath("small.png"))])
     task = stages.step(worker_id(), "cpu")  # warm: every import and cache on the path is loaded before the cap
     assert task is not None and task.error is None, task and task.error
-    big, = store.register([intake.spec(PurePosixPath("big.png"))])
+    (big,) = store.register([intake.spec(PurePosixPath("big.png"))])
     resource.setrlimit(resource.RLIMIT_AS, (_vm_size() + headroom, resource.getrlimit(resource.RLIMIT_AS)[1]))
     seen = []
     for _ in range(settings.max_attempts + 1):
         task = stages.step(worker_id(), "cpu")
         assert task is not None and task.job.id == big.job.id
         row = store.row(big.job.id)
-        seen.append({k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()
-                     if k in ("state", "attempts", "error_kind", "error", "next_attempt_at", "input_moved_to")})
+        seen.append(
+            {
+                k: v.isoformat() if isinstance(v, dt.datetime) else v
+                for k, v in row.items()
+                if k in ("state", "attempts", "error_kind", "error", "next_attempt_at", "input_moved_to")
+            }
+        )
         if row["state"] != "pending":
             break
         now[0] = row["next_attempt_at"]
@@ -316,12 +352,18 @@ def _oom_child(config: str, out: str, headroom: int) -> None:
 
 
 def test_out_of_memory_is_retried_with_doubling_capped_backoff_then_quarantined(tmp_path):
-    cfg = write_config(tmp_path, rules=[{"folder": "", "model": "bicubic", "scale": 4, "metrics": []}],
-                       max_attempts=4, retry_seconds=10, retry_max_seconds=25)
+    cfg = write_config(
+        tmp_path,
+        rules=[{"folder": "", "model": "bicubic", "scale": 4, "metrics": []}],
+        max_attempts=4,
+        retry_seconds=10,
+        retry_max_seconds=25,
+    )
     image(tmp_path / "inbox" / "small.png", (16, 16))
     # 2000 x 1500 at x4: the resampler's float32 planes alone are over 700 MB; the cap leaves 300 MB.
     Image.fromarray(np.tile(np.arange(2000, dtype=np.uint8)[None, :, None], (1500, 1, 3))).save(
-        tmp_path / "inbox" / "big.png", compress_level=1)
+        tmp_path / "inbox" / "big.png", compress_level=1
+    )
     out = tmp_path / "attempts.json"
     ctx = mp.get_context("spawn")
     child = ctx.Process(target=_oom_child, args=(str(cfg), str(out), 300 << 20))
@@ -356,15 +398,34 @@ def test_require_all_turns_every_kind_of_skip_into_a_failure(tmp_path):
         "def test_has_a_gpu():\n    pytest.skip('this machine has a GPU; the test needs none')\n"
         "@pytest.mark.xfail(reason='known')\n"
         "def test_xfail():\n    assert False\n"
-        "def test_fine():\n    pass\n")
+        "def test_fine():\n    pass\n"
+    )
     (tmp_path / "test_module_skip.py").write_text(
-        "import pytest\npytest.importorskip('no_such_module_for_upscaled')\ndef test_never():\n    pass\n")
+        "import pytest\npytest.importorskip('no_such_module_for_upscaled')\ndef test_never():\n    pass\n"
+    )
 
     def run(require: str) -> str:
         env = dict(os.environ, UPSCALED_REQUIRE_ALL=require, PYTHONPATH=str(ROOT))
-        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
-                              "--continue-on-collection-errors", "-rfEs", str(tmp_path)], capture_output=True,
-                             text=True, env=env, cwd=tmp_path, timeout=120)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "tests.conftest",
+                "--continue-on-collection-errors",
+                "-rfEs",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+        )
         return res.stdout + res.stderr
 
     strict = run("1")

@@ -14,8 +14,16 @@ from pydantic import ValidationError
 from daemon.hooks import Hook, HookEvent, HookRunner, Hooks
 from tests.conftest import wait_for
 
-EVENT = HookEvent(event="done", job_id=42, input="/in/a b.png", output="/out/a b.x4.png", model="fsrcnn",
-                  rule="photos", times={"t_infer": 0.5, "t_total": 0.8}, metrics={"brisque": 21.5})
+EVENT = HookEvent(
+    event="done",
+    job_id=42,
+    input="/in/a b.png",
+    output="/out/a b.x4.png",
+    model="fsrcnn",
+    rule="photos",
+    times={"t_infer": 0.5, "t_total": 0.8},
+    metrics={"brisque": 21.5},
+)
 
 
 class Server:
@@ -140,13 +148,14 @@ def test_a_full_queue_is_recorded_not_waited_on():
 
 def test_a_real_command_gets_the_payload_argv_fields_and_environment(tmp_path):
     out = tmp_path / "seen.json"
-    script = ("import json, os, sys; d = json.load(sys.stdin); "
-              "json.dump({'payload': d, 'argv': sys.argv[1:], 'job': os.environ['UPSCALED_JOB_ID'], "
-              "'token': os.environ.get('UPSCALED_HOOK_TOKEN')}, open(sys.argv[1], 'w'))")
+    script = (
+        "import json, os, sys; d = json.load(sys.stdin); "
+        "json.dump({'payload': d, 'argv': sys.argv[1:], 'job': os.environ['UPSCALED_JOB_ID'], "
+        "'token': os.environ.get('UPSCALED_HOOK_TOKEN')}, open(sys.argv[1], 'w'))"
+    )
     rec = Recorder()
     runner = HookRunner(rec, env={"UPSCALED_HOOK_TOKEN": "t0k", "PATH": "/usr/bin:/bin"})
-    runner.submit([Hook(command=[sys.executable, "-c", script, str(out), "{input}", "${UPSCALED_HOOK_TOKEN}"])],
-                  EVENT)
+    runner.submit([Hook(command=[sys.executable, "-c", script, str(out), "{input}", "${UPSCALED_HOOK_TOKEN}"])], EVENT)
     (row,) = rec.wait()
     assert row[2], row
     seen = json.loads(out.read_text())
@@ -158,8 +167,10 @@ def test_a_real_command_gets_the_payload_argv_fields_and_environment(tmp_path):
 def test_a_failing_command_is_retried_and_recorded_with_its_stderr():
     rec = Recorder()
     script = "import sys; sys.stderr.write('disk on fire'); sys.exit(3)"
-    HookRunner(rec, env={}).submit([Hook(command=[sys.executable, "-c", script], retries=2, backoff=0.01)],
-                                   HookEvent(event="failed", job_id=7, input="/in/x.png", error="bad"))
+    HookRunner(rec, env={}).submit(
+        [Hook(command=[sys.executable, "-c", script], retries=2, backoff=0.01)],
+        HookEvent(event="failed", job_id=7, input="/in/x.png", error="bad"),
+    )
     (row,) = rec.wait()
     assert row[:3] == (7, "on_failed", False) and "exit 3: disk on fire after 3 attempts" in row[3]
 
@@ -167,8 +178,13 @@ def test_a_failing_command_is_retried_and_recorded_with_its_stderr():
 def test_a_missing_program_or_variable_fails_at_once_with_its_name(tmp_path):
     rec = Recorder()
     runner = HookRunner(rec, env={})
-    runner.submit([Hook(command=[str(tmp_path / "nope")], retries=5, backoff=5),
-                   Hook(url="https://example.invalid/${UPSCALED_HOOK_URL_TOKEN}", retries=5, backoff=5)], EVENT)
+    runner.submit(
+        [
+            Hook(command=[str(tmp_path / "nope")], retries=5, backoff=5),
+            Hook(url="https://example.invalid/${UPSCALED_HOOK_URL_TOKEN}", retries=5, backoff=5),
+        ],
+        EVENT,
+    )
     rows = rec.wait(2, timeout=5)  # no 5 s backoff: neither is retried
     details = " | ".join(r[3] for r in rows)
     assert "was not found" in details and "UPSCALED_HOOK_URL_TOKEN is not set" in details
@@ -197,14 +213,17 @@ def test_close_runs_what_is_queued_and_refuses_new_work(server):
     assert [r[2] for r in rec.rows] == [True, False] and "stopping" in rec.rows[1][3]
 
 
-@pytest.mark.parametrize(("keys", "match"), [
-    ({}, "exactly one of command"),
-    ({"command": ["a"], "url": "http://x"}, "exactly one of command"),
-    ({"command": []}, "must name a program"),
-    ({"url": "file:///etc/passwd"}, "http:// or https://"),
-    ({"command": ["a"], "headers": {"A": "b"}}, "headers only apply"),
-    ({"url": "http://x", "retries": 99}, "less than or equal to 20"),
-])
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [
+        ({}, "exactly one of command"),
+        ({"command": ["a"], "url": "http://x"}, "exactly one of command"),
+        ({"command": []}, "must name a program"),
+        ({"url": "file:///etc/passwd"}, "http:// or https://"),
+        ({"command": ["a"], "headers": {"A": "b"}}, "headers only apply"),
+        ({"url": "http://x", "retries": 99}, "less than or equal to 20"),
+    ],
+)
 def test_bad_hooks_are_config_errors(keys, match):
     with pytest.raises(ValidationError, match=match):
         Hook(**keys)

@@ -52,8 +52,15 @@ def _animation(fmt: str, durations=(100, 200, 300), size=(24, 16)) -> bytes:
     rng = np.random.default_rng(1)
     frames = [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in durations]
     buf = io.BytesIO()
-    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=list(durations), loop=0,
-                   **({"lossless": True} if fmt == "WEBP" else {}))
+    frames[0].save(
+        buf,
+        fmt,
+        save_all=True,
+        append_images=frames[1:],
+        duration=list(durations),
+        loop=0,
+        **({"lossless": True} if fmt == "WEBP" else {}),
+    )
     return buf.getvalue()
 
 
@@ -90,9 +97,12 @@ def test_heic_and_avif_inputs_come_out_at_the_right_size(make_service, tmp_path)
 
 
 def test_xmp_survives_keep_and_is_gone_under_strip(make_service):
-    svc = make_service([{"folder": "keep", "model": "bicubic", "scale": 2, "format": "jpg", "metrics": []},
-                        {"folder": "strip", "model": "bicubic", "scale": 2, "format": "jpg", "metrics": [],
-                         "metadata": "strip"}])
+    svc = make_service(
+        [
+            {"folder": "keep", "model": "bicubic", "scale": 2, "format": "jpg", "metrics": []},
+            {"folder": "strip", "model": "bicubic", "scale": 2, "format": "jpg", "metrics": [], "metadata": "strip"},
+        ]
+    )
     for folder in ("keep", "strip"):
         (svc.settings.inbox / folder).mkdir()
         (svc.settings.inbox / folder / "t.jpg").write_bytes(tagged_jpeg())
@@ -105,8 +115,18 @@ def test_xmp_survives_keep_and_is_gone_under_strip(make_service):
 
 
 def test_a_target_width_gives_that_width_with_its_aspect(make_service):
-    svc = make_service([{"folder": "", "model": "bicubic", "scale": 2, "width": 200, "metrics": [],
-                         "naming": "{stem}.{width}x{height}.{ext}"}])
+    svc = make_service(
+        [
+            {
+                "folder": "",
+                "model": "bicubic",
+                "scale": 2,
+                "width": 200,
+                "metrics": [],
+                "naming": "{stem}.{width}x{height}.{ext}",
+            }
+        ]
+    )
     image(svc.settings.inbox / "w.png", (64, 40))
     run_until(svc, 1)
     (job,) = rows(svc.settings.sqlite_path(), "SELECT * FROM jobs")
@@ -138,7 +158,9 @@ def test_hooks_post_after_the_commit_and_a_failing_hook_leaves_the_job_done(tmp_
     made: list[Service] = []
     try:
         cfg = write_config(tmp_path, settle_seconds=0.1)
-        cfg.write_text(cfg.read_text() + f"""
+        cfg.write_text(
+            cfg.read_text()
+            + f"""
 [[rules]]
 folder = "ok"
 model = "bicubic"
@@ -152,7 +174,8 @@ model = "bicubic"
 scale = 2
 metrics = []
 on_done = {{ url = "http://127.0.0.1:9/nothing-listens", retries = 0 }}
-""")
+"""
+        )
         svc = Service(load_settings(cfg))
         svc.start()
         made.append(svc)
@@ -163,19 +186,25 @@ on_done = {{ url = "http://127.0.0.1:9/nothing-listens", retries = 0 }}
         image(svc.settings.inbox / "broken" / "fine.png", (40, 30), seed=3)
         run_until(svc, 3)
         deadline = time.monotonic() + 20
-        while (len(_Receiver.got) < 2 or len(rows(svc.settings.sqlite_path(), "SELECT * FROM hook_runs")) < 3) \
-                and time.monotonic() < deadline:
+        while (
+            len(_Receiver.got) < 2 or len(rows(svc.settings.sqlite_path(), "SELECT * FROM hook_runs")) < 3
+        ) and time.monotonic() < deadline:
             time.sleep(0.05)
         by_event = {g["event"]: g for g in _Receiver.got}
         assert by_event["done"]["auth"] == "Bearer s3cret" and by_event["done"]["metrics"]  # after the metrics
         assert by_event["done"]["output"].endswith("good.bicubic.x2.png")
         assert by_event["failed"]["error_kind"] == "decode"
-        runs = rows(svc.settings.sqlite_path(), "SELECT h.event, h.ok, h.detail, j.rel_path, j.state "
-                                                "FROM hook_runs h JOIN jobs j ON j.id = h.job_id")
+        runs = rows(
+            svc.settings.sqlite_path(),
+            "SELECT h.event, h.ok, h.detail, j.rel_path, j.state FROM hook_runs h JOIN jobs j ON j.id = h.job_id",
+        )
         failing = [r for r in runs if r["rel_path"] == "broken/fine.png"]
         assert failing and not failing[0]["ok"] and failing[0]["state"] == "done"  # the job stays done
         assert sorted((r["rel_path"], r["event"]) for r in runs) == [
-            ("broken/fine.png", "on_done"), ("ok/bad.png", "on_failed"), ("ok/good.png", "on_done")]  # once each
+            ("broken/fine.png", "on_done"),
+            ("ok/bad.png", "on_failed"),
+            ("ok/good.png", "on_done"),
+        ]  # once each
         assert all("s3cret" not in (r["detail"] or "") for r in runs)  # the secret is never recorded
     finally:
         for svc in made:

@@ -19,8 +19,12 @@ from tests.conftest import SET5
 
 LR4 = sorted((SET5 / "LR_bicubic" / "X4").glob("*.png"))
 MODELS = [(m, s) for m in ("fsrcnn", "fsrcnn-small", "espcn", "lapsrn") for s in CATALOG[m].scales]
-STEMS = {"fsrcnn": ("FSRCNN", "fsrcnn"), "fsrcnn-small": ("FSRCNN-small", "fsrcnn"), "espcn": ("ESPCN", "espcn"),
-         "lapsrn": ("LapSRN", "lapsrn")}
+STEMS = {
+    "fsrcnn": ("FSRCNN", "fsrcnn"),
+    "fsrcnn-small": ("FSRCNN-small", "fsrcnn"),
+    "espcn": ("ESPCN", "espcn"),
+    "lapsrn": ("LapSRN", "lapsrn"),
+}
 
 
 def _img(h: int, w: int, name: str = "butterfly.png") -> np.ndarray:

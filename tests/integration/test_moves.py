@@ -178,8 +178,16 @@ def test_two_nodes_failing_one_file_leave_one_image_and_one_reason(tmp_path, wei
             src = tmp_path / "inbox" / f"bad{i}.png"
             src.parent.mkdir(exist_ok=True)
             src.write_bytes(b"not a png" + bytes([i]))
-            job = Job(id=i, sha="0" * 64, fingerprint="f", state="failed", rule=Rule(), rel=PurePosixPath(src.name),
-                      input_path=str(src), attempts=1)
+            job = Job(
+                id=i,
+                sha="0" * 64,
+                fingerprint="f",
+                state="failed",
+                rule=Rule(),
+                rel=PurePosixPath(src.name),
+                input_path=str(src),
+                attempts=1,
+            )
             barrier = threading.Barrier(2)
 
             def quarantine(svc: Service, job: Job = job, barrier: threading.Barrier = barrier) -> None:
@@ -224,8 +232,9 @@ def test_a_failed_file_is_left_to_its_owner_for_a_moment_then_quarantined_by_any
         src.write_bytes(b"not an image")
         # Node A registered it as a good image (same key the intake would give it) and failed it just now.
         spec = svc.intake.spec(PurePosixPath("broken.png"))
-        (reg,) = svc.store.register([JobSpec(sha=spec.sha, rule=spec.rule, rel=spec.rel, input_path=spec.input_path,
-                                             input_id=spec.input_id)])
+        (reg,) = svc.store.register(
+            [JobSpec(sha=spec.sha, rule=spec.rule, rel=spec.rel, input_path=spec.input_path, input_id=spec.input_id)]
+        )
         svc.store.claim("node-a-host:4242", node="node-a", job_id=reg.job.id)
         assert svc.store.fail(reg.job.id, "decode", "cannot decode", owner="node-a-host:4242")
         svc.admit([PurePosixPath("broken.png")])

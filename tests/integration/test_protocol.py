@@ -52,8 +52,9 @@ def test_y_channel_and_psnr_follow_the_papers():
     a = rng.random((20, 20, 3)).astype(np.float32)
     b = np.clip(a + rng.normal(0, 0.02, a.shape), 0, 1).astype(np.float32)
     m = {x.name: x for x in full_reference(b, a, 2, ("psnr_rgb", "psnr_y", "mse_rgb", "ssim_y", "ssim_rgb"))}
-    ref = peak_signal_noise_ratio(a[2:-2, 2:-2].astype(np.float64) * 255, b[2:-2, 2:-2].astype(np.float64) * 255,
-                                  data_range=255)
+    ref = peak_signal_noise_ratio(
+        a[2:-2, 2:-2].astype(np.float64) * 255, b[2:-2, 2:-2].astype(np.float64) * 255, data_range=255
+    )
     assert m["psnr_rgb"].value == pytest.approx(ref, abs=1e-6)
     assert m["psnr_y"].shave == 2 and m["psnr_y"].space == "y-bt601" and m["psnr_y"].reference == "hr"
     assert 0 < m["ssim_y"].value < 1 and 0 < m["ssim_rgb"].value < 1
@@ -61,14 +62,19 @@ def test_y_channel_and_psnr_follow_the_papers():
     smooth = np.clip(imresize(a[:5, :5], (20, 20)), 0, 1)
     lr = lr_consistency(imresize(smooth, (40, 40)), smooth, ("lr_psnr_y", "lr_ssim_y"))
     assert lr[0].reference == "lr-input" and lr[0].value > 35 and lr[1].value > 0.95
-    noisy = lr_consistency(imresize(smooth, (40, 40)) + rng.normal(0, 0.1, (40, 40, 3)).astype(np.float32), smooth,
-                           ("lr_psnr_y",))
+    noisy = lr_consistency(
+        imresize(smooth, (40, 40)) + rng.normal(0, 0.1, (40, 40, 3)).astype(np.float32), smooth, ("lr_psnr_y",)
+    )
     assert noisy[0].value < lr[0].value - 3
 
 
 # Published bicubic figures (33.66 / 30.39 / 28.42) and the shared README's FSRCNN x4 (28.41).
-EXPECTED = [("bicubic", 2, 33.66, 0.05), ("bicubic", 3, 30.39, 0.05), ("bicubic", 4, 28.42, 0.05),
-            ("fsrcnn", 4, 28.41, 0.1)]
+EXPECTED = [
+    ("bicubic", 2, 33.66, 0.05),
+    ("bicubic", 3, 30.39, 0.05),
+    ("bicubic", 4, 28.42, 0.05),
+    ("fsrcnn", 4, 28.41, 0.1),
+]
 
 
 @pytest.mark.parametrize(("model", "scale", "published", "tol"), EXPECTED)
@@ -80,8 +86,12 @@ def test_benchmark_mode_on_set5_matches_published_figures(tmp_path, weights_dir,
     reports = process_once(settings, HR, rule, tmp_path / "out")
     assert [r["state"] for r in reports] == ["done"] * 5, reports
     db = settings.sqlite_path()
-    vals = rows(db, "SELECT m.value, m.shave, m.space FROM metrics m JOIN jobs j ON j.id = m.job_id "
-                    "WHERE m.name = 'psnr_y' AND j.model_id = ?", model)
+    vals = rows(
+        db,
+        "SELECT m.value, m.shave, m.space FROM metrics m JOIN jobs j ON j.id = m.job_id "
+        "WHERE m.name = 'psnr_y' AND j.model_id = ?",
+        model,
+    )
     assert len(vals) == 5 and all(v["shave"] == scale and v["space"] == "y-bt601" for v in vals)
     mean = float(np.mean([v["value"] for v in vals]))
     assert abs(mean - published) <= tol, f"{model} x{scale}: mean psnr_y {mean:.3f}, published {published}"

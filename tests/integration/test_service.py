@@ -35,9 +35,11 @@ def run_until(svc: Service, predicate, timeout: float = 30.0) -> None:
 
 def settled(svc: Service, n: int):
     """All n inputs have ended (done or failed) and nothing waits."""
+
     def check() -> bool:
         c = svc.store.counts()
         return c["done"] + c["failed"] >= n and not c["pending"] and not c["running"] and not svc.watcher.candidates
+
     return check
 
 
@@ -160,8 +162,11 @@ def test_pixels_and_metadata_survive_the_service(make_service, tmp_path):
     assert alpha.mode == "RGBA" and alpha.size == (45, 30)
     icc = Image.open(out / "icc.fsrcnn.x1.5.jpg")
     assert icc.info.get("icc_profile") == SRGB
-    times = rows(db(svc), "SELECT t_decode, t_load, t_infer, t_encode, t_write, t_metrics, t_total, t_queue, "
-                          "device, precision, backend FROM jobs")
+    times = rows(
+        db(svc),
+        "SELECT t_decode, t_load, t_infer, t_encode, t_write, t_metrics, t_total, t_queue, "
+        "device, precision, backend FROM jobs",
+    )
     for t in times:
         assert all(t[k] is not None and t[k] >= 0 for k in ("t_decode", "t_infer", "t_encode", "t_write", "t_total"))
         assert (t["device"], t["precision"], t["backend"]) == ("cpu", "fp32", "opencv")
@@ -183,8 +188,9 @@ def test_missing_weights_fail_the_job_with_the_fetch_command_and_the_service_goe
     before = failed["finished_at"]
     os.rename(svc.settings.failed / "e" / "x.png", svc.settings.inbox / "e" / "x.png")
     again = "SELECT finished_at, attempts FROM jobs WHERE state = 'failed'"
-    run_until(svc, lambda: (svc.settings.failed / "e" / "x.png").exists() and
-              rows(db(svc), again)[0]["finished_at"] != before)
+    run_until(
+        svc, lambda: (svc.settings.failed / "e" / "x.png").exists() and rows(db(svc), again)[0]["finished_at"] != before
+    )
     assert rows(db(svc), again)[0]["attempts"] == 1 and len(rows(db(svc), "SELECT id FROM jobs")) == 2
 
 
@@ -203,8 +209,18 @@ def test_delete_inputs_and_symlinks(make_service, tmp_path):
 
 
 def test_benchmark_rule_writes_comparison_and_full_reference_metrics(make_service, tmp_path):
-    svc = make_service(rules=[{"folder": "bench", "model": "bicubic", "scale": 2, "mode": "benchmark",
-                               "downscale": "area", "format": "png"}])
+    svc = make_service(
+        rules=[
+            {
+                "folder": "bench",
+                "model": "bicubic",
+                "scale": 2,
+                "mode": "benchmark",
+                "downscale": "area",
+                "format": "png",
+            }
+        ]
+    )
     (svc.settings.inbox / "bench").mkdir()
     image(svc.settings.inbox / "bench" / "hr.png", (64, 48))
     run_until(svc, settled(svc, 1))
@@ -238,13 +254,26 @@ def test_the_daemon_neither_runs_nor_steals_the_jobs_of_process_and_bench(make_s
     own = tmp_path / "mine"
     own.mkdir()
     made = {}
-    for name, state, worker in (("waiting", "pending", None), ("live", "running", worker_id()),
-                                ("dead", "running", f"{os.uname().nodename}:999999999"),
-                                ("remote", "running", "other-host:12")):
+    for name, state, worker in (
+        ("waiting", "pending", None),
+        ("live", "running", worker_id()),
+        ("dead", "running", f"{os.uname().nodename}:999999999"),
+        ("remote", "running", "other-host:12"),
+    ):
         src = image(own / f"{name}.png", seed=len(name))
-        (reg,) = store.register([JobSpec(sha=name.ljust(64, "0"), rule=Rule(model="bicubic"),
-                                         rel=PurePosixPath(src.name), input_path=str(src), source="cli",
-                                         folder="(cli)", fingerprint="cli-fp")])
+        (reg,) = store.register(
+            [
+                JobSpec(
+                    sha=name.ljust(64, "0"),
+                    rule=Rule(model="bicubic"),
+                    rel=PurePosixPath(src.name),
+                    input_path=str(src),
+                    source="cli",
+                    folder="(cli)",
+                    fingerprint="cli-fp",
+                )
+            ]
+        )
         if state == "running":
             assert store.claim(worker, job_id=reg.job.id)
         made[name] = reg.job.id

@@ -145,8 +145,16 @@ def test_catalogue_and_registry_list_the_spandrel_models():
         assert e.backend == "spandrel" and e.scales == (scale,)
         assert (wf.sha256, wf.size, e.license) == (row["sha256"], int(row["size_bytes"]), row["license"])
         assert row["commit"] in wf.url and row["source_path"] in wf.url
-    for mid in ("realesrgan-x2", "realesrgan-x4", "realesrgan-x8", "realesrgan-x4plus", "realesrgan-x4plus-anime-6b",
-                "realesrgan-x2plus", "realesr-general-x4v3", "realesr-animevideov3"):
+    for mid in (
+        "realesrgan-x2",
+        "realesrgan-x4",
+        "realesrgan-x8",
+        "realesrgan-x4plus",
+        "realesrgan-x4plus-anime-6b",
+        "realesrgan-x2plus",
+        "realesr-general-x4v3",
+        "realesr-animevideov3",
+    ):
         e = CATALOG[mid]
         (wf,) = e.weight_files()
         assert e.backend == "spandrel" and wf.path.startswith("spandrel/") and wf.url.startswith("https://")
@@ -456,17 +464,29 @@ def test_missing_torch_is_a_clear_error_and_the_daemon_never_imports_it():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "pip install 'upscaled[gan]'" in out.stdout
-    check = ("import daemon.service, daemon.cli, daemon.pipeline, models.spandrel_sr, models.diffusion_sd, sys\n"
-             "from models import devices\n"
-             "info, used = devices.build_info(), devices.memory_used()\n"
-             "print('torch' in sys.modules, info['torch'] != '', used)")
-    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60).stdout.strip() == "False True {}"
+    check = (
+        "import daemon.service, daemon.cli, daemon.pipeline, models.spandrel_sr, models.diffusion_sd, sys\n"
+        "from models import devices\n"
+        "info, used = devices.build_info(), devices.memory_used()\n"
+        "print('torch' in sys.modules, info['torch'] != '', used)"
+    )
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+        == "False True {}"
+    )
     # build_info() without torch imported reads the same versions as with it (torch/version.py, not a guess).
-    check = ("import sys, models.devices as d; before = d.build_info(); assert 'torch' not in sys.modules\n"
-             "import torch, cv2; print(before == d.build_info(), before['torch'] == torch.__version__)")
-    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60).stdout.strip() == "True True"
+    check = (
+        "import sys, models.devices as d; before = d.build_info(); assert 'torch' not in sys.modules\n"
+        "import torch, cv2; print(before == d.build_info(), before['torch'] == torch.__version__)"
+    )
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+        == "True True"
+    )
 
 
 # --- pixel formats through the pipeline -------------------------------------------------------------------------------
@@ -577,14 +597,30 @@ def test_the_gpu_check_script_runs_on_the_cpu(tmp_path):
     names the issue-17 items each check exercises."""
     pytest.importorskip("diffusers")
     out = tmp_path / "gpu_check.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--json", str(out),
-                          "--weights", str(MIRROR)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_check.py"),
+            "--cpu-smoke",
+            "--json",
+            str(out),
+            "--weights",
+            str(MIRROR),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "| check | items | status | s | detail |" in res.stdout
     checks = {c["name"]: c for c in json.loads(out.read_text())["checks"]}
     assert {n for n, c in checks.items() if c["status"] == "skip"} == {
-        "oom split (spandrel)", "diffusion oom split", "diffusion syncs"}
+        "oom split (spandrel)",
+        "diffusion oom split",
+        "diffusion syncs",
+    }
     assert all(c["status"] in ("ok", "skip") for c in checks.values())
     assert checks["fp16 fallback"]["data"]["bytes_per_px"][1] == 2 * checks["fp16 fallback"]["data"]["bytes_per_px"][0]
     covered = {int(i) for c in checks.values() for i in c["items"].replace("-", "").split(",") if i.strip()}

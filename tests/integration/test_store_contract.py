@@ -38,8 +38,17 @@ class FakeClock:
 def spec(i: int, name: str | None = None, folder: str = "", source: str = "watch", **kw) -> JobSpec:
     rel = PurePosixPath(folder, name or f"f{i}.png")
     rule = RULE if not folder else RULE.model_copy(update={"folder": folder})
-    return JobSpec(sha=f"{i:064x}", rule=rule, rel=rel, input_path=f"/in/{rel}", source=source, input_size=10,
-                   input_id=FileId(1, 1000 + i), input_format="png", **kw)
+    return JobSpec(
+        sha=f"{i:064x}",
+        rule=rule,
+        rel=rel,
+        input_path=f"/in/{rel}",
+        source=source,
+        input_size=10,
+        input_id=FileId(1, 1000 + i),
+        input_format="png",
+        **kw,
+    )
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
@@ -64,13 +73,14 @@ def _plan(prefix: str = "/out"):
             n += 1
             path = f"{prefix}/{job.rel.stem}.x2-{n}.png"
         return path
+
     return plan
 
 
 def test_register_is_idempotent_on_content_and_rule(store):
-    a, = store.register([spec(1)])
-    b, = store.register([spec(1, "renamed.png")])
-    c, = store.register([JobSpec(**{**spec(1).__dict__, "fingerprint": "other"})])
+    (a,) = store.register([spec(1)])
+    (b,) = store.register([spec(1, "renamed.png")])
+    (c,) = store.register([JobSpec(**{**spec(1).__dict__, "fingerprint": "other"})])
     assert a.created and not b.created and c.created
     assert a.job.id == b.job.id != c.job.id
     assert b.job.rel == PurePosixPath("f1.png")  # the row as registered first
@@ -80,7 +90,7 @@ def test_register_is_idempotent_on_content_and_rule(store):
 
 
 def test_a_spec_that_fails_at_the_door_is_created_running_and_owned(store):
-    reg, = store.register([spec(1, failure=ValueError("a link"))], node="n1")
+    (reg,) = store.register([spec(1, failure=ValueError("a link"))], node="n1")
     assert reg.created and reg.job.state == "running" and reg.job.worker == worker_id() and reg.job.attempts == 1
     assert store.claim("w") == []  # no worker ever sees it
     assert store.fail(reg.job.id, "unsafe-path", "a link", owner=reg.job.worker)
@@ -122,9 +132,13 @@ def test_finish_is_one_commit_for_many_and_checks_the_owner(store):
     store.register([spec(i) for i in range(1, 4)])
     a, b, c = store.claim("w", limit=3)
     m = [Metric("psnr_y", 31.5, "y-bt601", 2, "hr", "p"), Metric("ssim_y", 0.9, "y-bt601", 2, "hr", "p")]
-    done = store.finish([Finished(a.id, "w", {"t_total": 1.5}, m, archive_path="/archive/f1.png"),
-                         Finished(b.id, "someone-else", {"t_total": 1.0}),
-                         Finished(c.id, "w", {"t_total": 2.0}, metrics_pending=True)])
+    done = store.finish(
+        [
+            Finished(a.id, "w", {"t_total": 1.5}, m, archive_path="/archive/f1.png"),
+            Finished(b.id, "someone-else", {"t_total": 1.0}),
+            Finished(c.id, "w", {"t_total": 2.0}, metrics_pending=True),
+        ]
+    )
     assert done == [True, False, True]
     assert store.get(a.id).state == "done" and store.get(a.id).input_moved_to == "/archive/f1.png"
     assert store.metrics_of(a.id) == {"psnr_y": 31.5, "ssim_y": 0.9}
@@ -192,7 +206,7 @@ def test_requeue_rename_and_moves(store):
 
 def test_a_name_that_is_not_utf8_is_stored_losslessly(store):
     odd = os.fsdecode(b"bad\xff\xfe\nname.png")
-    reg, = store.register([spec(1, odd)])
+    (reg,) = store.register([spec(1, odd)])
     back = store.get(reg.job.id)
     assert os.fsencode(str(back.rel)) == b"bad\xff\xfe\nname.png"
     assert back.name == "bad\\xff\\xfe\\nname.png"  # printable, for logs and STATUS=
@@ -228,11 +242,27 @@ def test_the_schema_itself_refuses_a_second_job_for_one_content_and_rule(tmp_pat
     SQLite file is refused by the database."""
     SqlStore(f"sqlite:///{tmp_path / 'u.db'}").close()
     con = sqlite3.connect(tmp_path / "u.db")
-    row = ("a" * 64, "fp", "pending", 0, "watch", "", "x.png", "/in/x.png", "bicubic", 2.0, 2.0, "upscale",
-           "2026-01-01", "2026-01-01")
-    sql = ("INSERT INTO jobs (content_sha256, rule_fingerprint, state, attempts, source, folder, rel_path, "
-           "input_path, model_id, scale, outscale, mode, created_at, updated_at) VALUES "
-           "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    row = (
+        "a" * 64,
+        "fp",
+        "pending",
+        0,
+        "watch",
+        "",
+        "x.png",
+        "/in/x.png",
+        "bicubic",
+        2.0,
+        2.0,
+        "upscale",
+        "2026-01-01",
+        "2026-01-01",
+    )
+    sql = (
+        "INSERT INTO jobs (content_sha256, rule_fingerprint, state, attempts, source, folder, rel_path, "
+        "input_path, model_id, scale, outscale, mode, created_at, updated_at) VALUES "
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
     con.execute(sql, row)
     with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
         con.execute(sql, row)
@@ -242,9 +272,16 @@ def test_the_schema_itself_refuses_a_second_job_for_one_content_and_rule(tmp_pat
 def test_finish_stores_metrics_and_the_views_pivot_them(sqlite_store, tmp_path):
     sqlite_store.register([spec(1)])
     j = sqlite_store.claim("w")[0].id
-    sqlite_store.finish([Finished(j, "w", {"t_total": 1.5, "t_infer": 1.0, "device": "cpu"},
-                                  [Metric("psnr_y", 31.5, "y-bt601", 2, "hr", "p"),
-                                   Metric("ssim_y", 0.9, "y-bt601", 2, "hr", "p")])])
+    sqlite_store.finish(
+        [
+            Finished(
+                j,
+                "w",
+                {"t_total": 1.5, "t_infer": 1.0, "device": "cpu"},
+                [Metric("psnr_y", 31.5, "y-bt601", 2, "hr", "p"), Metric("ssim_y", 0.9, "y-bt601", 2, "hr", "p")],
+            )
+        ]
+    )
     con = sqlite3.connect(tmp_path / "db" / "u.db")
     assert set(VIEWS) <= {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'view'")}
     row = con.execute("SELECT psnr_y, ssim_y, brisque, state FROM job_metrics WHERE id = ?", (j,)).fetchone()
@@ -252,8 +289,11 @@ def test_finish_stores_metrics_and_the_views_pivot_them(sqlite_store, tmp_path):
     summary = con.execute("SELECT jobs, done, failed, mean_total_s, mean_psnr_y FROM model_summary").fetchone()
     assert summary == (1, 1, 0, 1.5, 31.5)
     with pytest.raises(sqlite3.IntegrityError):  # one value per metric and job
-        con.execute("INSERT INTO metrics (job_id, name, value, space, shave, reference, protocol) "
-                    "VALUES (?, 'psnr_y', 1, 'y', 0, 'hr', 'p')", (j,))
+        con.execute(
+            "INSERT INTO metrics (job_id, name, value, space, shave, reference, protocol) "
+            "VALUES (?, 'psnr_y', 1, 'y', 0, 'hr', 'p')",
+            (j,),
+        )
 
 
 def test_a_readonly_store_reads_and_cannot_write(sqlite_store, tmp_path):

@@ -51,9 +51,24 @@ class WebServer:
         self.log_path = cfg.parent / f"web-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--config", str(cfg), "web", "--listen", "127.0.0.1:0",
-             "--cache-dir", str(cfg.parent / "web-cache"), *extra],
-            cwd=cfg.parent, stdout=subprocess.DEVNULL, stderr=self._log, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            [
+                sys.executable,
+                "-m",
+                "daemon",
+                "--config",
+                str(cfg),
+                "web",
+                "--listen",
+                "127.0.0.1:0",
+                "--cache-dir",
+                str(cfg.parent / "web-cache"),
+                *extra,
+            ],
+            cwd=cfg.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
 
         def address() -> re.Match | bool:
             found = re.search(r"upscaled web: http://127\.0\.0\.1:(\d+)/", self.log_path.read_text())
@@ -65,8 +80,9 @@ class WebServer:
             pytest.fail(f"upscaled web did not start: {self.log_path.read_text()}")
         self.port = int(found.group(1))
 
-    def request(self, path: str, method: str = "GET", headers: dict[str, str] | None = None) \
-            -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self, path: str, method: str = "GET", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         """A raw request: ``path`` goes out exactly as given (no client-side normalisation of ``..``)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
@@ -95,16 +111,37 @@ class WebServer:
         self._log.close()
 
 
-def add_job(store: SqlStore, *, name: str, folder: str, input_path: Path | str, output: Path | None = None,
-            state: str = "done", moved_to: Path | None = None, mode: str = "upscale", model: str = "bicubic",
-            metrics: tuple[Metric, ...] = (), error: tuple[str, str] | None = None, source: str = "watch") -> int:
+def add_job(
+    store: SqlStore,
+    *,
+    name: str,
+    folder: str,
+    input_path: Path | str,
+    output: Path | None = None,
+    state: str = "done",
+    moved_to: Path | None = None,
+    mode: str = "upscale",
+    model: str = "bicubic",
+    metrics: tuple[Metric, ...] = (),
+    error: tuple[str, str] | None = None,
+    source: str = "watch",
+) -> int:
     """A job the way the service records one, through the store's own transitions."""
     sha = hashlib.sha256(f"{folder}/{name}/{input_path}".encode()).hexdigest()
     rule = Rule(folder=folder, model=model, scale=2, mode=mode)
-    (reg,) = store.register([JobSpec(
-        sha=sha, rule=rule, rel=PurePosixPath(folder, name) if folder else PurePosixPath(name),
-        input_path=str(input_path), source=source, folder=folder,
-        input_size=Path(input_path).stat().st_size if Path(input_path).exists() else 1234)])
+    (reg,) = store.register(
+        [
+            JobSpec(
+                sha=sha,
+                rule=rule,
+                rel=PurePosixPath(folder, name) if folder else PurePosixPath(name),
+                input_path=str(input_path),
+                source=source,
+                folder=folder,
+                input_size=Path(input_path).stat().st_size if Path(input_path).exists() else 1234,
+            )
+        ]
+    )
     if state == "pending":
         return reg.job.id
     (job,) = store.claim(worker_id(), job_id=reg.job.id)
@@ -112,14 +149,21 @@ def add_job(store: SqlStore, *, name: str, folder: str, input_path: Path | str, 
         kind, message = error or ("decode", "not an image")
         store.fail(job.id, kind, message, fields=dict(input_moved_to=str(moved_to) if moved_to else None))
     elif state == "done":
-        fields: dict[str, Any] = dict(output_path=str(output) if output else None,
-                                      t_queue=0.5, t_decode=0.01, t_infer=0.2, t_encode=0.03, t_write=0.004,
-                                      t_metrics=0.05, t_total=0.3, device="cpu")
+        fields: dict[str, Any] = dict(
+            output_path=str(output) if output else None,
+            t_queue=0.5,
+            t_decode=0.01,
+            t_infer=0.2,
+            t_encode=0.03,
+            t_write=0.004,
+            t_metrics=0.05,
+            t_total=0.3,
+            device="cpu",
+        )
         if output is not None and output.is_file() and output.suffix in (".png", ".tiff"):
             with Image.open(output) as im:
                 fields.update(output_width=im.size[0], output_height=im.size[1], output_format=im.format.lower())
-        store.finish([Finished(job.id, None, fields, list(metrics),
-                               archive_path=str(moved_to) if moved_to else None)])
+        store.finish([Finished(job.id, None, fields, list(metrics), archive_path=str(moved_to) if moved_to else None)])
     return job.id
 
 
@@ -135,46 +179,72 @@ def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
         inputs = [image(tmp / "in" / f"p{i}.png", (48, 40), seed=i) for i in range(3)]
         reports = process_once(settings, inputs, Rule(model="bicubic", scale=2), tmp / "out", store=store)
         ids["done"] = [r["job"] for r in reports]
-        bench = process_once(settings, inputs[:1], Rule(model="bicubic", scale=2, mode="benchmark"), tmp / "out",
-                             store=store)
+        bench = process_once(
+            settings, inputs[:1], Rule(model="bicubic", scale=2, mode="benchmark"), tmp / "out", store=store
+        )
         ids["benchmark"] = bench[0]["job"]
         ids["benchmark_output"] = bench[0]["output"]
         (tmp / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-        ids["failed"] = process_once(settings, [tmp / "in" / "broken.png"], Rule(model="bicubic", scale=2),
-                                     tmp / "out", store=store)[0]["job"]
+        ids["failed"] = process_once(
+            settings, [tmp / "in" / "broken.png"], Rule(model="bicubic", scale=2), tmp / "out", store=store
+        )[0]["job"]
         # What the watching service leaves: an archived input, a deleted one (delete_inputs), a failed one in failed/.
         arch = image(tmp / "archive" / "photos" / "kept.png", (40, 32), seed=7)
         out = image(tmp / "outbox" / "photos" / "kept.bicubic.x2.png", (80, 64), seed=7)
-        ids["archived"] = add_job(store, name="kept.png", folder="photos", input_path=tmp / "inbox/photos/kept.png",
-                                  output=out, moved_to=arch,
-                                  metrics=(Metric("lr_psnr_y", 41.5, "y-bt601", 0, "lr-input", "LR consistency"),))
+        ids["archived"] = add_job(
+            store,
+            name="kept.png",
+            folder="photos",
+            input_path=tmp / "inbox/photos/kept.png",
+            output=out,
+            moved_to=arch,
+            metrics=(Metric("lr_psnr_y", 41.5, "y-bt601", 0, "lr-input", "LR consistency"),),
+        )
         out = image(tmp / "outbox" / "photos" / "gone.bicubic.x2.png", (80, 64), seed=8)
-        ids["deleted"] = add_job(store, name="gone.png", folder="photos", input_path=tmp / "inbox/photos/gone.png",
-                                 output=out)
+        ids["deleted"] = add_job(
+            store, name="gone.png", folder="photos", input_path=tmp / "inbox/photos/gone.png", output=out
+        )
         bad = tmp / "failed" / "photos" / "empty.png"
         bad.parent.mkdir(parents=True, exist_ok=True)
         bad.write_bytes(b"")
-        ids["watch_failed"] = add_job(store, name="empty.png", folder="photos", input_path=tmp / "inbox/x",
-                                      state="failed", moved_to=bad, error=("empty-file", "empty.png is empty"))
+        ids["watch_failed"] = add_job(
+            store,
+            name="empty.png",
+            folder="photos",
+            input_path=tmp / "inbox/x",
+            state="failed",
+            moved_to=bad,
+            error=("empty-file", "empty.png is empty"),
+        )
         # A 16-bit TIFF output: a browser cannot show it, so it is converted.
         deep = (np.linspace(0, 65535, 96 * 64 * 3).reshape(64, 96, 3)).astype(np.uint16)
         tif = tmp / "outbox" / "deep" / "deep.bicubic.x2.tiff"
         tif.parent.mkdir(parents=True)
         tif.write_bytes(imageio.encode(deep, "tiff")[0])
-        ids["tiff"] = add_job(store, name="deep.tiff", folder="deep", input_path=tmp / "inbox/deep/deep.tiff",
-                              output=tif)
+        ids["tiff"] = add_job(
+            store, name="deep.tiff", folder="deep", input_path=tmp / "inbox/deep/deep.tiff", output=tif
+        )
         ids["tiff_array"] = deep
         # Hostile names: a rule folder that closes an attribute, and a folder + file that spell a script tag.
         hostile_in = image(tmp / "archive" / HOSTILE_FOLDER / "a.png", (40, 32), seed=3)
         hostile_out = image(tmp / "outbox" / HOSTILE_FOLDER / "a.bicubic.x2.png", (80, 64), seed=3)
-        ids["hostile"] = add_job(store, name="a.png", folder=HOSTILE_FOLDER, input_path=hostile_in,
-                                 output=hostile_out, moved_to=hostile_in)
+        ids["hostile"] = add_job(
+            store, name="a.png", folder=HOSTILE_FOLDER, input_path=hostile_in, output=hostile_out, moved_to=hostile_in
+        )
         script_out = image(tmp / "outbox" / SCRIPT_DIR / SCRIPT_FILE, (80, 64), seed=4)
-        ids["script"] = add_job(store, name=SCRIPT_FILE, folder=SCRIPT_DIR, input_path=tmp / "x.png",
-                                output=script_out, state="failed", error=("decode", '<script>alert("e")</script>'))
+        ids["script"] = add_job(
+            store,
+            name=SCRIPT_FILE,
+            folder=SCRIPT_DIR,
+            input_path=tmp / "x.png",
+            output=script_out,
+            state="failed",
+            error=("decode", '<script>alert("e")</script>'),
+        )
         # Rows that name files nobody should be able to read through the web view.
-        ids["passwd"] = add_job(store, name="passwd.png", folder="evil", input_path="/etc/passwd",
-                                output=Path("/etc/passwd"))
+        ids["passwd"] = add_job(
+            store, name="passwd.png", folder="evil", input_path="/etc/passwd", output=Path("/etc/passwd")
+        )
         link = tmp / "outbox" / "evil" / "link.png"
         link.parent.mkdir(parents=True)
         secret = image(tmp / "private" / "secret.png", (40, 32), seed=9)
@@ -183,13 +253,23 @@ def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
         fifo = tmp / "outbox" / "evil" / "fifo.png"
         os.mkfifo(fifo)
         ids["fifo"] = add_job(store, name="fifo.png", folder="evil", input_path=tmp / "nothing.png", output=fifo)
-        ids["relative"] = add_job(store, name="rel.png", folder="evil", input_path="../../../../../../etc/passwd",
-                                  state="failed")
+        ids["relative"] = add_job(
+            store, name="rel.png", folder="evil", input_path="../../../../../../etc/passwd", state="failed"
+        )
         # Enough rows for two pages in a folder of their own (and two pages of everything).
         for i in range(61):
             add_job(store, name=f"bulk-{i:03d}.png", folder="bulk", input_path=tmp / f"bulk/{i}.png", state="pending")
-        ids["run"] = store.add_bench_run(json.dumps(dict(dataset_name="Set5", models=["bicubic", "fsrcnn"],
-                                                         scales=[2, 4], downscale="matlab-bicubic", device="cpu")))
+        ids["run"] = store.add_bench_run(
+            json.dumps(
+                dict(
+                    dataset_name="Set5",
+                    models=["bicubic", "fsrcnn"],
+                    scales=[2, 4],
+                    downscale="matlab-bicubic",
+                    device="cpu",
+                )
+            )
+        )
     finally:
         store.close()
     db = Path(settings.sqlite_path())
@@ -253,8 +333,13 @@ def test_pages_through_the_history_keeping_the_filters(site):
 def test_job_page_has_the_slider_stage_times_every_metric_and_the_rule(site):
     web, job = site["server"], site["ids"]["done"][0]
     page = web.page(f"/jobs/{job}")
-    for part in (f'<img class="before" src="/jobs/{job}/input"', f'<img class="after" src="/jobs/{job}/output"',
-                 '<input class="split" type="range"', 'data-zoom="1"', '/static/compare.js'):
+    for part in (
+        f'<img class="before" src="/jobs/{job}/input"',
+        f'<img class="after" src="/jobs/{job}/output"',
+        '<input class="split" type="range"',
+        'data-zoom="1"',
+        "/static/compare.js",
+    ):
         assert part in page, part
     store = SqlStore(site["url"], upgrade=False)
     try:
@@ -265,7 +350,7 @@ def test_job_page_has_the_slider_stage_times_every_metric_and_the_rule(site):
     for name, value in metrics.items():
         shown = f"{value:.2f} dB" if "psnr" in name else f"{value:.4f}"
         assert re.search(rf"<th[^>]*>{name}</th><td class=\"num\">{re.escape(shown)}</td>", page), name
-    assert "aria-label=\"Stage times\"" in page and ">infer<" in page
+    assert 'aria-label="Stage times"' in page and ">infer<" in page
     assert "&#34;model&#34;: &#34;bicubic&#34;" in page  # the recorded rule, escaped JSON
 
 
@@ -311,10 +396,13 @@ def test_benchmark_job_shows_hr_lr_and_output_and_the_lr_is_the_models_input(sit
         lr = np.asarray(im.convert("RGB"))
     # The pipeline wrote HR | LR (enlarged by nearest neighbour) | SR beside the output: its middle panel, sampled
     # once per LR pixel, is the very LR image the model got.
-    compare = np.asarray(Image.open(Path(site["ids"]["benchmark_output"]).with_name(
-        Path(site["ids"]["benchmark_output"]).stem + ".compare.png")).convert("RGB"))
+    compare = np.asarray(
+        Image.open(
+            Path(site["ids"]["benchmark_output"]).with_name(Path(site["ids"]["benchmark_output"]).stem + ".compare.png")
+        ).convert("RGB")
+    )
     w = (compare.shape[1] - 8) // 3
-    middle = compare[:, w + 4: 2 * w + 4][::2, ::2]
+    middle = compare[:, w + 4 : 2 * w + 4][::2, ::2]
     assert lr.shape == (20, 24, 3) and np.array_equal(lr, middle)
     assert web.get(f"/jobs/{site['ids']['done'][0]}/lr")[0] == 404  # not a benchmark job
 
@@ -349,12 +437,25 @@ def test_missing_jobs_are_404(site):
 
 # --- attacks -------------------------------------------------------------------------------------------------------
 TRAVERSALS = [
-    "/jobs/../../../../etc/passwd", "/jobs/1/../../../../etc/passwd", "/jobs/%2e%2e/%2e%2e/etc/passwd",
-    "/jobs/..%2f..%2f..%2fetc%2fpasswd", "/jobs/1%2f..%2f..%2f..%2fetc%2fpasswd/input", "/jobs/-1/input",
-    "/jobs/1/input/../../../../etc/passwd", "/jobs/1/input?path=/etc/passwd", "/jobs//etc/passwd/input",
-    "/static/../../../../etc/passwd", "/static/..%2f..%2f..%2f..%2fetc%2fpasswd", "/static/%2e%2e/app.py",
-    "/static/..%2fapp.py", "/static/%2e%2e%2f%2e%2e%2fstore.py", "/static//etc/passwd", "/..%2f..%2fetc/passwd",
-    "/jobs/1.0/input", "/jobs/0x1/input", "/bench/../etc/passwd/report",
+    "/jobs/../../../../etc/passwd",
+    "/jobs/1/../../../../etc/passwd",
+    "/jobs/%2e%2e/%2e%2e/etc/passwd",
+    "/jobs/..%2f..%2f..%2fetc%2fpasswd",
+    "/jobs/1%2f..%2f..%2f..%2fetc%2fpasswd/input",
+    "/jobs/-1/input",
+    "/jobs/1/input/../../../../etc/passwd",
+    "/jobs/1/input?path=/etc/passwd",
+    "/jobs//etc/passwd/input",
+    "/static/../../../../etc/passwd",
+    "/static/..%2f..%2f..%2f..%2fetc%2fpasswd",
+    "/static/%2e%2e/app.py",
+    "/static/..%2fapp.py",
+    "/static/%2e%2e%2f%2e%2e%2fstore.py",
+    "/static//etc/passwd",
+    "/..%2f..%2fetc/passwd",
+    "/jobs/1.0/input",
+    "/jobs/0x1/input",
+    "/bench/../etc/passwd/report",
 ]
 
 
@@ -400,9 +501,14 @@ class Tags(HTMLParser):
 
 def test_script_injection_through_names_folders_and_errors_is_escaped(site):
     web, ids = site["server"], site["ids"]
-    pages = [web.page("/?folder=" + quote(SCRIPT_DIR, safe="")), web.page("/?folder=" + quote(HOSTILE_FOLDER, safe="")),
-             web.page(f"/jobs/{ids['hostile']}"), web.page(f"/jobs/{ids['script']}"), web.page("/stats"),
-             web.page("/?q=" + quote("<script>alert(2)</script>", safe=""))]
+    pages = [
+        web.page("/?folder=" + quote(SCRIPT_DIR, safe="")),
+        web.page("/?folder=" + quote(HOSTILE_FOLDER, safe="")),
+        web.page(f"/jobs/{ids['hostile']}"),
+        web.page(f"/jobs/{ids['script']}"),
+        web.page("/stats"),
+        web.page("/?q=" + quote("<script>alert(2)</script>", safe="")),
+    ]
     for page in pages:
         tags = Tags(page).tags
         handlers = [(t, a) for t, a in tags if any(name.startswith("on") for name in a)]
@@ -421,8 +527,15 @@ def test_script_injection_through_names_folders_and_errors_is_escaped(site):
 
 def test_every_answer_carries_a_strict_csp_and_nosniff(site):
     web = site["server"]
-    for path in ("/", f"/jobs/{site['ids']['done'][0]}", f"/jobs/{site['ids']['done'][0]}/output", "/stats",
-                 "/bench", "/static/style.css", "/nothing"):
+    for path in (
+        "/",
+        f"/jobs/{site['ids']['done'][0]}",
+        f"/jobs/{site['ids']['done'][0]}/output",
+        "/stats",
+        "/bench",
+        "/static/style.css",
+        "/nothing",
+    ):
         _, headers, _ = web.get(path)
         assert headers["content-security-policy"].startswith("default-src 'self'"), path
         assert "unsafe-inline" not in headers["content-security-policy"]
@@ -497,12 +610,20 @@ def test_bench_report_is_linked_where_the_schema_records_it(tmp_path):
     report.write_text("<!doctype html><title>upscaled bench</title><style>p{color:red}</style><p>figures</p>")
     con = sqlite3.connect(settings.sqlite_path())
     with con:
-        con.execute("INSERT INTO bench_runs (started_at, settings, report_path) VALUES "
-                    "('2026-01-01 00:00:00', '{\"dataset_name\": \"Set5\"}', ?)", (str(report),))
-        con.execute("INSERT INTO bench_runs (started_at, settings, report_path) VALUES "
-                    "('2026-01-02 00:00:00', '{}', ?)", (str(tmp_path / "gone.html"),))
-        con.execute("INSERT INTO bench_runs (started_at, settings, report_path) VALUES "
-                    "('2026-01-03 00:00:00', '{}', '/etc/passwd')", ())
+        con.execute(
+            "INSERT INTO bench_runs (started_at, settings, report_path) VALUES "
+            "('2026-01-01 00:00:00', '{\"dataset_name\": \"Set5\"}', ?)",
+            (str(report),),
+        )
+        con.execute(
+            "INSERT INTO bench_runs (started_at, settings, report_path) VALUES ('2026-01-02 00:00:00', '{}', ?)",
+            (str(tmp_path / "gone.html"),),
+        )
+        con.execute(
+            "INSERT INTO bench_runs (started_at, settings, report_path) VALUES "
+            "('2026-01-03 00:00:00', '{}', '/etc/passwd')",
+            (),
+        )
     con.close()
     web = WebServer(cfg)
     try:
@@ -520,8 +641,14 @@ def test_bench_report_is_linked_where_the_schema_records_it(tmp_path):
 
 # --- the command ---------------------------------------------------------------------------------------------------
 def run_web(cfg: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), "web", *args], cwd=cfg.parent,
-                          capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(cfg), "web", *args],
+        cwd=cfg.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
 
 
 def test_a_missing_database_or_a_bad_listen_address_is_a_clear_error(tmp_path):
@@ -599,8 +726,9 @@ def test_a_replaced_file_gets_a_new_thumbnail_and_a_deleted_one_none(tmp_path):
 def test_filters_round_trip_through_the_query_string():
     from daemon.web.data import Filters
 
-    f = Filters.parse({"folder": "/", "model": "fsrcnn", "state": "done", "from": "2026-01-02", "to": "",
-                       "q": "a&b", "run": "3"})
+    f = Filters.parse(
+        {"folder": "/", "model": "fsrcnn", "state": "done", "from": "2026-01-02", "to": "", "q": "a&b", "run": "3"}
+    )
     assert f.folder == "" and f.since is not None and f.until is None and f.run == 3
     assert Filters.parse(dict(parse_qsl(f.query(page=2)[1:]))) == f
     assert f.query(page=2).endswith("&page=2") and "q=a%26b" in f.query()

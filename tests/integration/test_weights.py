@@ -76,8 +76,9 @@ def test_an_unhashed_file_is_refused_unless_trusted_then_recorded_and_enforced(t
     src = tmp_path / "mirror" / "opencv"
     src.mkdir(parents=True)
     (src / "thing.pb").write_bytes(b"first version")
-    wf = WeightFile(path="opencv/thing.pb", url="https://example.invalid/thing.pb", sha256=None, revision="v1",
-                    max_size=1 << 20)
+    wf = WeightFile(
+        path="opencv/thing.pb", url="https://example.invalid/thing.pb", sha256=None, revision="v1", max_size=1 << 20
+    )
     dest = tmp_path / "w"
     refused = fetch_file(dest, "thing", wf, str(tmp_path / "mirror"))
     assert refused.status == "failed" and "--trust-unhashed" in refused.detail
@@ -162,20 +163,39 @@ def test_weights_cli_fetch_and_verify(tmp_path):
     cfg = tmp_path / "settings.toml"
     cfg.write_text('weights_dir = "w"\n')
     run = functools.partial(subprocess.run, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    res = run([sys.executable, "-m", "daemon", "--config", str(cfg), "weights", "fetch", "espcn", "brisque",
-               "--mirror", str(MIRROR), "--format", "json"])
+    res = run(
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "--config",
+            str(cfg),
+            "weights",
+            "fetch",
+            "espcn",
+            "brisque",
+            "--mirror",
+            str(MIRROR),
+            "--format",
+            "json",
+        ]
+    )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "w" / "quality" / "brisque_model_live.yml").is_file()
-    res = run([sys.executable, "-m", "daemon", "--config", str(cfg), "weights", "fetch", "--all",
-               "--mirror", str(MIRROR)])
+    res = run(
+        [sys.executable, "-m", "daemon", "--config", str(cfg), "weights", "fetch", "--all", "--mirror", str(MIRROR)]
+    )
     assert res.returncode == 1 and "edsr" in res.stdout  # EDSR is not on the mirror: reported, exit 1
     res = run([sys.executable, "-m", "daemon", "--config", str(cfg), "weights", "verify"])
     assert res.returncode == 0 and "missing" in res.stdout
     (tmp_path / "w" / "opencv" / "ESPCN_x2.pb").write_bytes(b"x")
     res = run([sys.executable, "-m", "daemon", "--config", str(cfg), "weights", "verify"])
     assert res.returncode == 1 and "mismatch" in res.stdout
-    assert not any(p.suffix in (".pb", ".pth") for p in ROOT.joinpath("weights").glob("**/*") if p.is_file()
-                   and p.stat().st_size and _tracked(p)), "weight files must never be committed"
+    assert not any(
+        p.suffix in (".pb", ".pth")
+        for p in ROOT.joinpath("weights").glob("**/*")
+        if p.is_file() and p.stat().st_size and _tracked(p)
+    ), "weight files must never be committed"
 
 
 def _tracked(path: Path) -> bool:

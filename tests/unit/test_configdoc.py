@@ -19,8 +19,9 @@ def test_the_reference_in_docs_is_what_the_code_generates():
     assert configdoc.render(DOC) == DOC, "docs/configuration.md is out of date: run python -m daemon.configdoc"
 
 
-@pytest.mark.parametrize("model", [Settings, Rule, Hook, *(b.params for b in BACKENDS if b.params.model_fields)],
-                         ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "model", [Settings, Rule, Hook, *(b.params for b in BACKENDS if b.params.model_fields)], ids=lambda m: m.__name__
+)
 def test_every_key_has_a_description_and_a_row(model):
     for name, field in model.model_fields.items():
         if name in configdoc.HIDDEN:

@@ -50,8 +50,10 @@ def test_16bit_grey_stays_grey_and_16bit(fmt):
     np.testing.assert_array_equal(back, a)
 
 
-@pytest.mark.parametrize(("chans", "fmt"), [(1, "png"), (2, "png"), (3, "png"), (4, "png"), (4, "webp"), (3, "tiff"),
-                                            (2, "tiff"), (4, "tiff"), (4, "jxl")])
+@pytest.mark.parametrize(
+    ("chans", "fmt"),
+    [(1, "png"), (2, "png"), (3, "png"), (4, "png"), (4, "webp"), (3, "tiff"), (2, "tiff"), (4, "tiff"), (4, "jxl")],
+)
 def test_8bit_layouts_round_trip_as_uint8(chans, fmt):
     a = rng.integers(0, 256, (10, 12, chans), dtype=np.uint8)
     back, d = _roundtrip(a, fmt, quality=100)
@@ -194,8 +196,10 @@ def test_assemble_keeps_uint8_and_quantises_floats():
         assemble(colour[:, :, :2], None, 8, grey=False)
 
 
-@pytest.mark.parametrize(("fmt", "size", "limit"), [("webp", (16384, 1), "16383"), ("jpg", (65501, 1), "65500"),
-                                                      ("avif", (1, 32769), "32768")])
+@pytest.mark.parametrize(
+    ("fmt", "size", "limit"),
+    [("webp", (16384, 1), "16383"), ("jpg", (65501, 1), "65500"), ("avif", (1, 32769), "32768")],
+)
 def test_encoder_limits_are_checked_before_encoding(fmt, size, limit):
     arr = np.zeros((size[1], size[0], 3), np.uint8)
     with pytest.raises(OutputError, match=f"{size[0]}x{size[1]} image is over the {fmt} encoder's limit of {limit}"):

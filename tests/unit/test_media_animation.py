@@ -35,8 +35,14 @@ def frames_rgb(n: int, alpha: bool = False) -> list[np.ndarray]:
     return out
 
 
-def make(fmt: str, n: int = 3, durations: list[int] | None = None, loop: int | None = 0, alpha: bool = False,
-         disposal: int | list[int] = 1) -> bytes:
+def make(
+    fmt: str,
+    n: int = 3,
+    durations: list[int] | None = None,
+    loop: int | None = 0,
+    alpha: bool = False,
+    disposal: int | list[int] = 1,
+) -> bytes:
     ims = [Image.fromarray(a) for a in frames_rgb(n, alpha)]
     buf = io.BytesIO()
     params: dict = {"save_all": True, "append_images": ims[1:], "duration": durations or DURATIONS[:n]}
@@ -116,8 +122,10 @@ def test_gif_disposal_and_transparency_are_kept():
 
 
 def test_apng_blend_is_source_so_semi_transparent_pixels_do_not_build_up(tmp_path):
-    frames = [Frame(np.dstack([np.full((4, 4, 3), 200 - 50 * i, np.uint8), np.full((4, 4), 128, np.uint8)]),
-                    duration_ms=50) for i in range(3)]
+    frames = [
+        Frame(np.dstack([np.full((4, 4, 3), 200 - 50 * i, np.uint8), np.full((4, 4), 128, np.uint8)]), duration_ms=50)
+        for i in range(3)
+    ]
     data, _ = encode_animation(frames, "png", loop=0)
     back = decode_bytes(data, 10**6)
     for got in [back.first, *back.rest()]:

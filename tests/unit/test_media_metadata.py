@@ -58,8 +58,9 @@ def same_profile(got: bytes | None, fmt: str) -> bool:
     an enumerated colour encoding and gives back an equivalent profile of its own."""
     if fmt != "jxl":
         return got == SRGB
-    return got is not None and ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(got))).strip() \
-        == "sRGB"
+    return (
+        got is not None and ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(got))).strip() == "sRGB"
+    )
 
 
 def read_back(data: bytes) -> dict:
@@ -141,8 +142,9 @@ def test_basic_keeps_the_profile_and_the_capture_date(fmt):
 def test_tiff_input_structure_tags_never_reach_the_output():
     """Pillow's getexif() on a TIFF is the TIFF's own IFD: width, strips, compression. None of it may be kept."""
     buf = io.BytesIO()
-    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(buf, "TIFF", tiffinfo={271: "TestCam"},
-                                                         compression="tiff_lzw")
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(
+        buf, "TIFF", tiffinfo={271: "TestCam"}, compression="tiff_lzw"
+    )
     d = decode_bytes(buf.getvalue(), 10**8)
     kept = Image.Exif()
     kept.load(d.meta.exif)

@@ -60,8 +60,10 @@ def read_cv2(png: bytes) -> np.ndarray:
 
 
 @pytest.mark.parametrize("level", range(10))
-@pytest.mark.parametrize(("chans", "dtype"), [(1, np.uint8), (2, np.uint8), (3, np.uint8), (4, np.uint8),
-                                              (1, np.uint16), (3, np.uint16), (4, np.uint16)])
+@pytest.mark.parametrize(
+    ("chans", "dtype"),
+    [(1, np.uint8), (2, np.uint8), (3, np.uint8), (4, np.uint8), (1, np.uint16), (3, np.uint16), (4, np.uint16)],
+)
 def test_every_level_is_lossless_for_every_layout(level, chans, dtype):
     a = smooth(chans=chans, dtype=dtype)
     data, notes = encode(a, "png", compression=level)
@@ -92,9 +94,18 @@ def test_the_rows_are_filtered_as_the_level_says_and_level_1_is_the_stream_libpn
     raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(192, 256 * 3 + 1)
     assert set(raw[:, 0].tolist()) == ({0} if level == 0 else {2})
     if level == 1:
-        ok, ref = cv2.imencode(".png", cv2.cvtColor(a, cv2.COLOR_RGB2BGR),
-                               [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
-                                cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP])
+        ok, ref = cv2.imencode(
+            ".png",
+            cv2.cvtColor(a, cv2.COLOR_RGB2BGR),
+            [
+                cv2.IMWRITE_PNG_COMPRESSION,
+                1,
+                cv2.IMWRITE_PNG_STRATEGY,
+                cv2.IMWRITE_PNG_STRATEGY_RLE,
+                cv2.IMWRITE_PNG_FILTER,
+                cv2.IMWRITE_PNG_FILTER_UP,
+            ],
+        )
         assert ok and abs(len(data) - len(ref)) <= 0.01 * len(ref), (len(data), len(ref))
 
 
@@ -109,8 +120,15 @@ def test_a_large_image_is_written_in_bands_with_the_rows_across_band_edges_filte
         np.testing.assert_array_equal(read_cv2(data), a)
 
 
-@pytest.mark.parametrize("arr", [np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8),
-                                 np.zeros((0, 4, 3), np.uint8), np.zeros((4, 4, 5), np.uint8)])
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.zeros((4, 4, 3), np.float32),
+        np.zeros((4, 4), np.uint8),
+        np.zeros((0, 4, 3), np.uint8),
+        np.zeros((4, 4, 5), np.uint8),
+    ],
+)
 def test_what_a_png_cannot_hold_is_refused_by_name(arr):
     with pytest.raises(OutputError, match="cannot write a PNG"):
         encode_png(arr, 1)
@@ -121,10 +139,12 @@ def test_icc_exif_xmp_iptc_alpha_and_16bit_are_all_kept(chans, dtype):
     exif = Image.Exif()
     exif[0x010F] = "TestCam"
     exif.get_ifd(0x8769)[0xA002] = 1
-    xmp = (b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
-           b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
-           b'xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:title><rdf:Alt><rdf:li xml:lang="x-default">Kept'
-           b"</rdf:li></rdf:Alt></dc:title></rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end=\"w\"?>")
+    xmp = (
+        b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+        b'xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:title><rdf:Alt><rdf:li xml:lang="x-default">Kept'
+        b'</rdf:li></rdf:Alt></dc:title></rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
+    )
     meta = Metadata(icc=SRGB, exif=exif.tobytes(), xmp=xmp, iptc={"Iptc.Application2.Keywords": ["k1", "k2"]})
     a = smooth(chans=chans, dtype=dtype)
     data, notes = encode(a, "png", meta=meta)

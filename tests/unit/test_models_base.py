@@ -30,8 +30,12 @@ def nearest2(a: np.ndarray) -> np.ndarray:
 
 def test_pixels_must_be_uint8_or_float32_rgb_and_the_error_says_what_came():
     up = FunctionUpscaler("t", "test", 2, nearest2, size=SizeRequirements(minimum=3))
-    for bad, got in [(np.zeros((4, 4, 3)), "float64 (4, 4, 3)"), (np.zeros((4, 4), np.uint8), "uint8 (4, 4)"),
-                     (np.zeros((4, 4, 4), np.float32), "float32 (4, 4, 4)"), ([[0]], "list")]:
+    for bad, got in [
+        (np.zeros((4, 4, 3)), "float64 (4, 4, 3)"),
+        (np.zeros((4, 4), np.uint8), "uint8 (4, 4)"),
+        (np.zeros((4, 4, 4), np.float32), "float32 (4, 4, 4)"),
+        ([[0]], "list"),
+    ]:
         with pytest.raises(UnsupportedImageError, match=re.escape(f"uint8 or float32 in [0, 1]; got {got}")):
             up(bad)
     with pytest.raises(ImageTooSmallError, match="t needs at least 3 px per side, the image is 9x2"):
@@ -69,8 +73,9 @@ def test_a_uint8_function_is_used_for_uint8_and_windows_are_cut_exactly():
         calls.append("u8")
         return nearest2(a)
 
-    up = FunctionUpscaler("t", "test", 2, lambda a: calls.append("f") or nearest2(a), run_u8=run_u8,
-                          geometry=Geometry(32, 2))
+    up = FunctionUpscaler(
+        "t", "test", 2, lambda a: calls.append("f") or nearest2(a), run_u8=run_u8, geometry=Geometry(32, 2)
+    )
     img = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     np.testing.assert_array_equal(up(img), nearest2(img))
     assert set(calls) == {"u8"} and len(calls) > 4  # tiled, and only through the uint8 function
@@ -144,7 +149,10 @@ def test_issue_17_item_9_device_aliases_load_one_model_and_tiles_share_it():
     tiled = real.get("bicubic", 2, LoadContext(Path("."), tile=64))[0]
     assert tiled is real.get("bicubic", 2, LoadContext(Path(".")))[0]
     assert not classical.uses_tile and real.key("bicubic", 2, LoadContext(Path("."), "auto", tile=64))[2:] == (
-        "cpu", "auto", None)
+        "cpu",
+        "auto",
+        None,
+    )
 
 
 def test_classical_filters_give_any_scale_in_both_dtypes():
@@ -159,8 +167,12 @@ def test_classical_filters_give_any_scale_in_both_dtypes():
         if m == "bicubic":  # MATLAB's kernel has no 8-bit version: the shared conversion
             np.testing.assert_array_equal(up(u8), to_uint8(up(to_float(u8))))
         else:  # cv2.resize's own 8-bit kernels, as a plain call
-            interp = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "lanczos": cv2.INTER_LANCZOS4,
-                      "area": cv2.INTER_AREA}[m]
+            interp = {
+                "nearest": cv2.INTER_NEAREST,
+                "bilinear": cv2.INTER_LINEAR,
+                "lanczos": cv2.INTER_LANCZOS4,
+                "area": cv2.INTER_AREA,
+            }[m]
             np.testing.assert_array_equal(up(u8), cv2.resize(u8, (40, 25), interpolation=interp))
             assert np.abs(up(u8).astype(int) - to_uint8(up(to_float(u8)))).max() <= 1
     near, _ = cache.get("nearest", 3, LoadContext(Path(".")))

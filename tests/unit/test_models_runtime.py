@@ -79,8 +79,9 @@ def test_auto_is_fp16_on_cuda_fp32_on_the_cpu_and_never_bf16():
 def test_issue_17_item_5_bf16_is_checked_on_the_requested_gpu_by_compute_capability():
     """Stand-in for two GPUs: bf16 is native on the current cuda:0 (8.0), emulated on cuda:1 (7.5)."""
     assert choose_precision("bf16", "cuda:0", TwoGpuStandIn, model="m") == "bf16"
-    with pytest.raises(UnsupportedPrecisionError,
-                       match=r"cuda:1 \(T4 \(stand-in\), compute capability 7\.5\).*use fp16"):
+    with pytest.raises(
+        UnsupportedPrecisionError, match=r"cuda:1 \(T4 \(stand-in\), compute capability 7\.5\).*use fp16"
+    ):
         choose_precision("bf16", "cuda:1", TwoGpuStandIn, model="m")
 
 
@@ -101,8 +102,11 @@ def test_devices_resolve_or_say_what_torch_sees():
     assert resolve_device("cpu", torch) == "cpu"
     assert resolve_device("auto", TwoGpuStandIn) == "cuda:0" and resolve_device("cuda", TwoGpuStandIn) == "cuda:0"
     assert resolve_device("cuda:1", TwoGpuStandIn) == "cuda:1"
-    with pytest.raises(DeviceUnavailableError, match=r"'cuda:2' does not exist; PyTorch sees 2 CUDA GPU\(s\): "
-                                                     r"cuda:0 \(A100 \(stand-in\)\), cuda:1"):
+    with pytest.raises(
+        DeviceUnavailableError,
+        match=r"'cuda:2' does not exist; PyTorch sees 2 CUDA GPU\(s\): "
+        r"cuda:0 \(A100 \(stand-in\)\), cuda:1",
+    ):
         resolve_device("cuda:2", TwoGpuStandIn)
     with pytest.raises(DeviceUnavailableError, match="unknown device 'gpu'; expected auto, cpu, cuda or cuda:N"):
         resolve_device("gpu", torch)
@@ -112,19 +116,23 @@ def test_devices_resolve_or_say_what_torch_sees():
             resolve_device("cuda:0", torch)
 
 
-@pytest.mark.parametrize("message", [
-    "CUDA out of memory. Tried to allocate 2.00 GiB",
-    "CUDA error: out of memory",
-    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
-    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
-    "cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
-    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1",
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+        "CUDA error: out of memory",
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+        "cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1",
+    ],
+)
 def test_issue_17_item_12_out_of_memory_includes_cublas_and_cudnn_allocation_failures(message):
     """The messages are the libraries' own (stand-ins for a GPU that ran out: none here)."""
     assert is_oom(RuntimeError(message), torch)
-    assert is_oom(torch.AcceleratorError(message) if hasattr(torch, "AcceleratorError") else RuntimeError(message),
-                  torch)
+    assert is_oom(
+        torch.AcceleratorError(message) if hasattr(torch, "AcceleratorError") else RuntimeError(message), torch
+    )
 
 
 def test_oom_types_and_what_is_not_oom():
@@ -185,7 +193,10 @@ def test_a_gpu_lock_is_one_per_device_and_reentrant_and_the_cpu_has_none():
 def test_threads_and_missing_packages():
     assert 1 <= usable_cpus() <= (len(__import__("os").sched_getaffinity(0)))
     assert import_torch("spandrel", "gan") is torch
-    with pytest.raises(BackendUnavailableError, match=r"needs torch, no_such_package_here, and "
-                                                      r"no_such_package_here is not installed: "
-                                                      r"pip install 'upscaled\[gan\]'"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"needs torch, no_such_package_here, and "
+        r"no_such_package_here is not installed: "
+        r"pip install 'upscaled\[gan\]'",
+    ):
         import_torch("spandrel", "gan", "no_such_package_here")

@@ -15,18 +15,21 @@ class FakeRule(TargetSize):
     outscale: float | None = None
 
 
-@pytest.mark.parametrize(("source", "keys", "want"), [
-    ((1000, 500), dict(width=200), (200, 100)),  # the example: 200 wide, aspect kept
-    ((1000, 500), dict(height=200), (400, 200)),
-    ((1000, 500), dict(width=300, height=100), (200, 100)),  # inside both: the height binds
-    ((500, 1000), dict(max_side=3840), (1920, 3840)),
-    ((1000, 500), dict(max_side=3840), (3840, 1920)),
-    ((640, 480), dict(width=3840), (3840, 2880)),
-    ((333, 111), dict(width=100), (100, 33)),  # rounded, never above the bound
-    ((3, 1000), dict(width=1), (1, 333)),
-    ((1000, 3), dict(width=10), (10, 1)),  # never below one pixel
-    ((1000, 500), dict(width=200, max_side=150), (150, 75)),
-])
+@pytest.mark.parametrize(
+    ("source", "keys", "want"),
+    [
+        ((1000, 500), dict(width=200), (200, 100)),  # the example: 200 wide, aspect kept
+        ((1000, 500), dict(height=200), (400, 200)),
+        ((1000, 500), dict(width=300, height=100), (200, 100)),  # inside both: the height binds
+        ((500, 1000), dict(max_side=3840), (1920, 3840)),
+        ((1000, 500), dict(max_side=3840), (3840, 1920)),
+        ((640, 480), dict(width=3840), (3840, 2880)),
+        ((333, 111), dict(width=100), (100, 33)),  # rounded, never above the bound
+        ((3, 1000), dict(width=1), (1, 333)),
+        ((1000, 3), dict(width=10), (10, 1)),  # never below one pixel
+        ((1000, 500), dict(width=200, max_side=150), (150, 75)),
+    ],
+)
 def test_inside_fits_every_bound_and_keeps_the_aspect(source, keys, want):
     got, crop = target_size(source, TargetSize(**keys))
     assert got == want and crop is None
@@ -46,10 +49,20 @@ def test_exact_stretches():
     assert p.output == p.scaled == (300, 150) and p.crop is None and p.passes == 2
 
 
-@pytest.mark.parametrize(("factor", "native", "cap", "want"), [
-    (16, 4, 2, 2), (4, 4, 2, 1), (3.3, 2, 2, 2), (2, 2, 2, 1), (0.5, 4, 2, 1), (64, 4, 2, 2), (64, 4, 3, 3),
-    (17, 4, 4, 3), (8, 1, 2, 1),
-])
+@pytest.mark.parametrize(
+    ("factor", "native", "cap", "want"),
+    [
+        (16, 4, 2, 2),
+        (4, 4, 2, 1),
+        (3.3, 2, 2, 2),
+        (2, 2, 2, 1),
+        (0.5, 4, 2, 1),
+        (64, 4, 2, 2),
+        (64, 4, 3, 3),
+        (17, 4, 4, 3),
+        (8, 1, 2, 1),
+    ],
+)
 def test_passes(factor, native, cap, want):
     assert passes_for(factor, native, cap) == want
 
@@ -88,15 +101,18 @@ def test_apply_final_resizes_and_crops_every_dtype(dtype):
         apply_final(np.zeros((30, 30), dtype), p)
 
 
-@pytest.mark.parametrize(("keys", "match"), [
-    (dict(width=100, outscale=2), "exclusive"),
-    (dict(width=100, fit="cover"), "needs both width and height"),
-    (dict(height=100, fit="exact"), "needs both width and height"),
-    (dict(width=10, height=10, max_side=5, fit="cover"), "max_side only works"),
-    (dict(width=0), "greater than or equal to 1"),
-    (dict(max_side=10**9), "less than or equal to"),
-    (dict(width=10, max_passes=9), "less than or equal to 4"),
-])
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [
+        (dict(width=100, outscale=2), "exclusive"),
+        (dict(width=100, fit="cover"), "needs both width and height"),
+        (dict(height=100, fit="exact"), "needs both width and height"),
+        (dict(width=10, height=10, max_side=5, fit="cover"), "max_side only works"),
+        (dict(width=0), "greater than or equal to 1"),
+        (dict(max_side=10**9), "less than or equal to"),
+        (dict(width=10, max_passes=9), "less than or equal to 4"),
+    ],
+)
 def test_bad_keys_are_refused_with_the_reason(keys, match):
     # (fit = "inside" alone is the default, as a rule written back to JSON holds it, and is accepted)
     with pytest.raises(ValidationError, match=match):

@@ -30,7 +30,8 @@ class FakeHealth:
     def __init__(self) -> None:
         self.live: dict[str, str | None] = {"main_loop": None, "worker cpu.0": None}
         self.ready: dict[str, str | None] = dict.fromkeys(
-            ("config", "database", "inbox", "outbox", "weights", "devices"))
+            ("config", "database", "inbox", "outbox", "weights", "devices")
+        )
         self.pending, self.running = 3, 1
         self.fail_queue: Exception | None = None
         self.queue_calls = 0
@@ -90,8 +91,14 @@ def get(srv: HttpServer, path: str, method: str = "GET") -> tuple[int, dict[str,
 # --- the exposition --------------------------------------------------------------------------------------------------
 def test_every_metric_has_its_name_type_and_labels(telemetry):
     telemetry.job_started("cpu")
-    telemetry.job_outcome(rule="photos", model="fsrcnn", status="done", stages=dict.fromkeys(STAGES, 0.2),
-                          pixels_in=1000, pixels_out=16000)
+    telemetry.job_outcome(
+        rule="photos",
+        model="fsrcnn",
+        status="done",
+        stages=dict.fromkeys(STAGES, 0.2),
+        pixels_in=1000,
+        pixels_out=16000,
+    )
     fams = families(telemetry)
     expected = {
         "upscaled_jobs": ("counter", {"rule", "model", "status"}),
@@ -119,8 +126,14 @@ def test_every_metric_has_its_name_type_and_labels(telemetry):
 
 
 def test_counters_and_histograms_move_with_outcomes(telemetry):
-    telemetry.job_outcome(rule="photos", model="fsrcnn", status="done",
-                          stages={"decode": 0.01, "infer": 0.011, "total": 2000.0}, pixels_in=10, pixels_out=160)
+    telemetry.job_outcome(
+        rule="photos",
+        model="fsrcnn",
+        status="done",
+        stages={"decode": 0.01, "infer": 0.011, "total": 2000.0},
+        pixels_in=10,
+        pixels_out=160,
+    )
     telemetry.job_outcome(rule="photos", model="fsrcnn", status="done", stages={"infer": 0.3})
     telemetry.job_outcome(rule="", model="bicubic", status="failed", stages={"decode": 0.002})
     fams = families(telemetry)
@@ -131,8 +144,9 @@ def test_counters_and_histograms_move_with_outcomes(telemetry):
     hist = samples(fams, "upscaled_job_duration_seconds")
 
     def bucket(stage: str, le: str, model: str = "fsrcnn", rule: str = "photos") -> float:
-        return hist[("upscaled_job_duration_seconds_bucket",
-                     (("le", le), ("model", model), ("rule", rule), ("stage", stage)))]
+        return hist[
+            ("upscaled_job_duration_seconds_bucket", (("le", le), ("model", model), ("rule", rule), ("stage", stage)))
+        ]
 
     assert bucket("decode", "0.01") == 1  # a value on a bound is in that bucket (le: less or equal)
     assert bucket("infer", "0.01") == 0 and bucket("infer", "0.025") == 1 and bucket("infer", "0.5") == 2
@@ -141,8 +155,11 @@ def test_counters_and_histograms_move_with_outcomes(telemetry):
     key = (("model", "fsrcnn"), ("rule", "photos"), ("stage", "infer"))
     assert hist[("upscaled_job_duration_seconds_count", key)] == 2
     assert hist[("upscaled_job_duration_seconds_sum", key)] == pytest.approx(0.311)
-    les = [s.labels["le"] for s in fams["upscaled_job_duration_seconds"].samples
-           if s.name.endswith("_bucket") and s.labels["stage"] == "infer"]
+    les = [
+        s.labels["le"]
+        for s in fams["upscaled_job_duration_seconds"].samples
+        if s.name.endswith("_bucket") and s.labels["stage"] == "infer"
+    ]
     assert les == [repr(float(b)) for b in BUCKETS] + ["+Inf"]
     assert float(les[0]) == 0.01 and float(les[-2]) == 1800.0
     pixels = samples(fams, "upscaled_pixels")
@@ -151,8 +168,9 @@ def test_counters_and_histograms_move_with_outcomes(telemetry):
 
 
 def test_stage_values_that_were_not_measured_are_left_out_and_negative_ones_are_zero(telemetry):
-    telemetry.job_outcome(rule="a", model="m", status="failed",
-                          stages={"decode": None, "infer": float("nan"), "queue": -0.5})  # type: ignore[dict-item]
+    telemetry.job_outcome(
+        rule="a", model="m", status="failed", stages={"decode": None, "infer": float("nan"), "queue": -0.5}
+    )  # type: ignore[dict-item]
     hist = samples(families(telemetry), "upscaled_job_duration_seconds")
     stages = {dict(k[1])["stage"] for k in hist}
     assert stages == {"queue"}
@@ -186,8 +204,10 @@ def test_in_progress_goes_up_and_down_per_device_and_never_below_zero(telemetry)
         telemetry.job_ended("cpu")
         telemetry.job_ended("cpu")  # one end too many
     gauge = samples(families(telemetry), "upscaled_jobs_in_progress")
-    assert gauge == {("upscaled_jobs_in_progress", (("device", "cpu"),)): 0,
-                     ("upscaled_jobs_in_progress", (("device", "cuda:0"),)): 2}
+    assert gauge == {
+        ("upscaled_jobs_in_progress", (("device", "cpu"),)): 0,
+        ("upscaled_jobs_in_progress", (("device", "cuda:0"),)): 2,
+    }
     assert [e["event"] for e in logged] == ["telemetry.unbalanced_job_ended"]
 
 
@@ -220,8 +240,10 @@ def test_last_success_starts_at_the_start_follows_done_jobs_and_never_goes_back(
 def test_queue_gauge_is_computed_when_scraped_and_labelled_by_node(telemetry, health):
     health.pending, health.running = 7, 2
     q = samples(families(telemetry), "upscaled_queue_jobs")
-    assert q == {("upscaled_queue_jobs", (("node", "node-a"), ("state", "pending"))): 7,
-                 ("upscaled_queue_jobs", (("node", "node-a"), ("state", "running"))): 2}
+    assert q == {
+        ("upscaled_queue_jobs", (("node", "node-a"), ("state", "pending"))): 7,
+        ("upscaled_queue_jobs", (("node", "node-a"), ("state", "running"))): 2,
+    }
     health.pending = 0
     calls = health.queue_calls
     q = samples(families(telemetry), "upscaled_queue_jobs")
@@ -265,8 +287,10 @@ def test_updates_from_many_threads_are_all_counted(telemetry):
     for th in threads:
         th.join()
     fams = families(telemetry)
-    assert samples(fams, "upscaled_jobs")[("upscaled_jobs_total",
-                                           (("model", "m"), ("rule", "a"), ("status", "done")))] == 4000
+    assert (
+        samples(fams, "upscaled_jobs")[("upscaled_jobs_total", (("model", "m"), ("rule", "a"), ("status", "done")))]
+        == 4000
+    )
     assert samples(fams, "upscaled_pixels")[("upscaled_pixels_total", (("direction", "out"),))] == 8000
     assert samples(fams, "upscaled_jobs_in_progress")[("upscaled_jobs_in_progress", (("device", "cpu"),))] == 0
 
@@ -279,8 +303,12 @@ def test_metrics_over_http_parse(server, telemetry):
     assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert headers["Cache-Control"] == "no-store"
     fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
-    assert samples(fams, "upscaled_jobs")[("upscaled_jobs_total",
-                                           (("model", "fsrcnn"), ("rule", "photos"), ("status", "duplicate")))] == 1
+    assert (
+        samples(fams, "upscaled_jobs")[
+            ("upscaled_jobs_total", (("model", "fsrcnn"), ("rule", "photos"), ("status", "duplicate")))
+        ]
+        == 1
+    )
     assert "process_cpu_seconds" in fams or "python_info" in fams  # the usual process/platform series
 
 
@@ -321,8 +349,9 @@ def test_checks_that_raise_are_a_503_not_a_500(server, health):
         status, _, body = get(server, "/livez")
     doc = json.loads(body)
     assert status == 503
-    assert doc["checks"] == {"liveness": {"ok": False, "reason": "the liveness checks raised RuntimeError: "
-                                                                  "store closed"}}
+    assert doc["checks"] == {
+        "liveness": {"ok": False, "reason": "the liveness checks raised RuntimeError: store closed"}
+    }
     assert logged[0]["event"] == "telemetry.health_failed"
 
 
@@ -405,26 +434,32 @@ def test_ipv6_loopback(telemetry, health):
         srv.close()
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("127.0.0.1:9807", ("127.0.0.1", 9807)),
-    ("[::1]:9807", ("::1", 9807)),
-    ("localhost:0", ("localhost", 0)),
-    (":9807", ("0.0.0.0", 9807)),
-    (" 10.0.0.5:80 ", ("10.0.0.5", 80)),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:9807", ("127.0.0.1", 9807)),
+        ("[::1]:9807", ("::1", 9807)),
+        ("localhost:0", ("localhost", 0)),
+        (":9807", ("0.0.0.0", 9807)),
+        (" 10.0.0.5:80 ", ("10.0.0.5", 80)),
+    ],
+)
 def test_parse_listen(value, expected):
     assert parse_listen(value) == expected
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("9807", r"http_listen expects host:port such as 127\.0\.0\.1:9807 or \[::1\]:9807, got '9807'$"),
-    ("127.0.0.1", "got '127.0.0.1'"),
-    ("::1:9807", "put an IPv6 address in brackets"),
-    ("127.0.0.1:70000", "the port must be 0 to 65535, got 70000"),
-    ("[nothex]:80", "got '\\[nothex\\]:80'"),
-    ("[1.2.3.4]:80", "'1.2.3.4' in brackets is not an IPv6 address"),
-    ("host:port", "got 'host:port'"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("9807", r"http_listen expects host:port such as 127\.0\.0\.1:9807 or \[::1\]:9807, got '9807'$"),
+        ("127.0.0.1", "got '127.0.0.1'"),
+        ("::1:9807", "put an IPv6 address in brackets"),
+        ("127.0.0.1:70000", "the port must be 0 to 65535, got 70000"),
+        ("[nothex]:80", "got '\\[nothex\\]:80'"),
+        ("[1.2.3.4]:80", "'1.2.3.4' in brackets is not an IPv6 address"),
+        ("host:port", "got 'host:port'"),
+    ],
+)
 def test_parse_listen_refuses_with_the_expected_form(value, message):
     with pytest.raises(ValueError, match=message):
         parse_listen(value)

@@ -49,8 +49,16 @@ class Rig:
         self.mover = Mover(self.store, self.inbox, self.archive, self.failed)
         self.intake = Intake(s, self.inbox)
         self.outcomes: list[tuple[int, str]] = []
-        self.stages = Stages(s, self.store, ModelCache(), self.inbox, self.outbox, self.mover, node="n",
-                             on_outcome=lambda t, status: self.outcomes.append((t.job.id, status)))
+        self.stages = Stages(
+            s,
+            self.store,
+            ModelCache(),
+            self.inbox,
+            self.outbox,
+            self.mover,
+            node="n",
+            on_outcome=lambda t, status: self.outcomes.append((t.job.id, status)),
+        )
 
     def drop(self, name: str, size=(24, 16), seed: int = 0, **save) -> PurePosixPath:
         rng = np.random.default_rng(seed)
@@ -185,8 +193,18 @@ def test_a_one_off_job_never_moves_its_input(tmp_path):
 
     with Root(tmp_path, create=False) as folder:
         sha, probe, st = inspect(folder, PurePosixPath("mine.png"), rig.settings)
-    reg, = rig.store.register([JobSpec(sha=sha, rule=rig.settings.rules[0], rel=PurePosixPath("mine.png"),
-                                       input_path=str(src), source="cli", input_format=probe.format)])
+    (reg,) = rig.store.register(
+        [
+            JobSpec(
+                sha=sha,
+                rule=rig.settings.rules[0],
+                rel=PurePosixPath("mine.png"),
+                input_path=str(src),
+                source="cli",
+                input_format=probe.format,
+            )
+        ]
+    )
     task = stages.step(worker_id(), "cpu", job_id=reg.job.id)
     assert task.error is None and src.exists() and (tmp_path / "out" / "mine.nearest.x2.png").exists()
     assert rig.store.get(reg.job.id).input_moved_to is None

@@ -21,8 +21,9 @@ depends_on = None
 def _alter(new: int, old: int) -> None:
     if op.get_bind().dialect.name == "sqlite":
         return
-    op.alter_column("jobs", "precision", type_=sa.String(length=new), existing_type=sa.String(length=old),
-                    existing_nullable=True)
+    op.alter_column(
+        "jobs", "precision", type_=sa.String(length=new), existing_type=sa.String(length=old), existing_nullable=True
+    )
 
 
 def upgrade() -> None:
