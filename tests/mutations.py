@@ -7,13 +7,18 @@
 2. replaces the mutation's ``find`` snippet, which must occur exactly once in its file (a refactor that moves or
    changes the code fails the guard loudly, before anything runs, so the mutation has to move with the code);
 3. runs only the tests listed beside it there, ``-x`` (the first failure is the catch), with ``PYTHONPATH`` at the
-   copy and no bytecode written (a stale ``.pyc`` must never stand in for the mutated source);
+   copy, no bytecode written (a stale ``.pyc`` must never stand in for the mutated source) and pytest's temporary
+   folders under the mutation's own folder;
 4. counts it caught if one of them failed; survived if they all passed; and an error if they skipped, timed out or
    did not run (a skipped test proves nothing).
 
 First, unless ``--no-baseline``, the same tests run once on the unmutated copy: they must all pass, or a "catch"
-would mean nothing. (``.ci/run`` passes ``--no-baseline`` because ``make test`` has just run them.) Mutations run in
-sequence: they start daemons and share two cores with everything else.
+would mean nothing. (``.ci/run`` passes ``--no-baseline`` because ``make test`` has just run them.)
+
+Mutations are independent (each has its own copy of the tree, its own temporary folders, and tests that pick free
+ports), so ``--jobs`` of them run at once, one pytest process each: by default as many as the CPUs this process may
+use. The baseline is split the same way, by test file. A progress line is printed as each one ends; the table at
+the end is in the list's order whatever the order they ended in.
 
 It prints a table (mutation, tests run, caught?, the test that caught it, seconds) and exits 1 if any mutation
 survived, 2 if the guard itself could not do its job (an anchor gone, a failing baseline, a skip or a timeout).
@@ -23,6 +28,7 @@ Usage::
     python tests/mutations.py                      # everything
     python tests/mutations.py --list               # the mutations and their invariants
     python tests/mutations.py --only window-on-fail --only backoff-not-capped --no-baseline
+    python tests/mutations.py --jobs 1                 # one at a time
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,9 +179,15 @@ def child_env(tree: Path) -> dict[str, str]:
     return env
 
 
-def run_tests(tree: Path, tests: Sequence[str], name: str, timeout: float, stop_first: bool = True) -> Outcome:
-    """Run ``tests`` in ``tree`` and say what happened (``caught`` when one failed)."""
-    junit = tree / f".mutation-{os.getpid()}.xml"
+def run_tests(
+    tree: Path, tests: Sequence[str], name: str, timeout: float, stop_first: bool = True, scratch: Path | None = None
+) -> Outcome:
+    """Run ``tests`` in ``tree`` and say what happened (``caught`` when one failed). ``scratch`` (a folder beside
+    ``tree``, its own) holds pytest's temporary folders and the JUnit report, so that runs side by side share
+    nothing."""
+    scratch = scratch or tree.with_name(tree.name + "-scratch")
+    scratch.mkdir(parents=True, exist_ok=True)
+    junit = scratch / "junit.xml"
     cmd = [
         sys.executable,
         "-m",
@@ -187,6 +201,8 @@ def run_tests(tree: Path, tests: Sequence[str], name: str, timeout: float, stop_
         str(junit),
         "--rootdir",
         str(tree),
+        "--basetemp",
+        str(scratch / "tmp"),
         *(["-x"] if stop_first else []),
         *tests,
     ]
@@ -202,9 +218,11 @@ def run_tests(tree: Path, tests: Sequence[str], name: str, timeout: float, stop_
     )
     try:
         out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except BaseException as exc:  # a timeout, or Ctrl-C: the run is in a session of its own and would go on
         os.killpg(proc.pid, signal.SIGKILL)  # pytest and the daemons it started
         out, _ = proc.communicate()
+        if not isinstance(exc, subprocess.TimeoutExpired):
+            raise
         return Outcome(
             name,
             "error",
@@ -262,6 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="skip the unmutated run (when the same tests have just passed, as in .ci/run)",
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run (default 300)")
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=default_jobs(),
+        help=f"mutations run at once (default: the CPUs this process may use, here {default_jobs()})",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary trees (their path is printed)")
     parser.add_argument(
         "--every",
@@ -270,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "checks the list itself, slower",
     )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     try:
         mutations = load()
         unknown = sorted(set(args.only) - {m.name for m in mutations})
@@ -290,50 +317,106 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def default_jobs() -> int:
+    """The CPUs this process may run on (its affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def split_by_file(tests: Sequence[str], parts: int) -> list[list[str]]:
+    """``tests`` in at most ``parts`` groups of whole test files (a module's fixtures are then set up once), the
+    files dealt largest first to the group with the fewest tests so far; each group keeps the list's order."""
+    files: dict[str, list[str]] = {}
+    for t in tests:
+        files.setdefault(t.split("::", 1)[0], []).append(t)
+    groups: list[list[str]] = [[] for _ in range(max(1, min(parts, len(files))))]
+    for ids in sorted(files.values(), key=len, reverse=True):
+        min(groups, key=len).extend(ids)
+    order = {t: i for i, t in enumerate(tests)}
+    return [sorted(g, key=order.__getitem__) for g in groups if g]
+
+
+def _baseline(mutations: Sequence[Mutation], files: Sequence[str], tmp: Path, args: argparse.Namespace) -> None:
+    """Every listed test on the unmutated tree, in ``--jobs`` groups side by side; all must pass, none skip.
+
+    Raises:
+        GuardError: a test failed, skipped or timed out.
+    """
+    tests = list(dict.fromkeys(t for m in mutations for t in m.tests))
+    groups = split_by_file(tests, args.jobs)
+    print(f"baseline: {len(tests)} tests on the unmutated tree, in {len(groups)} group(s) ...", flush=True)
+    t0 = time.monotonic()
+
+    def one(i: int, group: list[str]) -> Outcome:
+        tree = tmp / f"baseline-{i}"
+        copy_tree(files, tree)
+        return run_tests(tree, group, "baseline", args.timeout * 2, stop_first=False)
+
+    with ThreadPoolExecutor(len(groups)) as pool:
+        outcomes = list(pool.map(one, range(len(groups)), groups))
+    bad = [o for o in outcomes if o.status != "SURVIVED"]  # SURVIVED: everything passed and nothing skipped
+    if bad:
+        print(bad[0].detail[-6000:], file=sys.stderr)
+        raise GuardError(
+            f"the tests fail or skip on the unmutated tree ({bad[0].status}: {bad[0].by}); a mutation caught by "
+            "them would prove nothing"
+        )
+    print(f"baseline: {sum(o.ran for o in outcomes)} passed in {time.monotonic() - t0:.0f} s", flush=True)
+
+
 def _run(mutations: Sequence[Mutation], args: argparse.Namespace) -> int:
     started = time.monotonic()
     files = tree_files()
     tmp = Path(tempfile.mkdtemp(prefix="upscaled-mutations-"))
-    outcomes: list[Outcome] = []
+    outcomes: list[Outcome | None] = [None] * len(mutations)
+    printing = threading.Lock()
+    finished = 0
+
+    def one(i: int, m: Mutation) -> None:
+        nonlocal finished
+        tree = tmp / f"{i + 1:02d}"
+        copy_tree(files, tree)
+        m.apply(tree)
+        o = run_tests(tree, m.tests, m.name, args.timeout, stop_first=not args.every)
+        if args.every and o.status == "caught" and len(o.failed) < len(m.tests):
+            o.status, o.by = "SURVIVED", f"only {len(o.failed)} of {len(m.tests)} listed tests failed"
+        outcomes[i] = o
+        with printing:
+            finished += 1
+            print(f"[{finished}/{len(mutations)}] {m.name}: {o.status} {o.by} ({o.seconds:.1f} s)", flush=True)
+            if o.status == "error":
+                print(o.detail[-4000:], file=sys.stderr, flush=True)
+        if not args.keep:
+            shutil.rmtree(tree, ignore_errors=True)
+            shutil.rmtree(tree.with_name(tree.name + "-scratch"), ignore_errors=True)
+
     try:
         if not args.no_baseline:
-            tests = list(dict.fromkeys(t for m in mutations for t in m.tests))
-            base = tmp / "baseline"
-            copy_tree(files, base)
-            print(f"baseline: {len(tests)} tests on the unmutated tree ...", flush=True)
-            b = run_tests(base, tests, "baseline", args.timeout * 2, stop_first=False)
-            if b.status != "SURVIVED":  # everything passed and nothing skipped
-                print(b.detail[-6000:], file=sys.stderr)
-                raise GuardError(
-                    f"the tests fail or skip on the unmutated tree ({b.status}: {b.by}); a mutation "
-                    "caught by them would prove nothing"
-                )
-            print(f"baseline: {b.ran} passed in {b.seconds:.0f} s", flush=True)
-        for i, m in enumerate(mutations, 1):
-            tree = tmp / f"{i:02d}"
-            copy_tree(files, tree)
-            m.apply(tree)
-            o = run_tests(tree, m.tests, m.name, args.timeout, stop_first=not args.every)
-            if args.every and o.status == "caught" and len(o.failed) < len(m.tests):
-                o.status, o.by = "SURVIVED", f"only {len(o.failed)} of {len(m.tests)} listed tests failed"
-            outcomes.append(o)
-            print(f"[{i}/{len(mutations)}] {m.name}: {o.status} {o.by} ({o.seconds:.1f} s)", flush=True)
-            if o.status == "error":
-                print(o.detail[-4000:], file=sys.stderr)
-            if not args.keep:
-                shutil.rmtree(tree, ignore_errors=True)
+            _baseline(mutations, files, tmp, args)
+        with ThreadPoolExecutor(min(args.jobs, len(mutations))) as pool:
+            futures = [pool.submit(one, i, m) for i, m in enumerate(mutations)]
+            try:
+                for future in futures:
+                    future.result()  # a GuardError (or a bug) in one of them ends the run here
+            except BaseException:
+                for future in futures:
+                    future.cancel()  # the ones not started; those running end on their own
+                raise
     finally:
         if args.keep:
             print(f"trees kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    done = [o for o in outcomes if o is not None]
     print()
-    print(table(outcomes))
-    survived = [o.name for o in outcomes if o.status == "SURVIVED"]
-    errors = [o.name for o in outcomes if o.status == "error"]
-    caught = len(outcomes) - len(survived) - len(errors)
+    print(table(done))
+    survived = [o.name for o in done if o.status == "SURVIVED"]
+    errors = [o.name for o in done if o.status == "error"]
+    caught = len(done) - len(survived) - len(errors)
     print(
-        f"\n{caught}/{len(outcomes)} caught in {time.monotonic() - started:.0f} s"
+        f"\n{caught}/{len(done)} caught in {time.monotonic() - started:.0f} s with {args.jobs} at a time"
         + (f"; SURVIVED: {', '.join(survived)}" if survived else "")
         + (f"; errors: {', '.join(errors)}" if errors else "")
     )
