@@ -11,14 +11,23 @@ recorded and logged shows the text as configured, never the expanded value. A va
 hook (not retried) with a message that names it.
 
 A command gets the payload as JSON on its standard input, the fields as ``UPSCALED_*`` environment variables, and
-``{job_id}``, ``{event}``, ``{input}``, ``{output}``, ``{model}`` and ``{rule}`` replaced in its argv (after the
-``${NAME}`` expansion, so a file name can never bring in a variable). The HTTP client is the standard library's
-``urllib``: apprise's JSON notifications carry a title and a body, not our payload, and no new dependency is needed
-for one POST.
+``{job_id}``, ``{event}``, ``{input}``, ``{output}``, ``{model}`` and ``{rule}`` replaced in its argv in one pass
+(after the ``${NAME}`` expansion, so a file name can never bring in a variable, nor another field). Its environment
+is a minimal one (:data:`BASE_ENV`) plus the variables its ``pass_env`` names: never the service's whole
+environment, which holds the database URL and its password. The argv and the environment carry a file name's exact
+bytes; the JSON payload, which must be UTF-8, carries a name that is not UTF-8 as text with ``\\xNN`` for the bytes
+that are not, and its exact bytes in base64 beside it (``input_raw``, ``output_raw``), so such a name never fails a
+hook.
+
+A URL hook never follows a redirect: a 3xx would send the payload, and the headers with their tokens, to a host
+that was not configured, and whatever answered there would be taken for a delivery. A 3xx is a failure that says
+where it pointed, not retried. The HTTP client is the standard library's ``urllib``: apprise's JSON notifications
+carry a title and a body, not our payload, and no new dependency is needed for one POST.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import queue
@@ -34,11 +43,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from daemon.fsops import text_form
 from daemon.logs import get as get_logger
 
 Record = Callable[[int, str, bool, str], None]
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_VAR = re.compile(r"\$\{(" + _NAME + r")\}")
 _FIELDS = ("job_id", "event", "input", "output", "model", "rule")
+_FIELD = re.compile(r"\{(" + "|".join(_FIELDS) + r")\}")
+_NAMES = ("input", "output")  # the payload's file names: text, and the exact bytes of one that is not UTF-8
+# What a command's environment holds of the service's, besides the UPSCALED_<FIELD> variables and its pass_env:
+# enough to find programs and to decode names in the right locale, nothing that names the database or a secret.
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 USER_AGENT = "upscaled-hook/1"
 log = get_logger("upscaled.hooks")
 
@@ -70,6 +87,11 @@ class Hook(BaseModel):
         description="Attempts after the first (on a 5xx, 408, 429, a network error or a failing command).",
     )
     backoff: float = Field(default=2.0, ge=0, le=3600, description="Seconds before the first retry; doubles each time.")
+    pass_env: list[str] = Field(
+        default_factory=list,
+        description="Environment variables a `command` gets from the service's, besides PATH, HOME, LANG, LC_ALL, "
+        "LC_CTYPE, TZ, TMPDIR and the UPSCALED_<FIELD> ones (a secret for the program, never in its argv).",
+    )
 
     @field_validator("command")
     @classmethod
@@ -85,12 +107,22 @@ class Hook(BaseModel):
             raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
         return v
 
+    @field_validator("pass_env")
+    @classmethod
+    def _pass_env(cls, v: list[str]) -> list[str]:
+        bad = [n for n in v if not re.fullmatch(_NAME, n)]
+        if bad:
+            raise ValueError(f"must be environment variable names such as UPSCALED_HOOK_TOKEN, got {bad!r}")
+        return v
+
     @model_validator(mode="after")
     def _one_action(self) -> Hook:
         if (self.command is None) == (self.url is None):
             raise ValueError("a hook needs exactly one of command (an argv list) or url")
         if self.headers and self.url is None:
             raise ValueError("headers only apply to a url hook")
+        if self.pass_env and self.command is None:
+            raise ValueError("pass_env only applies to a command hook (a url hook takes ${NAME} in its headers)")
         return self
 
     @property
@@ -138,9 +170,39 @@ class HookEvent:
     extra: dict[str, Any] = field(default_factory=dict)  # anything else the service wants to pass on
 
     def payload(self) -> dict[str, Any]:
+        """The JSON document, every text in it valid UTF-8 whatever the file names hold: a name that is not UTF-8
+        is given as text with ``\\xNN`` for its undecodable bytes, and its exact bytes in base64 as
+        ``<field>_raw`` (null for a name that is UTF-8), so encoding the payload can never fail."""
         d = asdict(self)
         extra = d.pop("extra")
-        return {**d, **extra, "schema": 1}
+        raw = {f"{k}_raw": _raw_name(d[k]) for k in _NAMES}
+        return _utf8({**d, **raw, **extra, "schema": 1})
+
+
+def _text(s: str) -> str:
+    """``s`` as valid UTF-8 text: undecodable bytes of a file name (surrogate escapes) as ``\\xNN``."""
+    try:
+        return text_form(s)
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _raw_name(name: str | None) -> str | None:
+    """The exact bytes of a file name that is not UTF-8, base64; None for one that is (or no name)."""
+    if name is None or _text(name) == name:
+        return None
+    return base64.b64encode(os.fsencode(name)).decode("ascii")
+
+
+def _utf8(value: Any) -> Any:
+    """``value`` with every string in it (keys too) made valid UTF-8 by :func:`_text`."""
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, dict):
+        return {_utf8(k): _utf8(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_utf8(v) for v in value]
+    return value
 
 
 class HookConfigError(ValueError):
@@ -163,11 +225,31 @@ def expand(text: str, env: Mapping[str, str]) -> str:
     return _VAR.sub(sub, text)
 
 
+def _field(event: HookEvent, name: str) -> str:
+    value = getattr(event, name)
+    return "" if value is None else str(value)
+
+
 def _fill(item: str, event: HookEvent) -> str:
-    for name in _FIELDS:
-        value = getattr(event, name)
-        item = item.replace("{" + name + "}", "" if value is None else str(value))
-    return item
+    """``item`` with each ``{field}`` replaced in one pass: a value that holds ``{output}`` stays as it is."""
+    return _FIELD.sub(lambda m: _field(event, m.group(1)), item)
+
+
+def command_env(hook: Hook, event: HookEvent, env: Mapping[str, str]) -> dict[str, str]:
+    """A command's environment: :data:`BASE_ENV` (those set; PATH defaults to :data:`DEFAULT_PATH`), the variables
+    ``hook.pass_env`` names, and ``UPSCALED_<FIELD>`` for each field, with a name's exact bytes.
+
+    Raises:
+        HookConfigError: a variable ``pass_env`` names is not set.
+    """
+    out = {k: env[k] for k in BASE_ENV if k in env}
+    out.setdefault("PATH", DEFAULT_PATH)
+    for name in hook.pass_env:
+        if name not in env:
+            raise HookConfigError(f"the environment variable {name} is not set (named in pass_env)")
+        out[name] = env[name]
+    out.update({f"UPSCALED_{k.upper()}": _field(event, k) for k in _FIELDS})
+    return out
 
 
 @dataclass
@@ -181,10 +263,7 @@ def run_command(hook: Hook, event: HookEvent, env: Mapping[str, str]) -> Attempt
     """One attempt at a command hook. Never raises for the command's own failure."""
     assert hook.command is not None
     argv = [_fill(expand(a, env), event) for a in hook.command]
-    child_env = dict(env)
-    child_env.update(
-        {f"UPSCALED_{k.upper()}": "" if getattr(event, k) is None else str(getattr(event, k)) for k in _FIELDS}
-    )
+    child_env = command_env(hook, event, env)
     body = json.dumps(event.payload(), ensure_ascii=False).encode()
     try:
         proc = subprocess.run(
@@ -202,8 +281,19 @@ def run_command(hook: Hook, event: HookEvent, env: Mapping[str, str]) -> Attempt
     return Attempt(False, f"exit {proc.returncode}" + (f": {tail}" if tail else ""), retry=True)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib then raises the 3xx as an :class:`urllib.error.HTTPError`."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def post_json(hook: Hook, event: HookEvent, env: Mapping[str, str]) -> Attempt:
-    """One attempt at a URL hook: POST the payload; 2xx is success, 408/429/5xx and network errors may be retried."""
+    """One attempt at a URL hook: POST the payload; 2xx is success, 408/429/5xx and network errors may be retried,
+    a redirect is a failure that names where it pointed (never followed: the headers would go with it)."""
     assert hook.url is not None
     url = expand(hook.url, env)
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
@@ -211,9 +301,17 @@ def post_json(hook: Hook, event: HookEvent, env: Mapping[str, str]) -> Attempt:
     body = json.dumps(event.payload(), ensure_ascii=False).encode()
     req = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=hook.timeout) as resp:  # noqa: S310 (http(s) only: validated)
+        with _OPENER.open(req, timeout=hook.timeout) as resp:  # http(s) only: validated
             return Attempt(True, f"HTTP {resp.status}", retry=False)
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            where = exc.headers.get("Location") if exc.headers is not None else None
+            return Attempt(
+                False,
+                f"HTTP {exc.code} {exc.reason}: redirected to {where or '(no Location)'}, which is not followed "
+                "(the payload and its headers go only to the configured URL)",
+                retry=False,
+            )
         return Attempt(False, f"HTTP {exc.code} {exc.reason}", retry=exc.code in (408, 425, 429) or exc.code >= 500)
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)

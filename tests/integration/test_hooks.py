@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path, PurePosixPath
 
 import pytest
 from pydantic import ValidationError
@@ -27,9 +30,10 @@ EVENT = HookEvent(
 
 
 class Server:
-    """A local HTTP server that answers each POST with the next status in ``statuses`` (then 200)."""
+    """A local HTTP server that answers each request with the next status in ``statuses`` (then 200), and with a
+    ``Location`` header when ``location`` is given (a redirect); it records every request, GET or POST."""
 
-    def __init__(self, statuses: list[int] | None = None, delay: float = 0.0) -> None:
+    def __init__(self, statuses: list[int] | None = None, delay: float = 0.0, location: str | None = None) -> None:
         self.requests: list[dict] = []
         self.statuses = list(statuses or [])
         self.delay = delay
@@ -37,13 +41,24 @@ class Server:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.requests.append(
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        "headers": dict(self.headers),
+                        "body": json.loads(body) if body else None,
+                    }
+                )
                 time.sleep(outer.delay)
                 status = outer.statuses.pop(0) if outer.statuses else 200
                 self.send_response(status)
+                if location is not None:
+                    self.send_header("Location", location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+
+            do_GET = do_POST  # noqa: N815 (the stdlib's name): a followed redirect arrives as a GET
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -146,22 +161,126 @@ def test_a_full_queue_is_recorded_not_waited_on():
         server.close()
 
 
-def test_a_real_command_gets_the_payload_argv_fields_and_environment(tmp_path):
+# A command that writes what it got (its stdin's JSON, its argv as bytes in hex, its environment) to argv[1].
+SPY = (
+    "import json, os, sys; d = json.load(sys.stdin); "
+    "json.dump({'payload': d, 'argv': [os.fsencode(a).hex() for a in sys.argv[2:]], "
+    "'env': {k: os.fsencode(v).hex() for k, v in os.environ.items()}}, open(sys.argv[1], 'w'))"
+)
+
+
+def spy(out: Path, *argv: str, **keys) -> Hook:
+    return Hook(command=[sys.executable, "-c", SPY, str(out), *argv], **keys)
+
+
+def seen_by(out: Path) -> dict:
+    """What the spy command wrote: its payload, and its argv and environment decoded back to exact bytes."""
+    seen = json.loads(out.read_text())
+    seen["argv"] = [bytes.fromhex(a) for a in seen["argv"]]
+    seen["env"] = {k: bytes.fromhex(v) for k, v in seen["env"].items()}
+    return seen
+
+
+def test_a_real_command_gets_the_payload_argv_fields_and_only_a_minimal_environment(tmp_path):
     out = tmp_path / "seen.json"
-    script = (
-        "import json, os, sys; d = json.load(sys.stdin); "
-        "json.dump({'payload': d, 'argv': sys.argv[1:], 'job': os.environ['UPSCALED_JOB_ID'], "
-        "'token': os.environ.get('UPSCALED_HOOK_TOKEN')}, open(sys.argv[1], 'w'))"
-    )
     rec = Recorder()
-    runner = HookRunner(rec, env={"UPSCALED_HOOK_TOKEN": "t0k", "PATH": "/usr/bin:/bin"})
-    runner.submit([Hook(command=[sys.executable, "-c", script, str(out), "{input}", "${UPSCALED_HOOK_TOKEN}"])], EVENT)
+    service_env = {
+        "UPSCALED_HOOK_TOKEN": "t0k",
+        "UPSCALED_PASSED": "p4ss",
+        "PATH": "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "UPSCALED_DATABASE": "postgresql+psycopg://upscaled:s3cret@db/upscaled",
+        "AWS_SECRET_ACCESS_KEY": "nope",
+    }
+    runner = HookRunner(rec, env=service_env)
+    runner.submit([spy(out, "{input}", "${UPSCALED_HOOK_TOKEN}", pass_env=["UPSCALED_PASSED"])], EVENT)
     (row,) = rec.wait()
     assert row[2], row
-    seen = json.loads(out.read_text())
-    assert seen["argv"] == [str(out), "/in/a b.png", "t0k"]  # one argv item per name: no shell splitting
-    assert seen["job"] == "42" and seen["payload"]["metrics"] == {"brisque": 21.5} and seen["token"] == "t0k"
+    seen = seen_by(out)
+    assert seen["argv"] == [b"/in/a b.png", b"t0k"]  # one argv item per name: no shell splitting
+    assert seen["payload"]["metrics"] == {"brisque": 21.5} and seen["payload"]["job_id"] == 42
+    env = seen["env"]
+    fields = {f"UPSCALED_{k}" for k in ("JOB_ID", "EVENT", "INPUT", "OUTPUT", "MODEL", "RULE")}
+    python_own = {"LC_CTYPE"}  # Python's UTF-8 mode in a C locale sets it in the child itself
+    assert set(env) - python_own == {"PATH", "LANG", "UPSCALED_PASSED"} | fields, (
+        f"a hook's environment is PATH, LANG, what pass_env names and the fields, not the service's: {sorted(env)}"
+    )
+    assert env["UPSCALED_JOB_ID"] == b"42" and env["UPSCALED_PASSED"] == b"p4ss" and env["PATH"] == b"/usr/bin:/bin"
     assert "t0k" not in row[3]
+
+
+def test_a_variable_that_pass_env_names_and_that_is_not_set_fails_the_hook_naming_it(tmp_path):
+    rec = Recorder()
+    HookRunner(rec, env={}).submit([spy(tmp_path / "x.json", pass_env=["UPSCALED_NOT_SET"], retries=5)], EVENT)
+    (row,) = rec.wait(timeout=5)
+    assert not row[2] and "UPSCALED_NOT_SET is not set (named in pass_env)" in row[3], row
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_a_command_that_outlives_its_timeout_is_killed_and_recorded_as_timed_out():
+    """Issue 21, row 1: a hung hook must not run on (two of them would stop every hook) nor pass for a success."""
+    rec = Recorder()
+    runner = HookRunner(rec, env={}, workers=1)
+    t0 = time.monotonic()
+    runner.submit([Hook(command=[sys.executable, "-c", "import time; time.sleep(4)"], timeout=0.3, retries=0)], EVENT)
+    (row,) = rec.wait(timeout=15)
+    took = time.monotonic() - t0
+    assert not row[2], f"a command past its timeout must be recorded as failed, got {row[3]!r}"
+    assert "timed out after 0.3 s (killed)" in row[3] and took < 3, (row[3], took)
+
+
+def test_a_redirect_is_not_followed_and_fails_naming_where_it_pointed():
+    """Issue 20: a 302 to another host must not get the payload nor the Authorization header, and the hook is not
+    recorded as delivered."""
+    elsewhere = Server()
+    first = Server(statuses=[302], location=elsewhere.url + "/collect")
+    try:
+        rec = Recorder()
+        hook = Hook(url=first.url, headers={"Authorization": "Bearer ${TOKEN}"}, retries=3, backoff=0.01)
+        HookRunner(rec, env={"TOKEN": "s3cret"}).submit([hook], EVENT)
+        (row,) = rec.wait()
+        assert not row[2], f"a redirect is not a delivery: {row[3]!r}"
+        assert "HTTP 302" in row[3] and elsewhere.url + "/collect" in row[3] and "after 1 attempt" in row[3], row[3]
+        assert elsewhere.requests == [], f"the redirect was followed: {elsewhere.requests}"
+        assert len(first.requests) == 1
+    finally:
+        first.close()
+        elsewhere.close()
+
+
+def test_a_name_that_is_not_utf8_reaches_every_hook_exactly(tmp_path):
+    """Issue 20: every hook of a job with a non-UTF-8 name failed with UnicodeEncodeError (so a moderation hook could
+    be evaded). The command gets the exact bytes; the JSON gets printable text and the exact bytes in base64."""
+    name = os.fsdecode(b"/in/ph\xff\xfe.png")
+    event = HookEvent(event="done", job_id=5, input=name, output=os.fsdecode(b"/out/ph\xff\xfe.x2.png"))
+    server = Server()
+    out = tmp_path / "seen.json"
+    try:
+        rec = Recorder()
+        HookRunner(rec, env={}).submit([spy(out, "{input}"), Hook(url=server.url, retries=0)], event)
+        rows = rec.wait(2)
+        assert all(r[2] for r in rows), rows
+        seen = seen_by(out)
+        assert seen["argv"] == [b"/in/ph\xff\xfe.png"] and seen["env"]["UPSCALED_INPUT"] == b"/in/ph\xff\xfe.png"
+        for body in (seen["payload"], server.requests[0]["body"]):
+            assert body["input"] == "/in/ph\\xff\\xfe.png", body["input"]
+            assert base64.b64decode(body["input_raw"]) == b"/in/ph\xff\xfe.png"
+            assert base64.b64decode(body["output_raw"]) == b"/out/ph\xff\xfe.x2.png"
+    finally:
+        server.close()
+    plain = EVENT.payload()
+    assert plain["input_raw"] is None and plain["output_raw"] is None  # a UTF-8 name has no raw form
+
+
+def test_fields_are_filled_in_one_pass_so_a_name_cannot_bring_in_another_field(tmp_path):
+    """Issue 20: ``{output}`` and ``{rule}`` inside an input name were substituted a second time."""
+    out = tmp_path / "seen.json"
+    event = HookEvent(event="done", job_id=1, input="/in/{output}{rule}${HOME}.png", output="/out/o.png", rule="r")
+    rec = Recorder()
+    HookRunner(rec, env={"HOME": "/root"}).submit([spy(out, "{input}", "{rule}:{output}")], event)
+    (row,) = rec.wait()
+    assert row[2], row
+    assert seen_by(out)["argv"] == [b"/in/{output}{rule}${HOME}.png", b"r:/out/o.png"]
 
 
 def test_a_failing_command_is_retried_and_recorded_with_its_stderr():
@@ -222,6 +341,10 @@ def test_close_runs_what_is_queued_and_refuses_new_work(server):
         ({"url": "file:///etc/passwd"}, "http:// or https://"),
         ({"command": ["a"], "headers": {"A": "b"}}, "headers only apply"),
         ({"url": "http://x", "retries": 99}, "less than or equal to 20"),
+        ({"url": "http://x", "timout": 1}, r"timout\n  Extra inputs are not permitted"),
+        ({"url": "http://x", "header": {"Authorization": "x"}}, r"header\n  Extra inputs are not permitted"),
+        ({"url": "http://x", "pass_env": ["A"]}, "pass_env only applies to a command hook"),
+        ({"command": ["a"], "pass_env": ["A B"]}, "must be environment variable names"),
     ],
 )
 def test_bad_hooks_are_config_errors(keys, match):
@@ -238,3 +361,51 @@ def test_payload_is_json_with_every_field():
     p = HookEvent(event="failed", job_id=1, input="i", error="boom", error_kind="decode", extra={"node": "n1"})
     doc = json.loads(json.dumps(p.payload()))
     assert doc["error"] == "boom" and doc["error_kind"] == "decode" and doc["node"] == "n1" and doc["schema"] == 1
+
+
+def test_a_typo_in_a_hook_table_stops_the_configuration_naming_the_key(tmp_path):
+    """Issue 21, row 2: ``timout = 1`` and ``header = {...}`` were taken silently, and the hook ran with the default
+    timeout and no auth header."""
+    from daemon.config import load_settings
+    from daemon.errors import ConfigError
+    from tests.conftest import write_config
+
+    cfg = write_config(tmp_path, rules=[{"folder": "x", "model": "bicubic"}])
+    cfg.write_text(
+        cfg.read_text()
+        + '\n[[rules.on_done]]\nurl = "http://127.0.0.1/x"\nheader = { Authorization = "Bearer x" }\ntimout = 1\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert "rules[0].on_done[0].header: unknown key" in str(err.value), str(err.value)
+    assert "rules[0].on_done[0].timout: unknown key" in str(err.value), str(err.value)
+
+
+def test_a_hook_is_given_where_the_input_went_not_the_inbox_path_it_left(tmp_path):
+    """Issue 21, row 3: the worker must hand a hook the input's new place (archive/ or failed/): the inbox path
+    names a file that no longer exists. The hooks are real commands that check the file is there."""
+    from daemon.hooks import HookRunner
+    from tests.unit.test_worker import Rig
+
+    rig = Rig(tmp_path)
+    exists = [sys.executable, "-c", "import os, sys; sys.exit(0 if os.path.isfile(sys.argv[1]) else 7)", "{input}"]
+    hook = Hook(command=exists, retries=0)
+    rig.stages.settings = rig.settings.model_copy(update={"on_done": [hook], "on_failed": [hook]})
+    rec = Recorder()
+    rig.stages.hooks = HookRunner(rec, env={})
+    rig.admit(rig.drop("good.png"))
+    rig.step()
+    (rig.settings.inbox / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG header, no image
+    reg, spec = rig.admit(PurePosixPath("bad.png"))
+    if spec.failure is None:  # refused at the door or when decoded: either way a failed job with a hook
+        rig.step()
+    else:
+        from daemon.worker import Task
+
+        rig.stages.settle([Task(job=reg.job, root=rig.inbox, rel=spec.rel, error=spec.failure)])
+    rows = sorted(rec.wait(2))
+    assert [(r[1], r[2]) for r in rows] == [("on_done", True), ("on_failed", True)], (
+        "a hook's {input} must name the file where it is now (exit 7: it does not exist there)",
+        rows,
+    )
+    assert (rig.settings.archive / "good.png").is_file() and (rig.settings.failed / "bad.png").is_file()
