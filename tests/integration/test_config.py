@@ -97,6 +97,41 @@ def test_fingerprint_changes_with_output_affecting_fields_only():
     assert a.fingerprint() != Rule(folder="a", model="bicubic", scale=2, format="jpg").fingerprint()
 
 
+# Each key that changes the pixels or the file written, with a rule before and after changing it.
+PIXEL_KEYS = {
+    "scale": ({}, {"scale": 3}),
+    "outscale": ({}, {"outscale": 3}),
+    "width": ({}, {"width": 640}),
+    "height": ({}, {"height": 480}),
+    "max_side": ({}, {"max_side": 1000}),
+    "fit": ({"width": 640, "height": 480}, {"width": 640, "height": 480, "fit": "cover"}),
+    "max_passes": ({"width": 640}, {"width": 640, "max_passes": 3}),
+    "format": ({}, {"format": "jpg"}),
+    "quality": ({}, {"quality": 80}),
+    "metadata": ({}, {"metadata": "strip"}),
+    "alpha": ({}, {"alpha": "model"}),
+    "naming": ({}, {"naming": "{stem}.{ext}"}),
+    "mode": ({}, {"mode": "benchmark"}),
+}
+
+
+@pytest.mark.parametrize("key", list(PIXEL_KEYS))
+def test_every_key_that_changes_what_is_written_changes_the_fingerprint(key):
+    """Issue 21, row 4: a fingerprint that left out the target size made a file redone under a new ``width`` a
+    "duplicate" of the old job, never redone; the break was caught only by a 60 s timeout, not by a message."""
+    before, after = PIXEL_KEYS[key]
+    base = {"folder": "a", "model": "bicubic", "scale": 2}
+    a, b = Rule(**{**base, **before}), Rule(**{**base, **after})
+    assert a.fingerprint() != b.fingerprint(), (
+        f"{key} changes what is written, so it must change the rule's fingerprint: else a file dropped again "
+        f"after {after} is a duplicate of its job under {before or 'the defaults'} and is never redone"
+    )
+    for same in ({"folder": "b"}, {"device": "cpu"}, {"precision": "fp32"}, {"compression": 9}):
+        assert Rule(**{**base, **after, **same}).fingerprint() == b.fingerprint(), (
+            f"{same} does not change the pixels, so it must not change the fingerprint"
+        )
+
+
 def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "daemon", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=60

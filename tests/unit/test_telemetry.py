@@ -1,7 +1,9 @@
 """Telemetry and its HTTP server: the exposition parsed back with prometheus_client's own parser, over a real socket.
 
-The Health here is a fake of the service (the service is the lead's), with settable checks and queue; everything
-else is real: the registry, the text exposition, the ThreadingHTTPServer, urllib as the client.
+The Health here is a stand-in with settable checks and queue, for the server's own behaviour (status codes, the
+JSON, a check that raises); the service's real checks, in each state where /readyz must fail, are tested in
+tests/integration/test_health.py. Everything else is real: the registry, the text exposition, the
+ThreadingHTTPServer, urllib as the client.
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ from daemon.fsops import Root
 from daemon.intake import Intake
 from daemon.jobs import MemoryStore, worker_id
 from daemon.worker import Stages
-from models.registry import ModelCache
+from models.backends import Backend, cpu_only
+from models.base import FunctionUpscaler
+from models.errors import OutOfMemoryError
+from models.registry import ModelCache, Registry
 from tests.conftest import write_config
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
@@ -210,29 +213,65 @@ def test_a_one_off_job_never_moves_its_input(tmp_path):
     assert rig.store.get(reg.job.id).input_moved_to is None
 
 
-def test_out_of_memory_is_retried_with_doubling_backoff_then_quarantined(tmp_path):
-    from daemon.dispositions import Policy, Quarantine, RetryAt, after_run
-    from daemon.errors import DiskFullError
-    from models.errors import OutOfMemoryError
+def load(entry, scale: float, _ctx) -> FunctionUpscaler:
+    """The ``load`` of a stand-in backend whose model runs out of memory on every call, as a GPU would (no GPU
+    here): it takes the place of the OpenCV backend in a :class:`Registry` of the test's own."""
 
-    rig = Rig(tmp_path, max_attempts=3, retry_seconds=30.0, retry_max_seconds=50.0)
+    def oom(_rgb: np.ndarray) -> np.ndarray:
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (stand-in)")
+
+    return FunctionUpscaler(entry.id, "opencv", scale, oom, run_u8=oom)
+
+
+def test_out_of_memory_is_retried_by_the_worker_with_doubling_capped_backoff_counted_then_quarantined(tmp_path):
+    """The worker's own settle step (not the policy alone): each out-of-memory attempt is committed for a retry at
+    ``retry_seconds`` doubling up to ``retry_max_seconds``, counted in ``upscaled_jobs_total{status="retried"}``
+    (the disk-full and OOM alerts read it), and after ``max_attempts`` the job fails and its input goes to failed/."""
+    from daemon.telemetry import Telemetry
+
+    rig = Rig(
+        tmp_path,
+        rules=[{"folder": "", "model": "fsrcnn", "scale": 2, "format": "png"}],
+        max_attempts=3,
+        retry_seconds=30.0,
+        retry_max_seconds=50.0,
+    )
+    rig.stages.cache = ModelCache(Registry([Backend("opencv", __name__, None, resolve_device=cpu_only)]))
+    rig.stages.telemetry = telemetry = Telemetry("n", "0", {})
     reg, _ = rig.admit(rig.drop("a.png"))
-    policy = Policy.of(rig.settings)
+
+    def retried() -> float:
+        body = telemetry.render()[0].decode()
+        line = [x for x in body.splitlines() if x.startswith("upscaled_jobs_total{") and 'status="retried"' in x]
+        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+
+    waits = []
+    for attempt in (1, 2):
+        task = rig.step()
+        assert task is not None and task.error is not None and task.error.kind == "out-of-memory", task
+        job = rig.store.get(reg.job.id)
+        assert job.state == "pending" and job.attempts == attempt and job.error_kind == "out-of-memory", job
+        waits.append((job.next_attempt_at - rig.clock.now).total_seconds())
+        assert retried() == attempt, f"attempt {attempt} was retried but upscaled_jobs_total{{retried}} = {retried()}"
+        assert rig.step() is None, "a job waiting for its retry time must not be claimed before it"
+        rig.clock.now = job.next_attempt_at
+    assert waits == [30.0, 50.0], f"retry delays {waits}: expected 30 s, then 60 s capped at retry_max_seconds 50"
+    task = rig.step()
+    job = rig.store.get(reg.job.id)
+    assert job.state == "failed" and job.attempts == 3 and job.error_kind == "out-of-memory", job
+    assert (rig.settings.failed / "a.png").exists() and not (rig.settings.inbox / "a.png").exists()
+    assert retried() == 2 and rig.outcomes == [(1, "retried"), (1, "retried"), (1, "failed")]
+
+
+def test_a_full_disk_is_retried_until_fixed_whatever_max_attempts_says(tmp_path):
+    from daemon.dispositions import Policy, RetryAt, after_run
+    from daemon.errors import DiskFullError
+
+    rig = Rig(tmp_path, max_attempts=1)
+    rig.admit(rig.drop("a.png"))
     job = rig.store.claim("w")[0]
-    first = after_run(job, OutOfMemoryError("oom"), policy, T0)
-    assert isinstance(first, RetryAt) and first.at == T0 + dt.timedelta(seconds=30)
-    rig.store.retry_later(job.id, first.kind, first.error, first.at, owner="w")
-    rig.clock.now = first.at
-    job = rig.store.claim("w")[0]
-    second = after_run(job, OutOfMemoryError("oom"), policy, first.at)
-    assert isinstance(second, RetryAt) and second.at == first.at + dt.timedelta(seconds=50)  # 60, capped at 50
-    rig.store.retry_later(job.id, second.kind, second.error, second.at, owner="w")
-    rig.clock.now = second.at
-    job = rig.store.claim("w")[0]
-    assert job.attempts == 3
-    assert isinstance(after_run(job, OutOfMemoryError("oom"), policy, second.at), Quarantine)
-    forever = after_run(job, DiskFullError("full"), policy, second.at)  # the environment's fault: until fixed
-    assert isinstance(forever, RetryAt)
+    forever = after_run(job, DiskFullError("full"), Policy.of(rig.settings), T0)  # the environment's fault
+    assert isinstance(forever, RetryAt), forever
 
 
 def test_a_failed_input_in_the_inbox_after_a_crash_is_quarantined_by_the_next_scan(rig):
