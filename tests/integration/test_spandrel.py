@@ -565,21 +565,50 @@ def test_grey_stays_grey(tmp_path, weights):
 
 
 @pytest.mark.parametrize("model", [XSX4, DITN])
-@pytest.mark.parametrize("size", [(1, 1), (13, 7), (21, 11)], ids=["1x1", "7x13", "11x21"])
-def test_odd_sizes(tmp_path, weights, model, size):
+def test_a_1x1_image_comes_out_as_the_colour_of_a_flat_field(tmp_path, weights, model):
     value = np.array([200, 120, 40], np.uint8)
     src = tmp_path / "in" / "odd.png"
     src.parent.mkdir()
-    Image.fromarray(np.tile(value, (size[1], size[0], 1))).save(src)
+    Image.fromarray(np.tile(value, (1, 1, 1))).save(src)
     settings = settings_in(tmp_path, weights)
     (report,) = process_once(settings, [src], Rule(model=model, scale=4, metrics=[]), tmp_path / "out")
     assert report["state"] == "done", report
     out = _decode(Path(report["output"]))
-    assert (out.width, out.height) == (size[0] * 4, size[1] * 4)
-    # A flat colour must come out as the colour the model gives the middle of a large flat field of it (the
-    # anime model itself lifts (200, 120, 40) to about (207, 123, 38)): no channel swap, no tint from padding.
+    assert (out.width, out.height) == (4, 4)
+    # One pixel is a flat field: it must come out as the colour the model gives the middle of a large flat field of
+    # it (the anime model itself lifts (200, 120, 40) to about (207, 123, 38)): no channel swap, no tint from padding.
     field = _plain_spandrel(weights, model, np.tile(value / 255.0, (64, 64, 1)))[128, 128] * 255
     assert np.abs(out.rgb.reshape(-1, 3) * 255 - field).max() < 3, (out.rgb.reshape(-1, 3).mean(0) * 255, field)
+
+
+@pytest.mark.parametrize("model", [XSX4, DITN])
+@pytest.mark.parametrize("size", [(13, 7), (21, 11)], ids=["7x13", "11x21"])
+def test_odd_sizes_come_out_in_place(tmp_path, weights, model, size):
+    """An odd size is padded to what the model needs and cropped back. A textured image (the most detailed crop of
+    the butterfly) shows where the crop was taken: the output must match the plain spandrel call on the same
+    pixels in place, far better than shifted by one input pixel (a flat colour passed a crop from the corner)."""
+    rgb = (crop(size[1], size[0], 99, 222) * 255).round().astype(np.uint8)
+    src = tmp_path / "in" / "odd.png"
+    src.parent.mkdir()
+    Image.fromarray(rgb).save(src)
+    settings = settings_in(tmp_path, weights)
+    (report,) = process_once(settings, [src], Rule(model=model, scale=4, metrics=[]), tmp_path / "out")
+    assert report["state"] == "done", report
+    out = _decode(Path(report["output"])).rgb * 255
+    assert out.shape == (size[1] * 4, size[0] * 4, 3)
+    plain = np.clip(_plain_spandrel(weights, model, rgb / 255.0), 0, 1) * 255
+    in_place = np.abs(out - plain).mean()
+    shifted = {
+        "right": np.abs(out[:, 4:] - plain[:, :-4]).mean(),
+        "left": np.abs(out[:, :-4] - plain[:, 4:]).mean(),
+        "down": np.abs(out[4:] - plain[:-4]).mean(),
+        "up": np.abs(out[:-4] - plain[4:]).mean(),
+    }
+    # Measured: 3.5-13 levels in place (borders padded another way than the plain call's), 17-45 one pixel off.
+    assert all(in_place < 0.7 * v for v in shifted.values()), (
+        f"the output is {in_place:.1f} levels from the model's own output in place, but {shifted} one input "
+        "pixel off: it was cropped from the wrong place"
+    )
 
 
 def test_outscale_finishes_with_a_resize(tmp_path, weights):

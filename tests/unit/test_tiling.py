@@ -1,9 +1,11 @@
-"""The one tiler (models/tiling.py) as pure functions, exact against per-pixel networks.
+"""The one tiler (models/tiling.py) as pure functions, exact against networks whose reach is known.
 
 A per-pixel network (nearest-neighbour enlargement) has no receptive field beyond its own pixel, so any tiling with
-any margin must reproduce a single pass exactly; a box filter has a known radius, so a margin at least that radius
-must too. The out-of-memory tests inject the failure a GPU would raise (a stand-in: no GPU here) into the window
-function, succeeding only below a size.
+any margin must reproduce a single pass exactly: it checks the plan and the assembly, never the margin. A box filter
+has a known radius and is wrong at a window's border (its zero padding), so only a margin of at least that radius
+reproduces a single pass, cut or cross-faded: it is the network the margin tests use. The out-of-memory tests
+inject the failure a GPU would raise (a stand-in: no GPU here) into the window function, succeeding only below a
+size.
 """
 
 from __future__ import annotations
@@ -22,13 +24,21 @@ def nearest(scale: int):
     return run
 
 
-def box3(window: np.ndarray, _origin=None) -> np.ndarray:
-    """A 3x3 box blur with zero padding (radius 1: wrong at a window's border, right one pixel in), then x2."""
-    p = np.pad(window.astype(np.float64), ((1, 1), (1, 1), (0, 0)))
-    h, w = window.shape[:2]
-    acc = sum(p[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)) / 9.0
-    out = np.repeat(np.repeat(acc, 2, axis=0), 2, axis=1)
-    return out.astype(window.dtype) if window.dtype != np.uint8 else np.rint(out).astype(np.uint8)
+def box(radius: int = 1, scale: int = 2):
+    """A (2r+1)^2 box blur with zero padding (wrong at a window's border, right ``radius`` pixels in), then x2."""
+
+    def run(window: np.ndarray, _origin=None) -> np.ndarray:
+        k = 2 * radius + 1
+        p = np.pad(window.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)))
+        h, w = window.shape[:2]
+        acc = sum(p[dy : dy + h, dx : dx + w] for dy in range(k) for dx in range(k)) / (k * k)
+        out = np.repeat(np.repeat(acc, scale, axis=0), scale, axis=1)
+        return out.astype(window.dtype) if window.dtype != np.uint8 else np.rint(out).astype(np.uint8)
+
+    return run
+
+
+box3 = box(1)
 
 
 @pytest.mark.parametrize("multiple", [1, 8])
@@ -55,7 +65,12 @@ def test_plans_cover_overlap_and_cross_fade_to_one(multiple):
 def test_a_tile_too_small_for_its_overlap_is_refused_with_the_smallest_that_works():
     with pytest.raises(ValueError, match="use at least 48"):
         plan_axis(500, 40, 16)
-    assert plan_axis(500, 48, 16)[0] == (0, 48) or len(plan_axis(500, 48, 16)) > 1
+    # The smallest tile that works: 500 px need ceil((500 - 16) / (48 - 16)) = 16 windows, and their size shrinks to
+    # just fit, ceil((500 + 15 * 16) / 16) = 47, spread evenly from 0 to 500.
+    spans = plan_axis(500, 48, 16)
+    assert len(spans) == 16 and {e - s for s, e in spans} == {47}, spans
+    assert spans[0] == (0, 47) and spans[-1] == (453, 500), spans
+    assert all(e0 - s1 >= 16 for (_, e0), (s1, _) in zip(spans, spans[1:], strict=False)), spans
     with pytest.raises(ValueError, match="length 0"):
         plan_axis(0, 64, 8)
 
@@ -72,16 +87,19 @@ def test_tiling_a_per_pixel_network_is_exact(feather):
     calls = []
 
     def run(window: np.ndarray, origin) -> np.ndarray:
-        calls.append((window.shape, origin))
+        calls.append((window.copy(), origin))
         return nearest(3)(window)
 
     out = run_tiled(run, img, 3, Geometry(96, 8, feather))
-    assert len(calls) > 4 and all(max(s[:2]) <= 96 for s, _ in calls)
-    # Every window is told where it sits in the whole image.
-    for shape, (y, x) in calls:
-        np.testing.assert_array_equal(img[y : y + shape[0], x : x + shape[1]], img[y : y + shape[0], x : x + shape[1]])
-        assert 0 <= y < 157 and 0 <= x < 203
-    assert calls[0][1] == (0, 0) and calls[-1][1][0] + calls[-1][0][0] == 157
+    assert len(calls) > 4 and all(max(w.shape[:2]) <= 96 for w, _ in calls)
+    # Every window is the part of the image at the origin it is told, and together they cover it.
+    covered = np.zeros(img.shape[:2], bool)
+    for window, (y, x) in calls:
+        h, w = window.shape[:2]
+        assert 0 <= y and y + h <= 157 and 0 <= x and x + w <= 203, (y, x, window.shape)
+        np.testing.assert_array_equal(window, img[y : y + h, x : x + w], err_msg=f"window told origin {(y, x)}")
+        covered[y : y + h, x : x + w] = True
+    assert covered.all() and calls[0][1] == (0, 0)
     if feather == 0:
         np.testing.assert_array_equal(out, nearest(3)(img))  # copied, not blended: bit-exact
     else:
@@ -100,18 +118,40 @@ def test_a_hard_cut_with_a_margin_at_the_receptive_field_gives_the_same_bytes():
     assert (no_margin != whole).any()
 
 
+@pytest.mark.parametrize("radius", [1, 3])
+def test_a_cross_fade_with_a_margin_at_the_receptive_field_gives_the_single_pass(radius):
+    """With a feather, every output pixel with weight is at least ``margin`` input pixels from its window's inner
+    edge: a network that reads its neighbourhood (and pads a window's border with zeros) then gives the single
+    pass's values everywhere, cross-faded or not. A margin below its reach lets the padded border show."""
+    img = np.random.default_rng(5).random((83, 121, 3), dtype=np.float32)
+    net = box(radius)
+    whole = net(img)
+    for feather in (1, 6):
+        tiled = run_tiled(net, img, 2, Geometry(48, margin=radius, feather=feather))
+        assert tiled.shape == whole.shape
+        err = np.abs(tiled - whole).max()
+        assert err < 1e-5, f"margin {radius} = the network's reach, feather {feather}: off the single pass by {err}"
+    short = run_tiled(net, img, 2, Geometry(48, margin=radius - 1, feather=6))
+    assert np.abs(short - whole).max() > 0.01, "a margin below the reach must show the windows' zero padding"
+
+
 def test_uint8_windows_that_cross_fade_are_rounded_back_to_uint8():
+    """uint8 windows are blended as their values and rounded back one row of windows at a time: with a network that
+    reads its neighbourhood and a margin at its reach, within one level of the single pass."""
     img = np.random.default_rng(3).integers(0, 256, (70, 90, 3), dtype=np.uint8)
-    out = run_tiled(nearest(2), img, 2, Geometry(36, 4, 4))
-    assert out.dtype == np.uint8
-    np.testing.assert_array_equal(out, nearest(2)(img))
+    out = run_tiled(box3, img, 2, Geometry(36, 1, 4))
+    assert out.dtype == np.uint8 and out.shape == (140, 180, 3)
+    diff = np.abs(out.astype(int) - box3(img).astype(int))
+    assert diff.max() <= 1, f"cross-faded uint8 windows are off the single pass by up to {diff.max()} levels"
+    np.testing.assert_array_equal(run_tiled(nearest(2), img, 2, Geometry(36, 4, 4)), nearest(2)(img))
 
 
 def test_the_origin_of_each_window_is_offset_by_the_origin_of_the_image():
     img = np.zeros((50, 50, 1), np.float32)
     seen = []
     run_tiled(lambda w, o: seen.append(o) or nearest(1)(w), img, 1, Geometry(24, 2), origin=(100, 200))
-    assert min(seen) == (100, 200) and all(y >= 100 and x >= 200 for y, x in seen)
+    starts = [s for s, _ in plan_axis(50, 24, 4)]
+    assert seen == [(100 + y, 200 + x) for y in starts for x in starts], seen  # raster order, offset by the origin
 
 
 def test_a_wrong_output_shape_is_an_error_that_says_what_was_expected():
