@@ -47,6 +47,11 @@ def test_default_rule_is_added_when_missing(tmp_path):
         ([{"folder": "x", "model": "nosuch"}], {}, "unknown model 'nosuch'"),
         ([{"folder": "x", "model": "fsrcnn", "scale": 8}], {}, "fsrcnn cannot upscale x8; it has x2, x3, x4"),
         ([{"folder": "x", "model": "lapsrn", "scale": 3}], {}, "lapsrn cannot upscale x3"),
+        (
+            [{"folder": "x", "model": "sd-x4-upscaler", "scale": 4, "outscale": 16}],
+            {},
+            "outscale 16 needs 2 passes of the x4 sd-x4-upscaler, which cannot take its own output",
+        ),
         ([{"folder": "x", "model": "bicubic", "typo": 1}], {}, "rules[0].typo: unknown key"),
         ([{"folder": "../up", "model": "bicubic"}], {}, "rules[0].folder"),
         ([{"folder": "x", "model": "bicubic", "naming": "{stem}/../../x.{ext}"}], {}, "rules[0].naming"),

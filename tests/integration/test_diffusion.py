@@ -363,6 +363,22 @@ def test_issue_17_item_1_a_window_that_runs_out_of_memory_is_split_with_its_own_
     np.testing.assert_array_equal(out, load(ModelCache(), tiny, tile=16)(img, FAST))
 
 
+def test_position_noise_is_keyed_by_seed_stream_and_position_only():
+    """No pipeline needed: each pixel's noise depends on the seed, the stream and its position, so overlapping
+    windows draw the same noise where they overlap, and the latents and the noise_level noise are independent
+    fields (drawn from one seed, they would be the same numbers and add up instead of averaging out)."""
+    streams = (diffusion_sd.LATENT_STREAM, diffusion_sd.LOW_RES_STREAM)
+    for stream in streams:
+        a = diffusion_sd.position_noise(3, 8, 0, 40, 100, 4, torch, stream)
+        b = diffusion_sd.position_noise(3, 20, 70, 28, 90, 4, torch, stream)
+        assert torch.equal(a[:, :, 12:, 70:], b[:, :, :, :30]), f"stream {stream}: windows disagree on their overlap"
+    latent, low_res = (diffusion_sd.position_noise(3, 0, 0, 32, 32, 4, torch, s) for s in streams)
+    corr = float(torch.corrcoef(torch.stack([latent.flatten(), low_res.flatten()]))[0, 1])
+    assert abs(corr) < 0.1, f"the latent and low-res noise fields correlate at {corr:.2f}: they must be independent"
+    other_seed = diffusion_sd.position_noise(4, 0, 0, 32, 32, 4, torch, diffusion_sd.LATENT_STREAM)
+    assert not torch.equal(latent, other_seed)
+
+
 def test_issue_17_item_2_tiled_and_untiled_agree_at_the_highest_noise_level(cache, tiny):
     """The noise added to the input (noise_level) is keyed by position like the initial latents, so overlapping
     windows see the same noise; on a smooth image at noise_level 350 tiled stays within 4 levels of untiled."""

@@ -8,6 +8,7 @@ is real HTTP over a socket.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import http.client
 import io
@@ -312,6 +313,8 @@ def test_filters_by_folder_model_state_date_and_name(site):
     assert job_ids(web.page("/?model=fsrcnn")) == []
     assert len(job_ids(web.page("/?from=2000-01-01&to=2999-12-31&folder=bulk"))) == 50
     assert job_ids(web.page("/?to=2000-01-01")) == []
+    today = dt.datetime.now(dt.UTC).date().isoformat()  # the jobs arrived today (UTC): the `to` day is included
+    assert set(job_ids(web.page(f"/?from={today}&to={today}&state=failed&folder=photos"))) == {ids["watch_failed"]}
     status, _, body = web.get("/?state=finished")
     assert status == 400 and b"state expects one of pending, running, done, failed, got &#39;finished&#39;" in body
     status, _, body = web.get("/?from=yesterday")

@@ -63,3 +63,22 @@ def test_a_sidecar_that_is_not_a_short_utf8_text_fails_its_job_with_why(inbox, c
 
 def test_a_name_too_long_for_a_sidecar_has_none(inbox):
     assert read_prompt(inbox, PurePosixPath("n" * 251 + ".png")) is None  # 255 bytes: name + .prompt.txt cannot exist
+
+
+def test_a_file_over_max_file_bytes_is_refused_before_its_header_is_read(tmp_path):
+    """The size comes first: 2 KiB of what is not an image, against a 1 KiB limit, is "too large", not "not an
+    image" (which it would be, had its header been read), and a real image under the limit passes."""
+    from daemon.config import load_settings
+    from daemon.errors import ImageTooLargeError
+    from daemon.intake import inspect
+    from tests.conftest import image, write_config
+
+    settings = load_settings(write_config(tmp_path, max_file_bytes=1024))
+    settings.inbox.mkdir(parents=True, exist_ok=True)
+    (settings.inbox / "big.png").write_bytes(b"\0" * 2048)
+    image(settings.inbox / "small.png", (8, 8))
+    with Root(settings.inbox) as root:
+        with pytest.raises(ImageTooLargeError, match="is 2048 bytes, over the max_file_bytes limit of 1024"):
+            inspect(root, PurePosixPath("big.png"), settings)
+        sha, probe, st = inspect(root, PurePosixPath("small.png"), settings)
+    assert (probe.width, probe.height) == (8, 8) and st.st_size <= 1024 and len(sha) == 64

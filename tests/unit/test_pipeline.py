@@ -171,3 +171,17 @@ def test_brisque_scores_the_output_not_the_input(settings):
     assert got.name == "brisque" and got.value == pytest.approx(of_output, abs=1e-6), (
         f"brisque recorded {got.value:.3f}; the output scores {of_output:.3f}, the input {of_input:.3f}"
     )
+
+
+def test_benchmark_mode_crops_the_ground_truth_to_a_multiple_of_the_scale(settings):
+    """The papers' protocol (docs/protocol.md): the HR image is cropped at the bottom and right to a multiple of the
+    scale, the LR image made from that, and the output compared with that crop."""
+    src = texture(50, 45, seed=4)
+    rule = Rule(model="bicubic", scale=4, mode="benchmark", format="png", metrics=["psnr_y", "ssim_y"])
+    work, data, fmt = through(rule, png(src), settings)
+    assert work.hr is not None and work.hr.shape == (44, 48, 3), f"HR not cropped to x4: {work.hr.shape}"
+    np.testing.assert_array_equal(np.rint(work.hr * 255).astype(np.uint8), src[:44, :48])
+    assert work.src.shape == (11, 12, 3) and work.size == (48, 44)
+    metrics = {m.name: m for m in pipeline.measure(rule, work, data, fmt, lambda: None)}
+    assert set(metrics) == {"psnr_y", "ssim_y"} and all(m.shave == 4 for m in metrics.values())
+    assert 10 < metrics["psnr_y"].value < 60, metrics["psnr_y"]

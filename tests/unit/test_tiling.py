@@ -211,3 +211,18 @@ def test_errors_that_are_not_out_of_memory_pass_through_untouched():
     with pytest.raises(ValueError, match="a bug"):
         splitter.run(broken, np.zeros((64, 64, 3), np.float32), (0, 0), 2)
     assert splitter.splits == 0 and splitter.cap is None
+
+
+def test_each_window_reports_its_progress_to_whoever_listens():
+    """Every window is a sign of life (the watchdog's per-tile beat, ``tile 3/12`` in STATUS=): ``run_tiled``
+    reports each window as it is done, to the sink of the calling context, and to nobody outside one."""
+    from models.progress import reporting
+
+    img = np.zeros((50, 70, 3), np.float32)
+    heard: list[tuple[int, int, str]] = []
+    with reporting(lambda done, total, unit="tile": heard.append((done, total, unit))):
+        run_tiled(nearest(2), img, 2, Geometry(24, 2))
+    n = len(plan_axis(50, 24, 4)) * len(plan_axis(70, 24, 4))
+    assert heard == [(i, n, "tile") for i in range(1, n + 1)], heard
+    run_tiled(nearest(2), img, 2, Geometry(24, 2))  # no listener: nothing to report to, nothing raised
+    assert len(heard) == n
