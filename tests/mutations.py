@@ -17,8 +17,10 @@ would mean nothing. (``.ci/run`` passes ``--no-baseline`` because ``make test`` 
 
 Mutations are independent (each has its own copy of the tree, its own temporary folders, and tests that pick free
 ports), so ``--jobs`` of them run at once, one pytest process each: by default as many as the CPUs this process may
-use. The baseline is split the same way, by test file. A progress line is printed as each one ends; the table at
-the end is in the list's order whatever the order they ended in.
+use. The baseline is split the same way, by test file. A mutation marked ``alone = true`` (its tests time the
+service: watchdog pings that must keep coming) runs after the others with nothing beside it, and so do its tests in
+the baseline. A progress line is printed as each one ends; the table at the end is in the list's order whatever the
+order they ended in.
 
 It prints a table (mutation, tests run, caught?, the test that caught it, seconds) and exits 1 if any mutation
 survived, 2 if the guard itself could not do its job (an anchor gone, a failing baseline, a skip or a timeout).
@@ -52,6 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LIST = Path(__file__).with_name("mutations.toml")
 KEYS = {"name", "invariant", "file", "find", "replace", "tests"}
+OPTIONAL = {"alone"}  # alone = true: its tests time the service (watchdog gaps), so nothing else runs beside them
 
 
 class GuardError(Exception):
@@ -68,6 +71,7 @@ class Mutation:
     find: str
     replace: str
     tests: tuple[str, ...]
+    alone: bool = False  # run with nothing beside it: its tests measure time (see OPTIONAL)
 
     def apply(self, tree: Path) -> None:
         """Mutate ``file`` under ``tree`` in place.
@@ -109,9 +113,19 @@ def load(path: Path = LIST) -> list[Mutation]:
     out: list[Mutation] = []
     for i, item in enumerate(data.get("mutation", [])):
         where = f"{path.name}: mutation {i + 1} ({item.get('name', '?')})"
-        if set(item) != KEYS:
-            raise GuardError(f"{where}: keys {sorted(item)}, expected {sorted(KEYS)}")
-        m = Mutation(item["name"], item["invariant"], item["file"], item["find"], item["replace"], tuple(item["tests"]))
+        if not KEYS <= set(item) <= KEYS | OPTIONAL:
+            raise GuardError(f"{where}: keys {sorted(item)}, expected {sorted(KEYS)}, optionally {sorted(OPTIONAL)}")
+        if not isinstance(item.get("alone", False), bool):
+            raise GuardError(f"{where}: alone must be true or false, got {item['alone']!r}")
+        m = Mutation(
+            item["name"],
+            item["invariant"],
+            item["file"],
+            item["find"],
+            item["replace"],
+            tuple(item["tests"]),
+            item.get("alone", False),
+        )
         if "\n" in m.find or "\n" in m.replace:
             raise GuardError(f"{where}: a mutation is one line; its snippets may not span lines")
         if m.find == m.replace or not m.find:
@@ -270,6 +284,27 @@ def table(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def markdown(mutations: Sequence[Mutation], outcomes: Sequence[Outcome]) -> str:
+    """The run as docs/reliability.md lists it: how many mutations each module has, then every mutation by module
+    (file), with its invariant, the test that caught it and the seconds its run took."""
+    by_name = {o.name: o for o in outcomes}
+    files = sorted({m.file for m in mutations})
+    lines = ["| module | mutations | caught |", "| --- | ---: | ---: |"]
+    for f in files:
+        ms = [m for m in mutations if m.file == f]
+        caught = sum(1 for m in ms if m.name in by_name and by_name[m.name].status == "caught")
+        lines.append(f"| `{f}` | {len(ms)} | {caught} |")
+    lines.append(f"| **all** | **{len(mutations)}** | **{sum(o.status == 'caught' for o in outcomes)}** |")
+    lines += ["", "| module | mutation | the invariant it breaks | caught by | s |", "| --- | --- | --- | --- | ---: |"]
+    for f in files:
+        for m in (m for m in mutations if m.file == f):
+            o = by_name.get(m.name)
+            by = o.by if o is not None and o.status == "caught" else (o.status if o is not None else "not run")
+            secs = f"{o.seconds:.1f}" if o is not None else ""
+            lines.append(f"| `{f}` | {m.name} | {m.invariant.replace('|', '/')} | `{by}` | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run this mutation (repeat)")
@@ -288,6 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"mutations run at once (default: the CPUs this process may use, here {default_jobs()})",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary trees (their path is printed)")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="also write the run as docs/reliability.md lists it (counts per module, every mutation by module)",
+    )
     parser.add_argument(
         "--every",
         action="store_true",
@@ -344,9 +385,15 @@ def _baseline(mutations: Sequence[Mutation], files: Sequence[str], tmp: Path, ar
     Raises:
         GuardError: a test failed, skipped or timed out.
     """
-    tests = list(dict.fromkeys(t for m in mutations for t in m.tests))
-    groups = split_by_file(tests, args.jobs)
-    print(f"baseline: {len(tests)} tests on the unmutated tree, in {len(groups)} group(s) ...", flush=True)
+    timed = list(dict.fromkeys(t for m in mutations if m.alone for t in m.tests))
+    tests = [t for t in dict.fromkeys(t for m in mutations for t in m.tests) if t not in timed]
+    groups = split_by_file(tests, args.jobs) if tests else []
+    print(
+        f"baseline: {len(tests) + len(timed)} tests on the unmutated tree, in {len(groups)} group(s) side by side"
+        + (f", then {len(timed)} alone" if timed else "")
+        + " ...",
+        flush=True,
+    )
     t0 = time.monotonic()
 
     def one(i: int, group: list[str]) -> Outcome:
@@ -354,8 +401,12 @@ def _baseline(mutations: Sequence[Mutation], files: Sequence[str], tmp: Path, ar
         copy_tree(files, tree)
         return run_tests(tree, group, "baseline", args.timeout * 2, stop_first=False)
 
-    with ThreadPoolExecutor(len(groups)) as pool:
-        outcomes = list(pool.map(one, range(len(groups)), groups))
+    outcomes = []
+    if groups:
+        with ThreadPoolExecutor(len(groups)) as pool:
+            outcomes = list(pool.map(one, range(len(groups)), groups))
+    if timed and all(o.status == "SURVIVED" for o in outcomes):
+        outcomes.append(one(len(groups), timed))
     bad = [o for o in outcomes if o.status != "SURVIVED"]  # SURVIVED: everything passed and nothing skipped
     if bad:
         print(bad[0].detail[-6000:], file=sys.stderr)
@@ -395,15 +446,20 @@ def _run(mutations: Sequence[Mutation], args: argparse.Namespace) -> int:
     try:
         if not args.no_baseline:
             _baseline(mutations, files, tmp, args)
-        with ThreadPoolExecutor(min(args.jobs, len(mutations))) as pool:
-            futures = [pool.submit(one, i, m) for i, m in enumerate(mutations)]
-            try:
-                for future in futures:
-                    future.result()  # a GuardError (or a bug) in one of them ends the run here
-            except BaseException:
-                for future in futures:
-                    future.cancel()  # the ones not started; those running end on their own
-                raise
+        side_by_side = [(i, m) for i, m in enumerate(mutations) if not m.alone]
+        if side_by_side:
+            with ThreadPoolExecutor(min(args.jobs, len(side_by_side))) as pool:
+                futures = [pool.submit(one, i, m) for i, m in side_by_side]
+                try:
+                    for future in futures:
+                        future.result()  # a GuardError (or a bug) in one of them ends the run here
+                except BaseException:
+                    for future in futures:
+                        future.cancel()  # the ones not started; those running end on their own
+                    raise
+        for i, m in enumerate(mutations):  # then the ones that time the service, one at a time with nothing beside
+            if m.alone:
+                one(i, m)
     finally:
         if args.keep:
             print(f"trees kept in {tmp}")
@@ -420,6 +476,9 @@ def _run(mutations: Sequence[Mutation], args: argparse.Namespace) -> int:
         + (f"; SURVIVED: {', '.join(survived)}" if survived else "")
         + (f"; errors: {', '.join(errors)}" if errors else "")
     )
+    if args.markdown is not None:
+        args.markdown.write_text(markdown(mutations, done))
+        print(f"the table by module is in {args.markdown}")
     return 2 if errors else 1 if survived else 0
 
 
