@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from daemon import __version__, failpoints, logs
 from daemon.cluster import Cluster, worker_may_live
 from daemon.config import Settings, load_settings
-from daemon.dispositions import Archive, Follow, LeaveToOwner, Mover, Policy, Quarantine, Requeue, Wait, for_existing
+from daemon.dispositions import Archive, LeaveToOwner, Mover, Policy, Requeue, Wait, for_existing
 from daemon.errors import ConfigError
 from daemon.fsops import Root, display
 from daemon.hooks import HookRunner
@@ -448,7 +448,8 @@ class Service:
 
     def _reconcile(self, job: Job, spec: JobSpec) -> None:
         """A file whose content already has a job under its rule: finish an interrupted move, archive a duplicate,
-        retry a failed one, or wait for the job."""
+        retry a failed one, or wait for the job (:func:`~daemon.dispositions.for_existing` decides, the mover
+        carries it out); then the bookkeeping of the watch loop."""
         rel = spec.rel
         if not self.inbox.exists(rel):  # another node (or our worker) moved it while we hashed it
             return
@@ -456,43 +457,29 @@ class Service:
         action = for_existing(
             job, rel, spec.input_id, Policy.of(self.settings), self.store.clock(), worker_may_live(job.worker), present
         )
+        moved = self.mover.carry_out(action, job, rel, spec.input_id)
         if isinstance(action, Archive):
             same = job.rel == rel
-            if action.reserved and job.input_moved_to:
-                planned = self.archive.contains(Path(job.input_moved_to))
-                dest = self.mover.archive(job, rel, planned, reserved=True, expect=spec.input_id)
-            else:
-                dest_rel = None if action.rel is None else self.mover.archive_name(action.rel)
-                dest = self.mover.archive(job, rel, dest_rel, expect=spec.input_id)
-            if same and dest is not None:
-                self.store.record_move(job.id, dest)
             self.log.info(
                 "job.input_archived" if same else "duplicate.archived",
                 job=job.id,
                 file=display(str(rel)),
                 output=job.output_path,
-                moved_to=dest,
+                moved_to=moved,
             )
             if not same:
                 self.telemetry.job_outcome(rule=job.folder, model=job.rule.model, status="duplicate")
-        elif isinstance(action, Quarantine):
-            dest = self.mover.quarantine(job, rel, action.kind, action.error, expect=spec.input_id)
-            if dest is not None:
-                self.store.record_move(job.id, dest)
         elif isinstance(action, Requeue):
-            self.store.requeue(job.id, rel, spec.input_path, spec.input_id)
             self.log.info("job.retry_requested", job=job.id, file=display(str(rel)))
             self.runner.wake()
-        elif isinstance(action, Follow):
-            self.store.rename(job.id, rel, spec.input_path, spec.input_id)
         elif isinstance(action, LeaveToOwner):
             self.watcher.forget(self.inbox.abs(rel))  # its owner moves it in a moment; if it died, a rescan sees it
-        elif isinstance(action, Wait) and job.rel != rel:
-            with self._lock:  # same content, another name: decided when the job ends
-                self._waiting[job.id].append(rel)
         elif isinstance(action, Wait):
             with self._lock:
-                self._watching[rel] = job.id
+                if job.rel != rel:  # same content, another name: decided when the job ends
+                    self._waiting[job.id].append(rel)
+                else:
+                    self._watching[rel] = job.id
 
     def _look_again(self) -> None:
         """Files whose job ran elsewhere and has ended: admit them again (archive, quarantine or retry)."""

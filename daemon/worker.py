@@ -37,7 +37,7 @@ from typing import Any
 
 from daemon import failpoints, imageio, logs, pipeline
 from daemon.config import Settings
-from daemon.dispositions import Archive, Mover, Policy, Quarantine, RetryAt, after_run
+from daemon.dispositions import Mover, Policy, RetryAt, after_run
 from daemon.errors import InputChangedError, InternalError, UnreadableFileError, UnsafePathError
 from daemon.fsops import Root, display, fit_name, text_form
 from daemon.hooks import HookEvent, HookRunner
@@ -372,16 +372,17 @@ class Stages:
         return rel, str(self.mover.archive_root.abs(rel))
 
     def _archive(self, t: Task, planned: PurePosixPath | None) -> None:
+        """The input of a job just committed ``done`` goes to ``planned`` in the archive (the name committed with it),
+        or is deleted (``delete_inputs``)."""
         if self.mover is None:
             return
         action = after_run(t.job, None, self.policy, self.store.clock(), planned)
-        if isinstance(action, Archive):
-            t.moved_to = self.mover.archive(t.job, t.rel, action.rel, reserved=True, expect=t.job.input_id)
-            # Another name than planned (the planned one was taken meanwhile): record where it went. None (gone:
-            # another node's reconcile moved it and records where; or kept after an error: the rescan moves it to
-            # the planned name) leaves the committed path as it is.
-            if t.moved_to is not None and t.moved_to != str(self.mover.archive_root.abs(action.rel or planned)):
-                self.store.record_move(t.job.id, t.moved_to)
+        # The job as committed: a move to another name than planned (taken meanwhile) is recorded; None (gone:
+        # another node's reconcile moved it and records where; or kept after an error: the rescan moves it to the
+        # planned name) leaves the committed path as it is.
+        committed = None if planned is None else str(self.mover.archive_root.abs(planned))
+        job = replace(t.job, state="done", input_moved_to=committed)
+        t.moved_to = self.mover.carry_out(action, job, t.rel, t.job.input_id)
 
     def _settle_error(self, t: Task) -> None:
         job, exc = t.job, t.error
@@ -414,12 +415,8 @@ class Stages:
             return
         failpoints.hit("on-fail")
         self.log.warning("job.failed", job=job.id, file=t.name, kind=exc.kind, error=str(exc))
-        if isinstance(action, Quarantine) and self.mover is not None and not isinstance(exc, InputChangedError):
-            # An input that changed is not this job's to move: the new file is a job of its own. (An input whose
-            # folder became a link cannot be reached, and stays.)
-            t.moved_to = self.mover.quarantine(job, t.rel, action.kind, action.error, expect=job.input_id)
-            if t.moved_to is not None:
-                self.store.record_move(job.id, t.moved_to)
+        if self.mover is not None:
+            t.moved_to = self.mover.carry_out(action, replace(job, state="failed"), t.rel, job.input_id)
         self.report(t, "failed")
         self._hook(t, "failed")
         self.on_outcome(t, "failed")
