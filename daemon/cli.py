@@ -30,6 +30,7 @@ import click
 from daemon import __version__, logs
 from daemon.config import Rule, Settings, load_settings
 from daemon.fsops import display as printable
+from daemon.media.formats import OUTPUT_FORMATS
 from models.errors import UpscaledError
 
 
@@ -217,7 +218,7 @@ def check_config(ctx: click.Context) -> None:
 @click.option("--mode", type=click.Choice(["upscale", "benchmark"]), default="upscale", show_default=True)
 @click.option(
     "--output-format",
-    type=click.Choice(["png", "jpg", "webp", "tiff"]),
+    type=click.Choice(OUTPUT_FORMATS),
     default=None,
     help="Output format (default: the input's).",
 )

@@ -2,7 +2,7 @@
 
 The file is named by ``UPSCALED_CONFIG`` (default ``./settings.toml``). Relative paths in it are taken relative to
 the file's folder, so a service started from anywhere sees the same folders. A bad configuration raises
-:class:`~models.errors.ConfigError` with a message that names the key and the file.
+:class:`~daemon.errors.ConfigError` with a message that names the key and the file.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from models.registry import check_scale
 ENV_PREFIX = "UPSCALED_"
 DEFAULT_CONFIG = "settings.toml"
 DEFAULT_IGNORE = [".*", "*.part", "*.tmp", "*.crdownload", "Thumbs.db", "desktop.ini", "*.error.json", "*.prompt.txt"]
-FORMATS = ("png", "jpg", "webp", "tiff")
 NAME_FIELDS = {"stem", "model", "scale", "ext", "folder", "rule", "width", "height", "date"}
 # Rule keys of older versions that are a backend's parameters now: read from the rule's top level into `params`.
 LEGACY_PARAM_KEYS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "noise_level", "seed")

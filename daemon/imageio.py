@@ -60,7 +60,8 @@ Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before deco
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_MAX_FRAMES = 1000  # an animation with more frames is refused (issue 15: a 3000-frame GIF)
-ANIMATED_FORMATS = ("gif", "webp", "png")  # the animations we upscale frame by frame; others keep their first frame
+# The animations we upscale frame by frame; others keep their first frame.
+ANIMATED_FORMATS = tuple(name for name, info in formats.FORMATS.items() if info.animated)
 EXTENSIONS = {
     "png": "png",
     "jpeg": "jpg",

@@ -29,6 +29,7 @@ from daemon import imageio, sizing
 from daemon.config import Rule, Settings
 from daemon.errors import ImageTooLargeError
 from daemon.fsops import NAME_MAX
+from daemon.media.formats import FORMATS
 from daemon.metrics import Brisque, Metric, full_reference, lr_consistency
 from daemon.protocol import check_size, make_lr, modcrop, quantise
 from daemon.sizing import SizePlan
@@ -39,7 +40,7 @@ from models.resize import resize
 
 # Output names leave room for a "-NN" de-duplication suffix and for ".compare.png" beside them.
 _OUTPUT_NAME_MAX = NAME_MAX - 16
-LOSSY = ("jpg", "webp", "avif", "heic", "jxl")
+LOSSY = tuple(name for name, info in FORMATS.items() if info.lossy)
 
 
 def output_name(rule: Rule, rel: PurePosixPath, fmt: str, plan: SizePlan | None = None, date: str = "") -> str:
