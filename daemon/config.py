@@ -39,8 +39,9 @@ LEGACY_PARAM_KEYS = ("prompt", "negative_prompt", "num_inference_steps", "guidan
 # rule that does not use them keeps the fingerprint (and the finished jobs) it had.
 _LATER_KEYS: tuple[str, ...] = ("width", "height", "max_side", "fit", "max_passes", "metadata")
 # Rule keys that never change the pixels written: not in the fingerprint (the same content under a rule that differs
-# only in these is the same job). compression changes the file's size, never a pixel.
-_NOT_OUTPUT = ("folder", "device", "precision", "params", "on_done", "on_failed", "compression")
+# only in these is the same job). compression changes the file's size, never a pixel. Every other key is in it;
+# tests/unit/test_fingerprint.py refuses a key that is in none of the three.
+_NOT_OUTPUT = ("folder", "device", "precision", "on_done", "on_failed", "compression")
 
 
 class Rule(TargetSize, Hooks, BaseModel):
@@ -302,11 +303,11 @@ class Rule(TargetSize, Hooks, BaseModel):
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes the output. Same file + same fingerprint = same job."""
-        exclude = set(_NOT_OUTPUT)
+        exclude = {*_NOT_OUTPUT, "params"}
         defaults = type(self).model_fields
         exclude |= {k for k in _LATER_KEYS if getattr(self, k) == defaults[k].get_default(call_default_factory=True)}
         data = self.model_dump(exclude=exclude)
-        data.update(self.params)  # flat, as the generation options were before they moved into params
+        data.update(self.params)  # in it, flat, as the generation options were before they moved into params
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
