@@ -591,6 +591,30 @@ def _describe(exc: ValidationError, file: Path | None) -> str:
     return "bad configuration:\n  " + "\n  ".join(lines)
 
 
+class LiveSettings:
+    """The settings in force, in one holder that a service's parts share: a reload (SIGHUP) swaps them here, once, and
+    each part reads them afresh at its next use. A queued job keeps the rule it was registered with."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @classmethod
+    def of(cls, settings: Settings | LiveSettings) -> LiveSettings:
+        """``settings`` when it is a holder already (a part of a service), else a holder of its own (a part used
+        alone: ``upscaled process``, the bench, a test)."""
+        return settings if isinstance(settings, LiveSettings) else cls(settings)
+
+
+class UsesSettings:
+    """A part that reads the settings in force: ``self.settings`` is its holder's current settings."""
+
+    live: LiveSettings
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.settings
+
+
 def load_settings(path: str | os.PathLike | None = None, check_paths: bool = True, **overrides: Any) -> Settings:
     """Read the configuration file (``path``, else ``$UPSCALED_CONFIG``, else ./settings.toml) and the env.
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 
 from daemon import imageio
-from daemon.config import Rule, Settings
+from daemon.config import LiveSettings, Rule, Settings, UsesSettings
 from daemon.errors import BadSidecarError, EmptyFileError, ImageTooLargeError, UnreadableFileError, UnsafePathError
 from daemon.fsops import NAME_MAX, FileId, Root, display
 from daemon.jobs import JobSpec
@@ -155,11 +155,11 @@ def inspect(
     return digest.hexdigest(), probe, st
 
 
-class Intake:
+class Intake(UsesSettings):
     """Turns inbox files into job specs, reading them only through the inbox's directory handle."""
 
-    def __init__(self, settings: Settings, inbox: Root, beat: Callable[[], None] | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings | LiveSettings, inbox: Root, beat: Callable[[], None] | None = None) -> None:
+        self.live = LiveSettings.of(settings)
         self.inbox = inbox
         self.beat = beat or (lambda: None)  # a sign of life while a large file is hashed
 

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from daemon import __version__, failpoints, logs
 from daemon.cluster import Cluster, worker_may_live
-from daemon.config import Settings, load_settings
+from daemon.config import LiveSettings, Settings, UsesSettings, load_settings
 from daemon.dispositions import Archive, LeaveToOwner, Mover, Policy, Requeue, Wait, for_existing
 from daemon.errors import ConfigError
 from daemon.fsops import Root, display
@@ -76,7 +76,7 @@ def check_devices(settings: Settings) -> list[str]:
         raise ConfigError(f"device: {exc}") from None
 
 
-class Service:
+class Service(UsesSettings):
     """The watch-folder service. See the module docstring."""
 
     def __init__(
@@ -87,7 +87,8 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
     ) -> None:
-        self.settings = s = settings
+        self.live = LiveSettings(settings)
+        s = settings
         os.umask(int(s.umask, 8))  # before the database file and the folders are created
         self.clock = clock
         self.log = logs.get()
@@ -97,14 +98,14 @@ class Service:
         self.inbox, self.outbox = Root(s.inbox), Root(s.outbox)
         self.archive, self.failed = Root(s.archive), Root(s.failed)
         self.mover = Mover(self.store, self.inbox, self.archive, self.failed)
-        self.intake = Intake(s, self.inbox, beat=self._main_beat)
+        self.intake = Intake(self.live, self.inbox, beat=self._main_beat)
         self.telemetry = Telemetry(
             self.node, __version__, devices.build_info(), memory=devices.memory_used, health=self
         )
         self.http = HttpServer(s.http_listen, self.telemetry, self) if s.http_listen else None
         self.hooks = HookRunner(self.store.record_hook)
         self.stages = Stages(
-            s,
+            self.live,
             self.store,
             cache or ModelCache(),
             self.inbox,
@@ -120,7 +121,7 @@ class Service:
         if cpu_workers:
             runtime.share_cpus(cpu_workers)
         self.runner = Runner(self.stages, s.devices(), workers, lambda _name: worker_id(), clock=clock)
-        self.cluster = Cluster(s, self.store, workers * len(s.devices()), on_recovered=self._on_recovered)
+        self.cluster = Cluster(self.live, self.store, workers * len(s.devices()), on_recovered=self._on_recovered)
         self.watcher = Watcher(
             s.inbox, s.ignore, s.settle_seconds, polling=s.observer == "polling", poll_seconds=s.poll_seconds
         )
@@ -279,7 +280,7 @@ class Service:
         if changed:
             self.log.warning("reload.needs_restart", keys=changed)
             new = new.model_copy(update={k: getattr(self.settings, k) for k in RESTART_KEYS})
-        self.settings = self.stages.settings = self.intake.settings = self.cluster.settings = new
+        self.live.settings = new  # the stages, the intake and the cluster read it from here
         self.watcher.patterns = new.ignore
         self.watcher.settle = new.settle_seconds
         self._warn()

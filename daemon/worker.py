@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from daemon import failpoints, imageio, logs, pipeline
-from daemon.config import Settings
+from daemon.config import LiveSettings, Settings, UsesSettings
 from daemon.dispositions import Mover, Policy, RetryAt, after_run
 from daemon.errors import InputChangedError, InternalError, UnreadableFileError, UnsafePathError
 from daemon.fsops import Root, display, fit_name, text_form
@@ -127,7 +127,7 @@ class Task:
 Outcome = Callable[[Task, str], None]  # (task, status) after its commit: done, failed, retried, lost
 
 
-class Stages:
+class Stages(UsesSettings):
     """The stage functions, with everything they touch injected. Thread-safe: each task is in one stage at a time.
 
     ``inbox`` is where watch jobs are read from; ``outbox`` where outputs go (``upscaled process`` passes its
@@ -137,7 +137,7 @@ class Stages:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: Settings | LiveSettings,
         store: JobStore,
         cache: ModelCache,
         inbox: Root | None,
@@ -149,7 +149,7 @@ class Stages:
         telemetry: Telemetry | None = None,
         hooks: HookRunner | None = None,
     ) -> None:
-        self.settings = settings
+        self.live = LiveSettings.of(settings)
         self.store = store
         self.cache = cache
         self.inbox, self.outbox = inbox, outbox
