@@ -18,7 +18,7 @@ from daemon.config import Rule, Settings
 from daemon.errors import InternalError
 from daemon.fsops import FileId, Root, display
 from daemon.intake import failure_key, inspect, with_sidecar_prompt
-from daemon.jobs import JobSpec, worker_id
+from daemon.jobs import JobSpec, JobStore, worker_id
 from daemon.store import SqlStore
 from daemon.worker import Stages
 from models.errors import UpscaledError
@@ -31,7 +31,7 @@ def process(
     rule: Rule,
     out_dir: Path,
     force: bool = False,
-    store: SqlStore | None = None,
+    store: JobStore | None = None,
     cache: ModelCache | None = None,
 ) -> list[dict[str, Any]]:
     """Upscale ``files`` by ``rule`` into ``out_dir``. Returns one report per file: file, state (done, failed,

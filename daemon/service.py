@@ -35,7 +35,7 @@ from daemon.errors import ConfigError
 from daemon.fsops import Root, display
 from daemon.hooks import HookRunner
 from daemon.intake import Intake
-from daemon.jobs import Job, JobSpec, worker_id
+from daemon.jobs import DaemonStore, Job, JobSpec, worker_id
 from daemon.notify import Notifier
 from daemon.store import SqlStore, safe_url
 from daemon.telemetry import HttpServer, Telemetry
@@ -77,12 +77,16 @@ def check_devices(settings: Settings) -> list[str]:
 
 
 class Service(UsesSettings):
-    """The watch-folder service. See the module docstring."""
+    """The watch-folder service. See the module docstring.
+
+    ``store`` is any :class:`~daemon.jobs.DaemonStore` (default: the SQL store of ``settings.database``; the unit
+    tests pass a :class:`~daemon.jobs.MemoryStore`), ``clock`` the monotonic clock of the watch loop and the beats.
+    """
 
     def __init__(
         self,
         settings: Settings,
-        store: SqlStore | None = None,
+        store: DaemonStore | None = None,
         cache: ModelCache | None = None,
         clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
@@ -92,7 +96,7 @@ class Service(UsesSettings):
         os.umask(int(s.umask, 8))  # before the database file and the folders are created
         self.clock = clock
         self.log = logs.get()
-        self.store = store or SqlStore(s.database)
+        self.store: DaemonStore = store or SqlStore(s.database)
         self.node = s.node()
         self.notifier = notifier or Notifier()
         self.inbox, self.outbox = Root(s.inbox), Root(s.outbox)

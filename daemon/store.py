@@ -419,14 +419,15 @@ class SqlStore:
             outscale=rule.final_scale,
             mode=rule.mode,
             rule_json=rule.model_dump_json(),
+            bench_run_id=spec.bench_run_id,
         )
 
     # --- transitions -------------------------------------------------------------------------------------------------
-    def register(self, specs: Sequence[JobSpec], node: str | None = None, **extra: Any) -> list[Registered]:
+    def register(self, specs: Sequence[JobSpec], node: str | None = None) -> list[Registered]:
         """Create the job for each spec, or find the one that exists. Idempotent, across processes too.
 
         A spec with a ``failure`` is created already *running* (claimed by this process, owned by ``node``), so no
-        worker ever sees it: the caller fails it right away. ``extra`` columns go into new rows (``bench_run_id``).
+        worker ever sees it: the caller fails it right away.
         """
         now = self.clock()
         out = []
@@ -444,7 +445,6 @@ class SqlStore:
                 failing = spec.failure is not None
                 values = dict(
                     self._columns(spec),
-                    **extra,
                     content_sha256=sha,
                     rule_fingerprint=fp,
                     state="running" if failing else "pending",
