@@ -431,8 +431,8 @@ class SqlStore:
         """
         now = self.clock()
         out = []
-        # One statement, its values bound per row: building ``insert().values(**row)`` anew for each file cost
-        # about 1 ms of CPU per job in SQLAlchemy's compiler (a burst's intake spent most of its time there).
+        # One statement, its values bound per row: building ``insert().values(**row)`` anew for each file spent most
+        # of a burst's intake in SQLAlchemy's compiler (docs/performance.md, "Constants from measurements").
         stmt = _insert(self.engine.dialect.name)(jobs)
         if hasattr(stmt, "on_conflict_do_nothing"):
             stmt = stmt.on_conflict_do_nothing(index_elements=["content_sha256", "rule_fingerprint"])

@@ -52,8 +52,8 @@ from models.registry import LoadContext, ModelCache
 from models.weights import fetch_command, locate
 
 # A stage that is one long call and cannot beat (decode, the final resize, encode, the metrics) is given this long
-# per output pixel before its thread counts as silent: 5 s per megapixel, 30 to 300 times what this 2-core machine
-# needs (a 36 MP PNG encodes in about 1.2 s at level 1). A hung call is still caught, later by that much. The model's
+# per output pixel before its thread counts as silent: 5 s per megapixel, far more than any of them needs
+# (docs/performance.md, "Constants from measurements"). A hung call is still caught, later by that much. The model's
 # tiles and denoising steps beat on their own.
 SECONDS_PER_PIXEL = 5e-6
 

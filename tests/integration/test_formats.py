@@ -1,4 +1,4 @@
-"""Every input format against every output format, checked by a second reader (issue 15).
+"""Every input format against every output format, checked by a second reader.
 
 Each case builds a real input file with a real encoder, decodes it with :func:`daemon.imageio.decode_bytes`,
 enlarges it x2 (nearest neighbour: a stand-in for a model that keeps the test exact), assembles and encodes it with
