@@ -76,7 +76,9 @@ class Rule(TargetSize, Hooks, BaseModel):
         "ground truth; the LR image is made from it and the output "
         "compared with it (PSNR/SSIM, docs/protocol.md).",
     )
-    format: Literal[OUTPUT_FORMATS] | None = Field(
+    # The choices come from media/formats.FORMATS and protocol.DOWNSCALES at run time: pydantic checks them, a static
+    # checker cannot read a Literal built from a tuple.
+    format: Literal[OUTPUT_FORMATS] | None = Field(  # type: ignore[valid-type]
         default=None,
         description="The output format; unset keeps the "
         "input's (BMP becomes PNG). heic and jxl need the `heif` and "
@@ -116,7 +118,7 @@ class Rule(TargetSize, Hooks, BaseModel):
         "mode (upscale: brisque, lr_psnr_y, lr_ssim_y; benchmark: psnr_y, ssim_y, "
         "psnr_rgb, ssim_rgb, mse_rgb); []: none.",
     )
-    downscale: Literal[DOWNSCALES] = Field(
+    downscale: Literal[DOWNSCALES] = Field(  # type: ignore[valid-type]
         default="matlab-bicubic",
         description="Benchmark mode: the kernel that makes the LR image from the ground truth.",
     )
@@ -669,7 +671,7 @@ def _check_paths(s: Settings, file: Path) -> None:
         for other, q in folders.items():
             if key != other and q in p.parents:
                 raise ConfigError(f"bad configuration:\n  {file}: {key}: {p} must not be inside the {other} {q}")
-    db = s.sqlite_path()
-    for key, p in (("database", db), ("weights_dir", s.weights_dir)):
-        if p is not None and (p == s.inbox or s.inbox in p.resolve().parents):
-            raise ConfigError(f"bad configuration:\n  {file}: {key}: {p} must not be inside the inbox {s.inbox}")
+    kept: list[tuple[str, Path | None]] = [("database", s.sqlite_path()), ("weights_dir", s.weights_dir)]
+    for key, where in kept:
+        if where is not None and (where == s.inbox or s.inbox in where.resolve().parents):
+            raise ConfigError(f"bad configuration:\n  {file}: {key}: {where} must not be inside the inbox {s.inbox}")

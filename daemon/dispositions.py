@@ -52,7 +52,7 @@ class Policy:
 
     def backoff(self, attempts: int) -> float:
         """Seconds before attempt ``attempts + 1``: ``retry_seconds`` doubling per attempt, capped."""
-        return min(self.retry_max_seconds, self.retry_seconds * 2 ** max(0, attempts - 1))
+        return min(self.retry_max_seconds, self.retry_seconds * 2.0 ** max(0, attempts - 1))
 
 
 # --- actions -------------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ __all__ = [
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding, with a configurable limit
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-DEFAULT_MAX_FRAMES = 1000  # an animation with more frames is refused (issue 15: a 3000-frame GIF)
+DEFAULT_MAX_FRAMES = 1000  # an animation with more frames is refused (a 3000-frame GIF is a job of hours)
 # The animations we upscale frame by frame; others keep their first frame.
 ANIMATED_FORMATS = tuple(name for name, info in formats.FORMATS.items() if info.animated)
 EXTENSIONS = {
@@ -265,7 +265,7 @@ def _probe_open(im: Image.Image, max_pixels: int, max_frames: int, name: str) ->
     frames = 1
     if animated:
         try:
-            frames = int(im.n_frames)  # header walk: GIF frames are skipped, not decoded
+            frames = int(getattr(im, "n_frames", 1))  # header walk: GIF frames are skipped, not decoded
         except Exception as exc:
             raise DecodeError(f"{name} is damaged or truncated: {exc}") from None
         if frames > max_frames:
@@ -312,7 +312,8 @@ def decode_bytes(data: bytes, max_pixels: int, max_frames: int = DEFAULT_MAX_FRA
     im = _open(io.BytesIO(data), name)
     p = _probe_open(im, max_pixels, max_frames, name)
     # Read the raw mode before anything (getexif on a PNG, for one) loads the pixels and clears the tiles.
-    rawmode = im.tile[0].args if im.tile else ""
+    tile = getattr(im, "tile", None)  # an ImageFile's, before it loads
+    rawmode = tile[0].args if tile else ""
     rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
     meta, orientation = md.read(im, p.format, data)
     notes = list(meta.notes)

@@ -21,6 +21,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import PurePosixPath
+from typing import Any
 
 from daemon import imageio
 from daemon.config import LiveSettings, Rule, Settings, UsesSettings
@@ -170,7 +171,7 @@ class Intake(UsesSettings):
         sidecar) gets a spec with ``failure`` set, and its job fails with that reason.
         """
         rule = self.settings.rule_for(str(rel.parent))
-        base = dict(rule=rule, rel=rel, input_path=display(str(self.inbox.abs(rel))), source="watch")
+        base: dict[str, Any] = dict(rule=rule, rel=rel, input_path=display(str(self.inbox.abs(rel))), source="watch")
         try:
             st = self.inbox.lstat(rel)
         except UnsafePathError as exc:

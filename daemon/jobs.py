@@ -446,7 +446,7 @@ class MemoryStore:
         with self._lock:
             now = self.clock()
             allowed = None if folders is None else set(folders)
-            out = []
+            out: list[Job] = []
             for row in sorted(self._rows.values(), key=lambda r: r.job.id):
                 j = row.job
                 if len(out) >= limit:
@@ -460,8 +460,11 @@ class MemoryStore:
                 j = self._set(j.id, state="running", started_at=now, attempts=j.attempts + 1, worker=worker, node=node)
                 row.heartbeat_at = now if node else None
                 if plan is not None and j.output_path is None:
-                    path = plan(j, lambda p, me=j.id: self._owner(p) not in (None, me))
-                    j = self._set(j.id, output_path=path)
+
+                    def taken(p: str, me: int = j.id) -> bool:
+                        return self._owner(p) not in (None, me)
+
+                    j = self._set(j.id, output_path=plan(j, taken))
                 out.append(j)
             if out:
                 self.commits += 1

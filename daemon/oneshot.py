@@ -67,7 +67,7 @@ def _one(
     store = stages.store
     rel = PurePosixPath(path.name)
     # The output folder is part of what the run means: the same file into another folder is another job.
-    base = dict(rel=rel, input_path=display(str(path)), source="cli", folder="(cli)")
+    base: dict[str, Any] = dict(rel=rel, input_path=display(str(path)), source="cli", folder="(cli)")
     with Root(path.parent, create=False) as folder:
         try:
             sha, probe, st = inspect(folder, rel, settings)

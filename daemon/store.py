@@ -515,7 +515,10 @@ class SqlStore:
                 job = self._job(row)
                 if plan is not None and job.output_path is None:
                     # Taken: by another job's row, or by a job earlier in this very claim.
-                    path = plan(job, lambda p, me=job.id: p in planned or self._taken(c, p, me))
+                    def taken(p: str, me: int = job.id) -> bool:
+                        return p in planned or self._taken(c, p, me)
+
+                    path = plan(job, taken)
                     planned[path] = job.id
                     job = replace(job, output_path=path)
                 out.append(job)
@@ -887,9 +890,11 @@ class SqlStore:
 
     def add_bench_run(self, settings_json: str, report_path: str | None = None) -> int:
         with self.engine.begin() as c:
-            return c.execute(
+            key = c.execute(
                 bench_runs.insert().values(started_at=self.clock(), settings=settings_json, report_path=report_path)
-            ).inserted_primary_key[0]
+            ).inserted_primary_key
+            assert key is not None  # an INSERT of one row
+            return int(key[0])
 
     def set_bench_report(self, run_id: int, report_path: str) -> None:
         with self.engine.begin() as c:

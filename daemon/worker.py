@@ -23,6 +23,7 @@ stays bounded whatever arrives. The failpoints of :mod:`daemon.failpoints` mark 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import queue
@@ -33,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from daemon import failpoints, imageio, logs, pipeline
 from daemon.config import LiveSettings, Settings, UsesSettings
@@ -552,7 +553,7 @@ class Stages(UsesSettings):
             metrics="to come" if t.job.rule.metric_names else None,
         )
 
-    def _hook(self, t: Task, status: str) -> None:
+    def _hook(self, t: Task, status: Literal["done", "failed"]) -> None:
         """Run the ``on_done`` / ``on_failed`` hooks of the job's rule and of the service, after the commit; they
         run on the hook runner's threads and never hold up the worker nor change the job's outcome."""
         if self.hooks is None:
@@ -671,7 +672,7 @@ class Runner:
 
     # --- control ---------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        specs: list[tuple[str, Callable[[], None]]] = [
+        specs: list[tuple[str, Callable[[], bool]]] = [
             ("feed", self._feed),
             ("write", self._write),
             ("settle", self._settle),
@@ -679,7 +680,7 @@ class Runner:
         ]
         for name, dev in zip(self.infer_names, [n.rsplit(".", 1)[0] for n in self.infer_names], strict=True):
             device = next(d for d in self.devices if d.replace(":", "") == dev)
-            specs.append((name, lambda n=name, d=device: self._infer(n, d)))
+            specs.append((name, functools.partial(self._infer, name, device)))
         for name, target in specs:
             t = threading.Thread(target=self._loop, args=(name, target), name=f"upscaled-{name}", daemon=True)
             t.start()
@@ -717,7 +718,7 @@ class Runner:
         return [t.name for t in self._threads if t.is_alive()]
 
     # --- threads ---------------------------------------------------------------------------------------------------
-    def _loop(self, name: str, body: Callable[[], None]) -> None:
+    def _loop(self, name: str, body: Callable[[], bool]) -> None:
         name_native_thread(f"upscaled-{name}")
         beat = self.beats[name]
         while True:
@@ -767,7 +768,7 @@ class Runner:
                 self._tasks[t.job.id] = t
         for t in tasks:
             beat.start(t, "decode", self.clock(), t.pixels_in())
-            guard(t, lambda t=t: self.stages.read(t), self.log)
+            guard(t, functools.partial(self.stages.read, t), self.log)
             beat.end(self.clock())
             if t.error is not None:
                 self._settle_q.put(t)

@@ -26,7 +26,7 @@ import copy
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -236,5 +236,5 @@ def pad_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:
     ph, pw = (-h) % multiple, (-w) % multiple
     if not ph and not pw:
         return img
-    mode = "reflect" if ph < h and pw < w else "edge"
+    mode: Literal["reflect", "edge"] = "reflect" if ph < h and pw < w else "edge"
     return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode=mode)

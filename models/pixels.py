@@ -42,5 +42,6 @@ def to_unit_float(samples: np.ndarray) -> np.ndarray:
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
     """float in [0, 1] -> uint8: ``rint(clip(y, 0, 1) * 255)``, round half to even (as ``torch.round``)."""
-    out = np.clip(values, 0.0, 1.0) * np.float32(255.0)
-    return np.rint(out, out=out).astype(np.uint8)
+    out: np.ndarray = np.clip(values, 0.0, 1.0) * np.float32(255.0)
+    np.rint(out, out=out)
+    return out.astype(np.uint8)
