@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from daemon import failpoints
-from daemon.errors import DiskFullError, InputChangedError, OutputError, OutputUnavailableError, UnsafePathError
+from daemon.errors import (
+    DiskFullError,
+    FileTooLongError,
+    InputChangedError,
+    OutputError,
+    OutputUnavailableError,
+    UnsafePathError,
+)
 
 NAME_MAX = 255  # bytes, on every Linux filesystem we write to
 TMP_SUFFIX = ".upscaled-tmp"
@@ -160,12 +167,17 @@ class Root:
         finally:
             os.close(fd)
 
-    def open_file(self, rel: str | os.PathLike) -> tuple[int, os.stat_result]:
+    def open_file(self, rel: str | os.PathLike, limit: int | None = None) -> tuple[int, os.stat_result]:
         """Open the regular file ``rel`` for reading; returns (fd, its stat). The caller closes the fd.
+
+        ``limit``: the most bytes the caller will accept (the size registered for a job's input). A file whose
+        ``fstat`` size is over it is refused before a byte is read; one that grows after the open is caught by
+        :func:`read_at_most`, which reads no more than ``limit`` + 1 bytes from the descriptor.
 
         Raises:
             UnsafePathError: the file or a folder on its path is a symbolic link, or the file is not a regular file
                 (a FIFO, a device, a folder).
+            FileTooLongError: the file holds more than ``limit`` bytes.
             FileNotFoundError: it is gone.
             PermissionError, OSError: it cannot be opened.
         """
@@ -181,6 +193,8 @@ class Root:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise UnsafePathError(f"{display(str(rel))} is not a regular file")
+            if limit is not None and st.st_size > limit:
+                raise FileTooLongError(display(str(rel)), limit, st.st_size)
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         except BaseException:
             os.close(fd)
@@ -209,10 +223,21 @@ class Root:
         return self.lstat(rel) is not None
 
     def read_bytes(self, rel: str | os.PathLike, limit: int | None = None) -> bytes:
-        """The bytes of the regular file ``rel`` (at most ``limit`` + 1, so a caller can tell it was longer)."""
-        fd, st = self.open_file(rel)
-        with os.fdopen(fd, "rb") as fh:
-            return fh.read() if limit is None else fh.read(limit + 1)
+        """The bytes of the regular file ``rel``; with ``limit``, never more than ``limit`` of them.
+
+        Raises:
+            FileTooLongError: the file holds more than ``limit`` bytes: by its size when opened, or because it grew
+                while it was read (at most ``limit`` + 1 bytes are read to tell).
+            UnsafePathError, FileNotFoundError, OSError: as :meth:`open_file`.
+        """
+        fd, _st = self.open_file(rel, limit)
+        try:
+            if limit is None:
+                with os.fdopen(fd, "rb", closefd=False) as fh:
+                    return fh.read()
+            return read_at_most(fd, limit, display(str(rel)))
+        finally:
+            os.close(fd)
 
     # --- writing ---------------------------------------------------------------------------------------------------
     def write_atomic(self, rel: str | os.PathLike, data: bytes | memoryview, *, sync: bool = True) -> None:
@@ -319,6 +344,33 @@ class Root:
                 except FileNotFoundError:
                     continue
         return n
+
+
+def read_at_most(fd: int, limit: int, name: str) -> bytes:
+    """The bytes from ``fd``'s position to its end, reading no more than ``limit`` + 1 of them: a file grown past
+    the size it was registered with is never read whole (a 10 MB input extended to 1.5 GB while it is held open).
+    The descriptor stays open.
+
+    Raises:
+        FileTooLongError: there are more than ``limit`` bytes (``name`` is for the message).
+        OSError: the read fails.
+    """
+    left = limit + 1
+    chunks: list[bytes] = []
+    # Unbuffered, so that no read-ahead goes past limit + 1. The first read is sized by fstat: one allocation and,
+    # for a file that did not grow, one more read that finds its end.
+    want = min(left, os.fstat(fd).st_size + 1)
+    with os.fdopen(fd, "rb", buffering=0, closefd=False) as raw:
+        while left > 0:
+            chunk = raw.read(want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+            want = min(left, 1 << 20)
+    if left <= 0:
+        raise FileTooLongError(name, limit, None)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _create_temp(dir_fd: int, name: str) -> str:
