@@ -117,8 +117,9 @@ class Watcher:
 
     @property
     def running(self) -> bool:
-        """Whether events still come: the observer thread and its emitter are alive. inotify's emitter ends when the
-        inbox folder itself is deleted; from then on only the periodic rescan would see new files."""
+        """Whether events still come: the observer thread and its emitter are alive. An emitter ends on an error, or
+        when the inbox folder itself is gone (the polling one at its next poll); from then on only the periodic
+        rescan would see new files."""
         obs = self._observer
         return obs is not None and obs.is_alive() and all(e.is_alive() for e in obs.emitters)
 
