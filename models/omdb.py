@@ -542,7 +542,7 @@ def row(model: OmdbModel) -> dict[str, Any]:
         architecture=model.architecture,
         scale=model.scale,
         license=model.license or "-",
-        size_mb=round(res.size / 1e6, 1) if res and res.size else None,
+        size_mb=round(res.size / 1e6, 2) if res and res.size else None,
         download=("direct" if choice[1] else "browser only") if choice else f"no {'/'.join(LOADABLE)} file",
     )
 
@@ -570,7 +570,10 @@ def details(model: OmdbModel, index: Index, weights_dir: Path) -> dict[str, Any]
         link=link or (f"browser only: {res.urls[0]}" if res and res.urls else None),
         file=str(weights_dir / wf.path) if wf else None,
         present=bool(wf and (weights_dir / wf.path).is_file()),
-        index=f"{index.source} ({index.revision}, fetched {index.fetched_at})",
+        index=index.source,
+        index_commit=index.commit or None,
+        index_etag=index.etag or None,
+        index_fetched_at=index.fetched_at,
         page=f"https://openmodeldb.info/models/{model.id}",
         description=model.description,
     )

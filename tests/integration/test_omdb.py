@@ -367,7 +367,7 @@ def test_models_search_filters_and_show(tmp_path, tree):
     res = runner.invoke(main, ["--config", str(cfg), "models", "show", "omdb:2x-NonCommercial", "--format", "json"])
     (shown,) = json.loads(res.output)
     assert shown["noncommercial"] is True and shown["sha256"] == sha256_file(tree["pth"]) and not shown["present"]
-    assert COMMIT in shown["index"] and shown["link"].endswith("/files/2x-tiny.pth")
+    assert shown["index_commit"] == COMMIT and shown["link"].endswith("/files/2x-tiny.pth")
     res = runner.invoke(main, ["--config", str(cfg), "models", "show", "fsrcnn"])
     assert res.exit_code == 1 and "'fsrcnn' is not an OpenModelDB model" in res.output
 
