@@ -390,7 +390,7 @@ def test_a_hook_is_given_where_the_input_went_not_the_inbox_path_it_left(tmp_pat
     rig = Rig(tmp_path)
     exists = [sys.executable, "-c", "import os, sys; sys.exit(0 if os.path.isfile(sys.argv[1]) else 7)", "{input}"]
     hook = Hook(command=exists, retries=0)
-    rig.stages.settings = rig.settings.model_copy(update={"on_done": [hook], "on_failed": [hook]})
+    rig.stages.live.settings = rig.settings.model_copy(update={"on_done": [hook], "on_failed": [hook]})
     rec = Recorder()
     rig.stages.hooks = HookRunner(rec, env={})
     rig.admit(rig.drop("good.png"))

@@ -25,17 +25,9 @@ from models.backends import Backend, cpu_only
 from models.base import FunctionUpscaler
 from models.errors import OutOfMemoryError
 from models.registry import ModelCache, Registry
-from tests.conftest import write_config
+from tests.conftest import FakeClock, write_config
 
-T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> dt.datetime:
-        return self.now
+T0 = FakeClock().start
 
 
 class Rig:
