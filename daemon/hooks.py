@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from daemon.fsops import text_form
+from daemon.fsops import display, text_form
 from daemon.logs import get as get_logger
 
 Record = Callable[[int, str, bool, str], None]
@@ -191,7 +191,11 @@ def _raw_name(name: str | None) -> str | None:
     """The exact bytes of a file name that is not UTF-8, base64; None for one that is (or no name)."""
     if name is None or _text(name) == name:
         return None
-    return base64.b64encode(os.fsencode(name)).decode("ascii")
+    try:
+        raw = os.fsencode(name)
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to: its code units, as they are
+        raw = name.encode("utf-8", "surrogatepass")
+    return base64.b64encode(raw).decode("ascii")
 
 
 def _utf8(value: Any) -> Any:
@@ -308,8 +312,8 @@ def post_json(hook: Hook, event: HookEvent, env: Mapping[str, str]) -> Attempt:
             where = exc.headers.get("Location") if exc.headers is not None else None
             return Attempt(
                 False,
-                f"HTTP {exc.code} {exc.reason}: redirected to {where or '(no Location)'}, which is not followed "
-                "(the payload and its headers go only to the configured URL)",
+                f"HTTP {exc.code} {exc.reason}: redirected to {display(where or '(no Location)')}, which is not "
+                "followed (the payload and its headers go only to the configured URL)",
                 retry=False,
             )
         return Attempt(False, f"HTTP {exc.code} {exc.reason}", retry=exc.code in (408, 425, 429) or exc.code >= 500)
