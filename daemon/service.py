@@ -37,6 +37,7 @@ from daemon.hooks import HookRunner
 from daemon.intake import Intake
 from daemon.jobs import Job, JobSpec, worker_id
 from daemon.notify import Notifier
+from daemon.sandbox import Sandbox
 from daemon.store import SqlStore, safe_url
 from daemon.telemetry import HttpServer, Telemetry
 from daemon.watcher import Watcher
@@ -49,6 +50,8 @@ from models.weights import fetch_command, needs_weights, present
 
 # Settings a SIGHUP cannot change: they shape the running parts.
 RESTART_KEYS = (
+    "sandbox_processes",
+    "decode_memory_limit",
     "inbox",
     "outbox",
     "archive",
@@ -86,6 +89,7 @@ class Service:
         cache: ModelCache | None = None,
         clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.settings = s = settings
         os.umask(int(s.umask, 8))  # before the database file and the folders are created
@@ -97,7 +101,10 @@ class Service:
         self.inbox, self.outbox = Root(s.inbox), Root(s.outbox)
         self.archive, self.failed = Root(s.archive), Root(s.failed)
         self.mover = Mover(self.store, self.inbox, self.archive, self.failed)
-        self.intake = Intake(s, self.inbox, beat=self._main_beat)
+        # Every byte someone else wrote is parsed in these processes (a test shares one pool among services).
+        self.own_sandbox = sandbox is None
+        self.sandbox = sandbox or Sandbox.for_settings(s)
+        self.intake = Intake(s, self.inbox, self.sandbox, beat=self._main_beat)
         self.telemetry = Telemetry(
             self.node, __version__, devices.build_info(), memory=devices.memory_used, health=self
         )
@@ -115,6 +122,7 @@ class Service:
             clock=clock,
             telemetry=self.telemetry,
             hooks=self.hooks,
+            sandbox=self.sandbox,
         )
         workers, cpu_workers = s.worker_count(), s.cpu_workers()
         if cpu_workers:
@@ -144,6 +152,7 @@ class Service:
     def start(self) -> None:
         s = self.settings
         check_devices(s)
+        self.sandbox.start()  # its processes start in the background while the rest comes up
         self.cluster.join()
         # Before this node claims anything: its own previous life's jobs, unowned ones, and dead nodes' jobs.
         recovered = len(self.cluster.recover(at_start=True))
@@ -212,6 +221,8 @@ class Service:
         counts = self.store.counts()
         self.store.close()
         self.notifier.close()
+        if self.own_sandbox:
+            self.sandbox.close()
         for root in (self.inbox, self.outbox, self.archive, self.failed):
             root.close()
         self.log.info("service.stopped", **counts)
@@ -280,6 +291,7 @@ class Service:
             self.log.warning("reload.needs_restart", keys=changed)
             new = new.model_copy(update={k: getattr(self.settings, k) for k in RESTART_KEYS})
         self.settings = self.stages.settings = self.intake.settings = self.cluster.settings = new
+        self.sandbox.timeout = new.decode_timeout
         self.watcher.patterns = new.ignore
         self.watcher.settle = new.settle_seconds
         self._warn()
@@ -353,6 +365,7 @@ class Service:
             checks["devices"] = None
         except ConfigError as exc:
             checks["devices"] = str(exc)
+        checks["sandbox"] = self.sandbox.problem()  # no process can parse inputs: nothing can be admitted
         return checks
 
     def queue(self) -> dict[str, int]:
