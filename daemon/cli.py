@@ -674,7 +674,7 @@ def nodes(ctx: click.Context, all_: bool, window: float, fmt: str) -> None:
         rows = store.nodes(settings.stale_seconds, window_s=window, include_gone=all_)
     finally:
         store.close()
-    click.echo(render(rows, fmt))
+    click.echo(render([n.flat() for n in rows], fmt))
 
 
 @main.command()

@@ -17,6 +17,15 @@ class ConfigError(UpscaledError):
     kind = "config"
 
 
+class NodeInUseError(ConfigError):
+    """A daemon joined under the ``node_name`` of a node that is still alive: two daemons with one name would take
+    over each other's jobs. ``name``, ``host`` and ``pid`` say who holds it."""
+
+    def __init__(self, name: str, host: str, pid: int) -> None:
+        super().__init__(f"node name {name!r} is in use by pid {pid} on {host}; give every daemon its own node_name")
+        self.name, self.host, self.pid = name, host, pid
+
+
 # --- input files ---------------------------------------------------------------------------------------------------
 class EmptyFileError(ImageError):
     """The input has 0 bytes."""
