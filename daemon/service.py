@@ -531,7 +531,8 @@ class Service:
             self._again.put(rel)
 
     def _on_recovered(self, jobs: list[Job]) -> None:
-        """Jobs taken back from a dead worker: remove the half-written output it may have left, then get to work.
+        """Jobs taken back from a dead worker: remove the half-written output it may have left, quarantine the ones
+        that became poison, and run the others, each alone in flight first (:meth:`Runner.suspects_maybe`).
 
         Its owner has been silent for ``stale_seconds``, so its temp files are at least half that old; a live writer's
         are younger (the job is claimed again only after this)."""
@@ -539,4 +540,6 @@ class Service:
             rel = self.outbox.contains(Path(job.output_path)) if job.output_path else None
             if rel is not None:
                 self.outbox.remove_temps_of(rel, older_than=self.settings.stale_seconds / 2)
-        self.runner.wake()
+            if job.state == "failed":
+                self.stages.poisoned(job)
+        self.runner.suspects_maybe()

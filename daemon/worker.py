@@ -41,7 +41,7 @@ import numpy as np
 from daemon import failpoints, imageio, logs, pipeline
 from daemon.config import Settings
 from daemon.dispositions import Archive, Mover, Policy, Quarantine, RetryAt, after_run
-from daemon.errors import InputChangedError, InternalError, UnsafePathError, reading
+from daemon.errors import InputChangedError, InternalError, PoisonJobError, UnsafePathError, reading
 from daemon.fsops import Root, display, fit_name, text_form
 from daemon.hooks import HookEvent, HookRunner
 from daemon.jobs import Finished, Job, JobStore
@@ -62,6 +62,7 @@ from models.weights import fetch_command, locate
 # tiles and denoising steps beat on their own.
 SECONDS_PER_PIXEL = 5e-6
 SUFFIX_MEMORY = 4096  # output names whose last -N suffix is remembered
+SUSPECT_CHECK_SECONDS = 10.0  # how often the feeder looks for jobs taken back by another node's recovery
 
 
 @dataclass
@@ -219,9 +220,12 @@ class Stages:
                 self._suffixes.pop(next(iter(self._suffixes)))
         return candidate
 
-    def claim(self, worker: str, limit: int = 1, job_id: int | None = None, root: Root | None = None) -> list[Task]:
+    def claim(
+        self, worker: str, limit: int = 1, job_id: int | None = None, root: Root | None = None, alone: bool = False
+    ) -> list[Task]:
         """Claim up to ``limit`` jobs (their outputs reserved in the same commit) and make them tasks (``root``: a
-        one-off job's folder). A job whose task cannot be made is failed with the reason, never left running."""
+        one-off job's folder; ``alone``: one job to run alone in flight, jobs taken back after a crash first). A job
+        whose task cannot be made is failed with the reason, never left running."""
         s = self.settings
         jobs = self.store.claim(
             worker,
@@ -231,6 +235,7 @@ class Stages:
             folders=s.serve_folders if self.node else None,
             source="watch" if self.mover is not None else None,
             plan=self.plan_output,
+            alone=alone,
         )
         if jobs:
             failpoints.hit("after-claim")
@@ -492,6 +497,19 @@ class Stages:
         self._hook(t, "failed")
         self.on_outcome(t, "failed")
 
+    def poisoned(self, job: Job) -> None:
+        """A job the store failed as poison when it took it back (the service died while it was alone in flight,
+        ``max_recoveries`` times): its input goes to failed/ beside its reason, and its failure hooks run."""
+        task = Task(job=job, root=self.inbox or self.outbox, rel=job.rel, error=PoisonJobError(job.error or "poison"))
+        if self.mover is not None and job.source == "watch":
+            task.moved_to = self.mover.quarantine(job, job.rel, "poison", str(task.error), expect=job.input_id)
+            if task.moved_to is not None:
+                self.store.record_move(job.id, task.moved_to)
+        self.log.error("job.failed", job=job.id, file=task.name, kind="poison", error=str(task.error))
+        self.report(task, "failed")
+        self._hook(task, "failed")
+        self.on_outcome(task, "failed")
+
     # --- 6. measure ------------------------------------------------------------------------------------------------
     def brisque(self) -> Brisque | None:
         with self._brisque_lock:  # several threads may ask at once: load it once
@@ -751,6 +769,8 @@ class Runner:
         self.measure_buffer = 2
         self._inflight: set[int] = set()
         self._tasks: dict[int, Task] = {}
+        self._solo: int | None = None  # the job running alone in flight (taken back after a worker died)
+        self._next_suspect_check = 0.0  # when to look for such jobs again (0: at the next claim)
         self._bytes = 0
         self._cond = threading.Condition()
         self._wake = threading.Event()
@@ -832,12 +852,57 @@ class Runner:
             self._inflight.discard(task.job.id)
             self._tasks.pop(task.job.id, None)
             self._bytes -= task.weight
+            if self._solo == task.job.id:
+                self._solo = None
             self._cond.notify_all()
+
+    def suspects_maybe(self) -> None:
+        """Jobs may have been taken back after a worker died: look for them before the next claim."""
+        self._next_suspect_check = 0.0
+        self._wake.set()
+
+    def _claim_alone(self) -> list[Task] | None:
+        """After an unclean stop, the jobs taken back run one at a time, each alone in flight, so that a file that
+        kills the service is the one blamed (``max_recoveries`` deaths alone make it poison), never a job that was
+        merely in flight beside it. Returns the claimed task (a list of one), [] to wait, None when there are no
+        such jobs (the pipeline overlaps again)."""
+        with self._cond:
+            if self._solo is not None:
+                return []  # one runs alone now: nothing beside it
+            now = self.clock()
+            if now < self._next_suspect_check:
+                return None
+        s = self.stages
+        count = s.store.suspects(s.settings.serve_folders if s.node else None, "watch" if s.mover else None)
+        with self._cond:
+            if not count:
+                self._next_suspect_check = now + SUSPECT_CHECK_SECONDS
+                return None
+            if self._inflight:  # the pipeline drains first
+                self._cond.wait(0.2)
+                return []
+        tasks = s.claim(self.worker_id("feed"), limit=1, alone=True)
+        if tasks:
+            self.log.warning(
+                "job.alone",
+                job=tasks[0].job.id,
+                file=tasks[0].name,
+                recoveries=tasks[0].job.recoveries,
+                note="taken back after a worker died: it runs alone in flight",
+            )
+            with self._cond:
+                self._solo = tasks[0].job.id
+        return tasks
 
     def _feed(self) -> bool:
         beat = self.beats["feed"]
         if self._stop_claiming.is_set():
             return False
+        alone = self._claim_alone()
+        if alone is not None and not alone:
+            self._wake.wait(0.2)
+            self._wake.clear()
+            return True
         with self._cond:
             free = self.depth - len(self._inflight)
             full = free <= 0 or (self._inflight and self._bytes >= self.memory_bytes)
@@ -845,11 +910,11 @@ class Runner:
             # whatever is free as soon as they might run dry.
             starving = len(self._inflight) <= self.workers_total
             full = full or (free < self.claim_batch and not starving)
-        if full:
+        if full and alone is None:
             with self._cond:
                 self._cond.wait(0.5)
             return True
-        tasks = self.stages.claim(self.worker_id("feed"), limit=free)
+        tasks = alone if alone is not None else self.stages.claim(self.worker_id("feed"), limit=free)
         if not tasks:
             self._wake.wait(0.5)
             self._wake.clear()
