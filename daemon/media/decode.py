@@ -158,6 +158,83 @@ def _is_jxl(head: bytes) -> bool:
     return head.startswith(JXL_CODESTREAM) or head.startswith(JXL_CONTAINER)
 
 
+# --- animations: every frame's rectangle, from the headers ---------------------------------------------------------
+def gif_frames(data: bytes) -> tuple[tuple[int, int], list[tuple[int, int, int, int]]]:
+    """The logical screen (w, h) and each image's (left, top, width, height) of a GIF, from its blocks: nothing
+    is decompressed (GIF89a: the logical screen descriptor, extension and image blocks, data sub-blocks).
+
+    Raises:
+        DecodeError: the blocks are truncated.
+    """
+    if len(data) < 13:
+        raise DecodeError("the GIF is truncated in its header")
+    screen = (int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little"))
+    pos = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    frames = []
+
+    def skip_sub_blocks(at: int) -> int:
+        while at < len(data) and data[at]:
+            at += data[at] + 1
+        if at >= len(data):
+            raise DecodeError("the GIF is truncated in a data block")
+        return at + 1
+
+    while pos < len(data):
+        kind = data[pos]
+        if kind == 0x3B:  # trailer
+            break
+        if kind == 0x21:  # extension: label, then sub-blocks
+            pos = skip_sub_blocks(pos + 2)
+        elif kind == 0x2C:  # image descriptor
+            if pos + 10 > len(data):
+                raise DecodeError("the GIF is truncated in an image descriptor")
+            left, top, w, h = (int.from_bytes(data[pos + i : pos + i + 2], "little") for i in (1, 3, 5, 7))
+            flags = data[pos + 9]
+            frames.append((left, top, w, h))
+            pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0) + 1  # local colours, LZW code size
+            pos = skip_sub_blocks(pos)
+        else:
+            raise DecodeError(f"the GIF has an unknown block {kind:#04x} at byte {pos}")
+    return screen, frames
+
+
+def apng_frames(data: bytes) -> tuple[tuple[int, int], list[tuple[int, int, int, int]]]:
+    """The canvas (w, h) and each frame's (x, y, width, height) of an APNG, from its IHDR and fcTL chunks.
+
+    Raises:
+        DecodeError: the chunks are truncated.
+    """
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise DecodeError("the PNG is truncated in its header")
+    canvas = (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"))
+    frames, pos = [], 8
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
+        if kind == b"fcTL" and length >= 20 and pos + 28 <= len(data):
+            w, h, x, y = (int.from_bytes(data[pos + 12 + i : pos + 16 + i], "big") for i in (0, 4, 8, 12))
+            frames.append((x, y, w, h))
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    return canvas, frames
+
+
+def check_frames(data: bytes, fmt: str, name: str) -> None:
+    """Every frame of an animated GIF or APNG lies inside the canvas its header declares: a decoder grows the
+    canvas to a frame that does not (a 16x16 GIF with a 6000x6000 second frame), past every pixel limit.
+
+    Raises:
+        ImageTooLargeError: a frame outside the canvas.
+    """
+    screen, frames = gif_frames(data) if fmt == "gif" else apng_frames(data)
+    for i, (x, y, w, h) in enumerate(frames):
+        if x + w > screen[0] or y + h > screen[1]:
+            raise ImageTooLargeError(
+                f"{name}: frame {i + 1} is {w}x{h} at ({x}, {y}), larger than the {screen[0]}x{screen[1]} canvas "
+                "its header declares; every frame must fit the canvas"
+            )
+
+
 # --- opening and probing --------------------------------------------------------------------------------------------
 def _open(fh: BinaryIO, name: str) -> Image.Image:
     formats.register_plugins()
@@ -245,7 +322,11 @@ def probe(fh: BinaryIO, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES, n
         _check_pixels(w, h, 1, max_pixels, str(name))
         return Probe(format="jxl", width=w, height=h, frames=1, animated=False)
     im = _open(fh, str(name))
-    return _probe_open(im, max_pixels, max_frames, str(name))
+    p = _probe_open(im, max_pixels, max_frames, str(name))
+    if p.animated and p.format in ("gif", "png"):
+        fh.seek(0)
+        check_frames(fh.read(), p.format, str(name))
+    return p
 
 
 # --- decoding -------------------------------------------------------------------------------------------------------
@@ -264,6 +345,8 @@ def decode_bytes(data: bytes, max_pixels: int, max_frames: int = DEFAULT_MAX_FRA
         probe(io.BytesIO(data[:4096]), max_pixels, max_frames, name)
     im = _open(io.BytesIO(data), name)
     p = _probe_open(im, max_pixels, max_frames, name)
+    if p.animated and p.format in ("gif", "png"):
+        check_frames(data, p.format, name)
     # Read the raw mode before anything (getexif on a PNG, for one) loads the pixels and clears the tiles.
     rawmode = im.tile[0].args if im.tile else ""
     rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode

@@ -19,6 +19,7 @@ for is a ``decode-crash``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -56,6 +57,7 @@ from daemon.sandbox import wire
 from models.errors import UnsupportedImageError, UpscaledError
 
 Beat = Callable[[], None]
+T = TypeVar("T")
 _ERRORS: dict[str, type[UpscaledError]] = {
     "decode": DecodeError,
     "empty-file": EmptyFileError,
@@ -518,6 +520,19 @@ def _bad(what: str) -> DecoderCrashError:
     return DecoderCrashError(f"decode-crash: the sandbox's reply broke the protocol ({what})")
 
 
+def _checked(fn: Callable[..., T]) -> Callable[..., T]:
+    """A reply reader whose payload errors (a section past the end) are protocol breaks too."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except wire.WireError as exc:
+            raise _bad(str(exc)) from None
+
+    return wrapper
+
+
 def probe_from(value: Any, max_pixels: int, max_frames: int) -> Probe:
     """A :class:`Probe` from a child's reply, checked against the limits it was asked to enforce."""
     if not isinstance(value, dict):
@@ -530,6 +545,7 @@ def probe_from(value: Any, max_pixels: int, max_frames: int) -> Probe:
     return Probe(format=fmt, width=w, height=h, frames=n, animated=value.get("animated") is True)
 
 
+@_checked
 def decoded_from(header: dict[str, Any], payload: wire.Payload | None, max_pixels: int, max_frames: int) -> Decoded:
     """A :class:`Decoded` whose frames are views of the payload (mapped, not copied), after checking every field:
     the format, each frame's shape, type and section, all frames alike, the limits, the metadata's types."""
@@ -626,6 +642,7 @@ def _meta(value: Any, payload: wire.Payload) -> Metadata:
     return meta
 
 
+@_checked
 def prepared_from(header: dict[str, Any], payload: wire.Payload | None) -> tuple[Prepared, list[str]]:
     value, notes = header.get("prepared"), header.get("notes")
     if not isinstance(value, dict):
@@ -642,6 +659,7 @@ def prepared_from(header: dict[str, Any], payload: wire.Payload | None) -> tuple
     return prep, [_clean(n, MAX_NOTE) for n in notes[:20]] if isinstance(notes, list) else []
 
 
+@_checked
 def _blob(header: dict[str, Any], payload: wire.Payload | None) -> bytes:
     if payload is None:
         raise _bad("no payload")
