@@ -65,19 +65,26 @@ def arm(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 def hit(name: str, subject: str = "") -> None:
     """The job path passes failpoint ``name`` (for ``subject``, a file's name): nothing happens unless a test armed
-    it (once per process), for a subject that holds the text it was armed with."""
+    it, for a subject that holds the text it was armed with. It fires once per process; armed with ``@TEXT``, once
+    per subject: a pause then writes the subject into ``<name>.hit``, and takes the ``.release`` (and the ``.hit``)
+    away when it goes on, so that the test can release the next subject the same way."""
     if not _armed:
         return
     action = _armed.get(name)
-    if action is None or name in _done or _subjects.get(name, "") not in subject:
+    wanted = _subjects.get(name, "")
+    key = f"{name}@{subject}" if wanted else name
+    if action is None or key in _done or wanted not in subject:
         return
-    _done.add(name)
+    _done.add(key)
     folder = Path(os.environ.get("UPSCALED_FAILPOINT_DIR", "."))
     if action == "exit":
         sys.stderr.write(f"failpoint {name}: exit\n")
         sys.stderr.flush()
         os._exit(EXIT_CODE)
-    (folder / f"{name}.hit").touch()
+    (folder / f"{name}.hit").write_text(subject)
     release = folder / f"{name}.release"
     while not release.exists():
         time.sleep(0.01)
+    if wanted:
+        release.unlink()
+        (folder / f"{name}.hit").unlink(missing_ok=True)

@@ -219,14 +219,33 @@ def apng_frames(data: bytes) -> tuple[tuple[int, int], list[tuple[int, int, int,
     return canvas, frames
 
 
+def webp_frames(data: bytes) -> tuple[tuple[int, int], list[tuple[int, int, int, int]]]:
+    """The canvas (w, h) of an animated WebP (its VP8X chunk) and each ANMF frame's (x, y, width, height).
+
+    Raises:
+        DecodeError: the chunks are truncated, or there is no VP8X chunk.
+    """
+    if len(data) < 30 or data[12:16] != b"VP8X":
+        raise DecodeError("the animated WebP has no VP8X header")
+    canvas = (int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1)
+    frames, pos = [], 12
+    while pos + 8 <= len(data):
+        kind, length = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if kind == b"ANMF" and pos + 20 <= len(data):
+            x, y, w, h = (int.from_bytes(data[pos + 8 + i : pos + 11 + i], "little") for i in (0, 3, 6, 9))
+            frames.append((2 * x, 2 * y, w + 1, h + 1))
+        pos += 8 + length + (length & 1)
+    return canvas, frames
+
+
 def check_frames(data: bytes, fmt: str, name: str) -> None:
-    """Every frame of an animated GIF or APNG lies inside the canvas its header declares: a decoder grows the
+    """Every frame of an animated GIF, APNG or WebP lies inside the canvas its header declares: a decoder grows the
     canvas to a frame that does not (a 16x16 GIF with a 6000x6000 second frame), past every pixel limit.
 
     Raises:
         ImageTooLargeError: a frame outside the canvas.
     """
-    screen, frames = gif_frames(data) if fmt == "gif" else apng_frames(data)
+    screen, frames = {"gif": gif_frames, "png": apng_frames, "webp": webp_frames}[fmt](data)
     for i, (x, y, w, h) in enumerate(frames):
         if x + w > screen[0] or y + h > screen[1]:
             raise ImageTooLargeError(
@@ -323,7 +342,7 @@ def probe(fh: BinaryIO, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES, n
         return Probe(format="jxl", width=w, height=h, frames=1, animated=False)
     im = _open(fh, str(name))
     p = _probe_open(im, max_pixels, max_frames, str(name))
-    if p.animated and p.format in ("gif", "png"):
+    if p.animated:
         fh.seek(0)
         check_frames(fh.read(), p.format, str(name))
     return p
@@ -345,7 +364,7 @@ def decode_bytes(data: bytes, max_pixels: int, max_frames: int = DEFAULT_MAX_FRA
         probe(io.BytesIO(data[:4096]), max_pixels, max_frames, name)
     im = _open(io.BytesIO(data), name)
     p = _probe_open(im, max_pixels, max_frames, name)
-    if p.animated and p.format in ("gif", "png"):
+    if p.animated:
         check_frames(data, p.format, name)
     # Read the raw mode before anything (getexif on a PNG, for one) loads the pixels and clears the tiles.
     rawmode = im.tile[0].args if im.tile else ""
