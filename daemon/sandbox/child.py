@@ -265,11 +265,30 @@ class Child:
         return {"ok": True, "text": text}, None
 
     # --- the web view's previews ------------------------------------------------------------------------------------
-    def web_image(self, req: dict[str, Any], fds: list[int]) -> tuple[Image.Image, bytes]:
-        data = self.read(req, fds)
+    def web_header(self, req: dict[str, Any], fds: list[int]) -> tuple[Image.Image, bytes, int]:
+        """The file's header (Pillow's view, no pixels), its first bytes, and its size, under a small budget; a file
+        far larger than its pixels can need is refused before the rest of it is read (a sparse gigabyte behind a
+        valid header, in failed/)."""
+        if not fds:
+            raise DecodeError("no file was passed")
         name = str(req.get("name", ""))
-        self.limit(2 * len(data) + 64 * MIB, float(req.get("seconds", 30)))
-        im = _web_open(data, name, int(req["max_pixels"]))
+        size = os.fstat(fds[0]).st_size
+        self.limit(2 * min(size, int(req["max_bytes"])) + 64 * MIB, float(req.get("seconds", 30)))
+        with os.fdopen(os.dup(fds[0]), "rb") as fh:
+            im = _web_open(fh, name, int(req["max_pixels"]))
+            head = os.pread(fds[0], 64, 0)
+        w, h = im.size
+        frames = int(getattr(im, "n_frames", 1) or 1)
+        need = w * h * frames * 8 + 64 * MIB  # as the daemon's intake: raw 16-bit RGBA and room for metadata
+        if size > need:
+            raise ImageTooLargeError(f"{name} is {size} bytes, far more than a {w}x{h} image can need ({need})")
+        return im, head, size
+
+    def web_image(self, req: dict[str, Any], fds: list[int]) -> tuple[Image.Image, bytes]:
+        """The header checked (:meth:`web_header`), then the whole file, under a budget for decoding it."""
+        _, _, size = self.web_header(req, fds)
+        data = self.read(dict(req, size=size), fds)
+        im = _web_open(io.BytesIO(data), str(req.get("name", "")), int(req["max_pixels"]))
         w, h = im.size
         self.limit(len(data) + _COPIES * w * h * 8, float(req.get("seconds", 30)))
         return im, data
@@ -277,11 +296,13 @@ class Child:
     def op_inspect(self, req: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], int | None]:
         """What the job page shows about an image: its upright size, its format, whether the browser gets it as
         it is; ``verify`` decodes it too (a failed job's input is often truncated)."""
-        im, data = self.web_image(req, fds)
+        if req.get("verify"):
+            im, data = self.web_image(req, fds)
+            _to_8bit(im, data, str(req.get("name", "")), 160, int(req["float_max_pixels"]))
+        else:
+            im, data, _ = self.web_header(req, fds)
         w, h = _upright_size(im)
         shown = _shown_as_is(im, data)
-        if req.get("verify"):
-            _to_8bit(im, data, str(req.get("name", "")), 160, int(req["float_max_pixels"]))
         return {"ok": True, "width": w, "height": h, "format": im.format or "", "as_is": shown}, None
 
     def op_render(self, req: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], int | None]:
@@ -382,10 +403,10 @@ _BROWSER = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
 _BROWSER_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA"}
 
 
-def _web_open(data: bytes, name: str, max_pixels: int) -> Image.Image:
+def _web_open(fh: Any, name: str, max_pixels: int) -> Image.Image:
     formats.register_plugins()
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(fh)
     except Exception:  # never the first bytes: they would go to a browser (a row naming /etc/passwd)
         raise DecodeError(f"{name} is not an image (no known image format)") from None
     w, h = im.size
@@ -510,7 +531,7 @@ def warm_up() -> None:
                 pass
             md.prepare(d.meta, "keep", "png", (16, 16))
             md.prepare(d.meta, "basic", "jpg", (16, 16))
-            web = _web_open(data, "warm-up", 1 << 20)
+            web = _web_open(io.BytesIO(data), "warm-up", 1 << 20)
             _to_8bit(web, data, "warm-up", 4, 1 << 20)
         except UpscaledError:
             pass
