@@ -90,7 +90,10 @@ def size_plan(rule: Rule, width: int, height: int) -> tuple[SizePlan, float]:
         if target is not None:
             scaled, _ = sizing.target_size((width, height), target)
             factor = max(scaled[0] / width, scaled[1] / height)
-        return sizing.plan((width, height), factor, target=target, max_passes=1), factor
+        # A reduction (a cover crop of a large input, outscale < 1) resamples at x1 and lets the final resize reduce.
+        native = max(1.0, factor)
+        outscale = factor if target is None else None
+        return sizing.plan((width, height), native, target=target, outscale=outscale, max_passes=1), native
     return sizing.plan(
         (width, height),
         rule.scale,
