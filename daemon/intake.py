@@ -30,7 +30,14 @@ from pathlib import PurePosixPath
 
 from daemon import imageio
 from daemon.config import Rule, Settings
-from daemon.errors import BadSidecarError, EmptyFileError, ImageTooLargeError, UnsafePathError, reading
+from daemon.errors import (
+    BadSidecarError,
+    EmptyFileError,
+    FileTooLongError,
+    ImageTooLargeError,
+    UnsafePathError,
+    reading,
+)
 from daemon.fsops import NAME_MAX, FileId, Root, display
 from daemon.jobs import JobSpec
 from daemon.sandbox import Sandbox
@@ -71,7 +78,7 @@ def read_prompt(root: Root, rel: PurePosixPath, sandbox: Sandbox) -> str | None:
         return None
     shown = display(side.name)
     try:
-        fd, _ = root.open_file(side)
+        fd, _ = root.open_file(side, limit=SIDECAR_MAX_BYTES)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -80,6 +87,10 @@ def read_prompt(root: Root, rel: PurePosixPath, sandbox: Sandbox) -> str | None:
         raise BadSidecarError(f"cannot read the prompt file {shown}: {exc.strerror or exc}") from None
     except UnsafePathError as exc:
         raise BadSidecarError(f"cannot read the prompt file {shown}: {exc}") from None
+    except FileTooLongError:
+        raise BadSidecarError(
+            f"the prompt file {shown} is over {SIDECAR_MAX_BYTES} bytes; a prompt is a line of text"
+        ) from None
     try:
         return sandbox.read_text(fd, SIDECAR_MAX_BYTES, shown)
     except OSError as exc:
