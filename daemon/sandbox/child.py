@@ -43,10 +43,12 @@ from daemon.errors import (  # noqa: E402
     BadSidecarError,
     DecodeError,
     EmptyFileError,
+    FileTooLongError,
     ImageTooLargeError,
     InputChangedError,
     UnreadableFileError,
 )
+from daemon.fsops import read_at_most  # noqa: E402
 from daemon.imageio import Decoded, assemble  # noqa: E402
 from daemon.media import decode as dec  # noqa: E402
 from daemon.media import formats  # noqa: E402
@@ -174,24 +176,22 @@ class Child:
         size = req.get("size")
         cap = int(size) if size is not None else int(req.get("max_bytes", 2 << 30))
         self.limit(cap + 2 * READ_CHUNK, float(req.get("seconds", 30)))
-        chunks, got = [], 0
-        while got <= cap:
-            chunk = os.pread(fd, min(READ_CHUNK, cap + 1 - got), got)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        data = b"".join(chunks)
-        del chunks
         name = str(req.get("name", "the file"))
-        if size is not None and len(data) != size:
-            more = "more" if len(data) > size else "fewer"
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            data = read_at_most(fd, cap, name)
+        except FileTooLongError:
+            if size is None:
+                raise ImageTooLargeError(f"{name} is over the {cap} bytes read for it") from None
             raise InputChangedError(
-                f"{name} changed size after it was registered ({size} bytes then, {more} now); "
+                f"{name} changed size after it was registered ({size} bytes then, more now); "
+                "the new content is a job of its own"
+            ) from None
+        if size is not None and len(data) != size:
+            raise InputChangedError(
+                f"{name} changed size after it was registered ({size} bytes then, fewer now); "
                 "the new content is a job of its own"
             )
-        if size is None and len(data) > cap:
-            raise ImageTooLargeError(f"{name} is over the {cap} bytes read for it")
         if not data:
             raise EmptyFileError(f"{name} is empty (0 bytes)")
         return data

@@ -303,14 +303,19 @@ if os.environ.get("UPSCALED_TEST_BLOCK_DECODERS") == "1":
         raise RuntimeError("the daemon's process parsed an image file")
 
     PIL.Image.open = _refuse
+    PIL.Image.Exif.load = _refuse
     cv2.imdecode = cv2.imread = _refuse
+    import pyexiv2
+
+    pyexiv2.ImageData = _refuse
 """
 
 
 def test_the_daemon_completes_every_job_with_its_own_decoders_made_to_fail(tmp_path):
     """The sandbox is the only place that parses an untrusted file: with daemon.media.decode unimportable and
-    Pillow's and OpenCV's readers raising in the daemon's process (its sandbox children are untouched), a still
-    image with EXIF and XMP kept, an animation, and a lossy output measured as written all complete."""
+    Pillow's, OpenCV's and exiv2's readers raising in the daemon's process (its sandbox children are untouched), a
+    still image with EXIF and XMP kept (and fitted to the output), an animation, and a lossy output measured as
+    written all complete."""
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(SITECUSTOMIZE)

@@ -162,6 +162,43 @@ def test_a_decode_over_its_memory_budget_fails_as_decode_limit_and_the_child_is_
     assert pool.replaced == 1 and pool.pids() != first
 
 
+def test_each_call_is_budgeted_from_the_header_it_read_well_under_the_hard_limit(tmp_path):
+    """A child's hard limit is the most any call may get (3.2 GiB for 100 MP); each decode gets only what its own
+    header declares: the file, and three copies of every pixel at the format's widest layout. A decoder that
+    allocates far more than its image needs hits that, not the hard limit."""
+    path = _png(tmp_path / "p.png", (100, 80))
+    code = textwrap.dedent(
+        f"""
+        import json, os, resource, socket
+        from daemon.sandbox import child, confine
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        c = child.Child(b, 0, 600)
+        c.hard_memory = c.vm() + (4 << 30)
+        confine.set_hard_limits(c.hard_memory, 600)
+        data = open({str(path)!r}, "rb").read()
+        req = {{"name": "p.png", "max_pixels": 10**8, "max_frames": 10, "seconds": 30}}
+        c.header_budget(data, req)
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        refused = False
+        try:
+            bytearray(soft - c.vm() + (64 << 20))
+        except MemoryError:
+            refused = True
+        print(json.dumps({{"budget": soft - c.vm(), "refused": refused, "size": len(data)}}))
+        """
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    want = out["size"] + 3 * 100 * 80 * 8  # PNG's widest layout: 16-bit RGBA
+    from daemon.sandbox.child import SLACK
+
+    assert abs(out["budget"] - (want + SLACK)) < 8 << 20, f"a 100x80 PNG's budget is {out['budget']} bytes"
+    assert out["refused"], "an allocation past the call's budget was allowed"
+
+
 def test_a_decode_past_its_deadline_fails_as_decode_timeout_and_the_pool_goes_on(tmp_path):
     """A child that stops answering (frozen here with SIGSTOP, as a decoder stuck in a loop would be) is killed at
     decode_timeout; the caller is told which limit, beats while it waits, and the next call works."""
