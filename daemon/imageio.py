@@ -29,6 +29,7 @@ from daemon.media import metadata as md
 from daemon.media.metadata import Metadata, Policy, Prepared
 from daemon.media.png import DEFAULT_PNG_COMPRESSION, encode_png, insert_xmp
 from models.errors import UnsupportedImageError, UpscaledError
+from models.pixels import alpha_of, colour_of, to_unit_float
 
 __all__ = [
     "DEFAULT_MAX_FRAMES",
@@ -45,8 +46,9 @@ __all__ = [
     "to_output_array",
 ]
 
-DEFAULT_MAX_FRAMES = 1000  # an animation with more frames is refused (a 3000-frame GIF took the memory)
-ANIMATED_FORMATS = ("gif", "webp", "png")  # the animations we upscale frame by frame; others keep their first frame
+DEFAULT_MAX_FRAMES = 1000  # an animation with more frames is refused (a 3000-frame GIF is a job of hours)
+# The animations we upscale frame by frame; others keep their first frame.
+ANIMATED_FORMATS = tuple(name for name, info in formats.FORMATS.items() if info.animated)
 EXTENSIONS = {
     "png": "png",
     "jpeg": "jpg",
@@ -170,12 +172,12 @@ class Decoded:
         """The first frame's alpha as float32 (H, W) in [0, 1], or None: the float companion of :attr:`rgb`, an
         attribute as it always was (the web view and older tests read ``dec.alpha`` this way)."""
         a = self.alpha_native()
-        return None if a is None else to_float(a)
+        return None if a is None else to_unit_float(a)
 
     @functools.cached_property
     def rgb(self) -> np.ndarray:
         """The first frame's colour as float32 (H, W, 3) in [0, 1] (the float path: 16-bit, metrics, the bench)."""
-        return to_float(self.colour())
+        return to_unit_float(self.colour())
 
     @property
     def icc(self) -> bytes | None:
@@ -184,31 +186,6 @@ class Decoded:
     @property
     def exif(self) -> bytes | None:
         return self.meta.exif
-
-
-def colour_of(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB of ``pixels`` (C = 1..4) in their dtype; grey is repeated to three channels."""
-    if pixels.shape[2] in (1, 2):
-        return np.repeat(pixels[:, :, :1], 3, axis=2)
-    return pixels[:, :, :3] if pixels.shape[2] == 4 else pixels
-
-
-def alpha_of(pixels: np.ndarray) -> np.ndarray | None:
-    """(H, W) alpha of ``pixels`` in their dtype, or None when C is 1 or 3."""
-    return pixels[:, :, -1] if pixels.shape[2] in (2, 4) else None
-
-
-def to_float(a: np.ndarray) -> np.ndarray:
-    """uint8 or uint16 samples as float32 in [0, 1].
-
-    Raises:
-        UnsupportedImageError: another dtype.
-    """
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / np.float32(255.0)
-    if a.dtype == np.uint16:
-        return a.astype(np.float32) / np.float32(65535.0)
-    raise UnsupportedImageError(f"expected 8- or 16-bit samples, got {a.dtype}")
 
 
 # --- model output -> integer pixels ---------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from daemon.errors import DecodeError, EmptyFileError, ImageTooLargeError, UnreadableFileError
-from daemon.imageio import ANIMATED_FORMATS, DEFAULT_MAX_FRAMES, Decoded, Frame, Probe
+from daemon.imageio import ANIMATED_FORMATS, DEFAULT_MAX_FRAMES, Decoded, Frame, FrameSource, Probe
 from daemon.media import formats
 from daemon.media import metadata as md
 from models.errors import UnsupportedImageError, UpscaledError
@@ -301,7 +301,7 @@ def _probe_open(im: Image.Image, max_pixels: int, max_frames: int, name: str) ->
     frames = 1
     if animated:
         try:
-            frames = int(im.n_frames)  # header walk: GIF frames are skipped, not decoded
+            frames = int(getattr(im, "n_frames", 1))  # header walk: GIF frames are skipped, not decoded
         except Exception as exc:
             raise DecodeError(f"{name} is damaged or truncated: {exc}") from None
         if frames > max_frames:
@@ -367,7 +367,8 @@ def decode_bytes(data: bytes, max_pixels: int, max_frames: int = DEFAULT_MAX_FRA
     if p.animated:
         check_frames(data, p.format, name)
     # Read the raw mode before anything (getexif on a PNG, for one) loads the pixels and clears the tiles.
-    rawmode = im.tile[0].args if im.tile else ""
+    tile = getattr(im, "tile", None)  # an ImageFile's, before it loads
+    rawmode = tile[0].args if tile else ""
     rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
     meta, orientation = md.read(im, p.format, data)
     notes = list(meta.notes)
@@ -464,7 +465,7 @@ def _animation_has_alpha(im: Image.Image) -> bool:
     return im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
 
 
-class _FrameSource:
+class _FrameSource(FrameSource):
     """The open animation; decodes frame ``i`` when asked (Pillow composes each over the previous ones). Every
     frame must keep the canvas size the header declared."""
 

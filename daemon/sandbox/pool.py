@@ -146,10 +146,12 @@ class Sandbox:
 
     # --- life cycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the spawner thread: it starts the children in the background (the daemon does not wait)."""
-        if self._spawner is None:
-            self._spawner = threading.Thread(target=self._spawn_loop, name="upscaled-sandbox", daemon=True)
-            self._spawner.start()
+        """Start the spawner thread: it starts the children in the background (the daemon does not wait). Safe to
+        call again."""
+        with self._cond:
+            if self._spawner is None and not self._closed:
+                self._spawner = threading.Thread(target=self._spawn_loop, name="upscaled-sandbox", daemon=True)
+                self._spawner.start()
 
     def close(self) -> None:
         """Let the children go (each exits when its socket closes) and stop the spawner. Safe to call twice."""
@@ -273,6 +275,7 @@ class Sandbox:
 
     # --- one call -------------------------------------------------------------------------------------------------
     def _acquire(self, beat: Beat | None) -> _Proc:
+        self.start()  # a pool nobody started starts with its first call
         with self._cond:
             while not self._idle:
                 if self._closed:
@@ -538,8 +541,9 @@ def probe_from(value: Any, max_pixels: int, max_frames: int) -> Probe:
     if not isinstance(value, dict):
         raise _bad("no probe")
     fmt, w, h, n = value.get("format"), value.get("width"), value.get("height"), value.get("frames")
-    if fmt not in _FORMATS or not (_count(w) and _count(h) and _count(n)):
+    if not (isinstance(fmt, str) and fmt in _FORMATS and _count(w) and _count(h) and _count(n)):
         raise _bad("probe fields")
+    assert isinstance(w, int) and isinstance(h, int) and isinstance(n, int)
     if w * h * n > max_pixels or n > max_frames:
         raise _bad("a probe over the limits it was given")
     return Probe(format=fmt, width=w, height=h, frames=n, animated=value.get("animated") is True)

@@ -284,8 +284,9 @@ class Images:
             DecodeError, ImageTooLargeError, UnreadableFileError, UnsupportedImageError, UnsafePathError, and the
             sandbox's errors: it cannot be shown.
         """
-        f = _File(path)
+        f: _File | None = _File(path)
         try:
+            assert f is not None
             key = f.key("display")
             found = self._inspect(f)  # a file that is not an image, or too large, is refused before it is sent
             if found["as_is"]:
