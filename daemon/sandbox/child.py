@@ -1,7 +1,7 @@
 """A sandbox child: the only process that parses a file someone else wrote.
 
-Started by :class:`daemon.sandbox.pool.Sandbox` as ``python -m daemon.sandbox.child FD HARD_MEMORY HARD_CPU
-LANDLOCK SECCOMP`` with a clean environment and one end of a ``SOCK_SEQPACKET`` socket pair as ``FD``. It
+Started by :class:`daemon.sandbox.pool.Sandbox` as ``python -m daemon.sandbox.child FD BUDGET HARD_CPU LANDLOCK
+SECCOMP RECYCLE_CALLS`` with a clean environment and one end of a ``SOCK_SEQPACKET`` socket pair as ``FD``. It
 
 1. imports and warms up every decoder it may use (a tiny image of each format, decoded once), so that nothing is
    loaded from a path later;
@@ -65,7 +65,6 @@ READ_CHUNK = 8 * MIB
 _WIDEST = {"png": 8, "tiff": 8, "heic": 8, "avif": 8, "jxl": 8, "jpg": 4, "webp": 4, "gif": 4, "bmp": 4}
 # Copies of the pixels a decode holds at its peak: the decoder's buffer, numpy's copy of it, the payload.
 _COPIES = 3
-RECYCLE_CALLS = 5000  # a long-lived child is replaced now and then: fragmentation never accumulates
 
 _KINDS = {
     DecodeError: "decode",
@@ -78,15 +77,12 @@ _KINDS = {
 }
 
 
-class OutOfBudget(Exception):
-    """This call needed more memory than its budget."""
-
-
 class Child:
     """The request loop and the budget of one call."""
 
-    def __init__(self, sock: socket.socket, hard_memory: int, hard_cpu: int) -> None:
+    def __init__(self, sock: socket.socket, hard_memory: int, hard_cpu: int, recycle_calls: int = 5000) -> None:
         self.sock = sock
+        self.recycle_calls = recycle_calls  # a long-lived child is replaced now and then: no fragmentation builds up
         self.hard_memory = hard_memory
         self.hard_cpu = hard_cpu
         self.statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)  # read by fd after Landlock
@@ -102,9 +98,7 @@ class Child:
     def limit(self, budget: int, seconds: float) -> None:
         """This call may use ``budget`` more bytes of address space and ``seconds`` more CPU seconds."""
         self.budget = budget
-        cpu = resource.getrusage(resource.RUSAGE_SELF)
-        used = cpu.ru_utime + cpu.ru_stime
-        confine.set_call_limits(self.vm() + budget + SLACK, int(used + seconds) + 2)
+        confine.set_call_limits(self.vm() + budget + SLACK, int(self.cpu_used() + seconds) + 2)
 
     def unlimit(self) -> None:
         """Back to the hard limits: the reply itself must not fail for want of memory."""
@@ -117,15 +111,12 @@ class Child:
             if got is None:
                 return
             header, fds = got
-            exit_after = False
+            out_of_memory = False
             try:
                 reply, payload = self.handle(header, fds)
-            except OutOfBudget:
-                reply, payload = self._error("decode-limit", self._budget_text()), None
-                exit_after = True
             except MemoryError:
                 reply, payload = self._error("decode-limit", self._budget_text()), None
-                exit_after = True
+                out_of_memory = True
             except UpscaledError as exc:
                 reply, payload = self._error(_kind(exc), str(exc)), None
             except Exception as exc:  # a decoder's surprise: this file's problem, and the reply says what it was
@@ -134,14 +125,23 @@ class Child:
                 self.unlimit()
                 for fd in fds:
                     os.close(fd)
+            self.calls += 1
+            # A library that failed an allocation half way may be left in any state; a long life, fragmented.
+            retire = out_of_memory or self.calls >= self.recycle_calls or self.cpu_used() > self.hard_cpu / 2
+            if retire:
+                reply["retire"] = True  # the daemon lets it go after this reply and starts another
             try:
                 wire.send(self.sock, reply, [payload] if payload is not None else [])
             finally:
                 if payload is not None:
                     os.close(payload)
-            self.calls += 1
-            if exit_after or self.calls >= RECYCLE_CALLS:
+            if retire:
                 return
+
+    @staticmethod
+    def cpu_used() -> float:
+        use = resource.getrusage(resource.RUSAGE_SELF)
+        return use.ru_utime + use.ru_stime
 
     def _budget_text(self) -> str:
         return f"the decoder needed more than {_gib(self.budget)} (decode_memory_limit)"
@@ -546,12 +546,12 @@ def warm_up() -> None:
 
 
 def main(argv: list[str]) -> int:
-    fd, budget, hard_cpu = int(argv[1]), int(argv[2]), int(argv[3])
+    fd, budget, hard_cpu, recycle = int(argv[1]), int(argv[2]), int(argv[3]), int(argv[6])
     use_landlock, use_seccomp = argv[4] == "1", argv[5] == "1"
     sock = socket.socket(fileno=fd)
     t0 = time.monotonic()
     warm_up()
-    child = Child(sock, 0, hard_cpu)
+    child = Child(sock, 0, hard_cpu, recycle)
     # The hard limit: what the warmed-up interpreter holds now, plus the largest budget one call may get.
     child.hard_memory = child.vm() + budget + SLACK
     got = confine.apply(child.hard_memory, hard_cpu, landlock=use_landlock, seccomp=use_seccomp)

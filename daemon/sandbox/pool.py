@@ -123,12 +123,14 @@ class Sandbox:
         max_pixels: int = 100_000_000,
         landlock: bool = True,
         seccomp: bool = True,
+        recycle_calls: int = 5000,
     ) -> None:
         self.processes = max(1, processes)
         self.timeout = timeout
         self.memory_limit = memory_limit or auto_memory_limit(max_pixels)
         self.cpu_limit = int(max(3600.0, 200 * timeout))
         self.landlock, self.seccomp = landlock, seccomp
+        self.recycle_calls = recycle_calls  # each child retires after this many calls (and says so first)
         self.log = logs.get("upscaled.sandbox")
         self._idle: list[_Proc] = []
         self._live = 0  # children started and not yet reaped (idle or busy)
@@ -192,7 +194,7 @@ class Sandbox:
                 self._live += 1  # counted while it starts, so the loop starts only what is missing
             try:
                 proc = self._spawn()
-            except (OSError, SandboxUnavailableError) as exc:
+            except (OSError, SandboxUnavailableError, wire.WireError) as exc:
                 with self._cond:
                     self._live -= 1
                     self._problem = f"the sandbox process cannot start: {exc}"
@@ -235,6 +237,7 @@ class Sandbox:
             str(self.cpu_limit),
             "1" if self.landlock else "0",
             "1" if self.seccomp else "0",
+            str(self.recycle_calls),
         ]
         try:
             proc = subprocess.Popen(
@@ -275,17 +278,23 @@ class Sandbox:
 
     # --- one call -------------------------------------------------------------------------------------------------
     def _acquire(self, beat: Beat | None) -> _Proc:
+        """An idle child that is still alive (one that died while idle, the OOM killer's, say, is let go and
+        replaced: no job is blamed for it)."""
         self.start()  # a pool nobody started starts with its first call
-        with self._cond:
-            while not self._idle:
-                if self._closed:
-                    raise SandboxUnavailableError("the sandbox is closed")
-                if self._live == 0 and self._problem is not None:
-                    raise SandboxUnavailableError(self._problem)
-                self._cond.wait(0.5)
-                if beat is not None:
-                    beat()
-            return self._idle.pop()
+        while True:
+            with self._cond:
+                while not self._idle:
+                    if self._closed:
+                        raise SandboxUnavailableError("the sandbox is closed")
+                    if self._live == 0 and self._problem is not None:
+                        raise SandboxUnavailableError(self._problem)
+                    self._cond.wait(0.5)
+                    if beat is not None:
+                        beat()
+                p = self._idle.pop()
+            if p.proc.poll() is None:
+                return p
+            self._discard(p, "it died while idle", "")
 
     def _release(self, p: _Proc) -> None:
         with self._cond:
@@ -327,9 +336,14 @@ class Sandbox:
         p = self._acquire(beat)
         try:
             wire.send(p.sock, req, fds)
-        except OSError:
-            status = self._discard(p, "its socket failed", name)
-            raise self._death(status, name) from None
+        except OSError:  # it died between the check and the send: the request never reached it
+            self._discard(p, "its socket failed", name)
+            p = self._acquire(beat)
+            try:
+                wire.send(p.sock, req, fds)
+            except OSError:
+                status = self._discard(p, "its socket failed", name)
+                raise self._death(status, name) from None
         deadline = time.monotonic() + self.timeout
         poller = select.poll()
         poller.register(p.sock, select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -344,9 +358,11 @@ class Sandbox:
                 )
         try:
             got = wire.recv(p.sock)
-        except (OSError, wire.WireError) as exc:
+        except wire.WireError as exc:
             self._discard(p, f"protocol: {exc}", name)
             raise DecoderCrashError(f"decode-crash: the sandbox process parsing {name} broke the protocol") from None
+        except OSError:  # ECONNRESET: it died with the request in hand
+            got = None
         if got is None:
             status = self._discard(p, "it died", name)
             raise self._death(status, name)
@@ -361,15 +377,18 @@ class Sandbox:
         finally:
             for fd in rfds:
                 os.close(fd)
+        if header.get("retire") is True:  # it leaves after this reply (its budget of calls or CPU is spent)
+            self._discard(p, "retired", name)
         if header.get("ok") is True:
             p.calls += 1
-            self._release(p)
+            if header.get("retire") is not True:
+                self._release(p)
             return header, payload
         kind, message = str(header.get("kind", "")), _clean(header.get("message"))
-        if kind == "decode-limit":  # the child exits after it: its decoder may be in any state
-            self._discard(p, "decode-limit", name)
+        if kind == "decode-limit":  # the child exits after it (it said so): its decoder may be in any state
             raise DecodeLimitError(f"decode-limit: {message}")
-        self._release(p)
+        if header.get("retire") is not True:
+            self._release(p)
         raise _ERRORS.get(kind, DecodeError)(message or f"{name} could not be parsed")
 
     def _death(self, status: int | None, name: str) -> UpscaledError:
