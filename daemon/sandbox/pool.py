@@ -278,23 +278,17 @@ class Sandbox:
 
     # --- one call -------------------------------------------------------------------------------------------------
     def _acquire(self, beat: Beat | None) -> _Proc:
-        """An idle child that is still alive (one that died while idle, the OOM killer's, say, is let go and
-        replaced: no job is blamed for it)."""
         self.start()  # a pool nobody started starts with its first call
-        while True:
-            with self._cond:
-                while not self._idle:
-                    if self._closed:
-                        raise SandboxUnavailableError("the sandbox is closed")
-                    if self._live == 0 and self._problem is not None:
-                        raise SandboxUnavailableError(self._problem)
-                    self._cond.wait(0.5)
-                    if beat is not None:
-                        beat()
-                p = self._idle.pop()
-            if p.proc.poll() is None:
-                return p
-            self._discard(p, "it died while idle", "")
+        with self._cond:
+            while not self._idle:
+                if self._closed:
+                    raise SandboxUnavailableError("the sandbox is closed")
+                if self._live == 0 and self._problem is not None:
+                    raise SandboxUnavailableError(self._problem)
+                self._cond.wait(0.5)
+                if beat is not None:
+                    beat()
+            return self._idle.pop()
 
     def _release(self, p: _Proc) -> None:
         with self._cond:
@@ -336,7 +330,7 @@ class Sandbox:
         p = self._acquire(beat)
         try:
             wire.send(p.sock, req, fds)
-        except OSError:  # it died between the check and the send: the request never reached it
+        except OSError:  # it died while idle (the OOM killer's pick, say): no job is blamed, another takes it
             self._discard(p, "its socket failed", name)
             p = self._acquire(beat)
             try:
