@@ -199,6 +199,7 @@ def test_each_call_is_budgeted_from_the_header_it_read_well_under_the_hard_limit
     assert out["refused"], "an allocation past the call's budget was allowed"
 
 
+@pytest.mark.timeout(60)  # a break that leaves the call waiting fails here in a minute, not at 300 s
 def test_a_decode_past_its_deadline_fails_as_decode_timeout_and_the_pool_goes_on(tmp_path):
     """A child that stops answering (frozen here with SIGSTOP, as a decoder stuck in a loop would be) is killed at
     decode_timeout; the caller is told which limit, beats while it waits, and the next call works."""
@@ -253,6 +254,7 @@ def test_a_child_that_crashes_fails_the_call_naming_its_signal_and_is_replaced(t
         os.close(fd)
 
 
+@pytest.mark.timeout(60)  # a break that leaves the call waiting fails here in a minute, not at 300 s
 def test_a_child_that_retires_or_died_idle_costs_no_job(tmp_path):
     """A child retires after its share of calls (saying so in its last reply), and one killed while idle (the
     OOM killer's pick, say) is found dead before it is given a job: every call succeeds, none is blamed."""

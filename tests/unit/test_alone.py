@@ -53,6 +53,7 @@ def test_jobs_taken_back_are_fed_one_at_a_time_alone_then_the_pipeline_overlaps_
     assert all(rig.store.get(i).alone for i in (1, 2, 3)) and not rig.store.get(4).alone
 
 
+@pytest.mark.timeout(30)  # a runner that feeds beside the job alone hangs here: fail in 30 s, not at 300 s
 def test_nothing_is_fed_beside_a_job_that_runs_alone(tmp_path):
     rig = Rig(tmp_path)
     for i in range(3):
