@@ -38,10 +38,9 @@ import numpy as np
 
 from daemon import imageio
 from daemon.config import Rule
-from daemon.jobs import Finished, JobSpec, utcnow, worker_id
+from daemon.jobs import BenchStore, Finished, JobSpec, utcnow, worker_id
 from daemon.metrics import Brisque, Metric, full_reference, y_bt601
 from daemon.protocol import BENCHMARK_METRICS, DOWNSCALES, METRICS, SSIM_WINDOW, make_lr, min_side, modcrop, quantise
-from daemon.store import SqlStore
 from models.catalog import get_entry
 from models.errors import (
     ImageError,
@@ -424,7 +423,7 @@ def _prepare(dataset: Dataset, scale: int, source: str, max_pixels: int) -> list
 
 def run_bench(
     settings: BenchSettings,
-    store: SqlStore | None = None,
+    store: BenchStore | None = None,
     progress: Progress | None = None,
     cache: ModelCache | None = None,
 ) -> BenchResult:
@@ -530,7 +529,7 @@ def _run_model(
     sets: Sequence[CropSet | None],
     cache: ModelCache,
     brisque: Brisque | None,
-    store: SqlStore | None,
+    store: BenchStore | None,
     run_id: int | None,
     progress: Progress,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -644,7 +643,7 @@ def _run_model(
 
 
 def _register(
-    store: SqlStore | None,
+    store: BenchStore | None,
     run_id: int | None,
     p: _Prepared,
     model: str,
@@ -675,7 +674,8 @@ def _register(
         folder="(bench)",
         input_size=p.image.hr_path.stat().st_size,
         fingerprint=fingerprint,
+        bench_run_id=run_id,
     )
-    (reg,) = store.register([spec], bench_run_id=run_id)
+    (reg,) = store.register([spec])
     jobs = store.claim(worker_id(), job_id=reg.job.id)
     return jobs[0].id if jobs else None

@@ -29,27 +29,12 @@ import click
 
 from daemon import __version__, logs
 from daemon.config import Rule, Settings, load_settings
+from daemon.fsops import display as printable
+from daemon.media.formats import OUTPUT_FORMATS
 from models.errors import UpscaledError
 
 
 # --- output formatting ----------------------------------------------------------------------------------------------
-def printable(text: str, keep_newlines: bool = False) -> str:
-    r"""``text`` with every character a terminal would act on escaped: ``\x1b``, ``\n``, ``\t``, ``\u202e``, and
-    ``\xNN`` for a byte that is not UTF-8 (a surrogate escape). ``keep_newlines``: line breaks stay (our own
-    multi-line messages); the other control characters are still escaped."""
-    if text.isprintable():
-        return text
-    out = []
-    for c in text:
-        if c.isprintable() or (keep_newlines and c == "\n"):
-            out.append(c)
-        elif 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that was not UTF-8, carried as a surrogate escape
-            out.append(f"\\x{ord(c) - 0xDC00:02x}")
-        else:
-            out.append(c.encode("unicode_escape").decode("ascii"))
-    return "".join(out)
-
-
 def _cell(v: Any) -> str:
     if v is None:
         return ""
@@ -233,7 +218,7 @@ def check_config(ctx: click.Context) -> None:
 @click.option("--mode", type=click.Choice(["upscale", "benchmark"]), default="upscale", show_default=True)
 @click.option(
     "--output-format",
-    type=click.Choice(["png", "jpg", "webp", "tiff"]),
+    type=click.Choice(OUTPUT_FORMATS),
     default=None,
     help="Output format (default: the input's).",
 )

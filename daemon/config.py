@@ -2,7 +2,7 @@
 
 The file is named by ``UPSCALED_CONFIG`` (default ``./settings.toml``). Relative paths in it are taken relative to
 the file's folder, so a service started from anywhere sees the same folders. A bad configuration raises
-:class:`~models.errors.ConfigError` with a message that names the key and the file.
+:class:`~daemon.errors.ConfigError` with a message that names the key and the file.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from models.registry import check_scale
 ENV_PREFIX = "UPSCALED_"
 DEFAULT_CONFIG = "settings.toml"
 DEFAULT_IGNORE = [".*", "*.part", "*.tmp", "*.crdownload", "Thumbs.db", "desktop.ini", "*.error.json", "*.prompt.txt"]
-FORMATS = ("png", "jpg", "webp", "tiff")
 NAME_FIELDS = {"stem", "model", "scale", "ext", "folder", "rule", "width", "height", "date"}
 # Rule keys of older versions that are a backend's parameters now: read from the rule's top level into `params`.
 LEGACY_PARAM_KEYS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "noise_level", "seed")
@@ -40,8 +39,9 @@ LEGACY_PARAM_KEYS = ("prompt", "negative_prompt", "num_inference_steps", "guidan
 # rule that does not use them keeps the fingerprint (and the finished jobs) it had.
 _LATER_KEYS: tuple[str, ...] = ("width", "height", "max_side", "fit", "max_passes", "metadata")
 # Rule keys that never change the pixels written: not in the fingerprint (the same content under a rule that differs
-# only in these is the same job). compression changes the file's size, never a pixel.
-_NOT_OUTPUT = ("folder", "device", "precision", "params", "on_done", "on_failed", "compression")
+# only in these is the same job). compression changes the file's size, never a pixel. Every other key is in it;
+# tests/unit/test_fingerprint.py refuses a key that is in none of the three.
+_NOT_OUTPUT = ("folder", "device", "precision", "on_done", "on_failed", "compression")
 
 
 class Rule(TargetSize, Hooks, BaseModel):
@@ -76,7 +76,9 @@ class Rule(TargetSize, Hooks, BaseModel):
         "ground truth; the LR image is made from it and the output "
         "compared with it (PSNR/SSIM, docs/protocol.md).",
     )
-    format: Literal[OUTPUT_FORMATS] | None = Field(
+    # The choices come from media/formats.FORMATS and protocol.DOWNSCALES at run time: pydantic checks them, a static
+    # checker cannot read a Literal built from a tuple.
+    format: Literal[OUTPUT_FORMATS] | None = Field(  # type: ignore[valid-type]
         default=None,
         description="The output format; unset keeps the "
         "input's (BMP becomes PNG). heic and jxl need the `heif` and "
@@ -116,7 +118,7 @@ class Rule(TargetSize, Hooks, BaseModel):
         "mode (upscale: brisque, lr_psnr_y, lr_ssim_y; benchmark: psnr_y, ssim_y, "
         "psnr_rgb, ssim_rgb, mse_rgb); []: none.",
     )
-    downscale: Literal[DOWNSCALES] = Field(
+    downscale: Literal[DOWNSCALES] = Field(  # type: ignore[valid-type]
         default="matlab-bicubic",
         description="Benchmark mode: the kernel that makes the LR image from the ground truth.",
     )
@@ -303,11 +305,11 @@ class Rule(TargetSize, Hooks, BaseModel):
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes the output. Same file + same fingerprint = same job."""
-        exclude = set(_NOT_OUTPUT)
+        exclude = {*_NOT_OUTPUT, "params"}
         defaults = type(self).model_fields
         exclude |= {k for k in _LATER_KEYS if getattr(self, k) == defaults[k].get_default(call_default_factory=True)}
         data = self.model_dump(exclude=exclude)
-        data.update(self.params)  # flat, as the generation options were before they moved into params
+        data.update(self.params)  # in it, flat, as the generation options were before they moved into params
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -403,11 +405,18 @@ class Settings(Hooks, BaseSettings):
         default="",
         description='host:port serving /metrics (Prometheus), /livez and /readyz; "" is off (docs/metrics.md).',
     )
+    http_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the http_listen endpoints answer besides localhost and the bound address (the name "
+        "a scraper or proxy uses; *.example.org for its subdomains); other Host headers get 400. Bound to every "
+        "interface with none given: any name.",
+    )
     hung_seconds: float = Field(
         default=300.0,
         gt=0,
-        description="A busy thread silent this long is hung: /livez "
-        "answers 503 (a busy thread beats at each stage, tile and step).",
+        description="A thread that makes no progress this long is stuck: /livez answers 503 (a busy thread beats "
+        "at each stage, tile and step; a loop whose every pass raises makes none). Under a systemd watchdog, half "
+        "of WatchdogSec if that is shorter.",
     )
     rules: list[Rule] = Field(default_factory=list, description="The `[[rules]]`: one per inbox folder (below).")
     # Several daemons on one inbox and one PostgreSQL database (docs/scaling.md). Per node:
@@ -597,6 +606,30 @@ def _describe(exc: ValidationError, file: Path | None) -> str:
     return "bad configuration:\n  " + "\n  ".join(lines)
 
 
+class LiveSettings:
+    """The settings in force, in one holder that a service's parts share: a reload (SIGHUP) swaps them here, once, and
+    each part reads them afresh at its next use. A queued job keeps the rule it was registered with."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @classmethod
+    def of(cls, settings: Settings | LiveSettings) -> LiveSettings:
+        """``settings`` when it is a holder already (a part of a service), else a holder of its own (a part used
+        alone: ``upscaled process``, the bench, a test)."""
+        return settings if isinstance(settings, LiveSettings) else cls(settings)
+
+
+class UsesSettings:
+    """A part that reads the settings in force: ``self.settings`` is its holder's current settings."""
+
+    live: LiveSettings
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.settings
+
+
 def load_settings(path: str | os.PathLike | None = None, check_paths: bool = True, **overrides: Any) -> Settings:
     """Read the configuration file (``path``, else ``$UPSCALED_CONFIG``, else ./settings.toml) and the env.
 
@@ -651,7 +684,7 @@ def _check_paths(s: Settings, file: Path) -> None:
         for other, q in folders.items():
             if key != other and q in p.parents:
                 raise ConfigError(f"bad configuration:\n  {file}: {key}: {p} must not be inside the {other} {q}")
-    db = s.sqlite_path()
-    for key, p in (("database", db), ("weights_dir", s.weights_dir)):
-        if p is not None and (p == s.inbox or s.inbox in p.resolve().parents):
-            raise ConfigError(f"bad configuration:\n  {file}: {key}: {p} must not be inside the inbox {s.inbox}")
+    kept: list[tuple[str, Path | None]] = [("database", s.sqlite_path()), ("weights_dir", s.weights_dir)]
+    for key, where in kept:
+        if where is not None and (where == s.inbox or s.inbox in where.resolve().parents):
+            raise ConfigError(f"bad configuration:\n  {file}: {key}: {where} must not be inside the inbox {s.inbox}")

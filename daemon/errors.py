@@ -1,6 +1,7 @@
 """The errors of the service side: configuration, input files, outputs and the queue.
 
-They share the base, the ``kind`` and the :class:`~models.errors.Retry` policy of :mod:`models.errors`.
+They share the base, the ``kind`` and the :class:`~models.errors.Retry` policy of :mod:`models.errors` (why the base
+lives there: docs/development.md, "Where errors live").
 """
 
 from __future__ import annotations
@@ -40,6 +41,22 @@ class ImageTooLargeError(ImageError):
     """The input (or the output it would make) is over the pixel or frame limits."""
 
     kind = "too-large"
+
+
+class FileTooLongError(ImageTooLargeError):
+    """A file holds more bytes than its reader accepts (:meth:`daemon.fsops.Root.read_bytes` with a ``limit``): a
+    job's input grown past the size it was registered with, or a prompt sidecar over its cap.
+
+    ``size`` is the length ``fstat`` gave, or None when the file grew while it was read (then it is over ``limit``,
+    by how much is not known: the reader stopped one byte past it)."""
+
+    def __init__(self, name: str, limit: int, size: int | None) -> None:
+        self.name, self.limit, self.size = name, limit, size
+        seen = f"{size} bytes" if size is not None else "more (it grew while it was read)"
+        super().__init__(f"{name} holds {seen}, over the {limit} bytes it may have")
+
+    def __reduce__(self) -> tuple[type[FileTooLongError], tuple[str, int, int | None]]:
+        return type(self), (self.name, self.limit, self.size)  # picklable: it may cross from a child process
 
 
 class UnreadableFileError(ImageError):

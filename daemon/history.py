@@ -35,7 +35,8 @@ def parse_since(value: str) -> dt.datetime:
 
 
 def _where(model: str | None, folder: str | None, status: str | None, since: str | None) -> tuple[str, dict]:
-    clauses, params = [], {}
+    clauses: list[str] = []
+    params: dict[str, Any] = {}
     if model:
         clauses.append("j.model_id = :model")
         params["model"] = model
@@ -141,6 +142,7 @@ def query(url: str, sql: str, params: dict[str, Any] | None = None) -> list[dict
                     )
                 compiled = text(sql).compile(dialect=engine.dialect)
                 raw = c.connection.driver_connection
+                assert raw is not None  # an open connection
                 with raw.cursor() as cur:
                     cur.execute(str(compiled), compiled.construct_params(params or {}), prepare=True)
                     if cur.description is None:

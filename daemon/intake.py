@@ -21,10 +21,18 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import PurePosixPath
+from typing import Any
 
 from daemon import imageio
-from daemon.config import Rule, Settings
-from daemon.errors import BadSidecarError, EmptyFileError, ImageTooLargeError, UnreadableFileError, UnsafePathError
+from daemon.config import LiveSettings, Rule, Settings, UsesSettings
+from daemon.errors import (
+    BadSidecarError,
+    EmptyFileError,
+    FileTooLongError,
+    ImageTooLargeError,
+    UnreadableFileError,
+    UnsafePathError,
+)
 from daemon.fsops import NAME_MAX, FileId, Root, display
 from daemon.jobs import JobSpec
 from models.errors import UpscaledError
@@ -72,10 +80,10 @@ def read_prompt(root: Root, rel: PurePosixPath) -> str | None:
         raise BadSidecarError(f"cannot read the prompt file {display(side.name)}: {why}") from None
     except UnsafePathError as exc:
         raise BadSidecarError(f"cannot read the prompt file {display(side.name)}: {exc}") from None
-    if len(data) > SIDECAR_MAX_BYTES:
+    except FileTooLongError:
         raise BadSidecarError(
             f"the prompt file {display(side.name)} is over {SIDECAR_MAX_BYTES} bytes; a prompt is a line of text"
-        )
+        ) from None
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as exc:
@@ -155,11 +163,11 @@ def inspect(
     return digest.hexdigest(), probe, st
 
 
-class Intake:
+class Intake(UsesSettings):
     """Turns inbox files into job specs, reading them only through the inbox's directory handle."""
 
-    def __init__(self, settings: Settings, inbox: Root, beat: Callable[[], None] | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings | LiveSettings, inbox: Root, beat: Callable[[], None] | None = None) -> None:
+        self.live = LiveSettings.of(settings)
         self.inbox = inbox
         self.beat = beat or (lambda: None)  # a sign of life while a large file is hashed
 
@@ -170,7 +178,7 @@ class Intake:
         sidecar) gets a spec with ``failure`` set, and its job fails with that reason.
         """
         rule = self.settings.rule_for(str(rel.parent))
-        base = dict(rule=rule, rel=rel, input_path=display(str(self.inbox.abs(rel))), source="watch")
+        base: dict[str, Any] = dict(rule=rule, rel=rel, input_path=display(str(self.inbox.abs(rel))), source="watch")
         try:
             st = self.inbox.lstat(rel)
         except UnsafePathError as exc:

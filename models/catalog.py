@@ -200,6 +200,8 @@ def _spandrel(
     """A single-scale model loaded through spandrel; ``arch`` is the spandrel architecture id the file must hold.
     Its sha256 and size come from the MANIFEST (mirrored files) or the release's published values."""
     local = f"spandrel/{file_name}"
+    sha: str | None
+    size: int | None
     if local in _RELEASED:
         revision, sha, size = _RELEASED[local]
     else:

@@ -212,9 +212,8 @@ def share_cpus(cpu_workers: int) -> int:
     threads share this process's CPUs; returns the count.
 
     OpenCV's threads spin while they wait for work: on a small image, two of them cost twice the CPU of one for
-    about a third less time (FSRCNN x4 on 80x120 here: 20 ms of CPU for 11 ms against 8 ms for 8 ms), CPU that the
-    decode, encode and commits of the other jobs need. Workers that each run single-threaded use every core on
-    different images instead (docs/performance.md).
+    about a third less time, CPU that the decode, encode and commits of the other jobs need. Workers that each run
+    single-threaded use every core on different images instead (docs/performance.md).
     """
     import cv2
 

@@ -154,6 +154,7 @@ class SpandrelModel:
     def _device_fp32(self) -> Any:
         torch = self.torch
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        assert self._cpu_fp32 is not None  # given up only once the main copy is fp32 itself
         fp32 = copy.deepcopy(self._cpu_fp32).to(torch.device(self.device)).eval()
         fp32.model.to(memory_format=fmt)
         self._watch(fp32)
@@ -487,9 +488,8 @@ def _choose_layout(
 ) -> tuple[bool, dict[str, float]]:
     """Time the model on a probe in both memory layouts; keep channels_last only if clearly faster.
 
-    Measured on this project's 2-core CPU at 256x256: SRVGG compact xsx4 0.52 s -> 0.39 s, DITN 2.25 s -> 1.40 s.
-    The answer depends on the device and the kernels, so it is measured here rather than assumed, once per kind of
-    model per process.
+    The answer depends on the device and the kernels (docs/performance.md has two CPU figures), so it is measured
+    here rather than assumed, once per kind of model per process.
     """
     key = (descriptor.architecture.id, tuple(descriptor.tags), descriptor.scale, device, precision)
     if key in _LAYOUT_DECISIONS:

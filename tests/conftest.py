@@ -8,6 +8,7 @@ that this machine has *more* than the test assumes (a GPU), or lacks what no pac
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -82,6 +83,24 @@ def pytest_make_collect_report(
     report = yield
     _refuse_skip(report)
     return report
+
+
+class FakeClock:
+    """A clock the test moves by hand, for a store (``clock()``: naive UTC, as :func:`daemon.jobs.utcnow`) and for a
+    service or runner (``monotonic()``: seconds, as :func:`time.monotonic`). Both start at ``start`` and move only
+    with :meth:`advance`."""
+
+    def __init__(self, start: dt.datetime = dt.datetime(2026, 1, 1, 12, 0, 0)) -> None:
+        self.start = self.now = start
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def monotonic(self) -> float:
+        return (self.now - self.start).total_seconds()
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> object:
@@ -177,15 +196,16 @@ def image(path: Path, size: tuple[int, int] = (40, 32), mode: str = "RGB", seed:
 
 
 class Daemon:
-    """A real `upscaled run` subprocess, with its log captured to a file."""
+    """A real `upscaled run` subprocess, with its log captured to a file; ``prefix`` runs it under a command such
+    as ``setpriv`` (see tests.acceptance.test_acceptance._without_read_override)."""
 
-    def __init__(self, config: Path, env: dict | None = None) -> None:
+    def __init__(self, config: Path, env: dict | None = None, prefix: list[str] | None = None) -> None:
         self.config = config
         self.log_path = config.parent / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
         full_env = dict(os.environ, UPSCALED_CONFIG=str(config), PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run"],
+            [*(prefix or []), sys.executable, "-m", "daemon", "run"],
             cwd=config.parent,
             env=full_env,
             stdout=self._log,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from daemon.errors import ConfigError
-from daemon.telemetry import parse_listen
+from daemon.telemetry import allowed_hosts_for, parse_listen
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
@@ -54,7 +54,7 @@ def serve(
     """
     import uvicorn
 
-    from daemon.web.app import allowed_hosts_for, create_app
+    from daemon.web.app import create_app
 
     sock = bind(listen)
     host, port = sock.getsockname()[:2]
