@@ -18,8 +18,10 @@ measured window of ``--seconds``:
   and to the null model's ceiling (K x W x 1000 / job_ms);
 - claim latency p50 and p99 (the claims that got a job), from every surviving node;
 - the database's CPU (all server processes, % of one core) and its connections (most seen in pg_stat_activity);
-- the takeover time: when the window ends, node 0 is SIGKILLed holding jobs, and the clock runs until the last of
-  them is no longer running under it (taken back by a live node's heartbeat). Bounded by stale + one heartbeat.
+- the takeover time: when the window ends, node 0 is caught holding jobs (SIGSTOP until it does) and SIGKILLed, and
+  the clock runs until the last of them is no longer running under it (taken back by a live node's heartbeat);
+  stale + one heartbeat on a machine with time to spare;
+- what ``store.counts()`` costs (every node's status line and /metrics scrape run it), before the nodes start.
 
 The knee is the smallest K x W whose jobs/s is within 10 % of the best of the sweep: past it, more workers add no
 claims. ``--via pgbouncer`` runs the nodes through pgbouncer in transaction mode (Debian's package; its pool is
@@ -189,7 +191,7 @@ def run_config(server: str, via: str, postmaster: int, work: Path, k: int, w: in
             (shm / d).mkdir()
         ceiling = k * w * 1000 / args.job_ms
         n = int(min(args.max_jobs, ceiling * (args.seconds + args.warmup + 6) + 200))
-        store = SqlStore(direct)
+        store = SqlStore(direct, statement_timeout_s=None)  # the set-up may write millions of rows
         if args.history:  # a long history of done jobs in the same table, as after months of 10 million a day
             with store.engine.begin() as c:
                 c.execute(text(HISTORY), {"n": args.history})
@@ -203,6 +205,10 @@ def run_config(server: str, via: str, postmaster: int, work: Path, k: int, w: in
                 rel = PurePosixPath(f"f{i:06d}.png")
                 specs.append(JobSpec(f"{i:064x}", rule, rel, str(shm / "inbox" / rel)))
             store.register(specs)
+        t0 = time.monotonic()
+        for _ in range(3):  # what every node's status line and /metrics scrape cost: a count of the whole table
+            store.counts()
+        counts_ms = round((time.monotonic() - t0) / 3 * 1000, 1)
         store.close()
         go, stop = work / "go", work / "stop"
         for f in (go, stop):
@@ -238,25 +244,37 @@ def run_config(server: str, via: str, postmaster: int, work: Path, k: int, w: in
             time.sleep(0.2)
         go.touch()
         time.sleep(args.warmup)
-        t_a, wall_a, ticks_a, busy_a = time.monotonic(), utcnow(), _server_ticks(postmaster), _busy()
+        ticks_a, busy_a = _server_ticks(postmaster), _busy()  # first: reading /proc takes a while under load
+        t_a, wall_a = time.monotonic(), utcnow()
         conns = 0
-        while time.monotonic() < t_a + args.seconds:
+        while True:  # at least one sample, however slow the box
             q = "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = current_database()"
             conns = max(conns, _query(direct, q)[0]["n"] - 1)  # less this query's own
+            if time.monotonic() >= t_a + args.seconds:
+                break
             time.sleep(0.5)
-        t_b, wall_b, ticks_b, busy_b = time.monotonic(), utcnow(), _server_ticks(postmaster), _busy()
+        t_b, wall_b = time.monotonic(), utcnow()
+        ticks_b, busy_b = _server_ticks(postmaster), _busy()
         done = _query(
             direct, "SELECT COUNT(*) AS n FROM jobs WHERE finished_at >= :a AND finished_at < :b", a=wall_a, b=wall_b
         )[0]["n"]
         pending = _query(direct, "SELECT COUNT(*) AS n FROM jobs WHERE state = 'pending'")[0]["n"]
-        takeover = None
+        takeover: float | str | None = None
+        held = 0
         if k > 1:  # node 0 dies holding jobs; its leases must run out, then a live node's heartbeat takes them
+            mine = "SELECT COUNT(*) AS n FROM jobs WHERE state = 'running' AND node = 'n0'"
+            for _ in range(200):  # frozen, it commits nothing: what it holds now is what it dies with
+                procs[0].send_signal(signal.SIGSTOP)
+                held = _query(direct, mine)[0]["n"]
+                if held:
+                    break
+                procs[0].send_signal(signal.SIGCONT)
+                time.sleep(0.01)
             procs[0].send_signal(signal.SIGKILL)
             killed = time.monotonic()
-            held = [r["id"] for r in _query(direct, "SELECT id FROM jobs WHERE state = 'running' AND node = 'n0'")]
+            takeover = f"> {5 * args.stale:g}" if held else None
             while held and time.monotonic() < killed + 5 * args.stale:
-                q = "SELECT COUNT(*) AS n FROM jobs WHERE state = 'running' AND node = 'n0'"
-                if _query(direct, q)[0]["n"] == 0:
+                if _query(direct, mine)[0]["n"] == 0:
                     takeover = round(time.monotonic() - killed, 2)
                     break
                 time.sleep(0.05)
@@ -287,6 +305,8 @@ def run_config(server: str, via: str, postmaster: int, work: Path, k: int, w: in
             machine_busy_pct=round(machine, 0),
             connections=conns,
             takeover_s=takeover,
+            takeover_jobs=held,
+            counts_ms=counts_ms,
             pool_left=pending,
         )
     finally:
@@ -394,8 +414,9 @@ def main() -> None:
                         print(
                             f"{mode:9s} K={k:<3d} W={w}  {r['jobs_per_s']:7.1f} jobs/s (x{r['ratio_to_1x1']}, "
                             f"ceiling {r['ceiling_per_s']})  claim p50 {r['p50_claim_ms']} ms p99 "
-                            f"{r['p99_claim_ms']} ms  db cpu {r['db_cpu_pct']}%  machine {r['machine_busy_pct']}%  "
-                            f"conns {r['connections']}  takeover {r['takeover_s']} s",
+                            f"{r['p99_claim_ms']} ms  db cpu {r['db_cpu_pct']}% ({r['db_cpu_ms_per_job']} ms/job)  "
+                            f"machine {r['machine_busy_pct']}%  conns {r['connections']}  takeover {r['takeover_s']} s "
+                            f"({r['takeover_jobs']} jobs)  counts() {r['counts_ms']} ms",
                             flush=True,
                         )
         finally:

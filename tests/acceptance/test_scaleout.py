@@ -498,7 +498,13 @@ def _faketime(offset: int) -> dict[str, str]:
     libs = glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1")
     if not libs:
         pytest.skip("libfaketime is not installed (apt-get install faketime)")
-    return {"LD_PRELOAD": libs[0], "FAKETIME": f"{offset:+d}s", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    # No shared memory: it is for keeping children in step, and a killed daemon would leave its segment in /dev/shm.
+    return {
+        "LD_PRELOAD": libs[0],
+        "FAKETIME": f"{offset:+d}s",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_DISABLE_SHM": "1",
+    }
 
 
 def _nodes_json(cfg: Path) -> dict[str, dict]:
