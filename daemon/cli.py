@@ -174,8 +174,7 @@ def check_config(ctx: click.Context) -> None:
     Example: upscaled check-config
     """
     from daemon.service import check_devices
-    from models.catalog import get_entry
-    from models.weights import needs_weights, present
+    from models.weights import entry_for, needs_weights, present
 
     settings = _settings(ctx)
     check_devices(settings)  # a GPU that is not there stops `run` too
@@ -190,7 +189,7 @@ def check_config(ctx: click.Context) -> None:
         f"{', '.join(settings.devices())}; serves {folders}"
     )
     for rule in settings.all_rules():
-        entry = get_entry(rule.model)
+        entry = entry_for(rule.model, settings.weights_dir)  # omdb: entries were checked by _settings
         weights = (
             "weights present"
             if present(settings.weights_dir, entry)
@@ -199,6 +198,7 @@ def check_config(ctx: click.Context) -> None:
         click.echo(
             f"  {rule.folder or '(default)'}: {rule.model} x{rule.final_scale:g} {rule.mode}"
             f" -> {rule.format or 'same format'}; {weights if needs_weights(entry) else 'no weights needed'}"
+            f"; licence {entry.license}"
         )
 
 
@@ -246,11 +246,11 @@ def process(
     Example: upscaled process photo.jpg --model fsrcnn --scale 4 --out upscaled/
     """
     from daemon.oneshot import process as process_files
-    from models.catalog import get_entry
+    from models.weights import entry_for
 
     settings = _settings(ctx, check_paths=False)
     logs.configure(settings.log_level, settings.log_format, stream=sys.stderr)  # stdout is the report
-    entry = get_entry(model)
+    entry = entry_for(model, settings.weights_dir)  # an omdb: model's scale is in its cached entry
     if scale is None:
         scale = entry.scales[0] if isinstance(entry.scales, tuple) and entry.scales else 2.0
     try:
@@ -343,14 +343,18 @@ def query(ctx: click.Context, sql: str, params: tuple[tuple[str, str], ...], fmt
     click.echo(render(run_query(settings.database, sql, dict(params)), fmt))
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @output_options
 @click.pass_context
 def models(ctx: click.Context, fmt: str) -> None:
     """List every catalogue model, its scales, licence, and whether its weights are here.
 
+    `models search` and `models show` look through OpenModelDB's entries (omdb:<id> models).
+
     Example: upscaled models --format json
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from models.catalog import ENTRIES
     from models.weights import needs_weights, present
 
@@ -365,6 +369,56 @@ def models(ctx: click.Context, fmt: str) -> None:
             )
         )
     click.echo(render(rows, fmt))
+
+
+@models.command("search")
+@click.argument("text", required=False, default="")
+@click.option("--tag", default=None, help="Only entries with this tag (photo, anime, restoration, ...).")
+@click.option("--arch", default=None, help="Only this architecture (esrgan, compact, span, realplksr, ...).")
+@click.option("--scale", type=int, default=None, help="Only this scale.")
+@click.option("--update", is_flag=True, help="Refresh the cached index from model_index_url first.")
+@output_options
+@click.pass_context
+def models_search(
+    ctx: click.Context, text: str, tag: str | None, arch: str | None, scale: int | None, update: bool, fmt: str
+) -> None:
+    """List the OpenModelDB entries of the cached index that match TEXT (every word) and the filters.
+
+    The index is downloaded from model_index_url when none is cached (or with --update). Each row says whether the
+    file has a direct link (`upscaled weights fetch omdb:<id>` gets it) or needs a browser.
+
+    Example: upscaled models search nomos --tag photo --scale 4
+    """
+    from models import omdb
+
+    settings = _settings(ctx, check_paths=False)
+    index = omdb.load_index(settings.weights_dir)
+    if index is None or update:
+        index = omdb.refresh(settings.weights_dir, settings.model_index_url)
+    found = omdb.search(index, text, tag=tag, arch=arch, scale=scale)
+    click.echo(render([omdb.row(m) for m in found], fmt))
+
+
+@models.command("show")
+@click.argument("model_id")
+@output_options
+@click.pass_context
+def models_show(ctx: click.Context, model_id: str, fmt: str) -> None:
+    """Show one OpenModelDB entry of the cached index: licence, architecture, scale, file, sha256, link.
+
+    Example: upscaled models show omdb:4x-Nomos8kSC
+    """
+    from models import omdb
+
+    settings = _settings(ctx, check_paths=False)
+    model, index = omdb.model_for(model_id, settings.weights_dir)
+    details = omdb.details(model, index, settings.weights_dir)
+    if fmt == "table":
+        click.echo(
+            "\n".join(f"{k:>22}  {printable(str(v), keep_newlines=k == 'description')}" for k, v in details.items())
+        )
+    else:
+        click.echo(render([details], fmt))
 
 
 @main.group()
@@ -386,6 +440,12 @@ def weights() -> None:
     help="Accept files the catalogue publishes no sha256 for (EDSR, ai-forever's Real-ESRGAN): what the "
     "source serves is recorded with its hash, logged, and held to from then on.",
 )
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Seconds each download may take in all (default: 120, or longer for large files).",
+)
 @output_options
 @click.pass_context
 def weights_fetch(
@@ -395,14 +455,16 @@ def weights_fetch(
     mirror: str | None,
     force: bool,
     trust_unhashed: bool,
+    deadline: float | None,
     fmt: str,
 ) -> None:
     """Download weights into weights_dir and check their sha256.
 
     A file without a published sha256 is refused unless --trust-unhashed is given. Downloads are capped at the
-    catalogued size (with a margin). Exits 1 if any file could not be fetched or verified.
+    catalogued size (with a margin) and a deadline. omdb:<id> refreshes the cached OpenModelDB index from
+    model_index_url, then fetches the entry's file. Exits 1 if any file could not be fetched or verified.
 
-    Example: upscaled weights fetch fsrcnn espcn brisque --mirror ../shared/weights
+    Example: upscaled weights fetch fsrcnn espcn brisque omdb:4x-Nomos8kSC --mirror ../shared/weights
     """
     from models.catalog import ENTRIES
     from models.weights import fetch
@@ -420,6 +482,8 @@ def weights_fetch(
         mirror or settings.weights_mirror or None,
         force=force,
         trust_unhashed=trust_unhashed,
+        index_url=settings.model_index_url,
+        deadline=deadline,
     )
     for r in reports:
         if r.status == "recorded":  # the user's word stood in for a published hash: say so where it is kept
@@ -496,6 +560,13 @@ def weights_verify(ctx: click.Context, ids: tuple[str, ...], fmt: str) -> None:
     default=None,
     help="Also write a self-contained HTML report here.",
 )
+@click.option(
+    "--frontier",
+    "show_frontier",
+    is_flag=True,
+    help="Print quality against cost instead: per scale, PSNR-Y, SSIM-Y, BRISQUE and s/MP, and which models no "
+    "other beats on both quality and speed.",
+)
 @output_options
 @click.pass_context
 def bench(
@@ -508,6 +579,7 @@ def bench(
     repeat: int,
     no_brisque: bool,
     report_path: Path | None,
+    show_frontier: bool,
     fmt: str,
 ) -> None:
     """Compare models on a dataset with the papers' protocol: one row per model and scale.
@@ -563,7 +635,11 @@ def bench(
             finally:
                 store.close()
         click.echo(f"report: {report_path}", err=True)
-    if fmt == "json":
+    if show_frontier:
+        from bench.run import frontier
+
+        click.echo(render(frontier(result.summary), fmt))
+    elif fmt == "json":
         click.echo(json.dumps(result.to_json(), indent=2, default=_json_default))
     else:
         click.echo(render(result.summary, fmt))

@@ -24,10 +24,12 @@ from daemon.imageio import DEFAULT_PNG_COMPRESSION
 from daemon.media.formats import OUTPUT_FORMATS
 from daemon.protocol import BENCHMARK_METRICS, DOWNSCALES, UPSCALE_METRICS
 from daemon.sizing import TargetSize, check_rule
+from models import omdb
 from models.backends import Backend, backend_of
-from models.catalog import get_entry
+from models.catalog import get_entry, is_omdb_model
 from models.errors import UpscaledError
 from models.registry import check_scale
+from models.weights import entry_for
 
 ENV_PREFIX = "UPSCALED_"
 DEFAULT_CONFIG = "settings.toml"
@@ -41,7 +43,7 @@ _LATER_KEYS: tuple[str, ...] = ("width", "height", "max_side", "fit", "max_passe
 # Rule keys that never change the pixels written: not in the fingerprint (the same content under a rule that differs
 # only in these is the same job). compression changes the file's size, never a pixel. Every other key is in it;
 # tests/unit/test_fingerprint.py refuses a key that is in none of the three.
-_NOT_OUTPUT = ("folder", "device", "precision", "on_done", "on_failed", "compression")
+_NOT_OUTPUT = ("folder", "device", "precision", "on_done", "on_failed", "compression", "allow_noncommercial")
 
 
 class Rule(TargetSize, Hooks, BaseModel):
@@ -60,8 +62,9 @@ class Rule(TargetSize, Hooks, BaseModel):
     )
     model: str = Field(
         default="bicubic",
-        description="A model id (`upscaled models`), `file:PATH` for a spandrel "
-        "weight file, or `diffusers:FOLDER` for a saved diffusion pipeline.",
+        description="A model id (`upscaled models`), `omdb:<id>` for an OpenModelDB model "
+        "(`upscaled models search`), `file:PATH` for a spandrel weight file, or `diffusers:FOLDER` for a saved "
+        "diffusion pipeline.",
     )
     scale: float = Field(default=2, description="The model's native scale: it picks the weights (x2, x3, x4...).")
     outscale: float | None = Field(
@@ -138,6 +141,11 @@ class Rule(TargetSize, Hooks, BaseModel):
     )
     compare: bool = Field(
         default=True, description="Benchmark mode: also write HR | LR | output side by side as `<output>.compare.png`."
+    )
+    allow_noncommercial: bool = Field(
+        default=False,
+        description="Consent to a model whose licence forbids commercial use (CC-BY-NC-*, many OpenModelDB "
+        "models): without it, start-up stops and names the licence.",
     )
     # The backend's own options, checked against its schema (models/backends.py). A `<image>.prompt.txt` beside an
     # input overrides the prompt for that image.
@@ -303,6 +311,36 @@ class Rule(TargetSize, Hooks, BaseModel):
         """This rule with ``params.prompt`` replaced (a ``<image>.prompt.txt`` sidecar)."""
         return self.model_copy(update={"params": {**self.params, "prompt": prompt}})
 
+    def model_problems(self, weights_dir: Path) -> list[str]:
+        """What stops this rule's model from running here, checked at start-up: an ``omdb:`` entry not in the cached
+        index, a licence that forbids commercial use without ``allow_noncommercial``, an architecture the installed
+        spandrel does not load, a scale that is not the model's. Empty when it can run.
+
+        Imports spandrel (and torch) for an ``omdb:`` model whose entry is cached, to check its architecture.
+        """
+        try:
+            entry = entry_for(self.model, weights_dir)
+        except UpscaledError as exc:
+            return [str(exc)]
+        problems = []
+        if omdb.is_noncommercial(entry.license) and not self.allow_noncommercial:
+            problems.append(
+                f"{self.model} is licensed {entry.license}, which forbids commercial use; set "
+                "allow_noncommercial = true on this rule to use it within that licence"
+            )
+        if is_omdb_model(self.model):
+            model, _ = omdb.model_for(self.model, weights_dir)
+            arch = omdb.arch_problem(model.architecture)
+            if arch:
+                problems.append(f"{self.model}: {arch}")
+            if self.scale != model.scale:
+                final = f" (and outscale = {self.final_scale:g} for a x{self.final_scale:g} result)"
+                problems.append(
+                    f"{self.model} is a x{model.scale} model, and the rule says scale = {self.scale:g}; set "
+                    f"scale = {model.scale}{final if self.final_scale != model.scale else ''}"
+                )
+        return problems
+
     def fingerprint(self) -> str:
         """A short hash of everything that changes the output. Same file + same fingerprint = same job."""
         exclude = {*_NOT_OUTPUT, "params"}
@@ -339,6 +377,12 @@ class Settings(Hooks, BaseSettings):
     weights_mirror: str = Field(
         default="",
         description='A folder or base URL laid out like weights/ to fetch from; "" downloads from the sources.',
+    )
+    model_index_url: str = Field(
+        default=omdb.DEFAULT_INDEX_URL,
+        description="Where `omdb:` models are looked up: a .tar.gz of OpenModelDB's repository (GitHub's archive "
+        "by default) or a .json of id -> entry (the site's models.json, a mirror's copy); a URL or a path. Cached "
+        "in weights_dir/omdb by `upscaled weights fetch omdb:<id>`.",
     )
     device: str | list[str] = Field(
         default="auto",
@@ -382,6 +426,31 @@ class Settings(Hooks, BaseSettings):
         default=2 << 30, gt=0, description="An input larger than this is refused before a byte of it is read."
     )
     max_frames: int = Field(default=1000, ge=1, description="Frames of an animated input; more is refused.")
+    decode_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds one parse of an input (header, decode, metadata) may take in its sandbox process; past "
+        "it the process is killed and the job fails as decode-timeout (docs/security.md).",
+    )
+    decode_memory_limit: int = Field(
+        default=0,
+        ge=0,
+        description="Bytes of memory one parse may use in its sandbox process, on top of the interpreter; 0 derives "
+        "it from max_pixels (32 bytes a pixel, plus 256 MiB). Past it the job fails as decode-limit.",
+    )
+    sandbox_processes: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="Sandbox processes parsing inputs (each about 60 MB); the only place a stranger's bytes are "
+        "parsed.",
+    )
+    max_recoveries: int = Field(
+        default=2,
+        ge=1,
+        description="Times the service may die while a job is the only one in flight before that job fails as "
+        "poison (its input to failed/); deaths with other jobs in flight do not count.",
+    )
     max_attempts: int = Field(default=3, ge=1, description="Tries for a job that runs out of memory.")
     retry_seconds: float = Field(default=30.0, ge=0, description="The first retry's delay; it doubles per attempt.")
     retry_max_seconds: float = Field(
@@ -634,7 +703,10 @@ def load_settings(path: str | os.PathLike | None = None, check_paths: bool = Tru
     """Read the configuration file (``path``, else ``$UPSCALED_CONFIG``, else ./settings.toml) and the env.
 
     Raises:
-        ConfigError: the file is missing or unreadable, a key is unknown or invalid, or a path is unusable.
+        ConfigError: the file is missing or unreadable, a key is unknown or invalid, or a path is unusable. With
+            ``check_paths`` (start-up, ``check-config``) also: a rule's model cannot run here (an ``omdb:`` entry
+            not cached, a non-commercial licence without ``allow_noncommercial``, an architecture spandrel does not
+            load, the wrong scale).
     """
     file = Path(path or os.environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG).absolute()
     if not file.is_file():
@@ -658,12 +730,26 @@ def load_settings(path: str | os.PathLike | None = None, check_paths: bool = Tru
     db = settings.database
     if db.startswith("sqlite:///") and not db.startswith("sqlite:////") and ":memory:" not in db:
         updates["database"] = "sqlite:///" + str((base / db[len("sqlite:///") :]).resolve())
-    if settings.weights_mirror and "://" not in settings.weights_mirror:
-        updates["weights_mirror"] = str(_resolve(base, Path(settings.weights_mirror)).resolve())
+    for key in ("weights_mirror", "model_index_url"):
+        value = getattr(settings, key)
+        if value and "://" not in value:
+            updates[key] = str(_resolve(base, Path(value)).resolve())
     settings = settings.model_copy(update=updates)
     if check_paths:
         _check_paths(settings, file)
+        _check_models(settings, file)
     return settings
+
+
+def _check_models(s: Settings, file: Path) -> None:
+    """What start-up needs of each rule's model on this host (:meth:`Rule.model_problems`), all problems at once."""
+    lines = [
+        f"{file}: rules[{i}].model: {problem}"
+        for i, rule in enumerate(s.rules)
+        for problem in rule.model_problems(s.weights_dir)
+    ]
+    if lines:
+        raise ConfigError("bad configuration:\n  " + "\n  ".join(lines))
 
 
 def _check_paths(s: Settings, file: Path) -> None:

@@ -360,6 +360,7 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> SpandrelUpscaler:
     torch = import_torch("spandrel", "gan", "spandrel")
     import spandrel
 
+    _install_extra_arches(spandrel)
     threads = configure_threads(torch)
     # 1. Find and verify the file, then let spandrel recognise it.
     if is_file_model(entry.id):
@@ -415,6 +416,30 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> SpandrelUpscaler:
         torch,
     )
     return SpandrelUpscaler(model, entry.id, ctx.tile, threads, timings)
+
+
+def _install_extra_arches(spandrel: Any) -> None:
+    """Add spandrel_extra_arches' architectures (SRFormer and others) to spandrel's registry when that package is
+    installed: a user who installed it means to load them. Idempotent."""
+    try:
+        import spandrel_extra_arches
+    except ImportError:
+        return
+    spandrel_extra_arches.install(ignore_duplicates=True)
+
+
+def supported_architectures() -> tuple[set[str], str]:
+    """(the architecture ids the installed spandrel loads, its version), spandrel_extra_arches' included when it
+    is installed. Imports torch and spandrel.
+
+    Raises:
+        BackendUnavailableError: torch or spandrel is not installed, or torch is below the floor.
+    """
+    import_torch("spandrel", "gan", "spandrel")
+    import spandrel
+
+    _install_extra_arches(spandrel)
+    return {a.architecture.id for a in spandrel.MAIN_REGISTRY.architectures()}, spandrel.__version__
 
 
 def load_descriptor(path: Path, torch: Any, spandrel: Any) -> Any:

@@ -94,7 +94,9 @@ def _check_old_rows(url: str) -> None:
             assert tuple(pivot) == (31.5, 20.0)
             summary = c.execute(text("SELECT jobs, done, failed FROM model_summary")).one()
             assert tuple(summary) == (3, 2, 1)
-            assert c.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == "5"
+            assert c.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar() == str(
+                int(migrations.head())
+            )
             assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == migrations.head()
             assert "nodes" in inspect(c).get_table_names()
     finally:
@@ -231,7 +233,7 @@ def test_a_stale_lease_returns_the_job_and_the_old_owner_cannot_finish_it(pg_url
         now[0] += dt.timedelta(seconds=31)
         (found,) = store.recover(stale_after=30)
         assert (found.id, found.node, found.worker) == (j, "cpu-node", "dead:1")
-        (taken,) = store.claim("alive:2", node="n2")
+        (taken,) = store.claim("alive:2", node="n2", alone=True)  # a recovered job runs alone
         assert taken.id == j and taken.attempts == 2
         assert store.finish([Finished(j, "dead:1", {})]) == [False]  # the old owner lost its lease
         assert store.finish([Finished(j, "alive:2", {})]) == [True]
@@ -492,18 +494,40 @@ def test_three_daemons_share_an_inbox_and_finish_a_killed_ones_jobs(tmp_path, pg
 
 
 # --- two daemons whose clocks disagree by a minute ------------------------------------------------------------------
-def _faketime(offset: int) -> dict[str, str]:
-    """The environment that runs a process with its wall clock ``offset`` seconds off (libfaketime). Its monotonic
-    clock stays true: libfaketime fakes it too by default, and then a thread's timed wait can hang."""
+# libfaketime (0.9.10, Debian 12) breaks Python's time.sleep: with the monotonic clock left true it fails with EINVAL,
+# and with it faked too, timed waits hang. A condition variable's timed wait works either way, so the faked process
+# sleeps on one (this file becomes its sitecustomize).
+_SLEEP_SHIM = """import threading
+import time
+
+_never = threading.Event()
+
+
+def _sleep(seconds):
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    _never.wait(seconds)
+
+
+time.sleep = _sleep
+"""
+
+
+def _faketime(offset: int, site: Path) -> dict[str, str]:
+    """The environment that runs a process (and its children) with its wall clock ``offset`` seconds off
+    (libfaketime); its monotonic clock stays true. ``site``: a folder for the sleep shim above."""
     libs = glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1")
     if not libs:
         pytest.skip("libfaketime is not installed (apt-get install faketime)")
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLEEP_SHIM)
     # No shared memory: it is for keeping children in step, and a killed daemon would leave its segment in /dev/shm.
     return {
         "LD_PRELOAD": libs[0],
         "FAKETIME": f"{offset:+d}s",
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",
         "FAKETIME_DISABLE_SHM": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p),
     }
 
 
@@ -524,7 +548,7 @@ def test_daemons_a_minute_apart_take_over_only_a_dead_ones_jobs_on_time(tmp_path
     node 60 s behind waits a minute too long to take over a dead one's. Leases on the database's clock: while both
     live, neither takes anything over (each job runs once); when the true one is killed, the skewed one takes its
     jobs over more than stale_seconds, and at most stale_seconds plus one heartbeat, after their last renewal."""
-    env = _faketime(offset)
+    env = _faketime(offset, tmp_path / "faketime-site")
     heartbeat, stale = 0.3, 2.0
     root = tmp_path
     for d in ("inbox/sub", "outbox", "archive", "failed", "staging"):

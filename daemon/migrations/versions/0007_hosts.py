@@ -7,7 +7,7 @@
   prune), unless the prune was told not to keep them.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from alembic import op
 from daemon.migrations import SUMMARY_MEANS, VIEWS_0001, VIEWS_PRUNED, create_views
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
@@ -37,6 +37,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("model_id", "scale", "mode"),
     )
     create_views(op.get_bind(), VIEWS_PRUNED)
+    op.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
 
 
 def downgrade() -> None:
@@ -44,3 +45,4 @@ def downgrade() -> None:
     op.drop_table("model_summary_pruned")
     with op.batch_alter_table("nodes") as batch:  # SQLite before 3.35 cannot DROP COLUMN in place
         batch.drop_column("clock_skew_s")
+    op.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
