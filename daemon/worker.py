@@ -1001,7 +1001,8 @@ class Runner:
                 batch.append(self._settle_q.get_nowait())
             except queue.Empty:
                 break
-        beat.busy, beat.stage = True, "settle"
+        # A fresh sign of life as the commit starts: the wait for the batch is not silence, the commit's own time is.
+        beat.at, beat.busy, beat.stage = self.clock(), True, "settle"
         try:
             measure = self.stages.settle(batch)
         except Exception:
