@@ -705,6 +705,44 @@ def db_upgrade(ctx: click.Context) -> None:
     )
 
 
+@db.command("prune")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    help="Delete jobs that ended before this: 90d, 12w, 36h, or an ISO date (UTC).",
+)
+@click.option(
+    "--keep-summary/--no-keep-summary",
+    default=True,
+    show_default=True,
+    help="Keep the deleted jobs' counts and means in model_summary.",
+)
+@click.pass_context
+def db_prune(ctx: click.Context, older_than: str, keep_summary: bool) -> None:
+    """Delete the history of jobs that ended (done or failed) before a date, with their metrics and hook runs.
+
+    Pending and running jobs stay. Bench runs left without jobs and nodes silent since then go too. Short
+    transactions: safe while daemons run. A file dropped again after its job was pruned is processed again.
+
+    Example: upscaled db prune --older-than 90d
+    """
+    from daemon.history import parse_since
+    from daemon.store import SqlStore
+
+    before = parse_since(older_than)
+    store = SqlStore(_settings(ctx, check_paths=False).database)
+    try:
+        pruned = store.prune(before, keep_summary=keep_summary)
+    finally:
+        store.close()
+    kept = "model_summary keeps their counts and means" if keep_summary else "model_summary forgets them"
+    click.echo(
+        f"deleted {pruned.jobs} jobs that ended before {before:%Y-%m-%d %H:%M} UTC ({pruned.metrics} metrics, "
+        f"{pruned.hook_runs} hook runs), {pruned.bench_runs} bench runs and {pruned.nodes} nodes; {kept}"
+    )
+
+
 @main.command()
 @click.option("--all", "all_", is_flag=True, help="Also list stopped nodes and nodes whose heartbeat is stale.")
 @click.option(

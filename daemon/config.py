@@ -506,6 +506,12 @@ class Settings(Hooks, BaseSettings):
         description="A running job whose lease is this old belongs "
         "to a dead node and is taken over (at least twice heartbeat_seconds).",
     )
+    max_clock_skew_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="A node whose clock is further than this from the database's logs node.clock_skew at its "
+        "heartbeat (leases use the database's clock; the history's times and retry times are each host's).",
+    )
 
     config_file: Path | None = Field(default=None, exclude=True)  # set by load_settings, not by users
 

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.errors import QueryError
 from daemon.jobs import utcnow
-from daemon.store import make_engine
+from daemon.store import make_engine, reader_powers
 
 SUMMARY_METRICS = ("psnr_y", "ssim_y", "brisque", "lr_psnr_y")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -119,10 +119,12 @@ def query(url: str, sql: str, params: dict[str, Any] | None = None) -> list[dict
     The connection itself is read-only (SQLite ``mode=ro`` and ``query_only``; PostgreSQL sessions with
     ``default_transaction_read_only = on``), and the statement goes as *one* statement: SQLite's driver refuses a
     second one, and on PostgreSQL it is sent as a server-side prepared statement, which cannot hold two (so
-    ``COMMIT; DELETE ...`` is refused before anything runs). Give the role it connects as SELECT rights only, too.
+    ``COMMIT; DELETE ...`` is refused before anything runs). On PostgreSQL it runs only as a reader role, one that
+    cannot stall the daemon's claims with an advisory lock nor terminate its sessions (docs/security.md).
 
     Raises:
-        QueryError: the database is missing, the SQL is refused, or it failed.
+        QueryError: the database is missing, the role may do what a reader must not, the SQL is refused, or it
+            failed.
     """
     try:
         engine = make_engine(url, readonly=True)
@@ -131,6 +133,13 @@ def query(url: str, sql: str, params: dict[str, Any] | None = None) -> list[dict
     try:
         with engine.connect() as c:
             if engine.dialect.name == "postgresql":
+                powers = reader_powers(c)
+                if powers:
+                    role = c.execute(text("SELECT current_user")).scalar()
+                    raise QueryError(
+                        f"upscaled query runs as a reader role only, and role {role!r} {' and '.join(powers)}; "
+                        "connect it as the reader role of docs/security.md (Readers cannot stall the daemon)"
+                    )
                 compiled = text(sql).compile(dialect=engine.dialect)
                 raw = c.connection.driver_connection
                 assert raw is not None  # an open connection

@@ -177,7 +177,10 @@ class Service(UsesSettings):
         self._again: queue.SimpleQueue[PurePosixPath] = queue.SimpleQueue()  # re-admitted by the main thread
 
     def _main_beat(self) -> None:
+        """A sign of life from the main thread while it is busy inside one file (hashing it, waiting for the sandbox
+        to read its header): the watchdog's pings go on from here too, not only between passes of the loop."""
         self.main.at = self.clock()
+        self._tell_systemd()  # rate-limited: at most every interval / 3
 
     # --- life cycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -69,6 +69,36 @@ SELECT id, state, folder, rel_path, model_id, scale, device, t_total, error_kind
 FROM jobs ORDER BY id DESC""",
 }
 
+# What model_summary averages, by the name its mean takes (mean_<name>), and the expression over job_metrics.
+SUMMARY_MEANS = {
+    "total_s": "CASE WHEN state = 'done' THEN t_total END",
+    "infer_s": "CASE WHEN state = 'done' THEN t_infer END",
+    "psnr_y": "psnr_y",
+    "ssim_y": "ssim_y",
+    "brisque": "brisque",
+    "lr_psnr_y": "lr_psnr_y",
+}
+# model_summary's parts over job_metrics, per model, scale and mode: counts, and a sum and a count per mean, so parts
+# add up (live rows and model_summary_pruned alike) and the means are taken once, at the end.
+SUMMARY_PARTS = """model_id, scale, mode, COUNT(*) AS jobs,
+  SUM(CASE WHEN state = 'done' THEN 1 ELSE 0 END) AS done,
+  SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed,
+  """ + ",\n  ".join(f"SUM({e}) AS {k}_sum, COUNT({e}) AS {k}_n" for k, e in SUMMARY_MEANS.items())
+# Revision 0007: model_summary adds what `upscaled db prune` kept of the rows it deleted (model_summary_pruned).
+VIEWS_PRUNED = VIEWS_0001 | {
+    "model_summary": f"""
+SELECT model_id, scale, mode, SUM(jobs) AS jobs, SUM(done) AS done, SUM(failed) AS failed,
+  {", ".join(f"SUM({k}_sum) / NULLIF(SUM({k}_n), 0) AS mean_{k}" for k in SUMMARY_MEANS)}
+FROM (
+  SELECT {SUMMARY_PARTS}
+  FROM job_metrics GROUP BY model_id, scale, mode
+  UNION ALL
+  SELECT model_id, scale, mode, jobs, done, failed, {", ".join(f"{k}_sum, {k}_n" for k in SUMMARY_MEANS)}
+  FROM model_summary_pruned
+) parts
+GROUP BY model_id, scale, mode""",
+}
+
 
 def create_views(conn: Connection, views: dict[str, str]) -> None:
     """(Re)create ``views`` in order; dependants are dropped first (model_summary reads job_metrics)."""
@@ -158,6 +188,9 @@ def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str]:
     """
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
+            # A migration may rewrite a large table, and may wait for another daemon's: not bound by the daemon's
+            # statement_timeout (this transaction only).
+            conn.execute(text("SET LOCAL statement_timeout = 0"))
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
         before = current(conn)
         if before is None and inspect(conn).has_table("jobs"):
