@@ -10,6 +10,11 @@ WEIGHTS_MIRROR ?= $(wildcard ../shared/weights)
 # What the shipped settings.toml uses, plus the BRISQUE model for the no-reference metric.
 RUN_WEIGHTS ?= fsrcnn brisque
 PYTEST_ARGS ?=
+# The extras `make run` installs; `make run EXTRAS=` installs the core alone (no torch: classical and OpenCV models).
+EXTRAS ?= all
+# `upscaled run` and `check-config` see the mirror as their weights_mirror setting, so that the hints they print
+# (`upscaled weights fetch ... --mirror ...`) are the commands that work here.
+RUN_ENV := $(if $(WEIGHTS_MIRROR),UPSCALED_WEIGHTS_MIRROR=$(abspath $(WEIGHTS_MIRROR)))
 
 .PHONY: install install-test run test test-fast lint bench test-mutations clean
 
@@ -17,16 +22,25 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-install: $(VENV)/bin/python
-	$(PIP) install --quiet -c constraints.txt -e '.[all]'
+# An install is stamped: the venv is reused as long as the stamp is newer than pyproject.toml and constraints.txt,
+# so `make run` and `make test-fast` start in a second once it is up to date. The test install holds the run
+# install's packages too, so it stamps both.
+$(VENV)/.installed-run: pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) install --quiet -c constraints.txt -e '.$(if $(EXTRAS),[$(EXTRAS)])'
+	touch $@
 
-install-test: $(VENV)/bin/python
+$(VENV)/.installed-test: pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(PIP) install --quiet -c constraints.txt -e '.[all,test]'
+	touch $@ $(VENV)/.installed-run
+
+install: $(VENV)/.installed-run
+
+install-test: $(VENV)/.installed-test
 
 run: install
 	$(VENV)/bin/upscaled weights fetch $(RUN_WEIGHTS) $(if $(WEIGHTS_MIRROR),--mirror $(WEIGHTS_MIRROR))
-	$(VENV)/bin/upscaled check-config
-	$(VENV)/bin/upscaled run
+	$(RUN_ENV) $(VENV)/bin/upscaled check-config
+	$(RUN_ENV) $(VENV)/bin/upscaled run
 
 test: install-test
 	$(VENV)/bin/ruff check bench daemon models tests benchmarks
