@@ -98,7 +98,7 @@ class _File:
     def key(self, variant: str) -> str:
         st = self.stat
         ident = f"{CACHE_VERSION}\0{variant}\0{self.path}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
-        return hashlib.sha256(ident.encode()).hexdigest()
+        return hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()  # a name may not be UTF-8
 
     def read(self) -> bytes:
         with os.fdopen(os.dup(self.fd), "rb") as fh:
