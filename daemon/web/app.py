@@ -316,10 +316,7 @@ class WebView:
         )
 
     def bench_report(self, request: Request) -> Response:
-        raw = request.path_params["run_id"]
-        if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_ID:
-            raise HTTPException(404, f"bench run {raw[:40]} has no report")
-        run_id = int(raw)
+        run_id = _path_id(request, "run_id", "bench run {} has no report")
         path = self.history.bench_report(run_id)
         if not path:
             raise HTTPException(404, f"bench run {run_id} has no report")
@@ -419,13 +416,17 @@ def _int_param(request: Request, name: str, default: int) -> int:
     return int(raw)
 
 
-def _job_id(request: Request) -> int:
-    """The job id of the path; a path that is no id (not ASCII digits, or beyond what the database holds) names no
-    job: 404."""
-    raw = request.path_params["job_id"]
+def _path_id(request: Request, name: str, missing: str) -> int:
+    """The id in the path parameter ``name``. One that is no id (not ASCII digits, or beyond what a database column
+    holds) names nothing: 404 with ``missing`` (a format string for the id, cut to 40 characters)."""
+    raw = request.path_params[name]
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_ID:
-        raise HTTPException(404, f"there is no job {raw[:40]}")
+        raise HTTPException(404, missing.format(raw[:40]))
     return int(raw)
+
+
+def _job_id(request: Request) -> int:
+    return _path_id(request, "job_id", "there is no job {}")
 
 
 def _headline(job: dict[str, Any]) -> list[dict[str, Any]]:
