@@ -893,7 +893,7 @@ def nodes(ctx: click.Context, all_: bool, window: float, fmt: str) -> None:
         rows = store.nodes(settings.stale_seconds, window_s=window, include_gone=all_)
     finally:
         store.close()
-    _echo_rows(rows, fmt)
+    _echo_rows([n.flat() for n in rows], fmt)
 
 
 @main.command()

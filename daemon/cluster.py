@@ -19,9 +19,7 @@ from collections.abc import Callable
 
 from daemon import logs
 from daemon.config import Settings
-from daemon.errors import ConfigError
-from daemon.jobs import Job, worker_host, worker_pid
-from daemon.store import SqlStore
+from daemon.jobs import Beat, DaemonStore, Job, NodeInfo, NodeRow, NodeStatus, worker_host, worker_pid
 
 
 def pid_alive(pid: int) -> bool:
@@ -57,7 +55,11 @@ class Cluster:
     """This node's membership: join, heartbeat, recover, leave."""
 
     def __init__(
-        self, settings: Settings, store: SqlStore, workers: int, on_recovered: Callable[[list[Job]], None] | None = None
+        self,
+        settings: Settings,
+        store: DaemonStore,
+        workers: int,
+        on_recovered: Callable[[list[Job]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -69,10 +71,10 @@ class Cluster:
         self._thread: threading.Thread | None = None
         self.last_beat = 0.0
 
-    def info(self) -> dict:
+    def info(self) -> NodeInfo:
         s = self.settings
         rules = hashlib.sha256(",".join(sorted(f"{r.folder}={r.fingerprint()}" for r in s.all_rules())).encode())
-        return dict(
+        return NodeInfo(
             host=socket.gethostname(),
             pid=os.getpid(),
             device=",".join(s.devices()),
@@ -85,28 +87,28 @@ class Cluster:
         """Enter this node in the ``nodes`` table; refuse to start under the name of a node that is alive.
 
         Raises:
-            ConfigError: another live daemon (fresh heartbeat, not stopped, and on another host or with a running
-                pid here) uses this node name. Two daemons with one name would take over each other's jobs.
+            daemon.errors.NodeInUseError: another live daemon (see :meth:`in_use`) has this node name. Two daemons
+                with one name would take over each other's jobs.
         """
         info = self.info()
-        before = self.store.heartbeat(self.node, info, start=True)
-        if before is not None and before["stopped_at"] is None and before["pid"] != os.getpid():
-            fresh = (self.store.clock() - before["heartbeat_at"]).total_seconds() < self.settings.stale_seconds
-            if fresh and may_live(before["host"], before["pid"]):
-                self.store.heartbeat(self.node, {k: before[k] for k in info}, start=True)  # give the row back
-                raise ConfigError(
-                    f"node name {self.node!r} is in use by pid {before['pid']} on {before['host']}; "
-                    "give every daemon its own node_name"
-                )
-        differ = [
-            n["node"] for n in self.others() if n.get("rules_fingerprint") not in (None, info["rules_fingerprint"])
-        ]
+        self.store.join(self.node, info, self.in_use)
+        fingerprint = info.rules_fingerprint
+        differ = [n.row.name for n in self.others() if n.row.info.rules_fingerprint not in (None, fingerprint)]
         if differ:  # same file, other rules: two jobs and two outputs, so say it loudly
             self.log.warning("nodes.rules_differ", nodes=differ, note="all nodes on one inbox need the same rules")
 
-    def others(self) -> list[dict]:
+    def in_use(self, row: NodeRow) -> bool:
+        """Whether the daemon of a node's row may still be alive: not stopped, a lease younger than
+        ``stale_seconds``, not this very process, and :func:`may_live`."""
+        if row.stopped_at is not None or row.lease_age_s >= self.settings.stale_seconds:
+            return False
+        if (row.info.host, row.info.pid) == (socket.gethostname(), os.getpid()):
+            return False
+        return may_live(row.info.host, row.info.pid)
+
+    def others(self) -> list[NodeStatus]:
         """The other live nodes on this database."""
-        return [n for n in self.store.nodes(self.settings.stale_seconds) if n["node"] != self.node]
+        return [n for n in self.store.nodes(self.settings.stale_seconds) if n.row.name != self.node]
 
     def recover(self, at_start: bool = False) -> list[Job]:
         """Take back the jobs of dead nodes (and, at start, this node's own and unowned ones)."""
@@ -119,10 +121,11 @@ class Cluster:
             self.on_recovered(found)
         return found
 
-    def beat(self) -> None:
+    def beat(self) -> Beat:
         """Renew this node's row and its running jobs' leases, then take over the jobs of dead nodes."""
-        self.store.heartbeat(self.node)
+        beat = self.store.heartbeat(self.node)
         self.recover()
+        return beat
 
     def start(self, clock: Callable[[], float]) -> None:
         """The heartbeat on its own thread: a long hash or a slow share in the main loop must not let leases lapse."""
@@ -144,6 +147,6 @@ class Cluster:
         is away)."""
         self._stop.set()
         try:
-            self.store.node_stopped(self.node)
+            self.store.leave(self.node)
         except Exception as exc:  # noqa: BLE001 - shutting down with the database away
             self.log.warning("node.stop_unrecorded", error=repr(exc))

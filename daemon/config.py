@@ -403,11 +403,18 @@ class Settings(Hooks, BaseSettings):
         default="",
         description='host:port serving /metrics (Prometheus), /livez and /readyz; "" is off (docs/metrics.md).',
     )
+    http_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names the http_listen endpoints answer besides localhost and the bound address (the name "
+        "a scraper or proxy uses; *.example.org for its subdomains); other Host headers get 400. Bound to every "
+        "interface with none given: any name.",
+    )
     hung_seconds: float = Field(
         default=300.0,
         gt=0,
-        description="A busy thread silent this long is hung: /livez "
-        "answers 503 (a busy thread beats at each stage, tile and step).",
+        description="A thread that makes no progress this long is stuck: /livez answers 503 (a busy thread beats "
+        "at each stage, tile and step; a loop whose every pass raises makes none). Under a systemd watchdog, half "
+        "of WatchdogSec if that is shorter.",
     )
     rules: list[Rule] = Field(default_factory=list, description="The `[[rules]]`: one per inbox folder (below).")
     # Several daemons on one inbox and one PostgreSQL database (docs/scaling.md). Per node:

@@ -14,6 +14,15 @@ class ConfigError(UpscaledError):
     kind = "config"
 
 
+class NodeInUseError(ConfigError):
+    """A daemon joined under the ``node_name`` of a node that is still alive: two daemons with one name would take
+    over each other's jobs. ``name``, ``host`` and ``pid`` say who holds it."""
+
+    def __init__(self, name: str, host: str, pid: int) -> None:
+        super().__init__(f"node name {name!r} is in use by pid {pid} on {host}; give every daemon its own node_name")
+        self.name, self.host, self.pid = name, host, pid
+
+
 # --- input files ---------------------------------------------------------------------------------------------------
 class EmptyFileError(ImageError):
     """The input has 0 bytes."""
@@ -31,6 +40,22 @@ class ImageTooLargeError(ImageError):
     """The input (or the output it would make) is over the pixel or frame limits."""
 
     kind = "too-large"
+
+
+class FileTooLongError(ImageTooLargeError):
+    """A file holds more bytes than its reader accepts (:meth:`daemon.fsops.Root.read_bytes` with a ``limit``): a
+    job's input grown past the size it was registered with, or a prompt sidecar over its cap.
+
+    ``size`` is the length ``fstat`` gave, or None when the file grew while it was read (then it is over ``limit``,
+    by how much is not known: the reader stopped one byte past it)."""
+
+    def __init__(self, name: str, limit: int, size: int | None) -> None:
+        self.name, self.limit, self.size = name, limit, size
+        seen = f"{size} bytes" if size is not None else "more (it grew while it was read)"
+        super().__init__(f"{name} holds {seen}, over the {limit} bytes it may have")
+
+    def __reduce__(self) -> tuple[type[FileTooLongError], tuple[str, int, int | None]]:
+        return type(self), (self.name, self.limit, self.size)  # picklable: it may cross from a child process
 
 
 class UnreadableFileError(ImageError):

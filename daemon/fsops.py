@@ -26,13 +26,20 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from daemon import failpoints
-from daemon.errors import DiskFullError, InputChangedError, OutputError, OutputUnavailableError, UnsafePathError
+from daemon.errors import (
+    DiskFullError,
+    FileTooLongError,
+    InputChangedError,
+    OutputError,
+    OutputUnavailableError,
+    UnsafePathError,
+)
 
 NAME_MAX = 255  # bytes, on every Linux filesystem we write to
 TMP_SUFFIX = ".upscaled-tmp"
@@ -160,12 +167,17 @@ class Root:
         finally:
             os.close(fd)
 
-    def open_file(self, rel: str | os.PathLike) -> tuple[int, os.stat_result]:
+    def open_file(self, rel: str | os.PathLike, limit: int | None = None) -> tuple[int, os.stat_result]:
         """Open the regular file ``rel`` for reading; returns (fd, its stat). The caller closes the fd.
+
+        ``limit``: the most bytes the caller will accept (the size registered for a job's input). A file whose
+        ``fstat`` size is over it is refused before a byte is read; one that grows after the open is caught by
+        :func:`read_at_most`, which reads no more than ``limit`` + 1 bytes from the descriptor.
 
         Raises:
             UnsafePathError: the file or a folder on its path is a symbolic link, or the file is not a regular file
                 (a FIFO, a device, a folder).
+            FileTooLongError: the file holds more than ``limit`` bytes.
             FileNotFoundError: it is gone.
             PermissionError, OSError: it cannot be opened.
         """
@@ -181,6 +193,8 @@ class Root:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise UnsafePathError(f"{display(str(rel))} is not a regular file")
+            if limit is not None and st.st_size > limit:
+                raise FileTooLongError(display(str(rel)), limit, st.st_size)
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         except BaseException:
             os.close(fd)
@@ -209,10 +223,21 @@ class Root:
         return self.lstat(rel) is not None
 
     def read_bytes(self, rel: str | os.PathLike, limit: int | None = None) -> bytes:
-        """The bytes of the regular file ``rel`` (at most ``limit`` + 1, so a caller can tell it was longer)."""
-        fd, st = self.open_file(rel)
-        with os.fdopen(fd, "rb") as fh:
-            return fh.read() if limit is None else fh.read(limit + 1)
+        """The bytes of the regular file ``rel``; with ``limit``, never more than ``limit`` of them.
+
+        Raises:
+            FileTooLongError: the file holds more than ``limit`` bytes: by its size when opened, or because it grew
+                while it was read (at most ``limit`` + 1 bytes are read to tell).
+            UnsafePathError, FileNotFoundError, OSError: as :meth:`open_file`.
+        """
+        fd, _st = self.open_file(rel, limit)
+        try:
+            if limit is None:
+                with os.fdopen(fd, "rb", closefd=False) as fh:
+                    return fh.read()
+            return read_at_most(fd, limit, display(str(rel)))
+        finally:
+            os.close(fd)
 
     # --- writing ---------------------------------------------------------------------------------------------------
     def write_atomic(self, rel: str | os.PathLike, data: bytes | memoryview, *, sync: bool = True) -> None:
@@ -321,15 +346,45 @@ class Root:
         return n
 
 
-def _create_temp(dir_fd: int, name: str) -> str:
-    """Create an empty temp file beside ``name`` with a random name, exclusively, and return its name."""
+def read_at_most(fd: int, limit: int, name: str) -> bytes:
+    """The bytes from ``fd``'s position to its end, reading no more than ``limit`` + 1 of them: a file grown past
+    the size it was registered with is never read whole (a 10 MB input extended to 1.5 GB while it is held open).
+    The descriptor stays open.
+
+    Raises:
+        FileTooLongError: there are more than ``limit`` bytes (``name`` is for the message).
+        OSError: the read fails.
+    """
+    left = limit + 1
+    chunks: list[bytes] = []
+    # Unbuffered, so that no read-ahead goes past limit + 1. The first read is sized by fstat: one allocation and,
+    # for a file that did not grow, one more read that finds its end.
+    want = min(left, os.fstat(fd).st_size + 1)
+    with os.fdopen(fd, "rb", buffering=0, closefd=False) as raw:
+        while left > 0:
+            chunk = raw.read(want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+            want = min(left, 1 << 20)
+    if left <= 0:
+        raise FileTooLongError(name, limit, None)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _create_temp(dir_fd: int, name: str, make: Callable[[str], None] | None = None) -> str:
+    """Create a temp entry beside ``name`` with a random name, exclusively, and return its name: an empty file, or
+    whatever ``make(tmp)`` creates in ``dir_fd`` (it must fail with FileExistsError where the name is taken)."""
     head = fit_name(f".{name}", NAME_MAX - 18 - len(TMP_SUFFIX))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     while True:
         tmp = f"{head}.{secrets.token_hex(8)}{TMP_SUFFIX}"
         try:
-            os.close(
-                os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
-            )
+            if make is None:
+                os.close(os.open(tmp, flags, 0o666, dir_fd=dir_fd))
+            else:
+                make(tmp)
             return tmp
         except FileExistsError:  # 64 random bits: only a planted name gets here
             continue
@@ -392,13 +447,13 @@ def move(
     already a link to the file (the other mover's, or our own interrupted try) counts as done. ``reserved``: ``dst_rel``
     was chosen for this very file and recorded (the archive path committed with the job), so a *copy* there with
     the same bytes and mtime is this file, copied by another mover across filesystems. ``special``: the source may
-    be a symbolic link or a FIFO (moved as itself, never followed or opened: a bad entry quarantined). The source
-    is removed last.
+    be a symbolic link or a FIFO (moved as itself, never followed or opened: a bad entry quarantined; across
+    filesystems it is made anew there, as ``mv`` does). The source is removed last.
 
     Raises:
         FileNotFoundError: the source is gone (another mover took it, and records where).
         InputChangedError: the source is not the file ``expect`` names any more (it was replaced after it was
-            registered); nothing is moved.
+            registered), or it was replaced or changed while it was copied across filesystems; nothing is moved.
         UnsafePathError: a folder on either path is a symbolic link.
         OSError: anything else (the caller keeps the input where it is and tries again later).
     """
@@ -421,7 +476,7 @@ def move(
         candidate, n = dp[-1], 0
         while True:
             try:
-                _place(sd, name, dd, candidate)
+                _place(sd, name, dd, candidate, st)
                 break
             except FileExistsError:
                 if _same_file(sd, name, dd, candidate, copy=reserved and n == 0):
@@ -437,18 +492,22 @@ def move(
     return PurePosixPath(*dp[:-1], candidate)
 
 
-def _place(sd: int, name: str, dd: int, dest: str) -> None:
-    """Give the bytes of ``name`` (in folder ``sd``) the name ``dest`` (in folder ``dd``), which must not exist yet;
-    the source stays.
+def _place(sd: int, name: str, dd: int, dest: str, st: os.stat_result) -> None:
+    """Give the bytes of ``name`` (in folder ``sd``; ``st``, its ``lstat``, says a regular file, a FIFO or a
+    symbolic link) the name ``dest`` (in folder ``dd``), which must not exist yet; the source stays.
 
     Exclusive: ``link`` fails with FileExistsError where ``rename`` would silently overwrite, so of two movers aiming
-    at one name exactly one wins. Across filesystems the bytes are copied to an exclusive temp file beside ``dest``,
-    fsynced, and linked the same way. Where hard links are refused, an empty placeholder created with ``O_EXCL``
-    takes the name and the file is renamed over it.
+    at one name exactly one wins. Where hard links are refused, an empty placeholder created with ``O_EXCL`` takes
+    the name and the file is renamed over it. Across filesystems a copy is made beside ``dest`` under an exclusive
+    temp name, then linked the same way: a regular file's bytes (its holes kept, see :func:`_copy_extents`), or a
+    FIFO or symbolic link made anew as ``mv`` does (``mkfifo``, ``symlink`` with the same target). A special file
+    is never opened: an open of a FIFO waits for a writer that never comes, and would stop the service with it.
 
     Raises:
         FileExistsError: ``dest`` exists.
         FileNotFoundError: the source is gone.
+        InputChangedError: across filesystems, the source is not the file ``st`` describes any more, or changed
+            while it was copied; nothing is placed.
     """
     try:
         os.link(name, dest, src_dir_fd=sd, dst_dir_fd=dd, follow_symlinks=False)
@@ -460,29 +519,100 @@ def _place(sd: int, name: str, dd: int, dest: str) -> None:
     if not cross:
         _rename_exclusive(sd, name, dd, dest)
         return
-    tmp = _create_temp(dd, dest)
-    try:
-        fd_in = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sd)
+    if stat.S_ISREG(st.st_mode):
+        tmp = _create_temp(dd, dest)
         try:
-            st = os.fstat(fd_in)
-            fd_out = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dd)
-            try:
-                while os.sendfile(fd_out, fd_in, None, 1 << 24):
-                    pass
-                os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))  # a copy keeps the mtime (see _same_file)
-                os.fsync(fd_out)
-            finally:
-                os.close(fd_out)
+            _copy_file(sd, name, dd, tmp, st)
+            _link_exclusive(dd, tmp, dest)
         finally:
-            os.close(fd_in)
-        try:
-            os.link(tmp, dest, src_dir_fd=dd, dst_dir_fd=dd)
-        except OSError as exc:
-            if exc.errno not in _NO_LINKS:
-                raise
-            _rename_exclusive(dd, tmp, dd, dest)
+            _unlink_quiet(tmp, dd)
+        return
+    if stat.S_ISFIFO(st.st_mode):
+
+        def make(tmp: str) -> None:
+            os.mkfifo(tmp, stat.S_IMODE(st.st_mode), dir_fd=dd)
+
+    else:  # a symbolic link: move() lets nothing else through
+        target = os.readlink(name, dir_fd=sd)
+
+        def make(tmp: str) -> None:
+            os.symlink(target, tmp, dir_fd=dd)
+
+    tmp = _create_temp(dd, dest, make)
+    try:
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dd, follow_symlinks=False)
+        _link_exclusive(dd, tmp, dest)
     finally:
         _unlink_quiet(tmp, dd)
+
+
+def _copy_file(sd: int, name: str, dd: int, tmp: str, st: os.stat_result) -> None:
+    """Copy the regular file ``name`` (``lstat`` ``st``) into the empty ``tmp``, with its mtime, and fsync it.
+
+    The source is opened with ``O_NONBLOCK`` and checked with ``fstat`` first: a FIFO swapped in after ``st`` was
+    taken cannot block the open. Exactly ``st.st_size`` bytes are copied, so a source that keeps growing cannot
+    keep the copy (and the service) going.
+
+    Raises:
+        InputChangedError: the source is not the file ``st`` describes, or its size or mtime changed meanwhile.
+    """
+    fd_in = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=sd)
+    try:
+        if FileId.of(os.fstat(fd_in)) != FileId.of(st):
+            raise InputChangedError(f"{display(name)} was replaced while it was being moved; it stays where it is")
+        fd_out = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dd)
+        try:
+            _copy_extents(fd_in, fd_out, st.st_size)
+            after = os.fstat(fd_in)
+            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                raise InputChangedError(f"{display(name)} changed while it was being moved; it stays where it is")
+            os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))  # a copy keeps the mtime (see _same_file)
+            os.fsync(fd_out)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+
+
+def _copy_extents(fd_in: int, fd_out: int, size: int) -> None:
+    """Copy the first ``size`` bytes of ``fd_in`` to the empty ``fd_out``, keeping holes: only the extents that hold
+    data (``SEEK_DATA`` / ``SEEK_HOLE``) are written, and the file is then extended to ``size``, so a hole stays a
+    hole and a sparse 200 MB file costs its data on the other filesystem, not 200 MB. A filesystem that cannot
+    tell where its holes are gets every byte copied."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd_in, pos, os.SEEK_DATA)
+            end = min(size, os.lseek(fd_in, start, os.SEEK_HOLE))
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                break
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            start, end = pos, size
+        os.lseek(fd_out, start, os.SEEK_SET)
+        while start < end:
+            sent = os.sendfile(fd_out, fd_in, start, min(end - start, 1 << 24))
+            if sent == 0:  # it shrank under us; the size check after the copy says so
+                break
+            start += sent
+        pos = end
+    os.ftruncate(fd_out, size)
+
+
+def _link_exclusive(dd: int, tmp: str, dest: str) -> None:
+    """Give the finished temp entry ``tmp`` the name ``dest`` in the same folder, never overwriting: a link (of the
+    entry itself, never a link's target), or a rename over an ``O_EXCL`` placeholder where links are refused.
+
+    Raises:
+        FileExistsError: ``dest`` exists.
+    """
+    try:
+        os.link(tmp, dest, src_dir_fd=dd, dst_dir_fd=dd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        _rename_exclusive(dd, tmp, dd, dest)
 
 
 def _rename_exclusive(sd: int, name: str, dd: int, dest: str) -> None:
@@ -507,13 +637,20 @@ def _same_file(sd: int, name: str, dd: int, dest: str, copy: bool) -> bool:
         return True
     if not copy or not stat.S_ISREG(b.st_mode) or abs(a.st_mtime_ns - b.st_mtime_ns) > 1_000_000:
         return False
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never wait in the open of a FIFO
     try:
-        fa = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sd)
-        fb = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dd)
+        fa = os.open(name, flags, dir_fd=sd)
     except FileNotFoundError:
         return False
-    with os.fdopen(fa, "rb") as ha, os.fdopen(fb, "rb") as hb:
-        return _same_bytes(ha, hb)
+    with os.fdopen(fa, "rb") as ha:
+        try:
+            fb = os.open(dest, flags, dir_fd=dd)
+        except FileNotFoundError:
+            return False
+        with os.fdopen(fb, "rb") as hb:
+            if not (stat.S_ISREG(os.fstat(fa).st_mode) and stat.S_ISREG(os.fstat(fb).st_mode)):
+                return False
+            return _same_bytes(ha, hb)
 
 
 def _same_bytes(a, b) -> bool:  # noqa: ANN001 - two binary files

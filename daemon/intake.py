@@ -24,7 +24,14 @@ from pathlib import PurePosixPath
 
 from daemon import imageio
 from daemon.config import Rule, Settings
-from daemon.errors import BadSidecarError, EmptyFileError, ImageTooLargeError, UnreadableFileError, UnsafePathError
+from daemon.errors import (
+    BadSidecarError,
+    EmptyFileError,
+    FileTooLongError,
+    ImageTooLargeError,
+    UnreadableFileError,
+    UnsafePathError,
+)
 from daemon.fsops import NAME_MAX, FileId, Root, display
 from daemon.jobs import JobSpec
 from models.errors import UpscaledError
@@ -72,10 +79,10 @@ def read_prompt(root: Root, rel: PurePosixPath) -> str | None:
         raise BadSidecarError(f"cannot read the prompt file {display(side.name)}: {why}") from None
     except UnsafePathError as exc:
         raise BadSidecarError(f"cannot read the prompt file {display(side.name)}: {exc}") from None
-    if len(data) > SIDECAR_MAX_BYTES:
+    except FileTooLongError:
         raise BadSidecarError(
             f"the prompt file {display(side.name)} is over {SIDECAR_MAX_BYTES} bytes; a prompt is a line of text"
-        )
+        ) from None
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError as exc:

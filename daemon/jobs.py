@@ -16,9 +16,15 @@ that no other job owns it), so a retry always writes to the same path and never 
 ``fail``, ``retry_later`` and ``release`` take the claiming worker as ``owner``: a worker that lost its lease (its
 node went stale and another node took the job over) can commit nothing for it.
 
-Two stores implement :class:`JobStore`: :class:`daemon.store.SqlStore` (SQLite or PostgreSQL, the real one) and
-:class:`MemoryStore` here (for unit tests of the worker and the dispositions). Both pass one contract test suite
-(tests/integration/test_store_contract.py). The clock is injected: ``clock()`` gives naive UTC datetimes.
+Each daemon is a *node* (:class:`NodeStore`): it joins, heartbeats, and leaves. A heartbeat renews the node's row and
+the lease of every job it runs; a running job whose lease is older than the stale timeout belongs to a dead node and
+goes back to pending (``recover``). Lease times come from the store's *lease clock*, which every node shares (the
+database server's clock on PostgreSQL), so one host's clock running ahead cannot make its peers' leases look stale.
+
+Two stores implement both protocols (:class:`DaemonStore`): :class:`daemon.store.SqlStore` (SQLite or PostgreSQL,
+the real one) and :class:`MemoryStore` here (for unit tests of the worker, the cluster and the dispositions). Both
+pass one contract test suite (tests/integration/test_store_contract.py). The clock is injected: ``clock()`` gives
+naive UTC datetimes.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from daemon.config import Rule
+from daemon.errors import NodeInUseError
 from daemon.fsops import FileId, display, text_form
 from daemon.metrics import Metric
 
@@ -218,6 +225,118 @@ class JobStore(Protocol):
     def close(self) -> None: ...
 
 
+# --- nodes -----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node says about itself when it joins."""
+
+    host: str
+    pid: int
+    device: str | None = None  # its devices, comma-separated
+    workers: int | None = None  # worker threads in all
+    folders: str | None = None  # JSON list of the rule folders it serves; None: all of them
+    rules_fingerprint: str | None = None  # all nodes on one inbox must agree on the rules
+
+
+NodeState = Literal["live", "stale", "stopped"]
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """A node's row as read now. Ages are on the lease clock, so every node reads the same age."""
+
+    name: str
+    info: NodeInfo
+    started_at: dt.datetime
+    heartbeat_at: dt.datetime  # its last heartbeat, on the lease clock
+    stopped_at: dt.datetime | None  # set by ``leave``; None while it runs (or after a crash)
+    lease_age_s: float  # seconds since its last heartbeat: the age of every lease it holds
+
+    def state(self, stale_after: float) -> NodeState:
+        """``stopped`` after a clean ``leave``; ``stale`` once no heartbeat came for ``stale_after`` seconds (its
+        jobs are taken over); ``live`` otherwise."""
+        if self.stopped_at is not None:
+            return "stopped"
+        return "stale" if self.lease_age_s > stale_after else "live"
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """A node with what it runs and what it did: one row of ``upscaled nodes``."""
+
+    row: NodeRow
+    state: NodeState
+    running: tuple[str, ...]  # the printable names of its running jobs, oldest claim first
+    done: int  # jobs it finished, ever
+    jobs_per_min: float  # jobs it finished over the window ``nodes`` was asked for
+
+    def flat(self) -> dict[str, Any]:
+        """The columns ``upscaled nodes`` prints, in order."""
+        r, i = self.row, self.row.info
+        return dict(
+            node=r.name,
+            state=self.state,
+            host=i.host,
+            pid=i.pid,
+            lease_age_s=round(r.lease_age_s, 1),
+            started_at=r.started_at,
+            device=i.device,
+            workers=i.workers,
+            folders=i.folders or "(all)",
+            running=len(self.running),
+            current=", ".join(self.running),
+            done=self.done,
+            jobs_per_min=self.jobs_per_min,
+            rules_fingerprint=i.rules_fingerprint,
+        )
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What one heartbeat did and saw."""
+
+    at: dt.datetime  # the lease time it stamped, on the lease clock
+    skew_s: float  # the store's clock minus the lease clock, in seconds (0.0 where they are one clock)
+    uncertainty_s: float  # how far off ``skew_s`` may be: half the round trip that measured it
+
+
+class NodeStore(Protocol):
+    """The nodes sharing one store: join, heartbeat, list, leave. Every method is one transaction."""
+
+    def join(self, node: str, info: NodeInfo, in_use: Callable[[NodeRow], bool]) -> NodeRow | None:
+        """Enter ``node`` with ``info``, a fresh ``started_at`` and heartbeat, and no ``stopped_at``.
+
+        Returns the row as it was before (None for a new name). ``in_use(before)`` decides, inside the transaction,
+        whether that row is a live daemon that keeps the name.
+
+        Raises:
+            daemon.errors.NodeInUseError: ``in_use(before)`` is true; the row is left as it was.
+        """
+        ...
+
+    def heartbeat(self, node: str) -> Beat:
+        """Renew ``node``'s row and the lease of every job it runs, on the lease clock, and measure the skew of the
+        store's clock against it.
+
+        Raises:
+            KeyError: ``node`` never joined (or its row is gone): it must join first.
+        """
+        ...
+
+    def nodes(self, stale_after: float, window_s: float = 600.0, include_gone: bool = False) -> list[NodeStatus]:
+        """The nodes by name, with their state and work; stopped and stale ones only with ``include_gone``.
+        ``jobs_per_min`` counts the jobs each finished in the last ``window_s`` seconds."""
+        ...
+
+    def leave(self, node: str) -> None:
+        """A clean shutdown: ``node`` is stopped and no longer expected to heartbeat."""
+        ...
+
+
+class DaemonStore(JobStore, NodeStore, Protocol):
+    """Both protocols: what a daemon (its service, workers and cluster) needs of its store."""
+
+
 # --- the in-memory store ------------------------------------------------------------------------------------------
 @dataclass
 class _Row:
@@ -228,10 +347,19 @@ class _Row:
     progress: str | None = None
 
 
-class MemoryStore:
-    """:class:`JobStore` in memory, with the same semantics as the SQL store (one lock = one transaction).
+@dataclass
+class _Node:
+    info: NodeInfo
+    started_at: dt.datetime
+    heartbeat_at: dt.datetime
+    stopped_at: dt.datetime | None = None
 
-    For unit tests: the worker stepped over it with a fake clock, the dispositions, the intake. Not durable.
+
+class MemoryStore:
+    """:class:`DaemonStore` in memory, with the same semantics as the SQL store (one lock = one transaction).
+
+    For unit tests: the worker stepped over it with a fake clock, the cluster, the dispositions, the intake. Not
+    durable. One clock: the lease clock is ``clock``, so a heartbeat's skew is 0.
     """
 
     def __init__(self, clock: Clock = utcnow) -> None:
@@ -239,6 +367,7 @@ class MemoryStore:
         self._rows: dict[int, _Row] = {}
         self._keys: dict[tuple[str, str], int] = {}
         self._ids = itertools.count(1)
+        self._nodes: dict[str, _Node] = {}
         self._lock = threading.RLock()
         self.hooks: list[tuple[int, str, bool, str]] = []
         self.commits = 0  # transactions that changed something: what a group commit saves
@@ -461,13 +590,6 @@ class MemoryStore:
                 and (node is None or r.job.node in (node, None))
             ]
 
-    def heartbeat_jobs(self, node: str) -> None:
-        with self._lock:
-            now = self.clock()
-            for row in self._rows.values():
-                if row.job.node == node and row.job.state == "running":
-                    row.heartbeat_at = now
-
     def get(self, job_id: int) -> Job | None:
         with self._lock:
             row = self._rows.get(job_id)
@@ -500,6 +622,56 @@ class MemoryStore:
     def record_hook(self, job_id: int, event: str, ok: bool, detail: str) -> None:
         with self._lock:
             self.hooks.append((job_id, event, ok, detail))
+
+    # --- nodes (the lease clock is the store's clock) ------------------------------------------------------------
+    def _node_row(self, name: str, now: dt.datetime) -> NodeRow:
+        n = self._nodes[name]
+        return NodeRow(name, n.info, n.started_at, n.heartbeat_at, n.stopped_at, (now - n.heartbeat_at).total_seconds())
+
+    def join(self, node: str, info: NodeInfo, in_use: Callable[[NodeRow], bool]) -> NodeRow | None:
+        with self._lock:
+            now = self.clock()
+            before = self._node_row(node, now) if node in self._nodes else None
+            if before is not None and in_use(before):
+                raise NodeInUseError(node, before.info.host, before.info.pid)
+            self._nodes[node] = _Node(info, started_at=now, heartbeat_at=now)
+            self.commits += 1
+            return before
+
+    def heartbeat(self, node: str) -> Beat:
+        with self._lock:
+            if node not in self._nodes:
+                raise KeyError(f"node {node!r} has not joined")
+            now = self.clock()
+            self._nodes[node].heartbeat_at = now
+            for row in self._rows.values():
+                if row.job.node == node and row.job.state == "running":
+                    row.heartbeat_at = now
+            self.commits += 1
+            return Beat(now, 0.0, 0.0)
+
+    def nodes(self, stale_after: float, window_s: float = 600.0, include_gone: bool = False) -> list[NodeStatus]:
+        with self._lock:
+            now = self.clock()
+            since = now - dt.timedelta(seconds=window_s)
+            out = []
+            for name in sorted(self._nodes):
+                row = self._node_row(name, now)
+                state = row.state(stale_after)
+                if state != "live" and not include_gone:
+                    continue
+                its = sorted((r.job for r in self._rows.values() if r.job.node == name), key=lambda j: j.id)
+                done = [j for j in its if j.state == "done"]
+                recent = sum(1 for j in done if j.finished_at is not None and j.finished_at >= since)
+                running = tuple(j.name for j in its if j.state == "running")
+                out.append(NodeStatus(row, state, running, len(done), round(recent * 60.0 / window_s, 2)))
+            return out
+
+    def leave(self, node: str) -> None:
+        with self._lock:
+            if node in self._nodes:
+                self._nodes[node].stopped_at = self.clock()
+                self.commits += 1
 
     def close(self) -> None:
         pass

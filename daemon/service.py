@@ -32,7 +32,7 @@ from daemon.cluster import Cluster, worker_may_live
 from daemon.config import Settings, load_settings
 from daemon.dispositions import Archive, Follow, LeaveToOwner, Mover, Policy, Quarantine, Requeue, Wait, for_existing
 from daemon.errors import ConfigError
-from daemon.fsops import Root, display
+from daemon.fsops import FileId, Root, display
 from daemon.hints import Hints
 from daemon.hooks import HookRunner
 from daemon.intake import Intake
@@ -61,7 +61,32 @@ RESTART_KEYS = (
     "device",
     "workers",
     "http_listen",
+    "http_allowed_hosts",
 )
+
+
+# /readyz: the main loop's passes that may fail in a row before intake counts as stuck. One is a hiccup (a database
+# busy for a moment); three, a second apart (the loop's back-off), are a fault that will not clear by itself.
+FAILED_PASSES = 3
+# /readyz: the database takes no writes when this node's heartbeat has not been written for this many periods.
+HEARTBEAT_PERIODS = 3
+
+
+def _folder_problem(root: Root, read: bool = False) -> str | None:
+    """Why the service cannot use the folder it holds as ``root``, or None: the path is missing, is not the folder
+    opened at start (moved away, replaced or mounted over: the service would go on working in the old one), or it
+    cannot be written (nor listed, with ``read``)."""
+    path = root.path
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    if FileId.of(st) != FileId.of(os.fstat(root.fd)):
+        return f"{path} is not the folder the service opened at start (moved, replaced or mounted over); restart it"
+    mode = os.W_OK | os.X_OK | (os.R_OK if read else 0)
+    if not os.access(path, mode):
+        return f"{path} is not {'readable and ' if read else ''}writable"
+    return None
 
 
 def check_devices(settings: Settings) -> list[str]:
@@ -103,7 +128,7 @@ class Service:
         self.telemetry = Telemetry(
             self.node, __version__, devices.build_info(), memory=devices.memory_used, health=self
         )
-        self.http = HttpServer(s.http_listen, self.telemetry, self) if s.http_listen else None
+        self.http = HttpServer(s.http_listen, self.telemetry, self, s.http_allowed_hosts) if s.http_listen else None
         self.hooks = HookRunner(self.store.record_hook)
         self.stages = Stages(
             s,
@@ -127,6 +152,7 @@ class Service:
             s.inbox, s.ignore, s.settle_seconds, polling=s.observer == "polling", poll_seconds=s.poll_seconds
         )
         self.main = Beat("main", clock())
+        self._heartbeat_started = False  # the cluster's heartbeat thread runs (in run(); not when stepped)
         self.stopping = False
         self._reload = False
         self._next_rescan = 0.0
@@ -256,16 +282,22 @@ class Service:
         self.runner.start()
         self.cluster.start(self.clock)
         self.notifier.ready(self.status_line())
+        self._heartbeat_started = True
         while not self.stopping:
             try:
                 self.watch_step(wait=0.25)
                 if self._reload:
                     self._reload = False
                     self.reload()
-                self._tell_systemd()
+                self.main.passed(self.clock())
             except Exception as exc:  # the watcher side must never take the service down
-                self.log.error("loop.error", error=repr(exc), traceback=traceback.format_exc())
+                # ... but a loop that raises on every pass is stuck: /livez and the watchdog see it (Beat.failed).
+                self.main.failed(self.clock(), exc)
+                self.log.error(
+                    "loop.error", error=repr(exc), failures=self.main.failures, traceback=traceback.format_exc()
+                )
                 time.sleep(1.0)
+            self._tell_systemd()
         # 1. Stop taking files. 2. Let the jobs in flight finish until the deadline. 3. Give back those that did not.
         self.watcher.stop()
         busy = [t.name for t in self.runner.busy()]
@@ -316,51 +348,87 @@ class Service:
         doing = "working on " + ", ".join(describe(t, stage) for t, stage in busy) if busy else "idle"
         return f"{doing}; queue {c['pending']}; done {c['done']}, failed {c['failed']}"
 
-    def stale_beats(self, limit: float) -> dict[str, float]:
-        """The threads (the main loop included) whose last sign of life is older than ``limit`` seconds."""
+    def stuck(self, limit: float) -> dict[str, str]:
+        """The threads, the main loop among them, that have made no progress for ``limit`` seconds, each with why:
+        silent (inside a call that does not return) or failing (every pass of its loop has raised since then).
+
+        The one test behind both the watchdog pings and /livez, so that the two never disagree."""
         now = self.clock()
-        beats = [self.main, *self.runner.beats.values()]
-        return {b.name: b.silent_for(now) for b in beats if b.silent_for(now) >= limit}
+        out: dict[str, str] = {}
+        for b in [self.main, *self.runner.beats.values()]:
+            age = b.silent_for(now)
+            if age < limit:
+                continue
+            if b.failing_since is not None:
+                out[b.name] = f"every pass of its loop has failed for {age:.0f} s ({b.failures} in a row): {b.error}"
+            else:
+                out[b.name] = f"no sign of life for {age:.0f} s{f' (on {describe(b.task, b.stage)})' if b.task else ''}"
+        return out
+
+    def live_limit(self) -> float:
+        """Seconds without progress after which a thread is stuck for /livez: ``hung_seconds``, or half the systemd
+        watchdog's interval when that is shorter, since the pings stop then (and systemd restarts the service)."""
+        wd = self.notifier.watchdog_seconds
+        return min(self.settings.hung_seconds, wd / 2) if wd else self.settings.hung_seconds
 
     def _tell_systemd(self) -> None:
-        now = self.main.at = self.clock()
+        """STATUS= every 2 s at most, and WATCHDOG=1 with it unless a thread is stuck. Never raises: a database
+        that does not answer costs the status line its counts, not the ping its decision."""
+        now = self.clock()
         if not self.notifier.enabled or now < self._next_status:
             return
         interval = self.notifier.watchdog_seconds or 10.0
         self._next_status = now + min(2.0, interval / 3)
-        self.notifier.status(self.status_line())
-        # A hung thread, any one of them, stops the pings, and systemd restarts the service after WatchdogSec.
-        if self.notifier.watchdog_seconds and not self.stale_beats(self.notifier.watchdog_seconds / 2):
+        try:
+            line = self.status_line()
+        except Exception as exc:  # noqa: BLE001 - the counts come from the database
+            line = f"status unavailable: {type(exc).__name__}"
+        if self.main.failures:
+            line += f"; the main loop is failing ({self.main.failures} in a row): {self.main.error}"
+        self.notifier.status(line)
+        # A stuck thread, any one of them, stops the pings, and systemd restarts the service after WatchdogSec.
+        if self.notifier.watchdog_seconds and not self.stuck(self.notifier.watchdog_seconds / 2):
             self.notifier.watchdog()
 
     # --- health: /livez and /readyz (daemon/telemetry.py) -------------------------------------------------------------
     def liveness(self) -> dict[str, str | None]:
-        """The main loop and every worker thread: alive while its last sign of life is younger than
-        ``hung_seconds`` (a busy thread beats at each stage, tile and denoising step; an idle one twice a second)."""
-        now = self.clock()
-        limit = self.settings.hung_seconds
-        out: dict[str, str | None] = {}
-        for b in [self.main, *self.runner.beats.values()]:
-            age = b.silent_for(now)
-            out[f"thread {b.name}"] = (
-                None
-                if age < limit
-                else f"no sign of life for {age:.0f} s{f' (on {describe(b.task, b.stage)})' if b.task else ''}"
-            )
-        return out
+        """The main loop and every worker thread: alive unless :meth:`stuck` for :meth:`live_limit` seconds (a busy
+        thread beats at each stage, tile and denoising step; an idle one twice a second; a pass that raises does
+        not count)."""
+        stuck = self.stuck(self.live_limit())
+        return {f"thread {b.name}": stuck.get(b.name) for b in [self.main, *self.runner.beats.values()]}
 
     def readiness(self) -> dict[str, str | None]:
-        """Can this node do its work: configuration, database, folders, weights of the rules it serves, devices."""
+        """Can this node do its work: configuration, database (it answers, and takes writes), folders (there, the ones
+        opened at start, usable), intake (the watcher runs, the main loop's passes succeed), weights of the rules it
+        serves, devices."""
         s = self.settings
         checks: dict[str, str | None] = {"config": self._reload_problem}
         try:
             self.store.counts()
-            checks["database"] = None
+            checks["database"] = self._heartbeat_problem()
         except Exception as exc:  # noqa: BLE001 - any database error is the answer
             checks["database"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        for key in ("inbox", "outbox", "archive", "failed"):
-            path = getattr(s, key)
-            checks[key] = None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+        for key, root in (
+            ("inbox", self.inbox),
+            ("outbox", self.outbox),
+            ("archive", self.archive),
+            ("failed", self.failed),
+        ):
+            checks[key] = _folder_problem(root, read=key == "inbox")
+        checks["watcher"] = (
+            None
+            if self.watcher.running
+            else f"the inbox watcher has stopped: new files are seen only by the rescan every {s.rescan_seconds:g} s; "
+            "restart the service"
+        )
+        m = self.main
+        checks["intake"] = (
+            None
+            if m.failures < FAILED_PASSES or m.failing_since is None
+            else f"the main loop has failed its last {m.failures} passes, for "
+            f"{self.clock() - m.failing_since:.0f} s: {m.error}"
+        )
         missing = [
             r.model
             for r in self._served()
@@ -375,6 +443,20 @@ class Service:
         except ConfigError as exc:
             checks["devices"] = str(exc)
         return checks
+
+    def _heartbeat_problem(self) -> str | None:
+        """Why the database is not taking this node's writes, judged by its heartbeat (a write every
+        ``heartbeat_seconds``, from its own thread once the service runs), or None."""
+        if not self._heartbeat_started:
+            return None
+        every = self.settings.heartbeat_seconds
+        age = self.clock() - self.cluster.last_beat
+        if age <= HEARTBEAT_PERIODS * every:
+            return None
+        return (
+            f"the database takes no writes: this node's heartbeat (every {every:g} s) has not been written for "
+            f"{age:.0f} s; see heartbeat.error in the log"
+        )
 
     def queue(self) -> dict[str, int]:
         """``running``: this node's jobs; ``pending``: the jobs waiting (the same on every node: take the max)."""
@@ -422,24 +504,36 @@ class Service:
     def admit(self, rels: list[PurePosixPath]) -> None:
         """Register complete files as jobs, or reconcile each with the job that exists. A burst is registered in
         commits of 4, 8, 16, ... up to 64 files: the workers start on the first files while the rest are hashed,
-        and a thousand files still cost a few dozen commits."""
+        and a thousand files still cost a few dozen commits.
+
+        Raises:
+            Exception: whatever a commit raised (the database refused it); the files not registered yet are given
+                back to the watcher first, so they are taken again.
+        """
         specs: list[JobSpec] = []
-        chunk = 4
-        for rel in rels:
-            try:
-                spec = self.intake.spec(rel)
-            except Exception as exc:  # a bug must fail one file, never the loop
-                self.log.error(
-                    "intake.error", file=display(str(rel)), error=repr(exc), traceback=traceback.format_exc()
-                )
-                continue
-            if spec is not None:
-                specs.append(spec)
-            if len(specs) >= chunk:
+        chunk, first = 4, 0  # rels[first:] are not registered yet
+        try:
+            for i, rel in enumerate(rels):
+                try:
+                    spec = self.intake.spec(rel)
+                except Exception as exc:  # a bug must fail one file, never the loop
+                    self.log.error(
+                        "intake.error", file=display(str(rel)), error=repr(exc), traceback=traceback.format_exc()
+                    )
+                    continue
+                if spec is not None:
+                    specs.append(spec)
+                if len(specs) >= chunk:
+                    self._register(specs)
+                    specs, chunk, first = [], min(64, 2 * chunk), i + 1
+            if specs:
                 self._register(specs)
-                specs, chunk = [], min(64, 2 * chunk)
-        if specs:
-            self._register(specs)
+        except Exception:
+            # The database refused the commit. The watcher handed these files over once and would not again until
+            # they change: give them back, to be taken again once they settle, and let the loop count the failure.
+            for rel in rels[first:]:
+                self.watcher.note(self.inbox.abs(rel), True)
+            raise
 
     def _register(self, specs: list[JobSpec]) -> None:
         """One commit for ``specs``; a file that failed at intake fails now, a known one is reconciled."""

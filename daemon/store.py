@@ -11,18 +11,19 @@ Times are naive UTC from the injected clock, stored as ``YYYY-MM-DD HH:MM:SS.fff
 a store for writing upgrades it to the newest revision; readers (``history``, ``query``, ``web``) open it read-only
 with :func:`make_engine` and never migrate it.
 
-Each daemon is a *node* with a row in ``nodes`` that it heartbeats; a job it claims records the node and the worker
-(host:pid/thread) and carries the node's heartbeat in ``jobs.heartbeat_at``. A running job whose heartbeat is older
-than the stale timeout belongs to a dead node and goes back to pending (:meth:`SqlStore.recover`).
+Each daemon is a *node* with a row in ``nodes`` that it heartbeats (:class:`~daemon.jobs.NodeStore`); a job it
+claims records the node and the worker (host:pid/thread) and carries the node's heartbeat in ``jobs.heartbeat_at``.
+A running job whose heartbeat is older than the stale timeout belongs to a dead node and goes back to pending
+(:meth:`SqlStore.recover`). Leases (``jobs.heartbeat_at``, ``nodes.heartbeat_at``) are stamped and compared on the
+*lease clock*: on PostgreSQL the server's own ``now()``, inside the statement, so hosts whose clocks disagree still
+agree on which lease is stale; on SQLite, which is one host's file, that host's clock (the store's ``clock``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -35,6 +36,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Interval,
     LargeBinary,
     MetaData,
     String,
@@ -47,6 +49,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -57,14 +60,19 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from daemon import logs
 from daemon.config import Rule
-from daemon.fsops import FileId, text_form
+from daemon.errors import NodeInUseError
+from daemon.fsops import FileId, display, text_form
 from daemon.jobs import (
     STAGES,
     STATES,
+    Beat,
     Clock,
     Finished,
     Job,
     JobSpec,
+    NodeInfo,
+    NodeRow,
+    NodeStatus,
     OutputPlanner,
     Registered,
     name_columns,
@@ -192,6 +200,8 @@ hook_runs = Table(
     Index("ix_hook_runs_job", "job_id"),
 )
 
+_NODE_INFO = [f.name for f in fields(NodeInfo)]  # the nodes columns a node's NodeInfo fills
+
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
 
 # The views as the migrations create them (revision 0001; a later revision that changes a view updates this too).
@@ -271,11 +281,22 @@ def _insert(dialect: str):  # noqa: ANN202 - the dialect's INSERT with ON CONFLI
 
 
 class SqlStore:
-    """Jobs, metrics and nodes in a SQL database. Implements :class:`daemon.jobs.JobStore`."""
+    """Jobs, metrics and nodes in a SQL database. Implements :class:`daemon.jobs.DaemonStore`."""
 
-    def __init__(self, url: str, upgrade: bool = True, clock: Clock = utcnow, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        upgrade: bool = True,
+        clock: Clock = utcnow,
+        readonly: bool = False,
+        lease_clock: Clock | None = None,
+    ) -> None:
         """Open the database at ``url`` and, unless ``upgrade`` is False (or ``readonly``), migrate it to the newest
         schema. A ``readonly`` store reads (``nodes``, ``get``, ``counts``) and can change nothing.
+
+        ``clock`` stamps the history (created, started, finished). ``lease_clock`` stamps and ages leases and node
+        heartbeats; by default it is the database's own clock: PostgreSQL's ``now()``, shared by every node, or on
+        SQLite (one host) ``clock``. A test passes a fake one to age leases without waiting.
 
         Raises:
             sqlalchemy.exc.OperationalError: the database cannot be reached or written.
@@ -284,6 +305,8 @@ class SqlStore:
         self.url = url
         self.clock = clock
         self.engine = make_engine(url, readonly=readonly)
+        self._server_time = lease_clock is None and self.engine.dialect.name == "postgresql"
+        self.lease_clock = lease_clock or clock
         upgrade = upgrade and not readonly
         self._rules: dict[str, Rule] = {}  # rule_json -> Rule: a queue holds few distinct rules
         if upgrade:
@@ -301,6 +324,24 @@ class SqlStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # --- the lease clock ---------------------------------------------------------------------------------------------
+    def _lease_now(self) -> ColumnElement[dt.datetime]:
+        """Now on the lease clock, for a statement: the server's transaction time (naive UTC) on PostgreSQL, so no
+        host's clock enters a lease; else the lease clock's reading, bound as a parameter."""
+        if self._server_time:
+            return func.timezone("UTC", func.now(), type_=DateTime())
+        return literal(self.lease_clock(), DateTime())
+
+    def _lease_cutoff(self, seconds: float) -> ColumnElement[dt.datetime]:
+        """The lease clock ``seconds`` ago: a lease stamped before it is stale."""
+        if self._server_time:
+            return self._lease_now() - literal(dt.timedelta(seconds=seconds), Interval())
+        return literal(self.lease_clock() - dt.timedelta(seconds=seconds), DateTime())
+
+    def _lease_time(self, c: Connection) -> dt.datetime:
+        """Now on the lease clock, as a value (one round trip on PostgreSQL)."""
+        return c.execute(select(self._lease_now())).scalar_one() if self._server_time else self.lease_clock()
 
     # --- rows <-> jobs -----------------------------------------------------------------------------------------------
     def _rule(self, rule_json: str | None, m: Mapping[str, Any]) -> Rule:
@@ -396,6 +437,8 @@ class SqlStore:
             stmt = stmt.on_conflict_do_nothing(index_elements=["content_sha256", "rule_fingerprint"])
         stmt = stmt.returning(*jobs.c)
         with self.engine.begin() as c:
+            # A failing spec is created running, under a lease when it has a node: stamped on the lease clock.
+            lease = self._lease_time(c) if node and any(sp.failure is not None for sp in specs) else None
             for spec in specs:
                 sha, fp = spec.key()
                 failing = spec.failure is not None
@@ -410,7 +453,7 @@ class SqlStore:
                     updated_at=now,
                 )
                 if failing:
-                    values |= dict(started_at=now, worker=worker_id(), node=node, heartbeat_at=now if node else None)
+                    values |= dict(started_at=now, worker=worker_id(), node=node, heartbeat_at=lease)
                 row = c.execute(stmt, values).first()
                 if row is not None:
                     out.append(Registered(self._job(row), True))
@@ -463,7 +506,7 @@ class SqlStore:
                     attempts=jobs.c.attempts + 1,
                     worker=worker,
                     node=node,
-                    heartbeat_at=now if node else None,
+                    heartbeat_at=self._lease_now() if node else None,
                 )
                 .returning(*jobs.c)
             ).all()
@@ -664,7 +707,7 @@ class SqlStore:
         if own_node is not None:
             cond.append(jobs.c.node == own_node)
         if stale_after is not None:
-            cutoff = now - dt.timedelta(seconds=stale_after)
+            cutoff = self._lease_cutoff(stale_after)
             cond.append(jobs.c.node.is_not(None) & ((jobs.c.heartbeat_at.is_(None)) | (jobs.c.heartbeat_at < cutoff)))
         if not cond:
             return []
@@ -683,7 +726,7 @@ class SqlStore:
     def metrics_pending(self, node: str | None, stale_after: float) -> list[Job]:
         """Done jobs whose metrics were never recorded (a crash between the two commits) that ``node`` should
         compute: its own, and those of nodes that are gone (no heartbeat for ``stale_after`` seconds)."""
-        cutoff = self.clock() - dt.timedelta(seconds=stale_after)
+        cutoff = self._lease_cutoff(stale_after)
         with self.engine.connect() as c:
             gone = select(nodes.c.name).where(or_(nodes.c.heartbeat_at < cutoff, nodes.c.stopped_at.is_not(None)))
             q = select(jobs).where(jobs.c.metrics_state == "pending", jobs.c.state == "done", jobs.c.source == "watch")
@@ -698,53 +741,87 @@ class SqlStore:
             )
 
     # --- nodes -------------------------------------------------------------------------------------------------------
-    def heartbeat(self, node: str, info: Mapping[str, Any] | None = None, start: bool = False) -> dict | None:
-        """Record that ``node`` is alive, and renew the lease of every job it runs. One transaction.
+    def _node_row(self, r: Any, now: dt.datetime) -> NodeRow:
+        m = r._mapping
+        info = NodeInfo(**{k: m[k] for k in _NODE_INFO})
+        age = (now - m["heartbeat_at"]).total_seconds()
+        return NodeRow(m["name"], info, m["started_at"], m["heartbeat_at"], m["stopped_at"], age)
 
-        ``start=True`` (re)registers the node with ``info`` (host, pid, device, workers, folders,
-        rules_fingerprint) and a new ``started_at``. Returns the node's row as it was before (None if new), so a
-        starting daemon can see whether the name is taken by a live one.
+    def join(self, node: str, info: NodeInfo, in_use: Callable[[NodeRow], bool]) -> NodeRow | None:
+        """Enter ``node`` (see :meth:`daemon.jobs.NodeStore.join`): a new row, or the old one taken over.
+
+        Raises:
+            daemon.errors.NodeInUseError: ``in_use`` says the old row's daemon is alive, or another daemon entered
+                the same new name in the same instant; nothing is changed.
         """
-        now = self.clock()
         with self.engine.begin() as c:
-            before = c.execute(select(nodes).where(nodes.c.name == node).with_for_update()).first()
-            values: dict[str, Any] = dict(heartbeat_at=now)
-            if start:
-                values |= dict(info or {}, started_at=now, stopped_at=None)
-            if before is None:
-                stmt = _insert(self.engine.dialect.name)(nodes).values(
-                    dict(name=node, host=socket.gethostname(), pid=os.getpid(), started_at=now) | values
-                )
-                if hasattr(stmt, "on_conflict_do_update"):  # two daemons with one name started together
-                    stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=values)
-                c.execute(stmt)
-            else:
+            now = self._lease_time(c)
+            old = c.execute(select(nodes).where(nodes.c.name == node).with_for_update()).first()
+            before = None if old is None else self._node_row(old, now)
+            if before is not None and in_use(before):
+                raise NodeInUseError(node, before.info.host, before.info.pid)
+            values = dict(asdict(info), started_at=now, heartbeat_at=now, stopped_at=None)
+            if before is not None:
                 c.execute(update(nodes).where(nodes.c.name == node).values(**values))
-            c.execute(update(jobs).where(jobs.c.node == node, jobs.c.state == "running").values(heartbeat_at=now))
-            return dict(before._mapping) if before is not None else None
+                return before
+            # No row to lock: a daemon entering the same name concurrently loses here instead of sharing it.
+            stmt = _insert(self.engine.dialect.name)(nodes).values(name=node, **values)
+            if c.execute(stmt.on_conflict_do_nothing(index_elements=["name"])).rowcount == 0:
+                other = c.execute(select(nodes.c.host, nodes.c.pid).where(nodes.c.name == node)).one()
+                raise NodeInUseError(node, other.host, other.pid)
+            return None
 
-    def node_stopped(self, node: str) -> None:
+    def heartbeat(self, node: str) -> Beat:
+        """Renew ``node``'s row and its running jobs' leases on the lease clock, and measure this host's skew
+        against that clock (see :meth:`daemon.jobs.NodeStore.heartbeat`). One transaction.
+
+        Raises:
+            KeyError: ``node`` has no row: it never joined.
+        """
+        with self.engine.begin() as c:
+            at = c.execute(
+                update(nodes)
+                .where(nodes.c.name == node)
+                .values(heartbeat_at=self._lease_now())
+                .returning(nodes.c.heartbeat_at)
+            ).scalar()
+            if at is None:
+                raise KeyError(f"node {node!r} has not joined")
+            c.execute(update(jobs).where(jobs.c.node == node, jobs.c.state == "running").values(heartbeat_at=at))
+            skew, uncertainty = self._skew(c)
+            return Beat(at, skew, uncertainty)
+
+    def _skew(self, c: Connection) -> tuple[float, float]:
+        """(this host's clock minus the database's, half the round trip that measured it), in seconds; (0, 0) where
+        the lease clock is this host's own."""
+        if not self._server_time:
+            return 0.0, 0.0
+        # clock_timestamp(), not now(): the server's time while the statement runs, between t0 and t1.
+        t0 = self.clock()
+        server = c.execute(select(func.timezone("UTC", func.clock_timestamp(), type_=DateTime()))).scalar_one()
+        t1 = self.clock()
+        half = (t1 - t0) / 2
+        return (t0 + half - server).total_seconds(), half.total_seconds()
+
+    def leave(self, node: str) -> None:
         """A clean shutdown: the node is no longer expected to heartbeat."""
         with self.engine.begin() as c:
-            c.execute(update(nodes).where(nodes.c.name == node).values(stopped_at=self.clock()))
+            c.execute(update(nodes).where(nodes.c.name == node).values(stopped_at=self._lease_now()))
 
-    def nodes(self, stale_after: float, window_s: float = 600.0, include_gone: bool = False) -> list[dict[str, Any]]:
-        """The nodes with their state (live, stale, stopped), heartbeat age, current jobs and throughput.
-
-        ``jobs_per_min`` counts the jobs a node finished in the last ``window_s`` seconds. Stopped and stale nodes
-        are left out unless ``include_gone``.
-        """
-        now = self.clock()
-        since = now - dt.timedelta(seconds=window_s)
+    def nodes(self, stale_after: float, window_s: float = 600.0, include_gone: bool = False) -> list[NodeStatus]:
+        """The nodes with their state (live, stale, stopped), lease age, current jobs and throughput (see
+        :meth:`daemon.jobs.NodeStore.nodes`)."""
+        since = self.clock() - dt.timedelta(seconds=window_s)  # finished_at is stamped by the store's clock
         with self.engine.connect() as c:
-            node_rows = [dict(r._mapping) for r in c.execute(select(nodes).order_by(nodes.c.name)).all()]
+            now = self._lease_time(c)
+            rows = [self._node_row(r, now) for r in c.execute(select(nodes).order_by(nodes.c.name))]
             running: dict[str, list[str]] = {}
             for r in c.execute(
-                select(jobs.c.node, jobs.c.rel_path)
+                select(jobs.c.node, jobs.c.rel_path, jobs.c.rel_path_raw)
                 .where(jobs.c.state == "running", jobs.c.node.is_not(None))
                 .order_by(jobs.c.id)
             ):
-                running.setdefault(r.node, []).append(r.rel_path)
+                running.setdefault(r.node, []).append(display(str(rel_from_columns(r.rel_path, r.rel_path_raw))))
             done_q = (
                 select(
                     jobs.c.node,
@@ -756,30 +833,13 @@ class SqlStore:
             )
             done = {r.node: (r.total, int(r.recent or 0)) for r in c.execute(done_q)}
         out = []
-        for n in node_rows:
-            age = (now - n["heartbeat_at"]).total_seconds()
-            state = "stopped" if n["stopped_at"] is not None else "stale" if age > stale_after else "live"
+        for row in rows:
+            state = row.state(stale_after)
             if state != "live" and not include_gone:
                 continue
-            total, recent = done.get(n["name"], (0, 0))
-            cur = running.get(n["name"], [])
+            total, recent = done.get(row.name, (0, 0))
             out.append(
-                dict(
-                    node=n["name"],
-                    state=state,
-                    host=n["host"],
-                    pid=n["pid"],
-                    heartbeat_age_s=round(age, 1),
-                    started_at=n["started_at"],
-                    device=n["device"],
-                    workers=n["workers"],
-                    folders=n["folders"] or "(all)",
-                    running=len(cur),
-                    current=", ".join(cur),
-                    done=total,
-                    jobs_per_min=round(recent * 60.0 / window_s, 2),
-                    rules_fingerprint=n["rules_fingerprint"],
-                )
+                NodeStatus(row, state, tuple(running.get(row.name, ())), total, round(recent * 60.0 / window_s, 2))
             )
         return out
 

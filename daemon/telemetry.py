@@ -32,7 +32,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -61,6 +61,13 @@ BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 1
 DEFAULT_RULE_LABEL = "(default)"
 LOG_EVERY_S = 60.0  # a failing scrape-time source is logged at most this often (Prometheus scrapes every 15 s)
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# Connections served at once (a thread each). A Prometheus keeps one, a probe or two come and go: 16 leaves room,
+# and bounds what a client that opens connections and never speaks can take from the daemon.
+MAX_CONNECTIONS = 16
+_FULL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 21\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n\r\ntoo many connections\n"
+)
 
 log = logs.get("upscaled.telemetry")
 
@@ -426,6 +433,43 @@ def parse_listen(value: str, key: str = "http_listen", default_port: int = 9807)
     return host, port
 
 
+def allowed_hosts_for(host: str, extra: Sequence[str] = ()) -> list[str] | None:
+    """The Host header values to accept when bound to ``host``: the loopback names and ``host`` itself, plus
+    ``extra`` (the names a reverse proxy or a scraper uses). None (any) when bound to every interface and nothing is
+    given: whoever exposes it that way is told to put a proxy in front. Used by ``upscaled web`` and by the
+    telemetry server alike."""
+    if extra:
+        names = list(extra)
+    elif host in ("0.0.0.0", "::", ""):
+        return None
+    else:
+        names = []
+    try:
+        literal = f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        literal = host
+    return list(dict.fromkeys([*names, literal, "localhost", "127.0.0.1", "[::1]"]))
+
+
+def host_allowed(header: str | None, allowed: Sequence[str] | None) -> bool:
+    """Whether the Host header ``header`` names one of ``allowed`` (None: any). The port is ignored and so is case;
+    ``*.example.org`` matches the names under example.org, and ``*`` any name (as Starlette's TrustedHostMiddleware
+    reads the same list for ``upscaled web``). A request without a Host header matches nothing."""
+    if allowed is None:
+        return True
+    host = (header or "").strip().lower()
+    if host.startswith("["):  # [::1]:9807: the port follows the bracket
+        host = host[: host.find("]") + 1] if "]" in host else ""
+    else:
+        host = host.partition(":")[0]
+    if not host:
+        return False
+    for pattern in (p.lower() for p in allowed):
+        if pattern == "*" or host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return True
+    return False
+
+
 def _family(host: str) -> socket.AddressFamily:
     try:
         return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
@@ -434,9 +478,37 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 class _Server(http.server.ThreadingHTTPServer):
+    """One thread per connection, at most :data:`MAX_CONNECTIONS` at once: a client that opens connections without
+    end gets a 503 for each one past the cap, and the daemon's threads and memory stay bounded."""
+
     daemon_threads = True  # a client that hangs must not hold up the daemon's exit
     telemetry: Telemetry
     health: Health
+    allowed_hosts: list[str] | None = None
+    slots: threading.BoundedSemaphore
+    refused: _Throttled
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused(ConnectionRefusedError(f"{MAX_CONNECTIONS} connections are open; {client_address[0]} refused"))
+            try:
+                request.setblocking(False)  # a fresh socket's buffer takes these bytes; never wait on the client
+                request.send(_FULL)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()  # no thread was started to give the slot back
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -451,13 +523,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
-        self._answer(head=False)
+        if self._host_ok():
+            self._answer(head=False)
 
     def do_HEAD(self) -> None:  # noqa: N802
-        self._answer(head=True)
+        if self._host_ok():
+            self._answer(head=True)
 
     def _not_allowed(self) -> None:
-        self._send(405, b"method not allowed: GET or HEAD\n", "text/plain; charset=utf-8", {"Allow": "GET, HEAD"})
+        if self._host_ok():
+            self._send(405, b"method not allowed: GET or HEAD\n", "text/plain; charset=utf-8", {"Allow": "GET, HEAD"})
+
+    def _host_ok(self) -> bool:
+        """Answer 400 to a Host this server was not bound for: a web page that rebinds its own name to 127.0.0.1
+        (DNS rebinding) cannot read the endpoints from a browser on this host."""
+        if host_allowed(self.headers.get("Host"), self.server.allowed_hosts):
+            return True
+        self.close_connection = True
+        body = b"invalid Host header: this server answers only the names it is bound for (http_allowed_hosts)\n"
+        self._send(400, body, "text/plain; charset=utf-8", {"Connection": "close"})
+        return False
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
 
@@ -521,18 +606,21 @@ def _health_body(telemetry: Telemetry, health: Health, live: bool) -> tuple[int,
 class HttpServer:
     """``/metrics``, ``/livez`` and ``/readyz`` on ``listen`` (``http_listen``), from a daemon thread.
 
-    Anything else is 404; methods other than GET and HEAD are 405. Every answer has ``Cache-Control: no-store``.
+    Anything else is 404; methods other than GET and HEAD are 405. Every answer has ``Cache-Control: no-store``. A
+    Host header not among :func:`allowed_hosts_for` ``(host, allowed_hosts)`` gets 400; a connection past
+    :data:`MAX_CONNECTIONS` open ones gets 503 and is closed.
 
     Raises:
         ConfigError: ``listen`` is not ``host:port`` (at construction), or cannot be bound (at :meth:`start`).
     """
 
-    def __init__(self, listen: str, telemetry: Telemetry, health: Health) -> None:
+    def __init__(self, listen: str, telemetry: Telemetry, health: Health, allowed_hosts: Sequence[str] = ()) -> None:
         try:
             self.host, self.port = parse_listen(listen)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.listen = listen
+        self.allowed_hosts = allowed_hosts_for(self.host, allowed_hosts)
         self.telemetry = telemetry
         self.health = health
         if telemetry.health is None:  # the same service: its queue also goes into the gauge and the JSON
@@ -554,7 +642,9 @@ class HttpServer:
             server = server_cls((self.host, self.port), _Handler)
         except OSError as exc:
             raise ConfigError(f"http_listen: cannot listen on {self.listen}: {exc.strerror or exc}") from None
-        server.telemetry, server.health = self.telemetry, self.health
+        server.telemetry, server.health, server.allowed_hosts = self.telemetry, self.health, self.allowed_hosts
+        server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        server.refused = _Throttled("telemetry.connections_full")
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="upscaled-http", daemon=True

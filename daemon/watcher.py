@@ -9,6 +9,7 @@ Symlinks are never followed, hidden folders are skipped, and ignored names never
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import queue
@@ -28,6 +29,11 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
+
+from daemon import logs
+from daemon.fsops import display
+
+log = logs.get("upscaled.watcher")
 
 
 def ignored(name: str, patterns: list[str]) -> bool:
@@ -111,7 +117,11 @@ class Watcher:
 
     @property
     def running(self) -> bool:
-        return self._observer is not None and self._observer.is_alive()
+        """Whether events still come: the observer thread and its emitter are alive. An emitter ends on an error, or
+        when the inbox folder itself is gone (the polling one at its next poll); from then on only the periodic
+        rescan would see new files."""
+        obs = self._observer
+        return obs is not None and obs.is_alive() and all(e.is_alive() for e in obs.emitters)
 
     # --- candidates ----------------------------------------------------------------------------------------------
     def _wanted(self, path: Path) -> bool:
@@ -177,7 +187,7 @@ class Watcher:
             if path in self.handed:
                 try:
                     st = os.lstat(path)
-                except FileNotFoundError:
+                except OSError:  # gone since the walk saw it, or its folder swapped: as ready() says
                     continue
                 if self.handed[path] == (st.st_size, st.st_mtime_ns):
                     continue
@@ -188,13 +198,20 @@ class Watcher:
         return n
 
     def ready(self, now: float) -> list[Path]:
-        """Candidates whose size and mtime have held for ``settle_seconds``. They are removed from the set."""
+        """Candidates whose size and mtime have held for ``settle_seconds``. They are removed from the set.
+
+        Never raises for one path: a candidate that cannot be looked at any more is dropped, alone. It is gone
+        (ENOENT), or a folder on its path was swapped for a file (ENOTDIR) or a link loop (ELOOP), or made
+        unsearchable (EACCES). The last ones are logged; a rescan finds the file again if it comes back.
+        """
         out = []
         for path, cand in list(self.candidates.items()):
             try:
                 st = os.lstat(path)
-            except FileNotFoundError:
+            except OSError as exc:
                 del self.candidates[path]
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    log.warning("watcher.unreachable", file=display(str(path)), error=exc.strerror or str(exc))
                 continue
             if (st.st_size, st.st_mtime_ns) != (cand.size, cand.mtime_ns):
                 cand.size, cand.mtime_ns, cand.stable_since = st.st_size, st.st_mtime_ns, now

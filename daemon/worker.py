@@ -69,6 +69,22 @@ class Beat:
     busy: bool = False
     next_progress_write: float = 0.0
     allowed_until: float = 0.0  # a stage that cannot beat is not silence before this
+    failing_since: float | None = None  # the first of the passes in a row that raised; None once one did not
+    failures: int = 0  # passes of the thread's loop in a row that raised
+    error: str = ""  # what the last of them raised
+
+    def failed(self, now: float, exc: BaseException) -> None:
+        """A pass of the thread's loop raised. A loop that raises on every pass makes no progress however often it
+        beats on its way: :meth:`silent_for` counts from the first failed pass until one passes."""
+        if self.failing_since is None:
+            self.failing_since = now
+        self.failures += 1
+        first = str(exc).splitlines()[0] if str(exc) else ""  # SQLAlchemy's next lines are the statement
+        self.error = f"{type(exc).__name__}: {first}"[:300]
+
+    def passed(self, now: float) -> None:
+        """A pass of the thread's loop ended without raising: a sign of life, and the end of a run of failures."""
+        self.at, self.failing_since, self.failures, self.error = now, None, 0, ""
 
     def start(self, task: Task, stage: str, now: float, pixels: int = 0) -> None:
         """``task`` enters ``stage``, a call that may run for ``pixels`` x :data:`SECONDS_PER_PIXEL` unheard."""
@@ -79,7 +95,10 @@ class Beat:
         self.task, self.busy, self.stage, self.at, self.allowed_until = None, False, "", now, 0.0
 
     def silent_for(self, now: float) -> float:
-        """Seconds since the last sign of life, or 0 while a long call is within its allowance."""
+        """Seconds since the last sign of life (since the first of the failed passes, while every pass fails), or 0
+        while a long call is within its allowance."""
+        if self.failing_since is not None:
+            return now - self.failing_since
         return 0.0 if now < self.allowed_until else now - self.at
 
 
@@ -728,7 +747,9 @@ class Runner:
             try:
                 if body() is False:
                     return
+                beat.passed(self.clock())
             except Exception as exc:  # a store error (say, the disk is full): back off, never die
+                beat.failed(self.clock(), exc)  # but a thread whose every pass fails is stuck (/livez, WATCHDOG=1)
                 self.log.error("worker.error", thread=name, error=repr(exc), traceback=traceback.format_exc())
                 time.sleep(1.0)
 

@@ -177,15 +177,16 @@ def image(path: Path, size: tuple[int, int] = (40, 32), mode: str = "RGB", seed:
 
 
 class Daemon:
-    """A real `upscaled run` subprocess, with its log captured to a file."""
+    """A real `upscaled run` subprocess, with its log captured to a file; ``prefix`` runs it under a command such
+    as ``setpriv`` (see tests.acceptance.test_acceptance._without_read_override)."""
 
-    def __init__(self, config: Path, env: dict | None = None) -> None:
+    def __init__(self, config: Path, env: dict | None = None, prefix: list[str] | None = None) -> None:
         self.config = config
         self.log_path = config.parent / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
         full_env = dict(os.environ, UPSCALED_CONFIG=str(config), PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run"],
+            [*(prefix or []), sys.executable, "-m", "daemon", "run"],
             cwd=config.parent,
             env=full_env,
             stdout=self._log,

@@ -490,8 +490,9 @@ def create_app(
     """The web view's ASGI app over ``database_url``, opened read-only.
 
     ``cache_dir`` holds thumbnails and converted images (default :func:`default_cache_dir`), at most
-    ``cache_bytes``. ``allowed_hosts`` are the Host names it answers (None: any; see :func:`allowed_hosts_for`).
-    ``hints`` spell the commands a failed job's page suggests (``upscaled retry``) for the configuration in use.
+    ``cache_bytes``. ``allowed_hosts`` are the Host names it answers (None: any;
+    see :func:`daemon.telemetry.allowed_hosts_for`). ``hints`` spell the commands a failed job's page suggests
+    (``upscaled retry``) for the configuration in use.
 
     Raises:
         QueryError: the database does not exist, is not upscaled's, or is too old for this version.
@@ -575,22 +576,3 @@ def _read_only_sessions(engine: Engine) -> None:
         cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
         cur.close()
         dbapi_conn.commit()  # a SET inside a transaction that is rolled back would be undone with it
-
-
-def allowed_hosts_for(host: str, extra: list[str] | tuple[str, ...] = ()) -> list[str] | None:
-    """The Host header values to accept when bound to ``host``: the loopback names and ``host`` itself, plus
-    ``extra`` (the names a reverse proxy passes). None (any) when bound to every interface and nothing is given:
-    whoever exposes it that way is told to put a proxy in front."""
-    import ipaddress
-
-    if extra:
-        names = list(extra)
-    elif host in ("0.0.0.0", "::", ""):
-        return None
-    else:
-        names = []
-    try:
-        literal = f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
-    except ValueError:
-        literal = host
-    return list(dict.fromkeys([*names, literal, "localhost", "127.0.0.1", "[::1]"]))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daemon.errors import ConfigError
-from daemon.telemetry import parse_listen
+from daemon.telemetry import allowed_hosts_for, parse_listen
 
 if TYPE_CHECKING:
     from daemon.hints import Hints
@@ -62,7 +62,7 @@ def serve(
     """
     import uvicorn
 
-    from daemon.web.app import allowed_hosts_for, create_app
+    from daemon.web.app import create_app
 
     sock = bind(listen)
     host, port = sock.getsockname()[:2]

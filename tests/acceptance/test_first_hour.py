@@ -215,5 +215,14 @@ def test_the_console_log_on_a_terminal_reads_well_and_cannot_be_driven_by_a_name
         assert re.search(r"\n {4,}.*settings\.toml, line \d+: settle_secnds: unknown key", tail), tail
     finally:
         proc.terminate()
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:  # drained, so its last lines cannot block it
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    break
+        if proc.poll() is None:
+            proc.kill()
         proc.wait(30)
         os.close(master)

@@ -23,6 +23,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -952,6 +953,135 @@ def test_f19_a_fifo_swapped_in_after_registration_blocks_nothing(tmp_path):
     assert all(j["state"] == "failed" for j in by_name["f.png"] + by_name["direct.png"]), by_name
     assert {j["error_kind"] for j in by_name["f.png"]} <= {"unsafe-path", "input-changed"}
     assert any("not a regular file" in (j["error"] or "") for j in by_name["direct.png"])
+
+
+# --- issue 20, part B: one file must never stop the service ---------------------------------------------------------
+@pytest.fixture
+def failed_elsewhere(tmp_path: Path) -> Iterator[Path]:
+    """A failed/ folder on a filesystem of its own (as docs/security.md recommends for the inbox): a tmpfs mounted
+    for the test when it runs as root, else a folder in /dev/shm."""
+    path = tmp_path / "failed-fs"
+    path.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(path)]
+    mounted = os.geteuid() == 0 and subprocess.run(mount, capture_output=True).returncode == 0
+    if not mounted:
+        shm = Path("/dev/shm")
+        if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("no second filesystem: a tmpfs cannot be mounted here (not root) and /dev/shm is missing")
+        path = Path(tempfile.mkdtemp(dir=shm, prefix="upscaled-failed-"))
+    assert os.stat(path).st_dev != os.stat(tmp_path).st_dev
+    try:
+        yield path
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def test_i20_f01_a_fifo_quarantined_to_failed_on_another_filesystem_blocks_nothing(tmp_path, failed_elsewhere, notify):
+    """A FIFO dropped in the inbox fails at the door. Quarantining it to failed/ on another filesystem hit EXDEV,
+    and the copy opened the FIFO without O_NONBLOCK: the main thread waited for a writer forever, nothing more was
+    admitted, no watchdog ping went out, and SIGTERM could not stop it. Now a FIFO, or a link, is made anew in
+    failed/ as `mv` does, and never opened: the next file is done, the pings keep coming, SIGTERM stops it."""
+    cfg = write_config(tmp_path, rules=[BICUBIC], settle_seconds=0.1, failed=str(failed_elsewhere))
+    inbox, db = tmp_path / "inbox", tmp_path / "var" / "upscaled.db"
+    d = Daemon(cfg, dict(notify.env, WATCHDOG_USEC="2000000"))
+    try:
+        d.wait_started()
+        t0 = time.monotonic()
+        os.mkfifo(inbox / "pipe.png")
+        os.symlink("/etc/passwd", inbox / "link.png")
+        wait_for(lambda: settled(db, 2), 30, what="the FIFO and the link failed")
+        drop(inbox, "good.png", seed=4)
+        wait_for(
+            lambda: [j for j in jobs(db) if j["rel_path"] == "good.png" and j["state"] == "done"],
+            30,
+            what="the next file done: the main thread was not blocked",
+        )
+        wait_for(lambda: not (inbox / "pipe.png").exists() and not (inbox / "link.png").is_symlink(), 30)
+        t1 = time.monotonic()
+        stop(d)
+    finally:
+        d.kill()
+    assert stat.S_ISFIFO(os.lstat(failed_elsewhere / "pipe.png").st_mode)
+    assert os.readlink(failed_elsewhere / "link.png") == "/etc/passwd"
+    for name in ("pipe.png", "link.png"):
+        reason = json.loads((failed_elsewhere / f"{name}.error.json").read_text())
+        assert reason["kind"] == "unsafe-path" and name in reason["error"], reason
+    pings = [t0, *notify.pings(t0, t1), t1]
+    assert max(b - a for a, b in zip(pings, pings[1:], strict=False)) < 1.5, pings
+
+
+def test_i20_f10_a_sparse_file_stays_sparse_in_failed_on_another_filesystem(tmp_path, failed_elsewhere):
+    """A 200 MB sparse file (a valid header on a tail of holes) is refused at the door and quarantined to failed/ on
+    another filesystem. The copy wrote every byte: 200 MB of disk for a file that held a few KB. Now only its data
+    extents are copied, and it stays sparse there."""
+    cfg = write_config(tmp_path, rules=[BICUBIC], settle_seconds=0.1, failed=str(failed_elsewhere))
+    inbox = tmp_path / "inbox"
+    d = Daemon(cfg)
+    try:
+        d.wait_started()
+        tail = image(tmp_path / "staging" / "tail.png")
+        with open(tail, "r+b") as fh:
+            fh.truncate(200 << 20)
+        os.rename(tail, inbox / "tail.png")
+        wait_for(lambda: (failed_elsewhere / "tail.png").exists() and not (inbox / "tail.png").exists(), 60)
+        stop(d)
+    finally:
+        d.kill()
+    st = os.stat(failed_elsewhere / "tail.png")
+    assert st.st_size == 200 << 20
+    assert st.st_blocks * 512 < 1 << 20, f"{st.st_blocks * 512} bytes of disk for a few KB of data"
+    assert json.loads((failed_elsewhere / "tail.png.error.json").read_text())["kind"] == "too-large"
+
+
+def test_i20_f02_a_folder_swapped_for_a_file_a_loop_or_a_locked_folder_halts_no_intake(tmp_path):
+    """Write `inbox/a/x.png`, and before it settles move `inbox/a` away and put a plain file named `a` in its place:
+    `lstat` of the waiting file raised NotADirectoryError in every loop, since only FileNotFoundError was caught, and
+    no file was taken again while /livez and /readyz stayed 200. The same for a folder swapped for a link loop
+    (ELOOP) or made unsearchable (EACCES; the daemon runs without root's permission override here). Each path now
+    stands alone: the files beside them are done, and the locked one once its folder opens again."""
+    from tests.acceptance.test_acceptance import _without_read_override
+    from tests.acceptance.test_telemetry_daemon import address, get
+
+    cfg = write_config(tmp_path, rules=[BICUBIC], settle_seconds=2.0, http_listen="127.0.0.1:0")
+    inbox, db = tmp_path / "inbox", tmp_path / "var" / "upscaled.db"
+    for folder in ("a", "c", "d"):
+        (inbox / folder).mkdir(parents=True)
+    d = Daemon(cfg, prefix=_without_read_override())
+    try:
+        d.wait_started()
+        base = address(d)
+        for rel, seed in (("a/x.png", 1), ("c/y.png", 2), ("d/z.png", 3)):
+            drop(inbox, rel, seed=seed)
+        time.sleep(0.7)  # the watcher has them; they settle after 2 s
+        os.rename(inbox / "a", tmp_path / "a-away")
+        (inbox / "a").write_text("a file where the folder was")
+        os.rename(inbox / "c", tmp_path / "c-away")
+        os.symlink("c", inbox / "c")  # a loop
+        os.chmod(inbox / "d", 0)
+        drop(inbox, "b.png", seed=5)
+        wait_for(
+            lambda: [j for j in jobs(db) if j["rel_path"] == "b.png" and j["state"] == "done"],
+            30,
+            what="the file beside them done: intake goes on",
+        )
+        assert get(base + "/livez")[0] == 200 and get(base + "/readyz")[0] == 200
+        os.chmod(inbox / "d", 0o755)
+        wait_for(
+            lambda: [j for j in jobs(db) if j["rel_path"] == "d/z.png" and j["state"] == "done"],
+            30,
+            what="the locked file, once its folder opened again (the next rescan)",
+        )
+        stop(d)
+    finally:
+        os.chmod(inbox / "d", 0o755)
+        d.kill()
+    unreachable = {e["file"]: e["error"] for e in d.events() if e.get("event") == "watcher.unreachable"}
+    assert unreachable.get(str(inbox / "c" / "y.png"), "").startswith("Too many levels of symbolic links"), unreachable
+    assert unreachable.get(str(inbox / "d" / "z.png")) == "Permission denied", unreachable
+    assert not [e for e in d.events() if e.get("event") == "loop.error"]
 
 
 # --- the unit --------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from daemon import migrations
 from daemon.config import Rule
-from daemon.jobs import Finished, JobSpec, utcnow
+from daemon.jobs import Finished, JobSpec, NodeInfo, utcnow
 from daemon.store import SqlStore
 from tests.conftest import Daemon, wait_for, write_config
 from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
@@ -218,11 +218,12 @@ def test_postgres_claims_are_exclusive_under_concurrency(pg_url):  # noqa: F811
 
 def test_a_stale_lease_returns_the_job_and_the_old_owner_cannot_finish_it(pg_url):  # noqa: F811
     now = [utcnow()]
-    store = SqlStore(pg_url, clock=lambda: now[0])
+    store = SqlStore(pg_url, clock=lambda: now[0], lease_clock=lambda: now[0])  # leases aged without waiting
     try:
         j, other = (r.job.id for r in store.register([_spec(10, "a.png"), _spec(11, "b.png", folder="gpu")]))
         assert [x.id for x in store.claim("dead:1", node="cpu-node", folders=[""])] == [j]  # "gpu" is not served
         assert store.claim("w", node="cpu-node", folders=[""]) == []
+        store.join("dead-node", NodeInfo("h", 1), lambda row: False)
         store.heartbeat("dead-node")  # an unrelated node's heartbeat renews nothing of cpu-node's
         assert store.recover(stale_after=30) == []  # fresh lease
         now[0] += dt.timedelta(seconds=31)

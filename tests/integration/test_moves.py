@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import subprocess
 import tempfile
 import threading
@@ -246,3 +248,84 @@ def test_a_failed_file_is_left_to_its_owner_for_a_moment_then_quarantined_by_any
         assert svc.store.get(reg.job.id).input_moved_to == str(tmp_path / "failed" / "broken.png")
     finally:
         svc.shutdown()
+
+
+def test_across_filesystems_a_fifo_and_a_link_are_made_anew_and_never_opened(tmp_path):
+    """Issue 20, finding 1: a FIFO quarantined to failed/ on another filesystem was opened to copy its bytes,
+    without O_NONBLOCK: the open waited for a writer that never came, and the daemon's main thread with it. A FIFO
+    or a link is made anew on the other side (``mkfifo``; ``symlink`` with the same target), as ``mv`` does; it is
+    never opened, and keeps its mtime."""
+    dest_root = _other_filesystem(tmp_path)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    fifo, link = inbox / "pipe.png", inbox / "link.png"
+    os.mkfifo(fifo, 0o640)
+    os.symlink("/etc/passwd", link)
+    os.utime(fifo, ns=(1_000_000_000, 1_500_000_000))
+    os.utime(link, ns=(1_000_000_000, 1_600_000_000), follow_symlinks=False)
+    results: dict[str, object] = {}
+
+    def go() -> None:
+        with Root(inbox, create=False) as a, Root(dest_root, create=False) as b:
+            for name in ("pipe.png", "link.png"):
+                try:
+                    results[name] = move(a, name, b, name, special=True)
+                except Exception as exc:  # noqa: BLE001 - the test reports it
+                    results[name] = exc
+
+    t = threading.Thread(target=go, daemon=True)
+    try:
+        t.start()
+        t.join(10)
+        if t.is_alive():  # let the blocked open go (it waits for a writer), then fail
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            t.join(10)
+            pytest.fail("the move of a FIFO across filesystems blocked in open()")
+        assert results == {"pipe.png": PurePosixPath("pipe.png"), "link.png": PurePosixPath("link.png")}, results
+        assert not fifo.exists() and not link.is_symlink()
+        pipe = os.lstat(dest_root / "pipe.png")
+        assert stat.S_ISFIFO(pipe.st_mode) and stat.S_IMODE(pipe.st_mode) == 0o640 & ~_umask()
+        assert pipe.st_mtime_ns == 1_500_000_000
+        assert os.readlink(dest_root / "link.png") == "/etc/passwd"
+        assert os.lstat(dest_root / "link.png").st_mtime_ns == 1_600_000_000
+        assert sorted(p.name for p in dest_root.iterdir()) == ["link.png", "pipe.png"]  # no temp entry left
+    finally:
+        subprocess.run(["rm", "-rf", str(dest_root)], check=False)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_across_filesystems_a_sparse_file_keeps_its_holes_and_its_bytes(tmp_path):
+    """Issue 20, finding 10: a copy across filesystems wrote every byte, so a 200 MB sparse file in the inbox took
+    200 MB of disk in failed/. Only the extents that hold data are copied (SEEK_DATA / SEEK_HOLE): the bytes are
+    the same, and the holes stay holes, whether the file ends in data or in a hole (64 MB files here)."""
+    dest_root = _other_filesystem(tmp_path)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    size = 64 << 20
+    ends = {"ends-in-data.png": size - 10, "ends-in-a-hole.png": 48 << 20}
+    digests = {}
+    for name, last in ends.items():
+        with open(inbox / name, "wb") as fh:
+            fh.write(b"\x89PNG\r\n\x1a\n head")  # data at the start,
+            fh.seek(24 << 20)
+            fh.write(os.urandom(8192))  # in the middle,
+            fh.seek(last)
+            fh.write(b"last bytes")  # and near (or at) the end
+            fh.truncate(size)
+        digests[name] = hashlib.sha256((inbox / name).read_bytes()).hexdigest()
+    try:
+        with Root(inbox, create=False) as a, Root(dest_root, create=False) as b:
+            for name in ends:
+                move(a, name, b, name)
+        for name in ends:
+            st = os.stat(dest_root / name)
+            assert st.st_size == size, name
+            assert st.st_blocks * 512 < 1 << 20, f"{name}: {st.st_blocks * 512} bytes allocated for 3 small extents"
+            assert hashlib.sha256((dest_root / name).read_bytes()).hexdigest() == digests[name], name
+    finally:
+        subprocess.run(["rm", "-rf", str(dest_root)], check=False)

@@ -1,6 +1,8 @@
-"""One contract for every JobStore: the in-memory store, SQLite and PostgreSQL pass the same tests.
+"""One contract for every store (JobStore and NodeStore): the in-memory store, SQLite and PostgreSQL pass the same
+tests.
 
-The clock is injected (a fake one here), so leases, retries and recovery are tested without sleeping.
+The clock is injected (a fake one here, which is also the lease clock), so leases, retries and recovery are tested
+without sleeping. How PostgreSQL's own clock stamps leases is tested at the end, on the real server clock.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import sqlite3
 from pathlib import PurePosixPath
 
 import pytest
+from sqlalchemy import text
 
 from daemon.config import Rule
+from daemon.errors import NodeInUseError
 from daemon.fsops import FileId
-from daemon.jobs import Finished, JobSpec, MemoryStore, worker_id
+from daemon.jobs import Finished, JobSpec, MemoryStore, NodeInfo, utcnow, worker_id
 from daemon.metrics import Metric
 from daemon.store import VIEWS, SqlStore
 from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
@@ -58,8 +62,8 @@ def store(request, tmp_path):
         s = MemoryStore(clock)
     elif request.param == "sqlite":
         s = SqlStore(f"sqlite:///{tmp_path / 'db' / 'u.db'}", clock=clock)
-    else:
-        s = SqlStore(request.getfixturevalue("pg_url"), clock=clock)
+    else:  # the fake clock stands in for the server's, which no test can move
+        s = SqlStore(request.getfixturevalue("pg_url"), clock=clock, lease_clock=clock)
     s.fake = clock
     yield s
     s.close()
@@ -167,6 +171,8 @@ def test_a_worker_that_lost_its_lease_can_commit_nothing(store):
 
 def test_recover_takes_back_stale_own_and_unowned_jobs_and_spares_what_it_is_told(store):
     store.register([spec(i) for i in range(1, 5)])
+    for node in ("dead", "me", "alive"):
+        store.join(node, NodeInfo("h", 1), NO_ONE)
     store.claim("w", node="dead")
     store.claim("w", node="me")
     store.claim("cli-worker")  # no node: a one-off run
@@ -174,7 +180,7 @@ def test_recover_takes_back_stale_own_and_unowned_jobs_and_spares_what_it_is_tol
     store.fake.advance(10)
     assert store.recover(stale_after=30) == []  # every lease is fresh
     store.fake.advance(25)
-    store_heartbeat(store, "alive")
+    store.heartbeat("alive")
     found = store.recover(stale_after=30, spare=lambda j: j.node == "me")
     assert [j.id for j in found] == [1]  # dead's lease is 35 s old; me is spared; alive renewed its lease
     assert store.get(1).state == "pending" and store.get(1).node is None
@@ -183,11 +189,87 @@ def test_recover_takes_back_stale_own_and_unowned_jobs_and_spares_what_it_is_tol
     assert store.get(4).state == "running"
 
 
-def store_heartbeat(store, node: str) -> None:
-    if isinstance(store, MemoryStore):
-        store.heartbeat_jobs(node)
-    else:
-        store.heartbeat(node, dict(host="h", pid=1), start=True)
+def NO_ONE(row) -> bool:  # noqa: N802 - a join's in_use predicate: no daemon holds the name
+    return False
+
+
+# --- nodes -----------------------------------------------------------------------------------------------------------
+INFO = NodeInfo("host-a", 41, device="cpu", workers=2, folders='["photos"]', rules_fingerprint="r1")
+
+
+def test_join_enters_a_node_and_takes_over_a_name_only_when_its_holder_is_gone(store):
+    assert store.join("a", INFO, NO_ONE) is None  # a new name
+    assert [(n.row.name, n.state, n.row.info) for n in store.nodes(30)] == [("a", "live", INFO)]
+    store.fake.advance(12)
+    seen = []
+
+    def alive(row) -> bool:
+        seen.append(row)
+        return True
+
+    with pytest.raises(NodeInUseError, match="node name 'a' is in use by pid 41 on host-a; give every daemon its own"):
+        store.join("a", NodeInfo("host-b", 7), alive)
+    (row,) = seen
+    assert (row.name, row.info, row.lease_age_s, row.stopped_at) == ("a", INFO, 12.0, None)
+    (a,) = store.nodes(30)
+    assert a.row.info == INFO and a.row.started_at == T0  # refused: the row is as it was
+    before = store.join("a", NodeInfo("host-b", 7), NO_ONE)  # its holder is gone: the name is taken over
+    assert before.info == INFO and before.lease_age_s == 12.0
+    (a,) = store.nodes(30)
+    assert a.row.info == NodeInfo("host-b", 7) and a.row.started_at == a.row.heartbeat_at == T0 + dt.timedelta(
+        seconds=12
+    )
+    assert a.row.lease_age_s == 0.0 and a.row.stopped_at is None
+
+
+def test_heartbeat_renews_the_node_and_its_running_jobs_leases_only(store):
+    with pytest.raises(KeyError, match="'ghost' has not joined"):
+        store.heartbeat("ghost")
+    store.join("a", INFO, NO_ONE)
+    store.join("b", INFO, NO_ONE)
+    store.register([spec(1), spec(2), spec(3)])
+    (mine,) = store.claim("w", node="a")
+    (theirs,) = store.claim("w", node="b")
+    (done,) = store.claim("w", node="a")
+    assert store.finish([Finished(done.id, "w", {})]) == [True]
+    store.fake.advance(25)
+    beat = store.heartbeat("a")
+    assert (beat.at, beat.skew_s, beat.uncertainty_s) == (T0 + dt.timedelta(seconds=25), 0.0, 0.0)  # one clock
+    store.fake.advance(10)
+    assert {n.row.name: n.row.lease_age_s for n in store.nodes(30, include_gone=True)} == {"a": 10.0, "b": 35.0}
+    assert [j.id for j in store.recover(stale_after=30)] == [theirs.id]  # a's lease renewed, b's lapsed
+    assert store.get(mine.id).state == "running" and store.get(done.id).state == "done"
+
+
+def test_nodes_lists_state_running_files_and_throughput(store):
+    store.join("a", INFO, NO_ONE)
+    store.join("b", NodeInfo("host-b", 2), NO_ONE)
+    store.join("c", NodeInfo("host-c", 3), NO_ONE)
+    store.register([spec(i) for i in range(1, 6)] + [spec(9, os.fsdecode(b"odd\xff.png"))])
+    first = store.claim("w", node="a", limit=2)
+    assert store.finish([Finished(j.id, "w", {}) for j in first]) == [True, True]
+    store.fake.advance(120)
+    (late,) = store.claim("w", node="a")
+    assert store.finish([Finished(late.id, "w", {})]) == [True]
+    store.claim("w", node="a", limit=2)
+    store.claim("w", node="b", job_id=6)
+    store.leave("c")
+    store.heartbeat("a")
+    store.heartbeat("b")
+    live = store.nodes(30, window_s=60)
+    assert [(n.row.name, n.state) for n in live] == [("a", "live"), ("b", "live")]
+    a, b = live
+    assert a.running == ("f4.png", "f5.png") and b.running == ("odd\\xff.png",)  # printable, oldest claim first
+    assert (a.done, a.jobs_per_min, b.done, b.jobs_per_min) == (3, 1.0, 0, 0.0)  # 1 of 3 within the last 60 s
+    assert a.flat()["current"] == "f4.png, f5.png" and a.flat()["running"] == 2 and a.flat()["folders"] == '["photos"]'
+    assert b.flat()["folders"] == "(all)"
+    store.fake.advance(31)
+    store.heartbeat("a")
+    assert [n.row.name for n in store.nodes(30)] == ["a"]
+    every = {n.row.name: n.state for n in store.nodes(30, include_gone=True)}
+    assert every == {"a": "live", "b": "stale", "c": "stopped"}
+    (c,) = [n for n in store.nodes(30, include_gone=True) if n.row.name == "c"]
+    assert c.row.stopped_at == T0 + dt.timedelta(seconds=120)
 
 
 def test_requeue_rename_and_moves(store):
@@ -333,3 +415,37 @@ def test_two_processes_never_duplicate_or_double_claim(tmp_path):
     assert sum(r[0] for r in results) == 40  # each key created exactly once
     claimed = results[0][1] + results[1][1]
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 40  # each job claimed exactly once
+
+
+# --- PostgreSQL's clock ---------------------------------------------------------------------------------------------
+def test_postgres_leases_are_stamped_and_aged_on_the_servers_clock_whatever_the_hosts_say(pg_url):  # noqa: F811
+    """Two hosts whose clocks are 60 s ahead and 60 s behind: neither sees the other's fresh lease as stale, both
+    read the same lease age, each heartbeat measures its host's skew, and a lease that really is old is taken."""
+    ahead = SqlStore(pg_url, clock=lambda: utcnow() + dt.timedelta(seconds=60))
+    behind = SqlStore(pg_url, upgrade=False, clock=lambda: utcnow() - dt.timedelta(seconds=60))
+    try:
+        ahead.register([spec(1), spec(2)])
+        ahead.join("ahead", NodeInfo("h1", 1), NO_ONE)
+        behind.join("behind", NodeInfo("h2", 2), NO_ONE)
+        (a,) = ahead.claim("wa", node="ahead")
+        (b,) = behind.claim("wb", node="behind")
+        assert ahead.recover(stale_after=30) == [] and behind.recover(stale_after=30) == []
+        up, down = ahead.heartbeat("ahead"), behind.heartbeat("behind")
+        assert abs(up.skew_s - 60) <= up.uncertainty_s + 0.5 and abs(down.skew_s + 60) <= down.uncertainty_s + 0.5
+        with ahead.engine.connect() as c:
+            server = c.execute(text("SELECT timezone('UTC', now())")).scalar_one()
+            stamped = dict(c.execute(text("SELECT node, heartbeat_at FROM jobs WHERE state = 'running'")).all())
+        assert all(abs((t - server).total_seconds()) < 5 for t in stamped.values()), (server, stamped)
+        ages = [{n.row.name: round(n.row.lease_age_s) for n in s.nodes(30)} for s in (ahead, behind)]
+        assert ages[0] == ages[1] == {"ahead": 0, "behind": 0}
+        with ahead.engine.begin() as c:  # behind's host froze 31 s ago, on the server's clock
+            c.execute(text("UPDATE jobs SET heartbeat_at = heartbeat_at - interval '31 seconds' WHERE node = 'behind'"))
+            c.execute(
+                text("UPDATE nodes SET heartbeat_at = heartbeat_at - interval '31 seconds' WHERE name = 'behind'")
+            )
+        assert [n.row.name for n in behind.nodes(30)] == ["ahead"]
+        assert [j.id for j in ahead.recover(stale_after=30)] == [b.id]
+        assert ahead.get(a.id).state == "running"
+    finally:
+        ahead.close()
+        behind.close()

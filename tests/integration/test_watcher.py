@@ -201,3 +201,25 @@ def test_a_folder_moved_in_is_scanned(watcher, tmp_path):
     expected = {watcher.root / "batch" / f"{i}.png" for i in range(3)}
     got = _until(watcher, expected) | _pump(watcher, 2 * SETTLE)
     assert got == expected
+
+
+def test_a_folder_swapped_for_a_file_or_a_link_loop_drops_only_the_files_under_it(watcher, tmp_path):
+    """Issue 20, finding 2: ``inbox/a/x.png`` waits to settle, and ``inbox/a`` is moved away and a plain file named
+    ``a`` put in its place. ``lstat`` of the candidate then fails with ENOTDIR (ELOOP under a link loop), which
+    :meth:`Watcher.ready` did not catch: it raised on every call, and intake stopped for good. Now each path stands
+    alone: those two candidates are dropped, and the file beside them is taken."""
+    root = watcher.root
+    for folder in ("a", "c"):
+        (root / folder).mkdir()
+    (root / "a" / "x.png").write_bytes(b"x")
+    (root / "c" / "y.png").write_bytes(b"y")
+    _flush(watcher, "1")
+    assert {root / "a" / "x.png", root / "c" / "y.png"} <= set(watcher.candidates)
+    os.rename(root / "a", tmp_path / "a-away")
+    (root / "a").write_bytes(b"not a folder any more")
+    os.rename(root / "c", tmp_path / "c-away")
+    os.symlink("c", root / "c")  # c -> c: a loop
+    (root / "b.png").write_bytes(b"b")
+    got = _until(watcher, {root / "b.png"})
+    assert not {root / "a" / "x.png", root / "c" / "y.png"} & got
+    assert not {root / "a" / "x.png", root / "c" / "y.png"} & set(watcher.candidates)
