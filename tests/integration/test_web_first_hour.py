@@ -188,3 +188,13 @@ def test_names_that_read_alike_are_served_as_their_own_files(site):
                 assert im.size == (size[0] * factor, size[1] * factor), (key, which, im.size)
         page = server.page(f"/jobs/{ids[key]}")
         assert "ph\\xff" in page  # the name, shown in its text form
+
+
+def test_listen_with_a_port_alone_serves_that_port_on_loopback(site):
+    """`--listen 8081` means the port, on 127.0.0.1 (here port 0: the system picks a free one)."""
+    server = WebServer(site["cfg"], "--listen", "0")  # the last --listen wins over WebServer's own
+    try:
+        assert "upscaled web: http://127.0.0.1:" in server.log_path.read_text()
+        assert server.get("/")[0] == 200
+    finally:
+        server.stop()
