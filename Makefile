@@ -45,6 +45,7 @@ run: install
 test: install-test
 	$(VENV)/bin/ruff check bench daemon models tests benchmarks
 	$(VENV)/bin/ruff format --check bench daemon models tests benchmarks
+	$(VENV)/bin/python -m mypy
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The unit layer only (tests/unit): no subprocesses, no inotify, no sleeps.

@@ -167,7 +167,9 @@ def best_rows(rows: Sequence[dict[str, Any]], cols: Iterable[str]) -> dict[str, 
     for c in cols:
         if c not in HIGHER_IS_BETTER:
             continue
-        vals = [(i, r.get(c)) for i, r in enumerate(rows) if isinstance(r.get(c), int | float) and math.isfinite(r[c])]
+        vals = [
+            (i, float(r[c])) for i, r in enumerate(rows) if isinstance(r.get(c), int | float) and math.isfinite(r[c])
+        ]
         if len(vals) < 2:
             continue
         target = (max if HIGHER_IS_BETTER[c] else min)(v for _, v in vals)
@@ -352,9 +354,9 @@ def _as_dt(v: Any) -> dt.datetime | None:
 def throughput_figure(jobs: Sequence[dict[str, Any]]) -> Figure | None:
     """Jobs finished per time bucket (bucket chosen from the span), done and failed stacked."""
     ends = [
-        (_as_dt(j["finished_at"]), j["state"])
+        (t, j["state"])
         for j in jobs
-        if j["finished_at"] is not None and j["state"] in ("done", "failed")
+        if j["state"] in ("done", "failed") and (t := _as_dt(j["finished_at"])) is not None
     ]
     if not ends:
         return None
@@ -371,8 +373,9 @@ def throughput_figure(jobs: Sequence[dict[str, Any]]) -> Figure | None:
     width = dt.timedelta(seconds=size * 0.9)
     fig = _figure(9, 3.8)
     ax = fig.add_subplot()
-    ax.bar(x, done, width=width, align="edge", color="#3d7fc1", label="done")
-    ax.bar(x, failed, width=width, align="edge", bottom=done, color="#d1495b", label="failed")
+    # matplotlib plots datetimes on a date axis; its type stubs take numbers only.
+    ax.bar(x, done, width=width, align="edge", color="#3d7fc1", label="done")  # type: ignore[arg-type]
+    ax.bar(x, failed, width=width, align="edge", bottom=done, color="#d1495b", label="failed")  # type: ignore[arg-type]
     ax.set_ylabel(f"jobs per {label}")
     ax.set_xlabel("finished (UTC)")
     ax.legend(fontsize=8)
@@ -409,6 +412,8 @@ def job_time_figure(jobs: Sequence[dict[str, Any]]) -> Figure | None:
 
 def failures_figure(jobs: Sequence[dict[str, Any]]) -> Figure | None:
     """Failed jobs counted by their ``error_kind``."""
+    from matplotlib.ticker import MaxNLocator
+
     counts = Counter(j["error_kind"] or "unknown" for j in jobs if j["state"] == "failed")
     if not counts:
         return None
@@ -418,7 +423,9 @@ def failures_figure(jobs: Sequence[dict[str, Any]]) -> Figure | None:
     ax.barh(kinds, [counts[k] for k in kinds], color="#d1495b")
     ax.set_xlabel("failed jobs")
     ax.set_title("Failures by reason")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    locator = ax.xaxis.get_major_locator()
+    assert isinstance(locator, MaxNLocator)  # the default AutoLocator is one
+    locator.set_params(integer=True)
     return fig
 
 
@@ -444,7 +451,8 @@ def metrics_figure(jobs: Sequence[dict[str, Any]]) -> Figure | None:
                 data.append(vals)
                 labels.append(f"{g} ({len(vals)})")
         ax.boxplot(data, orientation="horizontal", tick_labels=labels, showmeans=True)
-        better = {True: "higher is better", False: "lower is better"}.get(HIGHER_IS_BETTER.get(m), "")
+        better_of: dict[bool | None, str] = {True: "higher is better", False: "lower is better"}
+        better = better_of.get(HIGHER_IS_BETTER.get(m), "")
         ax.set_title(f"{m} ({better})" if better else m, fontsize=10)
         ax.grid(True, axis="x", alpha=0.3)
         ax.tick_params(axis="y", labelsize=8)

@@ -15,6 +15,9 @@ The library behind the command (the CLI only parses options and prints). One run
 5. records the run in the store: one ``bench_runs`` row with the settings, one job row (``source = "bench"``) per
    model, scale and image with its metric rows, so that ``upscaled history``, ``stats`` and ``query`` see them.
 
+:func:`frontier` reads a run's summary as quality against cost: per scale, which models no other beats on both
+PSNR-Y and seconds per megapixel (``upscaled bench --frontier``).
+
 Models that cannot run a scale (unknown id, no weights for that scale, weights missing, backend not installed, a
 device that is not there) are *skipped*, never fatal: the summary has a row that says so and why.
 """
@@ -38,10 +41,9 @@ import numpy as np
 
 from daemon import imageio
 from daemon.config import Rule
-from daemon.jobs import Finished, JobSpec, utcnow, worker_id
+from daemon.jobs import BenchStore, Finished, JobSpec, utcnow, worker_id
 from daemon.metrics import Brisque, Metric, full_reference, y_bt601
 from daemon.protocol import BENCHMARK_METRICS, DOWNSCALES, METRICS, SSIM_WINDOW, make_lr, min_side, modcrop, quantise
-from daemon.store import SqlStore
 from models.catalog import get_entry
 from models.errors import (
     ImageError,
@@ -222,6 +224,44 @@ PROTOCOL = {
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def frontier(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Quality against cost: per scale, the rows that ran, fastest first, each marked ``frontier`` True when no
+    other model at that scale has at least its PSNR-Y at no more seconds per megapixel (and beats it on one of the
+    two); otherwise ``beaten_by`` names one that does. ``gain_db`` is PSNR-Y above bicubic's at that scale, when
+    bicubic ran. Skipped and failed rows are left out."""
+    ran = [r for r in summary if r.get("psnr_y") is not None and r.get("s_per_mp") is not None]
+    out = []
+    for scale in sorted({r["scale"] for r in ran}):
+        rows = sorted((r for r in ran if r["scale"] == scale), key=lambda r: (r["s_per_mp"], -r["psnr_y"]))
+        bicubic = next((r["psnr_y"] for r in rows if r["model"] == "bicubic"), None)
+        for r in rows:
+            better = next(
+                (
+                    o
+                    for o in rows
+                    if o is not r
+                    and o["psnr_y"] >= r["psnr_y"]
+                    and o["s_per_mp"] <= r["s_per_mp"]
+                    and (o["psnr_y"] > r["psnr_y"] or o["s_per_mp"] < r["s_per_mp"])
+                ),
+                None,
+            )
+            out.append(
+                dict(
+                    model=r["model"],
+                    scale=scale,
+                    psnr_y=r["psnr_y"],
+                    ssim_y=r["ssim_y"],
+                    brisque=r.get("brisque"),
+                    s_per_mp=r["s_per_mp"],
+                    gain_db=None if bicubic is None else r["psnr_y"] - bicubic,
+                    frontier=better is None,
+                    beaten_by=better["model"] if better else "",
+                )
+            )
+    return out
 
 
 # --- progress -------------------------------------------------------------------------------------------------------
@@ -424,7 +464,7 @@ def _prepare(dataset: Dataset, scale: int, source: str, max_pixels: int) -> list
 
 def run_bench(
     settings: BenchSettings,
-    store: SqlStore | None = None,
+    store: BenchStore | None = None,
     progress: Progress | None = None,
     cache: ModelCache | None = None,
 ) -> BenchResult:
@@ -530,7 +570,7 @@ def _run_model(
     sets: Sequence[CropSet | None],
     cache: ModelCache,
     brisque: Brisque | None,
-    store: SqlStore | None,
+    store: BenchStore | None,
     run_id: int | None,
     progress: Progress,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -644,7 +684,7 @@ def _run_model(
 
 
 def _register(
-    store: SqlStore | None,
+    store: BenchStore | None,
     run_id: int | None,
     p: _Prepared,
     model: str,
@@ -675,7 +715,8 @@ def _register(
         folder="(bench)",
         input_size=p.image.hr_path.stat().st_size,
         fingerprint=fingerprint,
+        bench_run_id=run_id,
     )
-    (reg,) = store.register([spec], bench_run_id=run_id)
+    (reg,) = store.register([spec])
     jobs = store.claim(worker_id(), job_id=reg.job.id)
     return jobs[0].id if jobs else None

@@ -1,4 +1,4 @@
-"""An animated GIF through the media layer at x2: time and peak memory (issue 15's closing figure).
+"""An animated GIF through the media layer at x2: time and peak memory (the figure in docs/formats.md).
 
 The input is a 100-frame 320x240 GIF made here from Set5 pictures (a slow pan across them, so that frames differ
 the way video does), written by Pillow. The "model" is a stand-in: ``cv2.resize`` x2 with INTER_CUBIC on the uint8

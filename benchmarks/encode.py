@@ -1,7 +1,7 @@
 """PNG encoders, timed and sized on photo-like images, against ``cv2.imencode('.png')`` with OpenCV's defaults.
 
 The baseline is what a user who doubts the service writes: ``cv2.imwrite(path, img)`` with no parameters. Every
-other row is a ratio against that baseline, measured in the same run on the same arrays (issue 11). The images are
+other row is a ratio against that baseline, measured in the same run on the same arrays. The images are
 built from Set5's HR pictures (``../shared/datasets/Set5/HR``):
 
 - ``upscaled``: each HR picture enlarged x4 with Lanczos and cut to 1280x1920: smooth, like a model's output,
@@ -41,7 +41,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SET5_HR = ROOT.parent / "shared" / "datasets" / "Set5" / "HR"
-SIZE = (1280, 1920)  # width, height: a 320x480 input at x4, as in issue 11
+SIZE = (1280, 1920)  # width, height: a 320x480 input at x4, a typical photo job
 
 
 def _set5() -> list[np.ndarray]:

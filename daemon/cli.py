@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from daemon import __version__, logs
-from daemon.logs import printable
+from daemon.fsops import display as printable
+from daemon.media.formats import OUTPUT_FORMATS
 from models.errors import UpscaledError
 
 if TYPE_CHECKING:  # imported where a command needs them: `--version` and `--help` start in a tenth of a second
@@ -240,8 +241,7 @@ def check_config(ctx: click.Context, no_weights: bool) -> None:
     from daemon.hints import Hints
     from daemon.rules import implicit_default
     from daemon.service import check_devices
-    from models.catalog import get_entry
-    from models.weights import needs_weights, present
+    from models.weights import entry_for, needs_weights, present
 
     written = _settings(ctx)
     check_devices(written)  # a GPU that is not there stops `run` too
@@ -260,7 +260,7 @@ def check_config(ctx: click.Context, no_weights: bool) -> None:
     implicit = implicit_default(settings)
     others = ", ".join(r.folder for r in settings.rules) or "none"
     for rule in settings.all_rules():
-        entry = get_entry(rule.model)
+        entry = entry_for(rule.model, settings.weights_dir)  # omdb: entries were checked by _settings
         if not needs_weights(entry):
             weights = "no weights needed"
         elif present(settings.weights_dir, entry):
@@ -276,7 +276,7 @@ def check_config(ctx: click.Context, no_weights: bool) -> None:
         )
         lines.append(
             f"  {rule.folder or '(default)'}: {rule.model} x{rule.final_scale:g} {rule.mode}"
-            f" -> {rule.format or 'same format'}; {weights}{note}"
+            f" -> {rule.format or 'same format'}; {weights}; licence {entry.license}{note}"
         )
     ok = not missing or no_weights
     click.echo(f"{settings.config_file}: {'OK' if ok else 'weights missing'}")
@@ -307,7 +307,7 @@ def check_config(ctx: click.Context, no_weights: bool) -> None:
 @click.option("--mode", type=click.Choice(["upscale", "benchmark"]), default="upscale", show_default=True)
 @click.option(
     "--output-format",
-    type=click.Choice(["png", "jpg", "webp", "tiff"]),
+    type=click.Choice(OUTPUT_FORMATS),
     default=None,
     help="Output format (default: the input's).",
 )
@@ -336,11 +336,11 @@ def process(
     """
     from daemon.config import Rule
     from daemon.oneshot import process as process_files
-    from models.catalog import get_entry
+    from models.weights import entry_for
 
     settings = _settings(ctx, check_paths=False).resolve_devices()
     logs.configure(settings.log_level, settings.log_format, stream=sys.stderr)  # stdout is the report
-    entry = get_entry(model)
+    entry = entry_for(model, settings.weights_dir)  # an omdb: model's scale is in its cached entry
     if scale is None:
         scale = entry.scales[0] if isinstance(entry.scales, tuple) and entry.scales else 2.0
     try:
@@ -561,14 +561,18 @@ def retry(
         sys.exit(1)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @output_options
 @click.pass_context
 def models(ctx: click.Context, fmt: str) -> None:
     """List every catalogue model, its scales, licence, and whether its weights are here.
 
+    `models search` and `models show` look through OpenModelDB's entries (omdb:<id> models).
+
     Example: upscaled models --format json
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from models.catalog import ENTRIES
     from models.weights import needs_weights, present
 
@@ -583,6 +587,56 @@ def models(ctx: click.Context, fmt: str) -> None:
             )
         )
     _echo_rows(rows, fmt)
+
+
+@models.command("search")
+@click.argument("text", required=False, default="")
+@click.option("--tag", default=None, help="Only entries with this tag (photo, anime, restoration, ...).")
+@click.option("--arch", default=None, help="Only this architecture (esrgan, compact, span, realplksr, ...).")
+@click.option("--scale", type=int, default=None, help="Only this scale.")
+@click.option("--update", is_flag=True, help="Refresh the cached index from model_index_url first.")
+@output_options
+@click.pass_context
+def models_search(
+    ctx: click.Context, text: str, tag: str | None, arch: str | None, scale: int | None, update: bool, fmt: str
+) -> None:
+    """List the OpenModelDB entries of the cached index that match TEXT (every word) and the filters.
+
+    The index is downloaded from model_index_url when none is cached (or with --update). Each row says whether the
+    file has a direct link (`upscaled weights fetch omdb:<id>` gets it) or needs a browser.
+
+    Example: upscaled models search nomos --tag photo --scale 4
+    """
+    from models import omdb
+
+    settings = _settings(ctx, check_paths=False)
+    index = omdb.load_index(settings.weights_dir)
+    if index is None or update:
+        index = omdb.refresh(settings.weights_dir, settings.model_index_url)
+    found = omdb.search(index, text, tag=tag, arch=arch, scale=scale)
+    _echo_rows([omdb.row(m) for m in found], fmt)
+
+
+@models.command("show")
+@click.argument("model_id")
+@output_options
+@click.pass_context
+def models_show(ctx: click.Context, model_id: str, fmt: str) -> None:
+    """Show one OpenModelDB entry of the cached index: licence, architecture, scale, file, sha256, link.
+
+    Example: upscaled models show omdb:4x-Nomos8kSC
+    """
+    from models import omdb
+
+    settings = _settings(ctx, check_paths=False)
+    model, index = omdb.model_for(model_id, settings.weights_dir)
+    details = omdb.details(model, index, settings.weights_dir)
+    if fmt == "table":
+        click.echo(
+            "\n".join(f"{k:>22}  {printable(str(v), keep_newlines=k == 'description')}" for k, v in details.items())
+        )
+    else:
+        _echo_rows([details], fmt)
 
 
 @main.group()
@@ -604,6 +658,12 @@ def weights() -> None:
     help="Accept files the catalogue publishes no sha256 for (EDSR, ai-forever's Real-ESRGAN): what the "
     "source serves is recorded with its hash, logged, and held to from then on.",
 )
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Seconds each download may take in all (default: 120, or longer for large files).",
+)
 @output_options
 @click.pass_context
 def weights_fetch(
@@ -613,14 +673,16 @@ def weights_fetch(
     mirror: str | None,
     force: bool,
     trust_unhashed: bool,
+    deadline: float | None,
     fmt: str,
 ) -> None:
     """Download weights into weights_dir and check their sha256.
 
     A file without a published sha256 is refused unless --trust-unhashed is given. Downloads are capped at the
-    catalogued size (with a margin). Exits 1 if any file could not be fetched or verified.
+    catalogued size (with a margin) and a deadline. omdb:<id> refreshes the cached OpenModelDB index from
+    model_index_url, then fetches the entry's file. Exits 1 if any file could not be fetched or verified.
 
-    Example: upscaled weights fetch fsrcnn espcn brisque --mirror ../shared/weights
+    Example: upscaled weights fetch fsrcnn espcn brisque omdb:4x-Nomos8kSC --mirror ../shared/weights
     """
     from models.catalog import ENTRIES
     from models.weights import fetch
@@ -638,6 +700,8 @@ def weights_fetch(
         mirror or settings.weights_mirror or None,
         force=force,
         trust_unhashed=trust_unhashed,
+        index_url=settings.model_index_url,
+        deadline=deadline,
     )
     for r in reports:
         if r.status == "recorded":  # the user's word stood in for a published hash: say so where it is kept
@@ -714,6 +778,13 @@ def weights_verify(ctx: click.Context, ids: tuple[str, ...], fmt: str) -> None:
     default=None,
     help="Also write a self-contained HTML report here.",
 )
+@click.option(
+    "--frontier",
+    "show_frontier",
+    is_flag=True,
+    help="Print quality against cost instead: per scale, PSNR-Y, SSIM-Y, BRISQUE and s/MP, and which models no "
+    "other beats on both quality and speed.",
+)
 @output_options
 @click.pass_context
 def bench(
@@ -726,6 +797,7 @@ def bench(
     repeat: int,
     no_brisque: bool,
     report_path: Path | None,
+    show_frontier: bool,
     fmt: str,
 ) -> None:
     """Compare models on a dataset with the papers' protocol: one row per model and scale.
@@ -783,7 +855,11 @@ def bench(
             finally:
                 store.close()
         click.echo(f"report: {report_path}", err=True)
-    if fmt == "json":
+    if show_frontier:
+        from bench.run import frontier
+
+        _echo_rows(frontier(result.summary), fmt)
+    elif fmt == "json":
         click.echo(json.dumps(result.to_json(), indent=2, default=_json_default))
     else:
         _echo_rows(result.summary, fmt)

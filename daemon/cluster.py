@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 
 from daemon import logs
-from daemon.config import Settings
+from daemon.config import LiveSettings, Settings, UsesSettings
 from daemon.jobs import Beat, DaemonStore, Job, NodeInfo, NodeRow, NodeStatus, worker_host, worker_pid
 
 
@@ -51,19 +51,19 @@ def spare(job: Job) -> bool:
     return job.node is None and job.source != "watch" and worker_may_live(job.worker)
 
 
-class Cluster:
+class Cluster(UsesSettings):
     """This node's membership: join, heartbeat, recover, leave."""
 
     def __init__(
         self,
-        settings: Settings,
+        settings: Settings | LiveSettings,
         store: DaemonStore,
         workers: int,
         on_recovered: Callable[[list[Job]], None] | None = None,
     ) -> None:
-        self.settings = settings
+        self.live = LiveSettings.of(settings)
         self.store = store
-        self.node = settings.node()
+        self.node = self.settings.node()
         self.workers = workers
         self.on_recovered = on_recovered or (lambda jobs: None)
         self.log = logs.get()

@@ -2,7 +2,7 @@
 
 The file is named by ``UPSCALED_CONFIG`` (default ``./settings.toml``). Relative paths in it are taken relative to
 the file's folder, so a service started from anywhere sees the same folders. A bad configuration raises
-:class:`~models.errors.ConfigError` with a message that names the key and the file.
+:class:`~daemon.errors.ConfigError` with a message that names the key and the file.
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ from daemon.media.formats import OUTPUT_FORMATS
 from daemon.media.png import DEFAULT_PNG_COMPRESSION  # not through daemon.imageio, which imports cv2
 from daemon.protocol import BENCHMARK_METRICS, DOWNSCALES, UPSCALE_METRICS
 from daemon.sizing import TargetSize, check_rule
+from models import omdb
 from models.backends import Backend, backend_of
-from models.catalog import get_entry
+from models.catalog import get_entry, is_omdb_model
 from models.errors import UpscaledError
 from models.registry import check_scale
+from models.weights import entry_for
 
 ENV_PREFIX = "UPSCALED_"
 DEFAULT_CONFIG = "settings.toml"
 DEFAULT_IGNORE = [".*", "*.part", "*.tmp", "*.crdownload", "Thumbs.db", "desktop.ini", "*.error.json", "*.prompt.txt"]
-FORMATS = ("png", "jpg", "webp", "tiff")
 NAME_FIELDS = {"stem", "model", "scale", "ext", "folder", "rule", "width", "height", "date"}
 # Rule keys of older versions that are a backend's parameters now: read from the rule's top level into `params`.
 LEGACY_PARAM_KEYS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "noise_level", "seed")
@@ -40,8 +41,9 @@ LEGACY_PARAM_KEYS = ("prompt", "negative_prompt", "num_inference_steps", "guidan
 # rule that does not use them keeps the fingerprint (and the finished jobs) it had.
 _LATER_KEYS: tuple[str, ...] = ("width", "height", "max_side", "fit", "max_passes", "metadata")
 # Rule keys that never change the pixels written: not in the fingerprint (the same content under a rule that differs
-# only in these is the same job). compression changes the file's size, never a pixel.
-_NOT_OUTPUT = ("folder", "device", "precision", "params", "on_done", "on_failed", "compression")
+# only in these is the same job). compression changes the file's size, never a pixel. Every other key is in it;
+# tests/unit/test_fingerprint.py refuses a key that is in none of the three.
+_NOT_OUTPUT = ("folder", "device", "precision", "on_done", "on_failed", "compression", "allow_noncommercial")
 
 
 class Rule(TargetSize, Hooks, BaseModel):
@@ -60,8 +62,9 @@ class Rule(TargetSize, Hooks, BaseModel):
     )
     model: str = Field(
         default="bicubic",
-        description="A model id (`upscaled models`), `file:PATH` for a spandrel "
-        "weight file, or `diffusers:FOLDER` for a saved diffusion pipeline.",
+        description="A model id (`upscaled models`), `omdb:<id>` for an OpenModelDB model "
+        "(`upscaled models search`), `file:PATH` for a spandrel weight file, or `diffusers:FOLDER` for a saved "
+        "diffusion pipeline.",
     )
     scale: float = Field(default=2, description="The model's native scale: it picks the weights (x2, x3, x4...).")
     outscale: float | None = Field(
@@ -76,7 +79,9 @@ class Rule(TargetSize, Hooks, BaseModel):
         "ground truth; the LR image is made from it and the output "
         "compared with it (PSNR/SSIM, docs/protocol.md).",
     )
-    format: Literal[OUTPUT_FORMATS] | None = Field(
+    # The choices come from media/formats.FORMATS and protocol.DOWNSCALES at run time: pydantic checks them, a static
+    # checker cannot read a Literal built from a tuple.
+    format: Literal[OUTPUT_FORMATS] | None = Field(  # type: ignore[valid-type]
         default=None,
         description="The output format; unset keeps the "
         "input's (BMP becomes PNG). heic and jxl need the `heif` and "
@@ -116,7 +121,7 @@ class Rule(TargetSize, Hooks, BaseModel):
         "mode (upscale: brisque, lr_psnr_y, lr_ssim_y; benchmark: psnr_y, ssim_y, "
         "psnr_rgb, ssim_rgb, mse_rgb); []: none.",
     )
-    downscale: Literal[DOWNSCALES] = Field(
+    downscale: Literal[DOWNSCALES] = Field(  # type: ignore[valid-type]
         default="matlab-bicubic",
         description="Benchmark mode: the kernel that makes the LR image from the ground truth.",
     )
@@ -136,6 +141,11 @@ class Rule(TargetSize, Hooks, BaseModel):
     )
     compare: bool = Field(
         default=True, description="Benchmark mode: also write HR | LR | output side by side as `<output>.compare.png`."
+    )
+    allow_noncommercial: bool = Field(
+        default=False,
+        description="Consent to a model whose licence forbids commercial use (CC-BY-NC-*, many OpenModelDB "
+        "models): without it, start-up stops and names the licence.",
     )
     # The backend's own options, checked against its schema (models/backends.py). A `<image>.prompt.txt` beside an
     # input overrides the prompt for that image.
@@ -301,13 +311,43 @@ class Rule(TargetSize, Hooks, BaseModel):
         """This rule with ``params.prompt`` replaced (a ``<image>.prompt.txt`` sidecar)."""
         return self.model_copy(update={"params": {**self.params, "prompt": prompt}})
 
+    def model_problems(self, weights_dir: Path) -> list[str]:
+        """What stops this rule's model from running here, checked at start-up: an ``omdb:`` entry not in the cached
+        index, a licence that forbids commercial use without ``allow_noncommercial``, an architecture the installed
+        spandrel does not load, a scale that is not the model's. Empty when it can run.
+
+        Imports spandrel (and torch) for an ``omdb:`` model whose entry is cached, to check its architecture.
+        """
+        try:
+            entry = entry_for(self.model, weights_dir)
+        except UpscaledError as exc:
+            return [str(exc)]
+        problems = []
+        if omdb.is_noncommercial(entry.license) and not self.allow_noncommercial:
+            problems.append(
+                f"{self.model} is licensed {entry.license}, which forbids commercial use; set "
+                "allow_noncommercial = true on this rule to use it within that licence"
+            )
+        if is_omdb_model(self.model):
+            model, _ = omdb.model_for(self.model, weights_dir)
+            arch = omdb.arch_problem(model.architecture)
+            if arch:
+                problems.append(f"{self.model}: {arch}")
+            if self.scale != model.scale:
+                final = f" (and outscale = {self.final_scale:g} for a x{self.final_scale:g} result)"
+                problems.append(
+                    f"{self.model} is a x{model.scale} model, and the rule says scale = {self.scale:g}; set "
+                    f"scale = {model.scale}{final if self.final_scale != model.scale else ''}"
+                )
+        return problems
+
     def fingerprint(self) -> str:
         """A short hash of everything that changes the output. Same file + same fingerprint = same job."""
-        exclude = set(_NOT_OUTPUT)
+        exclude = {*_NOT_OUTPUT, "params"}
         defaults = type(self).model_fields
         exclude |= {k for k in _LATER_KEYS if getattr(self, k) == defaults[k].get_default(call_default_factory=True)}
         data = self.model_dump(exclude=exclude)
-        data.update(self.params)  # flat, as the generation options were before they moved into params
+        data.update(self.params)  # in it, flat, as the generation options were before they moved into params
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -337,6 +377,12 @@ class Settings(Hooks, BaseSettings):
     weights_mirror: str = Field(
         default="",
         description='A folder or base URL laid out like weights/ to fetch from; "" downloads from the sources.',
+    )
+    model_index_url: str = Field(
+        default=omdb.DEFAULT_INDEX_URL,
+        description="Where `omdb:` models are looked up: a .tar.gz of OpenModelDB's repository (GitHub's archive "
+        "by default) or a .json of id -> entry (the site's models.json, a mirror's copy); a URL or a path. Cached "
+        "in weights_dir/omdb by `upscaled weights fetch omdb:<id>`.",
     )
     device: str | list[str] = Field(
         default="auto",
@@ -658,11 +704,38 @@ def _line_of(text: str, loc: tuple) -> int | None:
     return None
 
 
+class LiveSettings:
+    """The settings in force, in one holder that a service's parts share: a reload (SIGHUP) swaps them here, once, and
+    each part reads them afresh at its next use. A queued job keeps the rule it was registered with."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @classmethod
+    def of(cls, settings: Settings | LiveSettings) -> LiveSettings:
+        """``settings`` when it is a holder already (a part of a service), else a holder of its own (a part used
+        alone: ``upscaled process``, the bench, a test)."""
+        return settings if isinstance(settings, LiveSettings) else cls(settings)
+
+
+class UsesSettings:
+    """A part that reads the settings in force: ``self.settings`` is its holder's current settings."""
+
+    live: LiveSettings
+
+    @property
+    def settings(self) -> Settings:
+        return self.live.settings
+
+
 def load_settings(path: str | os.PathLike | None = None, check_paths: bool = True, **overrides: Any) -> Settings:
     """Read the configuration file (``path``, else ``$UPSCALED_CONFIG``, else ./settings.toml) and the env.
 
     Raises:
-        ConfigError: the file is missing or unreadable, a key is unknown or invalid, or a path is unusable.
+        ConfigError: the file is missing or unreadable, a key is unknown or invalid, or a path is unusable. With
+            ``check_paths`` (start-up, ``check-config``) also: a rule's model cannot run here (an ``omdb:`` entry
+            not cached, a non-commercial licence without ``allow_noncommercial``, an architecture spandrel does not
+            load, the wrong scale).
     """
     file = Path(path or os.environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG).absolute()
     if not file.is_file():
@@ -686,12 +759,26 @@ def load_settings(path: str | os.PathLike | None = None, check_paths: bool = Tru
     db = settings.database
     if db.startswith("sqlite:///") and not db.startswith("sqlite:////") and ":memory:" not in db:
         updates["database"] = "sqlite:///" + str((base / db[len("sqlite:///") :]).resolve())
-    if settings.weights_mirror and "://" not in settings.weights_mirror:
-        updates["weights_mirror"] = str(_resolve(base, Path(settings.weights_mirror)).resolve())
+    for key in ("weights_mirror", "model_index_url"):
+        value = getattr(settings, key)
+        if value and "://" not in value:
+            updates[key] = str(_resolve(base, Path(value)).resolve())
     settings = settings.model_copy(update=updates)
     if check_paths:
         _check_paths(settings, file)
+        _check_models(settings, file)
     return settings
+
+
+def _check_models(s: Settings, file: Path) -> None:
+    """What start-up needs of each rule's model on this host (:meth:`Rule.model_problems`), all problems at once."""
+    lines = [
+        f"{file}: rules[{i}].model: {problem}"
+        for i, rule in enumerate(s.rules)
+        for problem in rule.model_problems(s.weights_dir)
+    ]
+    if lines:
+        raise ConfigError("bad configuration:\n  " + "\n  ".join(lines))
 
 
 def _check_paths(s: Settings, file: Path) -> None:
@@ -712,7 +799,7 @@ def _check_paths(s: Settings, file: Path) -> None:
         for other, q in folders.items():
             if key != other and q in p.parents:
                 raise ConfigError(f"bad configuration:\n  {file}: {key}: {p} must not be inside the {other} {q}")
-    db = s.sqlite_path()
-    for key, p in (("database", db), ("weights_dir", s.weights_dir)):
-        if p is not None and (p == s.inbox or s.inbox in p.resolve().parents):
-            raise ConfigError(f"bad configuration:\n  {file}: {key}: {p} must not be inside the inbox {s.inbox}")
+    kept: list[tuple[str, Path | None]] = [("database", s.sqlite_path()), ("weights_dir", s.weights_dir)]
+    for key, where in kept:
+        if where is not None and (where == s.inbox or s.inbox in where.resolve().parents):
+            raise ConfigError(f"bad configuration:\n  {file}: {key}: {where} must not be inside the inbox {s.inbox}")

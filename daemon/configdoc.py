@@ -65,12 +65,9 @@ def _type(annotation: Any) -> str:
 
 
 def _default(field: FieldInfo) -> str:
-    if field.default_factory is not None:
-        value = field.default_factory()
-    elif field.default is PydanticUndefined:
+    if field.default_factory is None and field.default is PydanticUndefined:
         return "(required)"
-    else:
-        value = field.default
+    value = field.get_default(call_default_factory=True)
     if value is None:
         return "unset"
     if isinstance(value, Path):
@@ -131,7 +128,11 @@ def render(text: str) -> str:
         )
         if not pattern.search(text):
             raise ValueError(f"{DOC.name} has no <!-- generated: {name} --> ... <!-- end: {name} --> section")
-        text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
+
+        def fill(m: re.Match[str], body: str = body) -> str:
+            return m.group(1) + body + "\n" + m.group(2)
+
+        text = pattern.sub(fill, text)
     return text
 
 

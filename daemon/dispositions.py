@@ -1,14 +1,23 @@
-"""What happens to an input: a pure decision (:func:`after_run`, :func:`for_existing`), then the moves (:class:`Mover`).
+"""What happens to an input: a pure decision (:func:`after_run`, :func:`for_existing`), then one way to carry it out
+(:meth:`Mover.carry_out`).
 
 The decisions are plain functions of the job, what happened and the policy, with the time passed in: they are
-unit-tested without files, threads or a database. The :class:`Mover` carries them out through the folders'
-directory handles (:mod:`daemon.fsops`), always *after* the commit that decided them, so a crash between the two
-leaves the input in the inbox and the next scan finishes the move (see the crash table in docs/reliability.md).
+unit-tested without files, threads or a database (tests/unit/test_dispositions.py). The :class:`Mover` carries them
+out through the folders' directory handles (:mod:`daemon.fsops`), always *after* the commit that decided them, so a
+crash between the two leaves the input in the inbox and the next scan finishes the move (see the crash table in
+docs/reliability.md). Both deciders go through :meth:`Mover.carry_out`: the worker once a run's outcome is committed,
+the service when it finds an inbox file whose content already has a job.
 
-    success ──► Archive (planned name, committed with `done`) or Delete (delete_inputs)
-    error   ──► RetryAt  (Retry.UNTIL_FIXED: always; Retry.BACKOFF: while attempts < max_attempts)
-            └─► Quarantine (failed/<rule folder>/<name> beside <name>.error.json)
-    a `cli` or `bench` job never moves its input: Keep
+    after a run (the worker commits the outcome first: finish, retry_later or fail)
+      success ──► Archive (the name committed with `done`) or Archive(None): delete (delete_inputs)
+      error   ──► RetryAt  (Retry.UNTIL_FIXED: always; Retry.BACKOFF: while attempts < max_attempts)
+              └─► Quarantine (failed/<rule folder>/<name> beside <name>.error.json)
+      a `cli` or `bench` job, or an input replaced since it was registered: Keep
+
+    a file whose content has a job (for_existing: job state x same name x input present x owner alive)
+      done    ──► Archive (its committed name, or a free one: a duplicate)
+      failed  ──► Quarantine, LeaveToOwner (its worker is moving it right now), or Requeue (dropped in again)
+      pending or running ──► Wait, or Follow (the input was renamed while it waited)
 """
 
 from __future__ import annotations
@@ -16,12 +25,12 @@ from __future__ import annotations
 import datetime as dt
 import stat
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from daemon import logs
 from daemon.config import Settings
 from daemon.errors import InputChangedError
-from daemon.fsops import FileId, Root, display, fit_name, move
+from daemon.fsops import FileId, Root, display, fit_name, move, text_form
 from daemon.intake import no_such_name, sidecar_name
 from daemon.jobs import Job, JobStore
 from models.errors import Retry, UpscaledError
@@ -43,14 +52,17 @@ class Policy:
 
     def backoff(self, attempts: int) -> float:
         """Seconds before attempt ``attempts + 1``: ``retry_seconds`` doubling per attempt, capped."""
-        return min(self.retry_max_seconds, self.retry_seconds * 2 ** max(0, attempts - 1))
+        return min(self.retry_max_seconds, self.retry_seconds * 2.0 ** max(0, attempts - 1))
 
 
 # --- actions -------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Archive:
-    """Move the input to the archive (``rel`` under it; ``reserved``: that name was committed with the job), or
-    delete it when ``rel`` is None (``delete_inputs``)."""
+    """Move the input to the archive, or delete it (``delete_inputs``).
+
+    ``reserved``: to the name committed with the job's ``done`` (``rel``, or the job's ``input_moved_to`` when
+    ``rel`` is None), which counts a copy of this very file found there as done. Else to ``rel``, or the first free
+    name after it (``-1``, ``-2``, ...), or deleted when ``rel`` is None."""
 
     rel: PurePosixPath | None
     reserved: bool = False
@@ -108,17 +120,23 @@ def after_run(
 ) -> Action:
     """What happens to ``job``'s input once its run ended (``error`` None: it succeeded).
 
-    ``archive_rel`` is the free archive name for a success (the caller looks it up). A job that did not come from
-    the watch folders (``upscaled process``, ``bench``) never moves its input.
+    ``archive_rel`` is the archive name committed with the job's ``done`` (the caller looked it up, free, before
+    the commit). A job that did not come from the watch folders (``upscaled process``, ``bench``) never moves its
+    input, and neither does a job whose input was replaced since it was registered: the new file is a job of its
+    own.
     """
     if error is None:
         if job.source != "watch":
             return Keep("the input of a one-off run stays where it is")
-        return Archive(None if policy.delete_inputs else archive_rel)
+        if policy.delete_inputs or archive_rel is None:
+            return Archive(None)
+        return Archive(archive_rel, reserved=True)
     if error.retry is Retry.UNTIL_FIXED or (error.retry is Retry.BACKOFF and job.attempts < policy.max_attempts):
         return RetryAt(now + dt.timedelta(seconds=policy.backoff(job.attempts)), error.kind, str(error))
     if job.source != "watch":
         return Keep(f"{error.kind}: {error}")
+    if isinstance(error, InputChangedError):
+        return Keep("the file under this name is not this job's input any more; it is a job of its own")
     return Quarantine(error.kind, str(error))
 
 
@@ -165,6 +183,43 @@ class Mover:
     def archive_name(self, rel: PurePosixPath) -> PurePosixPath:
         """A free name for ``rel`` in the archive, to commit with the job."""
         return self.archive_root.free_name(rel)
+
+    def carry_out(self, action: Action, job: Job, rel: PurePosixPath, expect: FileId | None) -> str | None:
+        """Do what ``action`` says to the inbox file ``rel`` (the job's input, or a file with the same content), once
+        the commit that decided it is made. ``job`` is the job as committed; ``expect`` is the identity ``rel`` had
+        when it was looked at: a file replaced since is never moved.
+
+        - Archive, Quarantine: the move; where ``rel`` is the job's own input and it went somewhere other than the
+          job records, the job's ``input_moved_to`` follows it. A duplicate's move is never recorded on the job.
+        - Requeue: the failed job is pending again, for ``rel``; Follow: the waiting job's input is ``rel`` now.
+        - Keep, RetryAt (committed by the job's owner), Wait, LeaveToOwner: nothing is done to the file.
+
+        Returns the absolute path the file went to, or None (deleted, left where it is, gone, or the move failed:
+        the input stays in the inbox, and a rescan decides again). Never raises for a file that cannot be moved.
+        """
+        if isinstance(action, Archive):
+            dest, reserved = action.rel, action.reserved
+            if reserved and dest is None:
+                dest = self.archive_root.contains(Path(job.input_moved_to)) if job.input_moved_to else None
+                if dest is None:  # recorded under another archive folder (it was moved since): a free name here
+                    dest, reserved = self.archive_name(rel), False
+            elif not reserved and dest is not None:
+                dest = self.archive_name(dest)
+            moved = self.archive(job, rel, dest, reserved=reserved, expect=expect)
+        elif isinstance(action, Quarantine):
+            moved = self.quarantine(job, rel, action.kind, action.error, expect=expect)
+        elif isinstance(action, Requeue):
+            self.store.requeue(job.id, rel, display(str(self.inbox.abs(rel))), expect)
+            return None
+        elif isinstance(action, Follow):
+            self.store.rename(job.id, rel, display(str(self.inbox.abs(rel))), expect)
+            return None
+        else:
+            return None
+        recorded = job.input_moved_to
+        if moved is not None and rel == job.rel and (recorded is None or text_form(moved) != text_form(recorded)):
+            self.store.record_move(job.id, moved)
+        return moved
 
     def archive(
         self,

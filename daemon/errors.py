@@ -1,6 +1,7 @@
 """The errors of the service side: configuration, input files, outputs and the queue.
 
-They share the base, the ``kind`` and the :class:`~models.errors.Retry` policy of :mod:`models.errors`.
+They share the base, the ``kind`` and the :class:`~models.errors.Retry` policy of :mod:`models.errors` (why the base
+lives there: docs/development.md, "Where errors live").
 """
 
 from __future__ import annotations

@@ -76,11 +76,22 @@ def text_form(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def display(name: str) -> str:
-    """A printable form of a name that may hold undecodable bytes (surrogate escapes) or control characters."""
-    raw = os.fsencode(name)
-    text = raw.decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+def display(text: str, keep_newlines: bool = False) -> str:
+    r"""``text`` (a stranger's file name, or a message that quotes one) with every character a terminal would act on
+    escaped: ``\x1b``, ``\n``, ``\t``, ``\u202e``, and ``\xNN`` for a byte that is not UTF-8 (a surrogate escape).
+    ``keep_newlines``: line breaks stay (our own multi-line messages); the other control characters are still
+    escaped. The one printable form for logs, STATUS=, the job row's names and the CLI's output; never raises."""
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c.isprintable() or (keep_newlines and c == "\n"):
+            out.append(c)
+        elif 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that was not UTF-8, carried as a surrogate escape
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        else:
+            out.append(c.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
 
 
 def _raise_write(exc: OSError, what: str) -> None:

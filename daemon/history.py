@@ -333,6 +333,7 @@ def query(url: str, sql: str, params: dict[str, Any] | None = None) -> list[dict
             if engine.dialect.name == "postgresql":
                 compiled = text(sql).compile(dialect=engine.dialect)
                 raw = c.connection.driver_connection
+                assert raw is not None  # an open connection
                 with raw.cursor() as cur:
                     cur.execute(str(compiled), compiled.construct_params(params), prepare=True)
                     if cur.description is None:

@@ -1,4 +1,4 @@
-"""Hooks when a job ends: run a command (an argv list, never a shell) or POST the job as JSON to a URL (issue 15).
+"""Hooks when a job ends: run a command (an argv list, never a shell) or POST the job as JSON to a URL.
 
 The worker calls :meth:`HookRunner.submit` after the job's commit; it returns at once. Hooks run on the runner's
 own threads, each retried with a doubling delay, and every hook's final result is handed to the ``record``

@@ -37,6 +37,7 @@ from daemon.media import metadata as md
 from daemon.media.metadata import Metadata, Policy
 from daemon.media.png import DEFAULT_PNG_COMPRESSION, encode_png
 from models.errors import UnsupportedImageError, UpscaledError
+from models.pixels import alpha_of, colour_of, to_unit_float
 
 __all__ = [
     "DEFAULT_MAX_FRAMES",
@@ -58,8 +59,9 @@ __all__ = [
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding, with a configurable limit
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-DEFAULT_MAX_FRAMES = 1000  # an animation with more frames is refused (issue 15: a 3000-frame GIF)
-ANIMATED_FORMATS = ("gif", "webp", "png")  # the animations we upscale frame by frame; others keep their first frame
+DEFAULT_MAX_FRAMES = 1000  # an animation with more frames is refused (a 3000-frame GIF is a job of hours)
+# The animations we upscale frame by frame; others keep their first frame.
+ANIMATED_FORMATS = tuple(name for name, info in formats.FORMATS.items() if info.animated)
 EXTENSIONS = {
     "png": "png",
     "jpeg": "jpg",
@@ -175,12 +177,12 @@ class Decoded:
         """The first frame's alpha as float32 (H, W) in [0, 1], or None: the float companion of :attr:`rgb`, an
         attribute as it always was (the web view and older tests read ``dec.alpha`` this way)."""
         a = self.alpha_native()
-        return None if a is None else to_float(a)
+        return None if a is None else to_unit_float(a)
 
     @functools.cached_property
     def rgb(self) -> np.ndarray:
         """The first frame's colour as float32 (H, W, 3) in [0, 1] (the float path: 16-bit, metrics, the bench)."""
-        return to_float(self.colour())
+        return to_unit_float(self.colour())
 
     @property
     def icc(self) -> bytes | None:
@@ -189,31 +191,6 @@ class Decoded:
     @property
     def exif(self) -> bytes | None:
         return self.meta.exif
-
-
-def colour_of(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB of ``pixels`` (C = 1..4) in their dtype; grey is repeated to three channels."""
-    if pixels.shape[2] in (1, 2):
-        return np.repeat(pixels[:, :, :1], 3, axis=2)
-    return pixels[:, :, :3] if pixels.shape[2] == 4 else pixels
-
-
-def alpha_of(pixels: np.ndarray) -> np.ndarray | None:
-    """(H, W) alpha of ``pixels`` in their dtype, or None when C is 1 or 3."""
-    return pixels[:, :, -1] if pixels.shape[2] in (2, 4) else None
-
-
-def to_float(a: np.ndarray) -> np.ndarray:
-    """uint8 or uint16 samples as float32 in [0, 1].
-
-    Raises:
-        UnsupportedImageError: another dtype.
-    """
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / np.float32(255.0)
-    if a.dtype == np.uint16:
-        return a.astype(np.float32) / np.float32(65535.0)
-    raise UnsupportedImageError(f"expected 8- or 16-bit samples, got {a.dtype}")
 
 
 # --- reading ----------------------------------------------------------------------------------------------------------
@@ -288,7 +265,7 @@ def _probe_open(im: Image.Image, max_pixels: int, max_frames: int, name: str) ->
     frames = 1
     if animated:
         try:
-            frames = int(im.n_frames)  # header walk: GIF frames are skipped, not decoded
+            frames = int(getattr(im, "n_frames", 1))  # header walk: GIF frames are skipped, not decoded
         except Exception as exc:
             raise DecodeError(f"{name} is damaged or truncated: {exc}") from None
         if frames > max_frames:
@@ -335,7 +312,8 @@ def decode_bytes(data: bytes, max_pixels: int, max_frames: int = DEFAULT_MAX_FRA
     im = _open(io.BytesIO(data), name)
     p = _probe_open(im, max_pixels, max_frames, name)
     # Read the raw mode before anything (getexif on a PNG, for one) loads the pixels and clears the tiles.
-    rawmode = im.tile[0].args if im.tile else ""
+    tile = getattr(im, "tile", None)  # an ImageFile's, before it loads
+    rawmode = tile[0].args if tile else ""
     rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
     meta, orientation = md.read(im, p.format, data)
     notes = list(meta.notes)

@@ -21,9 +21,10 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import PurePosixPath
+from typing import Any
 
 from daemon import imageio
-from daemon.config import Rule, Settings
+from daemon.config import LiveSettings, Rule, Settings, UsesSettings
 from daemon.errors import (
     BadSidecarError,
     EmptyFileError,
@@ -162,11 +163,11 @@ def inspect(
     return digest.hexdigest(), probe, st
 
 
-class Intake:
+class Intake(UsesSettings):
     """Turns inbox files into job specs, reading them only through the inbox's directory handle."""
 
-    def __init__(self, settings: Settings, inbox: Root, beat: Callable[[], None] | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings | LiveSettings, inbox: Root, beat: Callable[[], None] | None = None) -> None:
+        self.live = LiveSettings.of(settings)
         self.inbox = inbox
         self.beat = beat or (lambda: None)  # a sign of life while a large file is hashed
 
@@ -177,7 +178,7 @@ class Intake:
         sidecar) gets a spec with ``failure`` set, and its job fails with that reason.
         """
         rule = self.settings.rule_for(str(rel.parent))
-        base = dict(rule=rule, rel=rel, input_path=display(str(self.inbox.abs(rel))), source="watch")
+        base: dict[str, Any] = dict(rule=rule, rel=rel, input_path=display(str(self.inbox.abs(rel))), source="watch")
         try:
             st = self.inbox.lstat(rel)
         except UnsafePathError as exc:

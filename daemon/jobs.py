@@ -104,6 +104,7 @@ class JobSpec:
     frames: int = 1
     fingerprint: str | None = None  # default: the rule's
     failure: Exception | None = None  # set when the file must fail without ever being offered to a worker
+    bench_run_id: int | None = None  # the `upscaled bench` run the job belongs to (source "bench")
 
     def key(self) -> tuple[str, str]:
         return self.sha, self.fingerprint or self.rule.fingerprint()
@@ -337,6 +338,19 @@ class DaemonStore(JobStore, NodeStore, Protocol):
     """Both protocols: what a daemon (its service, workers and cluster) needs of its store."""
 
 
+class BenchStore(JobStore, Protocol):
+    """What ``upscaled bench`` records besides its jobs: one row per run, which its jobs name
+    (:attr:`JobSpec.bench_run_id`)."""
+
+    def add_bench_run(self, settings_json: str, report_path: str | None = None) -> int:
+        """A new run with its settings (JSON); returns its id."""
+        ...
+
+    def set_bench_report(self, run_id: int, report_path: str) -> None:
+        """Where the run's HTML report was written."""
+        ...
+
+
 # --- the in-memory store ------------------------------------------------------------------------------------------
 @dataclass
 class _Row:
@@ -370,6 +384,7 @@ class MemoryStore:
         self._nodes: dict[str, _Node] = {}
         self._lock = threading.RLock()
         self.hooks: list[tuple[int, str, bool, str]] = []
+        self.bench_runs: dict[int, dict[str, Any]] = {}  # id -> started_at, settings, report_path
         self.commits = 0  # transactions that changed something: what a group commit saves
 
     def _set(self, job_id: int, **changes: Any) -> Job:
@@ -409,6 +424,7 @@ class MemoryStore:
                     frames=spec.frames,
                     created_at=now,
                     started_at=now if failing else None,
+                    bench_run_id=spec.bench_run_id,
                 )
                 self._rows[job_id] = _Row(job, heartbeat_at=now if failing and node else None)
                 self._keys[key] = job_id
@@ -430,7 +446,7 @@ class MemoryStore:
         with self._lock:
             now = self.clock()
             allowed = None if folders is None else set(folders)
-            out = []
+            out: list[Job] = []
             for row in sorted(self._rows.values(), key=lambda r: r.job.id):
                 j = row.job
                 if len(out) >= limit:
@@ -444,8 +460,11 @@ class MemoryStore:
                 j = self._set(j.id, state="running", started_at=now, attempts=j.attempts + 1, worker=worker, node=node)
                 row.heartbeat_at = now if node else None
                 if plan is not None and j.output_path is None:
-                    path = plan(j, lambda p, me=j.id: self._owner(p) not in (None, me))
-                    j = self._set(j.id, output_path=path)
+
+                    def taken(p: str, me: int = j.id) -> bool:
+                        return self._owner(p) not in (None, me)
+
+                    j = self._set(j.id, output_path=plan(j, taken))
                 out.append(j)
             if out:
                 self.commits += 1
@@ -622,6 +641,19 @@ class MemoryStore:
     def record_hook(self, job_id: int, event: str, ok: bool, detail: str) -> None:
         with self._lock:
             self.hooks.append((job_id, event, ok, detail))
+
+    # --- bench runs ------------------------------------------------------------------------------------------------
+    def add_bench_run(self, settings_json: str, report_path: str | None = None) -> int:
+        with self._lock:
+            run_id = len(self.bench_runs) + 1
+            self.bench_runs[run_id] = dict(started_at=self.clock(), settings=settings_json, report_path=report_path)
+            self.commits += 1
+            return run_id
+
+    def set_bench_report(self, run_id: int, report_path: str) -> None:
+        with self._lock:
+            self.bench_runs[run_id]["report_path"] = report_path
+            self.commits += 1
 
     # --- nodes (the lease clock is the store's clock) ------------------------------------------------------------
     def _node_row(self, name: str, now: dt.datetime) -> NodeRow:

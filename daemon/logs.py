@@ -22,6 +22,8 @@ from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from daemon.fsops import display as printable  # the one printable form (fsops.display)
+
 if TYPE_CHECKING:
     import structlog
 
@@ -34,23 +36,6 @@ CONSOLE_HIDES = {("metrics", "to come")}
 # lines that no log line starts with; every other value (a file name above all) has its line breaks escaped.
 MULTILINE_KEYS = ("error", "traceback", "note", "detail")
 _LEVEL_COLOURS = {"debug": "2", "info": "32", "warning": "33", "error": "31", "critical": "1;31", "exception": "31"}
-
-
-def printable(text: str, keep_newlines: bool = False) -> str:
-    r"""``text`` with every character a terminal would act on escaped: ``\x1b``, ``\n``, ``\t``, ``\u202e``, and
-    ``\xNN`` for a byte that is not UTF-8 (a surrogate escape). ``keep_newlines``: line breaks stay (our own
-    multi-line messages); the other control characters are still escaped."""
-    if text.isprintable():
-        return text
-    out = []
-    for c in text:
-        if c.isprintable() or (keep_newlines and c == "\n"):
-            out.append(c)
-        elif 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that was not UTF-8, carried as a surrogate escape
-            out.append(f"\\x{ord(c) - 0xDC00:02x}")
-        else:
-            out.append(c.encode("unicode_escape").decode("ascii"))
-    return "".join(out)
 
 
 class ConsoleRenderer:

@@ -131,6 +131,7 @@ class Brisque:
         if scorer is None:
             import cv2
 
-            scorer = self._local.scorer = cv2.quality.QualityBRISQUE_create(self._model, self._range)
+            # cv2.quality is in opencv-contrib, which its type stubs leave out.
+            scorer = self._local.scorer = cv2.quality.QualityBRISQUE_create(self._model, self._range)  # type: ignore[attr-defined]
         score = scorer.compute(bgr)[0]
         return Metric("brisque", float(score), "-", 0, "none", "BRISQUE (LIVE model, cv2.quality), lower is better")

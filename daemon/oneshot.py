@@ -18,7 +18,7 @@ from daemon.config import Rule, Settings
 from daemon.errors import InternalError
 from daemon.fsops import FileId, Root, display
 from daemon.intake import failure_key, inspect, with_sidecar_prompt
-from daemon.jobs import JobSpec, worker_id
+from daemon.jobs import JobSpec, JobStore, worker_id
 from daemon.store import SqlStore
 from daemon.worker import Stages
 from models.errors import UpscaledError
@@ -31,7 +31,7 @@ def process(
     rule: Rule,
     out_dir: Path,
     force: bool = False,
-    store: SqlStore | None = None,
+    store: JobStore | None = None,
     cache: ModelCache | None = None,
 ) -> list[dict[str, Any]]:
     """Upscale ``files`` by ``rule`` into ``out_dir``. Returns one report per file: file, state (done, failed,
@@ -67,7 +67,7 @@ def _one(
     store = stages.store
     rel = PurePosixPath(path.name)
     # The output folder is part of what the run means: the same file into another folder is another job.
-    base = dict(rel=rel, input_path=display(str(path)), source="cli", folder="(cli)")
+    base: dict[str, Any] = dict(rel=rel, input_path=display(str(path)), source="cli", folder="(cli)")
     with Root(path.parent, create=False) as folder:
         try:
             sha, probe, st = inspect(folder, rel, settings)

@@ -29,16 +29,18 @@ from daemon import imageio, sizing
 from daemon.config import Rule, Settings
 from daemon.errors import ImageTooLargeError
 from daemon.fsops import NAME_MAX
+from daemon.media.formats import FORMATS
 from daemon.metrics import Brisque, Metric, full_reference, lr_consistency
 from daemon.protocol import check_size, make_lr, modcrop, quantise
 from daemon.sizing import SizePlan
 from models.base import Upscaler
 from models.catalog import model_label
+from models.pixels import alpha_of, colour_of, to_unit_float
 from models.resize import resize
 
 # Output names leave room for a "-NN" de-duplication suffix and for ".compare.png" beside them.
 _OUTPUT_NAME_MAX = NAME_MAX - 16
-LOSSY = ("jpg", "webp", "avif", "heic", "jxl")
+LOSSY = tuple(name for name, info in FORMATS.items() if info.lossy)
 
 
 def output_name(rule: Rule, rel: PurePosixPath, fmt: str, plan: SizePlan | None = None, date: str = "") -> str:
@@ -100,29 +102,11 @@ def size_plan(rule: Rule, width: int, height: int) -> tuple[SizePlan, float]:
     ), rule.scale
 
 
-def colour_of(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB in the pixels' own dtype: grey repeated, alpha left out."""
-    c = pixels.shape[2]
-    return np.repeat(pixels[:, :, :1], 3, axis=2) if c in (1, 2) else pixels[:, :, :3]
-
-
-def alpha_of(pixels: np.ndarray) -> np.ndarray | None:
-    return pixels[:, :, -1] if pixels.shape[2] in (2, 4) else None
-
-
 def to_model(a: np.ndarray) -> np.ndarray:
     """What the model gets: uint8 as it is, 16-bit as float32 in [0, 1]."""
     if a.dtype == np.uint8:
         return np.ascontiguousarray(a)
     return (a.astype(np.float32) / 65535.0) if a.dtype == np.uint16 else a.astype(np.float32, copy=False)
-
-
-def to_float(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
-    if a.dtype == np.uint16:
-        return a.astype(np.float32) / 65535.0
-    return a
 
 
 @dataclass
@@ -183,13 +167,13 @@ def prepare(rule: Rule, decoded: imageio.Decoded, settings: Settings) -> Work:
     if rule.mode == "benchmark":
         s = int(rule.scale)
         check_size(decoded.width, decoded.height, s)
-        hr = modcrop(to_float(colour), s)
+        hr = modcrop(to_unit_float(colour), s)
         lr = make_lr(hr, s, rule.downscale, decoded.bits)  # on the file's sample grid
         peak = 65535 if decoded.bits == 16 else 255
         src = np.rint(lr * peak).astype(np.uint8 if decoded.bits == 8 else np.uint16)
         lr_size = (lr.shape[1], lr.shape[0])
         if alpha is not None:
-            a = resize(to_float(modcrop(alpha[:, :, None], s)), lr_size, "area")[:, :, 0]
+            a = resize(to_unit_float(modcrop(alpha[:, :, None], s)), lr_size, "area")[:, :, 0]
             alpha = np.rint(a * peak).astype(src.dtype)
         colour = src
     plan, native = size_plan(rule, decoded.width, decoded.height)
@@ -261,7 +245,7 @@ def _enlarge(
                 plan.crop,
                 sizing.final_filter(plan.source, plan.scaled),
             )
-            a = sizing.apply_final(to_float(alpha), direct)
+            a = sizing.apply_final(to_unit_float(alpha), direct)
             alpha_out = a if alpha.dtype != np.uint8 else np.rint(a * 255.0).astype(np.uint8)
     return out, alpha_out
 
@@ -312,7 +296,7 @@ def _keep_frame(
     )
     if rule.metric_names and brisque is not None:
         work.frame_metrics.append(
-            _upscale_metrics(rule.metric_names, _written(colour, work.bits), to_float(src), brisque, work.notes)
+            _upscale_metrics(rule.metric_names, _written(colour, work.bits), to_unit_float(src), brisque, work.notes)
         )
 
 
@@ -353,7 +337,7 @@ def measure(rule: Rule, work: Work, data: bytes, fmt: str, brisque: Callable[[],
     if work.animated:
         return _summarise(work.frame_metrics, len(work.frames_out))
     if fmt in LOSSY:
-        written = to_float(
+        written = to_unit_float(
             colour_of(imageio.decode_bytes(data, work.size[0] * work.size[1], name="the output").first.pixels)
         )
     else:
@@ -361,12 +345,12 @@ def measure(rule: Rule, work: Work, data: bytes, fmt: str, brisque: Callable[[],
     if rule.mode == "benchmark":
         assert work.hr is not None
         return full_reference(written, work.hr, int(rule.scale), names)
-    return _upscale_metrics(names, written, to_float(work.src), brisque, work.notes)
+    return _upscale_metrics(names, written, to_unit_float(work.src), brisque, work.notes)
 
 
 def _written(colour: np.ndarray, bits: int) -> np.ndarray:
     """The model's output as the file holds it (float in [0, 1] on the file's sample grid)."""
-    return to_float(colour) if colour.dtype != np.float32 else quantise(colour, bits)
+    return to_unit_float(colour) if colour.dtype != np.float32 else quantise(colour, bits)
 
 
 def _upscale_metrics(
@@ -414,7 +398,7 @@ def comparison_image(work: Work) -> np.ndarray:
     assert work.hr is not None and work.colour is not None
     hr = np.rint(work.hr * 255.0).astype(np.uint8)
     h, w = hr.shape[:2]
-    lr = work.src if work.src.dtype == np.uint8 else np.rint(to_float(work.src) * 255.0).astype(np.uint8)
+    lr = work.src if work.src.dtype == np.uint8 else np.rint(to_unit_float(work.src) * 255.0).astype(np.uint8)
     lr_big = cv2.resize(lr, (w, h), interpolation=cv2.INTER_NEAREST)
     sr = work.colour if work.colour.dtype == np.uint8 else np.rint(np.clip(work.colour, 0, 1) * 255).astype(np.uint8)
     gap = np.full((h, 4, 3), 255, np.uint8)

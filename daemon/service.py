@@ -29,14 +29,14 @@ from pathlib import Path, PurePosixPath
 
 from daemon import __version__, failpoints, logs
 from daemon.cluster import Cluster, worker_may_live
-from daemon.config import Settings, load_settings
-from daemon.dispositions import Archive, Follow, LeaveToOwner, Mover, Policy, Quarantine, Requeue, Wait, for_existing
+from daemon.config import LiveSettings, Settings, UsesSettings, load_settings
+from daemon.dispositions import Archive, LeaveToOwner, Mover, Policy, Requeue, Wait, for_existing
 from daemon.errors import ConfigError
 from daemon.fsops import FileId, Root, display
 from daemon.hints import Hints
 from daemon.hooks import HookRunner
 from daemon.intake import Intake
-from daemon.jobs import Job, JobSpec, worker_id
+from daemon.jobs import DaemonStore, Job, JobSpec, worker_id
 from daemon.notify import Notifier
 from daemon.rules import implicit_default, make_rule_folders
 from daemon.store import SqlStore, safe_url
@@ -103,35 +103,41 @@ def check_devices(settings: Settings) -> list[str]:
         raise ConfigError(f"device: {exc}") from None
 
 
-class Service:
-    """The watch-folder service. See the module docstring."""
+class Service(UsesSettings):
+    """The watch-folder service. See the module docstring.
+
+    ``store`` is any :class:`~daemon.jobs.DaemonStore` (default: the SQL store of ``settings.database``; the unit
+    tests pass a :class:`~daemon.jobs.MemoryStore`), ``clock`` the monotonic clock of the watch loop and the beats.
+    """
 
     def __init__(
         self,
         settings: Settings,
-        store: SqlStore | None = None,
+        store: DaemonStore | None = None,
         cache: ModelCache | None = None,
         clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
     ) -> None:
-        self.settings = s = settings.resolve_devices()  # "auto" named once, as the real device, everywhere
+        settings = settings.resolve_devices()  # "auto" named once, as the real device, everywhere
+        self.live = LiveSettings(settings)
+        s = settings
         os.umask(int(s.umask, 8))  # before the database file and the folders are created
         self.clock = clock
         self.log = logs.get()
-        self.store = store or SqlStore(s.database)
+        self.store: DaemonStore = store or SqlStore(s.database)
         self.node = s.node()
         self.notifier = notifier or Notifier()
         self.inbox, self.outbox = Root(s.inbox), Root(s.outbox)
         self.archive, self.failed = Root(s.archive), Root(s.failed)
         self.mover = Mover(self.store, self.inbox, self.archive, self.failed)
-        self.intake = Intake(s, self.inbox, beat=self._main_beat)
+        self.intake = Intake(self.live, self.inbox, beat=self._main_beat)
         self.telemetry = Telemetry(
             self.node, __version__, devices.build_info(), memory=devices.memory_used, health=self
         )
         self.http = HttpServer(s.http_listen, self.telemetry, self, s.http_allowed_hosts) if s.http_listen else None
         self.hooks = HookRunner(self.store.record_hook)
         self.stages = Stages(
-            s,
+            self.live,
             self.store,
             cache or ModelCache(),
             self.inbox,
@@ -147,7 +153,7 @@ class Service:
         if cpu_workers:
             runtime.share_cpus(cpu_workers)
         self.runner = Runner(self.stages, s.devices(), workers, lambda _name: worker_id(), clock=clock)
-        self.cluster = Cluster(s, self.store, workers * len(s.devices()), on_recovered=self._on_recovered)
+        self.cluster = Cluster(self.live, self.store, workers * len(s.devices()), on_recovered=self._on_recovered)
         self.watcher = Watcher(
             s.inbox, s.ignore, s.settle_seconds, polling=s.observer == "polling", poll_seconds=s.poll_seconds
         )
@@ -333,7 +339,7 @@ class Service:
         if changed:
             self.log.warning("reload.needs_restart", keys=changed)
             new = new.model_copy(update={k: getattr(self.settings, k) for k in RESTART_KEYS})
-        self.settings = self.stages.settings = self.intake.settings = self.cluster.settings = new
+        self.live.settings = new  # the stages, the intake and the cluster read it from here
         self.watcher.patterns = new.ignore
         self.watcher.settle = new.settle_seconds
         self._rule_folders()
@@ -563,7 +569,8 @@ class Service:
 
     def _reconcile(self, job: Job, spec: JobSpec) -> None:
         """A file whose content already has a job under its rule: finish an interrupted move, archive a duplicate,
-        retry a failed one, or wait for the job."""
+        retry a failed one, or wait for the job (:func:`~daemon.dispositions.for_existing` decides, the mover
+        carries it out); then the bookkeeping of the watch loop."""
         rel = spec.rel
         if not self.inbox.exists(rel):  # another node (or our worker) moved it while we hashed it
             return
@@ -571,43 +578,29 @@ class Service:
         action = for_existing(
             job, rel, spec.input_id, Policy.of(self.settings), self.store.clock(), worker_may_live(job.worker), present
         )
+        moved = self.mover.carry_out(action, job, rel, spec.input_id)
         if isinstance(action, Archive):
             same = job.rel == rel
-            if action.reserved and job.input_moved_to:
-                planned = self.archive.contains(Path(job.input_moved_to))
-                dest = self.mover.archive(job, rel, planned, reserved=True, expect=spec.input_id)
-            else:
-                dest_rel = None if action.rel is None else self.mover.archive_name(action.rel)
-                dest = self.mover.archive(job, rel, dest_rel, expect=spec.input_id)
-            if same and dest is not None:
-                self.store.record_move(job.id, dest)
             self.log.info(
                 "job.input_archived" if same else "duplicate.archived",
                 job=job.id,
                 file=display(str(rel)),
                 output=job.output_path,
-                moved_to=dest,
+                moved_to=moved,
             )
             if not same:
                 self.telemetry.job_outcome(rule=job.folder, model=job.rule.model, status="duplicate")
-        elif isinstance(action, Quarantine):
-            dest = self.mover.quarantine(job, rel, action.kind, action.error, expect=spec.input_id)
-            if dest is not None:
-                self.store.record_move(job.id, dest)
         elif isinstance(action, Requeue):
-            self.store.requeue(job.id, rel, spec.input_path, spec.input_id)
             self.log.info("job.retry_requested", job=job.id, file=display(str(rel)))
             self.runner.wake()
-        elif isinstance(action, Follow):
-            self.store.rename(job.id, rel, spec.input_path, spec.input_id)
         elif isinstance(action, LeaveToOwner):
             self.watcher.forget(self.inbox.abs(rel))  # its owner moves it in a moment; if it died, a rescan sees it
-        elif isinstance(action, Wait) and job.rel != rel:
-            with self._lock:  # same content, another name: decided when the job ends
-                self._waiting[job.id].append(rel)
         elif isinstance(action, Wait):
             with self._lock:
-                self._watching[rel] = job.id
+                if job.rel != rel:  # same content, another name: decided when the job ends
+                    self._waiting[job.id].append(rel)
+                else:
+                    self._watching[rel] = job.id
 
     def _look_again(self) -> None:
         """Files whose job ran elsewhere and has ended: admit them again (archive, quarantine or retry)."""

@@ -1,4 +1,4 @@
-"""Output sizes: "make it 3840 wide" instead of "x4" (issue 15), as pure functions.
+"""Output sizes: "make it 3840 wide" instead of "x4" (a rule's target size), as pure functions.
 
 A rule says either a factor (``outscale``) or a target (``width``, ``height``, ``max_side`` with ``fit``). The model
 always runs at its native scale, as many passes as the target needs (``max_passes`` at most), and one final resize

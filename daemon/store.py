@@ -419,19 +419,20 @@ class SqlStore:
             outscale=rule.final_scale,
             mode=rule.mode,
             rule_json=rule.model_dump_json(),
+            bench_run_id=spec.bench_run_id,
         )
 
     # --- transitions -------------------------------------------------------------------------------------------------
-    def register(self, specs: Sequence[JobSpec], node: str | None = None, **extra: Any) -> list[Registered]:
+    def register(self, specs: Sequence[JobSpec], node: str | None = None) -> list[Registered]:
         """Create the job for each spec, or find the one that exists. Idempotent, across processes too.
 
         A spec with a ``failure`` is created already *running* (claimed by this process, owned by ``node``), so no
-        worker ever sees it: the caller fails it right away. ``extra`` columns go into new rows (``bench_run_id``).
+        worker ever sees it: the caller fails it right away.
         """
         now = self.clock()
         out = []
-        # One statement, its values bound per row: building ``insert().values(**row)`` anew for each file cost
-        # about 1 ms of CPU per job in SQLAlchemy's compiler (a burst's intake spent most of its time there).
+        # One statement, its values bound per row: building ``insert().values(**row)`` anew for each file spent most
+        # of a burst's intake in SQLAlchemy's compiler (docs/performance.md, "Constants from measurements").
         stmt = _insert(self.engine.dialect.name)(jobs)
         if hasattr(stmt, "on_conflict_do_nothing"):
             stmt = stmt.on_conflict_do_nothing(index_elements=["content_sha256", "rule_fingerprint"])
@@ -444,7 +445,6 @@ class SqlStore:
                 failing = spec.failure is not None
                 values = dict(
                     self._columns(spec),
-                    **extra,
                     content_sha256=sha,
                     rule_fingerprint=fp,
                     state="running" if failing else "pending",
@@ -515,7 +515,10 @@ class SqlStore:
                 job = self._job(row)
                 if plan is not None and job.output_path is None:
                     # Taken: by another job's row, or by a job earlier in this very claim.
-                    path = plan(job, lambda p, me=job.id: p in planned or self._taken(c, p, me))
+                    def taken(p: str, me: int = job.id) -> bool:
+                        return p in planned or self._taken(c, p, me)
+
+                    path = plan(job, taken)
                     planned[path] = job.id
                     job = replace(job, output_path=path)
                 out.append(job)
@@ -887,9 +890,11 @@ class SqlStore:
 
     def add_bench_run(self, settings_json: str, report_path: str | None = None) -> int:
         with self.engine.begin() as c:
-            return c.execute(
+            key = c.execute(
                 bench_runs.insert().values(started_at=self.clock(), settings=settings_json, report_path=report_path)
-            ).inserted_primary_key[0]
+            ).inserted_primary_key
+            assert key is not None  # an INSERT of one row
+            return int(key[0])
 
     def set_bench_report(self, run_id: int, report_path: str) -> None:
         with self.engine.begin() as c:

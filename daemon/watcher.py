@@ -28,6 +28,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from daemon import logs
@@ -98,7 +99,7 @@ class Watcher:
         # Files handed on as ready, with the (size, mtime) they had: a rescan skips them while they are unchanged,
         # so a long queue is not hashed again every rescan_seconds.
         self.handed: dict[Path, tuple[int, int]] = {}
-        self._observer = None
+        self._observer: BaseObserver | None = None
 
     # --- observer ------------------------------------------------------------------------------------------------
     def start(self) -> None:

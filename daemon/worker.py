@@ -23,6 +23,7 @@ stays bounded whatever arrives. The failpoints of :mod:`daemon.failpoints` mark 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import queue
@@ -33,11 +34,11 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from daemon import failpoints, imageio, logs, pipeline
-from daemon.config import Settings
-from daemon.dispositions import Archive, Mover, Policy, Quarantine, RetryAt, after_run
+from daemon.config import LiveSettings, Settings, UsesSettings
+from daemon.dispositions import Mover, Policy, RetryAt, after_run
 from daemon.errors import InputChangedError, InternalError, UnreadableFileError, UnsafePathError
 from daemon.fsops import Root, display, fit_name, text_form
 from daemon.hooks import HookEvent, HookRunner
@@ -52,8 +53,8 @@ from models.registry import LoadContext, ModelCache
 from models.weights import fetch_command, locate
 
 # A stage that is one long call and cannot beat (decode, the final resize, encode, the metrics) is given this long
-# per output pixel before its thread counts as silent: 5 s per megapixel, 30 to 300 times what this 2-core machine
-# needs (a 36 MP PNG encodes in about 1.2 s at level 1). A hung call is still caught, later by that much. The model's
+# per output pixel before its thread counts as silent: 5 s per megapixel, far more than any of them needs
+# (docs/performance.md, "Constants from measurements"). A hung call is still caught, later by that much. The model's
 # tiles and denoising steps beat on their own.
 SECONDS_PER_PIXEL = 5e-6
 
@@ -146,7 +147,7 @@ class Task:
 Outcome = Callable[[Task, str], None]  # (task, status) after its commit: done, failed, retried, lost
 
 
-class Stages:
+class Stages(UsesSettings):
     """The stage functions, with everything they touch injected. Thread-safe: each task is in one stage at a time.
 
     ``inbox`` is where watch jobs are read from; ``outbox`` where outputs go (``upscaled process`` passes its
@@ -156,7 +157,7 @@ class Stages:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: Settings | LiveSettings,
         store: JobStore,
         cache: ModelCache,
         inbox: Root | None,
@@ -168,7 +169,7 @@ class Stages:
         telemetry: Telemetry | None = None,
         hooks: HookRunner | None = None,
     ) -> None:
-        self.settings = settings
+        self.live = LiveSettings.of(settings)
         self.store = store
         self.cache = cache
         self.inbox, self.outbox = inbox, outbox
@@ -391,16 +392,17 @@ class Stages:
         return rel, str(self.mover.archive_root.abs(rel))
 
     def _archive(self, t: Task, planned: PurePosixPath | None) -> None:
+        """The input of a job just committed ``done`` goes to ``planned`` in the archive (the name committed with it),
+        or is deleted (``delete_inputs``)."""
         if self.mover is None:
             return
         action = after_run(t.job, None, self.policy, self.store.clock(), planned)
-        if isinstance(action, Archive):
-            t.moved_to = self.mover.archive(t.job, t.rel, action.rel, reserved=True, expect=t.job.input_id)
-            # Another name than planned (the planned one was taken meanwhile): record where it went. None (gone:
-            # another node's reconcile moved it and records where; or kept after an error: the rescan moves it to
-            # the planned name) leaves the committed path as it is.
-            if t.moved_to is not None and t.moved_to != str(self.mover.archive_root.abs(action.rel or planned)):
-                self.store.record_move(t.job.id, t.moved_to)
+        # The job as committed: a move to another name than planned (taken meanwhile) is recorded; None (gone:
+        # another node's reconcile moved it and records where; or kept after an error: the rescan moves it to the
+        # planned name) leaves the committed path as it is.
+        committed = None if planned is None else str(self.mover.archive_root.abs(planned))
+        job = replace(t.job, state="done", input_moved_to=committed)
+        t.moved_to = self.mover.carry_out(action, job, t.rel, t.job.input_id)
 
     def _settle_error(self, t: Task) -> None:
         job, exc = t.job, t.error
@@ -433,12 +435,8 @@ class Stages:
             return
         failpoints.hit("on-fail")
         self.log.warning("job.failed", job=job.id, file=t.name, kind=exc.kind, error=str(exc))
-        if isinstance(action, Quarantine) and self.mover is not None and not isinstance(exc, InputChangedError):
-            # An input that changed is not this job's to move: the new file is a job of its own. (An input whose
-            # folder became a link cannot be reached, and stays.)
-            t.moved_to = self.mover.quarantine(job, t.rel, action.kind, action.error, expect=job.input_id)
-            if t.moved_to is not None:
-                self.store.record_move(job.id, t.moved_to)
+        if self.mover is not None:
+            t.moved_to = self.mover.carry_out(action, replace(job, state="failed"), t.rel, job.input_id)
         self.report(t, "failed")
         self._hook(t, "failed")
         self.on_outcome(t, "failed")
@@ -574,7 +572,7 @@ class Stages:
             metrics="to come" if t.job.rule.metric_names else None,
         )
 
-    def _hook(self, t: Task, status: str) -> None:
+    def _hook(self, t: Task, status: Literal["done", "failed"]) -> None:
         """Run the ``on_done`` / ``on_failed`` hooks of the job's rule and of the service, after the commit; they
         run on the hook runner's threads and never hold up the worker nor change the job's outcome."""
         if self.hooks is None:
@@ -693,7 +691,7 @@ class Runner:
 
     # --- control ---------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        specs: list[tuple[str, Callable[[], None]]] = [
+        specs: list[tuple[str, Callable[[], bool]]] = [
             ("feed", self._feed),
             ("write", self._write),
             ("settle", self._settle),
@@ -701,7 +699,7 @@ class Runner:
         ]
         for name, dev in zip(self.infer_names, [n.rsplit(".", 1)[0] for n in self.infer_names], strict=True):
             device = next(d for d in self.devices if d.replace(":", "") == dev)
-            specs.append((name, lambda n=name, d=device: self._infer(n, d)))
+            specs.append((name, functools.partial(self._infer, name, device)))
         for name, target in specs:
             t = threading.Thread(target=self._loop, args=(name, target), name=f"upscaled-{name}", daemon=True)
             t.start()
@@ -739,7 +737,7 @@ class Runner:
         return [t.name for t in self._threads if t.is_alive()]
 
     # --- threads ---------------------------------------------------------------------------------------------------
-    def _loop(self, name: str, body: Callable[[], None]) -> None:
+    def _loop(self, name: str, body: Callable[[], bool]) -> None:
         name_native_thread(f"upscaled-{name}")
         beat = self.beats[name]
         while True:
@@ -791,7 +789,7 @@ class Runner:
                 self._tasks[t.job.id] = t
         for t in tasks:
             beat.start(t, "decode", self.clock(), t.pixels_in())
-            guard(t, lambda t=t: self.stages.read(t), self.log)
+            guard(t, functools.partial(self.stages.read, t), self.log)
             beat.end(self.clock())
             if t.error is not None:
                 self._settle_q.put(t)

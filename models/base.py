@@ -26,12 +26,13 @@ import copy
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from models.errors import ImageTooSmallError, InvalidParamsError, UnsupportedImageError
+from models.pixels import to_uint8, to_unit_float
 from models.tiling import Geometry, Origin, run_tiled
 
 PIXEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
@@ -213,7 +214,7 @@ class FunctionUpscaler(Upscaler):
         if uint8 and self.run_u8 is not None:
             fn, src = self.run_u8, pixels
         else:
-            fn, src = self.run_float, to_float(pixels) if uint8 else pixels
+            fn, src = self.run_float, to_unit_float(pixels)
         padded = pad_to_multiple(src, self.size.multiple_of)
         geometry = self.window_geometry()
 
@@ -227,17 +228,6 @@ class FunctionUpscaler(Upscaler):
         return to_uint8(out) if uint8 else np.clip(out, 0.0, 1.0, out=np.ascontiguousarray(out, np.float32))
 
 
-def to_float(pixels: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [0, 1], as ``x / 255`` in float32 (the division every plain loop writes)."""
-    return pixels.astype(np.float32) / np.float32(255.0)
-
-
-def to_uint8(values: np.ndarray) -> np.ndarray:
-    """float in [0, 1] -> uint8: ``rint(clip(y, 0, 1) * 255)``, round half to even (as ``torch.round``)."""
-    out = np.clip(values, 0.0, 1.0) * np.float32(255.0)
-    return np.rint(out, out=out).astype(np.uint8)
-
-
 def pad_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:
     """Reflect-pad the bottom and right edges so both sides are multiples of ``multiple``."""
     if multiple <= 1:
@@ -246,5 +236,5 @@ def pad_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:
     ph, pw = (-h) % multiple, (-w) % multiple
     if not ph and not pw:
         return img
-    mode = "reflect" if ph < h and pw < w else "edge"
+    mode: Literal["reflect", "edge"] = "reflect" if ph < h and pw < w else "edge"
     return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode=mode)

@@ -8,13 +8,16 @@ ai-forever's Real-ESRGAN copies): :mod:`models.weights` refuses to fetch it unle
 ``--trust-unhashed``, and then records the hash it saw, and holds the file to it from then on.
 
 A ``file:PATH`` model id is not in the catalogue: :func:`get_entry` builds an ad-hoc spandrel entry for a user's own
-model file, and a ``diffusers:FOLDER`` id one for a diffusion pipeline saved with ``save_pretrained``. Diffusion
+model file, a ``diffusers:FOLDER`` id one for a diffusion pipeline saved with ``save_pretrained``, and an
+``omdb:<id>`` id a placeholder for an OpenModelDB entry, whose facts (file, sha256, scale, licence) come from the
+cached index (:func:`models.omdb.resolve`). Diffusion
 entries name a Hugging Face hub repository (``hub_repo``) pinned to a commit (``hub_revision``) instead of files:
 their weights live in the Hugging Face cache, not in ``weights_dir``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +32,8 @@ class WeightFile:
 
     ``sha256`` None: no hash is published (fetching it takes ``--trust-unhashed``). ``size``: the exact size in bytes
     where it is known; ``max_size``: a ceiling for a file whose size is not known, so that a mirror cannot fill the
-    disk (see :func:`models.weights.download_limit`).
+    disk (see :func:`models.weights.download_limit`). ``direct`` False: the only source is a page for a browser, so
+    the file comes from a mirror or is put in place by hand, and is checked all the same.
     """
 
     path: str  # relative to weights_dir and to a mirror, e.g. "opencv/FSRCNN_x4.pb"
@@ -38,6 +42,7 @@ class WeightFile:
     size: int | None = None
     revision: str = ""  # the commit (40 hex digits) or release tag that ``url`` is pinned to
     max_size: int | None = None  # bytes; only for files whose size is not catalogued
+    direct: bool = True  # False: ``url`` is a page that needs a browser (Mega, Google Drive); never downloaded
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,8 @@ def _spandrel(
     """A single-scale model loaded through spandrel; ``arch`` is the spandrel architecture id the file must hold.
     Its sha256 and size come from the MANIFEST (mirrored files) or the release's published values."""
     local = f"spandrel/{file_name}"
+    sha: str | None
+    size: int | None
     if local in _RELEASED:
         revision, sha, size = _RELEASED[local]
     else:
@@ -544,9 +551,46 @@ def resolve_diffusers_folder(model_id: str, weights_dir: Path | None = None) -> 
     )
 
 
+# --- OpenModelDB entries: `model = "omdb:4x-Nomos8kSC"` (models/omdb.py) ------------------------------------------
+OMDB_PREFIX = "omdb:"
+# OpenModelDB ids are file names in its repository (data/models/<id>.json): letters, digits and . _ + - only, so an
+# id can name neither a folder nor a URL path of its own.
+OMDB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def is_omdb_model(model_id: str) -> bool:
+    return model_id.startswith(OMDB_PREFIX)
+
+
+def omdb_entry(model_id: str) -> ModelEntry:
+    """A placeholder spandrel entry for an ``omdb:<id>`` model id, before its facts are read from the cached index
+    (:func:`models.omdb.resolve` gives the full entry: file, sha256, scale, architecture, licence).
+
+    Raises:
+        UnknownModelError: the id is empty or has characters an OpenModelDB id never has.
+    """
+    raw = model_id[len(OMDB_PREFIX) :]
+    if not OMDB_ID.fullmatch(raw):
+        raise UnknownModelError(
+            f"{model_id!r} is not an OpenModelDB id; write omdb:<id> with the id as openmodeldb.info shows it, "
+            "e.g. omdb:4x-Nomos8kSC (letters, digits and . _ + - only)"
+        )
+    return ModelEntry(
+        id=model_id,
+        backend="spandrel",
+        arch="",
+        scales=ANY_SCALE,
+        source=f"https://openmodeldb.info/models/{raw}",
+        description=f"OpenModelDB model {raw} (details in the cached index: `upscaled models show {model_id}`)",
+        license="see the OpenModelDB entry",
+    )
+
+
 def model_label(model_id: str) -> str:
     """A short name for ``model_id`` that is safe inside a file name: the file's stem for ``file:`` ids, the
-    folder's name for ``diffusers:`` ids."""
+    folder's name for ``diffusers:`` ids, the OpenModelDB id for ``omdb:`` ids."""
+    if is_omdb_model(model_id):
+        return model_id[len(OMDB_PREFIX) :]
     if is_file_model(model_id) or is_diffusers_model(model_id):
         file = is_file_model(model_id)
         raw = Path(model_id[len(FILE_PREFIX if file else DIFFUSERS_PREFIX) :].rstrip("/"))
@@ -557,17 +601,23 @@ def model_label(model_id: str) -> str:
 
 def get_entry(model_id: str) -> ModelEntry:
     """The catalogue entry for ``model_id``; ``file:PATH`` ids get an ad-hoc spandrel entry (:func:`file_entry`),
-    ``diffusers:FOLDER`` ids an ad-hoc diffusion entry (:func:`diffusers_entry`).
+    ``diffusers:FOLDER`` ids an ad-hoc diffusion entry (:func:`diffusers_entry`), ``omdb:<id>`` ids a placeholder
+    (:func:`omdb_entry`; :func:`models.omdb.resolve` reads the rest from the cached index).
 
     Raises:
         UnknownModelError: no such id; the message lists the known ones.
     """
     if is_file_model(model_id):
         return file_entry(model_id)
+    if is_omdb_model(model_id):
+        return omdb_entry(model_id)
     if is_diffusers_model(model_id):
         return diffusers_entry(model_id)
     try:
         return CATALOG[model_id]
     except KeyError:
         known = ", ".join(e.id for e in ENTRIES if e.kind == "upscaler")
-        raise UnknownModelError(f"unknown model {model_id!r}; known models: {known}") from None
+        raise UnknownModelError(
+            f"unknown model {model_id!r}; known models: {known} (or omdb:<id> for an OpenModelDB model, "
+            "file:PATH for a model file)"
+        ) from None

@@ -4,7 +4,7 @@ These give any scale, including fractions, and run on the CPU whatever device a 
 (their memory is the output array). Float32 pixels are resized in float32. uint8 pixels go to ``cv2.resize`` as
 they are, as a plain ``cv2.resize`` call would (OpenCV's 8-bit kernels use fixed-point weights, so this differs from
 the quantised float result by at most one level); MATLAB's bicubic has no 8-bit kernel and goes through the shared
-conversion (:func:`models.base.to_float`, :func:`models.base.to_uint8`).
+conversion (:func:`models.pixels.to_unit_float`, :func:`models.pixels.to_uint8`).
 """
 
 from __future__ import annotations

@@ -117,8 +117,9 @@ def _torch_version_file() -> tuple[str, str]:
             if isinstance(node, ast.AnnAssign)
             else None
         )  # `cuda: Optional[str] = '13.0'`
-        if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant):
-            values[target.id] = node.value.value
+        value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+        if isinstance(target, ast.Name) and isinstance(value, ast.Constant) and isinstance(value.value, str):
+            values[target.id] = value.value
     return str(values.get("__version__") or _version("torch")), str(values.get("cuda") or "")
 
 

@@ -50,7 +50,7 @@ from models.backends import (  # noqa: F401 - the generation defaults, re-export
     MAX_STEPS,
     DiffusionParams,
 )
-from models.base import SizeRequirements, Tiling, Upscaler, pad_to_multiple, to_float, to_uint8
+from models.base import SizeRequirements, Tiling, Upscaler, pad_to_multiple
 from models.catalog import DIFFUSERS_INDEX, ModelEntry, is_diffusers_model, resolve_diffusers_folder
 from models.errors import (
     InvalidParamsError,
@@ -60,6 +60,7 @@ from models.errors import (
     WeightsCorruptError,
     WeightsMissingError,
 )
+from models.pixels import to_uint8, to_unit_float
 from models.progress import report
 from models.registry import LoadContext
 from models.runtime import (
@@ -234,7 +235,7 @@ class DiffusionUpscaler(Upscaler):
             )
         h, w = pixels.shape[:2]
         uint8 = pixels.dtype == np.uint8
-        rgb = to_float(pixels) if uint8 else pixels
+        rgb = to_unit_float(pixels)
         # 1. Pad once for the whole image (never resize).
         padded = pad_to_multiple(rgb, self.size.multiple_of)
         geometry = model.geometry_for(self.window_side())

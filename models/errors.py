@@ -3,7 +3,8 @@
 Every error raised on purpose by upscaled derives from :class:`UpscaledError`. Each class carries a short
 machine-readable ``kind`` (it ends up in the job row and in the ``<name>.error.json`` beside a failed input) and a
 :class:`Retry` policy that tells the worker what a second try can do. Messages say what was expected and what was
-given. The file, queue and configuration errors of the service live in :mod:`daemon.errors`.
+given. The file, queue and configuration errors of the service live in :mod:`daemon.errors`, on this base: which
+errors live where, and why, is said once in docs/development.md ("Where errors live").
 """
 
 from __future__ import annotations

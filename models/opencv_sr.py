@@ -34,11 +34,10 @@ _EDSR_MEAN_BGR = (103.1545782, 111.561547, 114.35629928)
 # Context each window carries so that tiled output equals one pass: the receptive-field radius in input pixels,
 # rounded up generously (LapSRN has 10 3x3 convolutions per level).
 MARGIN = {"fsrcnn": 8, "espcn": 6, "lapsrn": 24, "edsr": 40}
-# Input pixels per window side. Measured on this project's 2-core CPU with FSRCNN x4 on a 320x480 image: one pass
-# 1.00, windows of 96 px 0.93x the speed of upsample(), 128 px 1.06x, 192 px 1.01-1.13x, 256 px 1.05-1.13x (the
-# network's 56-channel maps of a whole image do not stay in cache; a window's do). LapSRN and EDSR are compute-bound
-# and carry wide margins, which 256 px windows pay for (LapSRN x4: 0.84x): they take 512 px windows, which bounds
-# LapSRN's x4 level (64 channels at four times the window's side) to about 1 GB per activation.
+# Input pixels per window side: 256 px for the small networks, whose 56-channel maps of a whole image do not stay
+# in cache while a window's do; 512 px for LapSRN and EDSR, compute-bound with wide margins that smaller windows pay
+# for, which bounds LapSRN's x4 level (64 channels at four times the window's side) to about 1 GB per activation.
+# The timings behind both are in docs/performance.md ("Constants from measurements").
 TILE = {"fsrcnn": 256, "espcn": 256, "lapsrn": 512, "edsr": 512}
 DEFAULT_TILE = TILE["fsrcnn"]
 

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models import omdb
 from models.backends import BACKENDS, Backend
 from models.catalog import (
     ModelEntry,
     get_entry,
     is_diffusers_model,
     is_file_model,
+    is_omdb_model,
     resolve_diffusers_folder,
     resolve_model_file,
 )
@@ -71,15 +73,21 @@ def check_scale(model_id: str, scale: float, weights_dir: Path | None = None) ->
 
     A ``file:PATH`` model must name an existing file (absolute, or relative to the current folder or to
     ``weights_dir`` when given); its scale is only known once it is loaded, so the backend checks that. A
-    ``diffusers:FOLDER`` model must name a folder holding a ``model_index.json``, found the same way.
+    ``diffusers:FOLDER`` model must name a folder holding a ``model_index.json``, found the same way. An
+    ``omdb:<id>`` model is read from the OpenModelDB index cached in ``weights_dir`` when given (its scale is the
+    entry's); without ``weights_dir`` only its id is checked.
 
     Raises:
-        UnknownModelError: no such model.
+        UnknownModelError: no such model (or no such entry in the cached index).
         UnsupportedScaleError: the model has no weights for that scale; the message lists the ones it has.
-        WeightsMissingError: a ``file:`` model whose file does not exist, or a ``diffusers:`` model whose folder
-            does not.
+        WeightsMissingError: a ``file:`` model whose file does not exist, a ``diffusers:`` model whose folder
+            does not, or an ``omdb:`` model and no cached index.
+        WeightsCorruptError, UnsupportedModelError: an ``omdb:`` entry that cannot be used (see
+            :func:`models.omdb.resolve`).
     """
     entry = get_entry(model_id)
+    if is_omdb_model(model_id) and weights_dir is not None:
+        entry = omdb.resolve(model_id, weights_dir)
     if is_file_model(model_id):
         resolve_model_file(model_id, weights_dir)
     if is_diffusers_model(model_id):

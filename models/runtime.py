@@ -1,7 +1,7 @@
 """The torch runtime shared by the torch backends (spandrel, diffusion): one place for every device question.
 
 - :func:`import_torch`: torch (and the backend's other packages), or a :class:`~models.errors.BackendUnavailableError`
-  that names the pip extra to install;
+  that names the pip extra to install, also for a torch below :data:`TORCH_FLOOR`;
 - :func:`resolve_device`: ``auto``, ``cuda`` and ``cuda:N`` to the device a model really runs on;
 - :func:`choose_precision`: ``auto`` to fp16 on CUDA where the model supports it, fp32 on the CPU, never bf16 by
   default; an explicit bf16 is checked against the compute capability of the *requested* GPU;
@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -39,6 +40,10 @@ from models.errors import (
 )
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# Up to torch 2.5.1, torch.load(weights_only=True), the only way weights are unpickled here, could still be made to
+# run code by a crafted file (CVE-2025-32434). The extras require 2.6, but an older torch installed otherwise would
+# be used all the same: it is refused at load.
+TORCH_FLOOR = (2, 6)
 # Compute capability from which a GPU runs bf16 natively (Ampere). torch.cuda.is_bf16_supported() also says True on
 # older GPUs (T4, V100) where bf16 is emulated, and it asks about the current device, not the one requested.
 BF16_MIN_CAPABILITY = (8, 0)
@@ -61,11 +66,32 @@ def install_hint(extra: str) -> str:
     return f"pip install 'upscaled[{extra}]'"
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string: ``"2.5.1+cu121"`` -> (2, 5, 1), ``"2.6.0a0+git"`` ->
+    (2, 6, 0), ``"2.10"`` -> (2, 10); () when it starts with no number."""
+    release = re.match(r"\d+(?:\.\d+)*", version.strip())
+    return tuple(int(p) for p in release.group().split(".")) if release else ()
+
+
+def torch_too_old(version: str) -> str | None:
+    """Why a torch of ``version`` is refused (below :data:`TORCH_FLOOR`, or a version that says nothing), or None."""
+    have = version_tuple(version)
+    if have and have >= TORCH_FLOOR:
+        return None
+    floor = ".".join(map(str, TORCH_FLOOR))
+    return (
+        f"torch {version} is installed, and upscaled needs torch {floor} or later: before {floor}, "
+        "torch.load(weights_only=True), which reads every weight file here, could be made to run code by a "
+        "crafted file (CVE-2025-32434)"
+    )
+
+
 def import_torch(backend: str, extra: str, *others: str) -> Any:
     """Import torch and ``others`` (the backend's other top-level packages, e.g. ``spandrel``); return torch.
 
     Raises:
-        BackendUnavailableError: one of them is not installed; the message names it and the pip extra.
+        BackendUnavailableError: one of them is not installed, or torch is older than :data:`TORCH_FLOOR`; the
+            message names what and the pip extra.
     """
     names = ("torch", *others)
     try:
@@ -78,6 +104,9 @@ def import_torch(backend: str, extra: str, *others: str) -> Any:
         ) from exc
     import torch
 
+    old = torch_too_old(str(torch.__version__))
+    if old:
+        raise BackendUnavailableError(f"the {backend} backend cannot run: {old}; upgrade it: {install_hint(extra)}")
     return torch
 
 
@@ -212,9 +241,8 @@ def share_cpus(cpu_workers: int) -> int:
     threads share this process's CPUs; returns the count.
 
     OpenCV's threads spin while they wait for work: on a small image, two of them cost twice the CPU of one for
-    about a third less time (FSRCNN x4 on 80x120 here: 20 ms of CPU for 11 ms against 8 ms for 8 ms), CPU that the
-    decode, encode and commits of the other jobs need. Workers that each run single-threaded use every core on
-    different images instead (docs/performance.md).
+    about a third less time, CPU that the decode, encode and commits of the other jobs need. Workers that each run
+    single-threaded use every core on different images instead (docs/performance.md).
     """
     import cv2
 

@@ -154,6 +154,7 @@ class SpandrelModel:
     def _device_fp32(self) -> Any:
         torch = self.torch
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        assert self._cpu_fp32 is not None  # given up only once the main copy is fp32 itself
         fp32 = copy.deepcopy(self._cpu_fp32).to(torch.device(self.device)).eval()
         fp32.model.to(memory_format=fmt)
         self._watch(fp32)
@@ -359,6 +360,7 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> SpandrelUpscaler:
     torch = import_torch("spandrel", "gan", "spandrel")
     import spandrel
 
+    _install_extra_arches(spandrel)
     threads = configure_threads(torch)
     # 1. Find and verify the file, then let spandrel recognise it.
     if is_file_model(entry.id):
@@ -414,6 +416,30 @@ def load(entry: ModelEntry, scale: float, ctx: LoadContext) -> SpandrelUpscaler:
         torch,
     )
     return SpandrelUpscaler(model, entry.id, ctx.tile, threads, timings)
+
+
+def _install_extra_arches(spandrel: Any) -> None:
+    """Add spandrel_extra_arches' architectures (SRFormer and others) to spandrel's registry when that package is
+    installed: a user who installed it means to load them. Idempotent."""
+    try:
+        import spandrel_extra_arches
+    except ImportError:
+        return
+    spandrel_extra_arches.install(ignore_duplicates=True)
+
+
+def supported_architectures() -> tuple[set[str], str]:
+    """(the architecture ids the installed spandrel loads, its version), spandrel_extra_arches' included when it
+    is installed. Imports torch and spandrel.
+
+    Raises:
+        BackendUnavailableError: torch or spandrel is not installed, or torch is below the floor.
+    """
+    import_torch("spandrel", "gan", "spandrel")
+    import spandrel
+
+    _install_extra_arches(spandrel)
+    return {a.architecture.id for a in spandrel.MAIN_REGISTRY.architectures()}, spandrel.__version__
 
 
 def load_descriptor(path: Path, torch: Any, spandrel: Any) -> Any:
@@ -487,9 +513,8 @@ def _choose_layout(
 ) -> tuple[bool, dict[str, float]]:
     """Time the model on a probe in both memory layouts; keep channels_last only if clearly faster.
 
-    Measured on this project's 2-core CPU at 256x256: SRVGG compact xsx4 0.52 s -> 0.39 s, DITN 2.25 s -> 1.40 s.
-    The answer depends on the device and the kernels, so it is measured here rather than assumed, once per kind of
-    model per process.
+    The answer depends on the device and the kernels (docs/performance.md has two CPU figures), so it is measured
+    here rather than assumed, once per kind of model per process.
     """
     key = (descriptor.architecture.id, tuple(descriptor.tags), descriptor.scale, device, precision)
     if key in _LAYOUT_DECISIONS:

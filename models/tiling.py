@@ -192,6 +192,7 @@ def run_tiled(run: WindowFn, img: np.ndarray, scale: float, geometry: Geometry, 
         oy0, oy1 = round(y0 * scale), round(y1 * scale)
         if band is not None:  # rows above this window row are final: round them into the output, keep the rest
             final = oy0 - band_at
+            assert out is not None  # made by the first window, before any band
             out[band_at:oy0] = np.rint(band[:final])
             band = np.concatenate(
                 [band[final:], np.zeros((oy1 - oy0 - (band.shape[0] - final),) + band.shape[1:], np.float32)]

@@ -5,6 +5,13 @@ download goes to an exclusively created ``.part`` file with a random name beside
 streams, stopped as soon as it passes the file's size limit (:func:`download_limit`), checked against the catalogue's
 sha256, fsynced, and only then renamed into place, so a half download never looks like a weight file.
 
+Every download has an overall deadline besides the per-read timeout (:func:`download_deadline`): a source that
+trickles a byte now and then never holds a fetch for ever.
+
+``omdb:<id>`` models (:mod:`models.omdb`) are fetched the same way: their file is the entry's first direct
+resource in a format spandrel loads, at ``omdb/<sha256>.<ext>`` (in ``weights_dir`` and on a mirror), held to the
+entry's size and sha256. A file whose only link needs a browser is reported with where to put it by hand.
+
 A mirror is either a folder laid out like ``weights_dir`` or a base URL with the same layout. A mirror is not trusted:
 what it serves must match the catalogue's sha256. A catalogue file with no published hash is refused unless the user
 says ``trust_unhashed`` (``upscaled weights fetch --trust-unhashed``); then the hash seen is recorded in
@@ -29,15 +36,17 @@ import hashlib
 import json
 import os
 import secrets
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from models.catalog import CATALOG, ModelEntry, WeightFile, get_entry
-from models.errors import FetchError, WeightsCorruptError, WeightsMissingError
+from models.catalog import CATALOG, ModelEntry, WeightFile, get_entry, is_omdb_model
+from models.errors import FetchError, UpscaledError, WeightsCorruptError, WeightsMissingError
 
 RECORDED = "recorded-sha256.json"
 _CHUNK = 1 << 20
@@ -46,6 +55,10 @@ ABSOLUTE_MAX_BYTES = 1 << 30
 # A file of known size may come a little larger from a mirror that re-packs it (it then fails its hash); more than
 # this is not that file, and the download stops before it fills the disk.
 SIZE_MARGIN = 1.10
+# The overall deadline of one download: at least this long, and long enough for the file at the slowest rate we
+# wait for. 67 MB (RRDBNet) gets about 4.5 minutes; a mirror that sends one byte every two seconds is stopped.
+DEADLINE_MIN_S = 120.0
+DEADLINE_MIN_RATE = 256 << 10  # bytes per second
 
 
 # The parts of a diffusers pipeline snapshot that loading reads: the index, every component's config and tokenizer
@@ -146,8 +159,30 @@ def download_limit(wf: WeightFile) -> int:
     return min(ABSOLUTE_MAX_BYTES, wf.max_size or ABSOLUTE_MAX_BYTES)
 
 
+def download_deadline(wf: WeightFile) -> float:
+    """Seconds one download of ``wf`` may take in all: :data:`DEADLINE_MIN_S`, or its size limit at
+    :data:`DEADLINE_MIN_RATE` if that is longer."""
+    return max(DEADLINE_MIN_S, download_limit(wf) / DEADLINE_MIN_RATE)
+
+
 def fetch_command(model_id: str) -> str:
     return f"upscaled weights fetch {model_id}"
+
+
+def entry_for(model_id: str, weights_dir: Path) -> ModelEntry:
+    """The full entry of ``model_id``: the catalogue's (or an ad-hoc ``file:``/``diffusers:`` one), or for an
+    ``omdb:<id>`` id the one built from the cached OpenModelDB index (:func:`models.omdb.resolve`).
+
+    Raises:
+        UnknownModelError: no such model (or no such entry in the cached index).
+        WeightsMissingError: an ``omdb:`` id and no cached index yet; the message names the fetch command.
+        WeightsCorruptError: the cached index cannot be read.
+    """
+    if is_omdb_model(model_id):
+        from models import omdb  # omdb downloads its index with this module's downloader
+
+        return omdb.resolve(model_id, weights_dir)
+    return get_entry(model_id)
 
 
 def locate(weights_dir: Path, entry: ModelEntry, key: int, verify: bool = True) -> Path:
@@ -199,49 +234,92 @@ def _source(wf: WeightFile, mirror: str | None) -> str:
     return str(Path(mirror) / wf.path)
 
 
-def _open_source(src: str, limit: int, timeout: float) -> BinaryIO:
+class NotModified(FetchError):
+    """A conditional request (``If-None-Match``) answered 304: what the caller holds is current."""
+
+    kind = "not-modified"
+
+
+@dataclass(frozen=True)
+class Download:
+    """A finished download: the ``.part`` file beside its destination, what was written, and the response's
+    headers (empty for a local file)."""
+
+    part: Path
+    sha256: str
+    size: int
+    headers: Mapping[str, str]
+
+
+def _open_source(
+    src: str, limit: int, timeout: float, headers: Mapping[str, str] | None = None
+) -> tuple[BinaryIO, Mapping[str, str]]:
     """Open ``src`` (a URL or a local path) for reading; a declared size over ``limit`` is refused before any byte.
+    Returns the reader and the response's headers. ``headers`` go with an HTTP request.
 
     Raises:
+        NotModified: a conditional request answered 304.
         FetchError: it cannot be opened, or says it is larger than ``limit``.
     """
     try:
         if "://" in src:
-            reader = urllib.request.urlopen(src, timeout=timeout)  # noqa: S310 - http(s) and file URLs only
-            declared = reader.headers.get("Content-Length")
+            request = urllib.request.Request(src, headers=dict(headers or {}))
+            reader = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) and file URLs only
+            got: Mapping[str, str] = reader.headers
+            declared = got.get("Content-Length")
             size = int(declared) if declared and declared.isdigit() else None
         else:
-            reader = open(src, "rb")
+            reader, got = open(src, "rb"), {}
             size = os.fstat(reader.fileno()).st_size
-    except OSError as exc:  # URLError and HTTPError are OSErrors
+    except urllib.error.HTTPError as exc:
+        if exc.code == 304:
+            raise NotModified(f"{src}: not modified") from None
+        raise FetchError(f"could not download {src}: {exc}") from exc
+    except OSError as exc:  # URLError is an OSError
         raise FetchError(f"could not download {src}: {exc}") from exc
     if size is not None and size > limit:
         reader.close()
         raise FetchError(
             f"{src} is {size} bytes, over the {limit}-byte limit for this file; it is not the catalogued file"
         )
-    return reader
+    return reader, got
 
 
-def _download(src: str, dest: Path, limit: int, timeout: float) -> tuple[Path, str]:
-    """Copy ``src`` into a new ``.part`` file beside ``dest``, at most ``limit`` bytes; return (that file, the
-    sha256 of what was written). Nothing is left behind on an error.
+def download(
+    src: str,
+    dest: Path,
+    limit: int,
+    timeout: float,
+    deadline: float,
+    headers: Mapping[str, str] | None = None,
+) -> Download:
+    """Copy ``src`` into a new ``.part`` file beside ``dest``: at most ``limit`` bytes, within ``deadline`` seconds
+    in all (each read also times out after ``timeout`` seconds of silence). Nothing is left behind on an error.
 
     Raises:
-        FetchError: the source cannot be read, or brings more than ``limit`` bytes.
+        NotModified: ``headers`` made the request conditional and the source answered 304.
+        FetchError: the source cannot be read, brings more than ``limit`` bytes, or is not done by the deadline.
     """
     digest = hashlib.sha256()
     part = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.part")
-    reader = _open_source(src, limit, timeout)
+    stop = time.monotonic() + deadline
+    reader, got = _open_source(src, limit, min(timeout, deadline), headers)
     try:
         # Exclusive and not through a link: a random name no one else holds (0666 & ~umask, as any file we write).
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         with reader as r, os.fdopen(fd, "wb") as w:
             n = 0
-            while chunk := r.read(_CHUNK):
+            # read1: what one read of the socket brings, so that a trickle still comes back here to the deadline
+            # (read(n) would wait for n bytes, and a byte every few seconds keeps each read under the timeout).
+            while chunk := r.read1(_CHUNK):
                 n += len(chunk)
                 if n > limit:  # a server that lies about its length, or streams forever
                     raise FetchError(f"{src} sent more than {limit} bytes, over the limit for this file; stopped")
+                if time.monotonic() > stop:
+                    raise FetchError(
+                        f"{src} was not done after {deadline:.0f} s ({n} bytes in), the deadline for this file; "
+                        "stopped (a stalled or very slow source: try again, or use --mirror)"
+                    )
                 digest.update(chunk)
                 w.write(chunk)
             w.flush()
@@ -252,7 +330,7 @@ def _download(src: str, dest: Path, limit: int, timeout: float) -> tuple[Path, s
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    return part, digest.hexdigest()
+    return Download(part, digest.hexdigest(), n, got)
 
 
 def fetch_file(
@@ -263,11 +341,15 @@ def fetch_file(
     timeout: float = 60.0,
     force: bool = False,
     trust_unhashed: bool = False,
+    deadline: float | None = None,
 ) -> FileReport:
     """Fetch one weight file from ``mirror`` (or its source URL). Never raises: a failure is a ``failed`` report.
 
-    A file with a published sha256 must match it. A file without one is refused unless ``trust_unhashed``, or a
-    hash was recorded for it with ``trust_unhashed`` before (then the download must match that).
+    A file with a published sha256 must match it, and a file of known size must have that size. A file without a
+    hash is refused unless ``trust_unhashed``, or a hash was recorded for it with ``trust_unhashed`` before (then the
+    download must match that). A file whose source needs a browser (``wf.direct`` False) comes only from a mirror,
+    or is put in place by hand; either way it is held to its hash. ``deadline``: seconds the download may take in
+    all (default :func:`download_deadline`).
     """
     dest = weights_dir / wf.path
     rec = None if wf.sha256 else recorded(weights_dir, wf.path)
@@ -283,24 +365,39 @@ def fetch_file(
         )
     if dest.is_file() and not force and want and sha256_file(dest) == want:
         return FileReport(model_id, wf.path, "present" if wf.sha256 else "trusted")
+    if not wf.direct and not mirror:
+        size = f"{wf.size} bytes, " if wf.size else ""
+        return FileReport(
+            model_id,
+            wf.path,
+            "failed",
+            f"no direct download: the file ({size}sha256 {want}) is only at {wf.url}, which needs a browser; "
+            f"download it there and save it as {dest} (or as {wf.path} in a --mirror folder), then run "
+            f"`{fetch_command(model_id)}` again to check it",
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     src = _source(wf, mirror)
     limit = download_limit(wf)
     try:
-        part, got = _download(src, dest, limit, timeout)
+        got = download(src, dest, limit, timeout, deadline if deadline is not None else download_deadline(wf))
     except FetchError as exc:
         return FileReport(model_id, wf.path, "failed", str(exc))
-    if want and got != want:
-        part.unlink(missing_ok=True)
-        return FileReport(model_id, wf.path, "failed", f"{src}: sha256 {got} does not match the expected {want}")
-    os.replace(part, dest)
+    problem = None
+    if want and got.sha256 != want:
+        problem = f"{src}: sha256 {got.sha256} does not match the expected {want}"
+    elif wf.size and got.size != wf.size:  # the right bytes, and a source that states another size: it is wrong
+        problem = f"{src}: {got.size} bytes, but {wf.size} bytes are stated for this file; refused"
+    if problem:
+        got.part.unlink(missing_ok=True)
+        return FileReport(model_id, wf.path, "failed", problem)
+    os.replace(got.part, dest)
     if want is None:
-        _record(weights_dir, wf.path, got, src)
+        _record(weights_dir, wf.path, got.sha256, src)
         return FileReport(
             model_id,
             wf.path,
             "recorded",
-            f"no published sha256; trusted on --trust-unhashed and recorded {got} from {src}",
+            f"no published sha256; trusted on --trust-unhashed and recorded {got.sha256} from {src}",
         )
     return FileReport(model_id, wf.path, "fetched", src)
 
@@ -364,26 +461,57 @@ def fetch(
     force: bool = False,
     timeout: float = 60.0,
     trust_unhashed: bool = False,
+    index_url: str | None = None,
+    deadline: float | None = None,
 ) -> list[FileReport]:
     """Fetch every weight file of ``model_ids``. Never raises for a single failed file: see the reports.
 
     ``trust_unhashed``: accept (and record) files the catalogue publishes no sha256 for; without it they fail.
     A diffusion entry's hub snapshot goes to the Hugging Face cache instead (:func:`fetch_hub`); ``mirror`` does
-    not apply to it (set ``HF_ENDPOINT`` for a hub mirror).
+    not apply to it (set ``HF_ENDPOINT`` for a hub mirror). ``omdb:<id>`` ids first refresh the cached OpenModelDB
+    index from ``index_url`` (once per call; a refresh that fails keeps the cache, and says so), then fetch the
+    entry's file (:mod:`models.omdb`). ``deadline``: seconds each download may take in all.
 
     Raises:
-        UnknownModelError: an unknown model id.
+        UnknownModelError: an unknown model id (a malformed ``omdb:`` id included).
     """
     weights_dir.mkdir(parents=True, exist_ok=True)
+    ids = list(model_ids)
+    for mid in ids:
+        get_entry(mid)  # every id checked before anything is downloaded
+    note = _refresh_index(weights_dir, index_url, timeout, deadline) if any(map(is_omdb_model, ids)) else ""
     reports = []
-    for mid in model_ids:
-        entry = get_entry(mid)
+    for mid in ids:
+        try:
+            entry = entry_for(mid, weights_dir)
+        except UpscaledError as exc:
+            reports.append(FileReport(mid, "-", "failed", "; ".join(x for x in (str(exc), note) if x)))
+            continue
         if entry.hub_repo:
             reports.append(fetch_hub(entry, force, timeout))
             continue
         for wf in entry.weight_files():
-            reports.append(fetch_file(weights_dir, mid, wf, mirror, timeout, force, trust_unhashed))
+            report = fetch_file(weights_dir, mid, wf, mirror, timeout, force, trust_unhashed, deadline)
+            if note and is_omdb_model(mid):
+                report.detail = "; ".join(x for x in (report.detail, note) if x)
+            reports.append(report)
     return reports
+
+
+def _refresh_index(weights_dir: Path, index_url: str | None, timeout: float, deadline: float | None) -> str:
+    """Refresh the cached OpenModelDB index; on failure keep the cache. Returns what the reports should say ("" when
+    the refresh went through)."""
+    from models import omdb
+
+    if not index_url:
+        return "no model_index_url is set: the cached OpenModelDB index is used as it is"
+    try:
+        omdb.refresh(weights_dir, index_url, timeout=timeout, deadline=deadline)
+    except UpscaledError as exc:
+        cached = omdb.load_index(weights_dir)
+        using = f"the cached index of {cached.fetched_at}" if cached else "no cached index"
+        return f"could not refresh the OpenModelDB index ({exc}); using {using}"
+    return ""
 
 
 def verify(weights_dir: Path, model_ids: Iterable[str] | None = None) -> list[FileReport]:
@@ -397,7 +525,12 @@ def verify(weights_dir: Path, model_ids: Iterable[str] | None = None) -> list[Fi
     ids = list(model_ids) if model_ids else [e for e in CATALOG if CATALOG[e].files]
     reports = []
     for mid in ids:
-        for wf in get_entry(mid).weight_files():
+        try:
+            entry = entry_for(mid, weights_dir)
+        except (WeightsMissingError, WeightsCorruptError) as exc:  # an omdb: id whose index is not cached
+            reports.append(FileReport(mid, "-", "missing", str(exc)))
+            continue
+        for wf in entry.weight_files():
             path = weights_dir / wf.path
             if not path.is_file():
                 reports.append(FileReport(mid, wf.path, "missing", f"run `{fetch_command(mid)}`"))
@@ -445,7 +578,13 @@ def verify(weights_dir: Path, model_ids: Iterable[str] | None = None) -> list[Fi
 
 def present(weights_dir: Path, entry: ModelEntry) -> bool:
     """True when every weight file of ``entry`` exists (no hashing: for listings). For a hub entry: when its
-    snapshot's ``model_index.json`` is in the Hugging Face cache (no network)."""
+    snapshot's ``model_index.json`` is in the Hugging Face cache (no network). For an ``omdb:`` entry: when the
+    cached index has it and its file is there."""
+    if is_omdb_model(entry.id) and not entry.files:
+        try:
+            entry = entry_for(entry.id, weights_dir)
+        except UpscaledError:
+            return False
     if entry.hub_repo:
         try:
             from huggingface_hub import try_to_load_from_cache
@@ -457,5 +596,5 @@ def present(weights_dir: Path, entry: ModelEntry) -> bool:
 
 
 def needs_weights(entry: ModelEntry) -> bool:
-    """Whether ``entry`` loads anything: weight files, or a hub snapshot."""
-    return bool(entry.files or entry.hub_repo)
+    """Whether ``entry`` loads anything: weight files, a hub snapshot, or an OpenModelDB entry's file."""
+    return bool(entry.files or entry.hub_repo or is_omdb_model(entry.id))

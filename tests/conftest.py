@@ -8,6 +8,7 @@ that this machine has *more* than the test assumes (a GPU), or lacks what no pac
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -82,6 +83,24 @@ def pytest_make_collect_report(
     report = yield
     _refuse_skip(report)
     return report
+
+
+class FakeClock:
+    """A clock the test moves by hand, for a store (``clock()``: naive UTC, as :func:`daemon.jobs.utcnow`) and for a
+    service or runner (``monotonic()``: seconds, as :func:`time.monotonic`). Both start at ``start`` and move only
+    with :meth:`advance`."""
+
+    def __init__(self, start: dt.datetime = dt.datetime(2026, 1, 1, 12, 0, 0)) -> None:
+        self.start = self.now = start
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def monotonic(self) -> float:
+        return (self.now - self.start).total_seconds()
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> object:

@@ -35,12 +35,14 @@ FORMATS: dict[str, FormatInfo] = {
     "jpg": FormatInfo("jpg", None, 65500, alpha=False),
     "webp": FormatInfo("webp", None, 16383, grey=False, animated=True),
     "tiff": FormatInfo("tiff", None, 2**31 - 1, deep=True, lossy=False),
-    "gif": FormatInfo("gif", None, 65535, deep=False, lossy=False, animated=True),
     "avif": FormatInfo("avif", None, 32768, max_pixels=16384 * 16384, deep=True),
     "heic": FormatInfo("heic", "heif", 16384, deep=True),
     "jxl": FormatInfo("jxl", "jxl", 1_073_741_823, deep=True),
+    "gif": FormatInfo("gif", None, 65535, deep=False, lossy=False, animated=True),
 }
-OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff", "avif", "heic", "jxl", "gif")
+# Every other list of formats (the rule's `format` choices, the CLI's, the lossy and the animated ones) is derived
+# from FORMATS: a format is added there, once.
+OUTPUT_FORMATS = tuple(FORMATS)
 # Pillow's format names -> ours. BMP and still GIF inputs are written as PNG by default (see default_output).
 PIL_TO_OURS = {
     "PNG": "png",

@@ -8,7 +8,7 @@ Two things are fixed on the way, because the output is a new image:
 
 - The EXIF keeps no TIFF *structure* tags (ImageWidth, StripOffsets, BitsPerSample, ...). Pillow returns a TIFF's
   whole first IFD as its "EXIF"; written into the output, those tags described the input, and an 8-bit TIFF came
-  out with ``ImageWidth`` 60 and ``ImageLength`` 80 (issue 15).
+  out with ``ImageWidth`` 60 and ``ImageLength`` 80 after a x2.
 - The orientation is reset to 1 (it is applied at decode), and the sizes the EXIF and XMP state
   (``PixelXDimension``/``PixelYDimension``, ``tiff:ImageWidth``/``ImageLength``) are set to the output's size.
 """
@@ -271,7 +271,7 @@ def prepare(meta: Metadata | None, policy: str, fmt: str, size: tuple[int, int])
     """
     if policy not in POLICIES:
         raise ValueError(f"metadata policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    out, notes = Prepared(), []
+    out, notes = Prepared(), list[str]()
     if meta is None:
         return out, notes
     carries = CARRIES.get(fmt, frozenset())

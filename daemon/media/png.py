@@ -1,4 +1,4 @@
-"""The PNG encoder: our own writer, numpy for the row filters and zlib-ng for the deflate (issue 11).
+"""The PNG encoder: our own writer, numpy for the row filters and zlib-ng for the deflate (see docs/formats.md).
 
 libpng (what ``cv2.imwrite`` and Pillow call) spends most of a fast PNG outside zlib: at level 0, storing without
 compressing, OpenCV still takes 80 % of its level-1 time on a 320x480 output. The row filters are a few vectorised

@@ -1,4 +1,4 @@
-"""The hostile-inbox suite (issue 12): every finding of the adversarial review, tried again as an attacker would, on the
+"""The hostile-inbox suite: every finding of the adversarial review, tried again as an attacker would, on the
 real daemon and the real CLI wherever they can run.
 
 The inbox, the names in it and the mirrors the weights come from are not trusted; the configuration and the weights

@@ -1,22 +1,18 @@
 """The HTML reports, opened in a real headless Chromium: no console errors, no network, every image decoded.
 
-Chromium is driven over the DevTools protocol (a websocket): the test attaches to a blank page first, so it sees
+Chromium is driven over the DevTools protocol (tests/chromium.py): the test attaches to a blank page first, so it sees
 every console message, exception and request of the report from the very start. A screenshot of each report is
 saved under test-artifacts/ for a person to look at.
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,163 +25,35 @@ from bench.run import BenchSettings, Progress, detail_box, read_dataset, run_ben
 from daemon.config import Rule, load_settings
 from daemon.oneshot import process as process_once
 from daemon.store import SqlStore
+from tests.chromium import Browser, require_chromium
 from tests.conftest import ROOT, SET5, image, write_config
 
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-
-
-def chromium_binary() -> str | None:
-    for name in CHROMIUM_NAMES:
-        found = shutil.which(name)
-        if found:
-            return found
-    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
-
-
-class DevTools:
-    """A minimal DevTools-protocol client over one page's websocket: commands, and every event kept."""
-
-    def __init__(self, ws_url: str) -> None:
-        import websocket  # websocket-client, in the test extra
-
-        # Chromium refuses websocket handshakes that carry an Origin it was not told to allow.
-        self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
-        self.events: list[dict[str, Any]] = []
-        self._id = 0
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self._id += 1
-        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == self._id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-            if "method" in msg:
-                self.events.append(msg)
-
-    def wait_for(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for e in self.events:
-                if e["method"] == event:
-                    return e
-            self.ws.settimeout(max(0.1, deadline - time.monotonic()))
-            msg = json.loads(self.ws.recv())
-            if "method" in msg:
-                self.events.append(msg)
-        raise TimeoutError(f"no {event} within {timeout}s")
-
-    def close(self) -> None:
-        self.ws.close()
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[str]:
-    """A headless Chromium with remote debugging; yields the HTTP address of its DevTools endpoint."""
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("no chromium binary (install it with `apt-get install chromium`); the report is not opened")
-    pytest.importorskip("websocket", reason="websocket-client is in the test extra: pip install -e '.[test]'")
-    profile = tempfile.mkdtemp(prefix="upscaled-chromium-")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}",
-            "--remote-debugging-port=0",
-            "--window-size=1280,900",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        port = None
-        deadline = time.monotonic() + 60
-        assert proc.stderr is not None
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line and proc.poll() is not None:
-                break
-            m = re.search(r"DevTools listening on ws://[^:]+:(\d+)/", line)
-            if m:
-                port = int(m.group(1))
-        assert port is not None, f"chromium did not start its DevTools endpoint (exit code {proc.poll()})"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(profile, ignore_errors=True)
+def browser() -> Iterator[Browser]:
+    """A headless Chromium with remote debugging (tests/chromium.py)."""
+    with Browser(require_chromium()) as b:
+        yield b
 
 
-def open_report(endpoint: str, path: Path, screenshot: Path) -> dict[str, Any]:
+def open_report(browser: Browser, path: Path, screenshot: Path) -> dict[str, Any]:
     """Load ``path`` in a fresh tab; return images, console errors, exceptions and non-local requests."""
-    # A new tab (Chromium wants PUT here), attached to before the report loads.
-    req = urllib.request.Request(f"{endpoint}/json/new?about:blank", method="PUT")
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        page = json.loads(resp.read())
-    dt = DevTools(page["webSocketDebuggerUrl"])
+    page = browser.new_page()  # attached to before the report loads
     try:
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            dt.call(f"{domain}.enable")
-        dt.call("Page.navigate", url=path.resolve().as_uri())
-        dt.wait_for("Page.loadEventFired")
-        images = dt.call(
-            "Runtime.evaluate",
-            returnByValue=True,
-            awaitPromise=True,
-            expression="""
-            Promise.all(Array.from(document.images).map(i => i.decode().then(() => true, () => false)))
-              .then(ok => Array.from(document.images).map((i, k) => ({
-                alt: i.alt, decoded: ok[k], complete: i.complete, naturalWidth: i.naturalWidth,
-                src: i.currentSrc.slice(0, 22)})))""",
-        )["result"]["value"]
-        metrics = dt.call("Page.getLayoutMetrics")["cssContentSize"]
-        shot = dt.call(
-            "Page.captureScreenshot",
-            format="png",
-            captureBeyondViewport=True,
-            clip=dict(x=0, y=0, width=metrics["width"], height=min(metrics["height"], 12000), scale=1),
-        )
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        screenshot.write_bytes(base64.b64decode(shot["data"]))
-        errors = [
-            e["params"]["entry"]
-            for e in dt.events
-            if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"
-        ]
-        errors += [
-            e["params"]
-            for e in dt.events
-            if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert")
-        ]
-        exceptions = [e["params"] for e in dt.events if e["method"] == "Runtime.exceptionThrown"]
-        requests = [e["params"]["request"]["url"] for e in dt.events if e["method"] == "Network.requestWillBeSent"]
+        page.navigate(path.resolve().as_uri())
+        images = page.images_decoded()
+        page.screenshot(screenshot, max_height=12000)
         return dict(
             images=images,
-            errors=errors,
-            exceptions=exceptions,
-            requests=requests,
-            title=dt.call("Runtime.evaluate", expression="document.title", returnByValue=True)["result"]["value"],
+            errors=page.console_errors(),
+            exceptions=page.exceptions(),
+            requests=page.requests(),
+            title=page.evaluate("document.title"),
         )
     finally:
-        dt.close()
+        page.close()
 
 
 def assert_clean(opened: dict[str, Any], min_images: int) -> None:

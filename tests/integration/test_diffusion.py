@@ -41,7 +41,7 @@ from daemon.intake import with_sidecar_prompt  # noqa: E402
 from daemon.service import Service  # noqa: E402
 from models import diffusion_sd  # noqa: E402
 from models.backends import DiffusionParams  # noqa: E402
-from models.base import Tiling, pad_to_multiple, to_float, to_uint8  # noqa: E402
+from models.base import Tiling, pad_to_multiple  # noqa: E402
 from models.catalog import CATALOG, model_label  # noqa: E402
 from models.diffusion_sd import DiffusionUpscaler, window_geometry  # noqa: E402
 from models.errors import (  # noqa: E402
@@ -52,6 +52,7 @@ from models.errors import (  # noqa: E402
     WeightsCorruptError,
     WeightsMissingError,
 )
+from models.pixels import to_uint8, to_unit_float  # noqa: E402
 from models.progress import reporting  # noqa: E402
 from models.registry import LoadContext, ModelCache  # noqa: E402
 from models.testing import build_tiny_pipeline  # noqa: E402
@@ -201,7 +202,7 @@ def test_the_same_seed_gives_the_same_bytes_and_another_seed_does_not(cache, tin
         up(img, dict(FAST, noise_level=351))
     # uint8 in, uint8 out: the float result, quantised.
     u8 = to_uint8(img)
-    np.testing.assert_array_equal(up(u8, dict(FAST, seed=11)), to_uint8(up(to_float(u8), dict(FAST, seed=11))))
+    np.testing.assert_array_equal(up(u8, dict(FAST, seed=11)), to_uint8(up(to_unit_float(u8), dict(FAST, seed=11))))
 
 
 def _seam_score(out: np.ndarray, in_len: int, axis: int, tile: int, m: int) -> float:

@@ -1,4 +1,4 @@
-"""Every input format against every output format, checked by a second reader (issue 15).
+"""Every input format against every output format, checked by a second reader.
 
 Each case builds a real input file with a real encoder, decodes it with :func:`daemon.imageio.decode_bytes`,
 enlarges it x2 (nearest neighbour: a stand-in for a model that keeps the test exact), assembles and encodes it with
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from daemon import imageio  # noqa: E402
 from daemon.media import formats  # noqa: E402
+from models.pixels import alpha_of, colour_of  # noqa: E402
 from tests.conftest import SET5  # noqa: E402
 
 BABY = SET5 / "HR" / "baby.png"
@@ -220,7 +221,7 @@ def run_case(case: Case, out: str) -> dict:
         assert psnr(flatten(*canonical(got_in)), flatten(*canonical(want_in))) > 30
     # x2, nearest neighbour: exactly predictable output pixels; then the worker's own assemble and encode.
     up = np.repeat(np.repeat(got_in, 2, axis=0), 2, axis=1)
-    arr = imageio.assemble(imageio.colour_of(up), imageio.alpha_of(up), d.bits, d.grey)
+    arr = imageio.assemble(colour_of(up), alpha_of(up), d.bits, d.grey)
     quality = 100 if out in ("webp", "jxl") else 90
     enc, notes = imageio.encode(arr, out, quality=quality, meta=d.meta)
     back, bits = second_reader(enc, out)

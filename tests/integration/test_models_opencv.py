@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.base import to_float, to_uint8
 from models.catalog import CATALOG
 from models.errors import ImageTooSmallError, UnknownModelError, UnsupportedScaleError, WeightsMissingError
 from models.opencv_sr import DEFAULT_TILE, MARGIN
+from models.pixels import to_uint8, to_unit_float
 from models.progress import reporting
 from models.registry import LoadContext, ModelCache, check_scale
 from models.resize import imresize
@@ -49,7 +49,7 @@ def upsample(weights_dir, model: str, scale: int, rgb: np.ndarray) -> np.ndarray
 def test_every_mirrored_opencv_model_loads_and_upscales(weights_dir, model, scale):
     up, fresh = ModelCache().get(model, scale, LoadContext(weights_dir))
     assert fresh and up.backend == "opencv" and up.device == "cpu" and up.scale == scale
-    hr = to_float(_img(24 * scale, 32 * scale))
+    hr = to_unit_float(_img(24 * scale, 32 * scale))
     lr = imresize(hr, (32, 24))
     out = up(lr)
     assert out.shape == hr.shape and out.dtype == np.float32
@@ -93,7 +93,7 @@ def test_the_cache_loads_once(weights_dir):
 def test_tiled_equals_one_pass(weights_dir, model):
     """The margin covers the receptive field, and windows are cut hard: no seams, float sums aside."""
     up, _ = ModelCache().get(model, 2, LoadContext(weights_dir))
-    img = to_float(_img(150, 170))
+    img = to_unit_float(_img(150, 170))
     whole = up.with_tile(1000)(img)
     smallest = 3 * 2 * MARGIN[model]
     tiled = up.with_tile(max(48, smallest))(img)
@@ -109,7 +109,7 @@ def test_16_bit_input_keeps_its_precision(weights_dir):
     assert out.dtype == np.float32
     assert len(np.unique(np.rint(out * 65535))) > 4 * 256
     # And the 8-bit path of the same picture is the same picture, within the 8-bit YCrCb rounding upsample() does.
-    assert np.abs(to_float(up(to_uint8(deep))) - out).mean() < 1.0 / 255
+    assert np.abs(to_unit_float(up(to_uint8(deep))) - out).mean() < 1.0 / 255
 
 
 def test_memory_stays_bounded_by_windows_on_a_large_image(weights_dir):
@@ -134,7 +134,7 @@ def test_opencv_models_reach_the_reference_psnr_on_shipped_lr(weights_dir, model
         hr = np.asarray(Image.open(hr_path).convert("RGB"), np.float32) / 255
         hr = hr[: hr.shape[0] - hr.shape[0] % 4, : hr.shape[1] - hr.shape[1] % 4]
         lr = np.asarray(Image.open(SET5 / "LR_bicubic" / "X4" / f"img_00{i}_SRF_4_LR.png").convert("RGB"))
-        sr = to_float(up(lr))  # the 8-bit path: what upsample() gives
+        sr = to_unit_float(up(lr))  # the 8-bit path: what upsample() gives
         vals.append(full_reference(sr, hr, 4, ("psnr_y",))[0].value)
     assert abs(np.mean(vals) - published) <= 0.05
 

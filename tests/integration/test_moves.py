@@ -18,7 +18,7 @@ from daemon.fsops import TMP_SUFFIX, Root, move
 from daemon.jobs import Job, JobSpec
 from daemon.service import Service
 from daemon.store import SqlStore
-from tests.conftest import write_config
+from tests.conftest import FakeClock, write_config
 
 
 def move_unique(src: Path, dest: Path, reserved: bool = False) -> Path:
@@ -210,21 +210,9 @@ def test_two_nodes_failing_one_file_leave_one_image_and_one_reason(tmp_path, wei
         b.shutdown()
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        import datetime as dt
-
-        self.now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-    def __call__(self):  # noqa: ANN204
-        return self.now
-
-
 def test_a_failed_file_is_left_to_its_owner_for_a_moment_then_quarantined_by_any_node(tmp_path, weights_dir):
     """Node B sees a file whose job node A failed a moment ago: A is moving it, B must not race it. If A died
     between its commit and its move, a later look (past stale_seconds) finishes the move."""
-    import datetime as dt
-
     settings = load_settings(write_config(tmp_path, weights=weights_dir, stale_seconds=30))
     clock = FakeClock()
     svc = Service(settings, store=SqlStore(settings.database, clock=clock))
@@ -241,7 +229,7 @@ def test_a_failed_file_is_left_to_its_owner_for_a_moment_then_quarantined_by_any
         assert svc.store.fail(reg.job.id, "decode", "cannot decode", owner="node-a-host:4242")
         svc.admit([PurePosixPath("broken.png")])
         assert src.exists() and not list((tmp_path / "failed").iterdir())
-        clock.now += dt.timedelta(seconds=31)
+        clock.advance(31)
         svc.admit([PurePosixPath("broken.png")])
         assert not src.exists()
         assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == ["broken.png", "broken.png.error.json"]

@@ -31,7 +31,6 @@ from daemon.errors import ConfigError  # noqa: E402
 from daemon.oneshot import process as process_once  # noqa: E402
 from daemon.service import Service  # noqa: E402
 from models import runtime, spandrel_sr  # noqa: E402
-from models.base import to_float, to_uint8  # noqa: E402
 from models.catalog import CATALOG, get_entry, model_label  # noqa: E402
 from models.errors import (  # noqa: E402
     DeviceUnavailableError,
@@ -42,6 +41,7 @@ from models.errors import (  # noqa: E402
     UnsupportedScaleError,
     WeightsMissingError,
 )
+from models.pixels import to_uint8, to_unit_float  # noqa: E402
 from models.registry import REGISTRY, LoadContext, ModelCache, check_scale  # noqa: E402
 from models.resize import resize  # noqa: E402
 from models.runtime import resolve_device  # noqa: E402
@@ -253,10 +253,10 @@ def test_uint8_in_uint8_out_on_the_device_equals_the_quantised_float_path(cache,
     u8 = to_uint8(crop(48, 56))
     out = up(u8)
     assert out.dtype == np.uint8 and out.shape == (192, 224, 3)
-    np.testing.assert_array_equal(out, to_uint8(up(to_float(u8))))
+    np.testing.assert_array_equal(out, to_uint8(up(to_unit_float(u8))))
     # A plain spandrel loop (x / 255 in fp32, rint(y * 255)) gives the same bytes, but for the convolution's
     # memory layout: channels_last sums in another order, which can move a value across a rounding boundary.
-    plain = np.rint(_plain_spandrel(weights, XSX4, to_float(u8)) * 255).astype(np.uint8)
+    plain = np.rint(_plain_spandrel(weights, XSX4, to_unit_float(u8)) * 255).astype(np.uint8)
     diff = np.abs(out.astype(int) - plain)
     assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
     if not up.channels_last:

@@ -22,21 +22,11 @@ from daemon.fsops import FileId
 from daemon.jobs import Finished, JobSpec, MemoryStore, NodeInfo, utcnow, worker_id
 from daemon.metrics import Metric
 from daemon.store import VIEWS, SqlStore
+from tests.conftest import FakeClock
 from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
 
 RULE = Rule(model="bicubic", scale=2)
-T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> dt.datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += dt.timedelta(seconds=seconds)
+T0 = FakeClock().start
 
 
 def spec(i: int, name: str | None = None, folder: str = "", source: str = "watch", **kw) -> JobSpec:
@@ -415,6 +405,17 @@ def test_two_processes_never_duplicate_or_double_claim(tmp_path):
     assert sum(r[0] for r in results) == 40  # each key created exactly once
     claimed = results[0][1] + results[1][1]
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 40  # each job claimed exactly once
+
+
+# --- bench runs (BenchStore) ---------------------------------------------------------------------------------------
+def test_a_bench_run_is_recorded_and_its_jobs_name_it(store):
+    run = store.add_bench_run('{"models": ["bicubic"]}')
+    (reg,) = store.register([spec(1, source="bench", bench_run_id=run)])
+    (watch,) = store.register([spec(2)])
+    assert reg.job.bench_run_id == run and store.get(reg.job.id).bench_run_id == run
+    assert watch.job.bench_run_id is None and store.get(watch.job.id).bench_run_id is None
+    store.set_bench_report(run, "/reports/bench.html")
+    assert store.add_bench_run("{}") not in (run, None)
 
 
 # --- PostgreSQL's clock ---------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ The liveness checks are real: a pid on this host is alive or not as the kernel s
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
 import subprocess
@@ -18,15 +17,15 @@ from daemon.cluster import Cluster
 from daemon.config import Rule, load_settings
 from daemon.errors import NodeInUseError
 from daemon.jobs import JobSpec, MemoryStore, NodeInfo
-from tests.conftest import write_config
+from tests.conftest import FakeClock, write_config
 
-T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+T0 = FakeClock().start
 
 
 class Rig:
     def __init__(self, tmp: Path) -> None:
-        self.now = T0
-        self.store = MemoryStore(lambda: self.now)
+        self.clock = FakeClock(T0)
+        self.store = MemoryStore(self.clock)
         self.recovered: list[int] = []
         self.settings = load_settings(
             write_config(tmp, node_name="n1", heartbeat_seconds=5, stale_seconds=30, workers=2)
@@ -36,7 +35,7 @@ class Rig:
         )
 
     def advance(self, seconds: float) -> None:
-        self.now += dt.timedelta(seconds=seconds)
+        self.clock.advance(seconds)
 
 
 @pytest.fixture
@@ -83,7 +82,7 @@ def test_a_beat_renews_this_nodes_leases_and_takes_over_a_dead_nodes_jobs(rig: R
     for _ in range(7):  # 35 s of beats from n1, none from n2
         rig.advance(5)
         beat = rig.cluster.beat()
-    assert beat.at == rig.now and beat.skew_s == 0.0
+    assert beat.at == rig.clock.now and beat.skew_s == 0.0
     assert rig.recovered == [theirs.id] and rig.store.get(theirs.id).state == "pending"
     assert rig.store.get(mine.id).state == "running"
     assert [n.row.name for n in rig.cluster.others()] == []  # n2 is stale

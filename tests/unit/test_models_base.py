@@ -17,9 +17,10 @@ from pydantic import BaseModel
 import models
 from models import devices
 from models.backends import BACKENDS, Backend, DiffusionParams, NoParams, backend_of, get_backend
-from models.base import FunctionUpscaler, SizeRequirements, Tiling, to_float, to_uint8
+from models.base import FunctionUpscaler, SizeRequirements, Tiling
 from models.catalog import get_entry
 from models.errors import ImageTooSmallError, InvalidParamsError, RegistryError, UnsupportedImageError
+from models.pixels import to_uint8, to_unit_float
 from models.registry import LoadContext, ModelCache, Registry
 from models.tiling import Geometry
 
@@ -52,15 +53,15 @@ def test_uint8_in_uint8_out_equal_to_the_quantised_float_path():
     up = FunctionUpscaler("t", "test", 2, soft)
     out = up(u8)
     assert out.dtype == np.uint8 and out.shape == (34, 46, 3)
-    np.testing.assert_array_equal(out, to_uint8(up(to_float(u8))))
-    f = up(to_float(u8))
+    np.testing.assert_array_equal(out, to_uint8(up(to_unit_float(u8))))
+    f = up(to_unit_float(u8))
     assert f.dtype == np.float32 and 0.0 <= f.min() and f.max() <= 1.0
 
 
 def test_the_shared_conversion_is_a_float32_division_and_round_half_to_even():
     u8 = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
-    np.testing.assert_array_equal(to_float(u8), u8.astype(np.float32) / np.float32(255))
-    np.testing.assert_array_equal(to_uint8(to_float(u8)), u8)
+    np.testing.assert_array_equal(to_unit_float(u8), u8.astype(np.float32) / np.float32(255))
+    np.testing.assert_array_equal(to_uint8(to_unit_float(u8)), u8)
     halves = np.array([0.5, 1.5, 2.5, 254.5], np.float32) / np.float32(255)
     assert to_uint8(halves).tolist() == [0, 2, 2, 254]
     assert to_uint8(np.array([-0.5, 1.7], np.float32)).tolist() == [0, 255]
@@ -165,7 +166,7 @@ def test_classical_filters_give_any_scale_in_both_dtypes():
         assert abs(float(out.mean()) - float(img.mean())) < 0.02, m  # no colour or brightness shift
         u8 = to_uint8(img)
         if m == "bicubic":  # MATLAB's kernel has no 8-bit version: the shared conversion
-            np.testing.assert_array_equal(up(u8), to_uint8(up(to_float(u8))))
+            np.testing.assert_array_equal(up(u8), to_uint8(up(to_unit_float(u8))))
         else:  # cv2.resize's own 8-bit kernels, as a plain call
             interp = {
                 "nearest": cv2.INTER_NEAREST,
@@ -174,7 +175,7 @@ def test_classical_filters_give_any_scale_in_both_dtypes():
                 "area": cv2.INTER_AREA,
             }[m]
             np.testing.assert_array_equal(up(u8), cv2.resize(u8, (40, 25), interpolation=interp))
-            assert np.abs(up(u8).astype(int) - to_uint8(up(to_float(u8)))).max() <= 1
+            assert np.abs(up(u8).astype(int) - to_uint8(up(to_unit_float(u8)))).max() <= 1
     near, _ = cache.get("nearest", 3, LoadContext(Path(".")))
     np.testing.assert_array_equal(near(img), np.repeat(np.repeat(img, 3, 0), 3, 1))
 

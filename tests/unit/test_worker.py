@@ -22,17 +22,9 @@ from daemon.intake import Intake
 from daemon.jobs import MemoryStore, worker_id
 from daemon.worker import Stages
 from models.registry import ModelCache
-from tests.conftest import write_config
+from tests.conftest import FakeClock, write_config
 
-T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> dt.datetime:
-        return self.now
+T0 = FakeClock().start
 
 
 class Rig:
