@@ -529,9 +529,8 @@ def retry(
     from daemon.store import SqlStore
 
     settings = _settings(ctx)
-    ids, paths = [], []
-    for t in targets:
-        (ids if t.isascii() and t.isdigit() else paths).append(int(t) if t.isascii() and t.isdigit() else Path(t))
+    ids = [int(t) for t in targets if t.isascii() and t.isdigit()]
+    paths = [Path(t) for t in targets if not (t.isascii() and t.isdigit())]
     if not targets and not every_failed and not kind:
         raise click.UsageError("name job ids or paths under failed/, or pass --failed or --kind KIND")
     for p in paths:

@@ -141,6 +141,7 @@ class Filters:
         first, last = get("from"), get("to")
         since = _day(first, "from") if first else None
         until = _day(last, "to") if last else None
+        sources: tuple[str, ...] | None
         if source is not None:
             sources = None if source == "all" else (source,)
         else:

@@ -80,7 +80,8 @@ class ConsoleRenderer:
             padded = f"\x1b[{_LEVEL_COLOURS.get(level, '0')}m{padded}\x1b[0m"
         head = f"{stamp} {padded} {name}" if stamp else f"{padded} {name}"
         keys = [k for k in FIRST_KEYS if k in event] + [k for k in event if k not in FIRST_KEYS]
-        parts, tail = [], []
+        parts: list[str] = []
+        tail: list[str] = []
         for k in keys:
             v = event[k]
             if v is None or (isinstance(v, str | list | tuple | dict) and not v):

@@ -157,10 +157,12 @@ def sizes(job: dict[str, Any]) -> str:
     the model got the LR image made from it (the HR cropped to a multiple of the scale, divided by it): that is
     the size shown in, ``LR 80×60 → 320×240``."""
     w, h = job.get("input_width"), job.get("input_height")
-    shown = f"{w}×{h}" if w and h else ""
-    if shown and job.get("mode") == "benchmark" and job.get("scale"):
-        s = max(1, int(job["scale"]))
-        shown = f"LR {w // s}×{h // s}"
+    shown = ""
+    if w and h:
+        shown = f"{w}×{h}"
+        if job.get("mode") == "benchmark" and job.get("scale"):
+            s = max(1, int(job["scale"]))
+            shown = f"LR {w // s}×{h // s}"
     if job.get("output_width") and job.get("state") == "done":
         shown = f"{shown or '?'} → {job['output_width']}×{job['output_height']}"
     return shown
