@@ -7,8 +7,9 @@ PIP := $(VENV)/bin/pip
 # A folder or URL laid out like weights/. Defaults to the offline mirror next to the checkout when there is one;
 # empty means "download from the real sources".
 WEIGHTS_MIRROR ?= $(wildcard ../shared/weights)
-# What the shipped settings.toml uses, plus the BRISQUE model for the no-reference metric.
-RUN_WEIGHTS ?= fsrcnn brisque
+# What the shipped settings.toml uses (FSRCNN, and DITN_Real_x4 for photos), plus the BRISQUE model for the
+# no-reference metric: `make run`'s check-config stops while a rule's weights are missing.
+RUN_WEIGHTS ?= fsrcnn ditn-real-x4 brisque
 PYTEST_ARGS ?=
 # The extras `make run` installs; `make run EXTRAS=` installs the core alone (no torch: classical and OpenCV models).
 EXTRAS ?= all

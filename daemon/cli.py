@@ -274,6 +274,9 @@ def check_config(ctx: click.Context, no_weights: bool) -> None:
             if implicit is not None and rule.folder == ""
             else ""
         )
+        unavailable = rule.backend().available()  # shown, not an error: a node may leave this folder to others
+        if unavailable:
+            note += f"; BACKEND UNAVAILABLE: {unavailable}"
         lines.append(
             f"  {rule.folder or '(default)'}: {rule.model} x{rule.final_scale:g} {rule.mode}"
             f" -> {rule.format or 'same format'}; {weights}; licence {entry.license}{note}"

@@ -118,6 +118,6 @@ def test_make_run_hands_the_weights_mirror_to_the_service(tmp_path):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     out = _make(src, "run", f"WEIGHTS_MIRROR={mirror}")
-    assert f"weights fetch fsrcnn brisque --mirror {mirror}" in out
+    assert f"weights fetch fsrcnn ditn-real-x4 brisque --mirror {mirror}" in out
     assert f"UPSCALED_WEIGHTS_MIRROR={mirror} .venv/bin/upscaled check-config" in out
     assert f"UPSCALED_WEIGHTS_MIRROR={mirror} .venv/bin/upscaled run" in out
