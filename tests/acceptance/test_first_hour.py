@@ -31,7 +31,7 @@ import pytest
 
 from models.devices import resolve_auto
 from models.weights import fetch
-from tests.conftest import MIRROR, ROOT, image, rows, wait_for, write_config
+from tests.conftest import MIRROR, ROOT, Daemon, image, rows, wait_for, write_config
 
 REAL_DEVICE = resolve_auto("auto")  # cpu here; cuda:0 on a machine with a GPU
 
@@ -66,7 +66,7 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_rule_folders_real_devices_exact_hints_and_retry(tmp_path, daemon):
+def test_rule_folders_real_devices_exact_hints_and_retry(tmp_path):
     weights = tmp_path / "weights"
     assert all(r.status == "fetched" for r in fetch(weights, ["fsrcnn"], mirror=str(MIRROR)))
     inbox = tmp_path / "inbox"
@@ -90,70 +90,80 @@ def test_rule_folders_real_devices_exact_hints_and_retry(tmp_path, daemon):
     assert "auto" not in res.stdout.replace('(device = "auto")', "")
     assert up(cfg, "check-config", "--no-weights").returncode == 0
 
-    d = daemon(cfg)
-    # 1. Every rule folder, shaped like the inbox.
-    want = os.stat(inbox)
-    for folder in ("photos", "clients", "clients/acme", "small"):
-        st = os.stat(inbox / folder)
-        assert stat.S_IMODE(st.st_mode) == 0o2770 and (st.st_uid, st.st_gid) == (want.st_uid, want.st_gid), folder
-    events = d.events()
-    assert any(e["event"] == "rule.implicit_default" and e["model"] == "bicubic" for e in events)
-    missing = next(e for e in events if e["event"] == "weights.missing")
-    assert missing["model"] == "espcn" and missing["fix"] == hint
+    d = Daemon(cfg)
+    try:
+        d.wait_started(timeout=120)  # a loaded machine starts it slowly
+        # 1. Every rule folder, shaped like the inbox.
+        want = os.stat(inbox)
+        for folder in ("photos", "clients", "clients/acme", "small"):
+            st = os.stat(inbox / folder)
+            assert stat.S_IMODE(st.st_mode) == 0o2770 and (st.st_uid, st.st_gid) == (want.st_uid, want.st_gid), folder
+        events = d.events()
+        assert any(e["event"] == "rule.implicit_default" and e["model"] == "bicubic" for e in events)
+        missing = next(e for e in events if e["event"] == "weights.missing")
+        assert missing["model"] == "espcn" and missing["fix"] == hint
 
-    # 3. The real device on /metrics, /livez and in `nodes`; "auto" nowhere.
-    base = "http://" + next(e["address"] for e in d.events() if e["event"] == "telemetry.listening")
-    status, metrics = get(base + "/metrics")
-    assert status == 200 and f'device="{REAL_DEVICE}"' in metrics and 'device="auto"' not in metrics
-    status, body = get(base + "/livez")
-    threads = [k for k in json.loads(body)["checks"] if k.startswith("thread ")]
-    assert f"thread {REAL_DEVICE.replace(':', '')}.0" in threads and not [t for t in threads if "auto" in t], threads
-    status, body = get(base + "/readyz")
-    assert hint in json.loads(body)["checks"]["weights"]["reason"]
-    (node,) = json.loads(up(cfg, "nodes", "--format", "json").stdout)
-    assert node["device"] == REAL_DEVICE
+        # 3. The real device on /metrics, /livez and in `nodes`; "auto" nowhere.
+        base = "http://" + next(e["address"] for e in d.events() if e["event"] == "telemetry.listening")
+        status, metrics = get(base + "/metrics")
+        assert status == 200 and f'device="{REAL_DEVICE}"' in metrics and 'device="auto"' not in metrics
+        status, body = get(base + "/livez")
+        threads = [k for k in json.loads(body)["checks"] if k.startswith("thread ")]
+        assert f"thread {REAL_DEVICE.replace(':', '')}.0" in threads and not [t for t in threads if "auto" in t], (
+            threads
+        )
+        status, body = get(base + "/readyz")
+        assert hint in json.loads(body)["checks"]["weights"]["reason"]
+        (node,) = json.loads(up(cfg, "nodes", "--format", "json").stdout)
+        assert node["device"] == REAL_DEVICE
 
-    # The README's first command: a file copied into a rule folder.
-    image(inbox / "photos" / "cat.png", (48, 40))
-    wait_for(lambda: (tmp_path / "outbox" / "photos" / "cat.fsrcnn.x2.png").exists(), 60, what="cat's output")
+        # The README's first command: a file copied into a rule folder.
+        image(inbox / "photos" / "cat.png", (48, 40))
+        wait_for(lambda: (tmp_path / "outbox" / "photos" / "cat.fsrcnn.x2.png").exists(), 180, what="cat's output")
 
-    # 5. A job that fails for missing weights; its hint, run as printed; `upscaled retry`; the same job done.
-    image(inbox / "small" / "bird.png", (48, 40), seed=3)
-    failed_json = tmp_path / "failed" / "small" / "bird.png.error.json"
-    wait_for(failed_json.exists, 60, what="bird.png in failed/")
-    (job,) = rows(
-        tmp_path / "var" / "upscaled.db", "SELECT id, state, error_kind FROM jobs WHERE rel_path = ?", "small/bird.png"
-    )
-    assert (job["state"], job["error_kind"]) == ("failed", "weights-missing")
-    early = up(cfg, "retry", str(job["id"]), ok=False)  # the weights are still missing: it stays, and says why
-    assert "still missing" in early.stdout and hint in early.stdout and failed_json.exists()
-    subprocess.run(as_run(hint), check=True, capture_output=True, cwd="/", env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    res = up(cfg, "retry", "--kind", "weights-missing", "--format", "json")
-    (moved,) = json.loads(res.stdout)
-    assert moved["job"] == job["id"] and moved["state"] == "moved"
-    assert moved["to"] == str(inbox / "small" / "bird.png")
-    assert not failed_json.exists() and not (tmp_path / "failed" / "small" / "bird.png").exists()
-    wait_for(lambda: (tmp_path / "outbox" / "small" / "bird.espcn.x2.png").exists(), 60, what="bird's output")
-    db = tmp_path / "var" / "upscaled.db"
-    wait_for(lambda: rows(db, "SELECT state FROM jobs WHERE id = ?", job["id"])[0]["state"] == "done", 30)
-    assert len(rows(db, "SELECT id FROM jobs WHERE rel_path = 'small/bird.png'")) == 1  # the same job, no duplicate
-    assert (tmp_path / "archive" / "small" / "bird.png").exists()
-    assert up(cfg, "retry", "--failed").stderr.startswith("no failed job matches")
-    done = up(cfg, "retry", str(job["id"]), ok=False)
-    assert "the job is done, not failed" in done.stdout
+        # 5. A job that fails for missing weights; its hint, run as printed; `upscaled retry`; the same job done.
+        image(inbox / "small" / "bird.png", (48, 40), seed=3)
+        failed_json = tmp_path / "failed" / "small" / "bird.png.error.json"
+        wait_for(failed_json.exists, 180, what="bird.png in failed/")
+        (job,) = rows(
+            tmp_path / "var" / "upscaled.db",
+            "SELECT id, state, error_kind FROM jobs WHERE rel_path = ?",
+            "small/bird.png",
+        )
+        assert (job["state"], job["error_kind"]) == ("failed", "weights-missing")
+        early = up(cfg, "retry", str(job["id"]), ok=False)  # the weights are still missing: it stays, and says why
+        assert "still missing" in early.stdout and hint in early.stdout and failed_json.exists()
+        subprocess.run(
+            as_run(hint), check=True, capture_output=True, cwd="/", env=dict(os.environ, PYTHONPATH=str(ROOT))
+        )
+        res = up(cfg, "retry", "--kind", "weights-missing", "--format", "json")
+        (moved,) = json.loads(res.stdout)
+        assert moved["job"] == job["id"] and moved["state"] == "moved"
+        assert moved["to"] == str(inbox / "small" / "bird.png")
+        assert not failed_json.exists() and not (tmp_path / "failed" / "small" / "bird.png").exists()
+        wait_for(lambda: (tmp_path / "outbox" / "small" / "bird.espcn.x2.png").exists(), 180, what="bird's output")
+        db = tmp_path / "var" / "upscaled.db"
+        wait_for(lambda: rows(db, "SELECT state FROM jobs WHERE id = ?", job["id"])[0]["state"] == "done", 120)
+        assert len(rows(db, "SELECT id FROM jobs WHERE rel_path = 'small/bird.png'")) == 1  # the same job, no duplicate
+        assert (tmp_path / "archive" / "small" / "bird.png").exists()
+        assert up(cfg, "retry", "--failed").stderr.startswith("no failed job matches")
+        done = up(cfg, "retry", str(job["id"]), ok=False)
+        assert "the job is done, not failed" in done.stdout
 
-    # 1 again: a rule added while it runs gets its folder on SIGHUP.
-    write_config(
-        tmp_path,
-        weights=weights,
-        rules=[*rules, {"folder": "later/on", "model": "bicubic", "scale": 2}],
-        weights_mirror=str(MIRROR),
-        http_listen="127.0.0.1:0",
-    )
-    d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: any(e["event"] == "reload.done" for e in d.events()), 30, what="reload.done")
-    assert stat.S_IMODE(os.stat(inbox / "later" / "on").st_mode) == 0o2770
-    assert d.stop() == 0
+        # 1 again: a rule added while it runs gets its folder on SIGHUP.
+        write_config(
+            tmp_path,
+            weights=weights,
+            rules=[*rules, {"folder": "later/on", "model": "bicubic", "scale": 2}],
+            weights_mirror=str(MIRROR),
+            http_listen="127.0.0.1:0",
+        )
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: any(e["event"] == "reload.done" for e in d.events()), 120, what="reload.done")
+        assert stat.S_IMODE(os.stat(inbox / "later" / "on").st_mode) == 0o2770
+        assert d.stop() == 0
+    finally:
+        d.kill()
 
 
 def _pty_daemon(cfg: Path) -> tuple[subprocess.Popen, int]:
@@ -189,7 +199,7 @@ def test_the_console_log_on_a_terminal_reads_well_and_cannot_be_driven_by_a_name
     proc, master = _pty_daemon(cfg)
     out: list[str] = []
     try:
-        _read(master, "service.started", out)
+        _read(master, "service.started", out, timeout=180)
         hostile = "a\x1b[31mred\x07.png"
         image(tmp_path / "inbox" / hostile, (40, 32))
         (tmp_path / "inbox" / "bad.png").write_text("not an image")
