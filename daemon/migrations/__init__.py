@@ -12,11 +12,8 @@ A new revision: ``alembic -c daemon/migrations/alembic.ini revision -m "what"`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Column,
     Connection,
@@ -34,6 +31,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+
+if TYPE_CHECKING:  # alembic is imported where a migration runs: the readers (`upscaled history`) import the views only
+    from alembic.config import Config
 
 HERE = Path(__file__).resolve().parent
 BASELINE = "0001"
@@ -110,6 +110,8 @@ def create_views(conn: Connection, views: dict[str, str]) -> None:
 
 def config(conn: Connection | None = None) -> Config:
     """An Alembic config for ``versions/``, bound to ``conn`` (used by env.py) when given."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
     cfg.set_main_option("version_locations", str(HERE / "versions"))
@@ -121,6 +123,8 @@ def config(conn: Connection | None = None) -> Config:
 
 def head() -> str:
     """The newest revision."""
+    from alembic.script import ScriptDirectory
+
     rev = ScriptDirectory.from_config(config()).get_current_head()
     assert rev is not None
     return rev
@@ -128,6 +132,8 @@ def head() -> str:
 
 def current(conn: Connection) -> str | None:
     """The database's revision; None for an empty database or one made before Alembic."""
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(conn).get_current_revision()
 
 
@@ -174,6 +180,8 @@ def _adopt(conn: Connection) -> None:
     create_views(conn, VIEWS_0001)
     conn.execute(text("DELETE FROM meta WHERE key = 'schema_version'"))
     conn.execute(text("INSERT INTO meta (key, value) VALUES ('schema_version', '2')"))
+    from alembic import command
+
     command.stamp(config(conn), BASELINE)
 
 
@@ -196,6 +204,8 @@ def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str]:
         if before is None and inspect(conn).has_table("jobs"):
             _adopt(conn)
             before = "legacy"
+        from alembic import command
+
         command.upgrade(config(conn), target)
         after = current(conn)
     assert after is not None
