@@ -718,7 +718,8 @@ class Stages(UsesSettings):
     ) -> Task | None:
         """Claim one job and run it through every stage, here (``root``: a one-off job's folder). Returns its task,
         or None if there was none."""
-        tasks = self.claim(worker, 1, job_id=job_id, root=root)
+        # One job through every stage in this thread: it is alone in flight (a job taken back after a crash may come).
+        tasks = self.claim(worker, 1, job_id=job_id, root=root, alone=True)
         if not tasks:
             return None
         task = tasks[0]
