@@ -7,9 +7,15 @@ PIP := $(VENV)/bin/pip
 # A folder or URL laid out like weights/. Defaults to the offline mirror next to the checkout when there is one;
 # empty means "download from the real sources".
 WEIGHTS_MIRROR ?= $(wildcard ../shared/weights)
-# What the shipped settings.toml uses, plus the BRISQUE model for the no-reference metric.
-RUN_WEIGHTS ?= fsrcnn brisque
+# What the shipped settings.toml uses (FSRCNN, and DITN_Real_x4 for photos), plus the BRISQUE model for the
+# no-reference metric: `make run`'s check-config stops while a rule's weights are missing.
+RUN_WEIGHTS ?= fsrcnn ditn-real-x4 brisque
 PYTEST_ARGS ?=
+# The extras `make run` installs; `make run EXTRAS=` installs the core alone (no torch: classical and OpenCV models).
+EXTRAS ?= all
+# `upscaled run` and `check-config` see the mirror as their weights_mirror setting, so that the hints they print
+# (`upscaled weights fetch ... --mirror ...`) are the commands that work here.
+RUN_ENV := $(if $(WEIGHTS_MIRROR),UPSCALED_WEIGHTS_MIRROR=$(abspath $(WEIGHTS_MIRROR)))
 
 .PHONY: install install-test run test test-fast lint bench test-mutations clean
 
@@ -17,16 +23,25 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-install: $(VENV)/bin/python
-	$(PIP) install --quiet -c constraints.txt -e '.[all]'
+# An install is stamped: the venv is reused as long as the stamp is newer than pyproject.toml and constraints.txt,
+# so `make run` and `make test-fast` start in a second once it is up to date. The test install holds the run
+# install's packages too, so it stamps both.
+$(VENV)/.installed-run: pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) install --quiet -c constraints.txt -e '.$(if $(EXTRAS),[$(EXTRAS)])'
+	touch $@
 
-install-test: $(VENV)/bin/python
+$(VENV)/.installed-test: pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(PIP) install --quiet -c constraints.txt -e '.[all,test]'
+	touch $@ $(VENV)/.installed-run
+
+install: $(VENV)/.installed-run
+
+install-test: $(VENV)/.installed-test
 
 run: install
 	$(VENV)/bin/upscaled weights fetch $(RUN_WEIGHTS) $(if $(WEIGHTS_MIRROR),--mirror $(WEIGHTS_MIRROR))
-	$(VENV)/bin/upscaled check-config
-	$(VENV)/bin/upscaled run
+	$(RUN_ENV) $(VENV)/bin/upscaled check-config
+	$(RUN_ENV) $(VENV)/bin/upscaled run
 
 test: install-test
 	$(VENV)/bin/ruff check bench daemon models tests benchmarks

@@ -178,6 +178,43 @@ def best_rows(rows: Sequence[dict[str, Any]], cols: Iterable[str]) -> dict[str, 
 
 
 # --- the bench report -----------------------------------------------------------------------------------------------
+# Why a model can score below plain bicubic, by backend, said in the report where it happens (docs/bench.md has the
+# same explanation, with the figures of both kernels).
+WHY_BELOW_BICUBIC = {
+    "opencv": "OpenCV's FSRCNN, ESPCN and LapSRN were trained on LR images made with OpenCV's bicubic resize, "
+    "which does not antialias. On LR made the papers' way (MATLAB bicubic, antialiased) they gain little over "
+    "bicubic at x3 and x4, and can fall just below it; on --downscale cv2-cubic LR they gain 0.7 to 1.2 dB at x2 "
+    "(docs/bench.md).",
+    "classical": "a plainer interpolation than bicubic: below it is expected.",
+}
+WHY_BELOW_OTHER = (
+    "the model was trained for another degradation than this run's LR (another kernel, or noise and blur), or for "
+    "looks rather than PSNR (a GAN): PSNR against the ground truth penalises both (docs/bench.md)."
+)
+
+
+def below_bicubic(summary: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per model whose PSNR-Y is below bicubic's at the same scale and LR, with the reason its backend
+    gives (:data:`WHY_BELOW_BICUBIC`): "x4, matlab-bicubic LR: fsrcnn 28.41 dB < bicubic 28.43 dB: ..."."""
+    out = []
+    for r in summary:
+        base = next(
+            (b for b in summary if b["model"] == "bicubic" and b["scale"] == r["scale"] and b.get("lr") == r.get("lr")),
+            None,
+        )
+        if base is None or r["model"] == "bicubic" or r.get("psnr_y") is None or base.get("psnr_y") is None:
+            continue
+        if r["psnr_y"] < base["psnr_y"]:
+            why = WHY_BELOW_BICUBIC.get(r.get("backend") or "", WHY_BELOW_OTHER)
+            if r.get("backend") == "opencv" and r.get("lr") == "cv2-cubic":
+                why = WHY_BELOW_OTHER
+            out.append(
+                f"x{r['scale']}, {r.get('lr')} LR: {r['model']} {r['psnr_y']:.2f} dB < bicubic "
+                f"{base['psnr_y']:.2f} dB: {why}"
+            )
+    return out
+
+
 def quality_time_figure(summary: Sequence[dict[str, Any]]) -> Figure | None:
     """PSNR-Y against seconds per megapixel (log axis): one point per model and scale, a marker per scale."""
     points = [r for r in summary if r.get("psnr_y") is not None and r.get("s_per_mp")]
@@ -258,6 +295,11 @@ def bench_report(result: BenchResult, path: Path, command: str | None = None) ->
             _table(rows, cols, best_rows(rows, _TABLE_COLS))
             if rows
             else '<p class="empty">No model ran at this scale.</p>'
+        )
+    below = below_bicubic(result.summary)
+    if below:
+        body.append(
+            '<h3>Below bicubic</h3><ul class="notes">' + "".join(f"<li>{_esc(n)}</li>" for n in below) + "</ul>"
         )
     skipped = result.skipped
     if skipped:
@@ -485,6 +527,7 @@ def history_report(
     cols = [
         "model",
         "scale",
+        "outscale",
         "mode",
         "folder",
         "jobs",
@@ -493,8 +536,15 @@ def history_report(
         "mean_s",
         "p50_s",
         "p95_s",
+        "p50_infer_s",
         *(c for c in ("mean_psnr_y", "mean_ssim_y", "mean_brisque", "mean_lr_psnr_y") if rows and c in rows[0]),
     ]
+    body.append(
+        '<p class="meta"><b>scale</b>: the model\'s native scale; <b>outscale</b>: the final one. '
+        "<b>mean_s, p50_s, p95_s</b>: a done job's total, claim to commit (decode, model, encode, write; a "
+        "benchmark job's metrics too). <b>p50_infer_s</b>: the model alone, what <code>upscaled bench</code> "
+        "reports as s_per_image. BRISQUE: lower is better.</p>"
+    )
     body.append(_table(rows, cols) if rows else '<p class="empty">No jobs.</p>')
     _write(path, _page(title, body))
     return dict(

@@ -20,21 +20,34 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from daemon import __version__, logs
-from daemon.config import Rule, Settings, load_settings
 from daemon.fsops import display as printable
 from daemon.media.formats import OUTPUT_FORMATS
 from models.errors import UpscaledError
 
+if TYPE_CHECKING:  # imported where a command needs them: `--version` and `--help` start in a tenth of a second
+    from sqlalchemy.engine import Engine
+
+    from daemon.config import Settings
 
 # --- output formatting ----------------------------------------------------------------------------------------------
+ELLIPSIS = "…"
+
+
+def terminal_width() -> int | None:
+    """The width a table must fit: the terminal's (``$COLUMNS`` where set) when stdout is one, else None: a pipe or
+    a file gets whole lines, for grep and ``less -S``."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return ""
@@ -44,8 +57,7 @@ def _cell(v: Any) -> str:
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
     if isinstance(v, dt.datetime):
         return v.strftime("%Y-%m-%d %H:%M:%S")
-    s = printable(str(v))
-    return s if len(s) <= 60 else s[:57] + "..."
+    return printable(str(v))
 
 
 def _csv_value(v: Any) -> Any:
@@ -57,16 +69,36 @@ def _csv_value(v: Any) -> Any:
 
 
 def _json_default(v: Any) -> Any:
-    if isinstance(v, dt.datetime):
-        return v.isoformat()
+    if isinstance(v, dt.datetime):  # the history's times are UTC: said so, in the text itself
+        return (v if v.tzinfo else v.replace(tzinfo=dt.UTC)).isoformat()
     if isinstance(v, Path):
         return str(v)
     return str(v)
 
 
-def render(rows: list[dict[str, Any]], fmt: str) -> str:
+def fit(widths: list[int], total: int, floors: list[int], first: Sequence[int] = ()) -> list[int]:
+    """Column widths that fit ``total`` characters (two spaces between columns): the widest of the ``first``
+    columns gives up a character at a time down to its floor, then the widest of all; no column goes below its
+    floor. Where even the floors do not fit, the floors."""
+    widths = list(widths)
+    for group in (list(first), list(range(len(widths)))):
+        while group and sum(widths) + 2 * (len(widths) - 1) > total:
+            cut = max(group, key=lambda i: widths[i] - floors[i])
+            if widths[cut] <= floors[cut]:
+                break
+            widths[cut] -= 1
+    return widths
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + ELLIPSIS
+
+
+def render(rows: list[dict[str, Any]], fmt: str, width: int | None = None, optional: Sequence[str] = ()) -> str:
     """``rows`` as a table, CSV or JSON. Every string is printable whatever it holds (see :func:`printable`): one
-    row is one line in a table and one record in CSV, and no value can drive the terminal."""
+    row is one line in a table and one record in CSV, and no value can drive the terminal. A table fits ``width``
+    characters when given (:func:`terminal_width`): its long text columns are cut first, then the widest, each
+    with an ellipsis; where that is not enough, the ``optional`` columns are left out, in that order."""
     if fmt == "json":
         clean = [
             {k: (None if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) else v) for k, v in r.items()}
@@ -75,21 +107,42 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
         return json.dumps(clean, indent=2, default=_json_default)
     if not rows:
         return "" if fmt == "csv" else "(no rows)"
-    cols = [printable(str(c)) for c in rows[0].keys()]
     keys = list(rows[0].keys())
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(cols)
+        w.writerow([printable(str(c)) for c in keys])
         for r in rows:
             w.writerow([_csv_value(r.get(k)) for k in keys])
         return buf.getvalue().rstrip("\n")
-    cells = [[_cell(r.get(k)) for k in keys] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    cells = {k: [_cell(r.get(k)) for r in rows] for k in keys}
+    natural = {k: max(len(printable(str(k))), *(len(c) for c in cells[k])) for k in keys}
+    # Long text (a file name, an error, a description) gives way first, to 12 characters; the rest to their header.
+    floors = {k: min(w, 12 if w > 24 else max(len(str(k)), 4)) for k, w in natural.items()}
+    if width is not None:
+        for drop in optional:
+            if sum(floors[k] for k in keys) + 2 * (len(keys) - 1) <= width:
+                break
+            if drop in keys:
+                keys.remove(drop)
+    widths = [natural[k] for k in keys]
+    if width is not None:
+        widths = fit(widths, width, [floors[k] for k in keys], first=[i for i, k in enumerate(keys) if natural[k] > 24])
+    line = "  ".join(_clip(printable(str(k)), w).ljust(w) for k, w in zip(keys, widths, strict=True))
+    out = [line.rstrip(), "  ".join("-" * w for w in widths)]
+    for i in range(len(rows)):
+        out.append("  ".join(_clip(cells[k][i], w).ljust(w) for k, w in zip(keys, widths, strict=True)).rstrip())
     return "\n".join(out)
+
+
+def _echo_rows(rows: list[dict[str, Any]], fmt: str, optional: Sequence[str] = ()) -> None:
+    click.echo(render(rows, fmt, terminal_width() if fmt == "table" else None, optional))
+
+
+def _drop_empty(rows: list[dict[str, Any]], keep: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """A table's rows without the columns that are empty in every row (but ``keep``)."""
+    shown = [k for k in (rows[0] if rows else {}) if k in keep or any(r.get(k) not in (None, "") for r in rows)]
+    return [{k: r.get(k) for k in shown} for r in rows]
 
 
 def output_options(fn: Callable) -> Callable:
@@ -110,6 +163,8 @@ def _settings(ctx: click.Context, check_paths: bool = True) -> Settings:
     Raises:
         click.ClickException: the configuration is missing or invalid.
     """
+    from daemon.config import load_settings
+
     try:
         settings = load_settings(ctx.obj.get("config"), check_paths=check_paths)
     except UpscaledError as exc:
@@ -162,43 +217,80 @@ def run(ctx: click.Context) -> None:
     from daemon.service import Service
 
     settings = _settings(ctx)
-    logs.configure(settings.log_level, settings.log_format)
+    folders = [settings.inbox, settings.outbox, settings.archive, settings.failed]
+    logs.configure(settings.log_level, settings.log_format, folders=folders)
     sys.exit(Service(settings).run())
 
 
 @main.command("check-config")
+@click.option(
+    "--no-weights",
+    is_flag=True,
+    help="Do not count missing weights as an error (a staging host that fetches them later).",
+)
 @click.pass_context
-def check_config(ctx: click.Context) -> None:
+def check_config(ctx: click.Context, no_weights: bool) -> None:
     """Check the configuration as `run` would, without starting.
+
+    Lists this node's devices and workers, and each rule with its weights; the default rule is marked when the file
+    does not name one. Exits 1 when a rule's weights are missing (unless --no-weights), with the command that
+    fetches them.
 
     Example: upscaled check-config
     """
+    from daemon.hints import Hints
+    from daemon.rules import implicit_default
     from daemon.service import check_devices
     from models.weights import entry_for, needs_weights, present
 
-    settings = _settings(ctx)
-    check_devices(settings)  # a GPU that is not there stops `run` too
-    click.echo(f"{settings.config_file}: OK")
+    written = _settings(ctx)
+    check_devices(written)  # a GPU that is not there stops `run` too
+    settings = written.resolve_devices()
+    hints = Hints.of(settings)
     folders = (
         "all rule folders"
         if settings.serve_folders is None
         else ", ".join(f or "(default)" for f in settings.serve_folders)
     )
-    click.echo(
-        f"  node {settings.node()}: {settings.worker_count()} worker(s) on each of "
-        f"{', '.join(settings.devices())}; serves {folders}"
-    )
+    devices = ", ".join(settings.devices())
+    if written.devices() != settings.devices():
+        devices += f" (device = {json.dumps(written.device)})"
+    lines = [f"  node {settings.node()}: {settings.worker_count()} worker(s) on each of {devices}; serves {folders}"]
+    missing: list[str] = []
+    implicit = implicit_default(settings)
+    others = ", ".join(r.folder for r in settings.rules) or "none"
     for rule in settings.all_rules():
         entry = entry_for(rule.model, settings.weights_dir)  # omdb: entries were checked by _settings
-        weights = (
-            "weights present"
-            if present(settings.weights_dir, entry)
-            else f"WEIGHTS MISSING: run `upscaled weights fetch {rule.model}`"
+        if not needs_weights(entry):
+            weights = "no weights needed"
+        elif present(settings.weights_dir, entry):
+            weights = "weights present"
+        else:
+            weights = f"WEIGHTS MISSING: run `{hints.fetch([rule.model])}`"
+            missing.append(rule.model)
+        note = (
+            f' (implicit: no rule in the file has folder = "", so every file outside the rule folders ({others}) '
+            "gets this built-in one)"
+            if implicit is not None and rule.folder == ""
+            else ""
         )
-        click.echo(
+        unavailable = rule.backend().available()  # shown, not an error: a node may leave this folder to others
+        if unavailable:
+            note += f"; BACKEND UNAVAILABLE: {unavailable}"
+        lines.append(
             f"  {rule.folder or '(default)'}: {rule.model} x{rule.final_scale:g} {rule.mode}"
-            f" -> {rule.format or 'same format'}; {weights if needs_weights(entry) else 'no weights needed'}"
-            f"; licence {entry.license}"
+            f" -> {rule.format or 'same format'}; {weights}; licence {entry.license}{note}"
+        )
+    ok = not missing or no_weights
+    click.echo(f"{settings.config_file}: {'OK' if ok else 'weights missing'}")
+    click.echo("\n".join(lines))
+    if missing and no_weights:
+        click.echo(f"  (--no-weights: the weights of {', '.join(dict.fromkeys(missing))} are missing; jobs of those")
+        click.echo("  rules fail until they are fetched)")
+    if not ok:
+        raise click.ClickException(
+            f"the weights of {', '.join(dict.fromkeys(missing))} are missing, so their rules' jobs would fail: "
+            f"run `{hints.fetch(missing)}` (or pass --no-weights on a host that fetches them later)"
         )
 
 
@@ -241,14 +333,15 @@ def process(
 ) -> None:
     """Upscale FILES once, through the service's pipeline, recorded in the same history.
 
-    The inputs are left where they are.
+    The inputs are left where they are. In a table, what was not done is said under it, one file a line, whole.
 
     Example: upscaled process photo.jpg --model fsrcnn --scale 4 --out upscaled/
     """
+    from daemon.config import Rule
     from daemon.oneshot import process as process_files
     from models.weights import entry_for
 
-    settings = _settings(ctx, check_paths=False)
+    settings = _settings(ctx, check_paths=False).resolve_devices()
     logs.configure(settings.log_level, settings.log_format, stream=sys.stderr)  # stdout is the report
     entry = entry_for(model, settings.weights_dir)  # an omdb: model's scale is in its cached entry
     if scale is None:
@@ -266,9 +359,22 @@ def process(
         raise click.BadParameter(str(exc).split("\n", 1)[-1]) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = process_files(settings, list(files), rule, out_dir, force=force)
-    click.echo(render(reports, fmt))
+    if fmt == "table":
+        _echo_rows([{k: v for k, v in r.items() if k != "error"} for r in reports], fmt)
+        for r in reports:  # the reasons whole, where a table column would cut them
+            if r.get("error"):
+                click.echo(f"{r['file']}: {r['state']}: {printable(r['error'])}")
+    else:
+        _echo_rows(reports, fmt)
     if any(r["state"] == "failed" for r in reports):
         sys.exit(1)
+
+
+_SOURCE_HELP = "Only jobs from here: watch (the service), cli (`upscaled process`), bench, or all."
+
+
+def _sources(source: str) -> tuple[str, ...] | None:
+    return None if source == "all" else (source,)
 
 
 @main.command("history")
@@ -276,6 +382,10 @@ def process(
 @click.option("--folder", default=None, help="Only this rule folder ('' for the default rule).")
 @click.option("--status", type=click.Choice(["pending", "running", "done", "failed"]), default=None)
 @click.option("--since", default=None, help="Only jobs newer than this: 90s, 30m, 2h, 7d or an ISO date.")
+@click.option(
+    "--source", type=click.Choice(["all", "watch", "cli", "bench"]), default="all", show_default=True,
+    help=_SOURCE_HELP,
+)  # fmt: skip
 @click.option("--limit", type=int, default=50, show_default=True)
 @output_options
 @click.pass_context
@@ -285,20 +395,58 @@ def history_cmd(
     folder: str | None,
     status: str | None,
     since: str | None,
+    source: str,
     limit: int,
     fmt: str,
 ) -> None:
-    """List jobs, newest first, with their times and main metrics.
+    """List jobs, newest first, with their sizes, times and main metrics.
+
+    The table fits the terminal and shows what the jobs have: sizes in -> out, the total and the model seconds,
+    the metrics of their mode (psnr_y, ssim_y in benchmark mode; lr_psnr_y, brisque when upscaling), a failed job's
+    reason. Times are UTC. JSON and CSV have every column, `output_path` only where one was written.
 
     Example: upscaled history --model fsrcnn --since 2h --format json
     """
     from daemon.history import history
 
-    engine = _engine(ctx)
-    click.echo(render(history(engine, model, folder, status, since, limit), fmt))
+    rows = history(_engine(ctx), model, folder, status, since, limit, _sources(source))
+    if fmt == "table":  # on a narrow terminal these go first
+        _echo_rows(_history_table(rows), fmt, optional=("model_s", "total_s", "created (UTC)", "in -> out"))
+    else:
+        _echo_rows(rows, fmt)
 
 
-def _engine(ctx: click.Context):  # noqa: ANN202
+def _history_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``history`` as the table shows them: the sizes in -> out, the model with its final scale (and
+    ``bench`` for a benchmark-mode job), and one ``result`` column: a done job's main metrics (those of its mode),
+    the reason of a failed one (or of a pending one's last try); without the columns no job here has."""
+    from daemon.history import MAIN_METRICS
+
+    out = []
+    for r in rows:
+        size_in = f"{r['input_width']}x{r['input_height']}" if r["input_width"] else ""
+        size_out = f"{r['output_width']}x{r['output_height']}" if r["output_width"] and r["state"] == "done" else ""
+        quality = [f"{m} {_cell(r[m])}" for m in MAIN_METRICS.get(r["mode"], ()) if r.get(m) is not None]
+        out.append(
+            {
+                "id": r["id"],
+                "state": r["state"],
+                "folder": r["folder"] or "(default)",
+                "file": r["file"],
+                "model": f"{r['model']} x{r['outscale']:g}" + (" bench" if r["mode"] == "benchmark" else ""),
+                "in -> out": f"{size_in} -> {size_out}" if size_out else size_in,
+                "total_s": r["total_s"],
+                "model_s": r["infer_s"],
+                "created (UTC)": r["created_at"].strftime("%Y-%m-%d %H:%M") if r["created_at"] else None,
+                "result": f"{r['error_kind']}: {r['error']}"
+                if r["state"] != "done" and r["error"]
+                else "  ".join(quality),
+            }
+        )
+    return _drop_empty(out, keep=("id", "state", "folder", "file", "model", "created (UTC)"))
+
+
+def _engine(ctx: click.Context) -> Engine:
     """A read-only engine on the history: readers never create, migrate or change the database."""
     from daemon.store import make_engine
 
@@ -310,19 +458,34 @@ def _engine(ctx: click.Context):  # noqa: ANN202
 
 
 @main.command()
-@click.option("--model", default=None)
-@click.option("--folder", default=None)
-@click.option("--since", default=None, help="90s, 30m, 2h, 7d or an ISO date.")
+@click.option("--model", default=None, help="Only this model id.")
+@click.option("--folder", default=None, help="Only this rule folder ('' for the default rule).")
+@click.option("--since", default=None, help="Only jobs newer than this: 90s, 30m, 2h, 7d or an ISO date.")
+@click.option(
+    "--source", type=click.Choice(["all", "watch", "cli", "bench"]), default="all", show_default=True,
+    help=_SOURCE_HELP,
+)  # fmt: skip
 @output_options
 @click.pass_context
-def stats(ctx: click.Context, model: str | None, folder: str | None, since: str | None, fmt: str) -> None:
-    """Per model and folder: jobs, failures, mean/p50/p95 seconds and mean metrics.
+def stats(ctx: click.Context, model: str | None, folder: str | None, since: str | None, source: str, fmt: str) -> None:
+    """Per model, scale and folder: jobs, failures, seconds per job and mean metrics.
+
+    \b
+    scale, outscale  the model's native scale, and the output's final one (as in the jobs table)
+    mean_s, p50_s, p95_s  a done job's total: claim to commit (decode, model and its load
+                          for the first job, encode, write; a benchmark job's metrics too)
+    p50_infer_s      the model alone: compare this with `bench`'s s_per_image (there the
+                     median of warm runs, the load timed apart)
+    mean_psnr_y, mean_ssim_y  against the ground truth (benchmark mode); higher is better
+    mean_brisque     no reference; lower is better
+    mean_lr_psnr_y   the output downscaled back, against the input; higher is better
 
     Example: upscaled stats --since 7d
     """
     from daemon.history import stats as compute
 
-    click.echo(render(compute(_engine(ctx), model, folder, since), fmt))
+    rows = compute(_engine(ctx), model, folder, since, _sources(source))
+    _echo_rows(_drop_empty(rows, keep=("model", "scale", "outscale")) if fmt == "table" else rows, fmt)
 
 
 @main.command()
@@ -333,14 +496,71 @@ def stats(ctx: click.Context, model: str | None, folder: str | None, since: str 
 def query(ctx: click.Context, sql: str, params: tuple[tuple[str, str], ...], fmt: str) -> None:
     """Run one read-only SQL statement against the history.
 
-    Tables: jobs, metrics, bench_runs, meta. Views: job_metrics, model_summary, recent_jobs.
+    Tables: jobs, metrics, bench_runs, meta. Views: job_metrics, model_summary, recent_jobs. The connection is
+    read-only: a statement that would write is refused, and says so.
 
     Example: upscaled query "SELECT model_id, AVG(t_total) FROM jobs WHERE folder = :f GROUP BY 1" -p f photos
     """
     from daemon.history import query as run_query
 
     settings = _settings(ctx, check_paths=False)
-    click.echo(render(run_query(settings.database, sql, dict(params)), fmt))
+    _echo_rows(run_query(settings.database, sql, dict(params)), fmt)
+
+
+@main.command()
+@click.argument("targets", nargs=-1)
+@click.option("--failed", "every_failed", is_flag=True, help="Every failed job whose input is in failed/.")
+@click.option("--kind", default=None, help="Every failed job of this error kind (weights-missing, decode, ...).")
+@click.option("--force", is_flag=True, help="Retry a weights-missing job even while its weights are still missing.")
+@output_options
+@click.pass_context
+def retry(
+    ctx: click.Context, targets: tuple[str, ...], every_failed: bool, kind: str | None, force: bool, fmt: str
+) -> None:
+    """Move failed inputs back from failed/ into the inbox, for the service to run their jobs again.
+
+    TARGETS are job ids, or files and folders under failed/ (every failed input in them). Each input goes back to
+    its place in the inbox (a name taken there gets -1), never over another file, and only if it is still this
+    job's input (its sha256 is checked); its .error.json is removed. The service takes it in like any new file and
+    runs the failed job again, whether it runs now or starts later. A job that failed for missing weights is left
+    where it is while they are still missing (--force moves it anyway). Exits 1 if any could not be moved.
+
+    Example: upscaled retry --kind weights-missing
+    """
+    from daemon.retry import retry as move_back
+    from daemon.retry import select_jobs
+    from daemon.store import SqlStore
+
+    settings = _settings(ctx)
+    ids = [int(t) for t in targets if t.isascii() and t.isdigit()]
+    paths = [Path(t) for t in targets if not (t.isascii() and t.isdigit())]
+    if not targets and not every_failed and not kind:
+        raise click.UsageError("name job ids or paths under failed/, or pass --failed or --kind KIND")
+    for p in paths:
+        if settings.failed not in Path(os.path.abspath(p)).parents and Path(os.path.abspath(p)) != settings.failed:
+            raise click.BadParameter(f"{p} is not under failed/ ({settings.failed})", param_hint="TARGETS")
+    try:
+        store = SqlStore(settings.database, readonly=True)
+    except FileNotFoundError as exc:
+        raise click.ClickException(f"{exc}: the service has not run with this configuration yet") from None
+    try:
+        chosen = select_jobs(store, settings, ids, paths, every_failed, kind)
+        outcomes = move_back(store, settings, chosen, force=force)
+    finally:
+        store.close()
+    if not outcomes:
+        click.echo("no failed job matches: nothing to retry", err=True)
+        return
+    _echo_rows([o.__dict__ for o in outcomes], fmt)
+    moved = sum(o.state == "moved" for o in outcomes)
+    if moved:
+        click.echo(
+            f"{moved} input(s) back in the inbox: the service runs their jobs again as it sees them "
+            f"(`upscaled history --status pending`).",
+            err=True,
+        )
+    if moved < len(outcomes):
+        sys.exit(1)
 
 
 @main.group(invoke_without_command=True)
@@ -368,7 +588,7 @@ def models(ctx: click.Context, fmt: str) -> None:
                 id=e.id, backend=e.backend, scales=scales, weights=weights, license=e.license, description=e.description
             )
         )
-    click.echo(render(rows, fmt))
+    _echo_rows(rows, fmt)
 
 
 @models.command("search")
@@ -396,7 +616,7 @@ def models_search(
     if index is None or update:
         index = omdb.refresh(settings.weights_dir, settings.model_index_url)
     found = omdb.search(index, text, tag=tag, arch=arch, scale=scale)
-    click.echo(render([omdb.row(m) for m in found], fmt))
+    _echo_rows([omdb.row(m) for m in found], fmt)
 
 
 @models.command("show")
@@ -418,7 +638,7 @@ def models_show(ctx: click.Context, model_id: str, fmt: str) -> None:
             "\n".join(f"{k:>22}  {printable(str(v), keep_newlines=k == 'description')}" for k, v in details.items())
         )
     else:
-        click.echo(render([details], fmt))
+        _echo_rows([details], fmt)
 
 
 @main.group()
@@ -494,7 +714,7 @@ def weights_fetch(
                 detail=r.detail,
                 note="no published sha256; accepted on --trust-unhashed and recorded in recorded-sha256.json",
             )
-    click.echo(render([r.__dict__ for r in reports], fmt))
+    _echo_rows([r.__dict__ for r in reports], fmt)
     if any(r.status == "failed" for r in reports):
         sys.exit(1)
 
@@ -516,7 +736,7 @@ def weights_verify(ctx: click.Context, ids: tuple[str, ...], fmt: str) -> None:
 
     settings = _settings(ctx, check_paths=False)
     reports = verify(settings.weights_dir, list(ids) or None)
-    click.echo(render([r.__dict__ for r in reports], fmt))
+    _echo_rows([r.__dict__ for r in reports], fmt)
     if any(r.status in ("mismatch", "unverified") for r in reports):
         sys.exit(1)
 
@@ -595,6 +815,7 @@ def bench(
     from bench.run import BenchSettings, run_bench
     from daemon.config import check_device
     from daemon.store import SqlStore
+    from models.devices import resolve_auto
 
     settings = _settings(ctx, check_paths=False)
     try:
@@ -607,6 +828,7 @@ def bench(
         device = check_device(device) if device else settings.default_device
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from None
+    device = resolve_auto(device)  # the run, its jobs and its report name the device it ran on
     model_list = tuple(dict.fromkeys(m.strip() for m in models_.split(",") if m.strip()))
     bench_settings = BenchSettings(
         dataset=dataset,
@@ -638,11 +860,11 @@ def bench(
     if show_frontier:
         from bench.run import frontier
 
-        click.echo(render(frontier(result.summary), fmt))
+        _echo_rows(frontier(result.summary), fmt)
     elif fmt == "json":
         click.echo(json.dumps(result.to_json(), indent=2, default=_json_default))
     else:
-        click.echo(render(result.summary, fmt))
+        _echo_rows(result.summary, fmt)
 
 
 @main.command()
@@ -650,15 +872,15 @@ def bench(
     "--out",
     "out",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("upscaled-report.html"),
-    show_default=True,
-    help="Where to write the HTML file.",
+    default=None,
+    help="Where to write the HTML file (default: upscaled-report.html in the state folder: the SQLite "
+    "database's folder, else $XDG_STATE_HOME/upscaled).",
 )
 @click.option("--since", default=None, help="Only jobs newer than this: 90s, 30m, 2h, 7d or an ISO date.")
 @click.option("--include-bench", is_flag=True, help="Count `upscaled bench` runs too (left out by default).")
 @click.pass_context
-def report(ctx: click.Context, out: Path, since: str | None, include_bench: bool) -> None:
-    """Write a self-contained HTML report of the service's history.
+def report(ctx: click.Context, out: Path | None, since: str | None, include_bench: bool) -> None:
+    """Write a self-contained HTML report of the service's history, and print where.
 
     Throughput over time, job time per model, failures by reason, and metric distributions per folder and rule.
 
@@ -666,11 +888,25 @@ def report(ctx: click.Context, out: Path, since: str | None, include_bench: bool
     """
     from bench.report import history_report
 
-    summary = history_report(_engine(ctx), out, since=since, include_bench=include_bench)
+    settings = _settings(ctx, check_paths=False)
+    path = (out or state_dir(settings) / "upscaled-report.html").absolute()
+    summary = history_report(_engine(ctx), path, since=since, include_bench=include_bench)
     click.echo(
-        f"{out}: {summary['jobs']} jobs ({summary['done']} done, {summary['failed']} failed), "
+        f"{path}: {summary['jobs']} jobs ({summary['done']} done, {summary['failed']} failed), "
         f"{summary['figures']} figures"
     )
+
+
+def state_dir(settings: Settings) -> Path:
+    """Where the service keeps its state: the SQLite database's folder (``var/`` of the shipped settings), else
+    ``$XDG_STATE_HOME/upscaled`` (``~/.local/state/upscaled``). Made if missing."""
+    db = settings.sqlite_path()
+    if db is not None and str(db) != ":memory:":
+        folder = db.parent
+    else:
+        folder = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "upscaled"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @main.group()
@@ -705,6 +941,44 @@ def db_upgrade(ctx: click.Context) -> None:
     )
 
 
+@db.command("prune")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    help="Delete jobs that ended before this: 90d, 12w, 36h, or an ISO date (UTC).",
+)
+@click.option(
+    "--keep-summary/--no-keep-summary",
+    default=True,
+    show_default=True,
+    help="Keep the deleted jobs' counts and means in model_summary.",
+)
+@click.pass_context
+def db_prune(ctx: click.Context, older_than: str, keep_summary: bool) -> None:
+    """Delete the history of jobs that ended (done or failed) before a date, with their metrics and hook runs.
+
+    Pending and running jobs stay. Bench runs left without jobs and nodes silent since then go too. Short
+    transactions: safe while daemons run. A file dropped again after its job was pruned is processed again.
+
+    Example: upscaled db prune --older-than 90d
+    """
+    from daemon.history import parse_since
+    from daemon.store import SqlStore
+
+    before = parse_since(older_than)
+    store = SqlStore(_settings(ctx, check_paths=False).database)
+    try:
+        pruned = store.prune(before, keep_summary=keep_summary)
+    finally:
+        store.close()
+    kept = "model_summary keeps their counts and means" if keep_summary else "model_summary forgets them"
+    click.echo(
+        f"deleted {pruned.jobs} jobs that ended before {before:%Y-%m-%d %H:%M} UTC ({pruned.metrics} metrics, "
+        f"{pruned.hook_runs} hook runs), {pruned.bench_runs} bench runs and {pruned.nodes} nodes; {kept}"
+    )
+
+
 @main.command()
 @click.option("--all", "all_", is_flag=True, help="Also list stopped nodes and nodes whose heartbeat is stale.")
 @click.option(
@@ -735,7 +1009,7 @@ def nodes(ctx: click.Context, all_: bool, window: float, fmt: str) -> None:
         rows = store.nodes(settings.stale_seconds, window_s=window, include_gone=all_)
     finally:
         store.close()
-    click.echo(render([n.flat() for n in rows], fmt))
+    _echo_rows([n.flat() for n in rows], fmt)
 
 
 @main.command()
@@ -743,8 +1017,8 @@ def nodes(ctx: click.Context, all_: bool, window: float, fmt: str) -> None:
     "--listen",
     default="127.0.0.1:8080",
     show_default=True,
-    help="host:port to serve on ([::1]:8080 for IPv6; port 0 picks a free one). Keep it on localhost and "
-    "put a reverse proxy with authentication in front to reach it from elsewhere.",
+    help="host:port to serve on; a port alone means 127.0.0.1:PORT ([::1]:8080 for IPv6; port 0 picks a free "
+    "one). Keep it on localhost and put a reverse proxy with authentication in front to reach it from elsewhere.",
 )
 @click.option("--database", default=None, help="A SQLAlchemy URL (default: the `database` setting).")
 @click.option(
@@ -777,11 +1051,14 @@ def web(
 
     Example: upscaled web --listen 127.0.0.1:8080
     """
+    from daemon.config import load_settings
+    from daemon.hints import Hints
     from daemon.web.serve import serve
 
+    hints = None
     if database is None:
         settings = _settings(ctx, check_paths=False)
-        database, level = settings.database, settings.log_level
+        database, level, hints = settings.database, settings.log_level, Hints.of(settings)
     else:
         level = "info"
         try:  # the thumbnails it writes follow the settings' umask where there are settings
@@ -796,6 +1073,7 @@ def web(
         root_path=root_path,
         log_level="warning" if level == "info" and not access_log else level,
         access_log=access_log,
+        hints=hints,
     )
 
 

@@ -70,6 +70,7 @@ class Cluster(UsesSettings):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_beat = 0.0
+        self._skewed = False  # node.clock_skew was logged and the clock is not back within the limit yet
 
     def info(self) -> NodeInfo:
         s = self.settings
@@ -135,10 +136,29 @@ class Cluster(UsesSettings):
         return found
 
     def beat(self) -> Beat:
-        """Renew this node's row and its running jobs' leases, then take over the jobs of dead nodes."""
+        """Renew this node's row and its running jobs' leases, check this host's clock, then take over the jobs of
+        dead nodes."""
         beat = self.store.heartbeat(self.node)
+        self.check_skew(beat)
         self.recover()
         return beat
+
+    def check_skew(self, beat: Beat) -> None:
+        """Log ``node.clock_skew`` once when this host's clock is surely (past the measurement's uncertainty) more
+        than ``max_clock_skew_seconds`` off the database's, and ``node.clock_skew_ok`` once it is back within."""
+        off = abs(beat.skew_s) - beat.uncertainty_s > self.settings.max_clock_skew_seconds
+        if off and not self._skewed:
+            self.log.warning(
+                "node.clock_skew",
+                skew_s=round(beat.skew_s, 3),
+                uncertainty_s=round(beat.uncertainty_s, 3),
+                limit_s=self.settings.max_clock_skew_seconds,
+                note="leases are safe (the database's clock); the history's times and retry times are this host's: "
+                "check its NTP",
+            )
+        elif self._skewed and not off:
+            self.log.info("node.clock_skew_ok", skew_s=round(beat.skew_s, 3))
+        self._skewed = off
 
     def start(self, clock: Callable[[], float]) -> None:
         """The heartbeat on its own thread: a long hash or a slow share in the main loop must not let leases lapse."""

@@ -20,8 +20,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from daemon.errors import ConfigError
 from daemon.hooks import Hooks
-from daemon.imageio import DEFAULT_PNG_COMPRESSION
 from daemon.media.formats import OUTPUT_FORMATS
+from daemon.media.png import DEFAULT_PNG_COMPRESSION  # not through daemon.imageio, which imports cv2
 from daemon.protocol import BENCHMARK_METRICS, DOWNSCALES, UPSCALE_METRICS
 from daemon.sizing import TargetSize, check_rule
 from models import omdb
@@ -506,6 +506,12 @@ class Settings(Hooks, BaseSettings):
         description="A running job whose lease is this old belongs "
         "to a dead node and is taken over (at least twice heartbeat_seconds).",
     )
+    max_clock_skew_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="A node whose clock is further than this from the database's logs node.clock_skew at its "
+        "heartbeat (leases use the database's clock; the history's times and retry times are each host's).",
+    )
 
     config_file: Path | None = Field(default=None, exclude=True)  # set by load_settings, not by users
 
@@ -616,6 +622,18 @@ class Settings(Hooks, BaseSettings):
 
         return self.worker_count() * sum(map(cpu_without_torch, self.devices()))
 
+    def resolve_devices(self) -> Settings:
+        """These settings with ``device = "auto"`` (the node's, and each rule's) replaced by the device it stands for
+        on this host (:func:`models.devices.resolve_auto`: ``cpu`` without a GPU, else ``cuda:N``). The service
+        resolves once, at start (and on reload), so that its workers, ``/metrics``, ``/livez``, ``nodes`` and
+        ``check-config`` all name the real device, never ``auto``."""
+        from models.devices import resolve_auto
+
+        devices = list(dict.fromkeys(resolve_auto(d) for d in self.devices()))
+        rules = [r.model_copy(update={"device": resolve_auto(r.device)}) if r.device else r for r in self.rules]
+        device = devices[0] if isinstance(self.device, str) or len(devices) == 1 else devices
+        return self.model_copy(update={"device": device, "rules": rules})
+
     @property
     def default_device(self) -> str:
         """The device of one-off runs (``upscaled process``, ``bench``): the first of ``device``."""
@@ -656,17 +674,65 @@ def _resolve(base: Path, p: Path) -> Path:
 
 def _describe(exc: ValidationError, file: Path | None) -> str:
     where = str(file) if file else "the defaults"
+    text = _read_quietly(file)
     lines = []
     for err in exc.errors():
         loc = err.get("loc", ())
         key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
         env = ENV_PREFIX + str(loc[0]).upper() if loc else ""
-        origin = f"{where}, or ${env}" if env and env in os.environ else where
+        line = _line_of(text, loc)
+        origin = f"{where}{f', line {line}' if line else ''}"
+        origin = f"{origin}, or ${env}" if env and env in os.environ else origin
         msg = err.get("msg", "").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _did_you_mean(loc)
         lines.append(f"{origin}: {key}: {msg}")
     return "bad configuration:\n  " + "\n  ".join(lines)
+
+
+def _read_quietly(file: Path | None) -> str:
+    try:
+        return file.read_text(errors="replace") if file else ""
+    except OSError:
+        return ""
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """`` (did you mean `settle_seconds`?)`` for an unknown key close to known ones of its table (two at most),
+    else ""."""
+    import difflib
+
+    if not loc or not isinstance(loc[-1], str):
+        return ""
+    known = Rule.model_fields if len(loc) == 3 and loc[0] == "rules" else Settings.model_fields if len(loc) == 1 else {}
+    close = difflib.get_close_matches(loc[-1], list(known), n=2, cutoff=0.75)
+    return f" (did you mean {' or '.join(f'`{c}`' for c in close)}?)" if close else ""
+
+
+def _line_of(text: str, loc: tuple) -> int | None:
+    """The line of ``settings.toml`` that sets the key at ``loc`` (``("settle_seconds",)``, ``("rules", 1, "model")``),
+    found in the file's text: a top-level key before the first table, a rule's key inside its ``[[rules]]`` table.
+    None when it is not written that way (an inline table, a value from the environment)."""
+    if not loc or not text:
+        return None
+    key = loc[-1]
+    if not isinstance(key, str):
+        return None
+    table, wanted, count = None, None, -1
+    if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
+        wanted = loc[1]
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("["):
+            table = line.strip("[] ")
+            count += table == "rules" and line.startswith("[[")
+            continue
+        name = line.split("=", 1)[0].strip().strip('"') if "=" in line and not line.startswith("#") else None
+        if name != key:
+            continue
+        if (wanted is None and table is None) or (wanted is not None and table == "rules" and count == wanted):
+            return number
+    return None
 
 
 class LiveSettings:

@@ -287,6 +287,7 @@ class NodeRow:
     heartbeat_at: dt.datetime  # its last heartbeat, on the lease clock
     stopped_at: dt.datetime | None  # set by ``leave``; None while it runs (or after a crash)
     lease_age_s: float  # seconds since its last heartbeat: the age of every lease it holds
+    clock_skew_s: float | None = None  # its host's clock minus the lease clock at its last heartbeat (None: unknown)
 
     def state(self, stale_after: float) -> NodeState:
         """``stopped`` after a clean ``leave``; ``stale`` once no heartbeat came for ``stale_after`` seconds (its
@@ -315,6 +316,7 @@ class NodeStatus:
             host=i.host,
             pid=i.pid,
             lease_age_s=round(r.lease_age_s, 1),
+            clock_skew_s=None if r.clock_skew_s is None else round(r.clock_skew_s, 3),
             started_at=r.started_at,
             device=i.device,
             workers=i.workers,
@@ -718,7 +720,8 @@ class MemoryStore:
     # --- nodes (the lease clock is the store's clock) ------------------------------------------------------------
     def _node_row(self, name: str, now: dt.datetime) -> NodeRow:
         n = self._nodes[name]
-        return NodeRow(name, n.info, n.started_at, n.heartbeat_at, n.stopped_at, (now - n.heartbeat_at).total_seconds())
+        age = (now - n.heartbeat_at).total_seconds()
+        return NodeRow(name, n.info, n.started_at, n.heartbeat_at, n.stopped_at, age, 0.0)
 
     def join(self, node: str, info: NodeInfo, in_use: Callable[[NodeRow], bool]) -> NodeRow | None:
         with self._lock:

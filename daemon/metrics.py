@@ -17,12 +17,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
-from skimage.metrics import structural_similarity
 
-from models.resize import imresize
-
+# cv2, scikit-image and scipy (models.resize) are imported where a metric is computed: the job rows import this module
+# for Metric, and `upscaled history` must not pay a second for libraries it never calls.
 _Y = np.array([65.481, 128.553, 24.966], np.float64)
 
 
@@ -51,6 +49,8 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
 
 
 def ssim(a: np.ndarray, b: np.ndarray, channel_axis: int | None = None) -> float:
+    from skimage.metrics import structural_similarity
+
     return float(
         structural_similarity(
             a,
@@ -99,6 +99,8 @@ def full_reference(sr: np.ndarray, hr: np.ndarray, shave: int, names: tuple[str,
 
 def lr_consistency(sr: np.ndarray, lr: np.ndarray, names: tuple[str, ...]) -> list[Metric]:
     """Downscale ``sr`` to ``lr``'s size (MATLAB bicubic) and compare on Y: how faithful the output is to its input."""
+    from models.resize import imresize
+
     back = np.clip(imresize(sr, (lr.shape[1], lr.shape[0])), 0.0, 1.0)
     yb, yl = y_bt601(back), y_bt601(lr)
     proto = "BT.601 Y (16-235), output downscaled to the input with MATLAB bicubic, against the LR input, no shave"
@@ -127,6 +129,8 @@ class Brisque:
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
         scorer = getattr(self._local, "scorer", None)
         if scorer is None:
+            import cv2
+
             # cv2.quality is in opencv-contrib, which its type stubs leave out.
             scorer = self._local.scorer = cv2.quality.QualityBRISQUE_create(self._model, self._range)  # type: ignore[attr-defined]
         score = scorer.compute(bgr)[0]

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.errors import ImageTooSmallError
-from models.resize import resize
 
 SSIM_WINDOW = 11  # Wang et al.'s Gaussian window
 DOWNSCALES = ("matlab-bicubic", "cv2-cubic", "area")
@@ -89,6 +88,8 @@ def make_lr(hr: np.ndarray, scale: int, kernel: str, bits: int) -> np.ndarray:
     """
     if kernel not in DOWNSCALES:
         raise ValueError(f"downscale kernel must be one of {', '.join(DOWNSCALES)}, got {kernel!r}")
+    from models.resize import resize  # here: scipy is heavy, and the configuration imports this module for its names
+
     size = (hr.shape[1] // scale, hr.shape[0] // scale)
     levels = 65535 if bits == 16 else 255
     return quantise(resize(hr, size, kernel, levels=levels), bits)

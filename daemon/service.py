@@ -33,10 +33,12 @@ from daemon.config import LiveSettings, Settings, UsesSettings, load_settings
 from daemon.dispositions import Archive, LeaveToOwner, Mover, Policy, Requeue, Wait, for_existing
 from daemon.errors import ConfigError
 from daemon.fsops import FileId, Root, display
+from daemon.hints import Hints
 from daemon.hooks import HookRunner
 from daemon.intake import Intake
 from daemon.jobs import DaemonStore, Job, JobSpec, worker_id
 from daemon.notify import Notifier
+from daemon.rules import implicit_default, make_rule_folders
 from daemon.sandbox import Sandbox
 from daemon.store import SqlStore, safe_url
 from daemon.telemetry import HttpServer, Telemetry
@@ -46,7 +48,7 @@ from models import devices, runtime
 from models.catalog import get_entry
 from models.errors import UpscaledError
 from models.registry import ModelCache
-from models.weights import fetch_command, needs_weights, present
+from models.weights import needs_weights, present
 
 # Settings a SIGHUP cannot change: they shape the running parts.
 RESTART_KEYS = (
@@ -120,6 +122,7 @@ class Service(UsesSettings):
         notifier: Notifier | None = None,
         sandbox: Sandbox | None = None,
     ) -> None:
+        settings = settings.resolve_devices()  # "auto" named once, as the real device, everywhere
         self.live = LiveSettings(settings)
         s = settings
         os.umask(int(s.umask, 8))  # before the database file and the folders are created
@@ -177,7 +180,10 @@ class Service(UsesSettings):
         self._again: queue.SimpleQueue[PurePosixPath] = queue.SimpleQueue()  # re-admitted by the main thread
 
     def _main_beat(self) -> None:
+        """A sign of life from the main thread while it is busy inside one file (hashing it, waiting for the sandbox
+        to read its header): the watchdog's pings go on from here too, not only between passes of the loop."""
         self.main.at = self.clock()
+        self._tell_systemd()  # rate-limited: at most every interval / 3
 
     # --- life cycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,6 +196,7 @@ class Service(UsesSettings):
         # Other live nodes may be writing into a shared outbox right now: leave their young temp files alone.
         older = s.stale_seconds if self.cluster.others() else 0.0
         stale = sum(root.remove_stale_temps(older) for root in (self.outbox, self.archive, self.failed))
+        self._rule_folders()
         self.watcher.start()
         self.watcher.rescan()
         self._next_rescan = self.clock() + s.rescan_seconds
@@ -214,8 +221,27 @@ class Service(UsesSettings):
             version=__version__,
         )
 
+    def _rule_folders(self) -> None:
+        """Every rule's inbox folder, made where missing (at start and on reload; see :func:`make_rule_folders`)."""
+        made, problems = make_rule_folders(self.settings, self.inbox)
+        if made:
+            self.log.info("rule_folders.created", folders=[display(str(f)) for f in made])
+        for folder, problem in problems.items():
+            self.log.warning("rule_folder.unusable", folder=display(folder), error=problem)
+
     def _warn(self) -> None:
-        """Start-up (and reload) warnings: rules whose weights are missing, and what each backend has to say."""
+        """Start-up (and reload) warnings: the default rule when the file has none, rules whose weights are missing,
+        and what each backend has to say."""
+        implicit = implicit_default(self.settings)
+        if implicit is not None:
+            self.log.warning(
+                "rule.implicit_default",
+                model=implicit.model,
+                scale=implicit.final_scale,
+                note='no rule has folder = "": files outside the rule folders get this built-in rule; '
+                'add a [[rules]] with folder = "" to choose what they get',
+            )
+        hints = Hints.of(self.settings)
         for rule in self.settings.all_rules():
             entry = get_entry(rule.model)
             if needs_weights(entry) and not present(self.settings.weights_dir, entry):
@@ -223,7 +249,7 @@ class Service(UsesSettings):
                     "weights.missing",
                     model=rule.model,
                     folder=rule.folder or "(default)",
-                    fix=fetch_command(rule.model),
+                    fix=hints.fetch([rule.model]),
                 )
             backend = rule.backend()
             problem = backend.available()
@@ -317,7 +343,7 @@ class Service(UsesSettings):
         Queued jobs keep the rule they were registered with. A bad file is logged and the old settings stay.
         """
         try:
-            new = load_settings(self.settings.config_file)
+            new = load_settings(self.settings.config_file).resolve_devices()
         except UpscaledError as exc:
             self.log.error("reload.failed", error=str(exc))
             self._reload_problem = f"the last reload failed (the old settings stay): {exc}"
@@ -331,6 +357,7 @@ class Service(UsesSettings):
         self.sandbox.timeout = new.decode_timeout
         self.watcher.patterns = new.ignore
         self.watcher.settle = new.settle_seconds
+        self._rule_folders()
         self._warn()
         self.telemetry.declare([(r.folder, r.model) for r in new.all_rules()], new.devices())
         self.log.info("reload.done", rules=len(new.all_rules()))
@@ -429,9 +456,7 @@ class Service(UsesSettings):
             if needs_weights(get_entry(r.model)) and not present(s.weights_dir, get_entry(r.model))
         ]
         checks["weights"] = (
-            None
-            if not missing
-            else "missing for " + ", ".join(f"{m} ({fetch_command(m)})" for m in dict.fromkeys(missing))
+            None if not missing else f"missing for {', '.join(dict.fromkeys(missing))} ({Hints.of(s).fetch(missing)})"
         )
         try:
             check_devices(s)

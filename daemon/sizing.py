@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Self
 
-import cv2
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
@@ -286,7 +285,7 @@ def check_rule(
     return RuleCheck(True, passes, msg)
 
 
-_CV2 = {"lanczos": cv2.INTER_LANCZOS4, "area": cv2.INTER_AREA}
+_CV2 = {"lanczos": "INTER_LANCZOS4", "area": "INTER_AREA"}  # cv2's flags, by name: cv2 is imported where it resizes
 
 
 def apply_final(img: np.ndarray, p: SizePlan) -> np.ndarray:
@@ -303,7 +302,9 @@ def apply_final(img: np.ndarray, p: SizePlan) -> np.ndarray:
         )
     out = img
     if p.filter != "none":
-        out = cv2.resize(img, p.scaled, interpolation=_CV2[p.filter])
+        import cv2  # here, not at the top: the configuration imports this module, and `upscaled history` with it
+
+        out = cv2.resize(img, p.scaled, interpolation=getattr(cv2, _CV2[p.filter]))
         if img.ndim == 3 and out.ndim == 2:  # OpenCV drops a trailing channel axis of length 1
             out = out[:, :, None]
         if np.issubdtype(out.dtype, np.floating):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -83,7 +83,7 @@ from daemon.jobs import (
     worker_id,
 )
 from daemon.metrics import Metric
-from daemon.migrations import VIEWS_0001
+from daemon.migrations import SUMMARY_MEANS, SUMMARY_PARTS, VIEWS_PRUNED
 
 _JOB_FIELDS = set(Job.__dataclass_fields__)
 metadata = MetaData()
@@ -178,6 +178,7 @@ nodes = Table(
     Column("workers", Integer),
     Column("folders", Text),  # JSON list of the rule folders it serves; NULL: all of them
     Column("rules_fingerprint", String(32)),  # all nodes on one inbox must agree on the rules
+    Column("clock_skew_s", Float),  # its host's clock minus the database's at its last heartbeat (NULL: unmeasured)
 )
 
 metrics = Table(
@@ -212,18 +213,43 @@ _NODE_INFO = [f.name for f in fields(NodeInfo)]  # the nodes columns a node's No
 
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
 
-# The views as the migrations create them (revision 0001; a later revision that changes a view updates this too).
-VIEWS = VIEWS_0001
+# What `upscaled db prune` kept of the jobs it deleted: the counts and sums behind model_summary's means, which adds
+# them to the live rows'.
+model_summary_pruned = Table(
+    "model_summary_pruned",
+    metadata,
+    Column("model_id", String(64), primary_key=True),
+    Column("scale", Float, primary_key=True),
+    Column("mode", String(16), primary_key=True),
+    Column("jobs", Integer, nullable=False),
+    Column("done", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    *[c for k in SUMMARY_MEANS for c in (Column(f"{k}_sum", Float), Column(f"{k}_n", Integer))],
+)
+
+# The views as the migrations create them (revision 0007; a later revision that changes a view updates this too).
+VIEWS = VIEWS_PRUNED
 
 
-def make_engine(url: str, readonly: bool = False) -> Engine:
+# A daemon statement that runs longer than this fails (PostgreSQL's statement_timeout) instead of hanging its thread.
+# Below the default stale_seconds (30), so a stuck heartbeat is an error in the log before the node's leases lapse.
+STATEMENT_TIMEOUT_S = 20.0
+CONNECT_TIMEOUT_S = 10  # libpq's connect_timeout: a server that does not answer at all
+
+
+def make_engine(url: str, readonly: bool = False, statement_timeout_s: float | None = STATEMENT_TIMEOUT_S) -> Engine:
     """An engine with the settings the service relies on.
 
     SQLite: WAL, a 30 s busy timeout, full sync (a committed job survives a power cut), foreign keys, and
     ``BEGIN IMMEDIATE`` for writers. ``readonly``: SQLite opens the file with ``mode=ro`` and ``query_only``;
     PostgreSQL sessions start with ``default_transaction_read_only = on`` (a reader's own ``COMMIT`` cannot turn it
     off), so a reader (``query``, ``web``) can change nothing whatever SQL it is handed. A deployment gives readers
-    a role with SELECT only as well (see docs/operations.md).
+    a role with SELECT only as well (see docs/security.md).
+
+    PostgreSQL writers' sessions start with ``statement_timeout`` = ``statement_timeout_s`` (None: none), so a
+    stuck server or a lock held elsewhere fails one step of the daemon instead of hanging a thread; readers run
+    without one (an analysis may be long). Every PostgreSQL connection gives up after ``CONNECT_TIMEOUT_S`` when the
+    server does not answer. SQLite has no server to get stuck; its busy timeout bounds the wait for the write lock.
 
     Raises:
         FileNotFoundError: ``readonly`` on a SQLite file that does not exist yet.
@@ -239,8 +265,12 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("sqlite"):
         connect_args["timeout"] = 30
-    elif readonly:
-        connect_args["options"] = "-c default_transaction_read_only=on"
+    else:
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+        if readonly:
+            connect_args["options"] = "-c default_transaction_read_only=on"
+        elif statement_timeout_s is not None:
+            connect_args["options"] = f"-c statement_timeout={round(statement_timeout_s * 1000)}"
     # pool_pre_ping: a PostgreSQL server restart or a dropped NAT entry must not fail the next claim.
     engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
@@ -266,6 +296,36 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
     return engine
 
 
+# What a reader's role must not be able to do on PostgreSQL, as one query over the session's own role: be a superuser,
+# signal the daemon's sessions (a member of the role that owns the jobs table, or of pg_signal_backend), or take an
+# advisory lock (which the claims' output reservations and the migrations use).
+_READER_POWERS = text(r"""
+SELECT r.rolsuper AS superuser,
+  pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') AS signal_any,
+  COALESCE((SELECT pg_has_role(current_user, t.tableowner, 'MEMBER') FROM pg_tables t
+            WHERE t.tablename = 'jobs' AND t.schemaname = current_schema()), false) AS signal_daemon,
+  ARRAY(SELECT p.oid::regprocedure::text FROM pg_proc p
+        WHERE p.proname LIKE 'pg\_%advisory%lock%' AND p.proname NOT LIKE '%unlock%'
+          AND has_function_privilege(p.oid, 'EXECUTE') ORDER BY 1) AS locks
+FROM pg_roles r WHERE r.rolname = current_user""")
+
+
+def reader_powers(c: Connection) -> list[str]:
+    """What the session's PostgreSQL role can do that a reader must not (empty: a safe reader; always empty on
+    SQLite, which has neither advisory locks nor other sessions to signal). See docs/security.md."""
+    if c.dialect.name != "postgresql":
+        return []
+    r = c.execute(_READER_POWERS).one()
+    out = []
+    if r.superuser:
+        out.append("is a superuser")
+    if r.signal_any or r.signal_daemon:
+        out.append("can signal the daemon's sessions (pg_terminate_backend)")
+    if r.locks:
+        out.append(f"can take advisory locks ({', '.join(r.locks)})")
+    return out
+
+
 def safe_url(url: str) -> str:
     """The database URL with its password masked, for logs and messages (never log the password)."""
     from sqlalchemy.engine import make_url
@@ -274,6 +334,17 @@ def safe_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: say nothing of what it holds
         return "<unparsable database URL>"
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What :meth:`SqlStore.prune` deleted: rows per table."""
+
+    jobs: int
+    metrics: int
+    hook_runs: int
+    bench_runs: int
+    nodes: int
 
 
 def _insert(dialect: str):  # noqa: ANN202 - the dialect's INSERT with ON CONFLICT
@@ -298,6 +369,7 @@ class SqlStore:
         clock: Clock = utcnow,
         readonly: bool = False,
         lease_clock: Clock | None = None,
+        statement_timeout_s: float | None = STATEMENT_TIMEOUT_S,
     ) -> None:
         """Open the database at ``url`` and, unless ``upgrade`` is False (or ``readonly``), migrate it to the newest
         schema. A ``readonly`` store reads (``nodes``, ``get``, ``counts``) and can change nothing.
@@ -305,6 +377,7 @@ class SqlStore:
         ``clock`` stamps the history (created, started, finished). ``lease_clock`` stamps and ages leases and node
         heartbeats; by default it is the database's own clock: PostgreSQL's ``now()``, shared by every node, or on
         SQLite (one host) ``clock``. A test passes a fake one to age leases without waiting.
+        ``statement_timeout_s``: see :func:`make_engine`.
 
         Raises:
             sqlalchemy.exc.OperationalError: the database cannot be reached or written.
@@ -312,7 +385,7 @@ class SqlStore:
         """
         self.url = url
         self.clock = clock
-        self.engine = make_engine(url, readonly=readonly)
+        self.engine = make_engine(url, readonly=readonly, statement_timeout_s=statement_timeout_s)
         self._server_time = lease_clock is None and self.engine.dialect.name == "postgresql"
         self.lease_clock = lease_clock or clock
         upgrade = upgrade and not readonly
@@ -550,10 +623,17 @@ class SqlStore:
             return out
 
     def _taken(self, c: Connection, path: str, me: int) -> bool:
-        """Whether a job other than ``me`` owns output ``path``. On PostgreSQL a transaction-scoped advisory lock
-        on the path makes check-then-reserve atomic across nodes (SQLite's write lock already does)."""
+        """Whether output ``path`` is not free for job ``me``: a job other than ``me`` owns it, or (PostgreSQL)
+        another session holds its advisory lock, and the planner goes on to the next name.
+
+        On PostgreSQL a transaction-scoped advisory lock on the path makes check-then-reserve atomic across nodes
+        (SQLite's write lock already does). It is only *tried*: a claim never waits for a lock another session holds,
+        be it a concurrent claim reserving that very name (which would take it anyway) or a stray reader's lock.
+        """
         if self.engine.dialect.name == "postgresql":
-            c.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:p, 0))"), {"p": path})
+            got = c.execute(text("SELECT pg_try_advisory_xact_lock(hashtextextended(:p, 0))"), {"p": path}).scalar()
+            if not got:
+                return True
         owner = c.execute(select(jobs.c.id).where(jobs.c.output_path == path, jobs.c.id != me).limit(1)).scalar()
         return owner is not None
 
@@ -787,7 +867,7 @@ class SqlStore:
         m = r._mapping
         info = NodeInfo(**{k: m[k] for k in _NODE_INFO})
         age = (now - m["heartbeat_at"]).total_seconds()
-        return NodeRow(m["name"], info, m["started_at"], m["heartbeat_at"], m["stopped_at"], age)
+        return NodeRow(m["name"], info, m["started_at"], m["heartbeat_at"], m["stopped_at"], age, m["clock_skew_s"])
 
     def join(self, node: str, info: NodeInfo, in_use: Callable[[NodeRow], bool]) -> NodeRow | None:
         """Enter ``node`` (see :meth:`daemon.jobs.NodeStore.join`): a new row, or the old one taken over.
@@ -802,7 +882,8 @@ class SqlStore:
             before = None if old is None else self._node_row(old, now)
             if before is not None and in_use(before):
                 raise NodeInUseError(node, before.info.host, before.info.pid)
-            values = dict(asdict(info), started_at=now, heartbeat_at=now, stopped_at=None)
+            skew, _ = self._skew(c)
+            values = dict(asdict(info), started_at=now, heartbeat_at=now, stopped_at=None, clock_skew_s=skew)
             if before is not None:
                 c.execute(update(nodes).where(nodes.c.name == node).values(**values))
                 return before
@@ -821,16 +902,19 @@ class SqlStore:
             KeyError: ``node`` has no row: it never joined.
         """
         with self.engine.begin() as c:
+            skew, uncertainty = self._skew(c)
             at = c.execute(
                 update(nodes)
                 .where(nodes.c.name == node)
-                .values(heartbeat_at=self._lease_now())
+                .values(heartbeat_at=self._lease_now(), clock_skew_s=skew)
                 .returning(nodes.c.heartbeat_at)
             ).scalar()
             if at is None:
                 raise KeyError(f"node {node!r} has not joined")
-            c.execute(update(jobs).where(jobs.c.node == node, jobs.c.state == "running").values(heartbeat_at=at))
-            skew, uncertainty = self._skew(c)
+            # SKIP LOCKED: a job whose row a finish (or a recovery) holds right now is about to change anyway, and
+            # waiting for it while that finish waits for a row this renewal holds is a deadlock that fails the finish.
+            mine = select(jobs.c.id).where(jobs.c.node == node, jobs.c.state == "running")
+            c.execute(update(jobs).where(jobs.c.id.in_(mine.with_for_update(skip_locked=True))).values(heartbeat_at=at))
             return Beat(at, skew, uncertainty)
 
     def _skew(self, c: Connection) -> tuple[float, float]:
@@ -884,6 +968,52 @@ class SqlStore:
                 NodeStatus(row, state, tuple(running.get(row.name, ())), total, round(recent * 60.0 / window_s, 2))
             )
         return out
+
+    # --- housekeeping ------------------------------------------------------------------------------------------------
+    def prune(self, before: dt.datetime, keep_summary: bool = True, batch: int = 2000) -> Pruned:
+        """Delete the history of the jobs that ended before ``before``: done and failed jobs whose ``finished_at``
+        (``created_at`` if they have none) is older, with their metrics and hook runs; then the bench runs left
+        without jobs, and the nodes whose last heartbeat is older. Pending and running jobs are never touched.
+
+        ``keep_summary``: ``model_summary`` keeps the deleted jobs' counts and means (their sums go into
+        ``model_summary_pruned``); without it they leave ``model_summary`` too.
+
+        Works in batches of ``batch`` jobs, each one short transaction that skips rows a daemon holds right now, so
+        the daemons are never kept waiting and an interrupted prune is simply run again. An input whose job is
+        pruned is a new job if it is dropped again.
+        """
+        ended = jobs.c.state.in_(("done", "failed")) & (func.coalesce(jobs.c.finished_at, jobs.c.created_at) < before)
+        counts = dict(jobs=0, metrics=0, hook_runs=0, bench_runs=0, nodes=0)
+        last = 0
+        while True:
+            with self.engine.begin() as c:
+                q = select(jobs.c.id).where(jobs.c.id > last, ended).order_by(jobs.c.id).limit(batch)
+                ids = [r.id for r in c.execute(q.with_for_update(skip_locked=True))]
+                if not ids:
+                    break
+                last = ids[-1]
+                if keep_summary:
+                    self._keep_summary(c, ids)
+                counts["metrics"] += c.execute(metrics.delete().where(metrics.c.job_id.in_(ids))).rowcount
+                counts["hook_runs"] += c.execute(hook_runs.delete().where(hook_runs.c.job_id.in_(ids))).rowcount
+                counts["jobs"] += c.execute(jobs.delete().where(jobs.c.id.in_(ids))).rowcount
+        with self.engine.begin() as c:
+            used = select(jobs.c.bench_run_id).where(jobs.c.bench_run_id.is_not(None))
+            old_runs = bench_runs.delete().where(bench_runs.c.started_at < before, bench_runs.c.id.not_in(used))
+            counts["bench_runs"] = c.execute(old_runs).rowcount
+            counts["nodes"] = c.execute(nodes.delete().where(nodes.c.heartbeat_at < before)).rowcount
+        return Pruned(**counts)
+
+    def _keep_summary(self, c: Connection, ids: list[int]) -> None:
+        """Add the model_summary parts of jobs ``ids`` to model_summary_pruned, before they are deleted."""
+        parts = text(f"SELECT {SUMMARY_PARTS} FROM job_metrics WHERE id IN :ids GROUP BY model_id, scale, mode")
+        rows = [dict(r._mapping) for r in c.execute(parts.bindparams(bindparam("ids", expanding=True)), {"ids": ids})]
+        if not rows:
+            return
+        stmt = _insert(self.engine.dialect.name)(model_summary_pruned)
+        t = model_summary_pruned.c
+        added = {k.name: func.coalesce(k, 0) + func.coalesce(stmt.excluded[k.name], 0) for k in t if not k.primary_key}
+        c.execute(stmt.on_conflict_do_update(index_elements=["model_id", "scale", "mode"], set_=added), rows)
 
     # --- reads -------------------------------------------------------------------------------------------------------
     def get(self, job_id: int) -> Job | None:

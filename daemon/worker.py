@@ -718,7 +718,8 @@ class Stages(UsesSettings):
     ) -> Task | None:
         """Claim one job and run it through every stage, here (``root``: a one-off job's folder). Returns its task,
         or None if there was none."""
-        tasks = self.claim(worker, 1, job_id=job_id, root=root)
+        # One job through every stage in this thread: it is alone in flight (a job taken back after a crash may come).
+        tasks = self.claim(worker, 1, job_id=job_id, root=root, alone=True)
         if not tasks:
             return None
         task = tasks[0]
@@ -781,6 +782,7 @@ class Runner:
         self._infer_q: dict[str, queue.Queue[Task]] = {d: queue.Queue(maxsize=workers) for d in self.devices}
         self._write_q: queue.Queue[Task] = queue.Queue(maxsize=2)
         self._settle_q: queue.Queue[Task] = queue.Queue()
+        self._unsettled: list[Task] = []  # a batch whose commit failed, tried again first
         # Done jobs whose metrics are still to come. Only the newest `measure_buffer` keep their pixels; the older
         # ones let them go and are measured from their files: a burst never waits for its metrics, nor holds them.
         self._backlog: deque[Task] = deque()
@@ -989,19 +991,29 @@ class Runner:
 
     def _settle(self) -> bool:
         beat = self.beats["settle"]
-        try:
-            first = self._settle_q.get(timeout=0.5)
-        except queue.Empty:
-            return not (self._stop_claiming.is_set() and not self._inflight)
-        batch = [first]
+        batch, self._unsettled = self._unsettled, []
+        if not batch:
+            try:
+                batch.append(self._settle_q.get(timeout=0.5))
+            except queue.Empty:
+                return not (self._stop_claiming.is_set() and not self._inflight)
         while True:  # everything that is ready: one commit for all (a group commit while the queue is deep)
             try:
                 batch.append(self._settle_q.get_nowait())
             except queue.Empty:
                 break
-        beat.busy, beat.stage = True, "settle"
-        measure = self.stages.settle(batch)
-        beat.busy, beat.stage = False, ""
+        # A fresh sign of life as the commit starts: the wait for the batch is not silence, the commit's own time is.
+        beat.at, beat.busy, beat.stage = self.clock(), True, "settle"
+        try:
+            measure = self.stages.settle(batch)
+        except Exception:
+            # The database refused the commit (a timeout, a deadlock, a full disk): the outputs are written and the
+            # jobs still ours; the batch is tried again on the next pass (the loop logs this one and backs off),
+            # never dropped to leave its jobs running and its slots taken.
+            self._unsettled = batch
+            raise
+        finally:
+            beat.busy, beat.stage = False, ""
         for t in batch:
             self._done(t, keep_pixels=t in measure)
         if measure:

@@ -69,6 +69,15 @@ def cpu_without_torch(device: str) -> bool:
     return device == "cpu" or (device == "auto" and not gpu_visible())
 
 
+def resolve_auto(device: str) -> str:
+    """``auto`` as this host runs it: ``cpu`` when no GPU is visible (told from the device files, without importing
+    torch), else the GPU PyTorch picks (``cuda:0``), or ``cpu`` if PyTorch sees none after all; any other name as
+    given."""
+    if device != "auto":
+        return device
+    return "cpu" if cpu_without_torch(device) else resolve(device)
+
+
 def runs_on_cpu(device: str) -> bool:
     """Whether a torch model on ``device`` would run on the CPU (``auto`` without a GPU, or no torch at all)."""
     if device == "cpu":

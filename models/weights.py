@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -43,7 +44,6 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from models.catalog import CATALOG, ModelEntry, WeightFile, get_entry, is_omdb_model
 from models.errors import FetchError, UpscaledError, WeightsCorruptError, WeightsMissingError
@@ -253,7 +253,7 @@ class Download:
 
 def _open_source(
     src: str, limit: int, timeout: float, headers: Mapping[str, str] | None = None
-) -> tuple[BinaryIO, Mapping[str, str]]:
+) -> tuple[io.BufferedIOBase, Mapping[str, str]]:
     """Open ``src`` (a URL or a local path) for reading; a declared size over ``limit`` is refused before any byte.
     Returns the reader and the response's headers. ``headers`` go with an HTTP request.
 

@@ -46,8 +46,9 @@ class NoServer(RuntimeError):
 
 
 @contextmanager
-def running_server() -> Iterator[str]:
+def running_server(options: str = "") -> Iterator[str]:
     """Start a throw-away PostgreSQL server; yields its base URL (no database name) and stops it afterwards.
+    ``options``: more ``-c name=value`` server settings, after (so over) the defaults here.
 
     Raises:
         NoServer: initdb or pg_ctl cannot be found.
@@ -85,7 +86,7 @@ def running_server() -> Iterator[str]:
                 **run,
             )
             # fsync off: a test server need not survive a power cut, and the 2-core CI box is shared.
-            opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+            opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200 {options}"
             subprocess.run(
                 [
                     *prefix,

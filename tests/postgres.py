@@ -16,7 +16,7 @@ import pytest
 
 from tests.pgserver import NoServer, running_server
 
-__all__ = ["NoServer", "create_database", "pg_server", "pg_url", "running_server"]
+__all__ = ["NoServer", "create_database", "pg_roles", "pg_server", "pg_url", "running_server"]
 
 
 def create_database(server: str) -> str:
@@ -63,4 +63,54 @@ def pg_url(pg_server: str) -> Iterator[str]:
     finally:
         with admin.connect() as c:
             c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+def _doc_sql(section: str) -> list[str]:
+    """The statements of the ```sql blocks under docs/security.md's ``### section`` heading, in order (psql's ``\\c``
+    lines left out); a ``$$`` body stays one statement."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "security.md").read_text()
+    body = doc.split(f"### {section}\n", 1)[1].split("\n### ", 1)[0]
+    statements, current, quoted = [], [], False
+    for block in body.split("```sql\n")[1:]:
+        for line in block.split("\n```", 1)[0].splitlines():
+            if line.startswith("\\c") or (not current and (not line.strip() or line.startswith("--"))):
+                continue
+            current.append(line)
+            quoted ^= line.count("$$") % 2 == 1
+            if not quoted and line.rstrip().endswith(";"):
+                statements.append("\n".join(current))
+                current = []
+    return statements
+
+
+@pytest.fixture
+def pg_roles(pg_server: str, pg_url: str) -> Iterator[tuple[str, str]]:
+    """(the service's URL, a reader's URL) on ``pg_url``'s database, their roles made by docs/security.md's own SQL
+    (sections "PostgreSQL roles" and "Readers cannot stall the daemon"); the roles are dropped afterwards.
+
+    Role names are cluster-wide, so each test gets its own; the page's ``CREATE DATABASE`` becomes this database."""
+    from sqlalchemy import create_engine, make_url, text
+
+    name = pg_url.rsplit("/", 1)[1]
+    tag = uuid.uuid4().hex[:8]
+    service, reader = f"svc_{tag}", f"rdr_{tag}"
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            for stmt in _doc_sql("PostgreSQL roles") + _doc_sql("Readers cannot stall the daemon"):
+                stmt = stmt.replace("upscaled_reader", reader).replace("upscaled", service)
+                if stmt.startswith("CREATE DATABASE"):
+                    stmt = f"ALTER DATABASE {name} OWNER TO {service}"
+                c.execute(text(stmt))
+        url = make_url(pg_url)
+        yield tuple(url.set(username=u, password=None).render_as_string(hide_password=False) for u in (service, reader))
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f"ALTER DATABASE {name} OWNER TO CURRENT_USER"))
+            for role in (service, reader):  # one at a time: both at once trips over the default ACL between them
+                c.execute(text(f"DROP OWNED BY {role}"))
+            c.execute(text(f"DROP ROLE IF EXISTS {service}, {reader}"))
         admin.dispose()

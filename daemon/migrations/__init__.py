@@ -12,11 +12,8 @@ A new revision: ``alembic -c daemon/migrations/alembic.ini revision -m "what"`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Column,
     Connection,
@@ -34,6 +31,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+
+if TYPE_CHECKING:  # alembic is imported where a migration runs: the readers (`upscaled history`) import the views only
+    from alembic.config import Config
 
 HERE = Path(__file__).resolve().parent
 BASELINE = "0001"
@@ -69,6 +69,36 @@ SELECT id, state, folder, rel_path, model_id, scale, device, t_total, error_kind
 FROM jobs ORDER BY id DESC""",
 }
 
+# What model_summary averages, by the name its mean takes (mean_<name>), and the expression over job_metrics.
+SUMMARY_MEANS = {
+    "total_s": "CASE WHEN state = 'done' THEN t_total END",
+    "infer_s": "CASE WHEN state = 'done' THEN t_infer END",
+    "psnr_y": "psnr_y",
+    "ssim_y": "ssim_y",
+    "brisque": "brisque",
+    "lr_psnr_y": "lr_psnr_y",
+}
+# model_summary's parts over job_metrics, per model, scale and mode: counts, and a sum and a count per mean, so parts
+# add up (live rows and model_summary_pruned alike) and the means are taken once, at the end.
+SUMMARY_PARTS = """model_id, scale, mode, COUNT(*) AS jobs,
+  SUM(CASE WHEN state = 'done' THEN 1 ELSE 0 END) AS done,
+  SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed,
+  """ + ",\n  ".join(f"SUM({e}) AS {k}_sum, COUNT({e}) AS {k}_n" for k, e in SUMMARY_MEANS.items())
+# Revision 0007: model_summary adds what `upscaled db prune` kept of the rows it deleted (model_summary_pruned).
+VIEWS_PRUNED = VIEWS_0001 | {
+    "model_summary": f"""
+SELECT model_id, scale, mode, SUM(jobs) AS jobs, SUM(done) AS done, SUM(failed) AS failed,
+  {", ".join(f"SUM({k}_sum) / NULLIF(SUM({k}_n), 0) AS mean_{k}" for k in SUMMARY_MEANS)}
+FROM (
+  SELECT {SUMMARY_PARTS}
+  FROM job_metrics GROUP BY model_id, scale, mode
+  UNION ALL
+  SELECT model_id, scale, mode, jobs, done, failed, {", ".join(f"{k}_sum, {k}_n" for k in SUMMARY_MEANS)}
+  FROM model_summary_pruned
+) parts
+GROUP BY model_id, scale, mode""",
+}
+
 
 def create_views(conn: Connection, views: dict[str, str]) -> None:
     """(Re)create ``views`` in order; dependants are dropped first (model_summary reads job_metrics)."""
@@ -80,6 +110,8 @@ def create_views(conn: Connection, views: dict[str, str]) -> None:
 
 def config(conn: Connection | None = None) -> Config:
     """An Alembic config for ``versions/``, bound to ``conn`` (used by env.py) when given."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
     cfg.set_main_option("version_locations", str(HERE / "versions"))
@@ -91,6 +123,8 @@ def config(conn: Connection | None = None) -> Config:
 
 def head() -> str:
     """The newest revision."""
+    from alembic.script import ScriptDirectory
+
     rev = ScriptDirectory.from_config(config()).get_current_head()
     assert rev is not None
     return rev
@@ -98,6 +132,8 @@ def head() -> str:
 
 def current(conn: Connection) -> str | None:
     """The database's revision; None for an empty database or one made before Alembic."""
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(conn).get_current_revision()
 
 
@@ -144,6 +180,8 @@ def _adopt(conn: Connection) -> None:
     create_views(conn, VIEWS_0001)
     conn.execute(text("DELETE FROM meta WHERE key = 'schema_version'"))
     conn.execute(text("INSERT INTO meta (key, value) VALUES ('schema_version', '2')"))
+    from alembic import command
+
     command.stamp(config(conn), BASELINE)
 
 
@@ -158,11 +196,16 @@ def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str]:
     """
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
+            # A migration may rewrite a large table, and may wait for another daemon's: not bound by the daemon's
+            # statement_timeout (this transaction only).
+            conn.execute(text("SET LOCAL statement_timeout = 0"))
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
         before = current(conn)
         if before is None and inspect(conn).has_table("jobs"):
             _adopt(conn)
             before = "legacy"
+        from alembic import command
+
         command.upgrade(config(conn), target)
         after = current(conn)
     assert after is not None

@@ -46,10 +46,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon import __version__, logs
 from daemon.errors import QueryError
+from daemon.hints import Hints
 from daemon.history import parse_since
 from daemon.store import STAGES, make_engine
 from daemon.web import charts
-from daemon.web.data import DEFAULT_FOLDER, MAIN_METRICS, PAGE_SIZE, Filters, History
+from daemon.web.data import DEFAULT_FOLDER, LIST_SOURCES, MAIN_METRICS, PAGE_SIZE, Filters, History, ListFilters
 from daemon.web.images import DiskCache, Images
 from models.errors import UpscaledError
 
@@ -68,6 +69,14 @@ SECURITY_HEADERS = [
     (b"cross-origin-resource-policy", b"same-origin"),
 ]
 STATS_DAYS = 30
+MAX_ID = 2**63 - 1  # the largest id a database column holds: a larger one names no job
+# Which way each main metric is better, said beside it where it is shown.
+BETTER = {
+    "psnr_y": "higher is better",
+    "ssim_y": "higher is better",
+    "lr_psnr_y": "higher is better",
+    "brisque": "lower is better",
+}
 
 log = logs.get("upscaled.web")
 
@@ -145,6 +154,28 @@ def thumb_box(width: int | None, height: int | None, box: tuple[int, int] = (80,
     return max(1, round(width * ratio)), max(1, round(height * ratio))
 
 
+def sizes(job: dict[str, Any]) -> str:
+    """A job's sizes, in → out: ``320×240 → 1280×960``. A benchmark-mode job's input is the HR ground truth, and
+    the model got the LR image made from it (the HR cropped to a multiple of the scale, divided by it): that is
+    the size shown in, ``LR 80×60 → 320×240``."""
+    w, h = job.get("input_width"), job.get("input_height")
+    shown = ""
+    if w and h:
+        shown = f"{w}×{h}"
+        if job.get("mode") == "benchmark" and job.get("scale"):
+            s = max(1, int(job["scale"]))
+            shown = f"LR {w // s}×{h // s}"
+    if job.get("output_width") and job.get("state") == "done":
+        shown = f"{shown or '?'} → {job['output_width']}×{job['output_height']}"
+    return shown
+
+
+def sources_label(sources: tuple[str, ...] | None) -> str:
+    """``the service and upscaled process``: the sources a page counts, in words."""
+    names = {"watch": "the service", "cli": "upscaled process", "bench": "upscaled bench"}
+    return "every source" if sources is None else " and ".join(names.get(s, s) for s in sources)
+
+
 def make_env() -> Environment:
     """The Jinja2 environment: autoescape on for every template, unknown names are errors (not blank text)."""
     env = Environment(
@@ -163,7 +194,12 @@ def make_env() -> Environment:
         tojson_pretty=lambda v: json.dumps(v, indent=2, sort_keys=True, ensure_ascii=False),
     )
     env.globals.update(
-        version=__version__, thumb_box=thumb_box, DEFAULT_FOLDER=DEFAULT_FOLDER, MAIN_METRICS=MAIN_METRICS
+        version=__version__,
+        thumb_box=thumb_box,
+        sizes=sizes,
+        sources_label=sources_label,
+        DEFAULT_FOLDER=DEFAULT_FOLDER,
+        MAIN_METRICS=MAIN_METRICS,
     )
     return env
 
@@ -184,11 +220,12 @@ def _image_response(request: Request, served: Any, max_age: int = 300) -> Respon
 class WebView:
     """The pages and image routes over one read-only engine. :func:`create_app` wraps it in a Starlette app."""
 
-    def __init__(self, engine: Engine, images: Images, page_size: int = PAGE_SIZE) -> None:
+    def __init__(self, engine: Engine, images: Images, page_size: int = PAGE_SIZE, hints: Hints | None = None) -> None:
         self.engine = engine
         self.history = History(engine)
         self.images = images
         self.page_size = page_size
+        self.hints = hints or Hints()
         self.templates = Jinja2Templates(env=make_env())
 
     def render(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -199,21 +236,30 @@ class WebView:
 
     # --- pages -------------------------------------------------------------------------------------------------------
     def index(self, request: Request) -> Response:
-        filters = Filters.parse(request.query_params)
+        filters = ListFilters.from_query(request.query_params)
         number = _int_param(request, "page", 1)
         page = self.history.page(filters, number, self.page_size)
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         return self.render(
-            request, "index.html", page=page, filters=filters, choices=self.history.choices(), title="history"
+            request,
+            "index.html",
+            page=page,
+            filters=filters,
+            choices=self.history.choices(),
+            summary=self.history.summary(filters.sources, now),
+            title="history",
         )
 
     def job(self, request: Request) -> Response:
-        job_id = request.path_params["job_id"]
+        job_id = _job_id(request)
         job = self.history.job(job_id)
         if job is None:
             raise HTTPException(404, f"there is no job {job_id}")
-        paths = dict(input=job.get("input_moved_to") or job.get("input_path"), output=job.get("output_path"))
-        inp = self.images.probe(paths["input"], "input not kept", verify=job["state"] == "failed")
-        out = self.images.probe(paths["output"], "no output" if job["state"] != "done" else "output no longer there")
+        paths = self.history.image_paths(job_id) or {}
+        inp = self.images.probe(paths.get("input"), "input not kept", verify=job["state"] == "failed")
+        out = self.images.probe(
+            paths.get("output"), "no output" if job["state"] != "done" else "output no longer there"
+        )
         stages = [(s, job.get(f"t_{s}")) for s in STAGES]
         return self.render(
             request,
@@ -224,8 +270,18 @@ class WebView:
             stages=stages,
             stage_chart=charts.stage_bars([s for s in stages if s[0] not in ("total", "queue")]),
             benchmark=job["mode"] == "benchmark",
+            headline=_headline(job),
+            next_step=self._next_step(job),
             title=f"job {job_id}",
         )
+
+    def _next_step(self, job: dict[str, Any]) -> dict[str, str | None] | None:
+        """For a failed job whose input waits in failed/: ``fix``, the command that fixes it where its kind says
+        how (missing weights), and ``retry``, the one that sends it round again; None for any other job."""
+        if job["state"] != "failed" or job.get("source") != "watch" or not job.get("input_moved_to"):
+            return None
+        fix = self.hints.fetch([job["model_id"]]) if job.get("error_kind") == "weights-missing" else None
+        return dict(fix=fix, retry=self.hints.retry(job["id"]))
 
     def stats(self, request: Request) -> Response:
         q = request.query_params
@@ -233,12 +289,13 @@ class WebView:
         raw_folder = (q.get("folder") or "").strip()
         folder = None if not raw_folder else ("" if raw_folder == DEFAULT_FOLDER else raw_folder)
         since = (q.get("since") or "").strip() or None
-        rows = self.history.stats(model, folder, since)
+        sources = Filters.parse({"source": q.get("source") or ""}, LIST_SOURCES).sources
+        rows = self.history.stats(model, folder, since, sources)
         today = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         start = parse_since(since) if since else today - dt.timedelta(days=STATS_DAYS - 1)
         start = max(start, today - dt.timedelta(days=366))  # one bar a day: a year at most
         start = dt.datetime.combine(start.date(), dt.time())
-        days = self.history.per_day(model, folder, start)
+        days = self.history.per_day(model, folder, start, sources)
         return self.render(
             request,
             "stats.html",
@@ -246,6 +303,7 @@ class WebView:
             model=model or "",
             folder=raw_folder,
             since=since or "",
+            source=(q.get("source") or "").strip(),
             choices=self.history.choices(),
             days_chart=charts.per_day(days),
             time_chart=charts.time_bars(rows),
@@ -267,7 +325,7 @@ class WebView:
         )
 
     def bench_report(self, request: Request) -> Response:
-        run_id = request.path_params["run_id"]
+        run_id = _path_id(request, "run_id", "bench run {} has no report")
         path = self.history.bench_report(run_id)
         if not path:
             raise HTTPException(404, f"bench run {run_id} has no report")
@@ -292,7 +350,7 @@ class WebView:
 
     # --- images ------------------------------------------------------------------------------------------------------
     def _paths(self, request: Request) -> dict[str, Any]:
-        job_id = request.path_params["job_id"]
+        job_id = _job_id(request)
         paths = self.history.image_paths(job_id)
         if paths is None:
             raise HTTPException(404, f"there is no job {job_id}")
@@ -354,12 +412,44 @@ NO_PREVIEW = (
 
 
 def _int_param(request: Request, name: str, default: int) -> int:
+    """A whole-number query parameter, ``default`` when absent.
+
+    Raises:
+        QueryError: not plain ASCII digits (``²`` is a digit to Python, not to a URL), or more than 9 of them.
+    """
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit():
-        raise QueryError(f"{name} expects a whole number, got {raw!r}")
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
+        raise QueryError(f"{name} expects a whole number below 10^9, got {raw[:40]!r}")
     return int(raw)
+
+
+def _path_id(request: Request, name: str, missing: str) -> int:
+    """The id in the path parameter ``name``. One that is no id (not ASCII digits, or beyond what a database column
+    holds) names nothing: 404 with ``missing`` (a format string for the id, cut to 40 characters)."""
+    raw = request.path_params[name]
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_ID:
+        raise HTTPException(404, missing.format(raw[:40]))
+    return int(raw)
+
+
+def _job_id(request: Request) -> int:
+    return _path_id(request, "job_id", "there is no job {}")
+
+
+def _headline(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job page's headline figures: the main metrics of its mode (each with which way is better) and the
+    total time, those the job has."""
+    values = {m["name"]: m["value"] for m in job["metric_rows"]}
+    out = [
+        dict(name=name, value=fmt_metric(values[name], name), better=BETTER.get(name, ""))
+        for name in MAIN_METRICS.get(job["mode"], ())
+        if values.get(name) is not None
+    ]
+    if job.get("t_total") is not None:
+        out.append(dict(name="total", value=fmt_seconds(job["t_total"]), better="claim to commit"))
+    return out
 
 
 def _read_regular(path: str, limit: int = 256 << 20) -> bytes:
@@ -404,12 +494,14 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     page_size: int = PAGE_SIZE,
     cache_bytes: int = 512 << 20,
+    hints: Hints | None = None,
 ) -> Starlette:
     """The web view's ASGI app over ``database_url``, opened read-only.
 
     ``cache_dir`` holds thumbnails and converted images (default :func:`default_cache_dir`), at most
     ``cache_bytes``. ``allowed_hosts`` are the Host names it answers (None: any;
-    see :func:`daemon.telemetry.allowed_hosts_for`).
+    see :func:`daemon.telemetry.allowed_hosts_for`). ``hints`` spell the commands a failed job's page suggests
+    (``upscaled retry``) for the configuration in use.
 
     Raises:
         QueryError: the database does not exist, is not upscaled's, or is too old for this version.
@@ -421,7 +513,7 @@ def create_app(
     if engine.dialect.name == "postgresql":
         _read_only_sessions(engine)
     try:
-        view = WebView(engine, Images(DiskCache(cache_dir or default_cache_dir(), cache_bytes)), page_size)
+        view = WebView(engine, Images(DiskCache(cache_dir or default_cache_dir(), cache_bytes)), page_size, hints)
     except SQLAlchemyError as exc:
         raise QueryError(f"cannot read the database: {getattr(exc, 'orig', exc)}") from None
 
@@ -454,14 +546,16 @@ def create_app(
 
     routes = [
         Route("/", view.index, name="index"),
-        Route("/jobs/{job_id:int}", view.job, name="job"),
-        Route("/jobs/{job_id:int}/input", view.input_image, name="input"),
-        Route("/jobs/{job_id:int}/output", view.output_image, name="output"),
-        Route("/jobs/{job_id:int}/lr", view.lr_image, name="lr"),
-        Route("/jobs/{job_id:int}/thumb", view.thumb, name="thumb"),
+        # The id is checked by _job_id (digits, and no larger than a database id): a huge number is a 404, not an
+        # overflow in the driver.
+        Route("/jobs/{job_id}", view.job, name="job"),
+        Route("/jobs/{job_id}/input", view.input_image, name="input"),
+        Route("/jobs/{job_id}/output", view.output_image, name="output"),
+        Route("/jobs/{job_id}/lr", view.lr_image, name="lr"),
+        Route("/jobs/{job_id}/thumb", view.thumb, name="thumb"),
         Route("/stats", view.stats, name="stats"),
         Route("/bench", view.bench, name="bench"),
-        Route("/bench/{run_id:int}/report", view.bench_report, name="bench_report"),
+        Route("/bench/{run_id}/report", view.bench_report, name="bench_report"),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
     middleware = [Middleware(SecurityHeaders)]

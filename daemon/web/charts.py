@@ -87,7 +87,8 @@ def time_bars(rows: Sequence[dict[str, Any]], width: int = 760) -> Markup:
         )
     for i, r in enumerate(rows):
         y = top + i * row_h
-        name = f"{r['model']} x{r['scale']:g} {r['mode']} · {r['folder'] or '(default)'}"
+        final = f"x{r['outscale']:g}" + (f" (x{r['scale']:g} model)" if r.get("scale") != r["outscale"] else "")
+        name = f"{r['model']} {final} {r['mode']} · {r['folder'] or '(default)'}"
         p50, p95 = r["p50_s"], r["p95_s"] or r["p50_s"]
         out.append(f'<text class="label" x="{label_w - 6}" y="{y + 15}" text-anchor="end">{escape(name)}</text>')
         out.append(

@@ -11,20 +11,24 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
-from sqlalchemy import Select, case, func, inspect, literal_column, select
+from sqlalchemy import case, func, inspect, literal_column, select
 from sqlalchemy.engine import Engine
 
 from daemon import history
 from daemon.errors import QueryError
+from daemon.history import DEFAULT_FOLDER, MAIN_METRICS, Filters
 from daemon.store import STATES, bench_runs, jobs, metrics
 
 PAGE_SIZE = 50
-DEFAULT_FOLDER = "/"  # the default rule's folder "" in a query string ("" there means "any folder")
+# What the list shows when no `source` is asked for: the service's jobs and `upscaled process`'s, not the bench's
+# (a bench run adds dozens of rows at once and buries them); `?source=all` or `?source=bench` shows those.
+LIST_SOURCES = ("watch", "cli")
 # The columns the pages cannot do without; a database older than these needs `upscaled db upgrade`.
 REQUIRED = (
     "id",
@@ -73,82 +77,31 @@ LIST_COLUMNS = (
     "progress",
     "attempts",
 )
-MAIN_METRICS = {"benchmark": ("psnr_y", "ssim_y"), "upscale": ("lr_psnr_y", "brisque")}
-
-
-def _day(value: str, name: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(value)
-    except ValueError:
-        raise QueryError(f"{name} expects a date as YYYY-MM-DD, got {value!r}") from None
 
 
 @dataclass(frozen=True)
-class Filters:
-    """The list page's filters, from and back to a query string."""
-
-    folder: str | None = None  # None: any; "" the default rule's folder
-    model: str | None = None
-    state: str | None = None
-    since: dt.date | None = None  # created on or after this day (UTC)
-    until: dt.date | None = None  # created on or before this day (UTC)
-    q: str | None = None  # part of the file name (rel_path), any case
-    run: int | None = None  # the jobs of one bench run
+class ListFilters(Filters):
+    """The list page's filters: :class:`daemon.history.Filters` (which builds the SQL), read from its query string
+    and written back into its links, bench jobs left out unless asked for (:data:`LIST_SOURCES`)."""
 
     @classmethod
-    def parse(cls, params: Mapping[str, str]) -> Filters:
-        """From a query string's parameters; empty values mean "any".
-
-        Raises:
-            QueryError: a state, date or run id that is not one; the message says what was expected.
-        """
-
-        def get(name: str) -> str | None:
-            v = (params.get(name) or "").strip()
-            return v or None
-
-        folder = get("folder")
-        state = get("state")
-        if state is not None and state not in STATES:
-            raise QueryError(f"state expects one of {', '.join(STATES)}, got {state!r}")
-        run = get("run")
-        if run is not None and not run.isdigit():
-            raise QueryError(f"run expects a bench run id (a number), got {run!r}")
-        since, until = get("from"), get("to")
-        return cls(
-            folder="" if folder == DEFAULT_FOLDER else folder,
-            model=get("model"),
-            state=state,
-            since=_day(since, "from") if since else None,
-            until=_day(until, "to") if until else None,
-            q=get("q"),
-            run=int(run) if run else None,
-        )
-
-    def params(self) -> dict[str, str]:
-        """The query-string parameters that give these filters back."""
-        out = {
-            "folder": DEFAULT_FOLDER if self.folder == "" else self.folder,
-            "model": self.model,
-            "state": self.state,
-            "from": self.since.isoformat() if self.since else None,
-            "to": self.until.isoformat() if self.until else None,
-            "q": self.q,
-            "run": str(self.run) if self.run is not None else None,
-        }
-        return {k: v for k, v in out.items() if v is not None}
+    def from_query(cls, params: Mapping[str, str]) -> ListFilters:
+        """Raises: QueryError: a parameter that is not what it should be (see :meth:`Filters.parse`)."""
+        return cls.parse(params, LIST_SOURCES)  # type: ignore[return-value]
 
     def query(self, **extra: Any) -> str:
         """``?folder=...&page=2``: these filters plus ``extra`` (None leaves a key out), URL-encoded."""
-        items = self.params() | {k: str(v) for k, v in extra.items() if v is not None}
+        items = self.params(LIST_SOURCES) | {k: str(v) for k, v in extra.items() if v is not None}
         return "?" + urlencode(items) if items else ""
 
     @property
     def active(self) -> bool:
-        return bool(self.params())
+        return bool(self.params(LIST_SOURCES))
 
-    def without(self, name: str) -> Filters:
-        return replace(self, **{name: None})
+    @property
+    def source(self) -> str:
+        """The value of the source menu: "" (the default), ``all``, or one source."""
+        return self.params(LIST_SOURCES).get("source", "")
 
 
 @dataclass
@@ -201,39 +154,18 @@ class History:
         self._list = [jobs.c[n] for n in LIST_COLUMNS if n in have]
 
     # --- the list ----------------------------------------------------------------------------------------------------
-    def _where(self, q: Select, f: Filters) -> Select:
-        if f.folder is not None:
-            q = q.where(jobs.c.folder == f.folder)
-        if f.model:
-            q = q.where(jobs.c.model_id == f.model)
-        if f.state:
-            q = q.where(jobs.c.state == f.state)
-        if f.since:
-            q = q.where(jobs.c.created_at >= dt.datetime.combine(f.since, dt.time()))
-        if f.until:
-            q = q.where(jobs.c.created_at < dt.datetime.combine(f.until + dt.timedelta(days=1), dt.time()))
-        if f.q:
-            pattern = "%" + f.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            q = q.where(jobs.c.rel_path.ilike(pattern, escape="\\"))
-        if f.run is not None and "bench_run_id" in {c.name for c in self.columns}:
-            q = q.where(jobs.c.bench_run_id == f.run)
-        return q
-
     def page(self, filters: Filters, number: int = 1, size: int = PAGE_SIZE) -> Page:
         """Page ``number`` (from 1; past the end gives the last) of the jobs matching ``filters``, newest first.
 
         Each row has the :data:`LIST_COLUMNS` the database has, and ``metrics``: {name: value}.
         """
+        have = [c.name for c in self.columns]
         with self.engine.connect() as c:
-            total = c.execute(self._where(select(func.count()).select_from(jobs), filters)).scalar_one()
+            total = c.execute(filters.apply(select(func.count()).select_from(jobs), have)).scalar_one()
             pages = max(1, math.ceil(total / size))
             number = min(max(1, number), pages)
-            q = (
-                self._where(select(*self._list), filters)
-                .order_by(jobs.c.id.desc())
-                .limit(size)
-                .offset((number - 1) * size)
-            )
+            q = filters.apply(select(*self._list), have).order_by(jobs.c.id.desc())
+            q = q.limit(size).offset((number - 1) * size)
             rows = [dict.fromkeys(LIST_COLUMNS) | dict(r._mapping) for r in c.execute(q)]
             by_id = {r["id"]: r for r in rows}
             for r in rows:
@@ -245,6 +177,35 @@ class History:
                 for m in found:
                     by_id[m.job_id]["metrics"][m.name] = m.value
         return Page(rows, number, size, total, filters)
+
+    def summary(self, sources: tuple[str, ...] | None, now: dt.datetime, hours: float = 1.0) -> dict[str, Any]:
+        """The strip above the list: ``pending`` and ``running`` now; ``done`` and ``failed`` among the jobs that
+        finished in the last ``hours`` (UTC, up to ``now``), and ``failure_rate`` = failed / (done + failed) of
+        those (None when none finished); jobs of ``sources`` only (None: every source)."""
+        have = [c.name for c in self.columns]
+        since = now - dt.timedelta(hours=hours)
+        by_state = Filters(sources=sources).apply(
+            select(jobs.c.state, func.count()).select_from(jobs).group_by(jobs.c.state), have
+        )
+        recent = Filters(sources=sources).apply(
+            select(jobs.c.state, func.count())
+            .select_from(jobs)
+            .where(jobs.c.finished_at.is_not(None), jobs.c.finished_at >= since)
+            .group_by(jobs.c.state),
+            have,
+        )
+        with self.engine.connect() as c:
+            now_counts = dict(c.execute(by_state).all())
+            hour = dict(c.execute(recent).all())
+        done, failed = int(hour.get("done", 0)), int(hour.get("failed", 0))
+        return dict(
+            pending=int(now_counts.get("pending", 0)),
+            running=int(now_counts.get("running", 0)),
+            done=done,
+            failed=failed,
+            failure_rate=failed / (done + failed) if done + failed else None,
+            hours=hours,
+        )
 
     def choices(self) -> dict[str, list[str]]:
         """The folders and models that occur, for the filter menus."""
@@ -284,8 +245,10 @@ class History:
         return job
 
     def image_paths(self, job_id: int) -> dict[str, Any] | None:
-        """The files a job row names (``input``: where it went, else where it was; ``output``), and what the LR
-        image needs; None if there is no such job. The only source of paths for the image routes."""
+        """The files a job row names (``input``: where it went, else where it was; ``output``), as the kernel names
+        them (:func:`exact_path`), and what the LR image needs; None if there is no such job. The only source of
+        paths for the image routes and the job page's images. A path that cannot be told exactly is None (not
+        shown)."""
         cols = [
             jobs.c.id,
             jobs.c.state,
@@ -295,16 +258,17 @@ class History:
             jobs.c.input_moved_to,
             jobs.c.output_path,
         ]
-        if "rule_json" in {c.name for c in self.columns}:
-            cols.append(jobs.c.rule_json)
+        have = {c.name for c in self.columns}
+        cols += [jobs.c[n] for n in ("rule_json", "rel_path_raw") if n in have]
         with self.engine.connect() as c:
             row = c.execute(select(*cols).where(jobs.c.id == job_id)).first()
         if row is None:
             return None
         r = dict(row._mapping)
+        raw = r.get("rel_path_raw")
         return dict(
-            input=r["input_moved_to"] or r["input_path"],
-            output=r["output_path"],
+            input=exact_path(r["input_moved_to"] or r["input_path"], raw),
+            output=exact_path(r["output_path"], raw) if r["state"] == "done" else None,
             state=r["state"],
             mode=r["mode"],
             scale=r["scale"],
@@ -312,30 +276,31 @@ class History:
         )
 
     # --- stats -------------------------------------------------------------------------------------------------------
-    def stats(self, model: str | None, folder: str | None, since: str | None) -> list[dict[str, Any]]:
+    def stats(
+        self, model: str | None, folder: str | None, since: str | None, sources: tuple[str, ...] | None = None
+    ) -> list[dict[str, Any]]:
         """The rows of ``upscaled stats`` (:func:`daemon.history.stats`).
 
         Raises:
             QueryError: ``since`` is not 90s, 30m, 2h, 7d, 1w or an ISO date.
         """
-        return history.stats(self.engine, model, folder, since)
+        return history.stats(self.engine, model, folder, since, sources)
 
-    def per_day(self, model: str | None, folder: str | None, since: dt.datetime) -> list[dict[str, Any]]:
+    def per_day(
+        self, model: str | None, folder: str | None, since: dt.datetime, sources: tuple[str, ...] | None = None
+    ) -> list[dict[str, Any]]:
         """Jobs finished per UTC day since ``since``: [{day: date, done: n, failed: n}], every day present."""
         day = func.date(jobs.c.finished_at)
-        q = (
+        q = Filters(folder=folder, model=model, sources=sources).apply(
             select(
                 day.label("day"),
                 func.sum(case((jobs.c.state == "done", 1), else_=0)).label("done"),
                 func.sum(case((jobs.c.state == "failed", 1), else_=0)).label("failed"),
             )
             .where(jobs.c.finished_at.is_not(None), jobs.c.finished_at >= since)
-            .group_by(day)
+            .group_by(day),
+            [c.name for c in self.columns],
         )
-        if model:
-            q = q.where(jobs.c.model_id == model)
-        if folder is not None:
-            q = q.where(jobs.c.folder == folder)
         with self.engine.connect() as c:
             found = {_as_date(r.day): (int(r.done or 0), int(r.failed or 0)) for r in c.execute(q)}
         first, last = since.date(), dt.datetime.now(dt.UTC).date()
@@ -386,6 +351,27 @@ class History:
             return c.execute(select(_report_path()).select_from(bench_runs).where(bench_runs.c.id == run_id)).scalar()
 
 
+# A byte that is not UTF-8, as a name's text form writes it (daemon.fsops.text_form: "backslashreplace").
+_BYTE_ESCAPE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def exact_path(text: str | None, raw_rel: bytes | None) -> str | None:
+    """The path the kernel knows for a path the job row records in text form.
+
+    A name that is valid UTF-8 is recorded as it is. One that is not (``ph\\xff.png`` with the byte 0xff) is
+    recorded with ``\\xff`` written out, and its exact bytes are kept in ``rel_path_raw``: that text is also the
+    name of another file, literally ``ph\\xff.png``, so it must not be opened as it reads. For such a job (``raw_rel``
+    given) the escapes are turned back into the bytes they stand for (as a str with surrogate escapes, the way
+    :func:`os.fsdecode` carries them). When the raw name itself holds a backslash, which escapes came from bytes and
+    which were typed cannot be told apart: None, and the file is not shown.
+    """
+    if text is None or raw_rel is None:
+        return text
+    if b"\\" in raw_rel:
+        return None
+    return _BYTE_ESCAPE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
+
+
 def _report_path() -> Any:
     # Not in the store's Table (a newer revision adds it): named here, and read only where the database has it.
     return literal_column("bench_runs.report_path").label("report_path")
@@ -408,4 +394,14 @@ def _json_or_none(text: str | None) -> Any:
         return None
 
 
-__all__ = ["DEFAULT_FOLDER", "MAIN_METRICS", "PAGE_SIZE", "Filters", "History", "Page"]
+__all__ = [
+    "DEFAULT_FOLDER",
+    "LIST_SOURCES",
+    "MAIN_METRICS",
+    "PAGE_SIZE",
+    "Filters",
+    "History",
+    "ListFilters",
+    "Page",
+    "exact_path",
+]

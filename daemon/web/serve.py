@@ -6,19 +6,26 @@ from __future__ import annotations
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon.errors import ConfigError
 from daemon.telemetry import allowed_hosts_for, parse_listen
+
+if TYPE_CHECKING:
+    from daemon.hints import Hints
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
 
 def bind(listen: str) -> socket.socket:
-    """A listening TCP socket on ``listen`` (``host:port``, ``[::1]:port``; port 0: any free port).
+    """A listening TCP socket on ``listen`` (``host:port``, ``[::1]:port``; a port alone, ``8081``, is
+    ``127.0.0.1:8081``: loopback, as by default; port 0: any free port).
 
     Raises:
         ConfigError: not ``host:port``, or the address cannot be bound; the message names ``--listen``.
     """
+    if listen.isascii() and listen.isdigit():
+        listen = f"127.0.0.1:{listen}"
     try:
         host, port = parse_listen(listen, key="--listen", default_port=8080)
     except ValueError as exc:
@@ -45,6 +52,7 @@ def serve(
     root_path: str = "",
     log_level: str = "info",
     access_log: bool = False,
+    hints: Hints | None = None,
 ) -> None:
     """Serve the web view on ``listen`` until SIGINT or SIGTERM. Prints ``upscaled web: http://HOST:PORT/`` (the
     bound address) on stderr once it listens.
@@ -58,7 +66,9 @@ def serve(
 
     sock = bind(listen)
     host, port = sock.getsockname()[:2]
-    app = create_app(database_url, cache_dir=cache_dir, allowed_hosts=allowed_hosts_for(host, allowed_hosts))
+    app = create_app(
+        database_url, cache_dir=cache_dir, allowed_hosts=allowed_hosts_for(host, allowed_hosts), hints=hints
+    )
     shown = f"[{host}]" if ":" in host else host
     print(
         f"upscaled web: http://{shown}:{port}{root_path.rstrip('/')}/ (database opened read-only)",

@@ -36,7 +36,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT, Daemon, image, rows, shared_sandbox, wait_for, write_config
-from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
+from tests.postgres import pg_roles, pg_server, pg_url  # noqa: F401  (fixtures)
 
 BICUBIC = {"folder": "", "model": "bicubic", "scale": 2, "metrics": []}
 UNIT = ROOT / "systemd" / "upscaled.service"
@@ -453,21 +453,26 @@ def test_f14_cli_output_escapes_every_control_character(names_run):
 
 
 # --- 5, 6: PostgreSQL -------------------------------------------------------------------------------------------------
-def test_f05_query_cannot_change_a_postgresql_database(tmp_path, pg_url):  # noqa: F811
+def test_f05_query_cannot_change_a_postgresql_database(tmp_path, pg_url, pg_roles):  # noqa: F811
     """`query "COMMIT; DELETE FROM nodes"` deleted rows and `"COMMIT; DROP TABLE metrics CASCADE"` dropped a table:
     `SET TRANSACTION READ ONLY` does not survive a second statement. One statement, prepared on the server, on a
-    session that starts read-only: nothing written, whatever SQL is handed in."""
-    from sqlalchemy import create_engine
+    session that starts read-only: nothing written, whatever SQL is handed in. (`query` runs as the reader role of
+    docs/security.md, given write rights here by mistake: the read-only session holds whatever the role may do.)"""
+    from sqlalchemy import create_engine, make_url
     from sqlalchemy import text as sql
 
     from daemon.errors import QueryError
     from daemon.history import query
 
-    cfg = write_config(tmp_path, database=pg_url)
-    assert cli_here(cfg, "db", "upgrade").exit_code == 0
+    service_url, reader_url = pg_roles
+    assert cli_here(write_config(tmp_path, database=service_url), "db", "upgrade").exit_code == 0
+    cfg = write_config(tmp_path, database=reader_url)
     eng = create_engine(pg_url)
+    reader = make_url(reader_url).username
     with eng.begin() as c:
         c.execute(sql("INSERT INTO meta (key, value) VALUES ('canary', 'alive')"))
+        c.execute(sql(f"GRANT INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA public TO {reader}"))
+        c.execute(sql(f"GRANT CREATE ON SCHEMA public TO {reader}"))
     for res in cli_all(cfg, ["query", "COMMIT; DELETE FROM meta"], ["query", "COMMIT; DROP TABLE metrics CASCADE"]):
         assert res.returncode != 0 and "query failed" in text(res), text(res)  # the report's two, by the CLI
     for hostile in (
@@ -478,7 +483,7 @@ def test_f05_query_cannot_change_a_postgresql_database(tmp_path, pg_url):  # noq
         "CREATE TABLE planted (x int)",
     ):
         with pytest.raises(QueryError):
-            query(pg_url, hostile)
+            query(reader_url, hostile)
     with eng.connect() as c:
         assert c.execute(sql("SELECT value FROM meta WHERE key = 'canary'")).scalar() == "alive"
         assert c.execute(sql("SELECT to_regclass('metrics') IS NOT NULL")).scalar()

@@ -126,7 +126,11 @@ def test_a_slow_writer_is_processed_once_after_its_last_chunk(tmp_path, weights_
 @pytest.mark.parametrize("workers", [1, 3])
 def test_ten_sigkills_at_random_moments_lose_and_repeat_nothing(tmp_path, weights_dir, daemon, workers):
     rules = [{"folder": "", "model": "fsrcnn", "scale": 2, "metrics": ["lr_psnr_y"]}]
-    cfg = write_config(tmp_path, weights=weights_dir, rules=rules, settle_seconds=0.1, workers=workers)
+    # Random kills land on jobs running alone after a restart as often as on a crowd; no file is at fault, so the
+    # poison cap (tests/acceptance/test_sandbox_daemon.py) is set out of reach: this is about nothing lost or twice.
+    cfg = write_config(
+        tmp_path, weights=weights_dir, rules=rules, settle_seconds=0.1, workers=workers, max_recoveries=100
+    )
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     names = set()

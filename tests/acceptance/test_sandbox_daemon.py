@@ -471,3 +471,38 @@ def test_a_storm_of_sigkills_while_jobs_overlap_makes_no_innocent_job_poison(tmp
 
 
 pytestmark = pytest.mark.timeout(600)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_a_stuck_sandbox_child_leaves_the_watchdog_pings_coming(tmp_path):
+    """The sandbox's only child is frozen (SIGSTOP, as a decoder stuck in a loop would be) while the main thread
+    waits on it for a file's header: the main thread beats while it waits, and WATCHDOG=1 keeps coming; the child
+    thawed, the file is done."""
+    cfg = write_config(tmp_path, rules=[RULE], settle_seconds=0.1, sandbox_processes=1, decode_timeout=60)
+    notify = Notify(tmp_path / "notify.sock")
+    d = Daemon(cfg, dict(notify.env, WATCHDOG_USEC="1000000"))
+    db = tmp_path / "var" / "upscaled.db"
+    try:
+        d.wait_started()
+        wait_for(lambda: _children(d.proc.pid), 60, what="the sandbox child")
+        (child,) = _children(d.proc.pid)
+        os.kill(child, signal.SIGSTOP)
+        (tmp_path / "inbox" / "a.png").write_bytes(good("png"))
+        t0 = time.monotonic()
+        time.sleep(3.0)
+        t1 = time.monotonic()
+        assert not jobs(db), "the header was read while the only child was frozen"
+        os.kill(child, signal.SIGCONT)
+        wait_for(lambda: settled(db, 1), 60, what="the file done once the child moves")
+        assert d.stop() == 0, d.log_path.read_text()[-3000:]
+    finally:
+        d.kill()
+        notify.close()
+    pings = [t0, *notify.pings(t0, t1), t1]
+    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    assert max(gaps) < 1.0, f"WATCHDOG=1 stopped for {max(gaps):.1f} s while the main thread waited on the sandbox"
+    assert [j["state"] for j in jobs(db)] == ["done"]

@@ -7,6 +7,7 @@ Everything here runs the real thing: a PostgreSQL 15 server started by the ``pg_
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import pytest
 from PIL import Image
 from sqlalchemy import create_engine, inspect, text
 
@@ -29,7 +31,7 @@ from daemon.config import Rule
 from daemon.jobs import Finished, JobSpec, NodeInfo, utcnow
 from daemon.store import SqlStore
 from tests.conftest import Daemon, wait_for, write_config
-from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
+from tests.postgres import pg_roles, pg_server, pg_url  # noqa: F401  (fixtures)
 
 FROZEN_V2 = Path(__file__).parents[1] / "data" / "schema_v2_sqlite.sql"
 
@@ -231,13 +233,132 @@ def test_a_stale_lease_returns_the_job_and_the_old_owner_cannot_finish_it(pg_url
         now[0] += dt.timedelta(seconds=31)
         (found,) = store.recover(stale_after=30)
         assert (found.id, found.node, found.worker) == (j, "cpu-node", "dead:1")
-        (taken,) = store.claim("alive:2", node="n2")
+        (taken,) = store.claim("alive:2", node="n2", alone=True)  # a recovered job runs alone
         assert taken.id == j and taken.attempts == 2
         assert store.finish([Finished(j, "dead:1", {})]) == [False]  # the old owner lost its lease
         assert store.finish([Finished(j, "alive:2", {})]) == [True]
         assert store.get(other).state == "pending"
     finally:
         store.close()
+
+
+def _plan(job, taken) -> str:  # noqa: ANN001 - an OutputPlanner: <stem>.x2.png, then -1, -2 ...
+    path, n = f"/out/{job.rel.stem}.x2.png", 0
+    while taken(path):
+        n += 1
+        path = f"/out/{job.rel.stem}.x2-{n}.png"
+    return path
+
+
+def test_a_reader_holding_an_output_names_lock_stalls_no_claim(pg_url):  # noqa: F811
+    """A session holding the advisory lock of the next output's name once kept that job and an unrelated one pending
+    for 25 s: the claim waited on pg_advisory_xact_lock. A claim only tries the lock and takes the next name."""
+    store = SqlStore(pg_url)
+    eng = create_engine(pg_url)
+    try:
+        store.register([_spec(1, "a.png"), _spec(2, "b.png")])
+        with eng.connect() as reader:
+            held = reader.execute(text("SELECT pg_advisory_lock(hashtextextended('/out/a.x2.png', 0))")).all()
+            assert held, "the reader took the lock"
+            t0 = time.monotonic()
+            claimed = store.claim("w", node="n", limit=2, plan=_plan)
+            took = time.monotonic() - t0
+            reader.execute(text("SELECT pg_advisory_unlock_all()"))
+        assert [(j.rel.name, j.output_path) for j in claimed] == [
+            ("a.png", "/out/a.x2-1.png"),
+            ("b.png", "/out/b.x2.png"),
+        ]
+        assert took < 3.0, f"the claim waited {took:.1f} s on another session's lock"
+    finally:
+        eng.dispose()
+        store.close()
+
+
+def test_a_heartbeat_never_waits_for_a_job_row_a_finish_holds(pg_url):  # noqa: F811
+    """A finish (a group commit) locks its jobs' rows one by one; a heartbeat that waited for one of them while
+    holding another was a deadlock, and PostgreSQL failed the finish. The renewal skips a row someone holds."""
+    store = SqlStore(pg_url, statement_timeout_s=5.0)
+    eng = create_engine(pg_url)
+    try:
+        store.join("n", NodeInfo("h", 1), lambda row: False)
+        store.register([_spec(1, "a.png"), _spec(2, "b.png")])
+        a, b = store.claim("w", node="n", limit=2)
+        with eng.connect() as finishing:
+            finishing.execute(text("SELECT id FROM jobs WHERE id = :i FOR UPDATE"), {"i": a.id})
+            t0 = time.monotonic()
+            beat = store.heartbeat("n")
+            assert time.monotonic() - t0 < 2.0, "the heartbeat waited for the finish's row"
+            finishing.rollback()
+        leases = {r["id"]: r["heartbeat_at"] for r in _query(pg_url, "SELECT id, heartbeat_at FROM jobs")}
+        assert leases[b.id] == beat.at and leases[a.id] < beat.at  # the held row is renewed at the next beat
+    finally:
+        eng.dispose()
+        store.close()
+
+
+def test_query_runs_only_as_a_reader_role_that_can_neither_lock_nor_signal(pg_url, pg_roles):  # noqa: F811
+    """The roles of docs/security.md: the service still claims (its output locks) and migrates; `query` as the reader
+    can read but cannot take an advisory lock or terminate the service's sessions; `query` as any role that could is
+    refused before the statement is sent."""
+    from daemon.errors import QueryError
+    from daemon.history import query
+
+    service_url, reader_url = pg_roles
+    store = SqlStore(service_url)  # migrates as the service role: pg_advisory_xact_lock is granted to it
+    try:
+        store.register([_spec(1, "a.png")])
+        (job,) = store.claim("w", node="n", plan=_plan)  # pg_try_advisory_xact_lock, granted to it
+        assert job.output_path == "/out/a.x2.png"
+        assert query(reader_url, "SELECT rel_path FROM jobs") == [{"rel_path": "a.png"}]
+        with pytest.raises(QueryError, match="permission denied for function pg_advisory_lock"):
+            query(reader_url, "SELECT pg_advisory_lock(hashtextextended('/out/b.x2.png', 0))")
+        with store.engine.connect() as c:  # a session of the service's to aim at
+            pid = c.execute(text("SELECT pg_backend_pid()")).scalar()
+            with pytest.raises(QueryError, match="must be a member of the role whose process is being terminated"):
+                query(reader_url, "SELECT pg_terminate_backend(:pid)", {"pid": pid})
+            assert c.execute(text("SELECT 1")).scalar() == 1  # still alive
+        with pytest.raises(QueryError, match=r"role 'svc_\w+' can signal the daemon's sessions .* advisory locks"):
+            query(service_url, "SELECT 1")
+        with pytest.raises(QueryError, match=r"role '\w+' is a superuser"):
+            query(pg_url, "SELECT 1")
+    finally:
+        store.close()
+
+
+def test_every_daemon_statement_has_a_timeout_and_a_migration_may_wait(pg_url):  # noqa: F811
+    """A lock held elsewhere (or a stuck server) fails the daemon's statement after statement_timeout instead of
+    hanging its thread; a migration queued behind another daemon's is not held to it."""
+    from sqlalchemy.exc import OperationalError
+
+    store = SqlStore(pg_url)
+    with store.engine.connect() as c:
+        assert c.execute(text("SHOW statement_timeout")).scalar() == "20s"  # every session of the daemon's
+    store.close()
+    short = SqlStore(pg_url, upgrade=False, statement_timeout_s=0.5)
+    eng = create_engine(pg_url)
+    try:
+        short.register([_spec(1, "a.png")])
+        short.join("n", NodeInfo("h", 1), lambda row: False)
+        with eng.connect() as other:
+            other.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))  # held until rollback
+            for step in (lambda: short.claim("w", node="n"), lambda: short.heartbeat("n")):
+                t0 = time.monotonic()
+                with pytest.raises(OperationalError, match="statement timeout"):
+                    step()
+                assert time.monotonic() - t0 < 5.0
+            other.rollback()
+        assert [j.id for j in short.claim("w", node="n")] == [1]  # the next try goes through
+        with eng.connect() as other:  # another daemon is migrating: its upgrade lock is held for 1.5 s
+            other.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": migrations._PG_LOCK})
+            release = threading.Timer(1.5, other.rollback)
+            release.start()
+            t0 = time.monotonic()
+            assert short.upgrade() == (migrations.head(), migrations.head())
+            assert time.monotonic() - t0 > 1.0  # it waited, past its 0.5 s statement_timeout
+            release.join()
+    finally:
+        eng.dispose()
+        short.close()
 
 
 # --- three daemons, one inbox, one killed -----------------------------------------------------------------------------
@@ -367,6 +488,155 @@ def test_three_daemons_share_an_inbox_and_finish_a_killed_ones_jobs(tmp_path, pg
         assert [r["name"] for r in stopped] == ["n2", "n3"]
     finally:
         for d in daemons:
+            if d.proc.poll() is None:
+                d.proc.send_signal(signal.SIGCONT)
+            d.kill()
+
+
+# --- two daemons whose clocks disagree by a minute ------------------------------------------------------------------
+# libfaketime (0.9.10, Debian 12) breaks Python's time.sleep: with the monotonic clock left true it fails with EINVAL,
+# and with it faked too, timed waits hang. A condition variable's timed wait works either way, so the faked process
+# sleeps on one (this file becomes its sitecustomize).
+_SLEEP_SHIM = """import threading
+import time
+
+_never = threading.Event()
+
+
+def _sleep(seconds):
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    _never.wait(seconds)
+
+
+time.sleep = _sleep
+"""
+
+
+def _faketime(offset: int, site: Path) -> dict[str, str]:
+    """The environment that runs a process (and its children) with its wall clock ``offset`` seconds off
+    (libfaketime); its monotonic clock stays true. ``site``: a folder for the sleep shim above."""
+    libs = glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1")
+    if not libs:
+        pytest.skip("libfaketime is not installed (apt-get install faketime)")
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLEEP_SHIM)
+    # No shared memory: it is for keeping children in step, and a killed daemon would leave its segment in /dev/shm.
+    return {
+        "LD_PRELOAD": libs[0],
+        "FAKETIME": f"{offset:+d}s",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_DISABLE_SHM": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p),
+    }
+
+
+def _nodes_json(cfg: Path) -> dict[str, dict]:
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "nodes", "--all", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, UPSCALED_CONFIG=str(cfg)),
+    )
+    assert res.returncode == 0, res.stderr
+    return {n["node"]: n for n in json.loads(res.stdout)}
+
+
+@pytest.mark.parametrize("offset", [60, -60], ids=["ahead", "behind"])
+def test_daemons_a_minute_apart_take_over_only_a_dead_ones_jobs_on_time(tmp_path, pg_url, offset):  # noqa: F811
+    """On host clocks, a node 60 s ahead sees every live lease of its peers as stale and takes their jobs over; a
+    node 60 s behind waits a minute too long to take over a dead one's. Leases on the database's clock: while both
+    live, neither takes anything over (each job runs once); when the true one is killed, the skewed one takes its
+    jobs over more than stale_seconds, and at most stale_seconds plus one heartbeat, after their last renewal."""
+    env = _faketime(offset, tmp_path / "faketime-site")
+    heartbeat, stale = 0.3, 2.0
+    root = tmp_path
+    for d in ("inbox/sub", "outbox", "archive", "failed", "staging"):
+        (root / d).mkdir(parents=True)
+    cfgs = {}
+    for n in ("skewed", "true"):
+        (root / n).mkdir()
+        cfgs[n] = write_config(
+            root / n,
+            database=pg_url,
+            node_name=n,
+            heartbeat_seconds=heartbeat,
+            stale_seconds=stale,
+            max_clock_skew_seconds=5.0,
+            settle_seconds=0.2,
+            rescan_seconds=1.0,
+            inbox=str(root / "inbox"),
+            outbox=str(root / "outbox"),
+            archive=str(root / "archive"),
+            failed=str(root / "failed"),
+            rules=[{"folder": "", "model": "bicubic", "scale": 2, "metrics": [], "compression": 1}],
+        )
+    skewed = Daemon(cfgs["skewed"], env=env)
+    true = Daemon(cfgs["true"])
+    try:
+        skewed.wait_started(60)
+        true.wait_started(60)
+        total = 0
+        for _ in range(8):  # files in rounds until both nodes have done some (a loaded box can favour one)
+            _drop(root, range(total, total + 20))
+            total += 20
+            wait_for(
+                lambda total=total: (
+                    _query(pg_url, "SELECT COUNT(*) AS n FROM jobs WHERE state = 'done'")[0]["n"] >= total
+                ),
+                90,
+                interval=0.2,
+                what=f"{total} done jobs",
+            )
+            done_by = _query(pg_url, "SELECT DISTINCT node FROM jobs WHERE state = 'done'")
+            if {r["node"] for r in done_by} == {"skewed", "true"}:
+                break
+        else:
+            pytest.fail("one node did every job: the test could not see the two side by side")
+        listed = _nodes_json(cfgs["true"])
+        assert abs(listed["skewed"]["clock_skew_s"] - offset) < 1.0 and abs(listed["true"]["clock_skew_s"]) < 1.0
+        assert listed["skewed"]["lease_age_s"] < stale and listed["true"]["lease_age_s"] < stale
+        warned = [e for e in skewed.events() if e.get("event") == "node.clock_skew"]
+        assert warned and abs(warned[0]["skew_s"] - offset) < 1.0, "the skewed node did not warn"
+        assert not [e for e in true.events() if e.get("event") == "node.clock_skew"]
+
+        _drop(root, range(total, total + 40))
+        total += 40
+        held: list[dict] = []  # catch the true node holding a job, then kill it (see the three-daemon test)
+        for _ in range(300):
+            true.proc.send_signal(signal.SIGSTOP)
+            held = _query(pg_url, "SELECT id, heartbeat_at FROM jobs WHERE state = 'running' AND node = 'true'")
+            if held:
+                break
+            true.proc.send_signal(signal.SIGCONT)
+            time.sleep(0.01)
+        assert held, "the true node was never caught running a job"
+        true.proc.send_signal(signal.SIGKILL)
+        true.proc.wait(10)
+        wait_for(
+            lambda: _query(pg_url, "SELECT COUNT(*) AS n FROM jobs WHERE state = 'done'")[0]["n"] >= total,
+            120,
+            interval=0.3,
+            what=f"{total} done jobs",
+        )
+        jobs = {j["id"]: j for j in _query(pg_url, "SELECT id, node, attempts FROM jobs")}
+        retaken = {h["id"] for h in held}
+        twice = {i for i, j in jobs.items() if j["attempts"] != 1}
+        assert twice == retaken, f"jobs run twice while both nodes lived: {sorted(twice - retaken)}"
+        assert all(jobs[i]["node"] == "skewed" for i in retaken)
+        recovered = {e["job"]: e for e in skewed.events() if e.get("event") == "job.recovered"}
+        assert set(recovered) == retaken, recovered
+        skew = dt.timedelta(seconds=_nodes_json(cfgs["skewed"])["skewed"]["clock_skew_s"])
+        for h in held:
+            # When it was taken over, on the database's clock: the skewed node's log time less its measured skew.
+            at = dt.datetime.fromisoformat(recovered[h["id"]]["timestamp"]).replace(tzinfo=None) - skew
+            late = (at - h["heartbeat_at"]).total_seconds()
+            # The slack is a loaded 2-core box's: one beat's two transactions and the log line. On host clocks the
+            # ahead node takes over at once (a live lease looks a minute old), the behind one a minute late.
+            assert stale < late <= stale + heartbeat + 2.0, f"taken over {late:.2f} s after its last lease renewal"
+        assert skewed.stop() == 0
+    finally:
+        for d in (skewed, true):
             if d.proc.poll() is None:
                 d.proc.send_signal(signal.SIGCONT)
             d.kill()

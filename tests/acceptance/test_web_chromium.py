@@ -3,12 +3,16 @@ job's HR | LR | output, a failed job, a deleted input, the stats and the bench r
 
 Every page must load with no console error (a broken image, a CSP violation and a script error all are one), no
 exception, no request to anything but the web view itself (or a data: URL of Chromium's own widgets), and no
-answer of 400 or more. Screenshots go to test-artifacts/web-*.png for a person to look at.
+answer of 400 or more. Screenshots go to test-artifacts/web-*.png for a person to look at; with
+``UPSCALED_DOCS_IMG=docs/img`` the list, job, benchmark and stats pages are also written there, for the docs.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +25,7 @@ from tests.conftest import ROOT, image, write_config
 from tests.integration.test_web import WebServer, add_job
 
 ARTIFACTS = ROOT / "test-artifacts"
+DOCS_SHOTS = {"list", "job", "benchmark", "stats"}  # the screenshots docs/web.md shows
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +53,21 @@ def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
         )
         out = image(tmp / "outbox" / "photos" / "gone.bicubic.x2.png", (320, 240), seed=9)
         deleted = add_job(store, name="gone.png", folder="photos", input_path=tmp / "inbox/photos/gone.png", output=out)
+        stuck = tmp / "failed" / "photos" / "cat.png"
+        stuck.parent.mkdir(parents=True)
+        stuck.write_bytes(photos[2].read_bytes())
+        weights = add_job(
+            store,
+            name="cat.png",
+            folder="photos",
+            model="espcn",
+            input_path=tmp / "inbox/photos/cat.png",
+            state="failed",
+            moved_to=stuck,
+            error=("weights-missing", f"weights for espcn are missing: {tmp}/weights/ESPCN_x2.pb does not exist"),
+        )
+        for i in range(3):  # a bench run's jobs: hidden from the list unless asked for
+            add_job(store, name=f"set5-{i}.png", folder="(bench)", input_path=photos[0], source="bench")
     finally:
         store.close()
     assert all(r["state"] == "done" for r in done + bench) and failed[0]["state"] == "failed"
@@ -59,6 +79,7 @@ def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
             bench=bench[0]["job"],
             failed=failed[0]["job"],
             deleted=deleted,
+            weights=weights,
         )
     finally:
         server.stop()
@@ -68,6 +89,9 @@ def shot(page: Page, name: str, full_page: bool = True) -> None:
     """A screenshot kept in test-artifacts/ for a person to look at; it must hold a real picture."""
     path = page.screenshot(ARTIFACTS / f"web-{name}.png", full_page=full_page)
     assert path.stat().st_size > 5_000, path
+    docs = os.environ.get("UPSCALED_DOCS_IMG")
+    if docs and name in DOCS_SHOTS:
+        shutil.copyfile(path, Path(docs) / f"web-{name}.png")
 
 
 def open_page(browser: Browser, site: dict[str, Any], path: str) -> Page:
@@ -96,12 +120,17 @@ def test_list_page(browser, site):
     page = open_page(browser, site, "/")
     try:
         thumbs = page.images_decoded("td.thumb img")
-        assert len(thumbs) == 7
+        assert len(thumbs) == 8  # the bench run's 3 jobs are not in the default list
         assert all(t["decoded"] and t["naturalWidth"] > 0 for t in thumbs), thumbs
         # The failed job's thumbnail is the "no preview" picture, not a broken image.
         failed_src = page.evaluate(f"document.querySelector('a[href=\"/jobs/{site['failed']}\"] img').currentSrc")
         assert failed_src.endswith(f"/jobs/{site['failed']}/thumb")
-        assert page.evaluate("document.querySelector('tr.state-failed .reason').textContent").startswith("decode")
+        reasons = page.evaluate(
+            "Array.from(document.querySelectorAll('tr.state-failed .reason')).map(e => e.textContent)"
+        )
+        assert sorted(r.split(":")[0] for r in reasons) == ["decode", "weights-missing"], reasons
+        strip = page.evaluate("Array.from(document.querySelectorAll('.summary .figure')).map(e => e.textContent)")
+        assert any("done in the last hour" in f and f.startswith("6") for f in strip), strip
         shot(page, "list")
         assert_clean(page, site)
     finally:
@@ -163,8 +192,9 @@ def test_benchmark_job_shows_hr_lr_and_output(browser, site):
         viewer_ready(page)
         page.click("button[data-view='side']")
         assert page.evaluate("document.querySelector('.side').hidden") is False
-        for hidden in ("input.split", ".viewport", "[aria-label=Zoom]"):  # the slider's controls go with it
+        for hidden in ("input.split", ".viewport"):  # the slider's controls go with it; the zoom stays
             assert page.evaluate(f"getComputedStyle(document.querySelector('{hidden}')).display") == "none", hidden
+        assert page.evaluate("getComputedStyle(document.querySelector('[aria-label=Zoom]')).display") != "none"
         figures = page.images_decoded(".side img")
         assert [f["alt"] for f in figures] == ["HR", "LR", "output"]
         assert all(f["decoded"] for f in figures), figures
@@ -176,6 +206,77 @@ def test_benchmark_job_shows_hr_lr_and_output(browser, site):
         before = page.images_decoded("img.before")[0]
         assert before["src"].endswith(f"/jobs/{site['bench']}/lr") and before["decoded"]
         assert page.evaluate("document.querySelector('[data-role=before-tag]').textContent") == "LR"
+        assert_clean(page, site)
+    finally:
+        page.close()
+
+
+def test_the_divider_has_a_visible_handle_that_follows_the_split(browser, site):
+    page = open_page(browser, site, f"/jobs/{site['job']}")
+    try:
+        viewer_ready(page)
+
+        def handle() -> dict[str, float]:
+            return page.evaluate("""(() => { const h = document.querySelector('.divider .handle');
+                const r = h.getBoundingClientRect(); const s = document.querySelector('.stage').getBoundingClientRect();
+                const cs = getComputedStyle(h);
+                return {w: r.width, h: r.height, cx: r.left + r.width / 2, split: s.left + s.width * Number(
+                    document.querySelector('.viewer').dataset.split), bg: cs.backgroundColor,
+                    border: cs.borderTopWidth}; })()""")
+
+        h = handle()
+        assert h["w"] >= 30 and h["h"] >= 30 and h["bg"] == "rgb(255, 255, 255)" and h["border"] == "2px", h
+        assert h["cx"] == pytest.approx(h["split"], abs=2)
+        rect = page.evaluate(
+            "(() => { const r = document.querySelector('.stage').getBoundingClientRect();"
+            " return {x: r.left, y: r.top, w: r.width, h: r.height}; })()"
+        )
+        page.drag(rect["x"] + rect["w"] * 0.5, rect["y"] + 20, rect["x"] + rect["w"] * 0.3, rect["y"] + 20)
+        h = handle()
+        assert h["cx"] == pytest.approx(rect["x"] + rect["w"] * 0.3, abs=4) and h["cx"] == pytest.approx(
+            h["split"], abs=2
+        )
+        assert_clean(page, site)
+    finally:
+        page.close()
+
+
+def test_side_by_side_zoom_and_pan_move_every_pane_together(browser, site):
+    page = open_page(browser, site, f"/jobs/{site['bench']}")
+    try:
+        viewer_ready(page)
+        page.click("button[data-view='side']")
+        page.click("button[data-zoom='4']")
+
+        def panes() -> list[dict[str, float]]:
+            return page.evaluate("""Array.from(document.querySelectorAll('.side .pane')).map((p) => {
+                const img = p.querySelector('img'); return {w: img.getBoundingClientRect().width,
+                left: p.scrollLeft, top: p.scrollTop, sw: p.scrollWidth, cw: p.clientWidth}; })""")
+
+        natural = page.evaluate("document.querySelector('.viewer').dataset.width")
+        shown = panes()
+        assert len(shown) == 3  # HR | LR | output, every one at the output's size times 4
+        assert all(p["w"] == pytest.approx(4 * int(natural), abs=0.5) for p in shown), shown
+        assert all(p["sw"] > p["cw"] for p in shown)  # each pane scrolls
+        page.evaluate("(() => { const p = document.querySelectorAll('.side .pane')[2]; p.scrollLeft = 150;"
+                      " p.scrollTop = 40; })()")  # fmt: skip
+        page.wait("Array.from(document.querySelectorAll('.side .pane')).every((p) => p.scrollLeft === 150)")
+        moved = panes()
+        assert [p["left"] for p in moved] == [150] * 3 and len({p["top"] for p in moved}) == 1, moved
+        page.click("button[data-zoom='fit']")
+        assert all(p["sw"] <= p["cw"] + 1 for p in panes())
+        assert_clean(page, site)
+    finally:
+        page.close()
+
+
+def test_a_job_that_failed_for_missing_weights_says_what_to_run(browser, site):
+    page = open_page(browser, site, f"/jobs/{site['weights']}")
+    try:
+        step = page.evaluate("document.querySelector('.next-step').textContent")
+        assert "weights fetch espcn" in step and f"retry {site['weights']}" in step
+        assert page.evaluate("document.querySelector('.next-step').getBoundingClientRect().top") < 500  # above the fold
+        shot(page, "failed-weights")
         assert_clean(page, site)
     finally:
         page.close()
@@ -204,7 +305,7 @@ def test_a_deleted_input_shows_input_not_kept_and_the_output(browser, site):
         page.close()
 
 
-@pytest.mark.parametrize("path", ["/stats", "/bench", "/?state=failed", "/jobs/999999"])
+@pytest.mark.parametrize("path", ["/stats", "/bench", "/?state=failed", "/?source=all", "/jobs/999999"])
 def test_other_pages_load_cleanly(browser, site, path):
     page = open_page(browser, site, path)
     try:

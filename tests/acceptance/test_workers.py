@@ -18,6 +18,7 @@ from daemon.config import load_settings
 from daemon.errors import ConfigError
 from daemon.notify import Notifier
 from daemon.service import Service
+from models.devices import resolve_auto
 from models.registry import LoadContext, ModelCache
 from models.weights import fetch
 from tests.acceptance.test_systemd import Listener
@@ -246,6 +247,9 @@ def test_nodes_lists_the_worker_count(tmp_path, weights_dir, daemon):
     )
     assert res.returncode == 0, res.stderr
     (node,) = json.loads(res.stdout)
-    assert (node["node"], node["device"], node["workers"], node["state"]) == ("box", "cpu,auto", 4, "live")
+    # "auto" is resolved at start to the device it is: the CPU here (cuda:0 with a GPU), named once, never "auto".
+    devices = list(dict.fromkeys(["cpu", resolve_auto("auto")]))
+    want = (",".join(devices), 2 * len(devices))
+    assert (node["node"], node["device"], node["workers"], node["state"]) == ("box", *want, "live")
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(30) == 0

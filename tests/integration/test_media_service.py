@@ -104,7 +104,7 @@ def test_xmp_survives_keep_and_is_gone_under_strip(make_service):
         ]
     )
     for folder in ("keep", "strip"):
-        (svc.settings.inbox / folder).mkdir()
+        assert (svc.settings.inbox / folder).is_dir()  # the service made its rule folders at start
         (svc.settings.inbox / folder / "t.jpg").write_bytes(tagged_jpeg())
     run_until(svc, 2)
     kept = (svc.settings.outbox / "keep" / "t.bicubic.x2.jpg").read_bytes()
@@ -180,7 +180,7 @@ on_done = {{ url = "http://127.0.0.1:9/nothing-listens", retries = 0 }}
         svc.start()
         made.append(svc)
         for folder in ("ok", "broken"):
-            (svc.settings.inbox / folder).mkdir()
+            assert (svc.settings.inbox / folder).is_dir()  # the service made its rule folders at start
         image(svc.settings.inbox / "ok" / "good.png", (40, 30))
         (svc.settings.inbox / "ok" / "bad.png").write_text("not an image")
         image(svc.settings.inbox / "broken" / "fine.png", (40, 30), seed=3)

@@ -50,7 +50,7 @@ def db(svc: Service) -> Path:
 def test_bad_inputs_fail_their_own_job_and_nothing_is_lost(make_service, tmp_path):
     svc = make_service(rules=[{"folder": "in", "model": "fsrcnn", "scale": 2}], max_pixels=50_000)
     d = svc.settings.inbox / "in"
-    d.mkdir()
+    assert d.is_dir()  # the service made its rule folder at start
     good = image(tmp_path / "src" / "good.png", (40, 32))
     png = good.read_bytes()
     jpg = image(tmp_path / "src" / "j.jpg", (40, 32)).read_bytes()
@@ -143,7 +143,7 @@ def test_files_that_arrived_while_down_and_crash_leftovers_are_handled(make_serv
 def test_pixels_and_metadata_survive_the_service(make_service, tmp_path):
     svc = make_service(rules=[{"folder": "keep", "model": "fsrcnn", "scale": 2, "outscale": 1.5}])
     d = svc.settings.inbox / "keep"
-    d.mkdir()
+    assert d.is_dir()  # the service made its rule folder at start
     rng = np.random.default_rng(3)
     a16 = (rng.random((20, 30, 3)) * 65535).astype(np.uint16)
     import cv2
@@ -176,7 +176,7 @@ def test_pixels_and_metadata_survive_the_service(make_service, tmp_path):
 
 def test_missing_weights_fail_the_job_with_the_fetch_command_and_the_service_goes_on(make_service, tmp_path):
     svc = make_service(rules=[{"folder": "e", "model": "edsr", "scale": 2}])
-    (svc.settings.inbox / "e").mkdir()
+    assert (svc.settings.inbox / "e").is_dir()  # the service made its rule folder at start
     image(svc.settings.inbox / "e" / "x.png", (30, 20))
     image(svc.settings.inbox / "y.png", (30, 20), seed=4)
     run_until(svc, settled(svc, 2))
@@ -221,7 +221,7 @@ def test_benchmark_rule_writes_comparison_and_full_reference_metrics(make_servic
             }
         ]
     )
-    (svc.settings.inbox / "bench").mkdir()
+    assert (svc.settings.inbox / "bench").is_dir()  # the service made its rule folder at start
     image(svc.settings.inbox / "bench" / "hr.png", (64, 48))
     run_until(svc, settled(svc, 1))
     out = svc.settings.outbox / "bench"

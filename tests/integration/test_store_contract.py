@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import multiprocessing as mp
 import os
+import re
 import sqlite3
+from decimal import Decimal
 from pathlib import PurePosixPath
 
 import pytest
@@ -21,7 +23,7 @@ from daemon.errors import NodeInUseError
 from daemon.fsops import FileId
 from daemon.jobs import Finished, JobSpec, MemoryStore, NodeInfo, utcnow, worker_id
 from daemon.metrics import Metric
-from daemon.store import VIEWS, SqlStore
+from daemon.store import VIEWS, Pruned, SqlStore
 from tests.conftest import FakeClock
 from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
 
@@ -294,6 +296,98 @@ def test_counts_per_node(store):
     assert store.counts(node="a")["running"] == 1 and store.counts(node="a")["pending"] == 2
 
 
+# --- pruning the history, on SQLite and PostgreSQL --------------------------------------------------------------------
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_store(request, tmp_path):
+    clock = FakeClock()
+    url = f"sqlite:///{tmp_path / 'db' / 'u.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    s = SqlStore(url, clock=clock, lease_clock=clock)
+    s.fake = clock
+    yield s
+    s.close()
+
+
+def _summary(store) -> list[tuple]:
+    cols = "model_id, scale, mode, jobs, done, failed, mean_total_s, mean_infer_s, mean_psnr_y, mean_brisque"
+    with store.engine.connect() as c:
+        rows = c.execute(text(f"SELECT {cols} FROM model_summary ORDER BY model_id, scale, mode")).all()
+    return [tuple(round(float(v), 9) if isinstance(v, float | Decimal) else v for v in r) for r in rows]
+
+
+def _psnr(value: float) -> list[Metric]:
+    return [Metric("psnr_y", value, "y-bt601", 2, "hr", "p")]
+
+
+def test_prune_deletes_what_ended_before_the_date_and_model_summary_keeps_its_figures(sql_store):
+    s = sql_store
+    run = s.add_bench_run("{}")
+    s.register([spec(i) for i in range(1, 5)])
+    s.register([spec(8, source="bench", bench_run_id=run)])
+    s.register([spec(7)])  # stays pending
+    s.join("old-node", NodeInfo("h", 1), NO_ONE)
+    a, b, c = s.claim("w", limit=3, source="watch")
+    (hung,) = s.claim("w", node="old-node", source="watch")  # running since T0: never pruned
+    (bench,) = s.claim("w", source="bench")
+    assert s.finish(
+        [
+            Finished(a.id, "w", {"t_total": 1.0, "t_infer": 0.5}, _psnr(30.0)),
+            Finished(b.id, "w", {"t_total": 3.0, "t_infer": 1.5}, _psnr(32.0)),
+            Finished(bench.id, "w", {"t_total": 9.0}, [Metric("brisque", 20.0, "-", 0, "none", "b")]),
+        ]
+    ) == [True, True, True]
+    assert s.fail(c.id, "decode", "bad", owner="w")
+    s.record_hook(a.id, "on_done", True, "ok")
+    s.fake.advance(100 * 86400)
+    s.join("new-node", NodeInfo("h", 2), NO_ONE)
+    (recent,) = s.register([spec(5)])
+    s.claim("w", job_id=recent.job.id)
+    assert s.finish([Finished(recent.job.id, "w", {"t_total": 5.0, "t_infer": 2.5}, _psnr(34.0))]) == [True]
+    before = _summary(s)
+    assert before == [("bicubic", 2.0, "upscale", 7, 4, 1, 4.5, 1.5, 32.0, 20.0)]
+
+    pruned = s.prune(T0 + dt.timedelta(days=90), batch=2)  # two batches and a half
+    assert pruned == Pruned(jobs=4, metrics=3, hook_runs=1, bench_runs=1, nodes=1)
+    assert _summary(s) == before  # the figures outlive the rows
+    assert [s.get(j) for j in (a.id, b.id, c.id, bench.id)] == [None] * 4
+    assert s.states([hung.id, 6, recent.job.id]) == {hung.id: "running", 6: "pending", recent.job.id: "done"}
+    assert s.metrics_of(recent.job.id) == {"psnr_y": 34.0}
+    assert [n.row.name for n in s.nodes(30, include_gone=True)] == ["new-node"]
+    assert s.prune(T0 + dt.timedelta(days=90)) == Pruned(0, 0, 0, 0, 0)  # again: nothing, and no double count
+    assert _summary(s) == before
+
+    assert s.prune(T0 + dt.timedelta(days=200), keep_summary=False).jobs == 1
+    # The recent job leaves the summary with its row; what the first prune kept stays.
+    assert _summary(s) == [("bicubic", 2.0, "upscale", 6, 3, 1, round(13 / 3, 9), 1.0, 31.0, 20.0)]
+    assert (s.get(recent.job.id), s.get(hung.id).state) == (None, "running")
+
+
+def test_db_prune_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from daemon.cli import main
+
+    url = f"sqlite:///{tmp_path / 'u.db'}"
+    cfg = tmp_path / "settings.toml"
+    cfg.write_text(f'database = "{url}"\n')
+    old = SqlStore(url, clock=lambda: utcnow() - dt.timedelta(days=91))
+    (job,) = old.claim("w") if old.register([spec(1)]) else []
+    assert old.finish([Finished(job.id, "w", {"t_total": 1.0})]) == [True]
+    old.close()
+    new = SqlStore(url)
+    new.register([spec(2)])
+    res = CliRunner().invoke(main, ["--config", str(cfg), "db", "prune", "--older-than", "90d"])
+    assert res.exit_code == 0, res.output
+    assert re.fullmatch(
+        r"deleted 1 jobs that ended before \S+ \S+ UTC \(0 metrics, 0 hook runs\), 0 bench runs and 0 nodes; "
+        r"model_summary keeps their counts and means\n",
+        res.output,
+    ), res.output
+    assert new.get(job.id) is None and new.get(2).state == "pending"
+    new.close()
+    bad = CliRunner().invoke(main, ["--config", str(cfg), "db", "prune", "--older-than", "soon"])
+    assert bad.exit_code != 0 and "--since expects 90s, 30m, 2h, 7d, 1w or an ISO date, got 'soon'" in bad.output
+
+
 # --- SQLite itself ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def sqlite_store(tmp_path):
@@ -421,13 +515,17 @@ def test_a_bench_run_is_recorded_and_its_jobs_name_it(store):
 # --- PostgreSQL's clock ---------------------------------------------------------------------------------------------
 def test_postgres_leases_are_stamped_and_aged_on_the_servers_clock_whatever_the_hosts_say(pg_url):  # noqa: F811
     """Two hosts whose clocks are 60 s ahead and 60 s behind: neither sees the other's fresh lease as stale, both
-    read the same lease age, each heartbeat measures its host's skew, and a lease that really is old is taken."""
-    ahead = SqlStore(pg_url, clock=lambda: utcnow() + dt.timedelta(seconds=60))
-    behind = SqlStore(pg_url, upgrade=False, clock=lambda: utcnow() - dt.timedelta(seconds=60))
+    read the same lease age, each heartbeat measures and records its host's skew, and a lease that really is old is
+    taken."""
+    off = {"ahead": 0.0, "behind": 0.0}  # the hosts' clocks are right when they join, then drift a minute apart
+    ahead = SqlStore(pg_url, clock=lambda: utcnow() + dt.timedelta(seconds=off["ahead"]))
+    behind = SqlStore(pg_url, upgrade=False, clock=lambda: utcnow() + dt.timedelta(seconds=off["behind"]))
     try:
         ahead.register([spec(1), spec(2)])
         ahead.join("ahead", NodeInfo("h1", 1), NO_ONE)
         behind.join("behind", NodeInfo("h2", 2), NO_ONE)
+        assert {n.row.name: round(n.row.clock_skew_s) for n in behind.nodes(30)} == {"ahead": 0, "behind": 0}
+        off.update(ahead=60.0, behind=-60.0)
         (a,) = ahead.claim("wa", node="ahead")
         (b,) = behind.claim("wb", node="behind")
         assert ahead.recover(stale_after=30) == [] and behind.recover(stale_after=30) == []
@@ -439,6 +537,7 @@ def test_postgres_leases_are_stamped_and_aged_on_the_servers_clock_whatever_the_
         assert all(abs((t - server).total_seconds()) < 5 for t in stamped.values()), (server, stamped)
         ages = [{n.row.name: round(n.row.lease_age_s) for n in s.nodes(30)} for s in (ahead, behind)]
         assert ages[0] == ages[1] == {"ahead": 0, "behind": 0}
+        assert {n.row.name: round(n.row.clock_skew_s) for n in behind.nodes(30)} == {"ahead": 60, "behind": -60}
         with ahead.engine.begin() as c:  # behind's host froze 31 s ago, on the server's clock
             c.execute(text("UPDATE jobs SET heartbeat_at = heartbeat_at - interval '31 seconds' WHERE node = 'behind'"))
             c.execute(

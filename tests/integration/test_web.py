@@ -659,7 +659,7 @@ def test_a_missing_database_or_a_bad_listen_address_is_a_clear_error(tmp_path):
     res = run_web(cfg, "--listen", "127.0.0.1:0")
     assert res.returncode == 1 and "upscaled.db does not exist yet" in res.stderr
     assert "start the service once" in res.stderr
-    res = run_web(cfg, "--listen", "8080")
+    res = run_web(cfg, "--listen", "localhost")  # a port alone is a port on 127.0.0.1; a host alone is no address
     assert res.returncode == 1 and "--listen expects host:port such as 127.0.0.1:8080" in res.stderr
     assert "Traceback" not in res.stderr
 
@@ -727,15 +727,22 @@ def test_a_replaced_file_gets_a_new_thumbnail_and_a_deleted_one_none(tmp_path):
 
 
 def test_filters_round_trip_through_the_query_string():
-    from daemon.web.data import Filters
+    from daemon.web.data import ListFilters
 
-    f = Filters.parse(
+    f = ListFilters.from_query(
         {"folder": "/", "model": "fsrcnn", "state": "done", "from": "2026-01-02", "to": "", "q": "a&b", "run": "3"}
     )
-    assert f.folder == "" and f.since is not None and f.until is None and f.run == 3
-    assert Filters.parse(dict(parse_qsl(f.query(page=2)[1:]))) == f
+    assert f.folder == "" and f.since is not None and f.before is None and f.run == 3
+    assert f.sources is None  # a bench run's jobs: every source
+    assert ListFilters.from_query(dict(parse_qsl(f.query(page=2)[1:]))) == f
     assert f.query(page=2).endswith("&page=2") and "q=a%26b" in f.query()
-    assert Filters.parse({}).query() == "" and not Filters.parse({"folder": " "}).active
+    assert ListFilters.from_query({}).query() == "" and not ListFilters.from_query({"folder": " "}).active
+    # Without a source, the list leaves the bench's jobs out; `all` and one source round-trip too.
+    assert ListFilters.from_query({}).sources == ("watch", "cli")
+    for source, sources in (("all", None), ("bench", ("bench",)), ("watch", ("watch",))):
+        g = ListFilters.from_query({"source": source, "to": "2026-01-05"})
+        assert g.sources == sources and ListFilters.from_query(dict(parse_qsl(g.query()[1:]))) == g
+        assert g.params()["to"] == "2026-01-05"
 
 
 # pytest resets the warning filters per test; daemon.web.images filters this one in the web view's process.

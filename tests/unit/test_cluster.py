@@ -12,11 +12,12 @@ import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
+import structlog
 
 from daemon.cluster import Cluster
 from daemon.config import Rule, load_settings
 from daemon.errors import NodeInUseError
-from daemon.jobs import JobSpec, MemoryStore, NodeInfo
+from daemon.jobs import Beat, JobSpec, MemoryStore, NodeInfo
 from tests.conftest import FakeClock, write_config
 
 T0 = FakeClock().start
@@ -88,3 +89,14 @@ def test_a_beat_renews_this_nodes_leases_and_takes_over_a_dead_nodes_jobs(rig: R
     assert [n.row.name for n in rig.cluster.others()] == []  # n2 is stale
     rig.cluster.leave()
     assert rig.store.nodes(30, include_gone=True)[0].state == "stopped"
+
+
+def test_a_host_clock_surely_off_the_databases_is_warned_once_and_its_return_said(rig: Rig) -> None:
+    limit = rig.settings.max_clock_skew_seconds
+    with structlog.testing.capture_logs() as logs:
+        for skew, uncertainty in ((limit - 0.1, 0.0), (limit + 0.5, 0.6), (-limit - 1, 0.1), (limit + 3, 0), (0.2, 0)):
+            rig.cluster.check_skew(Beat(T0, skew, uncertainty))
+    said = [(e["event"], e["skew_s"]) for e in logs if e["event"].startswith("node.clock_skew")]
+    # Within the limit, or within it give or take the measurement: nothing. Off: one warning, however long it lasts.
+    assert said == [("node.clock_skew", -limit - 1), ("node.clock_skew_ok", 0.2)]
+    assert [e["log_level"] for e in logs if e["event"] == "node.clock_skew"] == ["warning"]

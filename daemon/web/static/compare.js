@@ -2,8 +2,10 @@
 //
 // The output lies over the input and is clipped at the split (clip-path: inset), so the input shows left of the
 // split and the output right of it; both are stretched to the same box, so a pixel of the input covers `scale`
-// pixels of the output ("show pixels" keeps them square instead of smoothing them). The markup has no inline style
-// (the page's Content-Security-Policy forbids it); styles set here through the CSSOM are allowed.
+// pixels of the output ("show pixels" keeps them square instead of smoothing them). The divider carries a round
+// handle. Side by side, every pane shows its image at the same size (the output's, times the zoom), and scrolling
+// one pane scrolls the others to the same place, so the same detail is under the eye in each. The markup has no
+// inline style (the page's Content-Security-Policy forbids it); styles set here through the CSSOM are allowed.
 "use strict";
 (function () {
   function init(viewer) {
@@ -16,6 +18,7 @@
     const divider = viewer.querySelector(".divider");
     const range = viewer.querySelector("input.split");
     const side = viewer.querySelector(".side");
+    const panes = side ? Array.from(side.querySelectorAll(".pane")) : [];
     let zoom = "fit";
     let dragging = false;
 
@@ -29,7 +32,38 @@
       if (range) range.value = String(Math.round(f * 1000));
     }
 
+    function layoutSide() {
+      panes.forEach((pane) => {
+        const img = pane.querySelector("img");
+        if (zoom === "fit") {
+          img.style.width = "100%";
+          img.style.height = "auto";
+          return;
+        }
+        const width = (W * Number(zoom)) / (window.devicePixelRatio || 1);
+        img.style.width = width.toFixed(2) + "px";
+        img.style.height = ((width * H) / W).toFixed(2) + "px";
+      });
+      viewer.dataset.zoom = zoom;
+    }
+
+    // A scroll in one pane puts the others at the same offset (their images have the same size). Setting an offset
+    // a pane already has fires no event, so the echo stops there.
+    panes.forEach((pane) => {
+      pane.addEventListener("scroll", () => {
+        panes.forEach((other) => {
+          if (other === pane) return;
+          if (other.scrollLeft !== pane.scrollLeft) other.scrollLeft = pane.scrollLeft;
+          if (other.scrollTop !== pane.scrollTop) other.scrollTop = pane.scrollTop;
+        });
+      });
+    });
+
     function layout() {
+      if (viewer.dataset.view === "side") {
+        layoutSide();
+        return;
+      }
       let width;
       if (zoom === "fit") {
         const maxHeight = Math.max(240, window.innerHeight * 0.75);
@@ -86,7 +120,7 @@
         viewport.hidden = sideBySide;
         if (range) range.hidden = sideBySide;
         viewer.dataset.view = button.dataset.view;
-        if (!sideBySide) layout();
+        layout();
       });
     });
     const pixels = viewer.querySelector("[data-role=pixelated]");
