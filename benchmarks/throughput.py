@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -107,7 +108,19 @@ def spandrel_loop(paths: list[Path], out: Path, model_file: Path) -> float:
 class Service:
     """A real `upscaled run` on a temp folder; files are renamed in from a staging folder on the same filesystem."""
 
-    def __init__(self, work: Path, weights: Path, model: str, scale: int, metrics: bool, extra: str = "") -> None:
+    def __init__(
+        self,
+        work: Path,
+        weights: Path,
+        model: str,
+        scale: int,
+        metrics: bool,
+        extra: str = "",
+        command: Sequence[str] = ("-m", "daemon", "run"),
+        log: Path | None = None,
+    ) -> None:
+        """``command``: the interpreter's arguments that start the daemon; ``log``: where its output goes (else
+        nowhere)."""
         work.mkdir(parents=True)
         self.work = work
         cfg = work / "settings.toml"
@@ -121,13 +134,8 @@ class Service:
         self.staging = work / "staging"
         self.staging.mkdir()
         env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run"],
-            cwd=work,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
+        with open(log, "ab") if log else open(os.devnull, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, *command], cwd=work, env=env, stdout=out, stderr=out)
         _wait(lambda: (work / "inbox").is_dir() and self.done() >= 0, 60)
 
     def _row(self, sql: str, *args: object) -> tuple | None:

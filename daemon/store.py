@@ -726,16 +726,17 @@ class SqlStore:
                 )
             return found
 
-    def metrics_pending(self, node: str | None, stale_after: float) -> list[Job]:
-        """Done jobs whose metrics were never recorded (a crash between the two commits) that ``node`` should
-        compute: its own, and those of nodes that are gone (no heartbeat for ``stale_after`` seconds)."""
+    def metrics_pending(self, node: str | None, stale_after: float, limit: int | None = None) -> list[Job]:
+        """Done jobs whose metrics are not recorded yet (still to come, or a crash between the two commits) that
+        ``node`` should compute, oldest first, at most ``limit``: its own, and those of nodes that are gone (no
+        heartbeat for ``stale_after`` seconds)."""
         cutoff = self._lease_cutoff(stale_after)
         with self.engine.connect() as c:
             gone = select(nodes.c.name).where(or_(nodes.c.heartbeat_at < cutoff, nodes.c.stopped_at.is_not(None)))
             q = select(jobs).where(jobs.c.metrics_state == "pending", jobs.c.state == "done", jobs.c.source == "watch")
             if node is not None:
                 q = q.where(or_(jobs.c.node == node, jobs.c.node.is_(None), jobs.c.node.in_(gone)))
-            return [self._job(r) for r in c.execute(q.order_by(jobs.c.id))]
+            return [self._job(r) for r in c.execute(q.order_by(jobs.c.id).limit(limit))]
 
     def record_hook(self, job_id: int, event_: str, ok: bool, detail: str) -> None:
         with self.engine.begin() as c:
