@@ -39,9 +39,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from daemon import imageio
 from daemon.config import Rule
 from daemon.jobs import BenchStore, Finished, JobSpec, utcnow, worker_id
+from daemon.media import decode
 from daemon.metrics import Brisque, Metric, full_reference, y_bt601
 from daemon.protocol import BENCHMARK_METRICS, DOWNSCALES, METRICS, SSIM_WINDOW, make_lr, min_side, modcrop, quantise
 from models.catalog import get_entry
@@ -420,7 +420,7 @@ def _prepare(dataset: Dataset, scale: int, source: str, max_pixels: int) -> list
     out = []
     for im in dataset.images:
         t0 = time.perf_counter()
-        dec = imageio.decode(im.hr_path, max_pixels)
+        dec = decode.decode(im.hr_path, max_pixels)
         decode_s = time.perf_counter() - t0
         hr = modcrop(dec.rgb, scale)
         need = min_side(scale)
@@ -446,7 +446,7 @@ def _prepare(dataset: Dataset, scale: int, source: str, max_pixels: int) -> list
             )
             continue
         if source.startswith("shipped:"):
-            lr_dec = imageio.decode(im.lr_paths[scale], max_pixels)
+            lr_dec = decode.decode(im.lr_paths[scale], max_pixels)
             lr = lr_dec.rgb
             want = (hr.shape[0] // scale, hr.shape[1] // scale)
             if lr.shape[:2] != want:

@@ -51,7 +51,8 @@ def rss_mib() -> float:
 def child(path: str, fmt: str) -> dict:
     import cv2
 
-    from daemon.imageio import Frame, assemble, decode_bytes, encode_animation
+    from daemon.imageio import Frame, assemble, encode_animation
+    from daemon.media.decode import decode_bytes
 
     data = Path(path).read_bytes()
     base = rss_mib()

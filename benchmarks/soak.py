@@ -124,6 +124,7 @@ class Soak:
         metrics: bool,
         size: tuple[int, int],
         traced: bool = False,
+        tree: Path = ROOT,
     ) -> None:
         self.work, self.metrics = work, metrics
         self.snapshots = work / "snapshot"
@@ -138,6 +139,7 @@ class Soak:
             scale,
             metrics,
             extra="stop_timeout = 10\n",
+            tree=tree,
             command=command,
             log=work.parent / "daemon.log",
         )
@@ -307,6 +309,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1000, help="jobs left out of the slope")
     ap.add_argument("--tracemalloc", default="", help="A,B: snapshots after A and B jobs, diffed by traceback")
     ap.add_argument("--top", type=int, default=15, help="tracebacks listed by --tracemalloc")
+    ap.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose daemon runs (default: this one)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
@@ -316,13 +319,20 @@ def main() -> None:
 
     from models.weights import fetch
 
-    # The daemon of this tree, whatever the interpreter's installed copy is.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
         weights = tmp / "weights"
         fetch(weights, [args.model, "brisque"], mirror=str(SHARED / "weights"))
-        soak = Soak(tmp / "svc", weights, args.model, args.scale, args.metrics == "default", (w, h), bool(marks))
+        soak = Soak(
+            tmp / "svc",
+            weights,
+            args.model,
+            args.scale,
+            args.metrics == "default",
+            (w, h),
+            traced=bool(marks),
+            tree=args.tree.resolve(),
+        )
         samples: list[Sample] = []
         taken: list[tuple[Sample, tracemalloc.Snapshot, int]] = []  # the sample, its snapshot, the traced bytes
         traced: dict = {}
@@ -348,6 +358,7 @@ def main() -> None:
     result: dict = dict(
         date=dt.date.today().isoformat(),
         command="python benchmarks/soak.py " + " ".join(sys.argv[1:]),
+        tree=str(args.tree.resolve()),
         model=args.model,
         scale=args.scale,
         metrics=args.metrics,

@@ -1,6 +1,7 @@
 """The service against the loop a user would write instead, on the same images, in the same run.
 
     python benchmarks/throughput.py [--small 100] [--large 30] [--gan 8] [--drops 20] [--quick]
+                                    [--baseline-tree PATH]
 
 The baseline is what a user runs without us, never our own code:
 
@@ -17,6 +18,10 @@ ratio is plain seconds / service seconds (above 1: the service is faster than th
 
 Drop -> done: one file at a time into an idle service; the time from the rename to the job's ``finished_at``
 (the same clock), less ``settle_seconds``, against the loop's time per image.
+
+``--baseline-tree PATH`` runs a second service from another checkout (an earlier commit, say, in a git worktree)
+beside this one, in the same run: its small batches and its drops take turns with this tree's, and the table gives
+both, and the difference of the drop -> done p50.
 
 Images are crops and mirrored tiles of the Set5 pictures in ``../shared/datasets`` (every file different).
 Results go to benchmarks/results/throughput-<date>.json and are printed as a table.
@@ -116,11 +121,12 @@ class Service:
         scale: int,
         metrics: bool,
         extra: str = "",
+        tree: Path | None = None,
         command: Sequence[str] = ("-m", "daemon", "run"),
         log: Path | None = None,
     ) -> None:
-        """``command``: the interpreter's arguments that start the daemon; ``log``: where its output goes (else
-        nowhere)."""
+        """``tree``: another checkout whose code the daemon runs; ``command``: the interpreter's arguments that
+        start the daemon; ``log``: where its output goes (else nowhere)."""
         work.mkdir(parents=True)
         self.work = work
         cfg = work / "settings.toml"
@@ -134,6 +140,8 @@ class Service:
         self.staging = work / "staging"
         self.staging.mkdir()
         env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
+        if tree is not None:  # another checkout's code, first on the path
+            env["PYTHONPATH"] = str(tree)
         with open(log, "ab") if log else open(os.devnull, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, *command], cwd=work, env=env, stdout=out, stderr=out)
         _wait(lambda: (work / "inbox").is_dir() and self.done() >= 0, 60)
@@ -279,6 +287,12 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="a few files of each, one round, to try the script")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--baseline-tree",
+        type=Path,
+        default=None,
+        help="a second checkout whose service takes turns with this one's on the small batches and the drops",
+    )
     args = ap.parse_args()
     if args.quick:
         args.small, args.large, args.gan, args.drops, args.rounds = 10, 3, 2, 3, 1
@@ -300,10 +314,16 @@ def main() -> None:
         # services are up for all rounds (an idle one wakes four times a second), the clocks run one at a time.
         off = Service(tmp / "svc-fsrcnn", weights, "fsrcnn", 4, metrics=False)
         on = Service(tmp / "svc-fsrcnn-metrics", weights, "fsrcnn", 4, metrics=True)
-        r_small, r_large, r_metrics, all_metrics = [], [], [], []
+        base = None
+        if args.baseline_tree is not None:
+            base = Service(tmp / "svc-base", weights, "fsrcnn", 4, metrics=False, tree=args.baseline_tree.resolve())
+        r_small, r_large, r_metrics, all_metrics, r_base = [], [], [], [], []
+        base_latencies: list[float] = []
         try:
             off.warm_up(small[0][0])
             on.warm_up(large[0][0])
+            if base is not None:
+                base.warm_up(small[0][0])
             cpu_small: dict[str, float] = {}  # the service's CPU seconds per thread during the small batches
             plain_cpu = 0.0
             for r in range(args.rounds):
@@ -314,17 +334,27 @@ def main() -> None:
                 r_small.append((plain_small, off.batch(small[r])))
                 for k, v in off.thread_cpu().items():
                     cpu_small[k] = cpu_small.get(k, 0.0) + v - before.get(k, 0.0)
+                if base is not None:
+                    r_base.append((plain_small, base.batch(small[r])))
                 plain_large = opencv_loop(large[r], tmp / f"plain-large{r}", weights, 4)
                 s_off = off.batch(large[r])
                 r_large.append((plain_large, s_off))
                 s_on = on.batch(large[r])
                 r_metrics.append((s_off, s_on))
                 all_metrics.append(on.metrics_recorded(len(large[r])) - SETTLE)
-            latencies = off.drops(drops)
+            if base is None:
+                latencies = off.drops(drops)
+            else:  # one file into each, in turns, so that both see the same machine
+                latencies = []
+                for d in drops:
+                    latencies += off.drops([d])
+                    base_latencies += base.drops([d])
             rss = off.peak_rss_mb()
         finally:
             off.stop()
             on.stop()
+            if base is not None:
+                base.stop()
         per_thread = {
             k: round(1000 * v / (args.small * args.rounds), 2)
             for k, v in sorted(cpu_small.items(), key=lambda kv: -kv[1])
@@ -338,6 +368,10 @@ def main() -> None:
                 service_cpu_ms_per_image_by_thread={k: v for k, v in per_thread.items() if v >= 0.05},
             )
         )
+        if base is not None:
+            rows.append(
+                dict(work=f"FSRCNN x4, 80x120, the baseline tree {args.baseline_tree}", **paired(r_base, args.small))
+            )
         rows.append(
             dict(work="FSRCNN x4, 320x480 -> 1280x1920", **paired(r_large, args.large), service_peak_rss_mb=round(rss))
         )
@@ -377,12 +411,25 @@ def main() -> None:
                 note="target: overhead <= 20 ms",
             )
         )
+        if base_latencies:
+            b50 = statistics.median(base_latencies)
+            rows.append(
+                dict(
+                    work=f"drop -> done, the baseline tree {args.baseline_tree}, in turns with this one",
+                    images=len(base_latencies),
+                    service_p50_ms=round(b50 * 1000, 1),
+                    overhead_p50_ms=round((b50 - per_image) * 1000, 1),
+                    this_tree_minus_baseline_p50_ms=round((p50 - b50) * 1000, 1),
+                )
+            )
     result = dict(
         date=dt.date.today().isoformat(),
         cpu=cpu_name(),
         cores=os.cpu_count(),
         rows=rows,
-        command="python benchmarks/throughput.py" + (" --quick" if args.quick else ""),
+        command="python benchmarks/throughput.py"
+        + (" --quick" if args.quick else "")
+        + (f" --baseline-tree {args.baseline_tree}" if args.baseline_tree else ""),
     )
     path = args.json or ROOT / "benchmarks" / "results" / f"throughput-{result['date']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

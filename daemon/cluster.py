@@ -113,10 +113,23 @@ class Cluster(UsesSettings):
     def recover(self, at_start: bool = False) -> list[Job]:
         """Take back the jobs of dead nodes (and, at start, this node's own and unowned ones)."""
         found = self.store.recover(
-            self.settings.stale_seconds, own_node=self.node if at_start else None, unowned=at_start, spare=spare
+            self.settings.stale_seconds,
+            own_node=self.node if at_start else None,
+            unowned=at_start,
+            spare=spare,
+            max_recoveries=self.settings.max_recoveries,
         )
         for job in found:
-            self.log.warning("job.recovered", job=job.id, file=job.name, from_node=job.node, from_worker=job.worker)
+            self.log.warning(
+                "job.recovered",
+                job=job.id,
+                file=job.name,
+                from_node=job.node,
+                from_worker=job.worker,
+                recoveries=job.recoveries,
+                alone_deaths=job.alone_deaths,
+                poison=job.state == "failed" or None,
+            )
         if found:
             self.on_recovered(found)
         return found

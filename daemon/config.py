@@ -426,6 +426,31 @@ class Settings(Hooks, BaseSettings):
         default=2 << 30, gt=0, description="An input larger than this is refused before a byte of it is read."
     )
     max_frames: int = Field(default=1000, ge=1, description="Frames of an animated input; more is refused.")
+    decode_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds one parse of an input (header, decode, metadata) may take in its sandbox process; past "
+        "it the process is killed and the job fails as decode-timeout (docs/security.md).",
+    )
+    decode_memory_limit: int = Field(
+        default=0,
+        ge=0,
+        description="Bytes of memory one parse may use in its sandbox process, on top of the interpreter; 0 derives "
+        "it from max_pixels (32 bytes a pixel, plus 256 MiB). Past it the job fails as decode-limit.",
+    )
+    sandbox_processes: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="Sandbox processes parsing inputs (each about 60 MB); the only place a stranger's bytes are "
+        "parsed.",
+    )
+    max_recoveries: int = Field(
+        default=2,
+        ge=1,
+        description="Times the service may die while a job is the only one in flight before that job fails as "
+        "poison (its input to failed/); deaths with other jobs in flight do not count.",
+    )
     max_attempts: int = Field(default=3, ge=1, description="Tries for a job that runs out of memory.")
     retry_seconds: float = Field(default=30.0, ge=0, description="The first retry's delay; it doubles per attempt.")
     retry_max_seconds: float = Field(

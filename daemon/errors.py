@@ -6,6 +6,9 @@ lives there: docs/development.md, "Where errors live").
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from models.errors import ImageError, ResourceError, Retry, UpscaledError
 
 
@@ -85,6 +88,32 @@ class InputChangedError(ImageError):
     kind = "input-changed"
 
 
+class DecodeLimitError(ImageError):
+    """Parsing the input needed more memory (or CPU time) than its sandbox budget: a decompression bomb, or a
+    budget set too low for a real image (``decode_memory_limit``)."""
+
+    kind = "decode-limit"
+
+
+class DecodeTimeoutError(ImageError):
+    """Parsing the input took longer than ``decode_timeout``; its sandbox process was killed."""
+
+    kind = "decode-timeout"
+
+
+class DecoderCrashError(ImageError):
+    """The sandbox process parsing the input died (a decoder crashed on it, or broke the protocol)."""
+
+    kind = "decode-crash"
+
+
+class PoisonJobError(ImageError):
+    """The service died while this job was the only one in flight, ``max_recoveries`` times: it is not retried
+    again."""
+
+    kind = "poison"
+
+
 # --- outputs -------------------------------------------------------------------------------------------------------
 class DiskFullError(ResourceError):
     """No space left (or the quota is reached) while writing an output, a reason file or a move."""
@@ -107,6 +136,14 @@ class OutputError(UpscaledError):
     kind = "output"
 
 
+class SandboxUnavailableError(ResourceError):
+    """No sandbox process can be started to parse inputs (the interpreter or a codec library fails to load): every
+    job waits, its input kept, until it can."""
+
+    kind = "sandbox-unavailable"
+    retry = Retry.UNTIL_FIXED
+
+
 # --- the queue -----------------------------------------------------------------------------------------------------
 class InternalError(UpscaledError):
     """A bug, or a library's surprise, while running a job: that job fails, the service goes on."""
@@ -118,3 +155,17 @@ class QueryError(UpscaledError):
     """A read-only query was refused or failed."""
 
     kind = "query"
+
+
+@contextlib.contextmanager
+def reading(name: str) -> Iterator[None]:
+    """Opening or reading the input ``name``: an ``OSError`` becomes :class:`UnreadableFileError` naming it and why.
+    ``FileNotFoundError`` (the file went away: not a failure of the file) passes through."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except PermissionError:
+        raise UnreadableFileError(f"cannot read {name}: permission denied") from None
+    except OSError as exc:
+        raise UnreadableFileError(f"cannot read {name}: {exc.strerror or exc}") from None

@@ -1,41 +1,33 @@
-"""Decoding and encoding images without losing what the user cares about.
+"""Image files without losing what the user cares about: the decoded form, and encoding.
 
-Decode applies the EXIF orientation, keeps the colour profile and the other metadata (:class:`Metadata`), alpha,
-16-bit depth (known from the decoder's raw mode or dtype, never guessed from pixel values) and greyscale. Pixels
-stay in their native integer type (uint8 or uint16): the worker keeps 8-bit images as uint8 end to end, and floats
-only for 16-bit. An animated GIF, WebP or APNG is one :class:`Frame` at a time: :attr:`Decoded.first`, then
-:meth:`Decoded.rest`, decoded one by one.
+:class:`Decoded` is what a decoder gives back: the first :class:`Frame`, the other frames on demand
+(:meth:`Decoded.rest`), the metadata (:class:`Metadata`), the format and the decoder's mode. Pixels stay in their
+native integer type (uint8 or uint16), upright (the EXIF orientation applied), with alpha and greyscale kept. Decoding
+itself is :mod:`daemon.media.decode`, which the service runs only inside its sandbox processes
+(:mod:`daemon.sandbox`): this module parses no file that someone else wrote.
 
 Encode writes any of png, jpg, webp, tiff, avif, heic, jxl (and gif for animations), checks the encoder's size
 limits first, and writes the metadata the ``policy`` keeps and the format can hold (see
-:mod:`daemon.media.metadata`). Formats that need a package (``heif``, ``jxl``) say which extra to install.
-
-Readers: Pillow for everything, plus OpenCV for 16-bit colour PNG and TIFF (Pillow reads those as 8 bits) and
-pillow-heif's own reader for 10/12-bit HEIC (kept as 16 bits).
+:mod:`daemon.media.metadata`): blocks the sandbox already fitted to the output (:class:`Prepared`), or, for tools,
+a :class:`Metadata` prepared here. Formats that need a package (``heif``, ``jxl``) say which extra to install.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import io
-import os
-import stat
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import BinaryIO
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 
-from daemon.errors import DecodeError, EmptyFileError, ImageTooLargeError, OutputError, UnreadableFileError
+from daemon.errors import OutputError
 from daemon.media import formats
 from daemon.media import metadata as md
-from daemon.media.metadata import Metadata, Policy
-from daemon.media.png import DEFAULT_PNG_COMPRESSION, encode_png
+from daemon.media.metadata import Metadata, Policy, Prepared
+from daemon.media.png import DEFAULT_PNG_COMPRESSION, encode_png, insert_xmp
 from models.errors import UnsupportedImageError, UpscaledError
 from models.pixels import alpha_of, colour_of, to_unit_float
 
@@ -46,18 +38,13 @@ __all__ = [
     "Frame",
     "Metadata",
     "Policy",
+    "Prepared",
     "Probe",
     "assemble",
-    "decode",
-    "decode_bytes",
     "encode",
     "encode_animation",
-    "probe",
     "to_output_array",
 ]
-
-Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding, with a configurable limit
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_MAX_FRAMES = 1000  # an animation with more frames is refused (a 3000-frame GIF is a job of hours)
 # The animations we upscale frame by frame; others keep their first frame.
@@ -75,15 +62,6 @@ EXTENSIONS = {
     "heic": "heic",
     "heif": "heic",
     "jxl": "jxl",
-}
-_ORIENT = {  # EXIF orientation -> numpy transform of (H, W, C) that makes the image upright
-    2: lambda a: a[:, ::-1],
-    3: lambda a: a[::-1, ::-1],
-    4: lambda a: a[::-1],
-    5: lambda a: np.swapaxes(a, 0, 1),
-    6: lambda a: np.swapaxes(a, 0, 1)[:, ::-1],
-    7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
-    8: lambda a: np.swapaxes(a, 0, 1)[::-1],
 }
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601, as the grey path has always used
 
@@ -116,6 +94,23 @@ class Probe:
     animated: bool
 
 
+class FrameSource:
+    """Where :meth:`Decoded.rest` takes frames 2..n from: a decoder's open animation, or frames already decoded."""
+
+    def frames(self, start: int, stop: int) -> Iterator[Frame]:
+        raise NotImplementedError
+
+
+class DecodedFrames(FrameSource):
+    """Frames that are all decoded already (a sandbox child sends every frame at once)."""
+
+    def __init__(self, frames: Sequence[Frame]) -> None:
+        self._frames = list(frames)
+
+    def frames(self, start: int, stop: int) -> Iterator[Frame]:
+        return iter(self._frames[start:stop])
+
+
 @dataclass
 class Decoded:
     """A decoded image: the first frame, the metadata, and the rest of the frames on demand."""
@@ -127,7 +122,7 @@ class Decoded:
     frames: int = 1
     loop: int | None = None  # animation loop count (0 = forever), None when the input does not say
     notes: list[str] = field(default_factory=list)  # what a person should know
-    _source: _FrameSource | None = field(default=None, repr=False)
+    _source: FrameSource | None = field(default=None, repr=False)
 
     def rest(self) -> Iterator[Frame]:
         """Frames 2..n, decoded one at a time as the iterator is advanced (never all at once). Empty for a still.
@@ -191,259 +186,6 @@ class Decoded:
     @property
     def exif(self) -> bytes | None:
         return self.meta.exif
-
-
-# --- reading ----------------------------------------------------------------------------------------------------------
-def read_no_follow(path: Path) -> bytes:
-    """The file's bytes, refusing (ELOOP) to follow a symlink that replaced it, and anything but a regular file.
-
-    ``O_NONBLOCK`` keeps a FIFO swapped in after a check from blocking the open; ``fstat`` then refuses it.
-
-    Raises:
-        OSError: as ``os.open`` raises it; ``EINVAL`` for something that is not a regular file.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        return fh.read()
-
-
-def decode(path: Path | str, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES) -> Decoded:
-    """Read ``path`` (never through a symlink) into a :class:`Decoded`.
-
-    Raises:
-        EmptyFileError, UnreadableFileError, DecodeError, ImageTooLargeError, UnsupportedImageError.
-    """
-    try:
-        data = read_no_follow(Path(path))
-    except PermissionError as exc:
-        raise UnreadableFileError(f"cannot read {path}: permission denied") from exc
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsupportedImageError(f"{path} is a symbolic link; links are not followed") from None
-        if exc.errno == errno.EINVAL:
-            raise UnsupportedImageError(f"{path} is not a regular file") from None
-        raise UnreadableFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return decode_bytes(data, max_pixels, max_frames, name=str(path))
-
-
-def _open(fh: BinaryIO, name: str) -> Image.Image:
-    formats.register_plugins()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(fh)
-    except UnidentifiedImageError:
-        fh.seek(0)
-        head = fh.read(32)
-        extra = formats.missing_input_codec(head)
-        if extra is not None:
-            raise UnsupportedImageError(
-                f"{name} is a {'HEIC/HEIF' if extra == 'heif' else 'JPEG XL'} image; "
-                f"reading it needs {formats.install_hint(extra)}"
-            ) from None
-        raise DecodeError(f"{name} is not an image (no known image format: {head[:8]!r}...)") from None
-    except Exception as exc:  # Pillow raises many types on bad headers
-        raise DecodeError(f"{name}: bad image header: {exc}") from None
-
-
-def _probe_open(im: Image.Image, max_pixels: int, max_frames: int, name: str) -> Probe:
-    """Check an open image's header against the limits."""
-    w, h = im.size
-    if w == 0 or h == 0:
-        raise DecodeError(f"{name} has no pixels ({w}x{h})")
-    pil = (im.format or "").upper()
-    ours = formats.PIL_TO_OURS.get(pil)
-    if ours is None:
-        raise UnsupportedImageError(
-            f"{name}: format {im.format} is not supported (png, jpeg, webp, tiff, bmp, gif, heic, avif, jxl)"
-        )
-    if w * h > max_pixels:
-        raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h} pixels, over the max_pixels limit of {max_pixels}")
-    animated = ours in ANIMATED_FORMATS and bool(getattr(im, "is_animated", False))
-    frames = 1
-    if animated:
-        try:
-            frames = int(getattr(im, "n_frames", 1))  # header walk: GIF frames are skipped, not decoded
-        except Exception as exc:
-            raise DecodeError(f"{name} is damaged or truncated: {exc}") from None
-        if frames > max_frames:
-            raise ImageTooLargeError(
-                f"{name} is an animation of {frames} frames, over the max_frames limit of {max_frames}"
-            )
-        if w * h * frames > max_pixels:
-            raise ImageTooLargeError(
-                f"{name} is {frames} frames of {w}x{h} = {w * h * frames} pixels, over the "
-                f"max_pixels limit of {max_pixels} (all frames count)"
-            )
-    fmt = "png" if ours == "bmp" or (ours == "gif" and not animated) else ours
-    return Probe(format=fmt, width=w, height=h, frames=frames, animated=animated)
-
-
-def probe(fh: BinaryIO, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES, name: str = "") -> Probe:
-    """The format, size and frame count of the image in ``fh``, from its header (no pixel is decoded).
-
-    ``fh`` holds the whole file (Pillow reads it from its start); it is left open. Safe on a huge sparse file:
-    only the header (and, for a GIF, the frame headers) is read.
-
-    Raises:
-        DecodeError: not an image, or a damaged header.
-        UnsupportedImageError: an image format we do not read (or whose extra is not installed: the message says
-            which to install).
-        ImageTooLargeError: over ``max_pixels`` (all frames count) or ``max_frames``.
-    """
-    name = name or getattr(fh, "name", "<stream>")
-    im = _open(fh, str(name))
-    return _probe_open(im, max_pixels, max_frames, str(name))
-
-
-def decode_bytes(data: bytes, max_pixels: int, max_frames: int = DEFAULT_MAX_FRAMES, name: str = "<bytes>") -> Decoded:
-    """Decode an image file's bytes: its first frame now, the other frames on demand (:meth:`Decoded.rest`).
-
-    Raises:
-        EmptyFileError: no bytes.
-        DecodeError: not an image, or damaged or truncated.
-        UnsupportedImageError: a format, mode or sample type we do not read.
-        ImageTooLargeError: over ``max_pixels`` (all frames count) or ``max_frames``.
-    """
-    if not data:
-        raise EmptyFileError(f"{name} is empty (0 bytes)")
-    im = _open(io.BytesIO(data), name)
-    p = _probe_open(im, max_pixels, max_frames, name)
-    # Read the raw mode before anything (getexif on a PNG, for one) loads the pixels and clears the tiles.
-    tile = getattr(im, "tile", None)  # an ImageFile's, before it loads
-    rawmode = tile[0].args if tile else ""
-    rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
-    meta, orientation = md.read(im, p.format, data)
-    notes = list(meta.notes)
-    meta.notes = []
-    mode = im.mode
-    if p.animated:
-        source = _FrameSource(im, name, orientation, alpha=_animation_has_alpha(im))
-        first = source.frame(0)
-        if isinstance(rawmode, str) and ";16" in rawmode:
-            notes.append("the 16-bit animated PNG is decoded at 8 bits (Pillow's APNG reader)")
-        loop = im.info.get("loop")
-        return Decoded(
-            first=first,
-            format=p.format,
-            meta=meta,
-            mode=mode,
-            frames=p.frames,
-            loop=None if loop is None else int(loop),
-            notes=notes,
-            _source=source,
-        )
-    try:
-        if p.format in ("png", "tiff") and im.mode in ("RGB", "RGBA") and isinstance(rawmode, str) and ";16" in rawmode:
-            arr = _decode_16bit_colour(data, name)
-            mode = im.mode + ";16"
-        elif p.format == "heic" and int(im.info.get("bit_depth", 8) or 8) > 8:
-            arr, mode = _decode_deep_heif(data)
-        else:
-            im.load()
-            arr, mode = _pil_to_array(im)
-    except UpscaledError:
-        raise
-    except Exception as exc:
-        raise DecodeError(f"{name} is damaged or truncated: {exc}") from None
-    if orientation in _ORIENT:
-        arr = np.ascontiguousarray(_ORIENT[orientation](arr))
-    n = getattr(im, "n_frames", 1)
-    if n > 1:
-        what = "page" if p.format == "tiff" else "frame"
-        notes.append(f"the input has {n} {what}s; only the first {what} was upscaled")
-    return Decoded(first=Frame(arr), format=p.format, meta=meta, mode=mode, frames=1, notes=notes)
-
-
-def _decode_16bit_colour(data: bytes, name: str) -> np.ndarray:
-    """Pillow reads 16-bit RGB(A) PNG/TIFF as 8 bits; OpenCV keeps all 16."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.dtype != np.uint16:
-        raise DecodeError(f"{name} is damaged or truncated (16-bit decode failed)")
-    if arr.ndim == 2:
-        return arr[:, :, None]
-    code = cv2.COLOR_BGR2RGB if arr.shape[2] == 3 else cv2.COLOR_BGRA2RGBA
-    return cv2.cvtColor(arr, code)
-
-
-def _decode_deep_heif(data: bytes) -> tuple[np.ndarray, str]:
-    """A 10/12-bit HEIC as 16-bit samples (Pillow's plugin would reduce it to 8 bits)."""
-    import pillow_heif
-
-    heif = pillow_heif.open_heif(io.BytesIO(data), convert_hdr_to_8bit=False)
-    arr = np.asarray(heif)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return np.ascontiguousarray(arr), heif.mode
-
-
-def _pil_to_array(im: Image.Image) -> tuple[np.ndarray, str]:
-    mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(im, dtype=np.uint16)[:, :, None].copy(), mode
-    if mode == "I":  # 32-bit integer: some decoders give 16-bit grey this way
-        a = np.asarray(im)
-        if a.min() < 0 or a.max() > 65535:
-            raise UnsupportedImageError(f"32-bit integer samples outside 0..65535 are not supported (mode {mode})")
-        return a.astype(np.uint16)[:, :, None], mode
-    if mode == "F":
-        raise UnsupportedImageError("floating-point images (mode F) are not supported; convert to 16-bit first")
-    if mode in ("1", "L"):
-        return np.asarray(im.convert("L"))[:, :, None].copy(), mode
-    if mode in ("LA", "La"):
-        return np.asarray(im.convert("LA")).copy(), mode
-    if mode in ("P", "PA"):
-        has_alpha = "transparency" in im.info or mode == "PA"
-        return np.asarray(im.convert("RGBA" if has_alpha else "RGB")).copy(), mode
-    if mode in ("RGB", "RGBA"):
-        return np.asarray(im).copy(), mode
-    if mode in ("RGBa", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
-        return np.asarray(im.convert("RGBA" if mode == "RGBa" else "RGB")).copy(), mode
-    raise UnsupportedImageError(f"image mode {mode!r} is not supported")
-
-
-def _animation_has_alpha(im: Image.Image) -> bool:
-    """Whether the animation's frames carry alpha; decided on the first frame so that every frame has the same
-    layout (a GIF's later frames come back RGBA only when they use transparency)."""
-    return im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
-
-
-class _FrameSource:
-    """The open animation; decodes frame ``i`` when asked (Pillow composes each over the previous ones)."""
-
-    def __init__(self, im: Image.Image, name: str, orientation: int, alpha: bool) -> None:
-        self.im, self.name, self.orientation, self.alpha = im, name, orientation, alpha
-
-    def frame(self, index: int) -> Frame:
-        im = self.im
-        try:
-            im.seek(index)
-            im.load()
-            info = dict(im.info)
-            # GIF: graphic control disposal; APNG: dispose_op (Pillow's info "disposal") and blend_op.
-            disposal = int(getattr(im, "disposal_method", info.get("disposal", 0)) or 0)
-            blend = int(info.get("blend", 0) or 0)
-            arr = np.asarray(im.convert("RGBA" if self.alpha else "RGB"))
-        except EOFError:
-            raise DecodeError(f"{self.name}: frame {index + 1} is missing (the file is truncated)") from None
-        except UpscaledError:
-            raise
-        except Exception as exc:
-            raise DecodeError(f"{self.name}: frame {index + 1} is damaged or truncated: {exc}") from None
-        if self.orientation in _ORIENT:
-            arr = _ORIENT[self.orientation](arr)
-        return Frame(
-            np.ascontiguousarray(arr),
-            duration_ms=int(round(float(info.get("duration", 0) or 0))),
-            disposal=disposal,
-            blend=blend,
-        )
-
-    def frames(self, start: int, stop: int) -> Iterator[Frame]:
-        for i in range(start, stop):
-            yield self.frame(i)
 
 
 # --- model output -> integer pixels ---------------------------------------------------------------------------------
@@ -548,16 +290,18 @@ def encode(
     *,
     quality: int = 95,
     compression: int = DEFAULT_PNG_COMPRESSION,
-    meta: Metadata | None = None,
+    meta: Metadata | Prepared | None = None,
     policy: str = "keep",
 ) -> tuple[bytes, list[str]]:
     """Encode ``arr`` ((H, W, C) uint8 or uint16, from :func:`assemble`) as ``fmt``. Returns (bytes, notes).
 
     ``quality`` (1-100) applies to jpg, webp, avif, heic and jxl; 100 means lossless for webp, heic and jxl.
-    ``compression`` (0-9) applies to png (see :mod:`daemon.media.png`) and tiff (zlib level). ``policy``:
-    ``keep`` writes all of ``meta`` the format can carry (EXIF with orientation 1 and its pixel size updated, ICC,
-    XMP, IPTC), ``strip`` only the ICC profile, ``basic`` the ICC profile and the capture date. 16-bit and alpha
-    are kept where the format holds them; a note says what was reduced or dropped.
+    ``compression`` (0-9) applies to png (see :mod:`daemon.media.png`) and tiff (zlib level). ``meta``: blocks
+    already fitted to this output (:class:`Prepared`, what the service passes: its sandbox fitted them), written as
+    they are; or a :class:`Metadata` fitted here under ``policy`` (tools): ``keep`` writes all of it the format can
+    carry (EXIF with orientation 1 and its pixel size updated, ICC, XMP, IPTC), ``strip`` only the ICC profile,
+    ``basic`` the ICC profile and the capture date. 16-bit and alpha are kept where the format holds them; a note
+    says what was reduced or dropped.
 
     Raises:
         OutputError: an unknown format or one whose extra is missing (the message names it), a size over the
@@ -573,10 +317,7 @@ def encode(
         )
     if not 1 <= quality <= 100:
         raise OutputError(f"quality must be 1-100, got {quality}")
-    try:
-        prep, notes = md.prepare(meta, policy, fmt, (w, h))
-    except ValueError as exc:
-        raise OutputError(str(exc)) from None
+    prep, notes = _prepared(meta, policy, fmt, (w, h))
     arr = _fit_to_format(arr, fmt, info, notes)
     if prep.icc:
         _match_profile(prep, arr, fmt, notes)
@@ -594,6 +335,17 @@ def encode(
         except Exception as exc:  # metadata never fails a job: the pixels are written without it
             notes.append(f"exiv2 could not write the {fmt} metadata; it was dropped ({exc})")
     return data, notes
+
+
+def _prepared(
+    meta: Metadata | Prepared | None, policy: str, fmt: str, size: tuple[int, int]
+) -> tuple[Prepared, list[str]]:
+    if isinstance(meta, Prepared):
+        return Prepared(icc=meta.icc, exif=meta.exif, xmp=meta.xmp, iptc=meta.iptc), []
+    try:
+        return md.prepare(meta, policy, fmt, size)
+    except ValueError as exc:
+        raise OutputError(str(exc)) from None
 
 
 def _match_profile(prep: md.Prepared, arr: np.ndarray, fmt: str, notes: list[str]) -> None:
@@ -630,8 +382,8 @@ def _meta_params(prep: md.Prepared) -> dict:
 
 
 def _enc_png(arr, quality, compression, prep, notes):
-    data = encode_png(arr, compression, prep.icc, prep.exif_tiff)
-    return data, _Later(xmp=prep.xmp, iptc=prep.iptc)
+    data = encode_png(arr, compression, prep.icc, prep.exif_tiff, prep.xmp)
+    return data, _Later(iptc=prep.iptc)
 
 
 def _enc_jpg(arr, quality, compression, prep, notes):
@@ -677,9 +429,10 @@ def _enc_tiff(arr, quality, compression, prep, notes):
         iccprofile=prep.icc,
         metadata=None,
         software=None,
+        extratags=[(700, "B", len(prep.xmp), prep.xmp, True)] if prep.xmp else None,  # XMP, written as it is
         bigtiff=arr.nbytes > 2**32 - 2**25,
     )
-    return buf.getvalue(), _Later(exif=prep.exif, xmp=prep.xmp, iptc=prep.iptc)
+    return buf.getvalue(), _Later(exif=prep.exif, iptc=prep.iptc)
 
 
 def _enc_avif(arr, quality, compression, prep, notes):
@@ -801,7 +554,7 @@ def encode_animation(
     loop: int | None = 0,
     quality: int = 95,
     compression: int = DEFAULT_PNG_COMPRESSION,
-    meta: Metadata | None = None,
+    meta: Metadata | Prepared | None = None,
     policy: str = "keep",
 ) -> tuple[bytes, list[str]]:
     """Encode whole-canvas frames (at output size) as an animated ``fmt``: gif, webp, or png (APNG).
@@ -852,7 +605,7 @@ def encode_animation(
         disposals.append(frame.disposal)
     if not images:
         raise OutputError("an animation needs at least one frame, got none")
-    prep, meta_notes = md.prepare(meta, policy, fmt, images[0].size)
+    prep, meta_notes = _prepared(meta, policy, fmt, images[0].size)
     notes += meta_notes
     buf = io.BytesIO()
     single = len(images) == 1  # the writers take per-frame lists only for several frames
@@ -893,9 +646,11 @@ def encode_animation(
             f"{images[0].size[0]}x{images[0].size[1]}: {exc}"
         ) from None
     data = buf.getvalue()
-    if fmt == "png" and (prep.xmp or prep.iptc):
+    if fmt == "png" and prep.xmp:
+        data = insert_xmp(data, prep.xmp)
+    if fmt == "png" and prep.iptc:
         try:
-            data = md.exiv2_write(data, xmp=prep.xmp, iptc=prep.iptc)
+            data = md.exiv2_write(data, iptc=prep.iptc)
         except Exception as exc:
             notes.append(f"exiv2 could not write the png metadata; it was dropped ({exc})")
     return data, notes

@@ -1,16 +1,22 @@
 """Intake: a complete file in the inbox -> a :class:`~daemon.jobs.JobSpec`, ready to register.
 
-Nothing is trusted about an inbox file but what is read through the inbox's directory handle (:class:`Root`):
+Nothing is trusted about an inbox file but what is read through the inbox's directory handle (:class:`Root`), and
+nothing of it is parsed in this process:
 
 1. ``lstat`` through the handle, one folder at a time without following links: a symlink, a FIFO or a folder swapped
    for a link fails as a job of its own (keyed on its name and time, so it fails exactly once) and is never opened;
 2. open with ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat``: the size is checked against ``max_file_bytes`` *before* any
-   byte is read, then the header (format, width, height, frames) against ``max_pixels`` and ``max_frames``;
-3. the content sha256 is streamed from that same descriptor, 1 MiB at a time (a large file never sits in memory);
-4. a ``<name>.prompt.txt`` beside it becomes the rule's prompt, for a backend that takes one.
+   byte is read; then the open descriptor goes to a sandbox process (:mod:`daemon.sandbox`), which reads the header
+   (format, width, height, frames; every frame inside its canvas) and checks it against ``max_pixels`` and
+   ``max_frames``, under its own memory, CPU and time budget;
+3. the content sha256 is streamed from that same descriptor, 1 MiB at a time, never past the size ``fstat`` gave
+   (hashing is reading, not parsing);
+4. a ``<name>.prompt.txt`` beside it becomes the rule's prompt, for a backend that takes one: its text is decoded in
+   the sandbox too.
 
-The spec records the file's device and inode: a file replaced under the same name later is not this job's input.
-The worker reads the file again through the handle and checks the bytes it decodes against this sha256.
+The spec records the file's device, inode and size: a file replaced under the same name later is not this job's
+input, and one that grew or shrank is not its content. The worker passes the file to the sandbox again, which hashes
+exactly the bytes it decodes, and the worker checks that hash against this one.
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ from daemon.errors import (
     EmptyFileError,
     FileTooLongError,
     ImageTooLargeError,
-    UnreadableFileError,
     UnsafePathError,
+    reading,
 )
 from daemon.fsops import NAME_MAX, FileId, Root, display
 from daemon.jobs import JobSpec
+from daemon.sandbox import Sandbox
 from models.errors import UpscaledError
 
 SIDECAR_SUFFIX = ".prompt.txt"  # `photo.jpg.prompt.txt` beside `photo.jpg` holds that image's prompt
@@ -57,11 +64,12 @@ def no_such_name(exc: OSError) -> bool:
     return exc.errno == errno.ENAMETOOLONG
 
 
-def read_prompt(root: Root, rel: PurePosixPath) -> str | None:
+def read_prompt(root: Root, rel: PurePosixPath, sandbox: Sandbox) -> str | None:
     """The text of ``<rel>.prompt.txt`` under ``root``, or None if there is none (or ``rel``'s name is too long for
     one to exist).
 
-    The text is UTF-8 (a BOM is dropped) with surrounding whitespace stripped; an empty file means an empty prompt.
+    The text is UTF-8 (a BOM is dropped) with surrounding whitespace stripped, decoded in the sandbox; an empty file
+    means an empty prompt.
 
     Raises:
         BadSidecarError: the sidecar is a link or not a regular file, unreadable, not UTF-8, or over 4 KiB.
@@ -69,34 +77,34 @@ def read_prompt(root: Root, rel: PurePosixPath) -> str | None:
     side = sidecar_name(rel)
     if side is None:
         return None
+    shown = display(side.name)
     try:
-        data = root.read_bytes(side, limit=SIDECAR_MAX_BYTES)
+        fd, _ = root.open_file(side, limit=SIDECAR_MAX_BYTES)
     except FileNotFoundError:
         return None
     except OSError as exc:
         if no_such_name(exc):
             return None
-        why = exc.strerror or str(exc)
-        raise BadSidecarError(f"cannot read the prompt file {display(side.name)}: {why}") from None
+        raise BadSidecarError(f"cannot read the prompt file {shown}: {exc.strerror or exc}") from None
     except UnsafePathError as exc:
-        raise BadSidecarError(f"cannot read the prompt file {display(side.name)}: {exc}") from None
+        raise BadSidecarError(f"cannot read the prompt file {shown}: {exc}") from None
     except FileTooLongError:
         raise BadSidecarError(
-            f"the prompt file {display(side.name)} is over {SIDECAR_MAX_BYTES} bytes; a prompt is a line of text"
+            f"the prompt file {shown} is over {SIDECAR_MAX_BYTES} bytes; a prompt is a line of text"
         ) from None
     try:
-        return data.decode("utf-8-sig").strip()
-    except UnicodeDecodeError as exc:
-        raise BadSidecarError(
-            f"the prompt file {display(side.name)} is not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
+        return sandbox.read_text(fd, SIDECAR_MAX_BYTES, shown)
+    except OSError as exc:
+        raise BadSidecarError(f"cannot read the prompt file {shown}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
-def with_sidecar_prompt(rule: Rule, root: Root, rel: PurePosixPath) -> Rule:
+def with_sidecar_prompt(rule: Rule, root: Root, rel: PurePosixPath, sandbox: Sandbox) -> Rule:
     """``rule`` with its prompt replaced by the sidecar's text, for a backend that takes a prompt; else ``rule``."""
     if not rule.backend().takes_prompt:
         return rule
-    prompt = read_prompt(root, rel)
+    prompt = read_prompt(root, rel, sandbox)
     return rule if prompt is None else rule.with_prompt(prompt)
 
 
@@ -117,58 +125,57 @@ def plausible_bytes(probe: imageio.Probe) -> int:
 
 
 def inspect(
-    root: Root, rel: PurePosixPath, settings: Settings, beat: Callable[[], None] = lambda: None
+    root: Root, rel: PurePosixPath, settings: Settings, sandbox: Sandbox, beat: Callable[[], None] = lambda: None
 ) -> tuple[str, imageio.Probe, os.stat_result]:
-    """Open ``rel`` under ``root`` once, check its size and header (a file far larger than its pixels can need is
-    refused: see :func:`plausible_bytes`), and stream its sha256 from the same descriptor. Returns (sha256, probe,
-    fstat).
+    """Open ``rel`` under ``root`` once, check its size, have the sandbox read its header (a file far larger than its
+    pixels can need is refused: see :func:`plausible_bytes`), and stream its sha256 from the same descriptor.
+    Returns (sha256, probe, fstat).
 
     Raises:
         FileNotFoundError: it went away.
         UnsafePathError: it (or a folder on its path) is a symbolic link, or not a regular file.
-        UnreadableFileError, EmptyFileError, ImageTooLargeError, DecodeError, UnsupportedImageError.
+        UnreadableFileError, EmptyFileError, ImageTooLargeError, DecodeError, UnsupportedImageError, and the
+        sandbox's DecodeLimitError, DecodeTimeoutError, DecoderCrashError.
     """
     name = display(str(root.abs(rel)))
-    try:
+    with reading(name):
         fd, st = root.open_file(rel)
-    except PermissionError:
-        raise UnreadableFileError(f"cannot read {name}: permission denied") from None
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise UnreadableFileError(f"cannot read {name}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as fh:
+    try:
         if st.st_size > settings.max_file_bytes:
             raise ImageTooLargeError(
                 f"{name} is {st.st_size} bytes, over the max_file_bytes limit of {settings.max_file_bytes}"
             )
         if st.st_size == 0:
             raise EmptyFileError(f"{name} is empty (0 bytes)")
-        try:
-            probe = imageio.probe(fh, settings.max_pixels, settings.max_frames, name=name)
-            need = plausible_bytes(probe)
-            if st.st_size > need:  # a valid header on a huge tail: the worker would read all of it to decode it
-                raise ImageTooLargeError(
-                    f"{name} is {st.st_size} bytes, but a {probe.width}x{probe.height} image "
-                    f"({probe.frames} frame(s)) needs at most {need}: {st.st_size - need} "
-                    "bytes of it are not its pixels"
-                )
-            fh.seek(0)
-            digest = hashlib.sha256()
-            while chunk := fh.read(CHUNK):
+        probe = sandbox.probe(fd, st.st_size, name, settings.max_pixels, settings.max_frames, beat)
+        need = plausible_bytes(probe)
+        if st.st_size > need:  # a valid header on a huge tail: the worker would read all of it to decode it
+            raise ImageTooLargeError(
+                f"{name} is {st.st_size} bytes, but a {probe.width}x{probe.height} image "
+                f"({probe.frames} frame(s)) needs at most {need}: {st.st_size - need} "
+                "bytes of it are not its pixels"
+            )
+        digest = hashlib.sha256()
+        with reading(name):
+            done = 0
+            while done < st.st_size and (chunk := os.pread(fd, min(CHUNK, st.st_size - done), done)):
                 digest.update(chunk)
+                done += len(chunk)
                 beat()
-        except OSError as exc:
-            raise UnreadableFileError(f"cannot read {name}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     return digest.hexdigest(), probe, st
 
 
 class Intake(UsesSettings):
     """Turns inbox files into job specs, reading them only through the inbox's directory handle."""
 
-    def __init__(self, settings: Settings | LiveSettings, inbox: Root, beat: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, settings: Settings | LiveSettings, inbox: Root, sandbox: Sandbox, beat: Callable[[], None] | None = None
+    ) -> None:
         self.live = LiveSettings.of(settings)
         self.inbox = inbox
+        self.sandbox = sandbox
         self.beat = beat or (lambda: None)  # a sign of life while a large file is hashed
 
     def spec(self, rel: PurePosixPath) -> JobSpec | None:
@@ -198,8 +205,8 @@ class Intake(UsesSettings):
                 **base,
             )
         try:
-            sha, probe, st = inspect(self.inbox, rel, self.settings, self.beat)
-            rule = with_sidecar_prompt(rule, self.inbox, rel)
+            sha, probe, st = inspect(self.inbox, rel, self.settings, self.sandbox, self.beat)
+            rule = with_sidecar_prompt(rule, self.inbox, rel, self.sandbox)
         except FileNotFoundError:
             return None
         except UpscaledError as exc:

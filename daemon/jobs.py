@@ -142,6 +142,9 @@ class Job:
     finished_at: dt.datetime | None = None
     next_attempt_at: dt.datetime | None = None
     bench_run_id: int | None = None
+    recoveries: int = 0  # times taken back after its worker died
+    alone_deaths: int = 0  # of those, while it was the only job in flight
+    alone: bool = False  # its current claim runs alone in flight
 
     @property
     def name(self) -> str:
@@ -197,6 +200,7 @@ class JobStore(Protocol):
         source: str | None = None,
         job_id: int | None = None,
         plan: OutputPlanner | None = None,
+        alone: bool = False,
     ) -> list[Job]: ...
     def finish(self, results: Sequence[Finished]) -> list[bool]: ...
     def record_metrics(self, job_id: int, results: Sequence[Metric], state: str = "done") -> None: ...
@@ -215,7 +219,9 @@ class JobStore(Protocol):
         own_node: str | None = None,
         unowned: bool = False,
         spare: Callable[[Job], bool] | None = None,
+        max_recoveries: int | None = None,
     ) -> list[Job]: ...
+    def suspects(self, folders: Iterable[str] | None = None, source: str | None = None) -> int: ...
     def metrics_pending(self, node: str | None, stale_after: float, limit: int | None = None) -> list[Job]: ...
     def get(self, job_id: int) -> Job | None: ...
     def states(self, job_ids: Iterable[int]) -> dict[int, str]: ...
@@ -224,6 +230,35 @@ class JobStore(Protocol):
     def metrics_of(self, job_id: int) -> dict[str, float]: ...
     def record_hook(self, job_id: int, event: str, ok: bool, detail: str) -> None: ...
     def close(self) -> None: ...
+
+
+def recovery(job: Job, now: dt.datetime, max_recoveries: int | None) -> dict[str, Any]:
+    """The new values of ``job``'s row when it is taken back from a worker that died (both stores use this).
+
+    It is counted (``recoveries``; ``alone_deaths`` too when its claim was ``alone``) and goes back to pending, its
+    error recording when and where it was taken back (the last few times). At ``max_recoveries`` deaths alone it is
+    failed as ``poison`` instead: a file that takes the service down with it is not tried again.
+    """
+    alone_deaths = job.alone_deaths + (1 if job.alone else 0)
+    recoveries = job.recoveries + 1
+    seen = f"died {now:%Y-%m-%d %H:%M:%S} on {job.worker or 'a worker'} ({'alone' if job.alone else 'with others'})"
+    earlier = [part for part in (job.error or "").split("; ") if part.startswith("died ")][-(HISTORY - 1) :]
+    history = "; ".join([*earlier, seen])
+    values: dict[str, Any] = dict(
+        state="pending", recoveries=recoveries, alone_deaths=alone_deaths, alone=False, error=history
+    )
+    if max_recoveries is not None and alone_deaths >= max_recoveries:
+        values.update(
+            state="failed",
+            error_kind="poison",
+            finished_at=now,
+            error=f"poison: the service died {alone_deaths} times while this file was the only job in flight "
+            f"(max_recoveries = {max_recoveries}; taken back {recoveries} times in all): {history}",
+        )
+    return values
+
+
+HISTORY = 5  # the last times a job was taken back, kept in its error
 
 
 # --- nodes -----------------------------------------------------------------------------------------------------------
@@ -442,22 +477,34 @@ class MemoryStore:
         source: str | None = None,
         job_id: int | None = None,
         plan: OutputPlanner | None = None,
+        alone: bool = False,
     ) -> list[Job]:
         with self._lock:
             now = self.clock()
             allowed = None if folders is None else set(folders)
             out: list[Job] = []
-            for row in sorted(self._rows.values(), key=lambda r: r.job.id):
+            order = sorted(self._rows.values(), key=lambda r: (alone and r.job.recoveries == 0, r.job.id))
+            for row in order:
                 j = row.job
-                if len(out) >= limit:
+                if len(out) >= (1 if alone else limit):
                     break
                 if j.state != "pending" or (job_id is not None and j.id != job_id):
+                    continue
+                if job_id is None and not alone and j.recoveries > 0:
                     continue
                 if job_id is None and j.next_attempt_at is not None and j.next_attempt_at > now:
                     continue
                 if (allowed is not None and j.folder not in allowed) or (source is not None and j.source != source):
                     continue
-                j = self._set(j.id, state="running", started_at=now, attempts=j.attempts + 1, worker=worker, node=node)
+                j = self._set(
+                    j.id,
+                    state="running",
+                    started_at=now,
+                    attempts=j.attempts + 1,
+                    worker=worker,
+                    node=node,
+                    alone=alone,
+                )
                 row.heartbeat_at = now if node else None
                 if plan is not None and j.output_path is None:
 
@@ -575,6 +622,7 @@ class MemoryStore:
         own_node: str | None = None,
         unowned: bool = False,
         spare: Callable[[Job], bool] | None = None,
+        max_recoveries: int | None = None,
     ) -> list[Job]:
         with self._lock:
             now = self.clock()
@@ -592,12 +640,24 @@ class MemoryStore:
                     continue
                 if spare is not None and spare(j):
                     continue
-                found.append(j)
-                self._set(j.id, state="pending", node=None)
+                found.append(self._set(j.id, node=None, **recovery(j, now, max_recoveries)))
                 row.heartbeat_at = None
             if found:
                 self.commits += 1
             return found
+
+    def suspects(self, folders: Iterable[str] | None = None, source: str | None = None) -> int:
+        with self._lock:
+            now = self.clock()
+            return sum(
+                1
+                for row in self._rows.values()
+                if row.job.state == "pending"
+                and row.job.recoveries > 0
+                and (row.job.next_attempt_at is None or row.job.next_attempt_at <= now)
+                and (folders is None or row.job.folder in set(folders))
+                and (source is None or row.job.source == source)
+            )
 
     def metrics_pending(self, node: str | None, stale_after: float, limit: int | None = None) -> list[Job]:
         with self._lock:

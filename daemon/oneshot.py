@@ -19,6 +19,7 @@ from daemon.errors import InternalError
 from daemon.fsops import FileId, Root, display
 from daemon.intake import failure_key, inspect, with_sidecar_prompt
 from daemon.jobs import JobSpec, JobStore, worker_id
+from daemon.sandbox import Sandbox
 from daemon.store import SqlStore
 from daemon.worker import Stages
 from models.errors import UpscaledError
@@ -40,9 +41,10 @@ def process(
     store = store or SqlStore(settings.database)
     log = logs.get()
     reports = []
+    sandbox = Sandbox.for_settings(settings)
     try:
-        with Root(out_dir) as out:
-            stages = Stages(settings, store, cache or ModelCache(), None, out, None)
+        with Root(out_dir) as out, sandbox:
+            stages = Stages(settings, store, cache or ModelCache(), None, out, None, sandbox=sandbox)
             for path in files:
                 report: dict[str, Any] = dict(
                     file=display(str(path)), state="failed", output=None, error=None, job=None
@@ -64,24 +66,39 @@ def process(
 def _one(
     stages: Stages, settings: Settings, path: Path, rule: Rule, out: Root, force: bool, report: dict[str, Any]
 ) -> None:
+    # The folder stays open (through its handle) from the header check to the last stage: the job reads its input
+    # from it, whatever its name holds (a newline, bytes that are not UTF-8).
+    with Root(path.parent, create=False) as folder:
+        _in_folder(stages, settings, folder, path, rule, out, force, report)
+
+
+def _in_folder(
+    stages: Stages,
+    settings: Settings,
+    folder: Root,
+    path: Path,
+    rule: Rule,
+    out: Root,
+    force: bool,
+    report: dict[str, Any],
+) -> None:
     store = stages.store
     rel = PurePosixPath(path.name)
     # The output folder is part of what the run means: the same file into another folder is another job.
     base: dict[str, Any] = dict(rel=rel, input_path=display(str(path)), source="cli", folder="(cli)")
-    with Root(path.parent, create=False) as folder:
-        try:
-            sha, probe, st = inspect(folder, rel, settings)
-            rule = with_sidecar_prompt(rule, folder, rel)  # the image's own prompt, as in the watch folders
-        except FileNotFoundError:
-            report["error"] = f"{display(str(path))} does not exist"
-            return
-        except UpscaledError as exc:  # a bad file: a failed job of its own, in the history like any other
-            fp = hashlib.sha256(f"{rule.fingerprint()}:{out.path}".encode()).hexdigest()[:16]
-            failing = JobSpec(sha=failure_key(rel, folder.lstat(rel)), rule=rule, fingerprint=fp, failure=exc, **base)
-            job = store.register([failing])[0].job
-            store.fail(job.id, exc.kind, str(exc), owner=job.worker)
-            report.update(job=job.id, error=f"{exc.kind}: {exc}")
-            return
+    try:
+        sha, probe, st = inspect(folder, rel, settings, stages.sandbox)
+        rule = with_sidecar_prompt(rule, folder, rel, stages.sandbox)  # the image's own prompt, as in the inbox
+    except FileNotFoundError:
+        report["error"] = f"{display(str(path))} does not exist"
+        return
+    except UpscaledError as exc:  # a bad file: a failed job of its own, in the history like any other
+        fp = hashlib.sha256(f"{rule.fingerprint()}:{out.path}".encode()).hexdigest()[:16]
+        failing = JobSpec(sha=failure_key(rel, folder.lstat(rel)), rule=rule, fingerprint=fp, failure=exc, **base)
+        job = store.register([failing])[0].job
+        store.fail(job.id, exc.kind, str(exc), owner=job.worker)
+        report.update(job=job.id, error=f"{exc.kind}: {exc}")
+        return
     fingerprint = hashlib.sha256(f"{rule.fingerprint()}:{out.path}".encode()).hexdigest()[:16]
     spec = JobSpec(
         sha=sha,
@@ -110,7 +127,7 @@ def _one(
             report["error"] = "another process is working on this job"
             return
         store.requeue(job.id, rel, display(str(path)), FileId.of(st))
-    task = stages.step(worker_id(), settings.default_device, job_id=job.id)
+    task = stages.step(worker_id(), settings.default_device, job_id=job.id, root=folder)
     if task is None:
         report["error"] = "another process is working on this job"
         return

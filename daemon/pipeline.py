@@ -92,7 +92,10 @@ def size_plan(rule: Rule, width: int, height: int) -> tuple[SizePlan, float]:
         if target is not None:
             scaled, _ = sizing.target_size((width, height), target)
             factor = max(scaled[0] / width, scaled[1] / height)
-        return sizing.plan((width, height), factor, target=target, max_passes=1), factor
+        # A reduction (a cover crop of a large input, outscale < 1) resamples at x1 and lets the final resize reduce.
+        native = max(1.0, factor)
+        outscale = factor if target is None else None
+        return sizing.plan((width, height), native, target=target, outscale=outscale, max_passes=1), native
     return sizing.plan(
         (width, height),
         rule.scale,
@@ -180,11 +183,19 @@ def prepare(rule: Rule, decoded: imageio.Decoded, settings: Settings) -> Work:
     size = plan.output
     frames = decoded.frames if animates(rule, decoded) else 1
     total = size[0] * size[1] * frames
+    each = f" x {frames} frames" if frames > 1 else ""
     if total > settings.max_output_pixels:
         raise ImageTooLargeError(
-            f"the output would be {size[0]}x{size[1]}"
-            f"{f' x {frames} frames' if frames > 1 else ''} = {total} pixels, "
+            f"the output would be {size[0]}x{size[1]}{each} = {total} pixels, "
             f"over the max_output_pixels limit of {settings.max_output_pixels}"
+        )
+    # Every image on the way counts, not only the one written: fit = "cover" crops a far larger one.
+    inner = max((plan.model_size, plan.scaled), key=lambda s: s[0] * s[1])
+    if inner[0] * inner[1] * frames > settings.max_output_pixels:
+        raise ImageTooLargeError(
+            f"on its way to {size[0]}x{size[1]}, the image would be {inner[0]}x{inner[1]}{each} = "
+            f"{inner[0] * inner[1] * frames} pixels (before the crop), over the max_output_pixels limit of "
+            f"{settings.max_output_pixels}"
         )
     if rule.params:  # a diffusion job's prompt, seed, steps...: what produced this output, with the job
         fields["gen_params"] = json.dumps(rule.params, sort_keys=True, ensure_ascii=False)
@@ -300,13 +311,14 @@ def _keep_frame(
         )
 
 
-def encode(rule: Rule, work: Work, fmt: str) -> bytes:
-    """The bytes of the output file.
+def encode(rule: Rule, work: Work, fmt: str, prepared: imageio.Prepared | None = None) -> bytes:
+    """The bytes of the output file, with ``prepared`` metadata (the input's, already fitted to this output in the
+    sandbox: :func:`daemon.media.metadata.parses`) or, where nothing needs parsing, the input's prepared here.
 
     Raises:
         OutputError: the format cannot hold the image (over an encoder's limits).
     """
-    meta = work.decoded.meta
+    meta = prepared if prepared is not None else work.decoded.meta
     if work.frames_out:
         data, notes = imageio.encode_animation(
             work.frames_out,
@@ -327,25 +339,27 @@ def encode(rule: Rule, work: Work, fmt: str) -> bytes:
     return data
 
 
-def measure(rule: Rule, work: Work, data: bytes, fmt: str, brisque: Callable[[], Brisque | None]) -> list[Metric]:
-    """The rule's metrics on the pixels as written (a lossy output decoded again, under exactly its own size; it is
-    our output, not an untrusted input). An animation's metrics were measured frame by frame in :func:`run`: their
-    means. Never raises for a metric that cannot be computed: it is left out and a note says why."""
+def measure(
+    rule: Rule,
+    work: Work,
+    fmt: str,
+    brisque: Callable[[], Brisque | None],
+    written: Callable[[], np.ndarray],
+) -> list[Metric]:
+    """The rule's metrics on the pixels as written: ``written()`` gives a lossy output's pixels decoded again (the
+    worker decodes the file it wrote, in the sandbox like any file). An animation's metrics were measured frame by
+    frame in :func:`run`: their means. Never raises for a metric that cannot be computed: it is left out and a note
+    says why."""
     names = rule.metric_names
     if not names or work.colour is None:
         return []
     if work.animated:
         return _summarise(work.frame_metrics, len(work.frames_out))
-    if fmt in LOSSY:
-        written = to_unit_float(
-            colour_of(imageio.decode_bytes(data, work.size[0] * work.size[1], name="the output").first.pixels)
-        )
-    else:
-        written = _written(work.colour, work.bits)
+    pixels = to_unit_float(colour_of(written())) if fmt in LOSSY else _written(work.colour, work.bits)
     if rule.mode == "benchmark":
         assert work.hr is not None
-        return full_reference(written, work.hr, int(rule.scale), names)
-    return _upscale_metrics(names, written, to_unit_float(work.src), brisque, work.notes)
+        return full_reference(pixels, work.hr, int(rule.scale), names)
+    return _upscale_metrics(names, pixels, to_unit_float(work.src), brisque, work.notes)
 
 
 def _written(colour: np.ndarray, bits: int) -> np.ndarray:

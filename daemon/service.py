@@ -37,6 +37,7 @@ from daemon.hooks import HookRunner
 from daemon.intake import Intake
 from daemon.jobs import DaemonStore, Job, JobSpec, worker_id
 from daemon.notify import Notifier
+from daemon.sandbox import Sandbox
 from daemon.store import SqlStore, safe_url
 from daemon.telemetry import HttpServer, Telemetry
 from daemon.watcher import Watcher
@@ -49,6 +50,8 @@ from models.weights import fetch_command, needs_weights, present
 
 # Settings a SIGHUP cannot change: they shape the running parts.
 RESTART_KEYS = (
+    "sandbox_processes",
+    "decode_memory_limit",
     "inbox",
     "outbox",
     "archive",
@@ -115,6 +118,7 @@ class Service(UsesSettings):
         cache: ModelCache | None = None,
         clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.live = LiveSettings(settings)
         s = settings
@@ -127,7 +131,10 @@ class Service(UsesSettings):
         self.inbox, self.outbox = Root(s.inbox), Root(s.outbox)
         self.archive, self.failed = Root(s.archive), Root(s.failed)
         self.mover = Mover(self.store, self.inbox, self.archive, self.failed)
-        self.intake = Intake(self.live, self.inbox, beat=self._main_beat)
+        # Every byte someone else wrote is parsed in these processes (a test shares one pool among services).
+        self.own_sandbox = sandbox is None
+        self.sandbox = sandbox or Sandbox.for_settings(s)
+        self.intake = Intake(self.live, self.inbox, self.sandbox, beat=self._main_beat)
         self.telemetry = Telemetry(
             self.node, __version__, devices.build_info(), memory=devices.memory_used, health=self
         )
@@ -145,6 +152,7 @@ class Service(UsesSettings):
             clock=clock,
             telemetry=self.telemetry,
             hooks=self.hooks,
+            sandbox=self.sandbox,
         )
         workers, cpu_workers = s.worker_count(), s.cpu_workers()
         if cpu_workers:
@@ -175,6 +183,7 @@ class Service(UsesSettings):
     def start(self) -> None:
         s = self.settings
         check_devices(s)
+        self.sandbox.start()  # its processes start in the background while the rest comes up
         self.cluster.join()
         # Before this node claims anything: its own previous life's jobs, unowned ones, and dead nodes' jobs.
         recovered = len(self.cluster.recover(at_start=True))
@@ -240,6 +249,8 @@ class Service(UsesSettings):
         counts = self.store.counts()
         self.store.close()
         self.notifier.close()
+        if self.own_sandbox:
+            self.sandbox.close()
         for root in (self.inbox, self.outbox, self.archive, self.failed):
             root.close()
         self.log.info("service.stopped", **counts)
@@ -314,6 +325,7 @@ class Service(UsesSettings):
             self.log.warning("reload.needs_restart", keys=changed)
             new = new.model_copy(update={k: getattr(self.settings, k) for k in RESTART_KEYS})
         self.live.settings = new  # the stages, the intake and the cluster read it from here
+        self.sandbox.timeout = new.decode_timeout
         self.watcher.patterns = new.ignore
         self.watcher.settle = new.settle_seconds
         self._warn()
@@ -423,6 +435,7 @@ class Service(UsesSettings):
             checks["devices"] = None
         except ConfigError as exc:
             checks["devices"] = str(exc)
+        checks["sandbox"] = self.sandbox.problem()  # no process can parse inputs: nothing can be admitted
         return checks
 
     def _heartbeat_problem(self) -> str | None:
@@ -601,7 +614,8 @@ class Service(UsesSettings):
             self._again.put(rel)
 
     def _on_recovered(self, jobs: list[Job]) -> None:
-        """Jobs taken back from a dead worker: remove the half-written output it may have left, then get to work.
+        """Jobs taken back from a dead worker: remove the half-written output it may have left, quarantine the ones
+        that became poison, and run the others, each alone in flight first (:meth:`Runner.suspects_maybe`).
 
         Its owner has been silent for ``stale_seconds``, so its temp files are at least half that old; a live writer's
         are younger (the job is claimed again only after this)."""
@@ -609,4 +623,6 @@ class Service(UsesSettings):
             rel = self.outbox.contains(Path(job.output_path)) if job.output_path else None
             if rel is not None:
                 self.outbox.remove_temps_of(rel, older_than=self.settings.stale_seconds / 2)
-        self.runner.wake()
+            if job.state == "failed":
+                self.stages.poisoned(job)
+        self.runner.suspects_maybe()

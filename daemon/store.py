@@ -47,6 +47,7 @@ from sqlalchemy import (
     case,
     create_engine,
     event,
+    false,
     func,
     insert,
     literal,
@@ -76,6 +77,7 @@ from daemon.jobs import (
     OutputPlanner,
     Registered,
     name_columns,
+    recovery,
     rel_from_columns,
     utcnow,
     worker_id,
@@ -83,6 +85,7 @@ from daemon.jobs import (
 from daemon.metrics import Metric
 from daemon.migrations import VIEWS_0001
 
+_JOB_FIELDS = set(Job.__dataclass_fields__)
 metadata = MetaData()
 
 # One row per `upscaled bench` run; its jobs (source "bench") point back to it through jobs.bench_run_id.
@@ -148,6 +151,11 @@ jobs = Table(
     Column("node", String(128)),
     Column("heartbeat_at", DateTime),
     Column("metrics_state", String(16)),  # pending between the done commit and the metrics commit; done; lost
+    # Taken back after its worker died (never after a clean stop); of those, while it was alone in flight; and whether
+    # its current claim runs alone. A recovered job runs alone; `max_recoveries` deaths alone make it "poison".
+    Column("recoveries", Integer, nullable=False, default=0, server_default="0"),
+    Column("alone_deaths", Integer, nullable=False, default=0, server_default="0"),
+    Column("alone", Boolean, nullable=False, default=False, server_default=false()),
     UniqueConstraint("content_sha256", "rule_fingerprint", name="uq_jobs_content_rule"),
     Index("ix_jobs_state", "state", "next_attempt_at"),
     Index("ix_jobs_model", "model_id"),
@@ -385,6 +393,9 @@ class SqlStore:
             input_width=m["input_width"],
             input_height=m["input_height"],
             frames=m["frames"] or 1,
+            recoveries=m["recoveries"] or 0,
+            alone_deaths=m["alone_deaths"] or 0,
+            alone=bool(m["alone"]),
             output_path=m["output_path"],
             input_moved_to=m["input_moved_to"],
             error_kind=m["error_kind"],
@@ -472,13 +483,16 @@ class SqlStore:
         source: str | None = None,
         job_id: int | None = None,
         plan: OutputPlanner | None = None,
+        alone: bool = False,
     ) -> list[Job]:
         """Move up to ``limit`` due pending jobs (oldest first, or just ``job_id``) to running under ``worker``,
         and reserve each one's output path with ``plan`` (see :data:`daemon.jobs.OutputPlanner`). Returns them.
 
         ``node`` records the claiming daemon (it must then heartbeat); ``folders`` limits the claim to jobs of
         those rule folders; ``source`` to jobs of that source (a daemon takes ``watch`` jobs only: a ``cli`` or
-        ``bench`` job's input is not the daemon's to move).
+        ``bench`` job's input is not the daemon's to move). A job taken back after its worker died (a *suspect*)
+        is claimed only ``alone``: one job, suspects first, marked as alone in flight; a claim that is not alone
+        never takes one.
         """
         now = self.clock()
         with self.engine.begin() as c:
@@ -491,8 +505,13 @@ class SqlStore:
                 q = q.where(jobs.c.folder.in_(list(folders)))
             if source is not None:
                 q = q.where(jobs.c.source == source)
+            order: list[Any] = [jobs.c.id]
+            if alone:
+                limit, order = 1, [case((jobs.c.recoveries > 0, 0), else_=1), jobs.c.id]
+            elif job_id is None:
+                q = q.where(jobs.c.recoveries == 0)
             # SQLite's compiler renders no FOR UPDATE: there the write lock of BEGIN IMMEDIATE does the same job.
-            ids = [r.id for r in c.execute(q.order_by(jobs.c.id).limit(limit).with_for_update(skip_locked=True))]
+            ids = [r.id for r in c.execute(q.order_by(*order).limit(limit).with_for_update(skip_locked=True))]
             if not ids:
                 return []
             # One UPDATE for the lot; a row someone else took meanwhile is no longer pending and is left out.
@@ -507,6 +526,7 @@ class SqlStore:
                     worker=worker,
                     node=node,
                     heartbeat_at=self._lease_now() if node else None,
+                    alone=alone,
                 )
                 .returning(*jobs.c)
             ).all()
@@ -691,8 +711,12 @@ class SqlStore:
         own_node: str | None = None,
         unowned: bool = False,
         spare: Callable[[Job], bool] | None = None,
+        max_recoveries: int | None = None,
     ) -> list[Job]:
-        """Running jobs whose owner is gone become pending again. Returns them (as they were).
+        """Running jobs whose owner is gone become pending again, counted: each one's ``recoveries`` goes up, and
+        its ``alone_deaths`` too when it was the only job in flight (its claim was ``alone``). One that reaches
+        ``max_recoveries`` deaths alone fails as ``poison`` instead, with its history in the error: the caller
+        quarantines its input. Returns them as they are now.
 
         A running job is taken back when any of these holds:
 
@@ -701,7 +725,8 @@ class SqlStore:
         - its node is ``own_node``: call this before the node claims anything, so those are its previous life's;
         - ``stale_after`` is given and its heartbeat is older than that many seconds: its node died.
 
-        A job for which ``spare(job)`` is true stays.
+        A job for which ``spare(job)`` is true stays. A clean stop never comes here: it gives its jobs back with
+        :meth:`release`, which counts nothing.
         """
         now = self.clock()
         cond: list[ColumnElement[bool]] = []
@@ -718,13 +743,27 @@ class SqlStore:
             q = select(jobs).where(jobs.c.state == "running", or_(*cond))
             found = [self._job(r) for r in c.execute(q.with_for_update(skip_locked=True)).all()]
             found = [j for j in found if spare is None or not spare(j)]
-            if found:
+            out = []
+            for job in found:
+                values = recovery(job, now, max_recoveries)
                 c.execute(
                     update(jobs)
-                    .where(jobs.c.id.in_([j.id for j in found]), jobs.c.state == "running")
-                    .values(state="pending", updated_at=now, heartbeat_at=None, node=None)
+                    .where(jobs.c.id == job.id, jobs.c.state == "running")
+                    .values(updated_at=now, heartbeat_at=None, node=None, **values)
                 )
-            return found
+                out.append(replace(job, **{k: v for k, v in values.items() if k in _JOB_FIELDS}))
+            return out
+
+    def suspects(self, folders: Iterable[str] | None = None, source: str | None = None) -> int:
+        """Pending jobs taken back after their worker died, due now: each is to be claimed ``alone``."""
+        with self.engine.connect() as c:
+            q = select(func.count()).select_from(jobs).where(jobs.c.state == "pending", jobs.c.recoveries > 0)
+            q = q.where((jobs.c.next_attempt_at.is_(None)) | (jobs.c.next_attempt_at <= self.clock()))
+            if folders is not None:
+                q = q.where(jobs.c.folder.in_(list(folders)))
+            if source is not None:
+                q = q.where(jobs.c.source == source)
+            return int(c.execute(q).scalar() or 0)
 
     def metrics_pending(self, node: str | None, stale_after: float, limit: int | None = None) -> list[Job]:
         """Done jobs whose metrics are not recorded yet (still to come, or a crash between the two commits) that

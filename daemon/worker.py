@@ -4,8 +4,10 @@ Each job is a :class:`Task` that moves through the stages of :class:`Stages`:
 
 1. **claim**: the job is moved to running under this worker and its output path reserved, in one commit (a claim
    takes several jobs at once while the queue is deep: one commit for all of them);
-2. **read**: the input is read through the inbox's directory handle, its bytes checked against the sha256 it was
-   registered with (the bytes decoded are the bytes hashed), decoded, and prepared for the model;
+2. **read**: the input is opened through the inbox's directory handle and passed, as a descriptor, to a sandbox
+   process (:mod:`daemon.sandbox`), which reads exactly the registered size, hashes what it reads and decodes it;
+   the hash is checked against the sha256 it was registered with (the bytes decoded are the bytes hashed), and the
+   pixels, mapped from the sandbox's memory, are prepared for the model;
 3. **infer**: the model, on the task's device (a thread per device and worker), then the finishing resize;
 4. **write**: encoded and written atomically to the reserved path (temp file, fsync, rename, fsync the folder);
 5. **settle**: the outcome is committed (``done``, several jobs in one commit while they queue up; or failed, or
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import queue
 import threading
@@ -36,14 +37,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+import numpy as np
+
 from daemon import failpoints, imageio, logs, pipeline
 from daemon.config import LiveSettings, Settings, UsesSettings
 from daemon.dispositions import Mover, Policy, RetryAt, after_run
-from daemon.errors import InputChangedError, InternalError, UnreadableFileError, UnsafePathError
+from daemon.errors import InputChangedError, InternalError, PoisonJobError, UnsafePathError, reading
 from daemon.fsops import Root, display, fit_name, text_form
 from daemon.hooks import HookEvent, HookRunner
 from daemon.jobs import Finished, Job, JobStore
+from daemon.media import metadata as md
 from daemon.metrics import Brisque, Metric
+from daemon.sandbox import Sandbox
 from daemon.telemetry import STAGES as TELEMETRY_STAGES
 from daemon.telemetry import Telemetry
 from models import progress
@@ -57,6 +62,8 @@ from models.weights import fetch_command, locate
 # (docs/performance.md, "Constants from measurements"). A hung call is still caught, later by that much. The model's
 # tiles and denoising steps beat on their own.
 SECONDS_PER_PIXEL = 5e-6
+SUFFIX_MEMORY = 4096  # output names whose last -N suffix is remembered
+SUSPECT_CHECK_SECONDS = 10.0  # how often the feeder looks for jobs taken back by another node's recovery
 
 
 @dataclass
@@ -168,8 +175,11 @@ class Stages(UsesSettings):
         clock: Callable[[], float] = time.monotonic,
         telemetry: Telemetry | None = None,
         hooks: HookRunner | None = None,
+        *,
+        sandbox: Sandbox,
     ) -> None:
         self.live = LiveSettings.of(settings)
+        self.sandbox = sandbox
         self.store = store
         self.cache = cache
         self.inbox, self.outbox = inbox, outbox
@@ -182,6 +192,8 @@ class Stages(UsesSettings):
         self.log = logs.get()
         self._brisque: Brisque | bool = False  # False: not found yet
         self._brisque_lock = threading.Lock()
+        self._suffixes: dict[str, int] = {}  # output name -> the last -N given it (insertion order: oldest first)
+        self._suffix_lock = threading.Lock()
 
     @property
     def policy(self) -> Policy:
@@ -203,18 +215,37 @@ class Stages(UsesSettings):
         )
         date = (job.created_at or self.store.clock()).date().isoformat()
         target = rel_dir / pipeline.output_name(job.rule, rel, fmt, plan, date)
-        stem, suffix = target.stem, target.suffix
-        candidate, n = target, 0
+        candidate = target
         try:
-            while self.outbox.exists(candidate) or taken(str(self.outbox.abs(candidate))):
-                n += 1
-                candidate = target.with_name(fit_name(f"{stem}-{n}{suffix}"))
+            if self.outbox.exists(target) or taken(str(self.outbox.abs(target))):
+                candidate = self._next_free(target, taken)
         except UnsafePathError:
             pass  # a folder on the way is a link: the write says so, and the job fails with that reason
         return str(self.outbox.abs(candidate))
 
-    def claim(self, worker: str, limit: int = 1, job_id: int | None = None) -> list[Task]:
-        """Claim up to ``limit`` jobs (their outputs reserved in the same commit) and make them tasks."""
+    def _next_free(self, target: PurePosixPath, taken: Callable[[str], bool]) -> PurePosixPath:
+        """The first free ``<stem>-N<suffix>`` after the last one this process gave ``target``: a thousand inputs
+        that share an output name cost a thousand probes, not half a million."""
+        key = str(target)
+        with self._suffix_lock:
+            n = self._suffixes.pop(key, 0)
+        while True:
+            n += 1
+            candidate = target.with_name(fit_name(f"{target.stem}-{n}{target.suffix}"))
+            if not (self.outbox.exists(candidate) or taken(str(self.outbox.abs(candidate)))):
+                break
+        with self._suffix_lock:
+            self._suffixes[key] = n
+            while len(self._suffixes) > SUFFIX_MEMORY:
+                self._suffixes.pop(next(iter(self._suffixes)))
+        return candidate
+
+    def claim(
+        self, worker: str, limit: int = 1, job_id: int | None = None, root: Root | None = None, alone: bool = False
+    ) -> list[Task]:
+        """Claim up to ``limit`` jobs (their outputs reserved in the same commit) and make them tasks (``root``: a
+        one-off job's folder; ``alone``: one job to run alone in flight, jobs taken back after a crash first). A job
+        whose task cannot be made is failed with the reason, never left running."""
         s = self.settings
         jobs = self.store.claim(
             worker,
@@ -224,47 +255,85 @@ class Stages(UsesSettings):
             folders=s.serve_folders if self.node else None,
             source="watch" if self.mover is not None else None,
             plan=self.plan_output,
+            alone=alone,
         )
         if jobs:
             failpoints.hit("after-claim")
-        return [self.task(j) for j in jobs]
+        tasks = []
+        for j in jobs:
+            try:
+                tasks.append(self.task(j, root))
+            except (OSError, UpscaledError) as exc:  # claimed, so it must end: failed, never left running
+                error = exc if isinstance(exc, UpscaledError) else InternalError(f"cannot reach its input: {exc}")
+                self.store.fail(j.id, error.kind, str(error), owner=j.worker)
+                self.log.warning("job.failed", job=j.id, file=display(j.name), kind=error.kind, error=str(error))
+        return tasks
 
-    def task(self, job: Job) -> Task:
-        if job.source == "watch":
-            assert self.inbox is not None
-            root, rel = self.inbox, job.rel
-        else:  # `upscaled process`: the file the user named, in its own folder
-            root, rel = Root(Path(job.input_path).parent, create=False), job.rel
-        out = self.outbox.contains(Path(job.output_path)) if job.output_path else None
-        if out is None:
-            raise InternalError(f"job {job.id}: its output {job.output_path} is not under {self.outbox.path}")
-        return Task(job=job, root=root, rel=rel, out_root=self.outbox, out_rel=out, own_root=root is not self.inbox)
-
-    # --- 2. read ---------------------------------------------------------------------------------------------------
-    def read(self, task: Task) -> None:
-        """Read the input through its folder's handle, check it is the registered content, decode and prepare it.
+    def task(self, job: Job, root: Root | None = None) -> Task:
+        """The task of a claimed job. ``root``: the folder its input is in, for a one-off run (``upscaled
+        process`` holds it open); watch jobs are in the inbox.
 
         Raises:
-            InputChangedError: its bytes are not the ones registered (replaced or rewritten since).
+            InternalError: its output path is not in the outbox.
+            OSError: a one-off job's folder cannot be opened.
+        """
+        own = False
+        if job.source == "watch":
+            assert self.inbox is not None
+            root = self.inbox
+        elif root is None:  # a one-off job taken up again: its folder by the path recorded with it
+            root, own = Root(Path(job.input_path).parent, create=False), True
+        out = self.outbox.contains(Path(job.output_path)) if job.output_path else None
+        if out is None:
+            if own:
+                root.close()
+            raise InternalError(f"job {job.id}: its output {job.output_path} is not under {self.outbox.path}")
+        return Task(job=job, root=root, rel=job.rel, out_root=self.outbox, out_rel=out, own_root=own)
+
+    def beating(self, beat: Beat | None) -> Callable[[], None] | None:
+        """A sign of life for ``beat``'s thread, to call while it waits on the sandbox."""
+        if beat is None:
+            return None
+
+        def touch() -> None:
+            beat.at = self.clock()
+
+        return touch
+
+    # --- 2. read ---------------------------------------------------------------------------------------------------
+    def read(self, task: Task, beat: Callable[[], None] | None = None) -> None:
+        """Pass the input, opened through its folder's handle, to the sandbox, which reads exactly its registered
+        size, hashes and decodes it; check the hash is the registered one; prepare the pixels for the model.
+        ``beat``: called while the sandbox works (at least twice a second).
+
+        Raises:
+            InputChangedError: its bytes are not the ones registered (replaced, rewritten, grown or shrunk since).
             UnsafePathError: it (or a folder on its path) is a symbolic link now, or not a regular file.
-            UnreadableFileError, DecodeError, ImageTooLargeError, ImageTooSmallError, ...
+            UnreadableFileError, DecodeError, ImageTooLargeError, ImageTooSmallError, DecodeLimitError,
+            DecodeTimeoutError, DecoderCrashError, ...
         """
         job = task.job
         with task.timer.stage("decode"):
+            failpoints.hit("in-decode", job.name)
             try:
-                data = task.root.read_bytes(task.rel)
+                with reading(job.name):
+                    fd, st = task.root.open_file(task.rel)
             except FileNotFoundError:
                 raise InputChangedError(f"{job.name} disappeared before it was processed") from None
-            except PermissionError:
-                raise UnreadableFileError(f"cannot read {job.name}: permission denied") from None
-            except OSError as exc:
-                raise UnreadableFileError(f"cannot read {job.name}: {exc.strerror or exc}") from None
-            if hashlib.sha256(data).hexdigest() != job.sha:
+            try:
+                if job.input_size is not None and st.st_size != job.input_size:
+                    raise InputChangedError(
+                        f"{job.name} changed size after it was registered ({job.input_size} bytes then, "
+                        f"{st.st_size} now); the new content is a job of its own"
+                    )
+                s = self.settings
+                decoded, sha = self.sandbox.decode(fd, job.input_size, job.name, s.max_pixels, s.max_frames, beat)
+            finally:
+                os.close(fd)
+            if sha != job.sha:
                 raise InputChangedError(
                     f"{job.name} changed after it was registered; the new content is a job of its own"
                 )
-            decoded = imageio.decode_bytes(data, self.settings.max_pixels, self.settings.max_frames, name=job.name)
-            del data
             task.work = pipeline.prepare(job.rule, decoded, self.settings)
         w = task.work
         task.weight = w.src.nbytes + w.pixels_out * 3 * (2 if w.bits == 16 else 1) * 2
@@ -324,7 +393,11 @@ class Stages(UsesSettings):
         assert work is not None
         task.fmt = pipeline.output_format(job.rule, job.input_format or work.decoded.format)
         with task.timer.stage("encode"):
-            task.data = pipeline.encode(job.rule, work, task.fmt)
+            prepared = None
+            if md.parses(work.decoded.meta, job.rule.metadata):  # EXIF or XMP to rewrite: parsed in the sandbox
+                prepared, notes = self.sandbox.prepare(work.decoded.meta, job.rule.metadata, task.fmt, work.size)
+                work.notes += notes
+            task.data = pipeline.encode(job.rule, work, task.fmt, prepared)
         assert task.out_root is not None and task.out_rel is not None
         with task.timer.stage("write"):
             task.out_root.write_atomic(task.out_rel, task.data)
@@ -441,6 +514,19 @@ class Stages(UsesSettings):
         self._hook(t, "failed")
         self.on_outcome(t, "failed")
 
+    def poisoned(self, job: Job) -> None:
+        """A job the store failed as poison when it took it back (the service died while it was alone in flight,
+        ``max_recoveries`` times): its input goes to failed/ beside its reason, and its failure hooks run."""
+        error = PoisonJobError(job.error or "poison")
+        task = Task(job=job, root=self.inbox or self.outbox, rel=job.rel, error=error)
+        if self.mover is not None:
+            action = after_run(job, error, self.policy, self.store.clock())
+            task.moved_to = self.mover.carry_out(action, job, job.rel, job.input_id)
+        self.log.error("job.failed", job=job.id, file=task.name, kind=error.kind, error=str(error))
+        self.report(task, "failed")
+        self._hook(task, "failed")
+        self.on_outcome(task, "failed")
+
     # --- 6. measure ------------------------------------------------------------------------------------------------
     def brisque(self) -> Brisque | None:
         with self._brisque_lock:  # several threads may ask at once: load it once
@@ -475,7 +561,10 @@ class Stages(UsesSettings):
             task.metrics = self.remeasure(job, self.mover.archive_root if self.mover else self.outbox)
         else:
             try:
-                task.metrics = pipeline.measure(task.job.rule, work, task.data, task.fmt, self.brisque)
+                data = task.data
+                task.metrics = pipeline.measure(
+                    task.job.rule, work, task.fmt, self.brisque, lambda: self._written(data, work.size)
+                )
             except Exception as exc:  # noqa: BLE001 - a metric must never take a finished job down
                 work.notes.append(f"metrics failed: {type(exc).__name__}: {exc}")
                 task.metrics = []
@@ -511,25 +600,29 @@ class Stages(UsesSettings):
             pixels_out=work.pixels_out if work and status == "done" else 0,
         )
 
+    def _written(self, data: bytes, size: tuple[int, int]) -> np.ndarray:
+        """The pixels of an output file we wrote (a lossy one, to measure it as written), decoded in the sandbox."""
+        return self.sandbox.decode_bytes(data, "the output", size[0] * size[1]).first.pixels
+
     def remeasure(self, job: Job, archive: Root) -> list[Metric]:
         """The metrics of a done job, computed from its output and its input files (archived, or still in the inbox
         when a crash came before the move too): for a job whose metrics fell behind a burst, or that a crash left
-        unrecorded between the two commits. Records and returns them; ``lost`` when a file is gone."""
+        unrecorded between the two commits. Both files are decoded in the sandbox. Records and returns them;
+        ``lost`` when a file is gone."""
+        s = self.settings
         try:
             out_rel = self.outbox.contains(Path(job.output_path or ""))
             if out_rel is None:
                 raise FileNotFoundError(job.output_path)
-            data = self.outbox.read_bytes(out_rel)
-            src = self._input_bytes(job, archive)
-            work = pipeline.prepare(
-                job.rule,
-                imageio.decode_bytes(src, self.settings.max_pixels, self.settings.max_frames, name=job.name),
-                self.settings,
-            )
-            written = imageio.decode_bytes(data, work.size[0] * work.size[1], name="the output")
+            fd, st = self.outbox.open_file(out_rel)
+            try:
+                written, _ = self.sandbox.decode(fd, st.st_size, "the output", s.max_output_pixels, s.max_frames)
+            finally:
+                os.close(fd)
+            work = pipeline.prepare(job.rule, self._input_decoded(job, archive), s)
             work.colour = pipeline.to_model(pipeline.colour_of(written.first.pixels))
             fmt = pipeline.output_format(job.rule, job.input_format)
-            results = pipeline.measure(job.rule, work, data, fmt, self.brisque)
+            results = pipeline.measure(job.rule, work, fmt, self.brisque, lambda: written.first.pixels)
         except (OSError, UpscaledError) as exc:
             self.store.record_metrics(job.id, [], state="lost")
             self.log.warning(
@@ -543,22 +636,30 @@ class Stages(UsesSettings):
         self.store.record_metrics(job.id, results)
         return results
 
-    def _input_bytes(self, job: Job, archive: Root) -> bytes:
-        """The bytes of a done job's input, wherever it is now, checked against its sha256.
+    def _input_decoded(self, job: Job, archive: Root) -> imageio.Decoded:
+        """A done job's input, wherever it is now (archived, or still in the inbox), decoded in the sandbox and
+        checked against its sha256.
 
         Raises:
             FileNotFoundError: neither in the archive nor in the inbox (or not its content any more).
         """
         moved = archive.contains(Path(job.input_moved_to)) if job.input_moved_to else None
+        s = self.settings
         for root, rel in ((archive, moved), (self.inbox, job.rel)):
             if root is None or rel is None:
                 continue
             try:
-                data = root.read_bytes(rel)
+                fd, st = root.open_file(rel)
             except (FileNotFoundError, UnsafePathError):
                 continue
-            if hashlib.sha256(data).hexdigest() == job.sha:
-                return data
+            try:
+                decoded, sha = self.sandbox.decode(fd, st.st_size, job.name, s.max_pixels, s.max_frames)
+            except InputChangedError:
+                continue
+            finally:
+                os.close(fd)
+            if sha == job.sha:
+                return decoded
         raise FileNotFoundError(f"the input of {job.name} is neither in the archive nor in the inbox")
 
     def _log_done(self, t: Task) -> None:
@@ -606,15 +707,23 @@ class Stages(UsesSettings):
     # --- all of it, in the calling thread --------------------------------------------------------------------------
     def run_task(self, task: Task, device: str, beat: Beat | None = None) -> None:
         """read -> infer -> write for one task, any error kept on the task for :meth:`settle`."""
-        guard(task, lambda: self.read(task), self.log)
+        guard(task, lambda: self.read(task, self.beating(beat)), self.log)
         if task.error is None:
             guard(task, lambda: self.infer(task, device, beat), self.log)
         if task.error is None:
             guard(task, lambda: self.write(task), self.log)
 
-    def step(self, worker: str, device: str, job_id: int | None = None, beat: Beat | None = None) -> Task | None:
-        """Claim one job and run it through every stage, here. Returns its task, or None if there was none."""
-        tasks = self.claim(worker, 1, job_id=job_id)
+    def step(
+        self,
+        worker: str,
+        device: str,
+        job_id: int | None = None,
+        beat: Beat | None = None,
+        root: Root | None = None,
+    ) -> Task | None:
+        """Claim one job and run it through every stage, here (``root``: a one-off job's folder). Returns its task,
+        or None if there was none."""
+        tasks = self.claim(worker, 1, job_id=job_id, root=root)
         if not tasks:
             return None
         task = tasks[0]
@@ -693,6 +802,8 @@ class Runner:
         self._page: deque[Job] = deque()  # spilled jobs read back from the store, next to be measured
         self._inflight: set[int] = set()
         self._tasks: dict[int, Task] = {}
+        self._solo: int | None = None  # the job running alone in flight (taken back after a worker died)
+        self._next_suspect_check = 0.0  # when to look for such jobs again (0: at the next claim)
         self._bytes = 0
         self._cond = threading.Condition()
         self._wake = threading.Event()
@@ -776,12 +887,57 @@ class Runner:
             self._inflight.discard(task.job.id)
             self._tasks.pop(task.job.id, None)
             self._bytes -= task.weight
+            if self._solo == task.job.id:
+                self._solo = None
             self._cond.notify_all()
+
+    def suspects_maybe(self) -> None:
+        """Jobs may have been taken back after a worker died: look for them before the next claim."""
+        self._next_suspect_check = 0.0
+        self._wake.set()
+
+    def _claim_alone(self) -> list[Task] | None:
+        """After an unclean stop, the jobs taken back run one at a time, each alone in flight, so that a file that
+        kills the service is the one blamed (``max_recoveries`` deaths alone make it poison), never a job that was
+        merely in flight beside it. Returns the claimed task (a list of one), [] to wait, None when there are no
+        such jobs (the pipeline overlaps again)."""
+        with self._cond:
+            if self._solo is not None:
+                return []  # one runs alone now: nothing beside it
+            now = self.clock()
+            if now < self._next_suspect_check:
+                return None
+        s = self.stages
+        count = s.store.suspects(s.settings.serve_folders if s.node else None, "watch" if s.mover else None)
+        with self._cond:
+            if not count:
+                self._next_suspect_check = now + SUSPECT_CHECK_SECONDS
+                return None
+            if self._inflight:  # the pipeline drains first
+                self._cond.wait(0.2)
+                return []
+        tasks = s.claim(self.worker_id("feed"), limit=1, alone=True)
+        if tasks:
+            self.log.warning(
+                "job.alone",
+                job=tasks[0].job.id,
+                file=tasks[0].name,
+                recoveries=tasks[0].job.recoveries,
+                note="taken back after a worker died: it runs alone in flight",
+            )
+            with self._cond:
+                self._solo = tasks[0].job.id
+        return tasks
 
     def _feed(self) -> bool:
         beat = self.beats["feed"]
         if self._stop_claiming.is_set():
             return False
+        alone = self._claim_alone()
+        if alone is not None and not alone:
+            self._wake.wait(0.2)
+            self._wake.clear()
+            return True
         with self._cond:
             free = self.depth - len(self._inflight)
             full = free <= 0 or (self._inflight and self._bytes >= self.memory_bytes)
@@ -789,11 +945,11 @@ class Runner:
             # whatever is free as soon as they might run dry.
             starving = len(self._inflight) <= self.workers_total
             full = full or (free < self.claim_batch and not starving)
-        if full:
+        if full and alone is None:
             with self._cond:
                 self._cond.wait(0.5)
             return True
-        tasks = self.stages.claim(self.worker_id("feed"), limit=free)
+        tasks = alone if alone is not None else self.stages.claim(self.worker_id("feed"), limit=free)
         if not tasks:
             self._wake.wait(0.5)
             self._wake.clear()
@@ -804,7 +960,7 @@ class Runner:
                 self._tasks[t.job.id] = t
         for t in tasks:
             beat.start(t, "decode", self.clock(), t.pixels_in())
-            guard(t, functools.partial(self.stages.read, t), self.log)
+            guard(t, functools.partial(self.stages.read, t, self.stages.beating(beat)), self.log)
             beat.end(self.clock())
             if t.error is not None:
                 self._settle_q.put(t)

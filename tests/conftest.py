@@ -8,6 +8,7 @@ that this machine has *more* than the test assumes (a GPU), or lacks what no pac
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import os
@@ -115,6 +116,27 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: f
         time.sleep(interval)
 
 
+_SANDBOX: list[Any] = []
+
+
+def shared_sandbox() -> Any:
+    """One real sandbox pool (its child processes) for the whole test session, started on first use: the services,
+    workers and intakes the tests build share it, where each would otherwise start its own."""
+    if not _SANDBOX:
+        from daemon.sandbox import Sandbox
+
+        pool = Sandbox(processes=2, timeout=120.0, max_pixels=400_000_000)
+        pool.start()
+        atexit.register(pool.close)
+        _SANDBOX.append(pool)
+    return _SANDBOX[0]
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Any:
+    return shared_sandbox()
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A weights folder filled through the project's own fetch code, from the shared offline mirror."""
@@ -166,7 +188,7 @@ def started_services(folder: Path, **defaults) -> Iterator[Callable[..., Any]]:
 
     def make(rules: list[dict] | None = None, **keys) -> Service:
         cfg = write_config(folder, **{**defaults, **keys, **({} if rules is None else {"rules": rules})})
-        svc = Service(load_settings(cfg))
+        svc = Service(load_settings(cfg), sandbox=shared_sandbox())
         svc.start()
         made.append(svc)
         return svc

@@ -3,7 +3,7 @@
 libpng (what ``cv2.imwrite`` and Pillow call) spends most of a fast PNG outside zlib: at level 0, storing without
 compressing, OpenCV still takes 80 % of its level-1 time on a 320x480 output. The row filters are a few vectorised
 numpy operations, and zlib-ng deflates the same stream settings 1.5-2x as fast as zlib; the writer is the chunk
-layout of the PNG specification (IHDR, iCCP, eXIf, IDAT, IEND) and nothing else.
+layout of the PNG specification (IHDR, iCCP, eXIf, iTXt, IDAT, IEND) and nothing else.
 
 ``compression`` keeps its 0-9 meaning (0 stores, 9 is smallest). Every level but 0 filters each row with UP (the
 byte above subtracted): on model output and on photo mosaics alike it gave smaller files than libpng's adaptive
@@ -20,8 +20,9 @@ level  zlib level  strategy  filter  what it gives
 =====  ==========  ========  ======  =====================================================================
 
 The figures are in docs/formats.md (``benchmarks/encode.py``). Every layout is written natively:
-grey, grey with alpha, RGB and RGBA at 8 or 16 bits. The ICC profile goes into iCCP and the EXIF into eXIf, both
-before the pixels; XMP and IPTC are added by exiv2 afterwards. Rows are filtered and deflated in bands of about
+grey, grey with alpha, RGB and RGBA at 8 or 16 bits. The ICC profile goes into iCCP, the EXIF into eXIf and the
+XMP packet into an iTXt chunk (``XML:com.adobe.xmp``), all before the pixels and each written as it is given; IPTC
+is added by exiv2 afterwards. Rows are filtered and deflated in bands of about
 4 MB, so that a large output never has a second full copy in memory.
 """
 
@@ -54,10 +55,17 @@ def png_settings(compression: int) -> tuple[int, int, bool]:
     return compression, zlib.Z_RLE if compression == 1 else zlib.Z_DEFAULT_STRATEGY, compression > 0
 
 
-def encode_png(arr: np.ndarray, compression: int, icc: bytes | None = None, exif_tiff: bytes | None = None) -> bytes:
+def encode_png(
+    arr: np.ndarray,
+    compression: int,
+    icc: bytes | None = None,
+    exif_tiff: bytes | None = None,
+    xmp: bytes | None = None,
+) -> bytes:
     """PNG bytes of ``arr`` ((H, W, C) uint8 or uint16, C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA).
 
-    ``exif_tiff`` is the EXIF's TIFF data without the ``Exif\\0\\0`` header (what an eXIf chunk holds).
+    ``exif_tiff`` is the EXIF's TIFF data without the ``Exif\\0\\0`` header (what an eXIf chunk holds); ``xmp`` the
+    XMP packet (UTF-8 XML).
 
     Raises:
         OutputError: a bad compression level, layout or sample type.
@@ -80,6 +88,8 @@ def encode_png(arr: np.ndarray, compression: int, icc: bytes | None = None, exif
         out.append(_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(icc)))
     if exif_tiff:
         out.append(_chunk(b"eXIf", exif_tiff))
+    if xmp:
+        out.append(_xmp_chunk(xmp))
     z = _deflate.compressobj(level, zlib.DEFLATED, 15, 8, strategy)
     pending: list[bytes] = []
     size = 0
@@ -97,6 +107,23 @@ def encode_png(arr: np.ndarray, compression: int, icc: bytes | None = None, exif
     out.append(_chunk(b"IDAT", b"".join(pending)))
     out.append(_chunk(b"IEND", b""))
     return b"".join(out)
+
+
+def _xmp_chunk(xmp: bytes) -> bytes:
+    """The iTXt chunk of an XMP packet (XMP Specification Part 3, 1.1.5): keyword, uncompressed, no language."""
+    return _chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp)
+
+
+def insert_xmp(png: bytes, xmp: bytes) -> bytes:
+    """``png`` (one we wrote, or Pillow's APNG) with an XMP iTXt chunk right after its IHDR.
+
+    Raises:
+        OutputError: ``png`` does not start with a PNG signature and an IHDR chunk.
+    """
+    end = len(_SIGNATURE) + 8 + 13 + 4  # signature, IHDR's length and type, its 13 bytes, its CRC
+    if not png.startswith(_SIGNATURE) or png[len(_SIGNATURE) + 4 : len(_SIGNATURE) + 8] != b"IHDR":
+        raise OutputError("expected a PNG that starts with its IHDR chunk")
+    return png[:end] + _xmp_chunk(xmp) + png[end:]
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:

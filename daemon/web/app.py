@@ -19,11 +19,13 @@ The rules it keeps:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
 import stat
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -170,7 +172,12 @@ def _image_response(request: Request, served: Any, max_age: int = 300) -> Respon
     etag = f'"{served.etag}"'
     headers = {"ETag": etag, "Cache-Control": f"private, max-age={max_age}"}
     if request.headers.get("if-none-match") == etag:
+        if served.file is not None:
+            served.file.close()
         return Response(status_code=304, headers=headers)
+    if served.file is not None:  # an original a browser shows as it is: streamed, never held whole
+        headers["Content-Length"] = str(served.size)
+        return StreamingResponse(served.chunks(), media_type=served.media_type, headers=headers)
     return Response(served.data, media_type=served.media_type, headers=headers)
 
 
@@ -460,9 +467,16 @@ def create_app(
     middleware = [Middleware(SecurityHeaders)]
     if allowed_hosts is not None:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        yield
+        view.images.close()  # its sandbox processes go with the app
+
     app = Starlette(
         routes=routes,
         middleware=middleware,
+        lifespan=lifespan,
         exception_handlers={
             HTTPException: http_error,
             QueryError: bad_query,

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, Daemon, image, rows, wait_for, write_config
+from tests.conftest import ROOT, Daemon, image, rows, shared_sandbox, wait_for, write_config
 from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
 
 BICUBIC = {"folder": "", "model": "bicubic", "scale": 2, "metrics": []}
@@ -428,8 +428,9 @@ def test_f13_a_255_byte_name_has_no_sidecar_and_no_false_message(names_run):
     folder.mkdir()
     (folder / "x.png.prompt.txt").write_text("a red fox\n")
     with Root(folder) as root:
-        assert read_prompt(root, PurePosixPath(long)) is None
-        assert read_prompt(root, PurePosixPath("x.png")) == "a red fox"  # a name that can have one still does
+        assert read_prompt(root, PurePosixPath(long), shared_sandbox()) is None
+        # a name that can have one still does
+        assert read_prompt(root, PurePosixPath("x.png"), shared_sandbox()) == "a red fox"
 
 
 def test_f14_cli_output_escapes_every_control_character(names_run):

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import image, rows, write_config
+from tests.conftest import image, rows, shared_sandbox, write_config
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch = pytest.importorskip("torch")
@@ -33,11 +33,11 @@ huggingface_hub = pytest.importorskip("huggingface_hub")
 
 from structlog.testing import capture_logs  # noqa: E402
 
-from daemon import imageio  # noqa: E402
 from daemon.config import Rule, load_settings  # noqa: E402
 from daemon.errors import BadSidecarError  # noqa: E402
 from daemon.fsops import Root  # noqa: E402
 from daemon.intake import with_sidecar_prompt  # noqa: E402
+from daemon.media import decode  # noqa: E402
 from daemon.service import Service  # noqa: E402
 from models import diffusion_sd  # noqa: E402
 from models.backends import DiffusionParams  # noqa: E402
@@ -455,21 +455,22 @@ def test_a_sidecar_file_overrides_the_prompt(tmp_path, tiny):
     rule = Rule(model=f"diffusers:{tiny}", scale=4, params={"prompt": "from the rule"})
     image(tmp_path / "a.png")
     folder, img = Root(tmp_path), PurePosixPath("a.png")
-    assert with_sidecar_prompt(rule, folder, img) is rule
+    assert with_sidecar_prompt(rule, folder, img, shared_sandbox()) is rule
     side = tmp_path / "a.png.prompt.txt"
     side.write_text("\ufeff  a red barn\n", encoding="utf-8")
-    assert with_sidecar_prompt(rule, folder, img).params["prompt"] == "a red barn"
-    assert with_sidecar_prompt(Rule(model="bicubic"), folder, img).model == "bicubic"  # no prompt to override
+    assert with_sidecar_prompt(rule, folder, img, shared_sandbox()).params["prompt"] == "a red barn"
+    # no prompt to override
+    assert with_sidecar_prompt(Rule(model="bicubic"), folder, img, shared_sandbox()).model == "bicubic"
     side.write_bytes(b"\xff\xfe bad")
     with pytest.raises(BadSidecarError, match="not UTF-8"):
-        with_sidecar_prompt(rule, folder, img)
+        with_sidecar_prompt(rule, folder, img, shared_sandbox())
     side.write_text("x" * 5000)
     with pytest.raises(BadSidecarError, match="over 4096 bytes"):
-        with_sidecar_prompt(rule, folder, img)
+        with_sidecar_prompt(rule, folder, img, shared_sandbox())
     side.unlink()
     side.symlink_to(tmp_path / "elsewhere.txt")
     with pytest.raises(BadSidecarError, match="cannot read"):
-        with_sidecar_prompt(rule, folder, img)
+        with_sidecar_prompt(rule, folder, img, shared_sandbox())
     folder.close()
 
 
@@ -533,7 +534,7 @@ def test_the_service_runs_a_diffusion_rule_end_to_end(tmp_path, tiny, monkeypatc
         # The output is what the backend gives for that image and the sidecar's prompt, as an 8-bit PNG.
         out_a = np.asarray(Image.open(a["output_path"]))
         assert out_a.shape == (128, 160, 3)
-        src = imageio.decode(Path(a["input_moved_to"]), svc.settings.max_pixels).colour()
+        src = decode.decode(Path(a["input_moved_to"]), svc.settings.max_pixels).colour()
         up, _ = svc.stages.cache.get(f"diffusers:{tiny}", 4, LoadContext(svc.settings.weights_dir, "cpu", 32))
         gen = Rule.model_validate_json(a["rule_json"]).model_params()
         assert gen.prompt == "the sand"

@@ -1,6 +1,6 @@
 """Every input format against every output format, checked by a second reader.
 
-Each case builds a real input file with a real encoder, decodes it with :func:`daemon.imageio.decode_bytes`,
+Each case builds a real input file with a real encoder, decodes it with :func:`daemon.media.decode.decode_bytes`,
 enlarges it x2 (nearest neighbour: a stand-in for a model that keeps the test exact), assembles and encodes it with
 :func:`daemon.imageio.encode`, and reads the result back with a reader that is not the one we decode with: tifffile
 for TIFF (whose tags are checked too: the bug wrote the input's ``ImageWidth`` into the output), OpenCV for PNG,
@@ -25,7 +25,7 @@ from PIL import Image, ImageCms
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from daemon import imageio  # noqa: E402
-from daemon.media import formats  # noqa: E402
+from daemon.media import decode, formats  # noqa: E402
 from models.pixels import alpha_of, colour_of  # noqa: E402
 from tests.conftest import SET5  # noqa: E402
 
@@ -125,7 +125,7 @@ def make_input(case: Case) -> tuple[bytes, np.ndarray]:
         else:
             im = im.quantize(256)
             im.save(buf, "GIF")
-        return buf.getvalue(), imageio._pil_to_array(Image.open(io.BytesIO(buf.getvalue())))[0]
+        return buf.getvalue(), decode._pil_to_array(Image.open(io.BytesIO(buf.getvalue())))[0]
     formats.register_plugins()
     icc = None if case.layout.startswith("grey") else SRGB  # an RGB profile cannot describe a grey image
     params = {
@@ -212,7 +212,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def run_case(case: Case, out: str) -> dict:
     """One pair; returns what it measured. Raises AssertionError where a check fails."""
     data, want_in = make_input(case)
-    d = imageio.decode_bytes(data, 10**8, name=case.id)
+    d = decode.decode_bytes(data, 10**8, name=case.id)
     got_in = d.first.pixels
     assert got_in.shape[:2] == (H, W)
     if case.fmt in ("png", "tiff", "bmp", "gif", "webp", "jxl"):  # lossless inputs decode exactly
@@ -269,7 +269,7 @@ def test_the_8bit_tiff_keeps_its_own_size_and_the_inputs_other_tags() -> None:
     import tifffile
 
     data, _ = make_input(Case("tiff", "rgb8"))
-    d = imageio.decode_bytes(data, 10**8)
+    d = decode.decode_bytes(data, 10**8)
     up = np.repeat(np.repeat(d.first.pixels, 2, axis=0), 2, axis=1)
     out, _ = imageio.encode(up, "tiff", meta=d.meta)
     with tifffile.TiffFile(io.BytesIO(out)) as tif:

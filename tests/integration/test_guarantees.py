@@ -39,7 +39,7 @@ from daemon.store import SqlStore
 from daemon.worker import Stages
 from models.registry import ModelCache
 from models.resize import imresize
-from tests.conftest import ROOT, SET5, image, rows, started_services, write_config
+from tests.conftest import ROOT, SET5, image, rows, shared_sandbox, started_services, write_config
 
 RULE = {"folder": "", "model": "bicubic", "scale": 2, "format": "png", "metrics": ["lr_psnr_y", "lr_ssim_y"]}
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
@@ -326,8 +326,8 @@ def _oom_child(config: str, out: str, headroom: int) -> None:
     store = SqlStore(settings.database, clock=lambda: now[0])
     inbox, outbox = Root(settings.inbox), Root(settings.outbox)
     mover = Mover(store, inbox, Root(settings.archive), Root(settings.failed))
-    stages = Stages(settings, store, ModelCache(), inbox, outbox, mover)
-    intake = Intake(settings, inbox)
+    stages = Stages(settings, store, ModelCache(), inbox, outbox, mover, sandbox=shared_sandbox())
+    intake = Intake(settings, inbox, shared_sandbox())
     (small,) = store.register([intake.spec(PurePosixPath("small.png"))])
     task = stages.step(worker_id(), "cpu")  # warm: every import and cache on the path is loaded before the cap
     assert task is not None and task.error is None, task and task.error

@@ -28,6 +28,7 @@ spandrel = pytest.importorskip("spandrel")
 from daemon import imageio  # noqa: E402
 from daemon.config import Rule, load_settings  # noqa: E402
 from daemon.errors import ConfigError  # noqa: E402
+from daemon.media import decode  # noqa: E402
 from daemon.oneshot import process as process_once  # noqa: E402
 from daemon.service import Service  # noqa: E402
 from models import runtime, spandrel_sr  # noqa: E402
@@ -491,7 +492,7 @@ def test_missing_torch_is_a_clear_error_and_the_daemon_never_imports_it():
 
 # --- pixel formats through the pipeline -------------------------------------------------------------------------------
 def _decode(path: Path) -> imageio.Decoded:
-    return imageio.decode(path, 10**8)
+    return decode.decode(path, 10**8)
 
 
 def _shift(src: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -15,13 +15,11 @@ from daemon.errors import DecodeError, EmptyFileError, ImageTooLargeError, Outpu
 from daemon.imageio import (
     Metadata,
     assemble,
-    decode,
-    decode_bytes,
     encode,
-    probe,
     to_output_array,
 )
 from daemon.media import formats
+from daemon.media.decode import decode, decode_bytes, probe
 from models.errors import UnsupportedImageError
 
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()

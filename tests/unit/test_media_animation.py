@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from daemon.errors import DecodeError, ImageTooLargeError, OutputError
-from daemon.imageio import Frame, decode_bytes, encode_animation, probe
+from daemon.imageio import Frame, encode_animation
+from daemon.media.decode import decode_bytes, probe
 
 W, H = 40, 30
 DURATIONS = [100, 200, 300]

@@ -12,8 +12,9 @@ import pyexiv2
 import pytest
 from PIL import Image, ImageCms
 
-from daemon.imageio import Metadata, decode_bytes, encode
+from daemon.imageio import Metadata, encode
 from daemon.media import formats, metadata
+from daemon.media.decode import decode_bytes
 
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 TITLE = "Harbour at dawn"

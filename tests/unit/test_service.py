@@ -20,7 +20,7 @@ from PIL import Image
 from daemon.config import load_settings
 from daemon.jobs import Job, JobSpec, MemoryStore
 from daemon.service import Service
-from tests.conftest import FakeClock, write_config
+from tests.conftest import FakeClock, shared_sandbox, write_config
 
 NEAREST = [{"folder": "", "model": "nearest", "scale": 2, "format": "png"}]
 DEAD = f"{socket.gethostname()}:{2**22 + 17}/infer"  # a worker on this host whose process is gone
@@ -34,7 +34,9 @@ class Rig:
         self.config = write_config(tmp, rules=keys.pop("rules", NEAREST), **keys)
         self.clock = FakeClock()
         self.store = MemoryStore(self.clock)
-        self.svc = Service(load_settings(self.config), store=self.store, clock=self.clock.monotonic)
+        self.svc = Service(
+            load_settings(self.config), store=self.store, clock=self.clock.monotonic, sandbox=shared_sandbox()
+        )
         self.svc.cluster.join()
 
     def drop(self, name: str, seed: int = 0, data: bytes | None = None) -> PurePosixPath:

@@ -22,7 +22,7 @@ from daemon.intake import Intake
 from daemon.jobs import MemoryStore, worker_id
 from daemon.worker import Stages
 from models.registry import ModelCache
-from tests.conftest import FakeClock, write_config
+from tests.conftest import FakeClock, shared_sandbox, write_config
 
 T0 = FakeClock().start
 
@@ -39,7 +39,7 @@ class Rig:
         self.inbox, self.outbox = Root(s.inbox), Root(s.outbox)
         self.archive, self.failed = Root(s.archive), Root(s.failed)
         self.mover = Mover(self.store, self.inbox, self.archive, self.failed)
-        self.intake = Intake(s, self.inbox)
+        self.intake = Intake(s, self.inbox, shared_sandbox())
         self.outcomes: list[tuple[int, str]] = []
         self.stages = Stages(
             s,
@@ -50,6 +50,7 @@ class Rig:
             self.mover,
             node="n",
             on_outcome=lambda t, status: self.outcomes.append((t.job.id, status)),
+            sandbox=shared_sandbox(),
         )
 
     def drop(self, name: str, size=(24, 16), seed: int = 0, **save) -> PurePosixPath:
@@ -177,14 +178,14 @@ def test_a_symlinked_outbox_folder_is_never_written_through(tmp_path):
 def test_a_one_off_job_never_moves_its_input(tmp_path):
     rig = Rig(tmp_path)
     out = Root(tmp_path / "out")
-    stages = Stages(rig.settings, rig.store, ModelCache(), None, out, None)
+    stages = Stages(rig.settings, rig.store, ModelCache(), None, out, None, sandbox=shared_sandbox())
     src = tmp_path / "mine.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
     from daemon.intake import inspect
     from daemon.jobs import JobSpec
 
     with Root(tmp_path, create=False) as folder:
-        sha, probe, st = inspect(folder, PurePosixPath("mine.png"), rig.settings)
+        sha, probe, st = inspect(folder, PurePosixPath("mine.png"), rig.settings, shared_sandbox())
     (reg,) = rig.store.register(
         [
             JobSpec(
