@@ -1,28 +1,35 @@
 """Memory over many jobs: a real daemon fed batch after batch, its RSS and its resources sampled after each one.
 
     python benchmarks/soak.py [--jobs 50000] [--batch 1000] [--model bicubic] [--scale 2] [--metrics default|off]
-                              [--size 64x48] [--warmup 1000] [--tracemalloc 1000,5000] [--json PATH]
+                              [--size 64x48] [--wait measured|done] [--warmup 1000] [--tracemalloc 1000,5000]
+                              [--tree PATH] [--json PATH]
 
 The daemon is a real ``upscaled run`` subprocess (:class:`throughput.Service`: a temp folder, the shipped defaults,
 one rule with the model, the scale, ``format = "png"`` and the default metrics or ``metrics = []``). Each batch is
 ``--batch`` different PNGs of ``--size`` (one image with the job's number written into its first pixels: every file
-is a new content, so a new job), renamed into the inbox at once. Once every job of the batch is done and its metrics
-recorded, the daemon is idle, and the script samples, from ``/proc/<pid>``:
+is a new content, so a new job), renamed into the inbox at once. Once every job of the batch is done (``--wait
+done``), or done with its metrics recorded too (``--wait measured``, the default: the daemon is idle then), the
+script samples, from ``/proc/<pid>``:
 
-- **RSS** (``VmRSS``) and its anonymous part (``RssAnon``: the heap, without the mapped libraries' pages);
+- **RSS** (``VmRSS``) and its anonymous part (``RssAnon``: the heap, without the mapped libraries' pages), and the
+  RSS of the daemon's child processes together (the sandbox's decoders);
 - **threads** and **open file descriptors**;
-- the **SQLite file** and its **WAL** (``-wal``) sizes.
+- the **SQLite file** and its **WAL** (``-wal``) sizes, and the done jobs whose metrics are still to come.
 
-Then it deletes the batch's archived inputs and outputs (a soak of a million jobs would fill the disk otherwise;
-the daemon never looks at them again once the metrics are recorded). The slope of each quantity is a least-squares
-line through the samples after ``--warmup`` jobs (the caches, the allocator's arenas and SQLite's page cache fill
-during the first ones), given per 1,000 jobs.
+Then it deletes the archived inputs and the outputs of the jobs whose metrics are recorded (a soak of a million jobs
+would fill the disk otherwise; the daemon never reads them again). The slope of each quantity is a least-squares
+line through the samples after ``--warmup`` jobs (the caches, the allocator's arenas and SQLite's page caches fill
+during the first ones), given per 1,000 jobs. ``--wait done`` is a steady stream: the metrics trail the outputs (at
+nice 10) and, on a busy machine, fall further behind with every batch.
 
 ``--tracemalloc A,B`` starts the daemon with :mod:`tracemalloc` (25 frames) and takes a snapshot after A and after B
 jobs (a signal to the daemon, which dumps it; the daemon code is untouched). The report lists the biggest
 differences by traceback, with tracemalloc's total beside the RSS at each snapshot: when RSS grows and the Python
 total does not, the growth is native (a C library's allocations), and the traceback diff cannot see it. Tracing
-slows the daemon several times over: use it on a few thousand jobs, not for the slope.
+slows the daemon several times over (and taking a snapshot adds to its RSS): use it on a few thousand jobs, not for
+the slope.
+
+``--tree PATH`` runs the daemon of another checkout (an earlier commit, for a before-and-after).
 
 The figures go to benchmarks/results/soak-<date>-<model>-<metrics>.json and are printed as a table.
 """
@@ -80,6 +87,7 @@ class Sample:
     seconds: float  # since the first batch was dropped
     rss_kb: int
     rss_anon_kb: int
+    children_rss_kb: int  # the daemon's child processes (the sandbox's decoders), together
     threads: int
     fds: int
     db_bytes: int
@@ -95,6 +103,18 @@ def proc_status(pid: int) -> dict[str, int]:
         if value.strip().endswith(" kB"):
             out[key] = int(value.split()[0])
     return out
+
+
+def children_rss(pid: int) -> int:
+    """The RSS of the child processes of ``pid`` (of all its threads) together, in kB."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for child in (task / "children").read_text().split():
+                total += proc_status(int(child)).get("VmRSS", 0)
+        except OSError:  # the thread or the child ended meanwhile
+            continue
+    return total
 
 
 def file_size(path: Path) -> int:
@@ -224,6 +244,7 @@ class Soak:
             seconds=round(time.monotonic() - (self.t0 or time.monotonic()), 1),
             rss_kb=status["VmRSS"],
             rss_anon_kb=status.get("RssAnon", 0),
+            children_rss_kb=children_rss(self.pid),
             threads=len(os.listdir(f"/proc/{self.pid}/task")),
             fds=len(os.listdir(f"/proc/{self.pid}/fd")),
             db_bytes=file_size(db),
@@ -248,7 +269,7 @@ def slopes(samples: list[Sample], warmup: int) -> dict[str, float]:
     """Per 1,000 jobs, of every sampled quantity, over the samples at or after ``warmup`` jobs."""
     after = [s for s in samples if s.jobs >= warmup]
     xs = [s.jobs / 1000 for s in after]
-    fields = ("rss_kb", "rss_anon_kb", "threads", "fds", "db_bytes", "wal_bytes")
+    fields = ("rss_kb", "rss_anon_kb", "children_rss_kb", "threads", "fds", "db_bytes", "wal_bytes")
     return {f: round(slope(xs, [getattr(s, f) for s in after]), 3) for f in fields}
 
 

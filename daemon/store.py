@@ -162,6 +162,7 @@ jobs = Table(
     Index("ix_jobs_created", "created_at"),
     Index("ix_jobs_node", "node", "state"),
     Index("ix_jobs_output", "output_path"),
+    Index("ix_jobs_metrics", "metrics_state", "id"),  # the metrics still to come, read back oldest first
 )
 
 # One row per daemon (node) that ever ran against this database; `upscaled nodes` reads it.
@@ -252,6 +253,10 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
             if not readonly:
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=FULL")  # a committed job survives a power cut
+                # SQLite's page cache is per connection (2 MB by default), and fills as the file grows: 512 kB each
+                # holds what a worker touches again (the newest rows and the index tops), and bounds the daemon's
+                # share early (docs/performance.md, memory). Pages beyond it come from the OS page cache.
+                cur.execute("PRAGMA cache_size=-512")
             else:
                 cur.execute("PRAGMA query_only=ON")
             cur.execute("PRAGMA busy_timeout=30000")
