@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -121,7 +122,11 @@ class Service:
         metrics: bool,
         extra: str = "",
         tree: Path | None = None,
+        command: Sequence[str] = ("-m", "daemon", "run"),
+        log: Path | None = None,
     ) -> None:
+        """``tree``: another checkout whose code the daemon runs; ``command``: the interpreter's arguments that
+        start the daemon; ``log``: where its output goes (else nowhere)."""
         work.mkdir(parents=True)
         self.work = work
         cfg = work / "settings.toml"
@@ -137,13 +142,8 @@ class Service:
         env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
         if tree is not None:  # another checkout's code, first on the path
             env["PYTHONPATH"] = str(tree)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run"],
-            cwd=work,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
+        with open(log, "ab") if log else open(os.devnull, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, *command], cwd=work, env=env, stdout=out, stderr=out)
         _wait(lambda: (work / "inbox").is_dir() and self.done() >= 0, 60)
 
     def _row(self, sql: str, *args: object) -> tuple | None:

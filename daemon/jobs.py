@@ -222,7 +222,7 @@ class JobStore(Protocol):
         max_recoveries: int | None = None,
     ) -> list[Job]: ...
     def suspects(self, folders: Iterable[str] | None = None, source: str | None = None) -> int: ...
-    def metrics_pending(self, node: str | None, stale_after: float) -> list[Job]: ...
+    def metrics_pending(self, node: str | None, stale_after: float, limit: int | None = None) -> list[Job]: ...
     def get(self, job_id: int) -> Job | None: ...
     def states(self, job_ids: Iterable[int]) -> dict[int, str]: ...
     def owner_of_output(self, path: str) -> int | None: ...
@@ -661,15 +661,16 @@ class MemoryStore:
                 and (source is None or row.job.source == source)
             )
 
-    def metrics_pending(self, node: str | None, stale_after: float) -> list[Job]:
+    def metrics_pending(self, node: str | None, stale_after: float, limit: int | None = None) -> list[Job]:
         with self._lock:
-            return [
+            due = (
                 r.job
                 for r in self._rows.values()
                 if r.job.metrics_state == "pending"
                 and r.job.source == "watch"
                 and (node is None or r.job.node in (node, None))
-            ]
+            )
+            return list(itertools.islice(due, limit))
 
     def get(self, job_id: int) -> Job | None:
         with self._lock:

@@ -204,7 +204,7 @@ class Service(UsesSettings):
         self.telemetry.declare([(r.folder, r.model) for r in s.all_rules()], s.devices())
         if self.http is not None:
             self.http.start()
-        remeasured = self.remeasure()
+        self.remeasure()
         self.log.info(
             "service.started",
             inbox=str(s.inbox),
@@ -215,7 +215,6 @@ class Service(UsesSettings):
             recovered_jobs=recovered,
             node=self.node,
             stale_temp_files=stale,
-            remeasured=remeasured,
             pid=os.getpid(),
             systemd_notify=self.notifier.enabled,
             version=__version__,
@@ -261,13 +260,11 @@ class Service(UsesSettings):
                 for text in backend.warnings(entry, rule.model_params(), device):
                     self.log.warning("rule.warning", model=rule.model, folder=rule.folder or "(default)", note=text)
 
-    def remeasure(self) -> int:
-        """Metrics a crash left unrecorded (between the ``done`` commit and the metrics commit): queued behind the
-        live work, computed again from the output and the archived input (``lost`` where the input was deleted).
-        Returns how many."""
-        jobs = self.store.metrics_pending(self.node, self.settings.stale_seconds)
-        self.runner.queue_metrics(jobs)
-        return len(jobs)
+    def remeasure(self) -> None:
+        """Metrics a crash left unrecorded (between the ``done`` commit and the metrics commit): measured behind the
+        live work, read from the store a page at a time, from the output and the archived input (``lost`` where
+        the input was deleted)."""
+        self.runner.queue_metrics()
 
     def shutdown(self) -> None:
         self.watcher.stop()

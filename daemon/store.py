@@ -162,6 +162,7 @@ jobs = Table(
     Index("ix_jobs_created", "created_at"),
     Index("ix_jobs_node", "node", "state"),
     Index("ix_jobs_output", "output_path"),
+    Index("ix_jobs_metrics", "metrics_state", "id"),  # the metrics still to come, read back oldest first
 )
 
 # One row per daemon (node) that ever ran against this database; `upscaled nodes` reads it.
@@ -282,6 +283,10 @@ def make_engine(url: str, readonly: bool = False, statement_timeout_s: float | N
             if not readonly:
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=FULL")  # a committed job survives a power cut
+                # SQLite's page cache is per connection (2 MB by default), and fills as the file grows: 512 kB each
+                # holds what a worker touches again (the newest rows and the index tops), and bounds the daemon's
+                # share early (docs/performance.md, memory). Pages beyond it come from the OS page cache.
+                cur.execute("PRAGMA cache_size=-512")
             else:
                 cur.execute("PRAGMA query_only=ON")
             cur.execute("PRAGMA busy_timeout=30000")
@@ -845,16 +850,17 @@ class SqlStore:
                 q = q.where(jobs.c.source == source)
             return int(c.execute(q).scalar() or 0)
 
-    def metrics_pending(self, node: str | None, stale_after: float) -> list[Job]:
-        """Done jobs whose metrics were never recorded (a crash between the two commits) that ``node`` should
-        compute: its own, and those of nodes that are gone (no heartbeat for ``stale_after`` seconds)."""
+    def metrics_pending(self, node: str | None, stale_after: float, limit: int | None = None) -> list[Job]:
+        """Done jobs whose metrics are not recorded yet (still to come, or a crash between the two commits) that
+        ``node`` should compute, oldest first, at most ``limit``: its own, and those of nodes that are gone (no
+        heartbeat for ``stale_after`` seconds)."""
         cutoff = self._lease_cutoff(stale_after)
         with self.engine.connect() as c:
             gone = select(nodes.c.name).where(or_(nodes.c.heartbeat_at < cutoff, nodes.c.stopped_at.is_not(None)))
             q = select(jobs).where(jobs.c.metrics_state == "pending", jobs.c.state == "done", jobs.c.source == "watch")
             if node is not None:
                 q = q.where(or_(jobs.c.node == node, jobs.c.node.is_(None), jobs.c.node.in_(gone)))
-            return [self._job(r) for r in c.execute(q.order_by(jobs.c.id))]
+            return [self._job(r) for r in c.execute(q.order_by(jobs.c.id).limit(limit))]
 
     def record_hook(self, job_id: int, event_: str, ok: bool, detail: str) -> None:
         with self.engine.begin() as c:

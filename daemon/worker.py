@@ -543,6 +543,11 @@ class Stages(UsesSettings):
                     return None
             return self._brisque  # type: ignore[return-value]
 
+    def metrics_due(self, limit: int) -> list[Job]:
+        """Up to ``limit`` done jobs whose metrics are still to be recorded, oldest first: this node's, and those of
+        nodes that are gone."""
+        return self.store.metrics_pending(self.node, self.settings.stale_seconds, limit=limit)
+
     def measure(self, task: Task) -> None:
         """Compute the task's metrics on the pixels as written and record them (a later commit than ``done``); a
         task whose pixels were let go (the metrics fell behind a burst) is measured from its files instead.
@@ -785,8 +790,18 @@ class Runner:
         self._unsettled: list[Task] = []  # a batch whose commit failed, tried again first
         # Done jobs whose metrics are still to come. Only the newest `measure_buffer` keep their pixels; the older
         # ones let them go and are measured from their files: a burst never waits for its metrics, nor holds them.
+        # At most `backlog_max` wait here. The next ones are *spilled*: their rows say the metrics are pending, and
+        # the measurer reads them back from the store a page at a time once the backlog is empty. However far the
+        # metrics trail (a steady stream, and a measurer at nice 10 under load), memory stays flat.
         self._backlog: deque[Task] = deque()
         self.measure_buffer = 2
+        self.backlog_max = 64
+        self.page = 64
+        self._kept: set[int] = set()  # jobs given a place in the backlog, from before their done commit
+        self._spilled = False  # the store may hold pending metrics that no task here stands for
+        self._spill_seq = 0  # bumped as each done commit that spilled ends
+        self._spilling_commits = 0  # done commits under way that spilled a job
+        self._page: deque[Job] = deque()  # spilled jobs read back from the store, next to be measured
         self._inflight: set[int] = set()
         self._tasks: dict[int, Task] = {}
         self._solo: int | None = None  # the job running alone in flight (taken back after a worker died)
@@ -834,7 +849,7 @@ class Runner:
         self._wake.set()
         deadline = time.monotonic() + timeout
         with self._cond:
-            while (self._inflight or self._backlog) and time.monotonic() < deadline:
+            while (self._inflight or self._metrics_due()) and time.monotonic() < deadline:
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             left = [self._tasks[i] for i in sorted(self._inflight)]
         self._give_up.set()  # the metrics not begun yet are measured at the next start
@@ -1004,26 +1019,59 @@ class Runner:
                 break
         # A fresh sign of life as the commit starts: the wait for the batch is not silence, the commit's own time is.
         beat.at, beat.busy, beat.stage = self.clock(), True, "settle"
+        kept, spilled = self._reserve(batch)
         try:
             measure = self.stages.settle(batch)
-        except Exception:
+        except BaseException:
             # The database refused the commit (a timeout, a deadlock, a full disk): the outputs are written and the
             # jobs still ours; the batch is tried again on the next pass (the loop logs this one and backs off),
-            # never dropped to leave its jobs running and its slots taken.
+            # never dropped to leave its jobs running and its slots taken. Its places in the backlog are given
+            # back, and its metrics come from the store (some may have been committed before it failed).
             self._unsettled = batch
+            with self._cond:
+                self._spilled = True
+            self._hold([], kept, spilled)
             raise
         finally:
             beat.busy, beat.stage = False, ""
+        keep = [t for t in measure if t.job.id in kept]
+        ids = {t.job.id for t in keep}
         for t in batch:
-            self._done(t, keep_pixels=t in measure)
-        if measure:
-            with self._cond:
-                self._backlog.extend(measure)
-                holding = [t for t in self._backlog if t.work is not None]
-                for t in holding[: max(0, len(holding) - self.measure_buffer)]:
-                    t.work, t.data = None, None
-                self._cond.notify_all()
+            self._done(t, keep_pixels=t.job.id in ids)
+        self._hold(keep, kept, spilled)
         return True
+
+    def _reserve(self, batch: list[Task]) -> tuple[set[int], bool]:
+        """Before the done commit, decide for each task whose metrics will be due whether the backlog holds it or
+        it is spilled to the store. Returns the ids kept and whether any was spilled.
+
+        Deciding before the commit is what keeps each job measured once: a page read from the store can only hold
+        a job committed before it was read, and so decided before it; the kept ones are left out of every page,
+        and while jobs are spilled none is kept."""
+        due = [t.job.id for t in batch if t.error is None and t.job.rule.metric_names]
+        with self._cond:
+            room = 0 if self._spilled else max(0, self.backlog_max - len(self._kept))
+            kept = set(due[:room])
+            spilled = len(due) > room
+            if spilled:
+                self._spilled = True
+                self._spilling_commits += 1
+            self._kept |= kept
+        return kept, spilled
+
+    def _hold(self, keep: list[Task], kept: set[int], spilled: bool) -> None:
+        """After the done commit: ``keep`` joins the backlog; the other ids of ``kept`` (a lease lost, a commit that
+        failed) give their places back; the spilling commit, if it was one, has ended."""
+        with self._cond:
+            self._kept -= kept - {t.job.id for t in keep}
+            self._backlog.extend(keep)
+            if spilled:
+                self._spilling_commits -= 1
+                self._spill_seq += 1
+            holding = [t for t in self._backlog if t.work is not None]
+            for t in holding[: max(0, len(holding) - self.measure_buffer)]:
+                t.work, t.data = None, None
+            self._cond.notify_all()
 
     def _measure(self) -> bool:
         """Metrics at a low CPU priority (nice 10): the jobs in flight come first, the metrics catch up."""
@@ -1035,42 +1083,76 @@ class Runner:
                 pass  # not allowed here: the metrics simply compete at the same priority
             self._niced = True
         with self._cond:
-            if not self._backlog:
-                self._cond.wait(0.5)
+            if not self._backlog and not self._page:
+                self._cond.wait(0.05 if self._spilled else 0.5)
         if self._give_up.is_set():
             return False
         if not self.measure_one(beat):
-            return not (self._stop_claiming.is_set() and not self._inflight and not self._backlog)
+            return not (self._stop_claiming.is_set() and not self._inflight and not self._metrics_due())
         return True
 
     def measure_one(self, beat: Beat | None = None) -> bool:
-        """Measure the oldest job of the backlog, here. Returns whether there was one."""
+        """Measure the oldest job of the backlog, or else the next spilled one, here. Returns whether there was
+        one."""
         with self._cond:
             t = self._backlog.popleft() if self._backlog else None
+        if t is None:
+            t = self._next_spilled()
         if t is None:
             return False
         if beat is not None:
             beat.start(t, "metrics", self.clock(), 2 * t.pixels_out())  # from the files: decodes both too
         try:
             self.stages.measure(t)
+        except BaseException:
+            with self._cond:  # its row still says pending: the next read of the store brings it back
+                self._spilled = True
+            raise
         finally:
             if beat is not None:
                 beat.end(self.clock())
             t.work, t.data = None, None
             with self._cond:
+                self._kept.discard(t.job.id)  # only now: its metrics are committed, no page can bring it back
                 self._cond.notify_all()
         return True
 
-    def backlog(self) -> int:
-        """Done jobs whose metrics are still to come."""
-        with self._cond:
-            return len(self._backlog)
+    def _next_spilled(self) -> Task | None:
+        """The next spilled job, read back from the store a page at a time (the kept ones left out); None when the
+        store holds none. The store is read only while the backlog is empty and jobs are spilled, so that nothing
+        is kept meanwhile."""
+        if not self._page:
+            with self._cond:
+                if not self._spilled or self._backlog:
+                    return None
+                seq, kept = self._spill_seq, set(self._kept)
+            rows = self.stages.metrics_due(len(kept) + self.page)
+            page = [j for j in rows if j.id not in kept]
+            with self._cond:
+                # None left, and no spilling commit ended or is under way since the read: nothing is spilled.
+                if not rows and seq == self._spill_seq and not self._spilling_commits:
+                    self._spilled = False
+                self._page.extend(page)
+                if not self._page:
+                    return None
+        task = self.stages.task(self._page.popleft())
+        task.moved_to = task.job.input_moved_to  # where its input went: what its done hook says
+        return task
 
-    def queue_metrics(self, jobs: Iterable[Job]) -> None:
-        """Done jobs whose metrics a crash left unrecorded: measured from their files, behind the live work."""
+    def _metrics_due(self) -> bool:
+        """Whether done jobs wait for their metrics: in the backlog, or spilled to the store."""
+        return bool(self._backlog or self._page or self._spilled)
+
+    def backlog(self) -> int:
+        """Done jobs whose metrics are still to come and that this process holds (spilled ones not counted)."""
         with self._cond:
-            for job in jobs:
-                self._backlog.append(self.stages.task(job))
+            return len(self._backlog) + len(self._page)
+
+    def queue_metrics(self) -> None:
+        """The store may hold done jobs whose metrics were never recorded (a crash or a stop came between the two
+        commits): they are measured from their files, a page at a time, behind the live work."""
+        with self._cond:
+            self._spilled = True
             self._cond.notify_all()
 
 

@@ -146,6 +146,19 @@ def test_finish_is_one_commit_for_many_and_checks_the_owner(store):
     assert store.metrics_pending(None, 30) == []
 
 
+def test_pending_metrics_are_read_oldest_first_a_page_at_a_time(store):
+    """The measurer reads the metrics it left to the store back in pages (daemon/worker.py, Runner): the oldest
+    first, never more than asked for, and a recorded one is never read again."""
+    store.register([spec(i) for i in range(1, 6)])
+    claimed = store.claim("w", limit=5)
+    store.finish([Finished(j.id, "w", {"t_total": 1.0}, metrics_pending=True) for j in reversed(claimed)])
+    ids = sorted(j.id for j in claimed)
+    assert [j.id for j in store.metrics_pending(None, 30, limit=2)] == ids[:2]
+    store.record_metrics(ids[0], [])
+    assert [j.id for j in store.metrics_pending(None, 30, limit=2)] == ids[1:3]
+    assert [j.id for j in store.metrics_pending(None, 30, limit=10)] == ids[1:]
+
+
 def test_a_worker_that_lost_its_lease_can_commit_nothing(store):
     store.register([spec(1)], node="n")
     job = store.claim("mine", node="n")[0]

@@ -279,3 +279,39 @@ def test_a_failed_input_in_the_inbox_after_a_crash_is_quarantined_by_the_next_sc
     later = T0 + dt.timedelta(seconds=policy.stale_seconds + 1)
     assert isinstance(for_existing(job, spec.rel, spec.input_id, policy, later, True, True), Quarantine)
     assert isinstance(for_existing(job, spec.rel, spec.input_id, policy, T0, False, True), Quarantine)
+
+
+def test_the_metrics_backlog_is_bounded_and_every_spilled_job_is_measured_once(rig):
+    """Done jobs waiting for their metrics: at most ``backlog_max`` are held in memory, the rest are left to the
+    store (issue 26: each held one cost about 2 KB, so a stream the metrics could not keep up with grew the daemon
+    without end). The measurer reads them back a page at a time, each job is measured once, and none is kept while
+    the store holds spilled ones."""
+    from daemon.worker import Runner
+
+    runner = Runner(rig.stages, ["cpu"], 1, lambda _name: worker_id())
+    runner.backlog_max, runner.page = 3, 2
+    measured: list[int] = []
+    seeds = iter(range(100))  # a content of its own for each file
+    measure = rig.stages.measure
+    rig.stages.measure = lambda task: (measured.append(task.job.id), measure(task))[1]
+
+    def settle(names: list[str]) -> None:  # read, infer, write each; then one done commit for all, as a burst
+        for name in names:
+            rig.admit(rig.drop(name, seed=next(seeds)))
+        for task in rig.stages.claim(worker_id(), limit=len(names)):
+            rig.stages.run_task(task, "cpu")
+            runner._settle_q.put(task)
+        runner._settle()
+
+    settle([f"a{i}.png" for i in range(8)])
+    assert runner.backlog() == 3, "the backlog holds at most backlog_max tasks; the others wait in the store"
+    for _ in range(5):  # the three held, then the first page read back from the store
+        assert runner.measure_one()
+    settle(["b0.png", "b1.png"])  # while jobs are spilled, a new one is spilled too, never held
+    assert runner.backlog() == 0, "a job settled while others are spilled must wait in the store with them"
+    while runner.measure_one():
+        pass
+    jobs = [rig.store.get(i) for i in range(1, 11)]
+    assert all(j.state == "done" and j.metrics_state == "done" for j in jobs), [(j.id, j.metrics_state) for j in jobs]
+    assert sorted(measured) == list(range(1, 11)), f"each job measured exactly once, got {sorted(measured)}"
+    assert measured[:3] == [1, 2, 3] and measured[3:8] == [4, 5, 6, 7, 8], "the held ones first, then the oldest"
