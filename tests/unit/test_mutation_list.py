@@ -58,3 +58,23 @@ def test_docs_list_every_mutation_by_name():
     text = (ROOT / "docs" / "reliability.md").read_text()
     missing = [m.name for m in _guard().load() if f"| {m.name} |" not in text]
     assert not missing, f"docs/reliability.md does not list {missing} (python tests/mutations.py --markdown FILE)"
+
+
+def test_every_snippet_occurs_once_in_its_file():
+    """A refactor that moves the code under a mutation fails here, in the unit layer, naming the mutation: not at
+    the end of CI, where the guard refuses to start."""
+    guard = _guard()
+    problems = guard.check_anchors(guard.load())
+    assert not problems, "move these mutations with the code they break:\n  " + "\n  ".join(problems)
+
+
+def test_every_listed_test_exists():
+    """A renamed test would leave its mutation with nothing to run: each listed test is a function of its file."""
+    missing = []
+    for m in _guard().load():
+        for test in m.tests:
+            path, _, name = test.partition("::")
+            source = (ROOT / path).read_text() if (ROOT / path).exists() else ""
+            if f"def {name.split('[')[0]}(" not in source:
+                missing.append(f"{m.name}: {test}")
+    assert not missing, "tests listed in tests/mutations.toml that do not exist:\n  " + "\n  ".join(missing)
