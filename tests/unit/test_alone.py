@@ -68,6 +68,30 @@ def test_nothing_is_fed_beside_a_job_that_runs_alone(tmp_path):
     assert runner._inflight == {1}, "a job was fed beside the one that must run alone"
 
 
+@pytest.mark.timeout(30)
+def test_a_job_taken_back_waits_for_the_jobs_already_in_flight(tmp_path):
+    """A job taken back while others are in flight (a worker died, its jobs came back) must not join them: the
+    feeder lets the pipeline drain, and only then runs it alone."""
+    rig = Rig(tmp_path)
+    for i in range(2):
+        rig.admit(rig.drop(f"f{i}.png", seed=i))
+    runner = _runner(rig)
+    runner._feed()
+    running = [q.get_nowait() for q in runner._infer_q.values() for _ in range(q.qsize())]  # in the model now
+    assert runner._inflight == {1, 2} and len(running) == 2
+    rig.admit(rig.drop("g.png", seed=9))
+    rig.store.claim("dead-worker", node="n", limit=1)  # job 3: another worker claims it, then dies
+    rig.store.recover(own_node="n", max_recoveries=2, spare=lambda job: job.worker != "dead-worker")
+    assert rig.store.suspects() == 1
+    runner.suspects_maybe()
+    runner._feed()
+    assert runner._inflight == {1, 2}, "a job taken back was fed beside jobs already in flight"
+    for task in running:  # the two end
+        runner._done(task)
+    runner._feed()
+    assert runner._inflight == {3} and rig.store.get(3).alone, "the job taken back did not run once they ended"
+
+
 class CountingRoot(Root):
     """The real outbox handle, counting how often a name is looked up."""
 

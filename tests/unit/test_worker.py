@@ -315,3 +315,25 @@ def test_the_metrics_backlog_is_bounded_and_every_spilled_job_is_measured_once(r
     assert all(j.state == "done" and j.metrics_state == "done" for j in jobs), [(j.id, j.metrics_state) for j in jobs]
     assert sorted(measured) == list(range(1, 11)), f"each job measured exactly once, got {sorted(measured)}"
     assert measured[:3] == [1, 2, 3] and measured[3:8] == [4, 5, 6, 7, 8], "the held ones first, then the oldest"
+
+
+def test_the_settle_beat_is_fresh_when_its_commit_starts(rig):
+    """The settle thread waits for its batch (up to half a second each pass); that wait is not silence. Its commit
+    starts with a fresh beat, so the commit's own time is all that counts against the watchdog."""
+    from daemon.worker import Runner
+
+    now = [100.0]
+    runner = Runner(rig.stages, ["cpu"], 1, lambda _name: worker_id(), clock=lambda: now[0])
+    rig.admit(rig.drop("a.png", seed=1))
+    (task,) = rig.stages.claim(worker_id(), limit=1)
+    rig.stages.run_task(task, "cpu")
+    runner._settle_q.put(task)
+    beat = runner.beats["settle"]
+    beat.at = 100.0  # the pass began here, then waited for its batch
+    now[0] = 100.45
+    silent: list[float] = []
+    settle = rig.stages.settle
+    rig.stages.settle = lambda batch: (silent.append(beat.silent_for(now[0])), settle(batch))[1]
+    runner._settle()
+    assert silent == [0.0], f"the settle commit started {silent[0]:.2f} s silent: the wait for its batch counted"
+    assert rig.store.get(task.job.id).state == "done"
