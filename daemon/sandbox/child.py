@@ -548,6 +548,7 @@ def warm_up() -> None:
 def main(argv: list[str]) -> int:
     fd, budget, hard_cpu, recycle = int(argv[1]), int(argv[2]), int(argv[3]), int(argv[6])
     use_landlock, use_seccomp = argv[4] == "1", argv[5] == "1"
+    confine.die_with_parent()
     sock = socket.socket(fileno=fd)
     t0 = time.monotonic()
     warm_up()

@@ -25,10 +25,12 @@ import errno
 import os
 import platform
 import resource
+import signal
 import struct
 from dataclasses import dataclass, field
 
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 SYS_LANDLOCK_CREATE_RULESET = 444  # the same number on x86-64 and arm64 (a generic syscall since 5.13)
@@ -243,6 +245,15 @@ def _seccomp(arch: str) -> None:
     buf = ctypes.create_string_buffer(prog, len(prog))
     if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, buf, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"seccomp: {os.strerror(ctypes.get_errno())}")
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the thread that started it (the daemon's sandbox spawner) ends,
+    however the daemon died: a child stopped with SIGSTOP, or stuck in a loop, would never read the end of its
+    socket and would outlive the daemon with its memory. A daemon that died before this call is seen as the end
+    of the socket, the child's next read."""
+    if _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"PR_SET_PDEATHSIG: {os.strerror(ctypes.get_errno())}")
 
 
 def apply(memory_bytes: int, cpu_seconds: int, *, landlock: bool = True, seccomp: bool = True) -> Confinement:

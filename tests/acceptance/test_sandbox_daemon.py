@@ -513,3 +513,34 @@ def test_a_stuck_sandbox_child_leaves_the_watchdog_pings_coming(tmp_path):
     gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
     assert max(gaps) < 1.0, f"WATCHDOG=1 stopped for {max(gaps):.1f} s while the main thread waited on the sandbox"
     assert [j["state"] for j in jobs(db)] == ["done"]
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for its reaper (it holds no memory)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_no_sandbox_child_outlives_a_killed_daemon(tmp_path):
+    """A daemon killed with SIGKILL leaves no sandbox child behind: not even one frozen (SIGSTOP, as a decoder stuck
+    in a loop would be), which would never read the end of its socket and would hold its memory for good."""
+    cfg = write_config(tmp_path, rules=[RULE], settle_seconds=0.1, sandbox_processes=2)
+    d = Daemon(cfg, {})
+    kids: list[int] = []
+    try:
+        d.wait_started()
+        wait_for(lambda: len(_children(d.proc.pid)) == 2, 60, what="the two sandbox children")
+        kids = _children(d.proc.pid)
+        os.kill(kids[0], signal.SIGSTOP)
+        d.proc.kill()
+        d.proc.wait()
+        wait_for(lambda: all(_gone(k) for k in kids), 10, what="the sandbox children gone with the daemon")
+    finally:
+        d.kill()
+        for k in kids:
+            try:
+                os.kill(k, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
