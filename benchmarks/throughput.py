@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -124,9 +124,10 @@ class Service:
         tree: Path | None = None,
         command: Sequence[str] = ("-m", "daemon", "run"),
         log: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """``tree``: another checkout whose code the daemon runs; ``command``: the interpreter's arguments that
-        start the daemon; ``log``: where its output goes (else nowhere)."""
+        start the daemon; ``log``: where its output goes (else nowhere); ``env``: more of the daemon's environment."""
         work.mkdir(parents=True)
         self.work = work
         cfg = work / "settings.toml"
@@ -139,11 +140,11 @@ class Service:
         self._con: sqlite3.Connection | None = None
         self.staging = work / "staging"
         self.staging.mkdir()
-        env = dict(os.environ, UPSCALED_CONFIG=str(cfg))
+        environ = dict(os.environ, **(env or {}), UPSCALED_CONFIG=str(cfg))
         if tree is not None:  # another checkout's code, first on the path
-            env["PYTHONPATH"] = str(tree)
+            environ["PYTHONPATH"] = str(tree)
         with open(log, "ab") if log else open(os.devnull, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, *command], cwd=work, env=env, stdout=out, stderr=out)
+            self.proc = subprocess.Popen([sys.executable, *command], cwd=work, env=environ, stdout=out, stderr=out)
         _wait(lambda: (work / "inbox").is_dir() and self.done() >= 0, 60)
 
     def _row(self, sql: str, *args: object) -> tuple | None:
