@@ -168,6 +168,7 @@ class Service(UsesSettings):
         self.main = Beat("main", clock())
         self._heartbeat_started = False  # the cluster's heartbeat thread runs (in run(); not when stepped)
         self.stopping = False
+        self.stop_signal: int | None = None  # the signal that asked for the stop (0: a call)
         self._reload = False
         self._next_rescan = 0.0
         self._next_status = 0.0
@@ -281,11 +282,14 @@ class Service(UsesSettings):
             root.close()
         self.log.info("service.stopped", **counts)
 
+    # The signal handlers only set flags; the main loop acts on them within its 0.25 s pass. A handler runs on the
+    # main thread between two of its bytecodes, which may be inside a log call holding the log's lock (or a
+    # queue's or an event's): a handler that logged, or set an event, would wait for that lock forever. (A daemon
+    # SIGTERMed while it logged did exactly that, and ignored every later SIGTERM.)
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
-        if not self.stopping:
-            self.log.info("service.stopping", signal=signal.Signals(signum).name if signum else None)
+        if self.stop_signal is None:
+            self.stop_signal = signum or 0
         self.stopping = True
-        self.runner.wake()
 
     def request_reload(self, _signum: int | None = None, _frame: object = None) -> None:
         self._reload = True
@@ -315,6 +319,7 @@ class Service(UsesSettings):
                 )
                 time.sleep(1.0)
             self._tell_systemd()
+        self.log.info("service.stopping", signal=signal.Signals(self.stop_signal).name if self.stop_signal else None)
         # 1. Stop taking files. 2. Let the jobs in flight finish until the deadline. 3. Give back those that did not.
         self.watcher.stop()
         busy = [t.name for t in self.runner.busy()]

@@ -7,18 +7,23 @@ its rescan finds the files, and the fake clock lets them settle. No threads of o
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
+import structlog
 from PIL import Image
 
 from daemon.config import load_settings
 from daemon.jobs import Job, JobSpec, MemoryStore
+from daemon.logs import configure
 from daemon.service import Service
 from tests.conftest import FakeClock, shared_sandbox, write_config
 
@@ -207,3 +212,44 @@ def test_reload_swaps_the_settings_every_part_reads_and_keeps_the_restart_keys(r
     assert rig.svc.stages.policy.max_attempts == 7
     spec = rig.svc.intake.spec(rig.drop("a.png"))
     assert isinstance(spec, JobSpec) and spec.rule.scale == 3
+
+
+class _StuckStream(io.StringIO):
+    """A log stream whose writes wait until ``opened``: a log line caught half written, the log's lock held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = threading.Event()
+        self.entered = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.entered.set()
+        self.opened.wait(30)
+        return super().write(text)
+
+
+def test_a_stop_signal_during_a_log_line_stops_the_service_instead_of_hanging_it(rig: Rig):
+    # A signal handler runs on the main thread between two bytecodes: here, while that thread is inside a log call
+    # holding the log's lock. A handler that logs waits for that lock forever (found live: a daemon SIGTERMed
+    # while it logged hung, and ignored every later SIGTERM). The writer thread plays the interrupted main thread.
+    saved = structlog.get_config()
+    stream = _StuckStream()
+    configure("info", "json", stream=stream)
+    writer = threading.Thread(target=lambda: rig.svc.log.info("a.line.half.written"), daemon=True)
+    handler = threading.Thread(target=rig.svc.request_stop, args=(signal.SIGTERM, None), daemon=True)
+    try:
+        writer.start()
+        assert stream.entered.wait(10), "the log line never reached the stream"
+        handler.start()
+        handler.join(3)
+        returned = not handler.is_alive()
+    finally:
+        stream.opened.set()
+        writer.join(10)
+        handler.join(10)
+        structlog.configure(**saved)
+    assert returned, (
+        "request_stop (the SIGTERM/SIGINT handler) waited for the log's lock, held by the code it interrupted: "
+        "a handler may only set flags, and the main loop logs the stop"
+    )
+    assert rig.svc.stopping and rig.svc.stop_signal == signal.SIGTERM
