@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("UPSCALED_SHARED", ROOT.parent / "shared"))
+SHARED = Path(os.environ.get("UPSCALED_SHARED", ROOT.parent / "shared")).resolve()  # as the settings resolve paths
 MIRROR = SHARED / "weights"
 SET5 = SHARED / "datasets" / "Set5"
 

@@ -85,8 +85,7 @@ def test_rule_folders_real_devices_exact_hints_and_retry(tmp_path):
     res = up(cfg, "check-config", ok=False)
     assert f'worker(s) on each of {REAL_DEVICE} (device = "auto")' in res.stdout, res.stdout
     assert re.search(r"\(default\): bicubic x2 .*implicit", res.stdout), res.stdout
-    mirror = MIRROR.resolve()  # the settings resolve their paths: a ../shared that is a link shows as its target
-    hint = f"upscaled --config {shlex.quote(str(cfg))} weights fetch espcn --mirror {shlex.quote(str(mirror))}"
+    hint = f"upscaled --config {shlex.quote(str(cfg))} weights fetch espcn --mirror {shlex.quote(str(MIRROR))}"
     assert f"WEIGHTS MISSING: run `{hint}`" in res.stdout and hint in res.stderr
     assert "auto" not in res.stdout.replace('(device = "auto")', "")
     assert up(cfg, "check-config", "--no-weights").returncode == 0
