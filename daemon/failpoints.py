@@ -81,7 +81,9 @@ def hit(name: str, subject: str = "") -> None:
         sys.stderr.write(f"failpoint {name}: exit\n")
         sys.stderr.flush()
         os._exit(EXIT_CODE)
-    (folder / f"{name}.hit").write_text(subject)
+    # Written whole, then renamed: a test that sees the .hit reads its subject, never an empty file.
+    (folder / f"{name}.hit.tmp").write_text(subject)
+    os.replace(folder / f"{name}.hit.tmp", folder / f"{name}.hit")
     release = folder / f"{name}.release"
     while not release.exists():
         time.sleep(0.01)
