@@ -297,6 +297,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.small, args.large, args.gan, args.drops, args.rounds = 10, 3, 2, 3, 1
+    if min(args.small, args.large, args.gan, args.drops, args.rounds) < 1:
+        ap.error("--small, --large, --gan, --drops and --rounds take 1 or more (each part warms up on its first image)")
 
     from models.weights import fetch
 
