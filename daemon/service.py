@@ -167,8 +167,7 @@ class Service(UsesSettings):
         )
         self.main = Beat("main", clock())
         self._heartbeat_started = False  # the cluster's heartbeat thread runs (in run(); not when stepped)
-        self.stopping = False
-        self.stop_signal: int | None = None  # the signal that asked for the stop (0: a call)
+        self.stop_signal: int | None = None  # the signal that asked for the stop (0: a call); None: running
         self._reload = False
         self._next_rescan = 0.0
         self._next_status = 0.0
@@ -289,7 +288,10 @@ class Service(UsesSettings):
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
         if self.stop_signal is None:
             self.stop_signal = signum or 0
-        self.stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_signal is not None
 
     def request_reload(self, _signum: int | None = None, _frame: object = None) -> None:
         self._reload = True
